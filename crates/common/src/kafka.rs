@@ -1,0 +1,331 @@
+//! Kafka plumbing shared by both workers: client settings, gathering a batch, publishing a
+//! batch and waiting for every delivery report, dead-letter records, storing offsets.
+//!
+//! Offsets follow the at-least-once recipe: `enable.auto.offset.store=false`, and a batch's
+//! offsets are stored only after every effect of the batch is durable (database commit,
+//! Redis script, delivery reports of everything it produced). Auto-commit then commits
+//! what was stored; [`commit_final`] commits synchronously at shutdown.
+
+use crate::config::{BatchArgs, KafkaArgs};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Errors of the Kafka layer, and what the worker loop does with each.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaStepError {
+    /// Shutdown was requested while deliveries were still being retried: stop without
+    /// storing offsets for the batch (it is redelivered after the restart).
+    #[error("interrupted by shutdown before every message was delivered")]
+    Interrupted,
+    /// The producer hit a fatal error (e.g. idempotence state lost): stop the worker;
+    /// nothing of the batch was acknowledged, so a restart redelivers it.
+    #[error("fatal producer error: {0}")]
+    Fatal(String),
+    /// A client could not be created from the settings: stop.
+    #[error("kafka client setup: {0}")]
+    Setup(#[from] KafkaError),
+}
+
+/// Settings common to every client: the brokers and the user's `--kafka-option`s.
+pub fn client_config(args: &KafkaArgs) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    apply_user_settings(&mut cfg, args);
+    cfg
+}
+
+/// Sets the brokers and the user's `--kafka-option`s on `cfg`; called last so they win
+/// over the defaults of this module.
+fn apply_user_settings(cfg: &mut ClientConfig, args: &KafkaArgs) {
+    cfg.set("bootstrap.servers", &args.brokers);
+    for opt in &args.options {
+        match opt.split_once('=') {
+            Some((k, v)) => {
+                cfg.set(k.trim(), v.trim());
+            }
+            None => tracing::warn!(option = %opt, "ignoring a kafka option that is not key=value"),
+        }
+    }
+}
+
+/// A consumer in `group` subscribed to `topics`, with manual offset storing.
+pub fn consumer(
+    args: &KafkaArgs,
+    group: &str,
+    topics: &[&str],
+) -> Result<StreamConsumer, KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "2000")
+        .set("max.poll.interval.ms", "300000")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.min.messages", "20000");
+    apply_user_settings(&mut cfg, args);
+    let consumer: StreamConsumer = cfg.create()?;
+    consumer.subscribe(topics)?;
+    Ok(consumer)
+}
+
+/// An idempotent producer (`acks=all`, no duplicates or reordering from its own retries).
+pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("message.timeout.ms", "60000");
+    apply_user_settings(&mut cfg, args);
+    cfg.create()
+}
+
+/// Creates `topics` with `partitions` partitions each (replication 1), ignoring those that
+/// exist already.
+pub async fn create_topics(
+    args: &KafkaArgs,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(args).create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin.create_topics(&new, &AdminOptions::new()).await?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code))
+                    .inspect_err(|_| tracing::error!(%topic, ?code, "cannot create topic"))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Waits for the first message (or shutdown), then gathers more until `batch_size`
+/// messages or `linger` has passed. `None` means shutdown was requested.
+pub async fn next_batch(
+    consumer: &StreamConsumer,
+    batch: &BatchArgs,
+    shutdown: &CancellationToken,
+) -> Option<Vec<OwnedMessage>> {
+    let first = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            m = consumer.recv() => match m {
+                Ok(m) => break m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    };
+    let mut msgs = Vec::with_capacity(batch.batch_size.min(4096));
+    msgs.push(first);
+    let deadline = tokio::time::Instant::now() + batch.linger;
+    while msgs.len() < batch.batch_size {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => msgs.push(m.detach()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consumer error while filling a batch");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(msgs)
+}
+
+/// Stores, for every partition in `msgs`, the offset after its last message. A partition
+/// revoked meanwhile refuses the store: that batch is simply redelivered to its new owner,
+/// which the idempotent handlers make harmless.
+pub fn store_offsets<'a>(
+    consumer: &StreamConsumer,
+    msgs: impl IntoIterator<Item = &'a OwnedMessage>,
+) {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in msgs {
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::with_capacity(next.len());
+    for ((topic, partition), offset) in next {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+            tracing::warn!(%topic, partition, error = %e, "cannot add offset to the list");
+        }
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::info!(error = %e, "offsets not stored (partition revoked?); the batch will be redelivered");
+    }
+}
+
+/// Synchronous commit of the stored offsets, for shutdown.
+pub fn commit_final(consumer: &StreamConsumer) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => tracing::info!("final offsets committed"),
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "final offset commit failed; the last batch may be redelivered")
+        }
+    }
+}
+
+/// A message to publish, owned so that it can be re-sent after a failed delivery.
+#[derive(Debug, Clone)]
+pub struct OutMessage {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl OutMessage {
+    /// A JSON message keyed by order id.
+    pub fn json<T: serde::Serialize>(topic: &str, order_id: &str, value: &T) -> Self {
+        OutMessage {
+            topic: topic.to_owned(),
+            key: order_id.as_bytes().to_vec(),
+            // Serializing our own plain structs cannot fail.
+            payload: serde_json::to_vec(value).unwrap_or_default(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A dead letter for `source`: its key and bytes unchanged, the reason and origin in
+    /// headers (`dlq.reason`, `dlq.source.topic`, `dlq.source.partition`,
+    /// `dlq.source.offset`, `dlq.worker`).
+    pub fn dead_letter(dlq_topic: &str, source: &OwnedMessage, reason: &str, worker: &str) -> Self {
+        OutMessage {
+            topic: dlq_topic.to_owned(),
+            key: source.key().map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: source.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: vec![
+                ("dlq.reason", reason.as_bytes().to_vec()),
+                ("dlq.source.topic", source.topic().as_bytes().to_vec()),
+                (
+                    "dlq.source.partition",
+                    source.partition().to_string().into_bytes(),
+                ),
+                (
+                    "dlq.source.offset",
+                    source.offset().to_string().into_bytes(),
+                ),
+                ("dlq.worker", worker.as_bytes().to_vec()),
+            ],
+        }
+    }
+
+    fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut rec = FutureRecord::to(&self.topic)
+            .key(&self.key[..])
+            .payload(&self.payload[..]);
+        if !self.headers.is_empty() {
+            let mut h = OwnedHeaders::new_with_capacity(self.headers.len());
+            for (k, v) in &self.headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(&v[..]),
+                });
+            }
+            rec = rec.headers(h);
+        }
+        rec
+    }
+}
+
+/// Publishes every message and waits for all delivery reports. A failed delivery is sent
+/// again (consumers of every topic are idempotent, so a duplicate is harmless) with capped
+/// exponential backoff: 100 ms doubling to 5 s, for as long as it takes, each retry logged.
+/// Returns only when all are acknowledged, on shutdown ([`KafkaStepError::Interrupted`]),
+/// or on a fatal producer error.
+pub async fn publish_all(
+    producer: &FutureProducer,
+    msgs: &[OutMessage],
+    shutdown: &CancellationToken,
+) -> Result<(), KafkaStepError> {
+    let mut pending: Vec<usize> = (0..msgs.len()).collect();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut futures: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(pending.len());
+        for &i in &pending {
+            futures.push((i, enqueue(producer, &msgs[i], shutdown).await?));
+        }
+        let mut failed = Vec::new();
+        for (i, fut) in futures {
+            match fut.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    tracing::warn!(topic = %msgs[i].topic, error = %e, "delivery failed; will resend");
+                    failed.push(i);
+                }
+                Err(_) => failed.push(i),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            return Err(KafkaStepError::Fatal(format!("{code:?}: {reason}")));
+        }
+        tracing::warn!(failed = failed.len(), retry_in = ?delay, "resending undelivered messages");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+        pending = failed;
+    }
+}
+
+/// Puts one message in the producer's queue, waiting while the queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    msg: &OutMessage,
+    shutdown: &CancellationToken,
+) -> Result<DeliveryFuture, KafkaStepError> {
+    loop {
+        match producer.send_result(msg.record()) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                if shutdown.is_cancelled() && producer.in_flight_count() == 0 {
+                    return Err(KafkaStepError::Interrupted);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    return Err(KafkaStepError::Fatal(format!("{code:?}: {reason}")));
+                }
+                tracing::warn!(topic = %msg.topic, error = %e, "cannot enqueue message; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the producer's queue to drain, for shutdown.
+pub fn flush(producer: &FutureProducer) {
+    if let Err(e) = producer.flush(Duration::from_secs(10)) {
+        tracing::warn!(error = %e, "producer flush did not finish");
+    }
+}

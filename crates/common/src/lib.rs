@@ -1,0 +1,19 @@
+//! Shared crate of the stock pipeline: what both workers (and `stockctl`) must agree on.
+//!
+//! # Layout
+//! * [`events`]: the wire formats (order events and their validation, results, the internal
+//!   deduct and compensation events). One home for every JSON shape.
+//! * [`redis_store`]: Redis keys, the order record, the Lua scripts and their callers.
+//! * [`kafka`]: client settings, batches, publishing with delivery reports, dead letters,
+//!   offset storing.
+//! * [`db`]: the PostgreSQL pool, the embedded migrations, transient-error classification.
+//! * [`config`]: flags with environment fallbacks; [`config::SecretUrl`] hides passwords.
+//! * [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
+
+pub mod config;
+pub mod db;
+pub mod events;
+pub mod kafka;
+pub mod redis_store;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,52 @@
+//! The consumer worker: applies deduct commands to PostgreSQL, exactly once per order.
+//!
+//! # Layout
+//! * [`decide`]: the pure decision of a batch (reserve, pay, cancel; all items or none;
+//!   never below zero; idempotent by order id). Every rule lives here.
+//! * [`store`]: the one transaction per batch: lock stock rows in product order, read the
+//!   ledger, write new orders, settled orders and one aggregated UPDATE per product.
+//! * [`worker`]: the Kafka loop: batch, apply with retries, publish results and
+//!   compensations, then store offsets.
+//!
+//! See `docs/DESIGN.md` for the crash windows.
+
+use clap::Parser;
+use std::time::Duration;
+use stock_common::config::{parse_duration, BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, Topics};
+
+pub mod decide;
+pub mod store;
+pub mod worker;
+
+/// Settings of the consumer binary.
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "consumer",
+    about = "Applies stock deductions to PostgreSQL",
+    version
+)]
+pub struct ConsumerArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: Topics,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Consumer group of `stock.deduct`.
+    #[arg(
+        long = "group",
+        env = "CONSUMER_GROUP",
+        default_value = "stock-consumer"
+    )]
+    pub group: String,
+    /// How long a reservation waits for payment before it is released as expired.
+    #[arg(long = "reservation-ttl", env = "RESERVATION_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub reservation_ttl: Duration,
+    /// Apply pending migrations at start-up.
+    #[arg(long = "migrate", env = "RUN_MIGRATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+}

@@ -1,0 +1,202 @@
+//! The consumer loop: gather a batch of `stock.deduct`, apply it in one transaction,
+//! publish its results and compensations, wait for their delivery reports, and only then
+//! store the batch's offsets.
+
+use crate::store::{self, ApplyError};
+use crate::ConsumerArgs;
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use sqlx::PgPool;
+use std::time::Duration;
+use stock_common::config::{BatchArgs, Topics};
+use stock_common::events::{DeductCommand, INTERNAL_VERSION};
+use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use tokio_util::sync::CancellationToken;
+
+const WORKER: &str = "consumer";
+
+/// What one batch did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub commands: usize,
+    pub new_orders: usize,
+    pub compensations: usize,
+    pub dead_letters: usize,
+}
+
+pub struct Worker {
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    pool: PgPool,
+    topics: Topics,
+    batch: BatchArgs,
+    reservation_ttl: Duration,
+}
+
+impl Worker {
+    /// Connects everything and, unless told not to, applies pending migrations.
+    pub async fn new(args: &ConsumerArgs) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let pool = stock_common::db::pool(&args.db).context("database settings")?;
+        if args.migrate {
+            stock_common::db::migrate(&pool)
+                .await
+                .with_context(|| format!("migrating {}", args.db.url))?;
+        }
+        let consumer = kafka::consumer(&args.kafka, &args.group, &[&args.topics.deduct])
+            .context("kafka consumer")?;
+        let producer = kafka::producer(&args.kafka).context("kafka producer")?;
+        Ok(Worker {
+            consumer,
+            producer,
+            pool,
+            topics: args.topics.clone(),
+            batch: args.batch.clone(),
+            reservation_ttl: args.reservation_ttl,
+        })
+    }
+
+    /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(topic = %self.topics.deduct, "consumer started");
+        let result = self.run_loop(&shutdown).await;
+        kafka::commit_final(&self.consumer);
+        kafka::flush(&self.producer);
+        tracing::info!("consumer stopped");
+        result
+    }
+
+    async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
+            match self.process(&msgs, shutdown).await {
+                Ok(summary) => {
+                    kafka::store_offsets(&self.consumer, &msgs);
+                    tracing::debug!(?summary, "batch done");
+                }
+                Err(KafkaStepError::Interrupted) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// One step: apply `msgs` and publish everything they produce. Does not store offsets.
+    pub async fn process(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<BatchSummary, KafkaStepError> {
+        let mut out = Vec::new();
+        let mut ops: Vec<(usize, DeductCommand)> = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            match parse(m) {
+                Ok(cmd) => ops.push((i, cmd)),
+                Err(reason) => {
+                    tracing::warn!(%reason, partition = m.partition(), offset = m.offset(), "dead-lettering a deduct message");
+                    out.push(OutMessage::dead_letter(
+                        &self.topics.dlq,
+                        m,
+                        &reason,
+                        WORKER,
+                    ));
+                }
+            }
+        }
+        let mut summary = BatchSummary {
+            commands: ops.len(),
+            ..Default::default()
+        };
+        // Whole batch first; if PostgreSQL refuses it for good, one command at a time so
+        // that only the commands that still fail are dead-lettered.
+        let cmds: Vec<DeductCommand> = ops.iter().map(|(_, c)| c.clone()).collect();
+        let plans = match self.apply_retrying(&cmds, shutdown).await? {
+            Ok(plan) => vec![plan],
+            Err(e) => {
+                tracing::error!(error = %e, "batch refused by the database; applying its commands one by one");
+                let mut plans = Vec::new();
+                for (i, cmd) in &ops {
+                    match self
+                        .apply_retrying(std::slice::from_ref(cmd), shutdown)
+                        .await?
+                    {
+                        Ok(plan) => plans.push(plan),
+                        Err(e) => {
+                            tracing::error!(order_id = %cmd.order_id(), error = %e, "dead-lettering a command the database refuses");
+                            out.push(OutMessage::dead_letter(
+                                &self.topics.dlq,
+                                &msgs[*i],
+                                &e.to_string(),
+                                WORKER,
+                            ));
+                        }
+                    }
+                }
+                plans
+            }
+        };
+        for plan in plans {
+            summary.new_orders += plan.inserts.len();
+            summary.compensations += plan.compensations.len();
+            for r in &plan.results {
+                out.push(OutMessage::json(&self.topics.results, &r.order_id, r));
+            }
+            for c in &plan.compensations {
+                out.push(OutMessage::json(&self.topics.compensate, &c.order_id, c));
+            }
+        }
+        summary.dead_letters = out.iter().filter(|m| m.topic == self.topics.dlq).count();
+        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        Ok(summary)
+    }
+
+    /// Applies with capped exponential backoff on transient errors (50 ms doubling to 5 s,
+    /// until it works or shutdown). The inner `Err` is a permanent refusal.
+    async fn apply_retrying(
+        &self,
+        cmds: &[DeductCommand],
+        shutdown: &CancellationToken,
+    ) -> Result<Result<crate::decide::Plan, ApplyError>, KafkaStepError> {
+        let mut backoff = ExponentialBackoff {
+            initial_interval: Duration::from_millis(50),
+            max_interval: Duration::from_secs(5),
+            max_elapsed_time: None,
+            ..Default::default()
+        };
+        loop {
+            match store::apply_batch(&self.pool, cmds, self.reservation_ttl).await {
+                Ok(plan) => return Ok(Ok(plan)),
+                Err(e) if e.is_transient() => {
+                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+                    if matches!(e, ApplyError::Conflict(_)) {
+                        tracing::info!(error = %e, "retrying batch");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; retrying batch");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Reads one `stock.deduct` message; the error is the dead-letter reason.
+pub fn parse(m: &OwnedMessage) -> Result<DeductCommand, String> {
+    let bytes = m.payload().ok_or("empty message")?;
+    let cmd: DeductCommand =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a deduct command: {e}"))?;
+    if cmd.version() != INTERNAL_VERSION {
+        return Err(format!("unknown deduct command version {}", cmd.version()));
+    }
+    Ok(cmd)
+}

@@ -1,0 +1,43 @@
+//! The producer worker: pre-deducts order stock in Redis and hands orders to the consumer.
+//!
+//! # Layout
+//! * [`classify`]: what each incoming message asks for (reserve, forward, reply, restore,
+//!   dead-letter), without I/O.
+//! * [`worker`]: the Kafka loop: batch, one Redis pipeline of scripts, publish deduct
+//!   commands / results / dead letters, wait for delivery, then store offsets.
+//!
+//! The scripts themselves and the Redis keys live in `stock_common::redis_store`.
+//! See `docs/DESIGN.md` for the crash windows.
+
+use clap::Parser;
+use stock_common::config::{BatchArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
+
+pub mod classify;
+pub mod worker;
+
+/// Settings of the producer binary.
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "producer",
+    about = "Pre-deducts stock in Redis and publishes deduct events",
+    version
+)]
+pub struct ProducerArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: Topics,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Consumer group of `orders` and `stock.compensate`.
+    #[arg(
+        long = "group",
+        env = "PRODUCER_GROUP",
+        default_value = "stock-producer"
+    )]
+    pub group: String,
+}

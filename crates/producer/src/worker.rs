@@ -1,0 +1,259 @@
+//! The producer loop: gather a batch from `orders` and `stock.compensate`, run the Redis
+//! scripts for it in one pipeline, publish deduct commands, results and dead letters, wait
+//! for every delivery report, and only then store the batch's offsets.
+//!
+//! While Redis is not loaded (it came back empty), the batch is neither sold nor rejected:
+//! the step is retried with backoff and no offset moves until a rebuild sets the marker.
+
+use crate::classify::{classify, Input};
+use crate::ProducerArgs;
+use backoff::backoff::Backoff;
+use backoff::ExponentialBackoff;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use std::time::Duration;
+use stock_common::config::{BatchArgs, Topics};
+use stock_common::events::{DeductCommand, Item, StockResult, INTERNAL_VERSION};
+use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::redis_store::{
+    OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, StoreError,
+};
+use tokio_util::sync::CancellationToken;
+
+const WORKER: &str = "producer";
+
+/// Why a batch could not be finished yet, and what the loop does.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Redis lost its data and was not rebuilt: wait and retry, selling and rejecting
+    /// nothing, storing no offset.
+    #[error("redis is not loaded; waiting for `stockctl rebuild`")]
+    Unloaded,
+    /// A `stock:{id}` key holds a non-integer: wait and retry (an operator must repair it;
+    /// selling from it could oversell).
+    #[error("stock key {0} does not hold an integer; waiting for a repair")]
+    Corrupt(String),
+    /// Redis unreachable or failing: retry with backoff.
+    #[error(transparent)]
+    Redis(#[from] StoreError),
+    /// From publishing: shutdown (stop without storing) or fatal (stop the worker).
+    #[error(transparent)]
+    Kafka(#[from] KafkaStepError),
+}
+
+/// What one batch did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub deducts: usize,
+    pub results: usize,
+    pub restored: usize,
+    pub dead_letters: usize,
+}
+
+pub struct Worker {
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    redis: RedisStore,
+    topics: Topics,
+    batch: BatchArgs,
+}
+
+impl Worker {
+    pub async fn new(args: &ProducerArgs) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let redis = RedisStore::connect(&args.redis)
+            .await
+            .with_context(|| format!("connecting to {}", args.redis.url))?;
+        let consumer = kafka::consumer(
+            &args.kafka,
+            &args.group,
+            &[&args.topics.orders, &args.topics.compensate],
+        )
+        .context("kafka consumer")?;
+        let producer = kafka::producer(&args.kafka).context("kafka producer")?;
+        Ok(Worker {
+            consumer,
+            producer,
+            redis,
+            topics: args.topics.clone(),
+            batch: args.batch.clone(),
+        })
+    }
+
+    /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(orders = %self.topics.orders, compensate = %self.topics.compensate, "producer started");
+        let result = self.run_loop(&shutdown).await;
+        kafka::commit_final(&self.consumer);
+        kafka::flush(&self.producer);
+        tracing::info!("producer stopped");
+        result
+    }
+
+    async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
+            match self.process_retrying(&msgs, shutdown).await {
+                Ok(summary) => {
+                    kafka::store_offsets(&self.consumer, &msgs);
+                    tracing::debug!(?summary, "batch done");
+                }
+                Err(KafkaStepError::Interrupted) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Worker::process`] with retries: Redis errors, an unloaded or corrupt Redis are
+    /// retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
+    /// each retry logged with its cause.
+    pub async fn process_retrying(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<BatchSummary, KafkaStepError> {
+        let mut backoff = ExponentialBackoff {
+            initial_interval: Duration::from_millis(100),
+            max_interval: Duration::from_secs(5),
+            max_elapsed_time: None,
+            ..Default::default()
+        };
+        loop {
+            let err = match self.process(msgs, shutdown).await {
+                Ok(s) => return Ok(s),
+                Err(StepError::Kafka(e)) => return Err(e),
+                Err(e) => e,
+            };
+            let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+            match err {
+                StepError::Unloaded | StepError::Corrupt(_) => {
+                    tracing::error!(error = %err, retry_in = ?wait, "not selling")
+                }
+                _ => {
+                    tracing::warn!(error = %err, retry_in = ?wait, "redis step failed; retrying batch")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One step: run the batch's Redis scripts and publish what they decided. Does not
+    /// store offsets. Safe to repeat: every script is idempotent by order id.
+    pub async fn process(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<BatchSummary, StepError> {
+        let inputs: Vec<Input> = msgs
+            .iter()
+            .map(|m| {
+                classify(
+                    &self.topics,
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    m.payload(),
+                )
+            })
+            .collect();
+
+        // Stock coming back first, so that this batch's orders can use it.
+        let restores: Vec<(String, Vec<Item>)> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Restore(c) => Some((c.order_id.clone(), c.items.clone())),
+                _ => None,
+            })
+            .collect();
+        let restored = self.redis.restore_many(&restores).await?;
+        if restored.contains(&RestoreOutcome::Unloaded) {
+            return Err(StepError::Unloaded);
+        }
+        let reserves: Vec<_> = inputs
+            .iter()
+            .filter_map(|i| match i {
+                Input::Reserve(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let reserved = self.redis.reserve_many(&reserves).await?;
+        for outcome in &reserved {
+            match outcome {
+                ReserveOutcome::Unloaded => return Err(StepError::Unloaded),
+                ReserveOutcome::Corrupt(key) => return Err(StepError::Corrupt(key.clone())),
+                ReserveOutcome::Decided { .. } => {}
+            }
+        }
+
+        let mut summary = BatchSummary::default();
+        let mut out = Vec::with_capacity(msgs.len());
+        let (mut reserved, mut restored) = (reserved.into_iter(), restored.into_iter());
+        for (m, input) in msgs.iter().zip(inputs) {
+            match input {
+                Input::Reserve(req) => match reserved.next() {
+                    Some(ReserveOutcome::Decided { record, .. }) => match record {
+                        OrderRecord::Held(items) | OrderRecord::Returned(items) => {
+                            let cmd = DeductCommand::Reserve {
+                                v: INTERNAL_VERSION,
+                                order_id: req.order_id.clone(),
+                                items,
+                            };
+                            out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
+                            summary.deducts += 1;
+                        }
+                        OrderRecord::Refused { reason, product_id } => {
+                            let r = StockResult::rejected(&req.order_id, reason, product_id);
+                            out.push(OutMessage::json(&self.topics.results, &req.order_id, &r));
+                            summary.results += 1;
+                        }
+                    },
+                    _ => {
+                        return Err(StoreError::Protocol(
+                            "reserve pipeline answered too few orders".into(),
+                        )
+                        .into())
+                    }
+                },
+                Input::Forward(cmd) => {
+                    out.push(OutMessage::json(&self.topics.deduct, cmd.order_id(), &cmd));
+                    summary.deducts += 1;
+                }
+                Input::Reply(r) => {
+                    out.push(OutMessage::json(&self.topics.results, &r.order_id, &r));
+                    summary.results += 1;
+                }
+                Input::Restore(c) => match restored.next() {
+                    Some(RestoreOutcome::Restored) => summary.restored += 1,
+                    Some(RestoreOutcome::Already) => {}
+                    other => {
+                        let reason = format!("compensation not applied: {other:?}");
+                        tracing::warn!(order_id = %c.order_id, %reason, "dead-lettering a compensation");
+                        out.push(OutMessage::dead_letter(
+                            &self.topics.dlq,
+                            m,
+                            &reason,
+                            WORKER,
+                        ));
+                        summary.dead_letters += 1;
+                    }
+                },
+                Input::Dead(reason) => {
+                    tracing::warn!(%reason, topic = m.topic(), partition = m.partition(), offset = m.offset(), "dead-lettering a message");
+                    out.push(OutMessage::dead_letter(
+                        &self.topics.dlq,
+                        m,
+                        &reason,
+                        WORKER,
+                    ));
+                    summary.dead_letters += 1;
+                }
+            }
+        }
+        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        Ok(summary)
+    }
+}

@@ -1,0 +1,234 @@
+//! `stockctl demo`: both workers (in this process) fed by a demo load of order events on
+//! topics of their own, ending with a readable summary and the invariants checked.
+
+use crate::admin;
+use crate::harness::{self, ResultCollector};
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+use stock_common::config::{
+    BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, Topics,
+};
+use stock_common::events::{Item, Status};
+use stock_common::redis_store::RedisStore;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Orders to send.
+    #[arg(long, default_value_t = 20_000)]
+    pub orders: usize,
+    /// Products on sale (ids 900001 and up); the first is a hot SKU that half the orders want.
+    #[arg(long, default_value_t = 20)]
+    pub products: i64,
+    /// Initial stock of each product.
+    #[arg(long, default_value_t = 300)]
+    pub stock: i64,
+    /// Partitions of each demo topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// How long to wait for all outcomes.
+    #[arg(long, default_value = "120s", value_parser = stock_common::config::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A tiny deterministic generator, so that every demo run sends the same load.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+pub async fn run(
+    kafka: &KafkaArgs,
+    db: &DatabaseArgs,
+    redis: &RedisArgs,
+    args: &DemoArgs,
+) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let topics = Topics::prefixed(&format!("demo-{run}."));
+    println!(
+        "demo run {run}: {} orders over {} products of {} units",
+        args.orders, args.products, args.stock
+    );
+
+    stock_common::kafka::create_topics(kafka, &topics.all(), args.partitions)
+        .await
+        .context("creating demo topics (is Kafka up? deploy/stack-up.sh)")?;
+    let pool = stock_common::db::pool(db)?;
+    stock_common::db::migrate(&pool)
+        .await
+        .context("migrating (is PostgreSQL up?)")?;
+    let store = RedisStore::connect(redis)
+        .await
+        .context("connecting to Redis")?;
+    let products: Vec<i64> = (0..args.products).map(|i| 900_001 + i).collect();
+    for p in &products {
+        admin::set_stock(&pool, &store, *p, args.stock, true).await?;
+    }
+    if !store.is_loaded().await? {
+        let (n, o) = admin::rebuild(&pool, &store).await?;
+        println!("redis was not loaded: rebuilt {n} products and {o} orders from PostgreSQL");
+    }
+
+    let shutdown = CancellationToken::new();
+    let batch = BatchArgs {
+        batch_size: 2000,
+        linger: Duration::from_millis(5),
+    };
+    let log = LogArgs {
+        format: LogFormat::Text,
+    };
+    let pargs = stock_producer::ProducerArgs {
+        kafka: kafka.clone(),
+        topics: topics.clone(),
+        redis: redis.clone(),
+        batch: batch.clone(),
+        log: log.clone(),
+        group: format!("demo-{run}-producer"),
+    };
+    let cargs = stock_consumer::ConsumerArgs {
+        kafka: kafka.clone(),
+        topics: topics.clone(),
+        db: db.clone(),
+        batch,
+        log,
+        group: format!("demo-{run}-consumer"),
+        reservation_ttl: Duration::from_secs(900),
+        migrate: false,
+    };
+    let producer = stock_producer::worker::Worker::new(&pargs).await?;
+    let consumer = stock_consumer::worker::Worker::new(&cargs).await?;
+    let ptask = tokio::spawn(producer.run(shutdown.clone()));
+    let ctask = tokio::spawn(consumer.run(shutdown.clone()));
+    let collector = ResultCollector::start(kafka, &topics.results)?;
+
+    let mut rng = Lcg(42);
+    let mut msgs = Vec::with_capacity(args.orders);
+    let mut ids = HashSet::new();
+    for i in 0..args.orders {
+        let id = format!("demo-{run}-{i}");
+        let pick = |r: u64| {
+            if r % 2 == 0 {
+                products[0]
+            } else {
+                products[(r / 2) as usize % products.len()]
+            }
+        };
+        let first = pick(rng.next());
+        let mut items = vec![Item {
+            product_id: first,
+            quantity: 1 + (rng.next() % 3) as i64,
+        }];
+        if rng.next() % 10 == 0 {
+            let second = pick(rng.next() | 1);
+            if second != first {
+                items.push(Item {
+                    product_id: second,
+                    quantity: 1,
+                });
+            }
+        }
+        msgs.push((id.clone(), harness::created(&id, &items)));
+        ids.insert(id);
+    }
+    // A little bad input: the workers answer it and carry on.
+    let bad_id = format!("demo-{run}-bad qty");
+    msgs.push((
+        bad_id.clone(),
+        harness::created(
+            &bad_id,
+            &[Item {
+                product_id: products[0],
+                quantity: 0,
+            }],
+        ),
+    ));
+    ids.insert(bad_id);
+    msgs.push(("garbage".into(), b"this is not an order".to_vec()));
+
+    let producer = stock_common::kafka::producer(kafka)?;
+    let started = Instant::now();
+    harness::publish(&producer, &topics.orders, msgs).await?;
+    let published = started.elapsed();
+    let complete = collector.wait_for(&ids, 1, args.timeout).await;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    let _ = ptask.await;
+    let _ = ctask.await;
+    let outcomes = collector.snapshot();
+    collector.stop().await;
+
+    let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
+    for id in &ids {
+        let key = match outcomes.get(id).and_then(|rs| rs.first()) {
+            Some(r) if r.status == Status::Reserved => "reserved".to_owned(),
+            Some(r) => format!(
+                "{:?}/{}",
+                r.status,
+                r.reason.map(|x| x.as_str()).unwrap_or("-")
+            )
+            .to_lowercase(),
+            None => "no outcome".to_owned(),
+        };
+        *by_outcome.entry(key).or_default() += 1;
+    }
+    let conflicts = harness::conflicting(&outcomes);
+    println!();
+    println!(
+        "orders: {} published in {:.2?}, all outcomes in {:.2?} ({:.0} orders/s end to end)",
+        ids.len(),
+        published,
+        elapsed,
+        ids.len() as f64 / elapsed.as_secs_f64()
+    );
+    for (k, n) in &by_outcome {
+        println!("  {k:<32} {n:>8}");
+    }
+    println!();
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "product", "available", "reserved", "sold", "added", "redis"
+    );
+    let rows = admin::stock_rows(&pool, &products).await?;
+    let levels = store.stock_levels(&products).await?;
+    for (r, l) in rows.iter().zip(levels) {
+        println!(
+            "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            r.product_id,
+            r.available,
+            r.reserved,
+            r.sold,
+            r.total_added,
+            l.map(|v| v.to_string()).unwrap_or("-".into())
+        );
+    }
+    let violations = admin::check_invariants(&pool, &store, &products).await?;
+    println!();
+    println!(
+        "all outcomes arrived:            {}",
+        if complete { "yes" } else { "NO" }
+    );
+    println!(
+        "one outcome per order:           {}",
+        if conflicts.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO ({} orders)", conflicts.len())
+        }
+    );
+    println!(
+        "no oversell, redis = postgres:   {}",
+        if violations.is_empty() {
+            "yes".to_owned()
+        } else {
+            format!("NO {violations:?}")
+        }
+    );
+    Ok(complete && conflicts.is_empty() && violations.is_empty())
+}

@@ -1,0 +1,10 @@
+//! `stockctl`: operators' tools for the stock pipeline, and the harness that drives it.
+//!
+//! # Layout
+//! * [`admin`]: stock operations across PostgreSQL and Redis (set, rebuild, invariants).
+//! * [`harness`]: publish order events and collect results, as the order service would.
+//! * [`demo`]: both workers fed by a demo load, with a summary.
+
+pub mod admin;
+pub mod demo;
+pub mod harness;
