@@ -1,1 +1,481 @@
-pub fn x() {}
+//! Test support: one isolated environment per test on the real local stack (its own
+//! PostgreSQL database, Redis database, topics and consumer groups), workers run in this
+//! process or as child processes, and readers for the output topics.
+//!
+//! Reaches the stack through `DATABASE_URL`, `REDIS_URL` and `KAFKA_BROKERS` (defaults:
+//! `deploy/stack-up.sh`'s). The worker binaries for the process tests are looked up next
+//! to the test executable's directory (`target/<profile>/`), so build them first
+//! (`cargo build --bins`, as the test command does).
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use redis::AsyncCommands;
+use sqlx::PgPool;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::Duration;
+use stock_common::config::{
+    BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, SecretUrl, Topics,
+};
+use stock_common::redis_store::{stock_key, RedisStore};
+use stockctl::admin;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use stockctl::harness;
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// One test's private slice of the stack.
+pub struct TestEnv {
+    pub id: String,
+    pub kafka: KafkaArgs,
+    pub topics: Topics,
+    pub db: DatabaseArgs,
+    pub redis: RedisArgs,
+    pub pool: PgPool,
+    pub store: RedisStore,
+    pub partitions: i32,
+    admin_db_url: String,
+    db_name: String,
+}
+
+impl TestEnv {
+    /// A fresh database (migrated), Redis database (flushed) and topics.
+    pub async fn new() -> TestEnv {
+        init_logging();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let kafka = KafkaArgs {
+            brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+            options: Vec::new(),
+        };
+        let topics = Topics::prefixed(&format!("t-{id}."));
+        let partitions = 4;
+        stock_common::kafka::create_topics(&kafka, &topics.all(), partitions)
+            .await
+            .expect("create topics (is the stack up? deploy/stack-up.sh)");
+
+        let admin_db_url = env_or(
+            "DATABASE_URL",
+            "postgres://stock:stock@127.0.0.1:5432/stock",
+        );
+        let db_name = format!("t_{id}");
+        let admin_pool = PgPool::connect(&admin_db_url)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin_pool)
+            .await
+            .expect("create test database");
+        admin_pool.close().await;
+        let mut url = url::Url::parse(&admin_db_url).expect("DATABASE_URL is a URL");
+        url.set_path(&db_name);
+        let db = DatabaseArgs {
+            url: SecretUrl::from_str(url.as_str()).expect("url"),
+            max_connections: 8,
+        };
+        let pool = stock_common::db::pool(&db).expect("pool");
+        stock_common::db::migrate(&pool).await.expect("migrate");
+
+        let base = env_or("REDIS_URL", "redis://127.0.0.1:6379/0");
+        let client = redis::Client::open(base.as_str()).expect("REDIS_URL");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis");
+        let n: i64 = conn
+            .incr("stockpipe:test-db-counter", 1)
+            .await
+            .expect("incr");
+        let mut rurl = url::Url::parse(&base).expect("REDIS_URL is a URL");
+        rurl.set_path(&format!("/{}", 1 + n % 1000));
+        let redis = RedisArgs {
+            url: SecretUrl::from_str(rurl.as_str()).expect("url"),
+            order_memory: Duration::from_secs(86_400),
+        };
+        let store = RedisStore::connect(&redis).await.expect("redis");
+        let _: () = redis::cmd("FLUSHDB")
+            .query_async(&mut store.connection())
+            .await
+            .expect("flushdb");
+
+        TestEnv {
+            id,
+            kafka,
+            topics,
+            db,
+            redis,
+            pool,
+            store,
+            partitions,
+            admin_db_url,
+            db_name,
+        }
+    }
+
+    /// Loads stock into PostgreSQL and Redis and marks Redis loaded.
+    pub async fn load_stock(&self, stock: &[(i64, i64)]) {
+        for &(p, n) in stock {
+            admin::set_stock(&self.pool, &self.store, p, n, false)
+                .await
+                .expect("set stock");
+        }
+        admin::rebuild(&self.pool, &self.store)
+            .await
+            .expect("rebuild");
+    }
+
+    /// Overwrites `stock:{p}` in Redis only (to set up a drift).
+    pub async fn set_redis_stock(&self, product: i64, value: i64) {
+        let _: () = self
+            .store
+            .connection()
+            .set(stock_key(product), value)
+            .await
+            .expect("set");
+    }
+
+    pub async fn redis_stock(&self, product: i64) -> Option<i64> {
+        self.store.stock_levels(&[product]).await.expect("mget")[0]
+    }
+
+    pub async fn stock_row(&self, product: i64) -> admin::StockRow {
+        admin::stock_rows(&self.pool, &[product])
+            .await
+            .expect("stock row")[0]
+    }
+
+    /// Guarantees 1 and 3 for `products`; panics with the violations.
+    pub async fn assert_invariants(&self, products: &[i64]) {
+        let v = admin::check_invariants(&self.pool, &self.store, products)
+            .await
+            .expect("check");
+        assert!(v.is_empty(), "invariant violations: {v:?}");
+    }
+
+    pub fn producer_args(&self, group: &str) -> stock_producer::ProducerArgs {
+        stock_producer::ProducerArgs {
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+            redis: self.redis.clone(),
+            batch: BatchArgs {
+                batch_size: 500,
+                linger: Duration::from_millis(5),
+            },
+            log: LogArgs {
+                format: LogFormat::Text,
+            },
+            group: format!("t-{}-{group}", self.id),
+        }
+    }
+
+    pub fn consumer_args(&self, group: &str) -> stock_consumer::ConsumerArgs {
+        stock_consumer::ConsumerArgs {
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+            db: self.db.clone(),
+            batch: BatchArgs {
+                batch_size: 500,
+                linger: Duration::from_millis(5),
+            },
+            log: LogArgs {
+                format: LogFormat::Text,
+            },
+            group: format!("t-{}-{group}", self.id),
+            reservation_ttl: Duration::from_secs(900),
+            migrate: false,
+        }
+    }
+
+    /// Both workers in this process, with the default groups.
+    pub async fn start_workers(&self) -> Workers {
+        Workers::start(self, "producer", "consumer").await
+    }
+
+    /// Publishes raw `(key, payload)` messages to the orders topic.
+    pub async fn send_orders(&self, msgs: Vec<(String, Vec<u8>)>) {
+        let producer = stock_common::kafka::producer(&self.kafka).expect("producer");
+        harness::publish(&producer, &self.topics.orders, msgs)
+            .await
+            .expect("publish");
+    }
+
+    pub fn collector(&self) -> harness::ResultCollector {
+        harness::ResultCollector::start(&self.kafka, &self.topics.results).expect("collector")
+    }
+
+    /// Environment for a worker child process.
+    pub fn process_env(&self, group: &str) -> Vec<(String, String)> {
+        vec![
+            ("KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
+            ("TOPIC_ORDERS".into(), self.topics.orders.clone()),
+            ("TOPIC_DEDUCT".into(), self.topics.deduct.clone()),
+            ("TOPIC_COMPENSATE".into(), self.topics.compensate.clone()),
+            ("TOPIC_RESULTS".into(), self.topics.results.clone()),
+            ("TOPIC_DLQ".into(), self.topics.dlq.clone()),
+            ("DATABASE_URL".into(), self.db.url.expose().to_owned()),
+            ("REDIS_URL".into(), self.redis.url.expose().to_owned()),
+            ("PRODUCER_GROUP".into(), format!("t-{}-{group}", self.id)),
+            ("CONSUMER_GROUP".into(), format!("t-{}-{group}", self.id)),
+            ("BATCH_SIZE".into(), "500".into()),
+            ("RUN_MIGRATIONS".into(), "false".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ]
+    }
+
+    /// Drops the test database (topics and the Redis database are left; Redis databases
+    /// are flushed when reused).
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        if let Ok(admin_pool) = PgPool::connect(&self.admin_db_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            ))
+            .execute(&admin_pool)
+            .await;
+        }
+    }
+}
+
+/// Both workers running as tasks of the test process.
+pub struct Workers {
+    shutdown: CancellationToken,
+    producer: JoinHandle<anyhow::Result<()>>,
+    consumer: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Workers {
+    pub async fn start(env: &TestEnv, producer_group: &str, consumer_group: &str) -> Workers {
+        let shutdown = CancellationToken::new();
+        let p = stock_producer::worker::Worker::new(&env.producer_args(producer_group))
+            .await
+            .expect("producer");
+        let c = stock_consumer::worker::Worker::new(&env.consumer_args(consumer_group))
+            .await
+            .expect("consumer");
+        Workers {
+            producer: tokio::spawn(p.run(shutdown.clone())),
+            consumer: tokio::spawn(c.run(shutdown.clone())),
+            shutdown,
+        }
+    }
+
+    /// Cooperative shutdown; panics if a worker failed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.producer
+            .await
+            .expect("join")
+            .expect("producer ran cleanly");
+        self.consumer
+            .await
+            .expect("join")
+            .expect("consumer ran cleanly");
+    }
+}
+
+/// A worker binary running as a child process.
+pub struct WorkerProcess {
+    child: Child,
+    pub name: String,
+}
+
+/// `target/<profile>/<name>`, found from the test executable's location.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}
+
+impl WorkerProcess {
+    pub fn spawn(name: &str, env: &[(String, String)]) -> WorkerProcess {
+        let log = std::env::temp_dir().join(format!(
+            "stockpipe-test-{name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(binary(name))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn worker");
+        tracing::info!(name, pid = child.id(), log = %log.display(), "worker process started");
+        WorkerProcess {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
+    pub fn terminate(mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads `topic` from the beginning until `n` messages arrived or `timeout`.
+pub async fn read_topic(
+    kafka: &KafkaArgs,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let group = format!("reader-{}", uuid::Uuid::new_v4());
+    let consumer: StreamConsumer =
+        stock_common::kafka::consumer(kafka, &group, &[topic]).expect("reader");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => tracing::warn!(error = %e, "reader"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// A header's value as text.
+pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+    let h = m.headers()?;
+    h.iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+/// Commits offset 0 for every partition of `topics` in `group` (whose members must be
+/// stopped): the next member replays from the earliest retained offset.
+pub fn reset_group_to_earliest(kafka: &KafkaArgs, group: &str, topics: &[&str], partitions: i32) {
+    let mut cfg = stock_common::kafka::client_config(kafka);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = cfg.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(t, p, Offset::Offset(0))
+                .expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    consumer
+        .commit(&tpl, CommitMode::Sync)
+        .expect("commit offsets");
+}
+
+/// The committed offsets of `group` on `topic`, summed over partitions.
+pub fn committed_total(kafka: &KafkaArgs, group: &str, topic: &str, partitions: i32) -> i64 {
+    let mut cfg = stock_common::kafka::client_config(kafka);
+    cfg.set("group.id", group);
+    let consumer: StreamConsumer = cfg.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed");
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stock_e2e=info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The sum over partitions of `topic`'s high watermarks (messages ever written).
+pub fn end_offsets_total(kafka: &KafkaArgs, topic: &str, partitions: i32) -> i64 {
+    let consumer: StreamConsumer = stock_common::kafka::client_config(kafka)
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map(|(_, high)| high)
+                .expect("watermarks")
+        })
+        .sum()
+}
+
+impl TestEnv {
+    /// Waits until the pipeline is idle: the producer group (`t-<id>-<producer_group>`) has
+    /// committed everything on the orders and compensate topics, and the consumer group
+    /// everything on the deduct topic. Returns whether that happened within 90 s.
+    pub async fn wait_idle(&self, producer_group: &str, consumer_group: &str) -> bool {
+        let pg = format!("t-{}-{producer_group}", self.id);
+        let cg = format!("t-{}-{consumer_group}", self.id);
+        let caught_up = |group: &str, topic: &str| {
+            committed_total(&self.kafka, group, topic, self.partitions)
+                >= end_offsets_total(&self.kafka, topic, self.partitions)
+        };
+        wait_until(|| async {
+            caught_up(&pg, &self.topics.orders)
+                && caught_up(&cg, &self.topics.deduct)
+                && caught_up(&pg, &self.topics.compensate)
+        })
+        .await
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or 90 s pass; returns whether it held.
+pub async fn wait_until<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
