@@ -114,7 +114,7 @@ pub async fn run(
     for i in 0..args.orders {
         let id = format!("demo-{run}-{i}");
         let pick = |r: u64| {
-            if r % 2 == 0 {
+            if r.is_multiple_of(2) {
                 products[0]
             } else {
                 products[(r / 2) as usize % products.len()]
@@ -125,7 +125,7 @@ pub async fn run(
             product_id: first,
             quantity: 1 + (rng.next() % 3) as i64,
         }];
-        if rng.next() % 10 == 0 {
+        if rng.next().is_multiple_of(10) {
             let second = pick(rng.next() | 1);
             if second != first {
                 items.push(Item {

@@ -1,0 +1,254 @@
+# shellcheck shell=bash
+# Shared helpers for deploy/stack-*.sh and deploy/create-topics.sh.
+# Sourced, never executed. Callers have `set -euo pipefail`.
+
+DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# --- settings (environment wins) -------------------------------------------
+STACK_DIR="${STACK_DIR:-/var/tmp/stockpipe}"
+
+PG_PORT="${PGPORT_STACK:-5432}"
+PG_USER="${PG_STACK_USER:-stock}"
+PG_PASSWORD="${PG_STACK_PASSWORD:-stock}"
+PG_DB="${PG_STACK_DB:-stock}"
+PG_DIR="$STACK_DIR/pg"
+PGDATA_STACK="$PG_DIR/data"
+PG_LOG="$PG_DIR/postgres.log"
+PG_SOCKET_DIR="${PG_SOCKET_DIR:-/var/run/postgresql}"
+PG_START_TIMEOUT="${PG_START_TIMEOUT:-60}"
+
+REDIS_PORT="${REDIS_PORT:-6379}"
+REDIS_DIR="$STACK_DIR/redis"
+REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+REDIS_LOG="$REDIS_DIR/redis.log"
+REDIS_RUNTIME_CONF="$REDIS_DIR/redis.runtime.conf"
+REDIS_START_TIMEOUT="${REDIS_START_TIMEOUT:-30}"
+
+KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+KAFKA_DIR="$STACK_DIR/kafka"
+KAFKA_LIBS="$KAFKA_DIR/libs"
+KAFKA_DATA="$KAFKA_DIR/data"
+KAFKA_LOG_DIR="$KAFKA_DIR/logs"
+KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
+KAFKA_PROPS="$KAFKA_DIR/server.properties"
+KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
+KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-60}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1g -Xms1g}"
+# Short-lived CLI JVMs (TopicCommand, StorageTool): start fast, small heap.
+KAFKA_TOOL_JVM_OPTS="${KAFKA_TOOL_JVM_OPTS:--Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto}"
+
+# --- output ----------------------------------------------------------------
+_ts() { date +%H:%M:%S; }
+log()  { printf '[%s] %s\n' "$(_ts)" "$*"; }
+warn() { printf '[%s] WARN: %s\n' "$(_ts)" "$*" >&2; }
+die()  { printf '[%s] ERROR: %s\n' "$(_ts)" "$*" >&2; exit 1; }
+now()  { date +%s; }
+
+# show_log_tail FILE [N] -- dump the tail of a log to stderr (for failures)
+show_log_tail() {
+  local f="$1" n="${2:-40}"
+  if [[ -f "$f" ]]; then
+    printf -- '----- last %s lines of %s -----\n' "$n" "$f" >&2
+    tail -n "$n" "$f" >&2 || true
+    printf -- '----- end of %s -----\n' "$f" >&2
+  else
+    printf -- '(no log file %s)\n' "$f" >&2
+  fi
+}
+
+# print_usage SCRIPT -- the script's leading comment block
+print_usage() { awk 'NR>1 && /^#/ {sub(/^# ?/, ""); print; next} NR>1 {exit}' "$1"; }
+
+# --- services selection ------------------------------------------------------
+# parse_services ARGS... -> sets WANT_PG / WANT_REDIS / WANT_KAFKA (0/1)
+parse_services() {
+  WANT_PG=0 WANT_REDIS=0 WANT_KAFKA=0
+  if [[ $# -eq 0 ]]; then WANT_PG=1 WANT_REDIS=1 WANT_KAFKA=1; return 0; fi
+  local s
+  for s in "$@"; do
+    case "$s" in
+      pg|postgres|postgresql) WANT_PG=1 ;;
+      redis)                  WANT_REDIS=1 ;;
+      kafka)                  WANT_KAFKA=1 ;;
+      all)                    WANT_PG=1 WANT_REDIS=1 WANT_KAFKA=1 ;;
+      -h|--help) return 2 ;;
+      *) die "unknown service '$s' (expected: pg redis kafka)" ;;
+    esac
+  done
+}
+
+# --- process / port helpers --------------------------------------------------
+# is_zombie PID -- exited but not yet reaped (our daemons are re-parented to
+# PID 1, which in containers may reap late): counts as stopped.
+is_zombie() {
+  local st
+  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1 || true)"
+  [[ "$st" == Z ]]
+}
+
+# pid_alive PID [CMDLINE_SUBSTRING]
+pid_alive() {
+  local pid="$1" want="${2:-}"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  is_zombie "$pid" && return 1
+  if [[ -n "$want" ]]; then
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$want" || return 1
+  fi
+  return 0
+}
+
+# pidfile_pid FILE -> prints pid (first line) or nothing
+pidfile_pid() { [[ -s "$1" ]] && head -n1 "$1" | tr -dc '0-9' || true; }
+
+# port_open PORT [HOST] -- TCP connect succeeds
+port_open() {
+  local port="$1" host="${2:-127.0.0.1}"
+  (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+# wait_pid_exit PID TIMEOUT -> 0 if exited in time
+# port_owner_pids PORT -> pids listening on PORT (needs ss from iproute2)
+port_owner_pids() {
+  command -v ss >/dev/null 2>&1 || return 0
+  ss -H -ltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true
+}
+
+# port_owner PORT -> human readable "pid N: cmdline" of the listener(s)
+port_owner() {
+  local pids pid out=""
+  pids="$(port_owner_pids "$1")"
+  for pid in $pids; do
+    out+="pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120) "
+  done
+  echo "${out:-unknown process}"
+}
+
+wait_pid_exit() {
+  local pid="$1" timeout="$2" deadline
+  deadline=$(( $(now) + timeout ))
+  while kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; do
+    [[ $(now) -ge $deadline ]] && return 1
+    sleep 0.2
+  done
+  return 0
+}
+
+# stack_lock -- serialize stack-up/stack-down runs on fd 9. Daemons must be
+# started with `9>&-` so they do not inherit (and hold) the lock forever.
+stack_lock() {
+  local f="$STACK_DIR/.stack-ctl.lock"
+  exec 9>"$f"
+  if ! flock -n 9; then
+    log "waiting for another stack-up/stack-down ($f)"
+    flock -w "${STACK_LOCK_TIMEOUT:-300}" 9 || die "another stack-up/stack-down still holds $f"
+  fi
+}
+
+need_root() {
+  [[ $(id -u) -eq 0 ]] || die "$1 needs root (run as root or with sudo)"
+}
+
+# as_postgres CMD... -- run a command as the postgres OS user
+as_postgres() {
+  if [[ $(id -u) -eq 0 ]]; then
+    runuser -u postgres -- "$@"
+  elif [[ "$(id -un)" == postgres ]]; then
+    "$@"
+  else
+    die "PostgreSQL commands must run as root or as the postgres user"
+  fi
+}
+
+# --- apt ----------------------------------------------------------------------
+pkg_installed() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# apt_install PKG... -- install missing packages without letting the package
+# scripts start services (policy-rc.d 101). Handles containers where
+# invoke-rc.d fails by forcing that policy for the duration of the install.
+apt_install() {
+  local missing=() p
+  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  need_root "installing ${missing[*]}"
+  log "apt: installing ${missing[*]}"
+  local policy=/usr/sbin/policy-rc.d policy_backup="" rc=0
+  if [[ -e "$policy" ]]; then
+    policy_backup="$(mktemp)"; cp -p "$policy" "$policy_backup"
+  fi
+  printf '#!/bin/sh\n# temporary (deploy/lib.sh): do not start services from package scripts\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  export DEBIAN_FRONTEND=noninteractive
+  local aptopts=(-y -q -o Dpkg::Options::=--force-confold -o Dpkg::Options::=--force-confdef --no-install-recommends)
+  mkdir -p "$STACK_DIR"
+  if ! apt-get install "${aptopts[@]}" "${missing[@]}" >"$STACK_DIR/apt.log" 2>&1; then
+    log "apt: install failed, running apt-get update and retrying"
+    apt-get update -q >>"$STACK_DIR/apt.log" 2>&1 || true
+    dpkg --configure -a >>"$STACK_DIR/apt.log" 2>&1 || true
+    apt-get install "${aptopts[@]}" "${missing[@]}" >>"$STACK_DIR/apt.log" 2>&1 || rc=$?
+  fi
+  if [[ -n "$policy_backup" ]]; then mv -f "$policy_backup" "$policy"; else rm -f "$policy"; fi
+  if [[ $rc -ne 0 ]]; then
+    show_log_tail "$STACK_DIR/apt.log" 30
+    die "apt-get install ${missing[*]} failed (exit $rc), see $STACK_DIR/apt.log"
+  fi
+  for p in "${missing[@]}"; do pkg_installed "$p" || die "package $p still not installed after apt-get"; done
+}
+
+# --- PostgreSQL binaries -----------------------------------------------------
+pg_bindir() {
+  if [[ -n "${PGBIN:-}" ]]; then echo "$PGBIN"; return; fi
+  local d
+  for d in /usr/lib/postgresql/15/bin $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -rV); do
+    [[ -x "$d/pg_ctl" ]] && { echo "$d"; return; }
+  done
+  return 1
+}
+
+# --- Redis -----------------------------------------------------------------
+# redis_cli ARGS... -- password (if any) passed via env, never on argv
+redis_cli() {
+  if [[ -n "${REDIS_PASSWORD:-}" ]]; then
+    REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+  else
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+  fi
+}
+
+# --- Kafka -----------------------------------------------------------------
+kafka_libs_ok() {
+  [[ -f "$KAFKA_LIBS/.complete" ]] && [[ "$(cat "$KAFKA_LIBS/.complete")" == "$KAFKA_VERSION" ]] \
+    && compgen -G "$KAFKA_LIBS/kafka_2.13-*.jar" >/dev/null
+}
+
+# kafka_tool CLASS ARGS... -- run a Kafka CLI class with a fast-start JVM
+kafka_tool() {
+  local cls="$1"; shift
+  # shellcheck disable=SC2086
+  timeout -k 5 "${KAFKA_TOOL_TIMEOUT:-60}" java $KAFKA_TOOL_JVM_OPTS \
+    -Dlog4j2.configurationFile="$DEPLOY_DIR/kafka/tools-log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "$cls" "$@"
+}
+
+# Admin client settings for the CLI tools: fail fast instead of 60 s retries.
+kafka_client_conf() {
+  local f="$KAFKA_DIR/tools-client.properties"
+  if [[ ! -f "$f" ]]; then
+    mkdir -p "$KAFKA_DIR"
+    printf '%s\n' 'request.timeout.ms=5000' 'default.api.timeout.ms=10000' \
+      'retries=2' 'retry.backoff.ms=200' 'reconnect.backoff.max.ms=1000' >"$f"
+  fi
+  echo "$f"
+}
+
+# kafka_list_topics -> prints topic names; non-zero if broker does not answer
+kafka_list_topics() {
+  kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
+    --command-config "$(kafka_client_conf)" --list
+}
