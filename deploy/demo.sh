@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job: bring the local stack up, then run both workers against a demo load of
+# order events and print a summary (outcomes, stock in PostgreSQL and Redis, invariants).
+#   bash deploy/demo.sh [stockctl demo flags, e.g. --orders 50000]
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here/.."
+bash deploy/stack-up.sh
+# shellcheck source=deploy/env.sh
+. deploy/env.sh
+export RUST_LOG="${RUST_LOG:-warn}"
+cargo run --release --quiet -p stockctl -- demo "$@"
