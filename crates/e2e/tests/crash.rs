@@ -16,8 +16,14 @@ async fn crash_mid_load(victim: &str) {
     env.load_stock(&stock).await;
     let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
 
-    let mut producer = Some(WorkerProcess::spawn("producer", &env.process_env("producer")));
-    let mut consumer = Some(WorkerProcess::spawn("consumer", &env.process_env("consumer")));
+    let mut producer = Some(WorkerProcess::spawn(
+        "producer",
+        &env.process_env("producer"),
+    ));
+    let mut consumer = Some(WorkerProcess::spawn(
+        "consumer",
+        &env.process_env("consumer"),
+    ));
     let collector = env.collector();
 
     let ids: Vec<String> = (0..ORDERS).map(|i| format!("crash-{i}")).collect();
@@ -26,9 +32,15 @@ async fn crash_mid_load(victim: &str) {
         .enumerate()
         .map(|(i, id)| {
             let p = if i % 2 == 0 { 1 } else { 2 + (i as i64 % 19) };
-            let mut items = vec![Item { product_id: p, quantity: 1 + (i % 2) as i64 }];
+            let mut items = vec![Item {
+                product_id: p,
+                quantity: 1 + (i % 2) as i64,
+            }];
             if i % 7 == 0 && p != 1 {
-                items.push(Item { product_id: 1, quantity: 1 });
+                items.push(Item {
+                    product_id: 1,
+                    quantity: 1,
+                });
             }
             (id.clone(), created(id, &items))
         })
@@ -36,11 +48,23 @@ async fn crash_mid_load(victim: &str) {
     env.send_orders(msgs).await;
 
     // Kill the victim once part of the load is through.
-    assert!(collector.wait_for_count(ORDERS / 5, Duration::from_secs(120)).await, "load under way");
-    let victim_proc = if victim == "producer" { producer.take() } else { consumer.take() };
+    assert!(
+        collector
+            .wait_for_count(ORDERS / 5, Duration::from_secs(120))
+            .await,
+        "load under way"
+    );
+    let victim_proc = if victim == "producer" {
+        producer.take()
+    } else {
+        consumer.take()
+    };
     victim_proc.expect("running").kill9();
     let seen_at_kill: usize = collector.snapshot().len();
-    assert!(seen_at_kill < ORDERS, "the kill landed mid-load ({seen_at_kill} outcomes in)");
+    assert!(
+        seen_at_kill < ORDERS,
+        "the kill landed mid-load ({seen_at_kill} outcomes in)"
+    );
     let restarted = WorkerProcess::spawn(victim, &env.process_env(victim));
     if victim == "producer" {
         producer = Some(restarted);
@@ -49,23 +73,43 @@ async fn crash_mid_load(victim: &str) {
     }
 
     let all: HashSet<String> = ids.iter().cloned().collect();
-    assert!(collector.wait_for(&all, 1, Duration::from_secs(240)).await, "every order gets an outcome");
-    assert!(env.wait_idle("producer", "consumer").await, "pipeline goes idle");
-    assert!(producer.take().expect("producer").terminate(), "producer exits cleanly on SIGTERM");
-    assert!(consumer.take().expect("consumer").terminate(), "consumer exits cleanly on SIGTERM");
+    assert!(
+        collector.wait_for(&all, 1, Duration::from_secs(240)).await,
+        "every order gets an outcome"
+    );
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    assert!(
+        producer.take().expect("producer").terminate(),
+        "producer exits cleanly on SIGTERM"
+    );
+    assert!(
+        consumer.take().expect("consumer").terminate(),
+        "consumer exits cleanly on SIGTERM"
+    );
 
     let outcomes = collector.snapshot();
     let bad = conflicting(&outcomes);
-    assert!(bad.is_empty(), "orders with two outcomes: {:?}", &bad[..bad.len().min(5)]);
+    assert!(
+        bad.is_empty(),
+        "orders with two outcomes: {:?}",
+        &bad[..bad.len().min(5)]
+    );
     let reserved = ids
         .iter()
         .filter(|id| outcomes[*id].iter().any(|r| r.status == Status::Reserved))
         .count();
-    let ledger_reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'reserved'")
-        .fetch_one(&env.pool)
-        .await
-        .expect("count");
-    assert_eq!(reserved as i64, ledger_reserved, "every reserved result is a reservation in PostgreSQL");
+    let ledger_reserved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'reserved'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(
+        reserved as i64, ledger_reserved,
+        "every reserved result is a reservation in PostgreSQL"
+    );
     env.assert_invariants(&products).await;
     tracing::info!(victim, seen_at_kill, reserved, "crash test passed");
     collector.stop().await;
