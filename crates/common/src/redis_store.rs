@@ -4,6 +4,7 @@
 //! * `stock:{<product_id>}` (contract): stock the producer may still pre-deduct.
 //! * `stockpipe:order:<order_id>`: the producer's memory of an order, an [`OrderRecord`],
 //!   kept for `--order-memory` (longer than the `orders` topic's retention).
+//! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here.
 //! * `stockpipe:loaded`: present once stock has been loaded from PostgreSQL. If Redis comes
 //!   back empty the marker is gone, and both scripts refuse to act until a rebuild.
 //!
@@ -23,10 +24,16 @@ pub const LOADED_KEY: &str = "stockpipe:loaded";
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reserve.lua")));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
+static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
 
 /// `stock:{42}` (contract).
 pub fn stock_key(product_id: i64) -> String {
     format!("stock:{{{product_id}}}")
+}
+
+/// The marker of an operator's stock request applied to Redis.
+pub fn request_key(request_id: &str) -> String {
+    format!("stockpipe:request:{request_id}")
 }
 
 /// The key of the producer's record of one order.
@@ -103,6 +110,16 @@ pub enum ReserveOutcome {
     Unloaded,
     /// A stock key holds something that is not an integer: nothing was done.
     Corrupt(String),
+}
+
+/// What the adjust script said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdjustOutcome {
+    Applied,
+    Already,
+    Unloaded,
+    /// Taking would leave the key below zero: nothing done.
+    Short,
 }
 
 /// What the restore script said.
@@ -235,6 +252,30 @@ impl RedisStore {
                 })
             })
             .collect()
+    }
+
+    /// Adds `delta` (negative: takes) to `stock:{product_id}` once per `request_id`.
+    pub async fn adjust(
+        &self,
+        product_id: i64,
+        delta: i64,
+        request_id: &str,
+    ) -> Result<AdjustOutcome, StoreError> {
+        let reply: String = ADJUST
+            .key(LOADED_KEY)
+            .key(stock_key(product_id))
+            .key(request_key(request_id))
+            .arg(delta)
+            .arg(self.record_ttl_secs)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match reply.as_str() {
+            "applied" => AdjustOutcome::Applied,
+            "already" => AdjustOutcome::Already,
+            "unloaded" => AdjustOutcome::Unloaded,
+            "short" => AdjustOutcome::Short,
+            other => return Err(StoreError::Protocol(format!("adjust said {other:?}"))),
+        })
     }
 
     /// Whether stock has been loaded (the marker exists).

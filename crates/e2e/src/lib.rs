@@ -124,7 +124,7 @@ impl TestEnv {
                 .await
                 .expect("set stock");
         }
-        admin::rebuild(&self.pool, &self.store)
+        stockctl::rebuild::load_from_postgres(&self.pool, &self.store)
             .await
             .expect("rebuild");
     }

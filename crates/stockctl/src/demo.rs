@@ -72,7 +72,7 @@ pub async fn run(
         admin::set_stock(&pool, &store, *p, args.stock, true).await?;
     }
     if !store.is_loaded().await? {
-        let (n, o) = admin::rebuild(&pool, &store).await?;
+        let (n, o) = crate::rebuild::load_from_postgres(&pool, &store).await?;
         println!("redis was not loaded: rebuilt {n} products and {o} orders from PostgreSQL");
     }
 

@@ -94,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{}", serde_json::to_string(&row)?);
         }
         Cmd::Rebuild => {
-            let (p, o) = admin::rebuild(&pool()?, &redis().await?).await?;
+            let (p, o) = stockctl::rebuild::load_from_postgres(&pool()?, &redis().await?).await?;
             println!("redis rebuilt: {p} products, {o} orders");
         }
         Cmd::Check { json } => {
