@@ -77,9 +77,22 @@ pub struct Delta {
     pub sold: i64,
 }
 
+/// One row of the stock movement history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movement {
+    pub product_id: i64,
+    /// `reserve`, `confirm`, `release_cancelled`, `release_expired` or `compensation`.
+    pub kind: &'static str,
+    pub order_id: String,
+    pub quantity: i64,
+    pub delta: Delta,
+}
+
 /// Everything a batch does.
 #[derive(Debug, Default)]
 pub struct Plan {
+    /// History rows for every change decided now (not for redeliveries).
+    pub movements: Vec<Movement>,
     /// One result per command, in command order.
     pub results: Vec<StockResult>,
     pub compensations: Vec<Compensation>,
@@ -147,9 +160,19 @@ pub fn plan(
                     },
                     None => {
                         for it in items {
-                            let d = plan.deltas.entry(it.product_id).or_default();
-                            d.available -= it.quantity;
-                            d.reserved += it.quantity;
+                            let delta = Delta {
+                                available: -it.quantity,
+                                reserved: it.quantity,
+                                sold: 0,
+                            };
+                            record(
+                                &mut plan.deltas,
+                                &mut plan.movements,
+                                "reserve",
+                                order_id,
+                                it,
+                                delta,
+                            );
                         }
                         LedgerRow {
                             status: OrderStatus::Reserved,
@@ -167,6 +190,17 @@ pub fn plan(
                         items,
                         CompensationCause::Rejected,
                     ));
+                    for it in items {
+                        let none = Delta::default();
+                        record(
+                            &mut plan.deltas,
+                            &mut plan.movements,
+                            "compensation",
+                            order_id,
+                            it,
+                            none,
+                        );
+                    }
                 }
                 first_insert_order.push(order_id.clone());
                 ledger.insert(
@@ -181,19 +215,13 @@ pub fn plan(
             DeductCommand::Pay {
                 order_id, event, ..
             } => {
-                let result = settle(&mut ledger, &mut plan.deltas, order_id, event, Settle::Pay);
+                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Pay);
                 plan.results.push(result);
             }
             DeductCommand::Cancel {
                 order_id, event, ..
             } => {
-                let result = settle(
-                    &mut ledger,
-                    &mut plan.deltas,
-                    order_id,
-                    event,
-                    Settle::Cancel,
-                );
+                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Cancel);
                 if result.status == Status::Released {
                     if let Some(e) = ledger.get(order_id) {
                         plan.compensations.push(compensation(
@@ -249,7 +277,7 @@ enum Settle {
 
 fn settle(
     ledger: &mut HashMap<String, Entry>,
-    deltas: &mut BTreeMap<i64, Delta>,
+    plan: &mut Plan,
     order_id: &str,
     event: &str,
     how: Settle,
@@ -263,9 +291,19 @@ fn settle(
         (OrderStatus::Rejected, _) => ignored(Reason::NotReserved),
         (OrderStatus::Reserved, Settle::Pay) => {
             for it in &e.row.items {
-                let d = deltas.entry(it.product_id).or_default();
-                d.reserved -= it.quantity;
-                d.sold += it.quantity;
+                let delta = Delta {
+                    available: 0,
+                    reserved: -it.quantity,
+                    sold: it.quantity,
+                };
+                record(
+                    &mut plan.deltas,
+                    &mut plan.movements,
+                    "confirm",
+                    order_id,
+                    it,
+                    delta,
+                );
             }
             e.row.status = OrderStatus::Confirmed;
             e.row.settled_by = Some(event.to_owned());
@@ -274,9 +312,15 @@ fn settle(
         }
         (OrderStatus::Reserved, Settle::Cancel) => {
             for it in &e.row.items {
-                let d = deltas.entry(it.product_id).or_default();
-                d.reserved -= it.quantity;
-                d.available += it.quantity;
+                let delta = release_delta(it);
+                record(
+                    &mut plan.deltas,
+                    &mut plan.movements,
+                    "release_cancelled",
+                    order_id,
+                    it,
+                    delta,
+                );
             }
             e.row.status = OrderStatus::Released;
             e.row.release_reason = Some(Reason::Cancelled);
@@ -293,6 +337,37 @@ fn settle(
         (OrderStatus::Confirmed, _) => ignored(Reason::AlreadyConfirmed),
         (OrderStatus::Released, _) => ignored(Reason::AlreadyReleased),
     }
+}
+
+/// What releasing a reserved item does to the columns (cancel and expiry alike).
+pub fn release_delta(it: &Item) -> Delta {
+    Delta {
+        available: it.quantity,
+        reserved: -it.quantity,
+        sold: 0,
+    }
+}
+
+/// Adds `delta` to the product's running change and writes the history row.
+pub fn record(
+    deltas: &mut BTreeMap<i64, Delta>,
+    movements: &mut Vec<Movement>,
+    kind: &'static str,
+    order_id: &str,
+    it: &Item,
+    delta: Delta,
+) {
+    let d = deltas.entry(it.product_id).or_default();
+    d.available += delta.available;
+    d.reserved += delta.reserved;
+    d.sold += delta.sold;
+    movements.push(Movement {
+        product_id: it.product_id,
+        kind,
+        order_id: order_id.to_owned(),
+        quantity: it.quantity,
+        delta,
+    });
 }
 
 /// The compensation giving an order's stock back to Redis.
@@ -370,6 +445,13 @@ mod tests {
         assert_eq!(p.inserts.len(), 5);
         assert_eq!(p.compensations.len(), 3);
         assert_eq!(p.results[2].product_id, Some(1));
+        assert_eq!(
+            p.movements
+                .iter()
+                .filter(|m| m.kind == "compensation")
+                .count(),
+            3
+        );
     }
 
     #[test]

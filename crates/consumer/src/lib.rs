@@ -5,6 +5,7 @@
 //!   never below zero; idempotent by order id). Every rule lives here.
 //! * [`store`]: the one transaction per batch: lock stock rows in product order, read the
 //!   ledger, write new orders, settled orders and one aggregated UPDATE per product.
+//! * [`expiry`]: the reservation-expiry sweeper and its outbox.
 //! * [`worker`]: the Kafka loop: batch, apply with retries, publish results and
 //!   compensations, then store offsets.
 //!
@@ -15,6 +16,7 @@ use std::time::Duration;
 use stock_common::config::{parse_duration, BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, Topics};
 
 pub mod decide;
+pub mod expiry;
 pub mod store;
 pub mod worker;
 
@@ -46,6 +48,9 @@ pub struct ConsumerArgs {
     /// How long a reservation waits for payment before it is released as expired.
     #[arg(long = "reservation-ttl", env = "RESERVATION_TTL", default_value = "15m", value_parser = parse_duration)]
     pub reservation_ttl: Duration,
+    /// How often the expiry sweeper looks for reservations past their deadline.
+    #[arg(long = "expiry-interval", env = "EXPIRY_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub expiry_interval: Duration,
     /// Apply pending migrations at start-up.
     #[arg(long = "migrate", env = "RUN_MIGRATIONS", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,

@@ -7,9 +7,9 @@
 //! ledger's primary key instead: `INSERT … ON CONFLICT DO NOTHING` returns fewer rows than
 //! planned and the whole batch is retried, now seeing the other instance's row.
 
-use crate::decide::{self, LedgerRow, OrderStatus, Plan};
+use crate::decide::{self, Delta, LedgerRow, Movement, OrderStatus};
 use sqlx::{PgPool, Postgres, Row, Transaction};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use stock_common::events::{DeductCommand, Item, Reason};
 
@@ -44,7 +44,7 @@ pub async fn apply_batch(
     pool: &PgPool,
     ops: &[DeductCommand],
     reservation_ttl: Duration,
-) -> Result<Plan, ApplyError> {
+) -> Result<decide::Plan, ApplyError> {
     let mut ids: Vec<String> = ops.iter().map(|o| o.order_id().to_owned()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -84,7 +84,8 @@ pub async fn apply_batch(
     let plan = decide::plan(ops, known, &available);
     insert_orders(&mut tx, &plan.inserts, reservation_ttl).await?;
     update_orders(&mut tx, &plan.updates).await?;
-    apply_deltas(&mut tx, &plan).await?;
+    apply_deltas(&mut tx, &plan.deltas).await?;
+    insert_movements(&mut tx, &plan.movements).await?;
     tx.commit().await?;
     Ok(plan)
 }
@@ -233,15 +234,18 @@ async fn update_orders(
     Ok(())
 }
 
-/// One aggregated UPDATE for every product the batch changed.
-async fn apply_deltas(tx: &mut Transaction<'_, Postgres>, plan: &Plan) -> Result<(), ApplyError> {
-    if plan.deltas.is_empty() {
+/// One aggregated UPDATE for every product that changed.
+pub async fn apply_deltas(
+    tx: &mut Transaction<'_, Postgres>,
+    deltas: &BTreeMap<i64, Delta>,
+) -> Result<(), ApplyError> {
+    if deltas.is_empty() {
         return Ok(());
     }
-    let p: Vec<i64> = plan.deltas.keys().copied().collect();
-    let a: Vec<i64> = plan.deltas.values().map(|d| d.available).collect();
-    let r: Vec<i64> = plan.deltas.values().map(|d| d.reserved).collect();
-    let s: Vec<i64> = plan.deltas.values().map(|d| d.sold).collect();
+    let p: Vec<i64> = deltas.keys().copied().collect();
+    let a: Vec<i64> = deltas.values().map(|d| d.available).collect();
+    let r: Vec<i64> = deltas.values().map(|d| d.reserved).collect();
+    let s: Vec<i64> = deltas.values().map(|d| d.sold).collect();
     sqlx::query(
         "UPDATE stock s
          SET available = s.available + t.da, reserved = s.reserved + t.dr, sold = s.sold + t.ds, updated_at = now()
@@ -249,6 +253,37 @@ async fn apply_deltas(tx: &mut Transaction<'_, Postgres>, plan: &Plan) -> Result
          WHERE s.product_id = t.p",
     )
     .bind(&p)
+    .bind(&a)
+    .bind(&r)
+    .bind(&s)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The history rows, in one statement.
+pub async fn insert_movements(
+    tx: &mut Transaction<'_, Postgres>,
+    movements: &[Movement],
+) -> Result<(), ApplyError> {
+    if movements.is_empty() {
+        return Ok(());
+    }
+    let p: Vec<i64> = movements.iter().map(|m| m.product_id).collect();
+    let k: Vec<&str> = movements.iter().map(|m| m.kind).collect();
+    let o: Vec<&str> = movements.iter().map(|m| m.order_id.as_str()).collect();
+    let q: Vec<i64> = movements.iter().map(|m| m.quantity).collect();
+    let a: Vec<i64> = movements.iter().map(|m| m.delta.available).collect();
+    let r: Vec<i64> = movements.iter().map(|m| m.delta.reserved).collect();
+    let s: Vec<i64> = movements.iter().map(|m| m.delta.sold).collect();
+    sqlx::query(
+        "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta)
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])",
+    )
+    .bind(&p)
+    .bind(&k)
+    .bind(&o)
+    .bind(&q)
     .bind(&a)
     .bind(&r)
     .bind(&s)

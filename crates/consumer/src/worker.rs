@@ -34,6 +34,7 @@ pub struct Worker {
     topics: Topics,
     batch: BatchArgs,
     reservation_ttl: Duration,
+    expiry_interval: Duration,
 }
 
 impl Worker {
@@ -56,13 +57,21 @@ impl Worker {
             topics: args.topics.clone(),
             batch: args.batch.clone(),
             reservation_ttl: args.reservation_ttl,
+            expiry_interval: args.expiry_interval,
         })
     }
 
     /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(topic = %self.topics.deduct, "consumer started");
-        let result = self.run_loop(&shutdown).await;
+        // The sweeper stops with the shutdown, or when the batch loop ends on its own (an error).
+        let sweeper_stop = shutdown.child_token();
+        let batches = async {
+            let r = self.run_loop(&shutdown).await;
+            sweeper_stop.cancel();
+            r
+        };
+        let (result, ()) = tokio::join!(batches, self.sweep_loop(&sweeper_stop));
         kafka::commit_final(&self.consumer);
         kafka::flush(&self.producer);
         tracing::info!("consumer stopped");
@@ -81,6 +90,24 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Runs the expiry sweeper every `--expiry-interval` until shutdown. A failed sweep is
+    /// logged and simply tried again at the next tick.
+    async fn sweep_loop(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.expiry_interval) => {}
+            }
+            match crate::expiry::sweep(&self.pool, &self.producer, &self.topics, shutdown).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(released = n, "reservations expired"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick")
+                }
+            }
+        }
     }
 
     /// One step: apply `msgs` and publish everything they produce. Does not store offsets.

@@ -187,6 +187,7 @@ impl TestEnv {
             },
             group: format!("t-{}-{group}", self.id),
             reservation_ttl: Duration::from_secs(900),
+            expiry_interval: Duration::from_secs(1),
             migrate: false,
         }
     }
@@ -251,11 +252,23 @@ pub struct Workers {
 
 impl Workers {
     pub async fn start(env: &TestEnv, producer_group: &str, consumer_group: &str) -> Workers {
+        Workers::start_with(
+            &env.producer_args(producer_group),
+            &env.consumer_args(consumer_group),
+        )
+        .await
+    }
+
+    /// Both workers with the given settings.
+    pub async fn start_with(
+        pargs: &stock_producer::ProducerArgs,
+        cargs: &stock_consumer::ConsumerArgs,
+    ) -> Workers {
         let shutdown = CancellationToken::new();
-        let p = stock_producer::worker::Worker::new(&env.producer_args(producer_group))
+        let p = stock_producer::worker::Worker::new(pargs)
             .await
             .expect("producer");
-        let c = stock_consumer::worker::Worker::new(&env.consumer_args(consumer_group))
+        let c = stock_consumer::worker::Worker::new(cargs)
             .await
             .expect("consumer");
         Workers {

@@ -100,6 +100,7 @@ pub async fn run(
         log,
         group: format!("demo-{run}-consumer"),
         reservation_ttl: Duration::from_secs(900),
+        expiry_interval: Duration::from_secs(1),
         migrate: false,
     };
     let producer = stock_producer::worker::Worker::new(&pargs).await?;
