@@ -8,12 +8,14 @@
 //!   offset storing.
 //! * [`db`]: the PostgreSQL pool, the embedded migrations, transient-error classification.
 //! * [`config`]: flags with environment fallbacks; [`config::SecretUrl`] hides passwords.
+//! * [`metrics`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! * [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
 
 pub mod config;
 pub mod db;
 pub mod events;
 pub mod kafka;
+pub mod metrics;
 pub mod redis_store;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,6 +14,7 @@
 use clap::Parser;
 use std::time::Duration;
 use stock_common::config::{parse_duration, BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, Topics};
+use stock_common::metrics::MetricsArgs;
 
 pub mod decide;
 pub mod expiry;
@@ -38,6 +39,8 @@ pub struct ConsumerArgs {
     pub batch: BatchArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Consumer group of `stock.deduct`.
     #[arg(
         long = "group",

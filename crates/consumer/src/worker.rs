@@ -10,10 +10,12 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
+use std::sync::Arc;
 use std::time::Duration;
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{DeductCommand, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use tokio_util::sync::CancellationToken;
 
 const WORKER: &str = "consumer";
@@ -28,13 +30,15 @@ pub struct BatchSummary {
 }
 
 pub struct Worker {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     pool: PgPool,
     topics: Topics,
     batch: BatchArgs,
     reservation_ttl: Duration,
     expiry_interval: Duration,
+    metrics: Metrics,
+    metrics_args: MetricsArgs,
 }
 
 impl Worker {
@@ -51,7 +55,9 @@ impl Worker {
             .context("kafka consumer")?;
         let producer = kafka::producer(&args.kafka).context("kafka producer")?;
         Ok(Worker {
-            consumer,
+            consumer: Arc::new(consumer),
+            metrics: Metrics::new("consumer").context("metrics")?,
+            metrics_args: args.metrics.clone(),
             producer,
             pool,
             topics: args.topics.clone(),
@@ -64,6 +70,26 @@ impl Worker {
     /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(topic = %self.topics.deduct, "consumer started");
+        let pool = self.pool.clone();
+        let ready: ReadinessCheck = Arc::new(move || {
+            let pool = pool.clone();
+            Box::pin(async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("postgresql unreachable: {e}"))
+            })
+        });
+        let background = shutdown.child_token();
+        stock_common::metrics::spawn(
+            &self.metrics_args,
+            "127.0.0.1:9465",
+            &self.metrics,
+            self.consumer.clone(),
+            ready,
+            &background,
+        );
         // The sweeper stops with the shutdown, or when the batch loop ends on its own (an error).
         let sweeper_stop = shutdown.child_token();
         let batches = async {
@@ -72,6 +98,7 @@ impl Worker {
             r
         };
         let (result, ()) = tokio::join!(batches, self.sweep_loop(&sweeper_stop));
+        background.cancel();
         kafka::commit_final(&self.consumer);
         kafka::flush(&self.producer);
         tracing::info!("consumer stopped");
@@ -80,6 +107,7 @@ impl Worker {
 
     async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
+            self.metrics.batch_size.observe(msgs.len() as f64);
             match self.process(&msgs, shutdown).await {
                 Ok(summary) => {
                     kafka::store_offsets(&self.consumer, &msgs);
@@ -102,7 +130,14 @@ impl Worker {
             }
             match crate::expiry::sweep(&self.pool, &self.producer, &self.topics, shutdown).await {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(released = n, "reservations expired"),
+                Ok(n) => {
+                    self.metrics.expired.inc_by(n as u64);
+                    self.metrics
+                        .outcomes
+                        .with_label_values(&["released", "expired"])
+                        .inc_by(n as u64);
+                    tracing::info!(released = n, "reservations expired")
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick")
                 }
@@ -164,7 +199,7 @@ impl Worker {
                 plans
             }
         };
-        for plan in plans {
+        for plan in &plans {
             summary.new_orders += plan.inserts.len();
             summary.compensations += plan.compensations.len();
             for r in &plan.results {
@@ -176,6 +211,18 @@ impl Worker {
         }
         summary.dead_letters = out.iter().filter(|m| m.topic == self.topics.dlq).count();
         kafka::publish_all(&self.producer, &out, shutdown).await?;
+        for plan in &plans {
+            for r in &plan.results {
+                self.metrics.outcome(r);
+            }
+        }
+        self.metrics
+            .dead_letters
+            .inc_by(summary.dead_letters as u64);
+        self.metrics
+            .compensations
+            .with_label_values(&["issued"])
+            .inc_by(summary.compensations as u64);
         Ok(summary)
     }
 
@@ -193,10 +240,19 @@ impl Worker {
             ..Default::default()
         };
         loop {
-            match store::apply_batch(&self.pool, cmds, self.reservation_ttl).await {
+            let timer = self.metrics.apply_seconds.start_timer();
+            let applied = store::apply_batch(&self.pool, cmds, self.reservation_ttl).await;
+            timer.observe_duration();
+            match applied {
                 Ok(plan) => return Ok(Ok(plan)),
                 Err(e) if e.is_transient() => {
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+                    let cause = if matches!(e, ApplyError::Conflict(_)) {
+                        "conflict"
+                    } else {
+                        "database"
+                    };
+                    self.metrics.retries.with_label_values(&[cause]).inc();
                     if matches!(e, ApplyError::Conflict(_)) {
                         tracing::info!(error = %e, "retrying batch");
                     } else {

@@ -19,12 +19,14 @@ use std::time::Duration;
 use stock_common::config::{
     BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, SecretUrl, Topics,
 };
+use stock_common::metrics::MetricsArgs;
 use stock_common::redis_store::{stock_key, RedisStore};
 use stockctl::admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use stockctl::harness;
+
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
@@ -169,6 +171,9 @@ impl TestEnv {
             log: LogArgs {
                 format: LogFormat::Text,
             },
+            metrics: MetricsArgs {
+                addr: Some("off".into()),
+            },
             group: format!("t-{}-{group}", self.id),
         }
     }
@@ -184,6 +189,9 @@ impl TestEnv {
             },
             log: LogArgs {
                 format: LogFormat::Text,
+            },
+            metrics: MetricsArgs {
+                addr: Some("off".into()),
             },
             group: format!("t-{}-{group}", self.id),
             reservation_ttl: Duration::from_secs(900),
@@ -225,6 +233,7 @@ impl TestEnv {
             ("BATCH_SIZE".into(), "500".into()),
             ("RUN_MIGRATIONS".into(), "false".into()),
             ("RUST_LOG".into(), "info".into()),
+            ("METRICS_ADDR".into(), "off".into()),
         ]
     }
 
@@ -296,6 +305,8 @@ impl Workers {
 pub struct WorkerProcess {
     child: Child,
     pub name: String,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
 }
 
 /// `target/<profile>/<name>`, found from the test executable's location.
@@ -333,7 +344,20 @@ impl WorkerProcess {
         WorkerProcess {
             child,
             name: name.to_owned(),
+            log,
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// `kill -9`.
@@ -491,4 +515,31 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1: (status code, body), or None if nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
 }

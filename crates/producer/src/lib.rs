@@ -11,6 +11,7 @@
 
 use clap::Parser;
 use stock_common::config::{BatchArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
+use stock_common::metrics::MetricsArgs;
 
 pub mod classify;
 pub mod worker;
@@ -33,6 +34,8 @@ pub struct ProducerArgs {
     pub batch: BatchArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// Consumer group of `orders` and `stock.compensate`.
     #[arg(
         long = "group",

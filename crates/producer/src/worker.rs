@@ -12,10 +12,12 @@ use backoff::ExponentialBackoff;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
+use std::sync::Arc;
 use std::time::Duration;
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{DeductCommand, Item, StockResult, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use stock_common::redis_store::{
     OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, StoreError,
 };
@@ -52,11 +54,13 @@ pub struct BatchSummary {
 }
 
 pub struct Worker {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     redis: RedisStore,
     topics: Topics,
     batch: BatchArgs,
+    metrics: Metrics,
+    metrics_args: MetricsArgs,
 }
 
 impl Worker {
@@ -73,18 +77,43 @@ impl Worker {
         .context("kafka consumer")?;
         let producer = kafka::producer(&args.kafka).context("kafka producer")?;
         Ok(Worker {
-            consumer,
+            consumer: Arc::new(consumer),
             producer,
             redis,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
+            metrics: Metrics::new("producer").context("metrics")?,
+            metrics_args: args.metrics.clone(),
         })
     }
 
     /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(orders = %self.topics.orders, compensate = %self.topics.compensate, "producer started");
+        let redis = self.redis.clone();
+        let ready: ReadinessCheck = Arc::new(move || {
+            let redis = redis.clone();
+            Box::pin(async move {
+                match redis.is_loaded().await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(
+                        "redis is not loaded: selling stopped until `stockctl rebuild`".to_owned(),
+                    ),
+                    Err(e) => Err(format!("redis unreachable: {e}")),
+                }
+            })
+        });
+        let background = shutdown.child_token();
+        stock_common::metrics::spawn(
+            &self.metrics_args,
+            "127.0.0.1:9464",
+            &self.metrics,
+            self.consumer.clone(),
+            ready,
+            &background,
+        );
         let result = self.run_loop(&shutdown).await;
+        background.cancel();
         kafka::commit_final(&self.consumer);
         kafka::flush(&self.producer);
         tracing::info!("producer stopped");
@@ -93,6 +122,7 @@ impl Worker {
 
     async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
+            self.metrics.batch_size.observe(msgs.len() as f64);
             match self.process_retrying(&msgs, shutdown).await {
                 Ok(summary) => {
                     kafka::store_offsets(&self.consumer, &msgs);
@@ -126,6 +156,12 @@ impl Worker {
                 Err(e) => e,
             };
             let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+            let cause = match err {
+                StepError::Unloaded => "redis_unloaded",
+                StepError::Corrupt(_) => "redis_corrupt",
+                _ => "redis",
+            };
+            self.metrics.retries.with_label_values(&[cause]).inc();
             match err {
                 StepError::Unloaded | StepError::Corrupt(_) => {
                     tracing::error!(error = %err, retry_in = ?wait, "not selling")
@@ -169,6 +205,7 @@ impl Worker {
                 _ => None,
             })
             .collect();
+        let timer = self.metrics.redis_seconds.start_timer();
         let restored = self.redis.restore_many(&restores).await?;
         if restored.contains(&RestoreOutcome::Unloaded) {
             return Err(StepError::Unloaded);
@@ -181,6 +218,7 @@ impl Worker {
             })
             .collect();
         let reserved = self.redis.reserve_many(&reserves).await?;
+        timer.observe_duration();
         for outcome in &reserved {
             match outcome {
                 ReserveOutcome::Unloaded => return Err(StepError::Unloaded),
@@ -191,6 +229,7 @@ impl Worker {
 
         let mut summary = BatchSummary::default();
         let mut out = Vec::with_capacity(msgs.len());
+        let mut results: Vec<StockResult> = Vec::new();
         let (mut reserved, mut restored) = (reserved.into_iter(), restored.into_iter());
         for (m, input) in msgs.iter().zip(inputs) {
             match input {
@@ -208,7 +247,7 @@ impl Worker {
                         OrderRecord::Refused { reason, product_id } => {
                             let r = StockResult::rejected(&req.order_id, reason, product_id);
                             out.push(OutMessage::json(&self.topics.results, &req.order_id, &r));
-                            summary.results += 1;
+                            results.push(r);
                         }
                     },
                     _ => {
@@ -224,7 +263,7 @@ impl Worker {
                 }
                 Input::Reply(r) => {
                     out.push(OutMessage::json(&self.topics.results, &r.order_id, &r));
-                    summary.results += 1;
+                    results.push(r);
                 }
                 Input::Restore(c) => match restored.next() {
                     Some(RestoreOutcome::Restored) => summary.restored += 1,
@@ -253,7 +292,18 @@ impl Worker {
                 }
             }
         }
+        summary.results = results.len();
         kafka::publish_all(&self.producer, &out, shutdown).await?;
+        for r in &results {
+            self.metrics.outcome(r);
+        }
+        self.metrics
+            .dead_letters
+            .inc_by(summary.dead_letters as u64);
+        self.metrics
+            .compensations
+            .with_label_values(&["restored"])
+            .inc_by(summary.restored as u64);
         Ok(summary)
     }
 }
