@@ -12,7 +12,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 /// Opens a pool (connections are made lazily, so a database that is down is retried by
 /// the caller's loop rather than failing start-up).
 pub fn pool(args: &DatabaseArgs) -> Result<PgPool, sqlx::Error> {
-    let opts = PgConnectOptions::from_str(args.url.expose())?.application_name("stockpipe");
+    // A worker frozen inside a transaction (SIGSTOP, a long GC-like pause) must not hold
+    // its stock row locks forever: PostgreSQL ends such a session after 10 s, its
+    // transaction rolls back, and the worker's retry finds the ledger to be the judge.
+    let opts = PgConnectOptions::from_str(args.url.expose())?
+        .application_name("stockpipe")
+        .options([("idle_in_transaction_session_timeout", "10000")]);
     Ok(PgPoolOptions::new()
         .max_connections(args.max_connections)
         .acquire_timeout(Duration::from_secs(5))

@@ -1,11 +1,41 @@
-//! Stock operations on PostgreSQL and Redis together, in the order that keeps Redis from
-//! offering stock PostgreSQL cannot give: stock that comes back (or is added) goes into
-//! PostgreSQL first and Redis second.
+//! Operators' stock operations on PostgreSQL and Redis together: restock, set, show,
+//! history and the drift check.
+//!
+//! # The ordering rule
+//!
+//! **Stock that leaves is taken from Redis first and PostgreSQL second; stock that comes
+//! back or is added goes into PostgreSQL first and Redis second.** Then Redis never offers
+//! stock PostgreSQL cannot give: a crash between the two steps leaves Redis *below*
+//! PostgreSQL (an undersell until the retry or the drift check), never above it.
+//!
+//! # Request ids: a retried change applies once
+//!
+//! Every restock and set carries a request id (the CLI makes a UUID when none is given and
+//! prints it). PostgreSQL remembers it in `stock_request`, in the same transaction as the
+//! `stock` UPDATE and its `stock_movement` row; Redis remembers it as
+//! `stockpipe:request:<id>` (written by `adjust.lua` in the same script as the stock change,
+//! kept for `--order-memory`). Retrying with the same id therefore finishes what the first
+//! attempt left undone and repeats nothing:
+//!
+//! * an increase that died after the PostgreSQL commit finds its `stock_request` row, skips
+//!   PostgreSQL and gives Redis its share (`adjust.lua` says `already` if Redis had it);
+//! * a decrease that died after Redis gave the stock up finds the Redis marker without a
+//!   `stock_request` row and finishes the PostgreSQL step with the amount Redis gave;
+//! * a decrease that PostgreSQL refused is undone in Redis (request `<id>:undo`) and both
+//!   markers are removed, so the id can be retried from scratch.
+//!
+//! When Redis is not loaded (no `stockpipe:loaded`), an increase still commits in
+//! PostgreSQL and its request marker is written in Redis: the next `stockctl rebuild` loads
+//! `available` (which includes it) and a retry does not add it a second time. A decrease
+//! refuses instead (nothing changed). Run restock and set while no rebuild is running.
 
+use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
-use sqlx::{PgPool, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
-use stock_common::redis_store::{stock_key, RedisStore};
+use std::sync::LazyLock;
+use stock_common::redis_store::{request_key, stock_key, AdjustOutcome, RedisStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -14,7 +44,7 @@ pub enum AdminError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("redis: {0}")]
-    Store(#[from] stock_common::redis_store::StoreError),
+    Store(#[from] StoreError),
     #[error(
         "product {product_id} has {reserved} reserved and {sold} sold; use --force to overwrite"
     )]
@@ -25,6 +55,40 @@ pub enum AdminError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("product {0} has no stock row; create it with `stockctl set --product {0} --stock N`")]
+    UnknownProduct(i64),
+    #[error("request id {request_id} reused for a different change: it was {was}; use a new --request-id")]
+    RequestReused { request_id: String, was: String },
+    #[error(
+        "Redis holds {have} of product {product_id}, less than the {take} to take: orders in flight \
+         hold the rest (or Redis drifted, see `stockctl check`); nothing changed"
+    )]
+    RedisShort {
+        product_id: i64,
+        have: i64,
+        take: i64,
+    },
+    #[error("Redis is not loaded (no stockpipe:loaded marker): run `stockctl rebuild` first; nothing changed")]
+    RedisUnloaded,
+    #[error(
+        "PostgreSQL refused to take {take} from product {product_id} ({reason}); Redis was given \
+         its {take} back, nothing changed"
+    )]
+    PgRefused {
+        product_id: i64,
+        take: i64,
+        reason: String,
+    },
+    #[error(
+        "Redis gave up {take} of product {product_id} but the PostgreSQL step did not finish \
+         ({cause}); retry with --request-id {request_id} to finish the change"
+    )]
+    Interrupted {
+        product_id: i64,
+        take: i64,
+        request_id: String,
+        cause: String,
+    },
 }
 
 /// The PostgreSQL columns of one product.
@@ -37,9 +101,329 @@ pub struct StockRow {
     pub total_added: i64,
 }
 
-/// Makes `product_id` hold exactly `stock` available units and nothing reserved or sold,
-/// in PostgreSQL, then in Redis. Refuses a product with reservations or sales unless
-/// `force`. Meant for loading stock before selling starts.
+impl StockRow {
+    fn from_row(r: &PgRow) -> Result<StockRow, sqlx::Error> {
+        Ok(StockRow {
+            product_id: r.try_get("product_id")?,
+            available: r.try_get("available")?,
+            reserved: r.try_get("reserved")?,
+            sold: r.try_get("sold")?,
+            total_added: r.try_get("total_added")?,
+        })
+    }
+}
+
+/// What one step of a change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Done now.
+    Applied,
+    /// Done before under the same request id; nothing repeated.
+    Already,
+    /// Nothing to do (a set to the current value, or a decrease's Redis step, which came
+    /// before PostgreSQL's).
+    Unchanged,
+    /// Redis is not loaded: PostgreSQL has the change, the next `stockctl rebuild` loads it.
+    Unloaded,
+    /// The request is older than Redis remembers requests (`--order-memory`): Redis was not
+    /// touched, so that nothing is added twice. `stockctl check` shows whether it lacks it.
+    Expired,
+}
+
+/// The outcome of a restock or set.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StockChange {
+    pub request_id: String,
+    pub product_id: i64,
+    /// `restock` or `set`.
+    pub kind: &'static str,
+    /// The change of `available` this request stands for (0 for a set to the current value).
+    pub available_delta: i64,
+    pub postgres: Step,
+    pub redis: Step,
+    /// PostgreSQL after the change.
+    pub row: StockRow,
+}
+
+/// A fresh request id.
+pub fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn validate_request_id(id: &str) -> Result<(), AdminError> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Invalid(format!(
+            "request id {id:?}: 1 to 128 characters of A-Z a-z 0-9 - _ . :"
+        )))
+    }
+}
+
+fn validate_product(product_id: i64) -> Result<(), AdminError> {
+    if product_id < 1 {
+        return Err(AdminError::Invalid(format!(
+            "product id {product_id}: must be >= 1"
+        )));
+    }
+    Ok(())
+}
+
+/// A row of `stock_request`.
+struct Request {
+    product_id: i64,
+    kind: String,
+    available_delta: i64,
+    /// Older than Redis remembers request markers.
+    expired: bool,
+}
+
+async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
+    ex: E,
+    request_id: &str,
+    memory_secs: u64,
+) -> Result<Option<Request>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2)
+         FROM stock_request WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .bind(memory_secs as f64)
+    .fetch_optional(ex)
+    .await?;
+    row.map(|r| {
+        Ok(Request {
+            product_id: r.try_get(0)?,
+            kind: r.try_get(1)?,
+            available_delta: r.try_get(2)?,
+            expired: r.try_get(3)?,
+        })
+    })
+    .transpose()
+}
+
+/// Fails unless the recorded request is the same change (`delta` None: any amount).
+fn same_change(
+    req: &Request,
+    request_id: &str,
+    product_id: i64,
+    kind: &str,
+    delta: Option<i64>,
+) -> Result<(), AdminError> {
+    if req.product_id == product_id
+        && req.kind == kind
+        && delta.is_none_or(|d| d == req.available_delta)
+    {
+        return Ok(());
+    }
+    Err(AdminError::RequestReused {
+        request_id: request_id.to_owned(),
+        was: format!(
+            "a {} of {:+} on product {}",
+            req.kind, req.available_delta, req.product_id
+        ),
+    })
+}
+
+async fn insert_request_and_move(
+    tx: &mut Transaction<'_, Postgres>,
+    request_id: &str,
+    product_id: i64,
+    kind: &str,
+    delta: i64,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO stock_request (request_id, product_id, kind, available_delta)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(request_id)
+    .bind(product_id)
+    .bind(kind)
+    .bind(delta)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        return Ok(false);
+    }
+    let updated = sqlx::query(
+        "UPDATE stock SET available = available + $2, total_added = total_added + $2, updated_at = now()
+         WHERE product_id = $1",
+    )
+    .bind(product_id)
+    .bind(delta)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(sqlx::Error::RowNotFound);
+    }
+    sqlx::query(
+        "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(product_id)
+    .bind(kind)
+    .bind(request_id)
+    .bind(delta.abs())
+    .bind(delta)
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+/// The Redis half of an increase (PostgreSQL already has it): `adjust.lua` once per
+/// request. When Redis is not loaded the request marker is written anyway, because the
+/// rebuild that loads Redis takes `available`, which already includes this increase.
+async fn give_to_redis(
+    store: &RedisStore,
+    product_id: i64,
+    delta: i64,
+    request_id: &str,
+) -> Result<Step, AdminError> {
+    match store.adjust(product_id, delta, request_id).await? {
+        AdjustOutcome::Applied => Ok(Step::Applied),
+        AdjustOutcome::Already => Ok(Step::Already),
+        AdjustOutcome::Unloaded => {
+            let _: Option<String> = redis::cmd("SET")
+                .arg(request_key(request_id))
+                .arg(delta)
+                .arg("NX")
+                .arg("EX")
+                .arg(store.record_ttl_secs())
+                .query_async(&mut store.connection())
+                .await?;
+            Ok(Step::Unloaded)
+        }
+        AdjustOutcome::Short => Err(StoreError::Protocol(format!(
+            "adjust said short for an increase of {delta}"
+        ))
+        .into()),
+    }
+}
+
+fn undo_id(request_id: &str) -> String {
+    format!("{request_id}:undo")
+}
+
+/// A decrease this request id started in Redis and did not finish in PostgreSQL: the
+/// amount Redis gave up. An earlier attempt that was undone (both markers present) is
+/// forgotten here, so the id starts afresh.
+async fn pending_in_redis(store: &RedisStore, request_id: &str) -> Result<Option<i64>, AdminError> {
+    let mut conn = store.connection();
+    let keys = [request_key(request_id), request_key(&undo_id(request_id))];
+    let (taken, undone): (Option<String>, Option<String>) = redis::cmd("MGET")
+        .arg(&keys[..])
+        .query_async(&mut conn)
+        .await?;
+    match (taken, undone) {
+        (Some(_), Some(_)) | (None, Some(_)) => {
+            let _: i64 = conn.del(&keys[..]).await?;
+            Ok(None)
+        }
+        (Some(v), None) => v.parse::<i64>().map(Some).map_err(|_| {
+            StoreError::Protocol(format!("request marker {} holds {v:?}", keys[0])).into()
+        }),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Adds `quantity` (>= 1) units to an existing product: PostgreSQL first (the
+/// `stock_request` row, the `stock` UPDATE and a `restock` movement in one transaction),
+/// then Redis (once per request id). A retry with the same `request_id` adds nothing more
+/// to either store and finishes what an interrupted attempt left undone. When Redis is not
+/// loaded the result says [`Step::Unloaded`]: PostgreSQL has the stock and the next
+/// `stockctl rebuild` puts it into Redis.
+pub async fn restock(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    quantity: i64,
+    request_id: &str,
+) -> Result<StockChange, AdminError> {
+    validate_product(product_id)?;
+    validate_request_id(request_id)?;
+    if quantity < 1 {
+        return Err(AdminError::Invalid(format!(
+            "quantity {quantity}: must be >= 1"
+        )));
+    }
+    let memory = store.record_ttl_secs();
+    // A set that gave up Redis stock under this id and did not finish owns it.
+    let marker: Option<String> = store.connection().get(request_key(request_id)).await?;
+    if let Some(m) = marker {
+        if find_request(pool, request_id, memory).await?.is_none() {
+            return Err(AdminError::RequestReused {
+                request_id: request_id.to_owned(),
+                was: format!("an unfinished change of {m} in Redis"),
+            });
+        }
+    }
+    let postgres = restock_postgres(pool, product_id, quantity, request_id).await?;
+    let expired = postgres == Step::Already
+        && find_request(pool, request_id, memory)
+            .await?
+            .is_some_and(|r| r.expired);
+    let redis = if expired {
+        Step::Expired
+    } else {
+        give_to_redis(store, product_id, quantity, request_id).await?
+    };
+    Ok(StockChange {
+        request_id: request_id.to_owned(),
+        product_id,
+        kind: "restock",
+        available_delta: quantity,
+        postgres,
+        redis,
+        row: current_row(pool, product_id).await?,
+    })
+}
+
+/// The PostgreSQL half of [`restock`], alone: [`Step::Applied`] or, when the request id is
+/// known and is the same change, [`Step::Already`]. [`restock`] with the same id then
+/// completes the Redis half; tests use it to stand for an attempt that died in between.
+pub async fn restock_postgres(
+    pool: &PgPool,
+    product_id: i64,
+    quantity: i64,
+    request_id: &str,
+) -> Result<Step, AdminError> {
+    let mut tx = pool.begin().await?;
+    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity).await {
+        Ok(true) => {
+            tx.commit().await?;
+            Ok(Step::Applied)
+        }
+        Ok(false) => {
+            let req = find_request(&mut *tx, request_id, 0)
+                .await?
+                .ok_or(sqlx::Error::RowNotFound)?;
+            same_change(&req, request_id, product_id, "restock", Some(quantity))?;
+            Ok(Step::Already)
+        }
+        Err(sqlx::Error::RowNotFound) => Err(AdminError::UnknownProduct(product_id)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn current_row(pool: &PgPool, product_id: i64) -> Result<StockRow, AdminError> {
+    stock_rows(pool, &[product_id])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(AdminError::UnknownProduct(product_id))
+}
+
+/// Makes `product_id` hold `stock` available units, with a request id of its own. See
+/// [`set_stock_with_request`]; this is the form the demo, the tests and the benchmarks use
+/// to load stock.
 pub async fn set_stock(
     pool: &PgPool,
     redis: &RedisStore,
@@ -47,43 +431,231 @@ pub async fn set_stock(
     stock: i64,
     force: bool,
 ) -> Result<StockRow, AdminError> {
-    if product_id < 1 || stock < 0 {
-        return Err(AdminError::Invalid(
-            "product id must be >= 1 and stock >= 0".into(),
-        ));
+    Ok(
+        set_stock_with_request(pool, redis, product_id, stock, force, &new_request_id())
+            .await?
+            .row,
+    )
+}
+
+/// Makes `available` of `product_id` equal `stock`, leaving `reserved` and `sold` alone
+/// (`total_added` moves with `available`, so conservation holds).
+///
+/// * A product without a row gets one (all zeros) and then an increase of `stock`.
+/// * A product with reservations or sales is refused unless `force`
+///   ([`AdminError::HasReservations`]).
+/// * An increase goes as a restock does: PostgreSQL (under the row lock, so the result is
+///   exactly `stock`), then Redis.
+/// * A decrease takes from Redis first ([`AdminError::RedisShort`] when orders in flight
+///   hold more than Redis can give, [`AdminError::RedisUnloaded`]; nothing changed in both
+///   cases), then PostgreSQL by the same amount. If PostgreSQL refuses (orders reserved
+///   meanwhile would leave `available` below zero), Redis gets the stock back and the
+///   error says so ([`AdminError::PgRefused`]). Under traffic the final `available` can
+///   differ from `stock` by what orders did in between; both stores still moved by the
+///   same amount.
+///
+/// The same `request_id` again changes nothing more (it may finish an interrupted attempt).
+pub async fn set_stock_with_request(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    stock: i64,
+    force: bool,
+    request_id: &str,
+) -> Result<StockChange, AdminError> {
+    validate_product(product_id)?;
+    validate_request_id(request_id)?;
+    if stock < 0 {
+        return Err(AdminError::Invalid(format!("stock {stock}: must be >= 0")));
     }
+    let change = |delta, postgres, redis, row| StockChange {
+        request_id: request_id.to_owned(),
+        product_id,
+        kind: "set",
+        available_delta: delta,
+        postgres,
+        redis,
+        row,
+    };
+    let memory = store.record_ttl_secs();
+    if let Some(req) = find_request(pool, request_id, memory).await? {
+        same_change(&req, request_id, product_id, "set", None)?;
+        let redis = if req.available_delta <= 0 {
+            Step::Unchanged
+        } else if req.expired {
+            Step::Expired
+        } else {
+            give_to_redis(store, product_id, req.available_delta, request_id).await?
+        };
+        let row = current_row(pool, product_id).await?;
+        return Ok(change(req.available_delta, Step::Already, redis, row));
+    }
+    if let Some(taken) = pending_in_redis(store, request_id).await? {
+        if taken >= 0 {
+            return Err(AdminError::RequestReused {
+                request_id: request_id.to_owned(),
+                was: format!("an unfinished change of {taken:+} in Redis"),
+            });
+        }
+        // An earlier attempt took `taken` from Redis and died before PostgreSQL.
+        let postgres = finish_decrease(pool, store, product_id, taken, request_id).await?;
+        let row = current_row(pool, product_id).await?;
+        return Ok(change(taken, postgres, Step::Already, row));
+    }
+
     let mut tx = pool.begin().await?;
-    let existing = sqlx::query("SELECT reserved, sold FROM stock WHERE product_id = $1 FOR UPDATE")
-        .bind(product_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if let Some(r) = existing {
-        let (reserved, sold): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
-        if (reserved > 0 || sold > 0) && !force {
-            return Err(AdminError::HasReservations {
+    let created = sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, sold, total_added)
+         VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING",
+    )
+    .bind(product_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    let row = sqlx::query(
+        "SELECT product_id, available, reserved, sold, total_added FROM stock
+         WHERE product_id = $1 FOR UPDATE",
+    )
+    .bind(product_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let before = StockRow::from_row(&row)?;
+    if (before.reserved > 0 || before.sold > 0) && !force {
+        return Err(AdminError::HasReservations {
+            product_id,
+            reserved: before.reserved,
+            sold: before.sold,
+        });
+    }
+    let delta = stock - before.available;
+    if delta > 0 {
+        if !insert_request_and_move(&mut tx, request_id, product_id, "set", delta).await? {
+            return Err(AdminError::Invalid(format!(
+                "request id {request_id} is being used by another command right now"
+            )));
+        }
+        tx.commit().await?;
+        let redis = give_to_redis(store, product_id, delta, request_id).await?;
+        let row = current_row(pool, product_id).await?;
+        return Ok(change(delta, Step::Applied, redis, row));
+    }
+    if delta == 0 {
+        tx.commit().await?;
+        // A new product with no stock still needs its Redis key, or the producer would
+        // call it unknown.
+        let redis = if created {
+            give_to_redis(store, product_id, 0, request_id).await?
+        } else {
+            Step::Unchanged
+        };
+        return Ok(change(0, Step::Unchanged, redis, before));
+    }
+    tx.rollback().await?;
+    // Stock leaves: Redis first.
+    match store.adjust(product_id, delta, request_id).await? {
+        AdjustOutcome::Applied | AdjustOutcome::Already => {}
+        AdjustOutcome::Unloaded => return Err(AdminError::RedisUnloaded),
+        AdjustOutcome::Short => {
+            let have = store.stock_levels(&[product_id]).await?[0].unwrap_or(0);
+            return Err(AdminError::RedisShort {
                 product_id,
-                reserved,
-                sold,
+                have,
+                take: -delta,
             });
         }
     }
-    sqlx::query(
-        "INSERT INTO stock (product_id, available, reserved, sold, total_added) VALUES ($1, $2, 0, 0, $2)
-         ON CONFLICT (product_id) DO UPDATE SET available = $2, reserved = 0, sold = 0, total_added = $2, updated_at = now()",
-    )
-    .bind(product_id)
-    .bind(stock)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let _: () = redis.connection().set(stock_key(product_id), stock).await?;
-    Ok(StockRow {
-        product_id,
-        available: stock,
-        reserved: 0,
-        sold: 0,
-        total_added: stock,
-    })
+    let postgres = finish_decrease(pool, store, product_id, delta, request_id).await?;
+    let row = current_row(pool, product_id).await?;
+    Ok(change(delta, postgres, Step::Applied, row))
+}
+
+/// Why the PostgreSQL half of a decrease did not commit.
+enum PgFailure {
+    /// PostgreSQL answered no (a CHECK, a missing row): nothing committed.
+    Refused(String),
+    /// No answer (connection lost, pool timeout): the commit may or may not have happened.
+    Unknown(sqlx::Error),
+}
+
+impl From<sqlx::Error> for PgFailure {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(db) => PgFailure::Refused(db.message().to_owned()),
+            e => PgFailure::Unknown(e),
+        }
+    }
+}
+
+async fn decrease_postgres(
+    pool: &PgPool,
+    product_id: i64,
+    delta: i64,
+    request_id: &str,
+) -> Result<Step, PgFailure> {
+    let mut tx = pool.begin().await?;
+    match insert_request_and_move(&mut tx, request_id, product_id, "set", delta).await {
+        Ok(true) => {
+            tx.commit().await?;
+            Ok(Step::Applied)
+        }
+        // Another run of this request id finished it.
+        Ok(false) => Ok(Step::Already),
+        Err(sqlx::Error::RowNotFound) => Err(PgFailure::Refused(format!(
+            "product {product_id} has no stock row"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The PostgreSQL half of a decrease Redis already gave (`delta` < 0). If PostgreSQL
+/// refuses, Redis gets the stock back (request `<id>:undo`) and both markers go, so the id
+/// can be retried; if the outcome is unknown, nothing is undone and the error asks for a
+/// retry with the same id (which finishes the change or finds it done).
+async fn finish_decrease(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    delta: i64,
+    request_id: &str,
+) -> Result<Step, AdminError> {
+    match decrease_postgres(pool, product_id, delta, request_id).await {
+        Ok(step) => Ok(step),
+        Err(PgFailure::Refused(reason)) => {
+            let undo = store.adjust(product_id, -delta, &undo_id(request_id)).await;
+            let undone = match undo {
+                // Unloaded: Redis lost its data; the rebuild loads `available`, which never
+                // had this decrease.
+                Ok(AdjustOutcome::Applied | AdjustOutcome::Already | AdjustOutcome::Unloaded) => {
+                    let keys = [request_key(request_id), request_key(&undo_id(request_id))];
+                    store.connection().del::<_, i64>(&keys[..]).await.is_ok()
+                }
+                _ => false,
+            };
+            if undone {
+                Err(AdminError::PgRefused {
+                    product_id,
+                    take: -delta,
+                    reason,
+                })
+            } else {
+                Err(AdminError::Interrupted {
+                    product_id,
+                    take: -delta,
+                    request_id: request_id.to_owned(),
+                    cause: format!(
+                        "PostgreSQL refused ({reason}) and giving it back to Redis failed"
+                    ),
+                })
+            }
+        }
+        Err(PgFailure::Unknown(e)) => Err(AdminError::Interrupted {
+            product_id,
+            take: -delta,
+            request_id: request_id.to_owned(),
+            cause: e.to_string(),
+        }),
+    }
 }
 
 /// PostgreSQL rows of `products` (all products when empty).
@@ -100,17 +672,135 @@ pub async fn stock_rows(pool: &PgPool, products: &[i64]) -> Result<Vec<StockRow>
         .fetch_all(pool)
         .await?
     };
-    rows.iter()
+    Ok(rows
+        .iter()
+        .map(StockRow::from_row)
+        .collect::<Result<_, _>>()?)
+}
+
+/// One order currently holding a reservation of a product.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OpenReservation {
+    pub order_id: String,
+    pub quantity: i64,
+    pub reserved_until: Option<DateTime<Utc>>,
+}
+
+/// Orders in state `reserved` holding a product, by their `reserve` movement.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OpenReservations {
+    pub orders: i64,
+    pub quantity: i64,
+    /// The oldest ones, at most as many as asked for.
+    pub first: Vec<OpenReservation>,
+}
+
+/// Everything about one product: PostgreSQL, Redis, open reservations.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProductReport {
+    pub product_id: i64,
+    /// None: no stock row.
+    pub postgres: Option<StockRow>,
+    /// `stock:{p}`; None: no key.
+    pub redis: Option<i64>,
+    pub redis_loaded: bool,
+    pub open_reservations: OpenReservations,
+}
+
+/// PostgreSQL's columns, Redis' `stock:{p}` and the open reservations of `product_id`
+/// (count, units, and the first `list` orders).
+pub async fn show(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    list: i64,
+) -> Result<ProductReport, AdminError> {
+    validate_product(product_id)?;
+    let postgres = stock_rows(pool, &[product_id]).await?.into_iter().next();
+    let redis = store.stock_levels(&[product_id]).await?[0];
+    let redis_loaded = store.is_loaded().await?;
+    const OPEN: &str = "FROM stock_movement m JOIN order_ledger l ON l.order_id = m.ref
+        WHERE m.product_id = $1 AND m.kind = 'reserve' AND l.status = 'reserved'";
+    let totals = sqlx::query(&format!(
+        "SELECT count(*), coalesce(sum(m.quantity), 0)::bigint {OPEN}"
+    ))
+    .bind(product_id)
+    .fetch_one(pool)
+    .await?;
+    let first = sqlx::query(&format!(
+        "SELECT m.ref, m.quantity, l.reserved_until {OPEN} ORDER BY m.id LIMIT $2"
+    ))
+    .bind(product_id)
+    .bind(list.max(0))
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(OpenReservation {
+            order_id: r.try_get(0)?,
+            quantity: r.try_get(1)?,
+            reserved_until: r.try_get(2)?,
+        })
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(ProductReport {
+        product_id,
+        postgres,
+        redis,
+        redis_loaded,
+        open_reservations: OpenReservations {
+            orders: totals.try_get(0)?,
+            quantity: totals.try_get(1)?,
+            first,
+        },
+    })
+}
+
+/// One row of `stock_movement`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Movement {
+    pub id: i64,
+    pub kind: String,
+    /// The order id, or the request id of a restock or set.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub quantity: i64,
+    pub available_delta: i64,
+    pub reserved_delta: i64,
+    pub sold_delta: i64,
+    pub at: DateTime<Utc>,
+}
+
+/// The latest `limit` stock movements of `product_id`, newest first.
+pub async fn history(
+    pool: &PgPool,
+    product_id: i64,
+    limit: i64,
+) -> Result<Vec<Movement>, AdminError> {
+    validate_product(product_id)?;
+    let rows = sqlx::query(
+        "SELECT id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, at
+         FROM stock_movement WHERE product_id = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(product_id)
+    .bind(limit.max(0))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
         .map(|r| {
-            Ok(StockRow {
-                product_id: r.try_get(0)?,
-                available: r.try_get(1)?,
-                reserved: r.try_get(2)?,
-                sold: r.try_get(3)?,
-                total_added: r.try_get(4)?,
+            Ok(Movement {
+                id: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                reference: r.try_get(2)?,
+                quantity: r.try_get(3)?,
+                available_delta: r.try_get(4)?,
+                reserved_delta: r.try_get(5)?,
+                sold_delta: r.try_get(6)?,
+                at: r.try_get(7)?,
             })
         })
-        .collect()
+        .collect::<Result<_, sqlx::Error>>()?)
 }
 
 /// One product's disagreement with the contract's guarantees.
@@ -118,6 +808,31 @@ pub async fn stock_rows(pool: &PgPool, products: &[i64]) -> Result<Vec<StockRow>
 pub struct Violation {
     pub product_id: i64,
     pub what: String,
+}
+
+/// Guarantee 1 on one row: no negative column, `available + reserved + sold = total_added`.
+fn row_violations(r: &StockRow, out: &mut Vec<Violation>) {
+    if r.available < 0 || r.reserved < 0 || r.sold < 0 {
+        out.push(Violation {
+            product_id: r.product_id,
+            what: format!("negative column: {r:?}"),
+        });
+    }
+    if r.available + r.reserved + r.sold != r.total_added {
+        out.push(Violation {
+            product_id: r.product_id,
+            what: format!("not conserved: {r:?}"),
+        });
+    }
+}
+
+/// `stock:{p}` of every product, a thousand keys per round trip.
+async fn redis_levels(store: &RedisStore, ids: &[i64]) -> Result<Vec<Option<i64>>, AdminError> {
+    let mut levels = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        levels.extend(store.stock_levels(chunk).await?);
+    }
+    Ok(levels)
 }
 
 /// Checks guarantees 1 and 3 for `products` (all when empty): columns never negative,
@@ -130,23 +845,12 @@ pub async fn check_invariants(
 ) -> Result<Vec<Violation>, AdminError> {
     let rows = stock_rows(pool, products).await?;
     let ids: Vec<i64> = rows.iter().map(|r| r.product_id).collect();
-    let levels = redis.stock_levels(&ids).await?;
+    let levels = redis_levels(redis, &ids).await?;
     let mut v = Vec::new();
     let mut seen = BTreeMap::new();
     for (r, level) in rows.iter().zip(levels) {
         seen.insert(r.product_id, ());
-        if r.available < 0 || r.reserved < 0 || r.sold < 0 {
-            v.push(Violation {
-                product_id: r.product_id,
-                what: format!("negative column: {r:?}"),
-            });
-        }
-        if r.available + r.reserved + r.sold != r.total_added {
-            v.push(Violation {
-                product_id: r.product_id,
-                what: format!("not conserved: {r:?}"),
-            });
-        }
+        row_violations(r, &mut v);
         match level {
             Some(l) if l < 0 => v.push(Violation {
                 product_id: r.product_id,
@@ -172,4 +876,95 @@ pub async fn check_invariants(
         }
     }
     Ok(v)
+}
+
+/// A product whose `stock:{p}` differs from `available`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Drift {
+    pub product_id: i64,
+    /// None: no key.
+    pub redis: Option<i64>,
+    pub postgres: i64,
+}
+
+/// What [`check_drift`] found and, with repair, changed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DriftReport {
+    /// Products in PostgreSQL.
+    pub products: usize,
+    pub redis_loaded: bool,
+    /// Every difference found.
+    pub drift: Vec<Drift>,
+    /// The differences repaired: `stock:{p}` was `redis` and is now `postgres`.
+    pub repaired: Vec<Drift>,
+    /// Guarantee 1 broken in PostgreSQL (negatives, conservation); never repaired here.
+    pub violations: Vec<Violation>,
+}
+
+impl DriftReport {
+    /// Nothing left to fix: loaded, every difference repaired, no violation.
+    pub fn clean(&self) -> bool {
+        self.redis_loaded && self.drift.len() == self.repaired.len() && self.violations.is_empty()
+    }
+}
+
+/// Sets a stock key only if it still holds what the check saw ('' for no key), so that a
+/// repair never overwrites a change made since.
+static SET_IF_UNCHANGED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+         redis.call('SET', KEYS[1], ARGV[2])
+         return 1",
+    )
+});
+
+/// The drift check (pipeline idle): compares `stock:{p}` with `available` for every
+/// product and, with `repair`, sets each drifted key to `available` — PostgreSQL is the
+/// truth. Only Redis-versus-`available` differences are repaired, and only when Redis is
+/// loaded (an unloaded Redis needs `stockctl rebuild`); a key that changed since it was
+/// read is left alone. Conservation and negative columns are reported, never touched.
+pub async fn check_drift(
+    pool: &PgPool,
+    store: &RedisStore,
+    repair: bool,
+) -> Result<DriftReport, AdminError> {
+    let rows = stock_rows(pool, &[]).await?;
+    let ids: Vec<i64> = rows.iter().map(|r| r.product_id).collect();
+    let levels = redis_levels(store, &ids).await?;
+    let redis_loaded = store.is_loaded().await?;
+    let mut violations = Vec::new();
+    let mut drift = Vec::new();
+    for (r, level) in rows.iter().zip(levels) {
+        row_violations(r, &mut violations);
+        if level != Some(r.available) {
+            drift.push(Drift {
+                product_id: r.product_id,
+                redis: level,
+                postgres: r.available,
+            });
+        }
+    }
+    let mut repaired = Vec::new();
+    if repair && redis_loaded {
+        let mut conn = store.connection();
+        for d in &drift {
+            let seen = d.redis.map(|v| v.to_string()).unwrap_or_default();
+            let done: i64 = SET_IF_UNCHANGED
+                .key(stock_key(d.product_id))
+                .arg(seen)
+                .arg(d.postgres)
+                .invoke_async(&mut conn)
+                .await?;
+            if done == 1 {
+                repaired.push(*d);
+            }
+        }
+    }
+    Ok(DriftReport {
+        products: rows.len(),
+        redis_loaded,
+        drift,
+        repaired,
+        violations,
+    })
 }

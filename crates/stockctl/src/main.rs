@@ -5,6 +5,10 @@ use stock_common::redis_store::RedisStore;
 use stockctl::{admin, demo};
 
 /// Operators' tool for the stock pipeline.
+///
+/// Exit status: 0 done; 1 `check` left a difference or `show` found no stock row; 2 error.
+/// Stock that leaves is taken from Redis first and PostgreSQL second; stock that comes back
+/// or is added goes into PostgreSQL first and Redis second (see `admin`).
 #[derive(Parser)]
 #[command(name = "stockctl", version)]
 struct Cli {
@@ -31,20 +35,64 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         partitions: i32,
     },
-    /// Give a product exactly STOCK available units (PostgreSQL, then Redis).
+    /// Add QUANTITY units to an existing product: PostgreSQL, then Redis; once per request id.
+    Restock {
+        #[arg(long)]
+        product: i64,
+        #[arg(long)]
+        quantity: i64,
+        /// Retry a restock with the id it printed: it is applied once in both stores.
+        /// A new UUID when not given.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a product's available stock exactly STOCK (reserved and sold kept): an increase
+    /// goes into PostgreSQL then Redis, a decrease is taken from Redis then PostgreSQL.
     Set {
         #[arg(long)]
         product: i64,
         #[arg(long)]
         stock: i64,
-        /// Overwrite even if the product has reservations or sales.
+        /// Change it even if the product has reservations or sales.
         #[arg(long)]
         force: bool,
+        /// Retry a set with the id it printed: it is applied once in both stores.
+        /// A new UUID when not given.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
-    /// Load Redis from PostgreSQL (stock and order records) and allow selling.
-    Rebuild,
-    /// Check that PostgreSQL and Redis agree and nothing is oversold (pipeline idle).
+    /// A product's stock in PostgreSQL and Redis, and the orders holding reservations of it.
+    Show {
+        #[arg(long)]
+        product: i64,
+        /// How many open reservations to list.
+        #[arg(long, default_value_t = 20)]
+        orders: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A product's stock movements, newest first.
+    History {
+        #[arg(long)]
+        product: i64,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop selling, wait for the pipeline to drain, load Redis from PostgreSQL (stock, order
+    /// records, recent request markers, refusals from the results topic), resume selling.
+    Rebuild(stockctl::rebuild::RebuildArgs),
+    /// Drift check (pipeline idle): every `stock:{p}` against `available`, and conservation.
+    /// Exit 1 when a difference is left unrepaired.
     Check {
+        /// Set each drifted `stock:{p}` to `available` (PostgreSQL is the truth).
+        #[arg(long)]
+        repair: bool,
         #[arg(long)]
         json: bool,
     },
@@ -85,34 +133,227 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             stock_common::kafka::create_topics(&cli.kafka, &topics.all(), *partitions).await?;
             println!("topics ready: {}", topics.all().join(", "));
         }
+        Cmd::Restock {
+            product,
+            quantity,
+            request_id,
+            json,
+        } => {
+            let id = request_id_or_new(request_id.as_deref());
+            let c = admin::restock(&pool()?, &redis().await?, *product, *quantity, &id).await?;
+            print_change(&c, *json)?;
+        }
         Cmd::Set {
             product,
             stock,
             force,
+            request_id,
+            json,
         } => {
-            let row = admin::set_stock(&pool()?, &redis().await?, *product, *stock, *force).await?;
-            println!("{}", serde_json::to_string(&row)?);
+            let id = request_id_or_new(request_id.as_deref());
+            let (pool, store) = (pool()?, redis().await?);
+            let c =
+                admin::set_stock_with_request(&pool, &store, *product, *stock, *force, &id).await?;
+            print_change(&c, *json)?;
         }
-        Cmd::Rebuild => {
-            let (p, o) = stockctl::rebuild::load_from_postgres(&pool()?, &redis().await?).await?;
-            println!("redis rebuilt: {p} products, {o} orders");
+        Cmd::Show {
+            product,
+            orders,
+            json,
+        } => {
+            let r = admin::show(&pool()?, &redis().await?, *product, *orders).await?;
+            print_show(&r, *json)?;
+            return Ok(r.postgres.is_some());
         }
-        Cmd::Check { json } => {
-            let v = admin::check_invariants(&pool()?, &redis().await?, &[]).await?;
+        Cmd::History {
+            product,
+            limit,
+            json,
+        } => {
+            let h = admin::history(&pool()?, *product, *limit).await?;
             if *json {
-                println!("{}", serde_json::to_string(&v)?);
-            } else if v.is_empty() {
-                println!("ok: every product conserved, redis equals available");
+                println!("{}", serde_json::to_string(&h)?);
+            } else if h.is_empty() {
+                println!("product {product}: no stock movements");
             } else {
-                for x in &v {
-                    println!("product {}: {}", x.product_id, x.what);
+                println!(
+                    "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
+                    "at", "kind", "quantity", "avail", "reserved", "sold"
+                );
+                for m in &h {
+                    println!(
+                        "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
+                        m.at.to_rfc3339(),
+                        m.kind,
+                        m.quantity,
+                        m.available_delta,
+                        m.reserved_delta,
+                        m.sold_delta,
+                        m.reference
+                    );
                 }
             }
-            return Ok(v.is_empty());
+        }
+        Cmd::Rebuild(args) => {
+            let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?, &cli.kafka, args).await?;
+            println!(
+                "redis rebuilt: {} products, {} orders, {} refusals, {} requests (drained in {} ms)",
+                r.products, r.orders, r.refusals, r.requests, r.drained_in_ms
+            );
+        }
+        Cmd::Check { repair, json } => {
+            let r = admin::check_drift(&pool()?, &redis().await?, *repair).await?;
+            print_check(&r, *repair, *json)?;
+            return Ok(r.clean());
         }
         Cmd::Demo(args) => return demo::run(&cli.kafka, &cli.db, &cli.redis, args).await,
     }
     Ok(true)
+}
+
+/// The given request id, or a new one announced on stderr before anything is done, so
+/// that an interrupted command can be retried with it.
+fn request_id_or_new(given: Option<&str>) -> String {
+    match given {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = admin::new_request_id();
+            eprintln!("request id {id} (to retry this change: --request-id {id})");
+            id
+        }
+    }
+}
+
+fn step(s: admin::Step) -> &'static str {
+    match s {
+        admin::Step::Applied => "applied",
+        admin::Step::Already => "already applied (same request id)",
+        admin::Step::Unchanged => "unchanged",
+        admin::Step::Unloaded => "not loaded",
+        admin::Step::Expired => "not touched (request older than --order-memory)",
+    }
+}
+
+fn print_change(c: &admin::StockChange, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(c)?);
+    } else {
+        println!(
+            "product {}: {} {:+} (request {}): postgres {}, redis {}",
+            c.product_id,
+            c.kind,
+            c.available_delta,
+            c.request_id,
+            step(c.postgres),
+            step(c.redis)
+        );
+        println!(
+            "now: available {}, reserved {}, sold {}, total_added {}",
+            c.row.available, c.row.reserved, c.row.sold, c.row.total_added
+        );
+    }
+    match c.redis {
+        admin::Step::Unloaded => eprintln!(
+            "note: Redis is not loaded; PostgreSQL has the change and the next \
+             `stockctl rebuild` loads it into Redis (a retry adds nothing)"
+        ),
+        admin::Step::Expired => eprintln!(
+            "note: this request is older than Redis remembers requests; Redis was left \
+             alone. Run `stockctl check` when the pipeline is idle"
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+fn print_show(r: &admin::ProductReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!("product {}", r.product_id);
+    match &r.postgres {
+        Some(row) => println!(
+            "  postgres: available {}, reserved {}, sold {}, total_added {}",
+            row.available, row.reserved, row.sold, row.total_added
+        ),
+        None => println!("  postgres: no stock row"),
+    }
+    println!(
+        "  redis:    {}{}",
+        r.redis.map(|v| v.to_string()).unwrap_or("no key".into()),
+        if r.redis_loaded {
+            ""
+        } else {
+            " (redis not loaded: run `stockctl rebuild`)"
+        }
+    );
+    let o = &r.open_reservations;
+    println!(
+        "  open reservations: {} orders, {} units",
+        o.orders, o.quantity
+    );
+    for x in &o.first {
+        println!(
+            "    {}  {}  until {}",
+            x.order_id,
+            x.quantity,
+            x.reserved_until
+                .map(|t| t.to_rfc3339())
+                .unwrap_or("-".into())
+        );
+    }
+    if o.orders > o.first.len() as i64 {
+        println!("    … {} more", o.orders - o.first.len() as i64);
+    }
+    Ok(())
+}
+
+fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let show = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or("missing".into());
+    for d in &r.drift {
+        if r.repaired.contains(d) {
+            println!(
+                "product {}: redis {} -> {} (repaired from postgres)",
+                d.product_id,
+                show(d.redis),
+                d.postgres
+            );
+        } else {
+            println!(
+                "product {}: redis {}, postgres {}",
+                d.product_id,
+                show(d.redis),
+                d.postgres
+            );
+        }
+    }
+    for v in &r.violations {
+        println!("product {}: {}", v.product_id, v.what);
+    }
+    if !r.redis_loaded {
+        println!("redis not loaded: run `stockctl rebuild` (nothing repaired)");
+    } else if repair && r.repaired.len() < r.drift.len() {
+        println!(
+            "{} keys changed while checking and were left alone: check again",
+            r.drift.len() - r.repaired.len()
+        );
+    }
+    if r.clean() {
+        if r.drift.is_empty() {
+            println!(
+                "ok: {} products, redis equals available, every product conserved",
+                r.products
+            );
+        } else {
+            println!("ok after repair: {} keys set", r.repaired.len());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
