@@ -5,11 +5,11 @@ use crate::admin;
 use crate::harness::{self, ResultCollector};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use stock_common::metrics::MetricsArgs;
 use stock_common::config::{
     BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, Topics,
 };
 use stock_common::events::{Item, Status};
+use stock_common::metrics::MetricsArgs;
 use stock_common::redis_store::RedisStore;
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,9 @@ pub async fn run(
         redis: redis.clone(),
         batch: batch.clone(),
         log: log.clone(),
-        metrics: MetricsArgs { addr: Some("off".into()) },
+        metrics: MetricsArgs {
+            addr: Some("off".into()),
+        },
         group: format!("demo-{run}-producer"),
     };
     let cargs = stock_consumer::ConsumerArgs {
@@ -100,7 +102,9 @@ pub async fn run(
         db: db.clone(),
         batch,
         log,
-        metrics: MetricsArgs { addr: Some("off".into()) },
+        metrics: MetricsArgs {
+            addr: Some("off".into()),
+        },
         group: format!("demo-{run}-consumer"),
         reservation_ttl: Duration::from_secs(900),
         expiry_interval: Duration::from_secs(1),

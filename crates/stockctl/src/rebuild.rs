@@ -33,7 +33,11 @@ pub struct RebuildArgs {
     #[command(flatten)]
     pub topics: Topics,
     /// The consumer workers' group, whose progress on `stock.deduct` is waited for.
-    #[arg(long = "consumer-group", env = "CONSUMER_GROUP", default_value = "stock-consumer")]
+    #[arg(
+        long = "consumer-group",
+        env = "CONSUMER_GROUP",
+        default_value = "stock-consumer"
+    )]
     pub consumer_group: String,
     /// How long `stock.deduct` must stay unchanged to count as quiet.
     #[arg(long = "quiet-period", default_value = "2s", value_parser = stock_common::config::parse_duration)]
@@ -83,9 +87,23 @@ pub async fn rebuild(
     let (products, orders) = load_stock_and_ledger(pool, redis).await?;
     let requests = load_requests(pool, redis).await?;
     let refusals = load_refusals(redis, kafka_args, &args.topics.results).await?;
-    let _: () = conn.set(LOADED_KEY, chrono::Utc::now().to_rfc3339()).await?;
-    tracing::info!(products, orders, refusals, requests, "redis rebuilt; selling resumes");
-    Ok(RebuildReport { products, orders, refusals, requests, drained_in_ms })
+    let _: () = conn
+        .set(LOADED_KEY, chrono::Utc::now().to_rfc3339())
+        .await?;
+    tracing::info!(
+        products,
+        orders,
+        refusals,
+        requests,
+        "redis rebuilt; selling resumes"
+    );
+    Ok(RebuildReport {
+        products,
+        orders,
+        refusals,
+        requests,
+        drained_in_ms,
+    })
 }
 
 /// Waits until `stock.deduct` has been quiet for `args.quiet` and the consumer group has
@@ -103,7 +121,8 @@ async fn wait_drained(kafka_args: &KafkaArgs, args: &RebuildArgs) -> Result<(), 
             quiet_since = Instant::now();
             continue;
         }
-        let committed = kafka::committed_offsets(kafka_args, &args.consumer_group, topic).map_err(kafka_err)?;
+        let committed =
+            kafka::committed_offsets(kafka_args, &args.consumer_group, topic).map_err(kafka_err)?;
         let caught_up = committed.iter().zip(&ends).all(|(c, e)| c >= e);
         if caught_up && quiet_since.elapsed() >= args.quiet {
             return Ok(());
@@ -135,8 +154,12 @@ async fn load_requests(pool: &PgPool, redis: &RedisStore) -> Result<usize, Admin
     for chunk in rows.chunks(1000) {
         let mut pipe = redis::pipe();
         for r in chunk {
-            pipe.set_ex(request_key(r.try_get::<&str, _>(0)?), r.try_get::<i64, _>(1)?, ttl)
-                .ignore();
+            pipe.set_ex(
+                request_key(r.try_get::<&str, _>(0)?),
+                r.try_get::<i64, _>(1)?,
+                ttl,
+            )
+            .ignore();
         }
         let _: () = pipe.query_async(&mut conn).await?;
     }
@@ -154,7 +177,10 @@ async fn load_refusals(
     kafka::read_to_end(kafka_args, topic, |m| {
         if let Some(Ok(r)) = m.payload().map(serde_json::from_slice::<StockResult>) {
             if let (Status::Rejected, Some(reason)) = (r.status, r.reason) {
-                let rec = OrderRecord::Refused { reason, product_id: r.product_id };
+                let rec = OrderRecord::Refused {
+                    reason,
+                    product_id: r.product_id,
+                };
                 refusals.push((r.order_id, rec.encode()));
             }
         }
@@ -167,7 +193,12 @@ async fn load_refusals(
     for chunk in refusals.chunks(1000) {
         let mut pipe = redis::pipe();
         for (id, rec) in chunk {
-            pipe.cmd("SET").arg(order_key(id)).arg(rec).arg("NX").arg("EX").arg(ttl);
+            pipe.cmd("SET")
+                .arg(order_key(id))
+                .arg(rec)
+                .arg("NX")
+                .arg("EX")
+                .arg(ttl);
         }
         let replies: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
         loaded += replies.iter().filter(|r| r.is_some()).count();
