@@ -1,1 +1,52 @@
-fn main() {}
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use stock_bench::{apply, e2e, env::Stack};
+
+/// Benchmarks of the stock pipeline against the local stack (`deploy/stack-up.sh`).
+/// Logs go to stderr (`RUST_LOG`, default `warn,sqlx=error`); tables and JSON lines to stdout.
+#[derive(Parser)]
+#[command(name = "bench", version)]
+struct Cli {
+    #[command(flatten)]
+    stack: Stack,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The whole pipeline in this process: end-to-end and drain rates, with checks.
+    E2e(e2e::E2eArgs),
+    /// PostgreSQL apply rate on one hot SKU: batched apply against per-order baselines.
+    Apply(apply::ApplyArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let outcome = match &cli.cmd {
+        Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
+        Cmd::Apply(args) => apply::run(&cli.stack, args).await,
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("bench: a check failed (see the table above)");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("bench: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,507 @@
+//! `bench apply`: how fast PostgreSQL takes reservations of ONE hot SKU, by strategy.
+//!
+//! Every measurement gets a product of its own (in the run's own database) holding twice
+//! the units ordered, so that nothing is refused and every order does real work; each
+//! order reserves one unit. Connections are opened before the clock starts, and the
+//! tables are vacuumed between measurements so that one strategy's dead rows do not slow
+//! the next. Checked after each: `available + reserved` = initial stock, `reserved` =
+//! number of orders, nothing sold, and one ledger row per order for the strategies that
+//! record orders.
+//!
+//! Strategies ([`Strategy`]):
+//! * `autocommit` (baseline): per order, `UPDATE stock SET available = available - q,
+//!   reserved = reserved + q WHERE product_id = p AND available >= q`, autocommit, from
+//!   `--concurrency` tasks with a connection each.
+//! * `ledger-txn` (baseline, what a fair per-order design needs to be idempotent): per
+//!   order one transaction of `INSERT INTO order_ledger … ON CONFLICT DO NOTHING` and that
+//!   UPDATE, same tasks.
+//! * `batched`: the consumer's `stock_consumer::store::apply_batch`, batches of
+//!   `--batch-size` reserve commands applied one after the other from one task (the
+//!   consumer applies one batch at a time).
+//!
+//! To add a strategy (pessimistic `SELECT … FOR UPDATE`, optimistic version check, Redis
+//! Lua alone, Redis `SET NX` lock): add a [`Strategy`] variant and either a [`PerOrder`]
+//! operation (it then runs under the same concurrent driver, and `--concurrency 1,8,32`
+//! sweeps it) or a driver of its own in [`measure_one`].
+
+use crate::env::{run_id, BenchDb, Stack};
+use crate::report::{self, fmt_ratio, json_line, rate, thousands, Table};
+use anyhow::{ensure, Context, Result};
+use serde::Serialize;
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use stock_common::events::{DeductCommand, Item, Status, INTERNAL_VERSION};
+use stockctl::admin;
+use tokio::time::Instant;
+
+/// Units each order reserves.
+const QUANTITY: i64 = 1;
+/// Reservation lifetime written to the ledger (never reached during a run).
+const RESERVATION_TTL: Duration = Duration::from_secs(900);
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ApplyArgs {
+    /// Orders per measurement (one unit each, all on one product).
+    #[arg(long, default_value_t = 50_000)]
+    pub orders: usize,
+    /// Reserve commands per `apply_batch` call (batched strategy).
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Tasks of the per-order strategies, each with its own connection. A comma-separated
+    /// list measures each value (a sweep).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    pub concurrency: Vec<usize>,
+    /// Strategies to measure, in this order, comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "autocommit,ledger-txn,batched"
+    )]
+    pub strategies: Vec<Strategy>,
+    /// Measure every strategy this many times, interleaved (medians in the summary).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+}
+
+/// A way of applying reservations; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Autocommit,
+    LedgerTxn,
+    Batched,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Autocommit => "autocommit",
+            Strategy::LedgerTxn => "ledger-txn",
+            Strategy::Batched => "batched",
+        }
+    }
+
+    /// The per-order operation, for strategies driven one order per statement/transaction.
+    fn per_order(self) -> Option<PerOrder> {
+        match self {
+            Strategy::Autocommit => Some(PerOrder::Autocommit),
+            Strategy::LedgerTxn => Some(PerOrder::LedgerTxn),
+            Strategy::Batched => None,
+        }
+    }
+
+    /// Whether the strategy writes a ledger row per order.
+    fn records_orders(self) -> bool {
+        !matches!(self, Strategy::Autocommit)
+    }
+}
+
+/// One order's worth of work on a connection of its own.
+#[derive(Clone, Copy, Debug)]
+pub enum PerOrder {
+    Autocommit,
+    LedgerTxn,
+}
+
+const CONDITIONAL_UPDATE: &str =
+    "UPDATE stock SET available = available - $2, reserved = reserved + $2 \
+     WHERE product_id = $1 AND available >= $2";
+const LEDGER_INSERT: &str = "INSERT INTO order_ledger (order_id, status, items, reserved_until) \
+     VALUES ($1, 'reserved', $2::jsonb, now() + make_interval(secs => $3)) \
+     ON CONFLICT (order_id) DO NOTHING";
+
+impl PerOrder {
+    /// Reserves `QUANTITY` of `product` for `order_id`; false if refused (or, for the
+    /// ledger, already recorded).
+    async fn apply(self, conn: &mut PgConnection, order_id: &str, product: i64) -> Result<bool> {
+        match self {
+            PerOrder::Autocommit => {
+                let done = sqlx::query(CONDITIONAL_UPDATE)
+                    .bind(product)
+                    .bind(QUANTITY)
+                    .execute(&mut *conn)
+                    .await
+                    .context("conditional UPDATE")?;
+                Ok(done.rows_affected() == 1)
+            }
+            PerOrder::LedgerTxn => {
+                let items = format!(r#"[{{"product_id":{product},"quantity":{QUANTITY}}}]"#);
+                let mut tx = conn.begin().await.context("BEGIN")?;
+                let inserted = sqlx::query(LEDGER_INSERT)
+                    .bind(order_id)
+                    .bind(items)
+                    .bind(RESERVATION_TTL.as_secs_f64())
+                    .execute(&mut *tx)
+                    .await
+                    .context("ledger INSERT")?
+                    .rows_affected();
+                if inserted == 0 {
+                    tx.rollback().await.context("ROLLBACK")?;
+                    return Ok(false);
+                }
+                let updated = sqlx::query(CONDITIONAL_UPDATE)
+                    .bind(product)
+                    .bind(QUANTITY)
+                    .execute(&mut *tx)
+                    .await
+                    .context("conditional UPDATE")?
+                    .rows_affected();
+                if updated == 0 {
+                    tx.rollback().await.context("ROLLBACK")?;
+                    return Ok(false);
+                }
+                tx.commit().await.context("COMMIT")?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The raw figures of one measurement (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyFigures {
+    pub bench: &'static str,
+    pub round: usize,
+    pub strategy: Strategy,
+    /// Tasks (connections) applying; 1 for the batched strategy.
+    pub concurrency: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    pub orders: usize,
+    pub secs: f64,
+    pub rate: f64,
+    /// Mean time of one operation (an order, or a batch for `batched`) on one connection.
+    pub ms_per_op: f64,
+    /// This rate over the best `autocommit` rate of the same round.
+    pub vs_autocommit: Option<f64>,
+    /// This rate over the best `ledger-txn` rate of the same round.
+    pub vs_ledger_txn: Option<f64>,
+    pub refused: usize,
+    pub available: i64,
+    pub reserved: i64,
+    pub ledger_rows: i64,
+    pub ok: bool,
+}
+
+pub async fn run(stack: &Stack, args: &ApplyArgs) -> Result<bool> {
+    ensure!(args.orders > 0, "--orders must be at least 1");
+    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    ensure!(args.rounds > 0, "--rounds must be at least 1");
+    ensure!(
+        !args.concurrency.is_empty() && args.concurrency.iter().all(|c| *c > 0),
+        "--concurrency must be at least 1"
+    );
+    ensure!(!args.strategies.is_empty(), "no --strategies to measure");
+    let max_conns = args.concurrency.iter().copied().max().unwrap_or(1).max(2);
+    let db = BenchDb::create(&stack.db, &run_id(), u32::try_from(max_conns)?).await?;
+    println!(
+        "apply: {} orders of {QUANTITY} unit on one hot SKU per measurement; per-order concurrency {:?}; batch {}; database {}",
+        args.orders,
+        args.concurrency,
+        args.batch_size,
+        db.name()
+    );
+    let measured = measure_all(&db.pool, args).await;
+    db.cleanup().await;
+    let mut figures = measured?;
+    add_ratios(&mut figures);
+    print_report(&figures)?;
+    Ok(figures.iter().all(|f| f.ok))
+}
+
+async fn measure_all(pool: &PgPool, args: &ApplyArgs) -> Result<Vec<ApplyFigures>> {
+    let mut figures = Vec::new();
+    let mut product = 0i64;
+    for round in 1..=args.rounds {
+        for &strategy in &args.strategies {
+            let sweep = if strategy.per_order().is_some() {
+                args.concurrency.clone()
+            } else {
+                vec![1]
+            };
+            for concurrency in sweep {
+                product += 1;
+                let f = measure_one(pool, args, round, strategy, concurrency, product)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "round {round}, {} at concurrency {concurrency}",
+                            strategy.name()
+                        )
+                    })?;
+                eprintln!(
+                    "bench apply: round {round} {} x{concurrency}: {} orders/s{}",
+                    strategy.name(),
+                    thousands(f.rate),
+                    if f.ok { "" } else { " (CHECK FAILED)" }
+                );
+                figures.push(f);
+            }
+        }
+    }
+    Ok(figures)
+}
+
+async fn measure_one(
+    pool: &PgPool,
+    args: &ApplyArgs,
+    round: usize,
+    strategy: Strategy,
+    concurrency: usize,
+    product: i64,
+) -> Result<ApplyFigures> {
+    let initial = 2 * args.orders as i64;
+    sqlx::raw_sql("VACUUM (ANALYZE) stock, order_ledger")
+        .execute(pool)
+        .await
+        .context("VACUUM")?;
+    sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, sold, total_added) VALUES ($1, $2, 0, 0, $2)",
+    )
+    .bind(product)
+    .bind(initial)
+    .execute(pool)
+    .await
+    .context("creating the product")?;
+    let prefix = format!("r{round}-{}-c{concurrency}-", strategy.name());
+    let ids: Vec<String> = (0..args.orders).map(|i| format!("{prefix}{i}")).collect();
+
+    let (elapsed, refused, ops) = match strategy.per_order() {
+        Some(op) => {
+            let (elapsed, refused) =
+                run_per_order(pool, op, product, Arc::new(ids), concurrency).await?;
+            (elapsed, refused, args.orders as f64 / concurrency as f64)
+        }
+        None => {
+            let (elapsed, refused) = run_batched(pool, product, &ids, args.batch_size).await?;
+            (
+                elapsed,
+                refused,
+                args.orders.div_ceil(args.batch_size) as f64,
+            )
+        }
+    };
+
+    let row = admin::stock_rows(pool, &[product])
+        .await
+        .context("reading the product back")?
+        .first()
+        .copied()
+        .context("the product's row is gone")?;
+    let ledger_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE starts_with(order_id, $1)")
+            .bind(&prefix)
+            .fetch_one(pool)
+            .await
+            .context("counting ledger rows")?;
+    let n = args.orders as i64;
+    let ok = refused == 0
+        && row.available + row.reserved == initial
+        && row.reserved == n * QUANTITY
+        && row.sold == 0
+        && ledger_rows == if strategy.records_orders() { n } else { 0 };
+    Ok(ApplyFigures {
+        bench: "apply",
+        round,
+        strategy,
+        concurrency,
+        batch_size: (strategy == Strategy::Batched).then_some(args.batch_size),
+        orders: args.orders,
+        secs: elapsed.as_secs_f64(),
+        rate: rate(args.orders, elapsed),
+        ms_per_op: elapsed.as_secs_f64() * 1000.0 / ops,
+        vs_autocommit: None,
+        vs_ledger_txn: None,
+        refused,
+        available: row.available,
+        reserved: row.reserved,
+        ledger_rows,
+        ok,
+    })
+}
+
+/// `concurrency` tasks, each on a connection of its own opened before the clock starts,
+/// take the next order until none is left. Returns the time and the orders refused.
+async fn run_per_order(
+    pool: &PgPool,
+    op: PerOrder,
+    product: i64,
+    ids: Arc<Vec<String>>,
+    concurrency: usize,
+) -> Result<(Duration, usize)> {
+    let mut conns: Vec<PoolConnection<Postgres>> = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(pool.acquire().await.context("opening a connection")?);
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (ids, next) = (ids.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut refused = 0usize;
+                while let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if !op.apply(&mut conn, id, product).await? {
+                        refused += 1;
+                    }
+                }
+                anyhow::Ok(refused)
+            })
+        })
+        .collect();
+    let mut refused = 0;
+    let mut first_err = None;
+    for t in tasks {
+        match t.await.context("apply task panicked") {
+            Ok(Ok(r)) => refused += r,
+            Ok(Err(e)) | Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    first_err.map_or(Ok((elapsed, refused)), Err)
+}
+
+/// `apply_batch` on consecutive batches of reserve commands, from this task.
+async fn run_batched(
+    pool: &PgPool,
+    product: i64,
+    ids: &[String],
+    batch_size: usize,
+) -> Result<(Duration, usize)> {
+    let cmds: Vec<DeductCommand> = ids
+        .iter()
+        .map(|id| DeductCommand::Reserve {
+            v: INTERNAL_VERSION,
+            order_id: id.clone(),
+            items: vec![Item {
+                product_id: product,
+                quantity: QUANTITY,
+            }],
+        })
+        .collect();
+    // Open the connection before the clock starts, as for the per-order strategies.
+    drop(pool.acquire().await.context("opening a connection")?);
+    let start = Instant::now();
+    let mut refused = 0;
+    for batch in cmds.chunks(batch_size) {
+        let plan = stock_consumer::store::apply_batch(pool, batch, RESERVATION_TTL)
+            .await
+            .context("apply_batch")?;
+        refused += plan
+            .results
+            .iter()
+            .filter(|r| r.status != Status::Reserved)
+            .count();
+    }
+    Ok((start.elapsed(), refused))
+}
+
+/// Fills `vs_autocommit` / `vs_ledger_txn` against the best baseline rate of each round.
+fn add_ratios(figures: &mut [ApplyFigures]) {
+    let best = |figs: &[ApplyFigures], round: usize, s: Strategy| {
+        figs.iter()
+            .filter(|f| f.round == round && f.strategy == s)
+            .map(|f| f.rate)
+            .max_by(f64::total_cmp)
+    };
+    let snapshot = figures.to_vec();
+    for f in figures.iter_mut() {
+        f.vs_autocommit =
+            best(&snapshot, f.round, Strategy::Autocommit).and_then(|b| report::ratio(f.rate, b));
+        f.vs_ledger_txn =
+            best(&snapshot, f.round, Strategy::LedgerTxn).and_then(|b| report::ratio(f.rate, b));
+    }
+}
+
+/// The summary line: medians over rounds of batched / best baseline.
+#[derive(Debug, Serialize)]
+struct ApplySummary {
+    bench: &'static str,
+    rounds: usize,
+    batched_rate: Option<f64>,
+    autocommit_rate: Option<f64>,
+    ledger_txn_rate: Option<f64>,
+    batched_vs_autocommit: Option<f64>,
+    batched_vs_ledger_txn: Option<f64>,
+}
+
+fn print_report(figures: &[ApplyFigures]) -> Result<()> {
+    let mut t = Table::new([
+        "round",
+        "strategy",
+        "conns",
+        "orders",
+        "seconds",
+        "orders/s",
+        "ms/op",
+        "vs autocommit",
+        "vs ledger-txn",
+        "available+reserved",
+        "check",
+    ]);
+    for f in figures {
+        t.row([
+            f.round.to_string(),
+            f.strategy.name().to_owned(),
+            f.concurrency.to_string(),
+            f.orders.to_string(),
+            format!("{:.2}", f.secs),
+            thousands(f.rate),
+            format!("{:.2}", f.ms_per_op),
+            fmt_ratio(f.vs_autocommit),
+            fmt_ratio(f.vs_ledger_txn),
+            format!("{}+{}", f.available, f.reserved),
+            report::yes_no(f.ok).to_owned(),
+        ]);
+    }
+    println!();
+    t.print();
+    println!("(ms/op: one order per connection for per-order strategies, one batch for batched)");
+
+    let rounds = figures.iter().map(|f| f.round).max().unwrap_or(0);
+    let median_of = |pick: &dyn Fn(&ApplyFigures) -> Option<f64>, s: Strategy| {
+        report::median(
+            (1..=rounds)
+                .filter_map(|r| {
+                    figures
+                        .iter()
+                        .filter(|f| f.round == r && f.strategy == s)
+                        .filter_map(pick)
+                        .max_by(f64::total_cmp)
+                })
+                .collect(),
+        )
+    };
+    let summary = ApplySummary {
+        bench: "apply-summary",
+        rounds,
+        batched_rate: median_of(&|f| Some(f.rate), Strategy::Batched),
+        autocommit_rate: median_of(&|f| Some(f.rate), Strategy::Autocommit),
+        ledger_txn_rate: median_of(&|f| Some(f.rate), Strategy::LedgerTxn),
+        batched_vs_autocommit: median_of(&|f| f.vs_autocommit, Strategy::Batched),
+        batched_vs_ledger_txn: median_of(&|f| f.vs_ledger_txn, Strategy::Batched),
+    };
+    println!();
+    println!(
+        "batched / autocommit (best per round{}): {}",
+        if rounds > 1 { ", median" } else { "" },
+        fmt_ratio(summary.batched_vs_autocommit)
+    );
+    println!(
+        "batched / ledger-txn (best per round{}): {}",
+        if rounds > 1 { ", median" } else { "" },
+        fmt_ratio(summary.batched_vs_ledger_txn)
+    );
+    println!();
+    for f in figures {
+        json_line(f)?;
+    }
+    json_line(&summary)?;
+    Ok(())
+}

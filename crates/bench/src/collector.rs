@@ -1,0 +1,202 @@
+//! Reads `stock.results` from its beginning in the background, like
+//! `stockctl::harness::ResultCollector`, but also keeps when each result arrived and when
+//! the last expected order got its first one: the end of an end-to-end measurement.
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use stock_common::config::KafkaArgs;
+use stock_common::events::StockResult;
+use stockctl::harness::Outcomes;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Default)]
+struct State {
+    outcomes: Outcomes,
+    expected: HashSet<String>,
+    /// Expected orders without a result yet.
+    pending: usize,
+    arrivals: Vec<Instant>,
+    all_in_at: Option<Instant>,
+    unparsed: usize,
+    unexpected: usize,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    all_in: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What was read, once the collector stopped.
+pub struct Collected {
+    pub outcomes: Outcomes,
+    /// When each result arrived, in arrival order.
+    pub arrivals: Vec<Instant>,
+    /// When the last expected order got its first result.
+    pub all_in_at: Option<Instant>,
+    /// Messages that were not results.
+    pub unparsed: usize,
+    /// Results for orders not expected.
+    pub unexpected: usize,
+}
+
+pub struct Collector {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Collector {
+    /// Starts reading `topic` with a group of its own; `expected` are the orders waited for.
+    pub fn start(
+        kafka: &KafkaArgs,
+        topic: &str,
+        expected: HashSet<String>,
+    ) -> anyhow::Result<Self> {
+        let group = format!("bench-collector-{}", uuid::Uuid::new_v4().simple());
+        let consumer: StreamConsumer = stock_common::kafka::consumer(kafka, &group, &[topic])?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                pending: expected.len(),
+                expected,
+                ..State::default()
+            }),
+            all_in: Notify::new(),
+        });
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(read(consumer, shared.clone(), stop.clone()));
+        Ok(Collector { shared, stop, task })
+    }
+
+    /// Results read so far.
+    pub fn received(&self) -> usize {
+        self.shared.lock().arrivals.len()
+    }
+
+    /// Whether `order_id` has a result.
+    pub fn has(&self, order_id: &str) -> bool {
+        self.shared.lock().outcomes.contains_key(order_id)
+    }
+
+    /// Waits until every expected order has a result; false on timeout.
+    pub async fn wait_all(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.shared.all_in.notified();
+            if self.shared.lock().pending == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.shared.lock().pending == 0;
+            }
+        }
+    }
+
+    /// Waits until each of `ids` has a result; false on timeout.
+    pub async fn wait_for(&self, ids: &[String], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ids.iter().all(|id| self.has(id)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Keeps reading for `grace` (to catch late duplicates), then stops.
+    pub async fn finish(self, grace: Duration) -> Collected {
+        tokio::time::sleep(grace).await;
+        self.stop.cancel();
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "result collector task failed");
+        }
+        let mut s = self.shared.lock();
+        let s = std::mem::take(&mut *s);
+        Collected {
+            outcomes: s.outcomes,
+            arrivals: s.arrivals,
+            all_in_at: s.all_in_at,
+            unparsed: s.unparsed,
+            unexpected: s.unexpected,
+        }
+    }
+}
+
+async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let m = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let now = Instant::now();
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "result collector");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let parsed = m.payload().map(serde_json::from_slice::<StockResult>);
+        let mut s = shared.lock();
+        s.arrivals.push(now);
+        let Some(Ok(r)) = parsed else {
+            s.unparsed += 1;
+            continue;
+        };
+        let expected = s.expected.contains(&r.order_id);
+        let results = s.outcomes.entry(r.order_id.clone()).or_default();
+        let first = results.is_empty();
+        results.push(r);
+        if !expected {
+            s.unexpected += 1;
+        } else if first {
+            s.pending -= 1;
+            if s.pending == 0 {
+                s.all_in_at = Some(now);
+                shared.all_in.notify_waiters();
+            }
+        }
+    }
+    consumer.unsubscribe();
+}
+
+/// Most results that arrived within any one-second window.
+pub fn peak_per_second(arrivals: &[Instant]) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..arrivals.len() {
+        while arrivals[hi].duration_since(arrivals[lo]) >= Duration::from_secs(1) {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+/// Results per whole second after `from` (the last second may be partial).
+pub fn per_second(arrivals: &[Instant], from: Instant) -> Vec<usize> {
+    let mut out: Vec<usize> = Vec::new();
+    for a in arrivals {
+        let s = a.saturating_duration_since(from).as_secs() as usize;
+        if out.len() <= s {
+            out.resize(s + 1, 0);
+        }
+        out[s] += 1;
+    }
+    out
+}

@@ -1,0 +1,786 @@
+//! `bench e2e`: the whole pipeline (producer and consumer workers in this process, release
+//! build) on the real stack, one fresh environment per mode:
+//!
+//! * `stream`: workers started and warmed up (a few orders on a product of their own, so
+//!   that every partition is assigned and flowing), then the orders are published while
+//!   the pipeline runs. Figure: orders/s from the first publish to the last order's first
+//!   outcome on `stock.results`. Publishing competes with the workers for the CPU, as an
+//!   order service on the same box would.
+//! * `preload`: every order is published first (publish rate alone), then the workers
+//!   start. Figures: from the workers' start (group join included) and from the first
+//!   outcome (pure drain rate) to the last outcome.
+//! * `staged`: like `preload`, but the producer runs alone until it has handled every
+//!   order, then the consumer starts: the capacity of each stage on its own.
+//!
+//! After each mode the pipeline is left to become idle (every group committed everything),
+//! the workers are stopped, and the run is checked: every order has a result and exactly
+//! one distinct outcome, the stock invariants hold (`stockctl::admin::check_invariants`),
+//! and PostgreSQL's reserved units equal the units of the orders reported reserved.
+
+use crate::collector::{self, Collected, Collector};
+use crate::env::{PipelineEnv, Stack};
+use crate::load::{self, LoadSpec, Order};
+use crate::probe::{self, Probe};
+use crate::report::{self, fmt_ratio, json_line, rate, thousands, Table};
+use crate::worker_metrics::Sample;
+use crate::workers::{self, Workers};
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use stock_common::config::{parse_duration, BatchArgs};
+use stock_common::events::{Item, Reason, Status};
+use stockctl::{admin, harness};
+use tokio::time::Instant;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct E2eArgs {
+    /// Orders to send (single-item `order_created` events).
+    #[arg(long, default_value_t = 100_000)]
+    pub orders: usize,
+    /// Products on sale, ids 1 to N; product 1 is the hot SKU.
+    #[arg(long, default_value_t = 1000)]
+    pub products: i64,
+    /// Share of orders (0 to 1) for the hot SKU; the others spread evenly over the rest.
+    #[arg(long, default_value_t = 0.1, value_parser = parse_share)]
+    pub hot_share: f64,
+    /// Initial units of every product. Default: `--fill` of the units ordered of each.
+    #[arg(long)]
+    pub stock: Option<i64>,
+    /// Without `--stock`: the share of each product's demand put in stock (about that
+    /// share of orders is reserved, the rest rejected).
+    #[arg(long, default_value_t = 0.7, value_parser = parse_share)]
+    pub fill: f64,
+    /// Quantities are drawn evenly from 1 to this.
+    #[arg(long, default_value_t = 3)]
+    pub max_quantity: i64,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Batch size of both workers.
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Batch linger of both workers.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub linger: Duration,
+    /// Modes to run, comma separated: stream, preload, staged (each in a fresh environment).
+    #[arg(long, value_delimiter = ',', default_value = "stream,preload")]
+    pub mode: Vec<Mode>,
+    /// Shorthand for `--mode preload`.
+    #[arg(long, conflicts_with = "mode")]
+    pub preload: bool,
+    /// Producer workers and consumer workers (each kind in one group).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Longest wait for all outcomes.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Seed of the order load.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// How the orders meet the pipeline; see the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Stream,
+    Preload,
+    Staged,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
+}
+
+/// The raw figures of one mode (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eFigures {
+    pub bench: &'static str,
+    pub mode: Mode,
+    pub orders: usize,
+    pub products: i64,
+    pub hot_share: f64,
+    pub partitions: i32,
+    pub batch_size: usize,
+    pub linger_ms: u128,
+    pub workers: usize,
+    pub reserved: usize,
+    pub rejected: usize,
+    /// Publishing every order to `orders`, delivery reports included.
+    pub publish_secs: f64,
+    pub publish_rate: f64,
+    /// stream: first publish to last outcome; preload: workers' start to last outcome;
+    /// staged: producer's start to last outcome.
+    pub e2e_secs: f64,
+    pub e2e_rate: f64,
+    /// First outcome to last outcome.
+    pub drain_secs: f64,
+    pub drain_rate: f64,
+    /// Most outcomes in any one-second window.
+    pub peak_1s: usize,
+    /// staged: the producer alone, its start to every order forwarded or rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub producer_stage_rate: Option<f64>,
+    /// staged: the consumer alone, its start to the last outcome, in deduct commands/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_stage_rate: Option<f64>,
+    /// The producer's batch cycle; `step` is its Redis script pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub producer_cycle: Option<Breakdown>,
+    /// The consumer's batch cycle; `step` is its PostgreSQL batch transaction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_cycle: Option<Breakdown>,
+    /// Outcomes per second from the start of the measured span.
+    pub per_second: Vec<usize>,
+    pub complete: bool,
+    pub missing: usize,
+    /// Orders with more than one (identical) result: allowed by at-least-once delivery,
+    /// unexpected in a run without crashes.
+    pub duplicates: usize,
+    pub conflicts: usize,
+    pub violations: usize,
+    pub reserved_units_match: bool,
+    pub idle: bool,
+    pub ok: bool,
+}
+
+/// One kind of worker over the measured span, from its own metrics: how many batches, and
+/// how one worker's batch cycle (span x workers / batches) splits into its main step and
+/// the rest (Kafka fetch, publish and delivery reports, JSON, waiting for input).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Breakdown {
+    pub batches: f64,
+    pub mean_batch: f64,
+    pub cycle_ms: f64,
+    pub step_ms: f64,
+    pub rest_ms: f64,
+    /// Share of the cycle spent in the step.
+    pub step_share: f64,
+}
+
+impl Breakdown {
+    /// `s` summed over `workers` instances that ran side by side for `span`.
+    fn of(s: Sample, span: Duration, workers: usize, step_secs: f64) -> Option<Breakdown> {
+        (s.batches >= 1.0).then(|| {
+            let cycle_ms = span.as_secs_f64() * 1000.0 * workers as f64 / s.batches;
+            let step_ms = step_secs * 1000.0 / s.batches;
+            Breakdown {
+                batches: s.batches,
+                mean_batch: s.messages / s.batches,
+                cycle_ms,
+                step_ms,
+                rest_ms: cycle_ms - step_ms,
+                step_share: step_ms / cycle_ms,
+            }
+        })
+    }
+
+    fn describe(b: Option<&Breakdown>) -> String {
+        match b {
+            Some(b) => format!(
+                "{:.0}x{:.0}: {:.0} = {:.0} + {:.0}",
+                b.batches, b.mean_batch, b.cycle_ms, b.step_ms, b.rest_ms
+            ),
+            None => "-".into(),
+        }
+    }
+}
+
+pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
+    ensure!(args.orders > 0, "--orders must be at least 1");
+    ensure!(args.products > 0, "--products must be at least 1");
+    ensure!(args.partitions > 0, "--partitions must be at least 1");
+    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    ensure!(args.workers > 0, "--workers must be at least 1");
+    ensure!(args.max_quantity > 0, "--max-quantity must be at least 1");
+    let modes = if args.preload {
+        vec![Mode::Preload]
+    } else {
+        args.mode.clone()
+    };
+    let spec = LoadSpec {
+        orders: args.orders,
+        products: args.products,
+        hot_share: args.hot_share,
+        max_quantity: args.max_quantity,
+        seed: args.seed,
+    };
+    let orders = load::generate(&spec, "o-");
+    let demand = load::demand(&orders);
+    let stock = load::stock(args.products, &demand, args.stock, args.fill);
+    let units: i64 = stock.values().sum();
+    let wanted: i64 = demand.values().sum();
+    println!(
+        "e2e: {} orders over {} products (hot share {:.2}, quantity 1-{}), {} units in stock for {} ordered ({:.0}%); \
+         {} partitions, batch {} / linger {:?}, {} worker(s) of each kind",
+        args.orders,
+        args.products,
+        args.hot_share,
+        args.max_quantity,
+        units,
+        wanted,
+        100.0 * units as f64 / wanted.max(1) as f64,
+        args.partitions,
+        args.batch_size,
+        args.linger,
+        args.workers
+    );
+
+    let mut figures = Vec::new();
+    for mode in modes {
+        eprintln!("bench e2e: running mode {mode:?}");
+        let env = PipelineEnv::create(stack, args.partitions).await?;
+        let measured = measure(&env, args, mode, &orders, &stock).await;
+        env.cleanup().await;
+        let f = measured.with_context(|| format!("mode {mode:?}"))?;
+        eprintln!(
+            "bench e2e: {mode:?}: {} orders/s end to end",
+            thousands(f.e2e_rate)
+        );
+        figures.push(f);
+    }
+    print_report(&figures)?;
+    Ok(figures.iter().all(|f| f.ok))
+}
+
+/// Warm-up orders of the stream mode: enough distinct keys to reach every partition.
+fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
+    (0..partitions.max(1) * 4)
+        .map(|i| Order {
+            id: format!("warmup-{i}"),
+            items: vec![Item {
+                product_id: product,
+                quantity: 1,
+            }],
+        })
+        .collect()
+}
+
+fn messages(orders: &[Order]) -> Vec<(String, Vec<u8>)> {
+    orders
+        .iter()
+        .map(|o| (o.id.clone(), harness::created(&o.id, &o.items)))
+        .collect()
+}
+
+/// Puts `stock` into PostgreSQL in one statement, then loads Redis from it (the rebuild
+/// also sets the "loaded" marker). Equivalent to `admin::set_stock` per product on a fresh
+/// database, without a transaction per product.
+async fn load_stock(env: &PipelineEnv, stock: &BTreeMap<i64, i64>) -> Result<()> {
+    let ids: Vec<i64> = stock.keys().copied().collect();
+    let units: Vec<i64> = stock.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO stock (product_id, available, reserved, sold, total_added)
+         SELECT p, n, 0, 0, n FROM UNNEST($1::bigint[], $2::bigint[]) AS t(p, n)",
+    )
+    .bind(&ids)
+    .bind(&units)
+    .execute(&env.db.pool)
+    .await
+    .context("loading stock into PostgreSQL")?;
+    stockctl::rebuild::load_from_postgres(&env.db.pool, &env.redis.store)
+        .await
+        .context("loading Redis from PostgreSQL")?;
+    Ok(())
+}
+
+/// The measured part of a mode: when it started, how long publishing took, where the
+/// stages ended, and the workers' own metrics over the span they worked in.
+struct Timing {
+    start: Instant,
+    publish: Duration,
+    complete: bool,
+    producer_stage: Option<Duration>,
+    consumer_stage: Option<Duration>,
+    producer_metrics: Option<(Sample, Duration)>,
+    consumer_metrics: Option<(Sample, Duration)>,
+}
+
+impl Timing {
+    fn new(start: Instant, publish: Duration, complete: bool) -> Self {
+        Timing {
+            start,
+            publish,
+            complete,
+            producer_stage: None,
+            consumer_stage: None,
+            producer_metrics: None,
+            consumer_metrics: None,
+        }
+    }
+}
+
+/// A worker's metrics, or None (logged) when they cannot be read: the breakdown is an
+/// extra, not a reason to fail the run.
+async fn sampled(
+    what: &str,
+    s: impl std::future::Future<Output = Result<Sample>>,
+) -> Option<Sample> {
+    match s.await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(worker = what, error = %e, "worker metrics unavailable");
+            None
+        }
+    }
+}
+
+/// `after - before` over `span`, when both samples exist.
+fn delta(
+    before: Option<Sample>,
+    after: Option<Sample>,
+    span: Duration,
+) -> Option<(Sample, Duration)> {
+    Some((after? - before?, span))
+}
+
+async fn measure(
+    env: &PipelineEnv,
+    args: &E2eArgs,
+    mode: Mode,
+    orders: &[Order],
+    stock: &BTreeMap<i64, i64>,
+) -> Result<E2eFigures> {
+    let warm_product = args.products + 1;
+    let warmup = if mode == Mode::Stream {
+        warmup_orders(warm_product, env.partitions())
+    } else {
+        Vec::new()
+    };
+    let mut all_stock = stock.clone();
+    all_stock.insert(warm_product, warmup.len() as i64);
+    load_stock(env, &all_stock).await?;
+
+    let expected: HashSet<String> = orders.iter().chain(&warmup).map(|o| o.id.clone()).collect();
+    ensure!(
+        expected.len() == orders.len() + warmup.len(),
+        "order ids are not unique"
+    );
+    let collector = Collector::start(&env.kafka, &env.topics().results, expected)?;
+    let msgs = messages(orders);
+    let batch = BatchArgs {
+        batch_size: args.batch_size,
+        linger: args.linger,
+    };
+
+    let run = Run {
+        env,
+        args,
+        mode,
+        collector: &collector,
+        batch,
+        warmup: &warmup,
+    };
+    let mut workers = Workers::default();
+    let timed = drive(&run, &mut workers, msgs).await;
+    let idle = match &timed {
+        Ok(_) => wait_idle(env).await,
+        Err(_) => Ok(false),
+    };
+    let stopped = workers.stop().await;
+    let collected = collector.finish(Duration::from_millis(500)).await;
+    let timing = timed?;
+    stopped?;
+    let idle = idle?;
+
+    let all_products: Vec<i64> = all_stock.keys().copied().collect();
+    let checks = check(env, orders, &warmup, &collected, &all_products, idle).await?;
+    Ok(figures(
+        args, mode, orders, &warmup, &timing, &collected, &checks,
+    ))
+}
+
+/// What one mode runs with.
+struct Run<'a> {
+    env: &'a PipelineEnv,
+    args: &'a E2eArgs,
+    mode: Mode,
+    collector: &'a Collector,
+    batch: BatchArgs,
+    warmup: &'a [Order],
+}
+
+/// Runs the mode's workers and publishes `msgs`; returns once every order has an outcome
+/// (or the timeout passed: `complete` is false).
+async fn drive(
+    run: &Run<'_>,
+    workers: &mut Workers,
+    msgs: Vec<(String, Vec<u8>)>,
+) -> Result<Timing> {
+    let Run {
+        env,
+        args,
+        mode,
+        collector,
+        warmup,
+        ..
+    } = *run;
+    let batch = &run.batch;
+    let producer = stock_common::kafka::producer(&env.kafka).context("kafka producer")?;
+    let topic = env.topics().orders.clone();
+    let n = args.workers;
+    match mode {
+        Mode::Stream => {
+            workers.start_producers(env, batch, n).await?;
+            workers.start_consumers(env, batch, n).await?;
+            harness::publish(&producer, &topic, messages(warmup)).await?;
+            let warm_ids: Vec<String> = warmup.iter().map(|o| o.id.clone()).collect();
+            if !collector.wait_for(&warm_ids, Duration::from_secs(60)).await {
+                bail!("the warm-up orders got no outcome within 60 s");
+            }
+            let p0 = sampled("producer", workers.producer_sample()).await;
+            let c0 = sampled("consumer", workers.consumer_sample()).await;
+            let start = Instant::now();
+            let publisher = tokio::spawn(async move {
+                harness::publish(&producer, &topic, msgs).await?;
+                anyhow::Ok(Instant::now())
+            });
+            let complete = wait_outcomes(collector, workers, args.timeout).await?;
+            let span = start.elapsed();
+            let p1 = sampled("producer", workers.producer_sample()).await;
+            let c1 = sampled("consumer", workers.consumer_sample()).await;
+            let published = publisher.await.context("publisher task")??;
+            Ok(Timing {
+                producer_metrics: delta(p0, p1, span),
+                consumer_metrics: delta(c0, c1, span),
+                ..Timing::new(start, published - start, complete)
+            })
+        }
+        Mode::Preload => {
+            let publish = publish_timed(&producer, &topic, msgs).await?;
+            let start = Instant::now();
+            workers.start_producers(env, batch, n).await?;
+            workers.start_consumers(env, batch, n).await?;
+            let complete = wait_outcomes(collector, workers, args.timeout).await?;
+            let span = start.elapsed();
+            let p1 = sampled("producer", workers.producer_sample()).await;
+            let c1 = sampled("consumer", workers.consumer_sample()).await;
+            Ok(Timing {
+                producer_metrics: delta(Some(Sample::default()), p1, span),
+                consumer_metrics: delta(Some(Sample::default()), c1, span),
+                ..Timing::new(start, publish, complete)
+            })
+        }
+        Mode::Staged => {
+            let total = msgs.len() as i64;
+            let publish = publish_timed(&producer, &topic, msgs).await?;
+            let probe = Probe::new(&env.kafka, None, env.partitions())?;
+            let deduct = env.topics().deduct.clone();
+            let start = Instant::now();
+            workers.start_producers(env, batch, n).await?;
+            // Done when every order is either forwarded (a deduct command) or rejected
+            // (a result: only the producer writes results in this stage).
+            let done = probe::poll_until(Duration::from_millis(20), args.timeout, || {
+                ensure!(!workers.any_finished(), "a producer worker stopped early");
+                Ok(collector.received() as i64 + probe.written(&deduct)? >= total)
+            })
+            .await?;
+            let producer_stage = start.elapsed();
+            let p1 = sampled("producer", workers.producer_sample()).await;
+            let producer_part = Timing {
+                producer_stage: Some(producer_stage),
+                producer_metrics: delta(Some(Sample::default()), p1, producer_stage),
+                ..Timing::new(start, publish, false)
+            };
+            if !done {
+                return Ok(producer_part);
+            }
+            let consumer_start = Instant::now();
+            workers.start_consumers(env, batch, n).await?;
+            let complete = wait_outcomes(collector, workers, args.timeout).await?;
+            let consumer_stage = consumer_start.elapsed();
+            let c1 = sampled("consumer", workers.consumer_sample()).await;
+            Ok(Timing {
+                complete,
+                consumer_stage: Some(consumer_stage),
+                consumer_metrics: delta(Some(Sample::default()), c1, consumer_stage),
+                ..producer_part
+            })
+        }
+    }
+}
+
+async fn publish_timed(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    msgs: Vec<(String, Vec<u8>)>,
+) -> Result<Duration> {
+    let t = Instant::now();
+    harness::publish(producer, topic, msgs)
+        .await
+        .context("publishing orders")?;
+    Ok(t.elapsed())
+}
+
+/// Waits for every expected outcome, failing early if a worker stops on its own.
+async fn wait_outcomes(
+    collector: &Collector,
+    workers: &Workers,
+    timeout: Duration,
+) -> Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if collector.wait_all(Duration::from_millis(200)).await {
+            return Ok(true);
+        }
+        ensure!(!workers.any_finished(), "a worker stopped early");
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// Waits (up to 60 s) until both groups committed everything on their topics: no
+/// consumer lag, no compensation in flight.
+async fn wait_idle(env: &PipelineEnv) -> Result<bool> {
+    let p = Probe::new(
+        &env.kafka,
+        Some(&workers::producer_group(env)),
+        env.partitions(),
+    )?;
+    let c = Probe::new(
+        &env.kafka,
+        Some(&workers::consumer_group(env)),
+        env.partitions(),
+    )?;
+    let t = env.topics();
+    probe::poll_until(Duration::from_millis(100), Duration::from_secs(60), || {
+        Ok(p.caught_up(&t.orders)? && c.caught_up(&t.deduct)? && p.caught_up(&t.compensate)?)
+    })
+    .await
+}
+
+struct Checks {
+    reserved: usize,
+    rejected: usize,
+    missing: usize,
+    duplicates: usize,
+    conflicts: usize,
+    violations: Vec<admin::Violation>,
+    reserved_units_match: bool,
+    idle: bool,
+    unparsed: usize,
+    unexpected: usize,
+}
+
+impl Checks {
+    fn ok(&self) -> bool {
+        self.missing == 0
+            && self.conflicts == 0
+            && self.violations.is_empty()
+            && self.reserved_units_match
+            && self.idle
+            && self.unparsed == 0
+            && self.unexpected == 0
+    }
+}
+
+async fn check(
+    env: &PipelineEnv,
+    orders: &[Order],
+    warmup: &[Order],
+    got: &Collected,
+    products: &[i64],
+    idle: bool,
+) -> Result<Checks> {
+    let mut c = Checks {
+        reserved: 0,
+        rejected: 0,
+        missing: 0,
+        duplicates: 0,
+        conflicts: harness::conflicting(&got.outcomes).len(),
+        violations: Vec::new(),
+        reserved_units_match: false,
+        idle,
+        unparsed: got.unparsed,
+        unexpected: got.unexpected,
+    };
+    let mut reserved_units = 0i64;
+    for (i, o) in orders.iter().chain(warmup).enumerate() {
+        let main = i < orders.len();
+        let Some(rs) = got.outcomes.get(&o.id).filter(|rs| !rs.is_empty()) else {
+            c.missing += 1;
+            continue;
+        };
+        if rs.len() > 1 {
+            c.duplicates += 1;
+        }
+        match rs[0].status {
+            Status::Reserved => {
+                reserved_units += o.items.iter().map(|it| it.quantity).sum::<i64>();
+                c.reserved += usize::from(main);
+            }
+            Status::Rejected if rs[0].reason == Some(Reason::InsufficientStock) => {
+                c.rejected += usize::from(main);
+            }
+            other => {
+                tracing::warn!(order_id = %o.id, status = ?other, reason = ?rs[0].reason, "unexpected outcome");
+                c.conflicts += 1;
+            }
+        }
+    }
+    c.violations = admin::check_invariants(&env.db.pool, &env.redis.store, products)
+        .await
+        .context("checking invariants")?;
+    for v in c.violations.iter().take(5) {
+        eprintln!(
+            "bench e2e: invariant violation on product {}: {}",
+            v.product_id, v.what
+        );
+    }
+    let rows = admin::stock_rows(&env.db.pool, products)
+        .await
+        .context("reading stock rows")?;
+    let pg_reserved: i64 = rows.iter().map(|r| r.reserved).sum();
+    let pg_sold: i64 = rows.iter().map(|r| r.sold).sum();
+    c.reserved_units_match = pg_reserved == reserved_units && pg_sold == 0;
+    if !c.reserved_units_match {
+        eprintln!(
+            "bench e2e: PostgreSQL holds {pg_reserved} reserved and {pg_sold} sold units; the results say {reserved_units} reserved"
+        );
+    }
+    Ok(c)
+}
+
+fn figures(
+    args: &E2eArgs,
+    mode: Mode,
+    orders: &[Order],
+    warmup: &[Order],
+    t: &Timing,
+    got: &Collected,
+    c: &Checks,
+) -> E2eFigures {
+    let n = orders.len();
+    let end = got.all_in_at.unwrap_or_else(Instant::now);
+    let arrivals: Vec<Instant> = got
+        .arrivals
+        .iter()
+        .copied()
+        .filter(|a| *a >= t.start)
+        .collect();
+    let first = arrivals.first().copied().unwrap_or(t.start);
+    let e2e = end.saturating_duration_since(t.start);
+    let drain = end.saturating_duration_since(first);
+    // The consumer stage's work: deduct commands = orders reserved (all were forwarded).
+    let deducts = c.reserved + warmup.len();
+    E2eFigures {
+        bench: "e2e",
+        mode,
+        orders: n,
+        products: args.products,
+        hot_share: args.hot_share,
+        partitions: args.partitions,
+        batch_size: args.batch_size,
+        linger_ms: args.linger.as_millis(),
+        workers: args.workers,
+        reserved: c.reserved,
+        rejected: c.rejected,
+        publish_secs: t.publish.as_secs_f64(),
+        publish_rate: rate(n, t.publish),
+        e2e_secs: e2e.as_secs_f64(),
+        e2e_rate: rate(n, e2e),
+        drain_secs: drain.as_secs_f64(),
+        drain_rate: rate(n, drain),
+        peak_1s: collector::peak_per_second(&arrivals),
+        producer_stage_rate: t.producer_stage.map(|d| rate(n, d)),
+        consumer_stage_rate: t.consumer_stage.map(|d| rate(deducts, d)),
+        producer_cycle: t
+            .producer_metrics
+            .and_then(|(s, span)| Breakdown::of(s, span, args.workers, s.redis_secs)),
+        consumer_cycle: t
+            .consumer_metrics
+            .and_then(|(s, span)| Breakdown::of(s, span, args.workers, s.apply_secs)),
+        per_second: collector::per_second(&arrivals, t.start),
+        complete: t.complete,
+        missing: c.missing,
+        duplicates: c.duplicates,
+        conflicts: c.conflicts,
+        violations: c.violations.len(),
+        reserved_units_match: c.reserved_units_match,
+        idle: c.idle,
+        ok: t.complete && c.ok(),
+    }
+}
+
+fn print_report(figures: &[E2eFigures]) -> Result<()> {
+    let opt = |v: Option<f64>| v.map(thousands).unwrap_or_else(|| "-".into());
+    let mut t = Table::new(
+        std::iter::once("".to_owned()).chain(
+            figures
+                .iter()
+                .map(|f| format!("{:?}", f.mode).to_lowercase()),
+        ),
+    );
+    let mut metric = |name: &str, cell: &dyn Fn(&E2eFigures) -> String| {
+        t.row(std::iter::once(name.to_owned()).chain(figures.iter().map(cell)));
+    };
+    metric("publish orders/s (alone in preload/staged)", &|f| {
+        thousands(f.publish_rate)
+    });
+    metric("end to end seconds", &|f| format!("{:.2}", f.e2e_secs));
+    metric("END TO END orders/s", &|f| thousands(f.e2e_rate));
+    metric("drain orders/s (first to last outcome)", &|f| {
+        thousands(f.drain_rate)
+    });
+    metric("peak outcomes in 1 s", &|f| thousands(f.peak_1s as f64));
+    metric("producer stage alone, orders/s", &|f| {
+        opt(f.producer_stage_rate)
+    });
+    metric("consumer stage alone, deducts/s", &|f| {
+        opt(f.consumer_stage_rate)
+    });
+    metric("producer batches x size: ms cycle = Redis + rest", &|f| {
+        Breakdown::describe(f.producer_cycle.as_ref())
+    });
+    metric("consumer batches x size: ms cycle = PG + rest", &|f| {
+        Breakdown::describe(f.consumer_cycle.as_ref())
+    });
+    metric("reserved / rejected", &|f| {
+        format!("{} / {}", f.reserved, f.rejected)
+    });
+    metric("missing / duplicated / conflicting", &|f| {
+        format!("{} / {} / {}", f.missing, f.duplicates, f.conflicts)
+    });
+    metric("invariants, reserved units, idle", &|f| {
+        format!(
+            "{} {} {}",
+            report::yes_no(f.violations == 0),
+            report::yes_no(f.reserved_units_match),
+            report::yes_no(f.idle)
+        )
+    });
+    metric("CHECKS", &|f| report::yes_no(f.ok).to_owned());
+    println!();
+    t.print();
+    for f in figures {
+        let per_s: Vec<String> = f.per_second.iter().map(|n| n.to_string()).collect();
+        println!("{:?} outcomes per second: {}", f.mode, per_s.join(" "));
+    }
+    let by_mode = |m: Mode| figures.iter().find(|f| f.mode == m);
+    println!();
+    for f in figures {
+        println!(
+            "{:?}: end to end / publish alone = {}",
+            f.mode,
+            fmt_ratio(report::ratio(f.e2e_rate, f.publish_rate))
+        );
+    }
+    if let (Some(s), Some(p)) = (by_mode(Mode::Stream), by_mode(Mode::Preload)) {
+        println!(
+            "preload drain / stream end to end = {}",
+            fmt_ratio(report::ratio(p.drain_rate, s.e2e_rate))
+        );
+    }
+    println!();
+    for f in figures {
+        json_line(f)?;
+    }
+    Ok(())
+}

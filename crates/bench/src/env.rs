@@ -1,0 +1,301 @@
+//! A run's private slice of the local stack, as the end-to-end tests build theirs: a fresh
+//! PostgreSQL database `bench_<id>` (migrated), a Redis database claimed among
+//! [`REDIS_FIRST_DB`]`..` (flushed), topics prefixed `bench-<id>.`. Each part is removed by
+//! its `cleanup`, which only logs what it could not undo, so that a run's own error is
+//! the one reported.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::str::FromStr;
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, SecretUrl, Topics};
+use stock_common::redis_store::RedisStore;
+
+/// Where the stack is: the usual flags and environment variables of every binary. The
+/// database URL names the database used to create (and drop) the run's own.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Stack {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+/// A fresh id for one run's resources.
+pub fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A database of the run's own, created and migrated; dropped by [`BenchDb::cleanup`].
+pub struct BenchDb {
+    pub args: DatabaseArgs,
+    pub pool: PgPool,
+    admin_url: SecretUrl,
+    name: String,
+}
+
+impl BenchDb {
+    /// Creates `bench_<id>` next to the database of `admin` and migrates it. The pool
+    /// holds at most `max_connections`.
+    pub async fn create(admin: &DatabaseArgs, id: &str, max_connections: u32) -> Result<Self> {
+        let name = format!("bench_{id}");
+        let mut conn = PgConnection::connect(admin.url.expose())
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to {} (is the stack up? deploy/stack-up.sh)",
+                    admin.url
+                )
+            })?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        conn.close().await.ok();
+        let mut url = url::Url::parse(admin.url.expose()).context("database URL")?;
+        url.set_path(&name);
+        let args = DatabaseArgs {
+            url: SecretUrl::from_str(url.as_str()).map_err(|e| anyhow!(e))?,
+            max_connections,
+        };
+        let pool = stock_common::db::pool(&args).context("database pool")?;
+        let db = BenchDb {
+            args,
+            pool,
+            admin_url: admin.url.clone(),
+            name,
+        };
+        if let Err(e) = stock_common::db::migrate(&db.pool).await {
+            db.cleanup().await;
+            return Err(e).context("migrating the bench database");
+        }
+        Ok(db)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Closes the pool and drops the database.
+    pub async fn cleanup(self) {
+        self.pool.close().await;
+        let dropped = async {
+            let mut conn = PgConnection::connect(self.admin_url.expose()).await?;
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await?;
+            conn.close().await
+        }
+        .await;
+        if let Err(e) = dropped {
+            tracing::warn!(database = %self.name, error = %e, "could not drop the bench database");
+        }
+    }
+}
+
+/// First Redis database index handed to benchmarks (the end-to-end tests use 1 to 1000).
+pub const REDIS_FIRST_DB: u32 = 1001;
+/// How many Redis databases benchmarks rotate through (up to 1023 inclusive).
+pub const REDIS_DBS: u32 = 23;
+const REDIS_COUNTER: &str = "stockpipe:bench-db-counter";
+
+fn claim_key(index: u32) -> String {
+    format!("stockpipe:bench-claim:{index}")
+}
+
+/// A Redis database of the run's own: claimed (a key in the base database, so that two
+/// concurrent runs never share one), flushed, released by [`RedisSlot::cleanup`].
+pub struct RedisSlot {
+    pub args: RedisArgs,
+    pub store: RedisStore,
+    pub index: u32,
+    base: redis::aio::MultiplexedConnection,
+}
+
+impl RedisSlot {
+    pub async fn claim(base: &RedisArgs, id: &str) -> Result<Self> {
+        let client = redis::Client::open(base.url.expose()).context("Redis URL")?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to {} (is the stack up? deploy/stack-up.sh)",
+                    base.url
+                )
+            })?;
+        let mut index = None;
+        for _ in 0..REDIS_DBS {
+            let n: u64 = redis::cmd("INCR")
+                .arg(REDIS_COUNTER)
+                .query_async(&mut conn)
+                .await
+                .context("picking a Redis database")?;
+            let candidate = REDIS_FIRST_DB + (n % u64::from(REDIS_DBS)) as u32;
+            let won: Option<String> = redis::cmd("SET")
+                .arg(claim_key(candidate))
+                .arg(id)
+                .arg("NX")
+                .arg("EX")
+                .arg(86_400)
+                .query_async(&mut conn)
+                .await
+                .context("claiming a Redis database")?;
+            if won.is_some() {
+                index = Some(candidate);
+                break;
+            }
+        }
+        let Some(index) = index else {
+            bail!("every bench Redis database is claimed by another run (keys stockpipe:bench-claim:*)");
+        };
+        let mut url = url::Url::parse(base.url.expose()).context("Redis URL")?;
+        url.set_path(&format!("/{index}"));
+        let args = RedisArgs {
+            url: SecretUrl::from_str(url.as_str()).map_err(|e| anyhow!(e))?,
+            order_memory: base.order_memory,
+        };
+        let store = RedisStore::connect(&args)
+            .await
+            .with_context(|| format!("connecting to Redis database {index}"))?;
+        let slot = RedisSlot {
+            args,
+            store,
+            index,
+            base: conn,
+        };
+        if let Err(e) = slot.flush().await {
+            slot.cleanup().await;
+            return Err(e).with_context(|| format!("flushing Redis database {index}"));
+        }
+        Ok(slot)
+    }
+
+    /// `FLUSHDB ASYNC`: the database is empty at once and freed in the background (a
+    /// synchronous flush of a run's 100k order records can outlast the client's timeout).
+    async fn flush(&self) -> Result<(), redis::RedisError> {
+        redis::cmd("FLUSHDB")
+            .arg("ASYNC")
+            .query_async::<()>(&mut self.store.connection())
+            .await
+    }
+
+    /// Flushes the database and releases the claim.
+    pub async fn cleanup(mut self) {
+        if let Err(e) = self.flush().await {
+            tracing::warn!(index = self.index, error = %e, "could not flush the bench Redis database");
+        }
+        let released: Result<(), _> = redis::cmd("DEL")
+            .arg(claim_key(self.index))
+            .query_async(&mut self.base)
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(index = self.index, error = %e, "could not release the Redis database claim");
+        }
+    }
+}
+
+/// The pipeline's five topics, prefixed `bench-<id>.`; deleted by [`BenchTopics::cleanup`].
+pub struct BenchTopics {
+    pub topics: Topics,
+    pub partitions: i32,
+    kafka: KafkaArgs,
+}
+
+impl BenchTopics {
+    pub async fn create(kafka: &KafkaArgs, id: &str, partitions: i32) -> Result<Self> {
+        let topics = Topics::prefixed(&format!("bench-{id}."));
+        stock_common::kafka::create_topics(kafka, &topics.all(), partitions)
+            .await
+            .with_context(|| {
+                format!(
+                    "creating topics on {} (is the stack up? deploy/stack-up.sh)",
+                    kafka.brokers
+                )
+            })?;
+        Ok(BenchTopics {
+            topics,
+            partitions,
+            kafka: kafka.clone(),
+        })
+    }
+
+    pub async fn cleanup(self) {
+        let deleted = async {
+            let admin: AdminClient<DefaultClientContext> =
+                stock_common::kafka::client_config(&self.kafka).create()?;
+            admin
+                .delete_topics(&self.topics.all(), &AdminOptions::new())
+                .await
+        }
+        .await;
+        match deleted {
+            Ok(results) => {
+                for r in results {
+                    if let Err((topic, code)) = r {
+                        tracing::warn!(%topic, ?code, "could not delete a bench topic");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not delete the bench topics"),
+        }
+    }
+}
+
+/// Everything the pipeline needs, for one run.
+pub struct PipelineEnv {
+    pub id: String,
+    pub kafka: KafkaArgs,
+    pub topics: BenchTopics,
+    pub db: BenchDb,
+    pub redis: RedisSlot,
+}
+
+impl PipelineEnv {
+    pub async fn create(stack: &Stack, partitions: i32) -> Result<Self> {
+        let id = run_id();
+        let topics = BenchTopics::create(&stack.kafka, &id, partitions).await?;
+        let db = match BenchDb::create(&stack.db, &id, stack.db.max_connections).await {
+            Ok(db) => db,
+            Err(e) => {
+                topics.cleanup().await;
+                return Err(e);
+            }
+        };
+        let redis = match RedisSlot::claim(&stack.redis, &id).await {
+            Ok(r) => r,
+            Err(e) => {
+                topics.cleanup().await;
+                db.cleanup().await;
+                return Err(e);
+            }
+        };
+        Ok(PipelineEnv {
+            id,
+            kafka: stack.kafka.clone(),
+            topics,
+            db,
+            redis,
+        })
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics.topics
+    }
+
+    pub fn partitions(&self) -> i32 {
+        self.topics.partitions
+    }
+
+    pub async fn cleanup(self) {
+        self.redis.cleanup().await;
+        self.db.cleanup().await;
+        self.topics.cleanup().await;
+    }
+}

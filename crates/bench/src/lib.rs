@@ -1,0 +1,37 @@
+//! Benchmarks of the stock pipeline, run against the real local stack (`deploy/stack-up.sh`).
+//! Every run works in a slice of the stack of its own (a fresh PostgreSQL database
+//! `bench_<id>`, a claimed Redis database, topics `bench-<id>.*`) and removes it at the end.
+//! Each measurement prints a readable table, then its raw figures as JSON lines (one object
+//! per line, starting with `{`), so that `grep '^{'` yields machine-readable results.
+//!
+//! # What each module measures
+//! * [`e2e`]: the whole pipeline, producer and consumer workers running in this process.
+//!   Orders per second from the first publish to the last outcome on `stock.results`
+//!   (`stream`), the drain rate of a backlog published before the workers start
+//!   (`preload`), and each stage on its own (`staged`: producer first, then consumer);
+//!   with checks that every order got exactly one outcome and that the stock invariants
+//!   hold afterwards.
+//! * [`apply`]: PostgreSQL alone, on one hot SKU: the consumer's batched `apply_batch`
+//!   against per-order baselines (autocommit conditional UPDATE; ledger INSERT + UPDATE per
+//!   transaction), with the ratio batched/baseline. New strategies are variants of
+//!   [`apply::Strategy`].
+//!
+//! # Support modules
+//! * [`env`]: creating and removing a run's database, Redis database and topics.
+//! * [`load`]: the deterministic order load and the stock that goes with it.
+//! * [`collector`]: reads `stock.results` with arrival times.
+//! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
+//! * [`workers`]: producer and consumer workers as tasks of this process.
+//! * [`worker_metrics`]: the workers' own metrics (Redis and PostgreSQL time per batch),
+//!   which split each worker's batch cycle into stages.
+//! * [`report`]: tables, JSON lines, rates.
+
+pub mod apply;
+pub mod collector;
+pub mod e2e;
+pub mod env;
+pub mod load;
+pub mod probe;
+pub mod report;
+pub mod worker_metrics;
+pub mod workers;
