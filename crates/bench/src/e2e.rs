@@ -367,6 +367,7 @@ async fn measure(
     let batch = BatchArgs {
         batch_size: args.batch_size,
         linger: args.linger,
+        pipeline_depth: 2,
     };
 
     let run = Run {

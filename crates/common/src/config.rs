@@ -186,6 +186,10 @@ pub struct BatchArgs {
     /// How long to wait for a batch to fill once its first message is in.
     #[arg(long = "batch-linger", env = "BATCH_LINGER", default_value = "5ms", value_parser = parse_duration)]
     pub linger: Duration,
+    /// Batches that may wait for their delivery reports while the next one is processed
+    /// (1: one batch at a time).
+    #[arg(long = "pipeline-depth", env = "PIPELINE_DEPTH", default_value_t = 2)]
+    pub pipeline_depth: usize,
 }
 
 /// Log output.

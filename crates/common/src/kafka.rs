@@ -87,7 +87,11 @@ pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
         .set("linger.ms", "2")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
-        .set("message.timeout.ms", "60000");
+        // Never give up on a message: a delivery that failed after a timeout may still have
+        // been written, and re-sending it later could reorder an order's events. With
+        // idempotence, librdkafka retries in order until the broker has it; what fails
+        // still is permanent (and stops the worker).
+        .set("message.timeout.ms", "0");
     apply_user_settings(&mut cfg, args);
     cfg.create()
 }
@@ -118,16 +122,20 @@ pub async fn create_topics(
 }
 
 /// Waits for the first message (or shutdown), then gathers more until `batch_size`
-/// messages or `linger` has passed. `None` means shutdown was requested.
+/// messages or `linger` has passed. `None` means shutdown was requested. With `idle`, an
+/// empty batch comes back when no message arrived for that long.
 pub async fn next_batch(
     consumer: &StreamConsumer,
     batch: &BatchArgs,
+    idle: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> Option<Vec<OwnedMessage>> {
+    let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
     let first = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return None,
+            _ = sleep_until_opt(idle_deadline) => return Some(Vec::new()),
             m = consumer.recv() => match m {
                 Ok(m) => break m.detach(),
                 Err(e) => {
@@ -151,6 +159,13 @@ pub async fn next_batch(
         }
     }
     Some(msgs)
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Stores, for every partition in `msgs`, the offset after its last message. A partition
@@ -291,6 +306,95 @@ pub async fn publish_all(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
         pending = failed;
+    }
+}
+
+/// Puts every message in the producer's queue, in order (so that an order's events keep
+/// their order on each partition), and returns their delivery futures.
+pub async fn enqueue_all(
+    producer: &FutureProducer,
+    msgs: &[OutMessage],
+    shutdown: &CancellationToken,
+) -> Result<Vec<DeliveryFuture>, KafkaStepError> {
+    let mut futures = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        futures.push(enqueue(producer, m, shutdown).await?);
+    }
+    Ok(futures)
+}
+
+/// Batches whose messages are enqueued but not all acknowledged yet, oldest first. The
+/// worker goes on with the next batch meanwhile (its Redis or PostgreSQL step overlaps
+/// the wait); offsets are stored strictly in batch order, each batch's only once all its
+/// delivery reports are in. A failed delivery (permanent with `message.timeout.ms=0`) is
+/// fatal: nothing of that batch or later ones is stored, and a restart redelivers them.
+pub struct InFlight {
+    depth: usize,
+    queue: std::collections::VecDeque<(
+        Vec<OwnedMessage>,
+        tokio::task::JoinHandle<Result<(), KafkaStepError>>,
+    )>,
+}
+
+impl InFlight {
+    /// At most `depth` batches waiting for delivery reports (1 = no overlap).
+    pub fn new(depth: usize) -> Self {
+        InFlight {
+            depth: depth.max(1),
+            queue: Default::default(),
+        }
+    }
+
+    /// Adds a batch whose output is enqueued.
+    pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<DeliveryFuture>) {
+        let waiter = tokio::spawn(async move {
+            for d in deliveries {
+                match d.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, m))) => {
+                        return Err(KafkaStepError::Fatal(format!(
+                            "delivery to {} failed: {e}",
+                            m.topic()
+                        )));
+                    }
+                    Err(_) => {
+                        return Err(KafkaStepError::Fatal("producer dropped a delivery".into()))
+                    }
+                }
+            }
+            Ok(())
+        });
+        self.queue.push_back((msgs, waiter));
+    }
+
+    /// Stores the offsets of every finished batch at the front; waits for the oldest ones
+    /// while more than `depth - 1` are pending, so that there is room for the next.
+    pub async fn settle(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
+        while let Some((_, waiter)) = self.queue.front() {
+            if !waiter.is_finished() && self.queue.len() < self.depth {
+                break;
+            }
+            self.complete_front(consumer).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every pending batch and stores their offsets (shutdown).
+    pub async fn drain(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
+        while !self.queue.is_empty() {
+            self.complete_front(consumer).await?;
+        }
+        Ok(())
+    }
+
+    async fn complete_front(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
+        if let Some((msgs, waiter)) = self.queue.pop_front() {
+            waiter
+                .await
+                .map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
+            store_offsets(consumer, &msgs);
+        }
+        Ok(())
     }
 }
 

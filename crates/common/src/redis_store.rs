@@ -19,6 +19,9 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::sync::LazyLock;
 
+/// Most scripts sent in one pipelined round trip.
+pub const PIPELINE_CHUNK: usize = 500;
+
 /// Marker key whose absence means "Redis is not loaded".
 pub const LOADED_KEY: &str = "stockpipe:loaded";
 
@@ -154,7 +157,12 @@ pub struct RedisStore {
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
         let client = redis::Client::open(args.url.expose())?;
-        let conn = client.get_connection_manager().await?;
+        // A pipeline of scripts on a busy server can take far longer than the client's
+        // default reply timeout of 500 ms; waiting is right, a timeout only causes a retry.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(std::time::Duration::from_secs(10)))
+            .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
+        let conn = client.get_connection_manager_with_config(config).await?;
         Ok(RedisStore {
             conn,
             record_ttl_secs: args.order_memory.as_secs().max(1),
@@ -165,8 +173,20 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Runs the reserve script for every request, in order, in one round trip.
+    /// Runs the reserve script for every request, in order, pipelined in round trips of
+    /// at most [`PIPELINE_CHUNK`] scripts.
     pub async fn reserve_many(
+        &self,
+        reqs: &[ReserveRequest],
+    ) -> Result<Vec<ReserveOutcome>, StoreError> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(PIPELINE_CHUNK) {
+            out.extend(self.reserve_chunk(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn reserve_chunk(
         &self,
         reqs: &[ReserveRequest],
     ) -> Result<Vec<ReserveOutcome>, StoreError> {
@@ -215,8 +235,20 @@ impl RedisStore {
             .collect()
     }
 
-    /// Runs the restore script for each `(order_id, items)`, in order, in one round trip.
+    /// Runs the restore script for each `(order_id, items)`, in order, pipelined in round
+    /// trips of at most [`PIPELINE_CHUNK`] scripts.
     pub async fn restore_many(
+        &self,
+        reqs: &[(String, Vec<Item>)],
+    ) -> Result<Vec<RestoreOutcome>, StoreError> {
+        let mut out = Vec::with_capacity(reqs.len());
+        for chunk in reqs.chunks(PIPELINE_CHUNK) {
+            out.extend(self.restore_chunk(chunk).await?);
+        }
+        Ok(out)
+    }
+
+    async fn restore_chunk(
         &self,
         reqs: &[(String, Vec<Item>)],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {

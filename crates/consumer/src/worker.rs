@@ -105,17 +105,45 @@ impl Worker {
         result
     }
 
+    /// Batches flow through two stages: the PostgreSQL transaction (one batch at a time,
+    /// in order) and the wait for delivery reports ([`kafka::InFlight`], overlapping the
+    /// next batch's transaction). Offsets are stored in batch order once delivered.
     async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
-            self.metrics.batch_size.observe(msgs.len() as f64);
-            match self.process(&msgs, shutdown).await {
-                Ok(summary) => {
-                    kafka::store_offsets(&self.consumer, &msgs);
-                    tracing::debug!(?summary, "batch done");
-                }
-                Err(KafkaStepError::Interrupted) => break,
-                Err(e) => return Err(e.into()),
+        let mut inflight = kafka::InFlight::new(self.batch.pipeline_depth);
+        let idle = Some(Duration::from_millis(100));
+        let result: Result<(), KafkaStepError> = loop {
+            if let Err(e) = inflight.settle(&self.consumer).await {
+                break Err(e);
             }
+            let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, idle, shutdown).await
+            else {
+                break Ok(());
+            };
+            if msgs.is_empty() {
+                continue;
+            }
+            self.metrics.batch_size.observe(msgs.len() as f64);
+            let out = match self.prepare(&msgs, shutdown).await {
+                Ok((summary, out)) => {
+                    tracing::debug!(?summary, "batch applied");
+                    out
+                }
+                Err(KafkaStepError::Interrupted) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            match kafka::enqueue_all(&self.producer, &out, shutdown).await {
+                Ok(deliveries) => inflight.push(msgs, deliveries),
+                Err(KafkaStepError::Interrupted) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        result?;
+        // Shutdown: what is enqueued gets its delivery reports and its offsets stored.
+        match tokio::time::timeout(Duration::from_secs(30), inflight.drain(&self.consumer)).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!(
+                "deliveries still pending at shutdown; those batches will be redelivered"
+            ),
         }
         Ok(())
     }
@@ -151,6 +179,18 @@ impl Worker {
         msgs: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> Result<BatchSummary, KafkaStepError> {
+        let (summary, out) = self.prepare(msgs, shutdown).await?;
+        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        Ok(summary)
+    }
+
+    /// Applies `msgs` in PostgreSQL (with retries) and returns what to publish: results
+    /// and compensations in command order, and dead letters.
+    pub async fn prepare(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(BatchSummary, Vec<OutMessage>), KafkaStepError> {
         let mut out = Vec::new();
         let mut ops: Vec<(usize, DeductCommand)> = Vec::with_capacity(msgs.len());
         for (i, m) in msgs.iter().enumerate() {
@@ -210,7 +250,6 @@ impl Worker {
             }
         }
         summary.dead_letters = out.iter().filter(|m| m.topic == self.topics.dlq).count();
-        kafka::publish_all(&self.producer, &out, shutdown).await?;
         for plan in &plans {
             for r in &plan.results {
                 self.metrics.outcome(r);
@@ -223,7 +262,7 @@ impl Worker {
             .compensations
             .with_label_values(&["issued"])
             .inc_by(summary.compensations as u64);
-        Ok(summary)
+        Ok((summary, out))
     }
 
     /// Applies with capped exponential backoff on transient errors (50 ms doubling to 5 s,

@@ -167,6 +167,7 @@ impl TestEnv {
             batch: BatchArgs {
                 batch_size: 500,
                 linger: Duration::from_millis(5),
+                pipeline_depth: 2,
             },
             log: LogArgs {
                 format: LogFormat::Text,
@@ -186,6 +187,7 @@ impl TestEnv {
             batch: BatchArgs {
                 batch_size: 500,
                 linger: Duration::from_millis(5),
+                pipeline_depth: 2,
             },
             log: LogArgs {
                 format: LogFormat::Text,

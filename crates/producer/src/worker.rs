@@ -120,29 +120,69 @@ impl Worker {
         result
     }
 
+    /// Batches flow through two stages: the Redis step (here, one batch at a time, in
+    /// order) and the wait for delivery reports ([`kafka::InFlight`], overlapping the next
+    /// batch's Redis step). Offsets are stored in batch order once a batch is delivered.
     async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        while let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, shutdown).await {
-            self.metrics.batch_size.observe(msgs.len() as f64);
-            match self.process_retrying(&msgs, shutdown).await {
-                Ok(summary) => {
-                    kafka::store_offsets(&self.consumer, &msgs);
-                    tracing::debug!(?summary, "batch done");
-                }
-                Err(KafkaStepError::Interrupted) => break,
-                Err(e) => return Err(e.into()),
+        let mut inflight = kafka::InFlight::new(self.batch.pipeline_depth);
+        let idle = Some(Duration::from_millis(100));
+        let result: Result<(), KafkaStepError> = loop {
+            if let Err(e) = inflight.settle(&self.consumer).await {
+                break Err(e);
             }
+            let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, idle, shutdown).await
+            else {
+                break Ok(());
+            };
+            if msgs.is_empty() {
+                continue;
+            }
+            self.metrics.batch_size.observe(msgs.len() as f64);
+            let out = match self.prepare_retrying(&msgs, shutdown).await {
+                Ok((summary, out)) => {
+                    tracing::debug!(?summary, "batch decided");
+                    out
+                }
+                Err(KafkaStepError::Interrupted) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            match kafka::enqueue_all(&self.producer, &out, shutdown).await {
+                Ok(deliveries) => inflight.push(msgs, deliveries),
+                Err(KafkaStepError::Interrupted) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        result?;
+        // Shutdown: what is enqueued gets its delivery reports and its offsets stored.
+        match tokio::time::timeout(Duration::from_secs(30), inflight.drain(&self.consumer)).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!(
+                "deliveries still pending at shutdown; those batches will be redelivered"
+            ),
         }
         Ok(())
     }
 
-    /// [`Worker::process`] with retries: Redis errors, an unloaded or corrupt Redis are
-    /// retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
-    /// each retry logged with its cause.
-    pub async fn process_retrying(
+    /// One step, for tests and tools: [`Worker::prepare`] with its retries, then publish
+    /// and wait for every delivery report. Does not store offsets.
+    pub async fn process(
         &self,
         msgs: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> Result<BatchSummary, KafkaStepError> {
+        let (summary, out) = self.prepare_retrying(msgs, shutdown).await?;
+        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        Ok(summary)
+    }
+
+    /// [`Worker::prepare`] with retries: Redis errors, an unloaded or corrupt Redis are
+    /// retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
+    /// each retry logged with its cause.
+    pub async fn prepare_retrying(
+        &self,
+        msgs: &[OwnedMessage],
+        shutdown: &CancellationToken,
+    ) -> Result<(BatchSummary, Vec<OutMessage>), KafkaStepError> {
         let mut backoff = ExponentialBackoff {
             initial_interval: Duration::from_millis(100),
             max_interval: Duration::from_secs(5),
@@ -150,7 +190,7 @@ impl Worker {
             ..Default::default()
         };
         loop {
-            let err = match self.process(msgs, shutdown).await {
+            let err = match self.prepare(msgs).await {
                 Ok(s) => return Ok(s),
                 Err(StepError::Kafka(e)) => return Err(e),
                 Err(e) => e,
@@ -177,13 +217,13 @@ impl Worker {
         }
     }
 
-    /// One step: run the batch's Redis scripts and publish what they decided. Does not
-    /// store offsets. Safe to repeat: every script is idempotent by order id.
-    pub async fn process(
+    /// Runs the batch's Redis scripts and returns what to publish, in message order (so
+    /// that an order's events keep their order). Safe to repeat: every script is
+    /// idempotent by order id.
+    pub async fn prepare(
         &self,
         msgs: &[OwnedMessage],
-        shutdown: &CancellationToken,
-    ) -> Result<BatchSummary, StepError> {
+    ) -> Result<(BatchSummary, Vec<OutMessage>), StepError> {
         let inputs: Vec<Input> = msgs
             .iter()
             .map(|m| {
@@ -293,7 +333,6 @@ impl Worker {
             }
         }
         summary.results = results.len();
-        kafka::publish_all(&self.producer, &out, shutdown).await?;
         for r in &results {
             self.metrics.outcome(r);
         }
@@ -304,6 +343,6 @@ impl Worker {
             .compensations
             .with_label_values(&["restored"])
             .inc_by(summary.restored as u64);
-        Ok(summary)
+        Ok((summary, out))
     }
 }

@@ -81,6 +81,7 @@ pub async fn run(
     let batch = BatchArgs {
         batch_size: 2000,
         linger: Duration::from_millis(5),
+        pipeline_depth: 2,
     };
     let log = LogArgs {
         format: LogFormat::Text,
