@@ -229,8 +229,16 @@ async fn load_stock_and_ledger(
     redis: &RedisStore,
 ) -> Result<(usize, usize), AdminError> {
     let mut conn = redis.connection();
+    // One snapshot for the stock and the ledger: a release (cancel, expiry) committed
+    // between two separate reads would be in the ledger ("given back", so its compensation
+    // restores nothing) but not in `available` — Redis would stay short forever. In one
+    // snapshot, a later release still finds its order held and its compensation restores.
+    let mut snap = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *snap)
+        .await?;
     let stock = sqlx::query("SELECT product_id, available FROM stock ORDER BY product_id")
-        .fetch_all(pool)
+        .fetch_all(&mut *snap)
         .await?;
     for chunk in stock.chunks(1000) {
         let mut pipe = redis::pipe();
@@ -248,7 +256,7 @@ async fn load_stock_and_ledger(
             "SELECT order_id, status, items::text FROM order_ledger WHERE order_id > $1 ORDER BY order_id LIMIT 5000",
         )
         .bind(&last)
-        .fetch_all(pool)
+        .fetch_all(&mut *snap)
         .await?;
         if rows.is_empty() {
             break;
@@ -270,5 +278,6 @@ async fn load_stock_and_ledger(
         let _: () = pipe.query_async(&mut conn).await?;
         orders += rows.len();
     }
+    snap.commit().await?;
     Ok((stock.len(), orders))
 }
