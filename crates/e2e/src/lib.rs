@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use stockctl::harness;
 
-
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }
