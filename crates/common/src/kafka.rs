@@ -323,6 +323,9 @@ pub async fn enqueue_all(
     Ok(futures)
 }
 
+/// Waits for every delivery report of one batch.
+type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
+
 /// Batches whose messages are enqueued but not all acknowledged yet, oldest first. The
 /// worker goes on with the next batch meanwhile (its Redis or PostgreSQL step overlaps
 /// the wait); offsets are stored strictly in batch order, each batch's only once all its
@@ -330,10 +333,7 @@ pub async fn enqueue_all(
 /// fatal: nothing of that batch or later ones is stored, and a restart redelivers them.
 pub struct InFlight {
     depth: usize,
-    queue: std::collections::VecDeque<(
-        Vec<OwnedMessage>,
-        tokio::task::JoinHandle<Result<(), KafkaStepError>>,
-    )>,
+    queue: std::collections::VecDeque<(Vec<OwnedMessage>, DeliveryWaiter)>,
 }
 
 impl InFlight {
