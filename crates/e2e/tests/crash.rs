@@ -31,12 +31,12 @@ async fn crash_mid_load(victim: &str) {
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let p = if i % 2 == 0 { 1 } else { 2 + (i as i64 % 19) };
+            let p = if i.is_multiple_of(2) { 1 } else { 2 + (i as i64 % 19) };
             let mut items = vec![Item {
                 product_id: p,
                 quantity: 1 + (i % 2) as i64,
             }];
-            if i % 7 == 0 && p != 1 {
+            if i.is_multiple_of(7) && p != 1 {
                 items.push(Item {
                     product_id: 1,
                     quantity: 1,

@@ -123,7 +123,7 @@ async fn reservations_expire_once_and_race_payments_consistently() {
     assert!(collector.wait_for(&all, 1, WAIT).await);
     // Pay half of them, spread over the deadline: some before it, some after.
     let started = tokio::time::Instant::now();
-    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i.is_multiple_of(2)) {
         let at = started + Duration::from_millis(60 * i as u64);
         tokio::time::sleep_until(at).await;
         env.send_orders(vec![(id.clone(), paid(id))]).await;
@@ -207,7 +207,7 @@ async fn redis_loss_stops_selling_until_rebuilt_and_replays_keep_outcomes() {
     let collector = env.collector();
     let order = |i: usize| {
         let id = format!("loss-{i}");
-        let p = if i % 2 == 0 { 1 } else { 2 + (i as i64 % 9) };
+        let p = if i.is_multiple_of(2) { 1 } else { 2 + (i as i64 % 9) };
         let body = created(&id, &[item(p, 1 + (i % 3) as i64)]);
         (id, body)
     };

@@ -282,7 +282,7 @@ async fn replay_from_earliest_changes_nothing() {
     let ids: HashSet<String> = (0..200).map(|i| format!("r-{i}")).collect();
     let mut msgs = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let items = if i % 3 == 0 {
+        let items = if i.is_multiple_of(3) {
             vec![item(1, 1), item(2, 1)]
         } else {
             vec![item(1 + (i % 2) as i64, 1)]
