@@ -31,7 +31,11 @@ async fn crash_mid_load(victim: &str) {
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            let p = if i.is_multiple_of(2) { 1 } else { 2 + (i as i64 % 19) };
+            let p = if i.is_multiple_of(2) {
+                1
+            } else {
+                2 + (i as i64 % 19)
+            };
             let mut items = vec![Item {
                 product_id: p,
                 quantity: 1 + (i % 2) as i64,

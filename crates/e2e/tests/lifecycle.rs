@@ -207,7 +207,11 @@ async fn redis_loss_stops_selling_until_rebuilt_and_replays_keep_outcomes() {
     let collector = env.collector();
     let order = |i: usize| {
         let id = format!("loss-{i}");
-        let p = if i.is_multiple_of(2) { 1 } else { 2 + (i as i64 % 9) };
+        let p = if i.is_multiple_of(2) {
+            1
+        } else {
+            2 + (i as i64 % 9)
+        };
         let body = created(&id, &[item(p, 1 + (i % 3) as i64)]);
         (id, body)
     };
