@@ -310,3 +310,67 @@ async fn redis_loss_stops_selling_until_rebuilt_and_replays_keep_outcomes() {
     collector.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restock_while_orders_flow_never_sells_stock_postgres_lacks() {
+    let env = TestEnv::new().await;
+    env.load_stock(&[(1, 50)]).await;
+    let workers = env.start_workers().await;
+    let collector = env.collector();
+    let ids: Vec<String> = (0..600).map(|i| format!("rs-{i}")).collect();
+    let all: HashSet<String> = ids.iter().cloned().collect();
+    let kafka = env.kafka.clone();
+    let topic = env.topics.orders.clone();
+    let msgs: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (id.clone(), created(id, &[item(1, 1)])))
+        .collect();
+    let load = tokio::spawn(async move {
+        let producer = stock_common::kafka::producer(&kafka).expect("producer");
+        for chunk in msgs.chunks(50) {
+            stock_e2e::harness::publish(&producer, &topic, chunk.to_vec())
+                .await
+                .expect("publish");
+        }
+    });
+    // Five restocks of 30 while the orders flow; the third is retried with its id.
+    for n in 0..5 {
+        let id = format!("restock-{}-{n}", env.id);
+        stockctl::admin::restock(&env.pool, &env.store, 1, 30, &id)
+            .await
+            .expect("restock");
+        if n == 2 {
+            stockctl::admin::restock(&env.pool, &env.store, 1, 30, &id)
+                .await
+                .expect("retried restock");
+        }
+    }
+    load.await.expect("load");
+    assert!(collector.wait_for(&all, 1, WAIT).await);
+    assert!(env.wait_idle("producer", "consumer").await);
+    workers.stop().await;
+
+    let row = env.stock_row(1).await;
+    assert_eq!(row.total_added, 200, "the retried restock added once");
+    let o = collector.snapshot();
+    let reserved = ids
+        .iter()
+        .filter(|id| o[*id][0].status == Status::Reserved)
+        .count() as i64;
+    // PostgreSQL never had to refuse what Redis granted: Redis only ever offered stock
+    // that PostgreSQL already held.
+    let refused_in_pg: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'rejected'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(
+        refused_in_pg, 0,
+        "no order was granted stock PostgreSQL lacked"
+    );
+    assert_eq!(row.reserved, reserved);
+    assert!(reserved <= 200);
+    env.assert_invariants(&[1]).await;
+    collector.stop().await;
+    env.cleanup().await;
+}
