@@ -41,8 +41,10 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // 40001 serialization_failure, 40P01 deadlock_detected, class 08 connection
-            // exceptions, 57P0x operator intervention (shutdown), 53xxx insufficient resources.
+            // exceptions, 57P0x operator intervention (shutdown), 53xxx insufficient resources,
+            // 25P03 idle-in-transaction timeout (this worker was frozen mid-transaction).
             code == "40001"
+                || code == "25P03"
                 || code == "40P01"
                 || code.starts_with("08")
                 || code.starts_with("57P")

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use stockctl::harness;
 
+pub mod nemesis;
+
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }

@@ -1,0 +1,709 @@
+//! The nemesis: a Jepsen-style fault-injection run of the whole pipeline on the real stack.
+//!
+//! [`run`] sets up an isolated environment ([`TestEnv`]), loads a hot SKU and a long tail
+//! of products, starts **two producer and two consumer processes** (same groups; any that
+//! dies is restarted), and plays a mixed workload over time (see [`workload`]): single and
+//! multi-item orders, pays and cancels — some racing the short reservation TTL, some
+//! after it —, duplicated events, invalid orders and unparseable bytes. Meanwhile it
+//! injects faults from a seeded schedule (every kind once, then at random; see
+//! [`faults`]): `kill -9` of a worker, SIGSTOP of a worker for longer than the group
+//! session timeout, restarts of Kafka, PostgreSQL and Redis (data kept), and Redis emptied
+//! followed by `stockctl rebuild`. Once the faults are over it waits until the pipeline is
+//! idle and every reservation is settled and announced, then [`check`] compares
+//! everything observable with the contract's six guarantees and the order lifecycle.
+//!
+//! The environment comes from `KAFKA_BROKERS`, `DATABASE_URL` and `REDIS_URL`; services
+//! are restarted with `deploy/stack-{down,up}.sh` and the stack settings of the
+//! environment (`STACK_DIR`, `PGPORT_STACK`, `REDIS_PORT`, `KAFKA_PORT`,
+//! `KAFKA_CONTROLLER_PORT`), after checking that they name the stack the URLs point at.
+//! The worker binaries are taken from next to the running executable (`cargo build --bins`).
+
+pub mod check;
+pub mod faults;
+pub mod procs;
+pub mod rng;
+pub mod workload;
+
+use crate::TestEnv;
+use check::{DlqMsg, LedgerRec, Mov, Observed, Violation};
+use faults::{FaultCtx, FaultKind, FaultRecord, StackControl};
+use procs::Supervisor;
+use rdkafka::message::{Headers, Message};
+use rng::Rng;
+use sqlx::Row;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use stock_common::events::{Item, StockResult};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of a nemesis run.
+#[derive(Debug, Clone)]
+pub struct NemesisConfig {
+    /// Valid orders (first `order_created` events); invalid orders, orders for a missing
+    /// product and unparseable messages come on top (about 0.5 %, 0.2 % and 0.3 %).
+    pub orders: usize,
+    /// Tail products (the hot SKU is product 1).
+    pub products: usize,
+    /// Share of orders that include the hot SKU.
+    pub hot_share: f64,
+    /// Stock of the hot SKU, as a share of what its orders ask for (it sells out).
+    pub hot_stock_share: f64,
+    /// Share of orders with 2 to 4 items.
+    pub multi_share: f64,
+    /// Reservation TTL of the consumers (short, so that reservations expire during the run).
+    pub ttl: Duration,
+    /// Expiry sweep interval of the consumers.
+    pub expiry_interval: Duration,
+    /// Over how long the orders are spread. `None`: 12 s per fault, at least 20 s.
+    pub duration: Option<Duration>,
+    /// How many faults.
+    pub faults: usize,
+    /// The kinds to draw from (each at least once when `faults` allows).
+    pub kinds: Vec<FaultKind>,
+    pub seed: u64,
+    /// Time between the start of the workload and the first fault.
+    pub warmup: Duration,
+    /// Pause between two faults: uniform in this range.
+    pub gap: (Duration, Duration),
+    /// How long a restarted service stays down; Redis stays empty for 0.3 s to this long
+    /// (drawn per fault) before the rebuild.
+    pub outage: Duration,
+    /// How long a SIGSTOPped worker stays stopped (above the 10 s session timeout).
+    pub pause: Duration,
+    /// How long to wait for the pipeline to become idle after the faults.
+    pub idle_timeout: Duration,
+    /// `BATCH_SIZE` of the workers.
+    pub batch_size: usize,
+    /// Where `stack-up.sh` and `stack-down.sh` are.
+    pub deploy_dir: PathBuf,
+    /// Keep the run's database when there are violations (for a post-mortem).
+    pub keep_on_failure: bool,
+    /// Keep the run's database in any case.
+    pub keep: bool,
+}
+
+impl NemesisConfig {
+    /// `orders` orders, `faults` faults of every kind, seed `seed`; other settings default.
+    pub fn new(orders: usize, faults: usize, seed: u64) -> NemesisConfig {
+        NemesisConfig {
+            orders,
+            products: 200,
+            hot_share: 0.3,
+            hot_stock_share: 0.3,
+            multi_share: 0.25,
+            ttl: Duration::from_secs(4),
+            expiry_interval: Duration::from_millis(500),
+            duration: None,
+            faults,
+            kinds: FaultKind::ALL.to_vec(),
+            seed,
+            warmup: Duration::from_secs(3),
+            gap: (Duration::from_secs(2), Duration::from_secs(6)),
+            outage: Duration::from_secs(3),
+            pause: Duration::from_secs(13),
+            idle_timeout: Duration::from_secs(300),
+            batch_size: 500,
+            deploy_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy")),
+            keep_on_failure: true,
+            keep: false,
+        }
+    }
+
+    /// The reduced run of the test suite: 10,000 orders, every fault kind once.
+    pub fn reduced(seed: u64) -> NemesisConfig {
+        NemesisConfig {
+            products: 100,
+            duration: Some(Duration::from_secs(60)),
+            warmup: Duration::from_secs(6),
+            gap: (Duration::from_secs(1), Duration::from_secs(3)),
+            outage: Duration::from_secs(2),
+            pause: Duration::from_secs(12),
+            ..NemesisConfig::new(10_000, FaultKind::ALL.len(), seed)
+        }
+    }
+
+    /// The full run: 100,000 orders, 24 faults.
+    pub fn full(seed: u64) -> NemesisConfig {
+        NemesisConfig::new(100_000, 24, seed)
+    }
+
+    pub fn workload_duration(&self) -> Duration {
+        self.duration
+            .unwrap_or_else(|| Duration::from_secs((12 * self.faults as u64).max(20)))
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub run_id: String,
+    pub seed: u64,
+    pub orders: usize,
+    pub valid_orders: usize,
+    pub invalid_orders: usize,
+    pub unknown_product_orders: usize,
+    pub junk_messages: usize,
+    pub products: usize,
+    pub initial_hot_stock: i64,
+    /// Messages published to `orders`, by kind.
+    pub events: BTreeMap<String, usize>,
+    pub events_total: usize,
+    /// Distinct results per order, by `status[/reason]`.
+    pub outcomes: BTreeMap<String, usize>,
+    /// Messages on the results topic (redeliveries included).
+    pub result_messages: usize,
+    pub dead_letters: usize,
+    /// Final state of the orders in PostgreSQL.
+    pub ledger: BTreeMap<String, usize>,
+    /// What became of the valid orders, by what the workload did with them.
+    pub lifecycle: BTreeMap<String, usize>,
+    pub faults: BTreeMap<String, usize>,
+    pub fault_log: Vec<FaultRecord>,
+    pub worker_starts: usize,
+    pub unexpected_exits: Vec<String>,
+    pub clean_shutdowns: Vec<String>,
+    pub unclean_shutdowns: Vec<String>,
+    pub worker_logs: Vec<String>,
+    pub violations: Vec<Violation>,
+    pub violation_counts: BTreeMap<String, usize>,
+    pub setup_s: f64,
+    pub workload_s: f64,
+    pub faults_s: f64,
+    pub drain_s: f64,
+    pub check_s: f64,
+    pub total_s: f64,
+    /// Orders published per second of workload.
+    pub orders_per_s: f64,
+    /// Orders per second from the first event to the idle pipeline.
+    pub end_to_end_orders_per_s: f64,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "nemesis run {} (seed {}): {} orders ({} valid, {} invalid, {} for a missing product) \
+             on 1 hot SKU (stock {}) + {} tail products, {} unparseable messages",
+            self.run_id,
+            self.seed,
+            self.orders,
+            self.valid_orders,
+            self.invalid_orders,
+            self.unknown_product_orders,
+            self.initial_hot_stock,
+            self.products,
+            self.junk_messages
+        )?;
+        writeln!(
+            f,
+            "workload: {} events in {:.1} s ({:.0} orders/s published; {:.0} orders/s end to end, \
+             first event to idle pipeline)",
+            self.events_total, self.workload_s, self.orders_per_s, self.end_to_end_orders_per_s
+        )?;
+        for (k, n) in &self.events {
+            writeln!(f, "  {k:<40} {n:>8}")?;
+        }
+        writeln!(
+            f,
+            "outcomes (distinct per order; {} result messages, {} dead letters):",
+            self.result_messages, self.dead_letters
+        )?;
+        for (k, n) in &self.outcomes {
+            writeln!(f, "  {k:<40} {n:>8}")?;
+        }
+        writeln!(f, "orders in PostgreSQL at the end:")?;
+        for (k, n) in &self.ledger {
+            writeln!(f, "  {k:<40} {n:>8}")?;
+        }
+        writeln!(
+            f,
+            "valid orders by what the workload did -> how they ended:"
+        )?;
+        for (k, n) in &self.lifecycle {
+            writeln!(f, "  {k:<58} {n:>8}")?;
+        }
+        let kinds: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect();
+        writeln!(
+            f,
+            "faults: {} in {:.1} s: {}",
+            self.fault_log.len(),
+            self.faults_s,
+            kinds.join(", ")
+        )?;
+        for r in &self.fault_log {
+            writeln!(
+                f,
+                "  [{:>6.1} s] {:<17} {:<11} {:>5.1} s  {}",
+                r.at_s, r.kind, r.target, r.took_s, r.note
+            )?;
+        }
+        writeln!(
+            f,
+            "workers: 4 (2 producers, 2 consumers), {} process starts, {} unexpected exits, \
+             {} of 4 stopped cleanly on SIGTERM at the end",
+            self.worker_starts,
+            self.unexpected_exits.len(),
+            self.clean_shutdowns.len()
+        )?;
+        for e in &self.unexpected_exits {
+            writeln!(f, "  unexpected exit: {e}")?;
+        }
+        for e in &self.unclean_shutdowns {
+            writeln!(f, "  unclean shutdown: {e}")?;
+        }
+        writeln!(
+            f,
+            "durations: setup {:.1} s, workload {:.1} s, faults {:.1} s, drain to idle {:.1} s, \
+             check {:.1} s, total {:.1} s",
+            self.setup_s, self.workload_s, self.faults_s, self.drain_s, self.check_s, self.total_s
+        )?;
+        if self.violations.is_empty() {
+            writeln!(f, "violations: 0")?;
+        } else {
+            writeln!(f, "violations: {}", self.violations.len())?;
+            for (kind, n) in &self.violation_counts {
+                writeln!(f, "  {kind:<40} {n:>8}")?;
+                for v in self.violations.iter().filter(|v| &v.kind == kind).take(5) {
+                    writeln!(f, "      {}", v.detail)?;
+                }
+            }
+            writeln!(f, "worker logs: {}", self.worker_logs.join(" "))?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// Runs the nemesis (module docs). An `Err` means the run could not be carried out (stack
+/// not reachable, a service that did not come back, binaries not built); broken
+/// guarantees are in [`Report::violations`].
+pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
+    let t0 = Instant::now();
+    let producer_bin = procs::find_binary("producer").map_err(anyhow::Error::msg)?;
+    let consumer_bin = procs::find_binary("consumer").map_err(anyhow::Error::msg)?;
+    let env = TestEnv::new().await;
+    let stack = if cfg.kinds.iter().any(|k| k.restarts_service()) && cfg.faults > 0 {
+        Some(
+            StackControl::from_env(
+                &cfg.deploy_dir,
+                &env.kafka.brokers,
+                env.db.url.expose(),
+                env.redis.url.expose(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
+
+    let mut rng = Rng::new(cfg.seed);
+    let shape = workload::WorkloadShape {
+        orders: cfg.orders,
+        products: cfg.products,
+        hot_share: cfg.hot_share,
+        hot_stock_share: cfg.hot_stock_share,
+        multi_share: cfg.multi_share,
+        ttl: cfg.ttl,
+        duration: cfg.workload_duration(),
+    };
+    let plan = workload::generate(&shape, &mut rng.fork(1));
+    let schedule = faults::schedule(&cfg.kinds, cfg.faults, &mut rng.fork(2));
+    let mut fault_rng = rng.fork(3);
+    tracing::info!(
+        run = %env.id,
+        orders = plan.orders.len(),
+        events = plan.events.len(),
+        faults = ?schedule.iter().map(|k| k.label()).collect::<Vec<_>>(),
+        "nemesis: plan ready"
+    );
+
+    let stock: Vec<(i64, i64)> = plan.stock.iter().map(|(p, n)| (*p, *n)).collect();
+    env.load_stock(&stock).await;
+
+    let mut slots = Vec::new();
+    for (name, bin, group) in [
+        ("producer-1", &producer_bin, "producer"),
+        ("producer-2", &producer_bin, "producer"),
+        ("consumer-1", &consumer_bin, "consumer"),
+        ("consumer-2", &consumer_bin, "consumer"),
+    ] {
+        let mut penv = env.process_env(group);
+        penv.retain(|(k, _)| k != "BATCH_SIZE" && k != "METRICS_ADDR");
+        penv.extend([
+            ("BATCH_SIZE".to_owned(), cfg.batch_size.to_string()),
+            ("RESERVATION_TTL".to_owned(), fmt_duration(cfg.ttl)),
+            (
+                "EXPIRY_INTERVAL".to_owned(),
+                fmt_duration(cfg.expiry_interval),
+            ),
+            (
+                "METRICS_ADDR".to_owned(),
+                format!("127.0.0.1:{}", procs::free_port()?),
+            ),
+        ]);
+        slots.push((name.to_owned(), bin.clone(), penv));
+    }
+    let workers = Mutex::new(Supervisor::start(slots, &env.id)?);
+    let collector = env.collector();
+    let kafka_producer = stock_common::kafka::producer(&env.kafka)?;
+    let setup_s = t0.elapsed().as_secs_f64();
+
+    // The workload, the faults and the watchdog run together.
+    let violations: Mutex<Vec<Violation>> = Mutex::new(Vec::new());
+    let published = AtomicUsize::new(0);
+    let stop_workload = CancellationToken::new();
+    let done = CancellationToken::new();
+    let start = Instant::now();
+    let ctx = FaultCtx {
+        env: &env,
+        workers: &workers,
+        stack: stack.as_ref(),
+        outage: cfg.outage,
+        pause: cfg.pause,
+        rebuild: stockctl::rebuild::RebuildArgs {
+            topics: env.topics.clone(),
+            consumer_group: format!("t-{}-consumer", env.id),
+            quiet: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(120),
+        },
+        violations: &violations,
+        start,
+    };
+    let workload = async {
+        let r = workload::play(
+            &kafka_producer,
+            &env.topics.orders,
+            &plan.events,
+            start,
+            &published,
+            &stop_workload,
+        )
+        .await;
+        (r, start.elapsed())
+    };
+    let fault_run = async {
+        let mut log: Vec<FaultRecord> = Vec::new();
+        tokio::time::sleep(cfg.warmup).await;
+        for (i, kind) in schedule.iter().enumerate() {
+            if i > 0 {
+                let gap = fault_rng.range(
+                    cfg.gap.0.as_millis() as u64,
+                    cfg.gap.1.as_millis() as u64 + 1,
+                );
+                tokio::time::sleep(Duration::from_millis(gap)).await;
+            }
+            tracing::info!(
+                n = i + 1,
+                of = schedule.len(),
+                fault = kind.label(),
+                "nemesis: injecting"
+            );
+            match ctx.inject(*kind, &mut fault_rng).await {
+                Ok(r) => log.push(r),
+                Err(e) => {
+                    stop_workload.cancel();
+                    return (Err(e), log, start.elapsed());
+                }
+            }
+        }
+        (Ok(()), log, start.elapsed())
+    };
+    let main = async {
+        let r = tokio::join!(workload, fault_run);
+        done.cancel();
+        r
+    };
+    let watchdog = async {
+        let mut last_progress = Instant::now();
+        while !done.is_cancelled() {
+            tokio::select! {
+                _ = done.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            lock(&workers).reap();
+            if last_progress.elapsed() >= Duration::from_secs(10) {
+                last_progress = Instant::now();
+                let results: usize = collector.snapshot().values().map(Vec::len).sum();
+                tracing::info!(
+                    elapsed_s = start.elapsed().as_secs(),
+                    published = published.load(Ordering::Relaxed),
+                    of = plan.events.len(),
+                    results_read = results,
+                    "nemesis: progress"
+                );
+            }
+        }
+    };
+    let (((played, workload_took), (fault_result, fault_log, faults_took)), ()) =
+        tokio::join!(main, watchdog);
+    fault_result?;
+    let positions = played?;
+
+    // Idle: every input consumed, every reservation settled and announced.
+    let drain_start = Instant::now();
+    if let Err(state) = wait_idle(&env, &workers, cfg.idle_timeout).await {
+        lock(&violations).push(Violation {
+            kind: "pipeline_not_idle".into(),
+            detail: format!("not idle {:?} after the faults: {state}", cfg.idle_timeout),
+        });
+    }
+    let drain_s = drain_start.elapsed().as_secs_f64();
+    let end_to_end = start.elapsed();
+    let mut sup = workers.into_inner().unwrap_or_else(|e| e.into_inner());
+    let (clean, unclean) = sup.terminate_all(Duration::from_secs(30)).await;
+
+    let check_start = Instant::now();
+    let junk_positions: Vec<Option<(i32, i64)>> = plan
+        .events
+        .iter()
+        .zip(&positions)
+        .filter_map(|(e, p)| match e.kind {
+            workload::EventKind::Junk(j) => Some((j, *p)),
+            _ => None,
+        })
+        .fold(vec![None; plan.junk.len()], |mut acc, (j, p)| {
+            acc[j] = p;
+            acc
+        });
+    let obs = observe(&env, &plan, junk_positions).await?;
+    let findings = check::check(&plan, &obs);
+    let check_s = check_start.elapsed().as_secs_f64();
+
+    let mut all = std::mem::take(&mut *lock(&violations));
+    all.extend(findings.violations);
+    let mut violation_counts = BTreeMap::new();
+    for v in &all {
+        *violation_counts.entry(v.kind.clone()).or_insert(0) += 1;
+    }
+    let mut fault_counts = BTreeMap::new();
+    for r in &fault_log {
+        *fault_counts.entry(r.kind.clone()).or_insert(0) += 1;
+    }
+    let count = |e: workload::Expect| plan.orders.iter().filter(|o| o.expect == e).count();
+    let report = Report {
+        run_id: env.id.clone(),
+        seed: cfg.seed,
+        orders: plan.orders.len(),
+        valid_orders: count(workload::Expect::Valid),
+        invalid_orders: count(workload::Expect::Invalid),
+        unknown_product_orders: count(workload::Expect::UnknownProduct(workload::MISSING_PRODUCT)),
+        junk_messages: plan.junk.len(),
+        products: plan.stock.len() - 1,
+        initial_hot_stock: plan.stock.get(&workload::HOT).copied().unwrap_or(0),
+        events: plan.event_counts(),
+        events_total: plan.events.len(),
+        outcomes: findings.outcomes,
+        result_messages: obs.result_messages,
+        dead_letters: obs.dlq.len(),
+        ledger: findings.ledger,
+        lifecycle: findings.lifecycle,
+        faults: fault_counts,
+        fault_log,
+        worker_starts: sup.slots.iter().map(|s| s.starts).sum(),
+        unexpected_exits: sup.unexpected_exits.clone(),
+        clean_shutdowns: clean,
+        unclean_shutdowns: unclean,
+        worker_logs: sup.logs(),
+        violations: all,
+        violation_counts,
+        setup_s,
+        workload_s: workload_took.as_secs_f64(),
+        faults_s: faults_took.as_secs_f64(),
+        drain_s,
+        check_s,
+        total_s: t0.elapsed().as_secs_f64(),
+        orders_per_s: plan.orders.len() as f64 / workload_took.as_secs_f64().max(0.001),
+        end_to_end_orders_per_s: plan.orders.len() as f64 / end_to_end.as_secs_f64().max(0.001),
+    };
+    drop(sup);
+    collector.stop().await;
+    if cfg.keep || (!report.passed() && cfg.keep_on_failure) {
+        tracing::warn!(database = %format!("t_{}", report.run_id), "the run's database is kept");
+    } else {
+        env.cleanup().await;
+    }
+    Ok(report)
+}
+
+/// Waits until every worker runs, no reservation is open or unannounced, and every group
+/// has committed the end of its input topics (twice in a row, with the ends unchanged).
+/// On timeout, the last state seen.
+async fn wait_idle(
+    env: &TestEnv,
+    workers: &Mutex<Supervisor>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let pg = format!("t-{}-producer", env.id);
+    let cg = format!("t-{}-consumer", env.id);
+    let mut last_ends: Option<Vec<i64>> = None;
+    let mut last_log = Instant::now();
+    loop {
+        let running = {
+            let mut sup = lock(workers);
+            sup.reap();
+            sup.all_running()
+        };
+        let open: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'reserved'), count(*) FILTER (WHERE NOT announced) FROM order_ledger",
+        )
+        .fetch_one(&env.pool)
+        .await;
+        let lag = (|| -> Result<(i64, Vec<i64>), rdkafka::error::KafkaError> {
+            let mut lag = 0;
+            let mut ends = Vec::new();
+            for (group, topic) in [
+                (&pg, &env.topics.orders),
+                (&pg, &env.topics.compensate),
+                (&cg, &env.topics.deduct),
+            ] {
+                let end = stock_common::kafka::end_offsets(&env.kafka, topic)?;
+                let committed = stock_common::kafka::committed_offsets(&env.kafka, group, topic)?;
+                lag += end
+                    .iter()
+                    .zip(&committed)
+                    .map(|(e, c)| (e - c).max(0))
+                    .sum::<i64>();
+                ends.extend(end);
+            }
+            Ok((lag, ends))
+        })();
+        match (&open, &lag) {
+            (Ok((0, 0)), Ok((0, ends))) if running => {
+                if last_ends.as_ref() == Some(ends) {
+                    return Ok(());
+                }
+                last_ends = Some(ends.clone());
+            }
+            _ => last_ends = None,
+        }
+        let state = format!(
+            "workers running: {running}; (reserved, unannounced): {:?}; lag: {:?}",
+            open.as_ref().map_err(ToString::to_string),
+            lag.as_ref().map(|l| l.0).map_err(ToString::to_string)
+        );
+        if Instant::now() >= deadline {
+            return Err(state);
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            tracing::info!(%state, "nemesis: waiting for the pipeline to go idle");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Reads everything the checker looks at.
+async fn observe(
+    env: &TestEnv,
+    plan: &workload::Plan,
+    junk_positions: Vec<Option<(i32, i64)>>,
+) -> anyhow::Result<Observed> {
+    let mut obs = Observed {
+        orders_topic: env.topics.orders.clone(),
+        junk_positions,
+        ..Default::default()
+    };
+    let mut outcomes: HashMap<String, Vec<StockResult>> = HashMap::new();
+    let (mut messages, mut unparsed) = (0usize, 0usize);
+    stock_common::kafka::read_to_end(&env.kafka, &env.topics.results, |m| {
+        messages += 1;
+        match m.payload().map(serde_json::from_slice::<StockResult>) {
+            Some(Ok(r)) => outcomes.entry(r.order_id.clone()).or_default().push(r),
+            _ => unparsed += 1,
+        }
+    })
+    .await?;
+    obs.outcomes = outcomes;
+    obs.result_messages = messages;
+    obs.unparsed_results = unparsed;
+
+    let mut dlq = Vec::new();
+    stock_common::kafka::read_to_end(&env.kafka, &env.topics.dlq, |m| {
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                headers.insert(
+                    hd.key.to_owned(),
+                    hd.value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        dlq.push(DlqMsg {
+            key: m
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers,
+        });
+    })
+    .await?;
+    obs.dlq = dlq;
+
+    let rows = sqlx::query(
+        "SELECT order_id, status, reject_reason, reject_product, release_reason, items::text, announced FROM order_ledger",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    for r in rows {
+        let id: String = r.try_get(0)?;
+        let items: Vec<Item> = serde_json::from_str(r.try_get::<&str, _>(5)?)?;
+        obs.ledger.insert(
+            id,
+            LedgerRec {
+                status: r.try_get(1)?,
+                reject_reason: r.try_get(2)?,
+                reject_product: r.try_get(3)?,
+                release_reason: r.try_get(4)?,
+                items,
+                announced: r.try_get(6)?,
+            },
+        );
+    }
+    let rows = sqlx::query(
+        "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta FROM stock_movement",
+    )
+    .fetch_all(&env.pool)
+    .await?;
+    for r in rows {
+        obs.movements.push(Mov {
+            product_id: r.try_get(0)?,
+            kind: r.try_get(1)?,
+            reference: r.try_get(2)?,
+            quantity: r.try_get(3)?,
+            available: r.try_get(4)?,
+            reserved: r.try_get(5)?,
+            sold: r.try_get(6)?,
+        });
+    }
+    obs.stock = stockctl::admin::stock_rows(&env.pool, &[]).await?;
+    let products: Vec<i64> = plan.stock.keys().copied().collect();
+    obs.invariants = stockctl::admin::check_invariants(&env.pool, &env.store, &products).await?;
+    obs.redis_loaded = env.store.is_loaded().await?;
+    Ok(obs)
+}

@@ -1,0 +1,643 @@
+//! The nemesis workload: a seeded timeline of order events (valid orders on a hot SKU and
+//! a long tail, multi-item orders, pays and cancels at chosen delays — some racing the
+//! reservation TTL, some after it —, duplicated events, invalid orders, orders for a
+//! product that does not exist, and bytes that are no event at all), and the publisher
+//! that plays it onto the `orders` topic in real time.
+//!
+//! The stock is sized from the plan: the hot SKU gets a fraction of its demand (it sells
+//! out, and cancellations and expiries put stock back for later orders), every tail
+//! product more than all the orders that name it could ever take. So a refusal that names
+//! a tail product is always wrong (contract guarantee 6: nothing wrongly rejected).
+
+use super::rng::Rng;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use stock_common::events::Item;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The hot SKU.
+pub const HOT: i64 = 1;
+/// A product that has no stock row: orders naming it are `unknown_product`.
+pub const MISSING_PRODUCT: i64 = 900_000_001;
+
+/// What the contract says the `order_created` of an order must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// `reserved`, or `rejected`/`insufficient_stock` naming the hot SKU.
+    Valid,
+    /// `rejected`/`invalid_order`.
+    Invalid,
+    /// `rejected`/`unknown_product` naming this product.
+    UnknownProduct(i64),
+}
+
+/// What the workload does with an order after creating it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fate {
+    /// Nothing: a reservation expires.
+    Abandoned,
+    /// Paid well within the TTL.
+    PayQuick,
+    /// Paid around the TTL: races the expiry sweeper.
+    PayRacing,
+    /// Paid after the TTL: `ignored`/`already_released` unless the pipeline lagged.
+    PayLate,
+    CancelQuick,
+    CancelLate,
+    /// Cancelled, then paid: the pay is `ignored`/`already_released`.
+    CancelThenPay,
+}
+
+/// One order id of the workload and what was sent for it.
+#[derive(Debug, Clone)]
+pub struct PlannedOrder {
+    pub id: String,
+    /// The items of its first `order_created` (empty for an invalid order).
+    pub items: Vec<Item>,
+    pub expect: Expect,
+    pub fate: Fate,
+    /// `order_created` messages sent (duplicates and variants included).
+    pub created: u32,
+    /// Of those, how many named other items than the first.
+    pub variants: u32,
+    pub pays: u32,
+    pub cancels: u32,
+}
+
+/// Bytes that are no order event: they must end in the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct Junk {
+    pub key: String,
+    pub bytes: Vec<u8>,
+    pub what: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EventKind {
+    Created,
+    DuplicateCreated,
+    VariantCreated,
+    Paid,
+    DuplicatePaid,
+    Cancelled,
+    Invalid,
+    UnknownProduct,
+    Junk(usize),
+}
+
+impl EventKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            EventKind::Created => "order_created",
+            EventKind::DuplicateCreated => "order_created (duplicate)",
+            EventKind::VariantCreated => "order_created (same id, other items)",
+            EventKind::Paid => "order_paid",
+            EventKind::DuplicatePaid => "order_paid (duplicate)",
+            EventKind::Cancelled => "order_cancelled",
+            EventKind::Invalid => "invalid order event",
+            EventKind::UnknownProduct => "order_created (unknown product)",
+            EventKind::Junk(_) => "unparseable bytes",
+        }
+    }
+}
+
+/// One message of the timeline.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// When to publish it, from the start of the workload.
+    pub at: Duration,
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub kind: EventKind,
+}
+
+/// Shape of the workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadShape {
+    /// Valid orders (each with one first `order_created`).
+    pub orders: usize,
+    /// Tail products (ids 2..=products+1).
+    pub products: usize,
+    /// Share of orders that include the hot SKU.
+    pub hot_share: f64,
+    /// Stock of the hot SKU as a share of what its orders ask for.
+    pub hot_stock_share: f64,
+    /// Share of orders with 2 to 4 items.
+    pub multi_share: f64,
+    pub ttl: Duration,
+    /// Over how long the `order_created` events are spread.
+    pub duration: Duration,
+}
+
+/// The whole workload.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub orders: Vec<PlannedOrder>,
+    pub index: HashMap<String, usize>,
+    pub junk: Vec<Junk>,
+    /// Sorted by `at`; the events of one order keep the order they were planned in.
+    pub events: Vec<Event>,
+    /// Initial stock per product.
+    pub stock: BTreeMap<i64, i64>,
+}
+
+impl Plan {
+    pub fn order(&self, id: &str) -> Option<&PlannedOrder> {
+        self.index.get(id).map(|&i| &self.orders[i])
+    }
+
+    /// Events by kind label.
+    pub fn event_counts(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for e in &self.events {
+            *out.entry(e.kind.label().to_owned()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    pub fn tail_products(&self) -> impl Iterator<Item = i64> + '_ {
+        self.stock.keys().copied().filter(|p| *p != HOT)
+    }
+}
+
+fn created_json(id: &str, items: &[Item]) -> Vec<u8> {
+    crate::harness::created(id, items)
+}
+
+fn ms(d: u64) -> Duration {
+    Duration::from_millis(d)
+}
+
+struct Builder<'a> {
+    rng: &'a mut Rng,
+    shape: &'a WorkloadShape,
+    demand: BTreeMap<i64, i64>,
+    events: Vec<(Duration, u64, Event)>,
+    seq: u64,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, at: Duration, key: &str, payload: Vec<u8>, kind: EventKind) {
+        self.seq += 1;
+        self.events.push((
+            at,
+            self.seq,
+            Event {
+                at,
+                key: key.to_owned(),
+                payload,
+                kind,
+            },
+        ));
+    }
+
+    fn tail(&mut self) -> i64 {
+        // Skewed towards the low ids: a few popular products, a long tail.
+        let u = self.rng.unit();
+        2 + ((u * u) * self.shape.products as f64) as i64
+    }
+
+    fn items(&mut self) -> Vec<Item> {
+        let n = if self.rng.chance(self.shape.multi_share) {
+            self.rng.range(2, 5) as usize
+        } else {
+            1
+        };
+        let n = n.min(self.shape.products + 1);
+        let mut products: Vec<i64> = Vec::with_capacity(n);
+        if self.rng.chance(self.shape.hot_share) {
+            products.push(HOT);
+        }
+        while products.len() < n {
+            let p = self.tail();
+            if !products.contains(&p) {
+                products.push(p);
+            }
+        }
+        self.rng.shuffle(&mut products);
+        let items: Vec<Item> = products
+            .into_iter()
+            .map(|p| Item {
+                product_id: p,
+                quantity: if p == HOT {
+                    self.rng.range(1, 3) as i64
+                } else {
+                    self.rng.range(1, 4) as i64
+                },
+            })
+            .collect();
+        for it in &items {
+            *self.demand.entry(it.product_id).or_insert(0) += it.quantity;
+        }
+        items
+    }
+}
+
+/// Generates the workload of `shape` from `rng`.
+pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
+    let mut b = Builder {
+        rng,
+        shape,
+        demand: BTreeMap::new(),
+        events: Vec::new(),
+        seq: 0,
+    };
+    let n = shape.orders.max(1);
+    let span = shape.duration.as_millis().max(1) as u64;
+    let ttl = shape.ttl.as_millis() as u64;
+    let slot = (span / n as u64).max(1);
+    let mut orders = Vec::with_capacity(n + n / 50);
+
+    for i in 0..shape.orders {
+        let id = format!("o-{i}");
+        let t = ms(span * i as u64 / n as u64 + b.rng.range(0, slot));
+        let items = b.items();
+        b.push(t, &id, created_json(&id, &items), EventKind::Created);
+        let mut o = PlannedOrder {
+            id: id.clone(),
+            items: items.clone(),
+            expect: Expect::Valid,
+            fate: Fate::Abandoned,
+            created: 1,
+            variants: 0,
+            pays: 0,
+            cancels: 0,
+        };
+        if b.rng.chance(0.03) {
+            let at = t + ms(b.rng.range(1, 400));
+            b.push(
+                at,
+                &id,
+                created_json(&id, &items),
+                EventKind::DuplicateCreated,
+            );
+            o.created += 1;
+        }
+        if b.rng.chance(0.01) {
+            let other = b.items();
+            let at = t + ms(b.rng.range(1, 400));
+            b.push(
+                at,
+                &id,
+                created_json(&id, &other),
+                EventKind::VariantCreated,
+            );
+            o.created += 1;
+            o.variants += 1;
+        }
+        let r = b.rng.unit();
+        let racing = |rng: &mut Rng| (ttl + rng.range(0, 2000)).saturating_sub(1000).max(200);
+        let late = |rng: &mut Rng| ttl + rng.range(2000, 4000);
+        let quick = |rng: &mut Rng| rng.range(200, 1500);
+        let (fate, pay_at, cancel_at) = if r < 0.30 {
+            (Fate::PayQuick, Some(quick(b.rng)), None)
+        } else if r < 0.40 {
+            (Fate::PayRacing, Some(racing(b.rng)), None)
+        } else if r < 0.45 {
+            (Fate::PayLate, Some(late(b.rng)), None)
+        } else if r < 0.55 {
+            (Fate::CancelQuick, None, Some(quick(b.rng)))
+        } else if r < 0.58 {
+            (Fate::CancelLate, None, Some(late(b.rng)))
+        } else if r < 0.60 {
+            let c = b.rng.range(200, 800);
+            (
+                Fate::CancelThenPay,
+                Some(c + b.rng.range(400, 1200)),
+                Some(c),
+            )
+        } else {
+            (Fate::Abandoned, None, None)
+        };
+        o.fate = fate;
+        if let Some(c) = cancel_at {
+            b.push(
+                t + ms(c),
+                &id,
+                crate::harness::cancelled(&id),
+                EventKind::Cancelled,
+            );
+            o.cancels += 1;
+        }
+        if let Some(p) = pay_at {
+            b.push(t + ms(p), &id, crate::harness::paid(&id), EventKind::Paid);
+            o.pays += 1;
+            if b.rng.chance(0.15) {
+                let again = t + ms(p + b.rng.range(100, 1500));
+                b.push(
+                    again,
+                    &id,
+                    crate::harness::paid(&id),
+                    EventKind::DuplicatePaid,
+                );
+                o.pays += 1;
+            }
+        }
+        orders.push(o);
+    }
+
+    // Invalid orders: a readable id, a broken rule.
+    let invalid = (shape.orders / 200).max(7);
+    for i in 0..invalid {
+        let t = ms(b.rng.range(0, span));
+        let mut id = format!("inv-{i}");
+        let ok = json!([{"product_id": 2, "quantity": 1}]);
+        let body = match i % 7 {
+            0 => {
+                json!({"type":"order_created","order_id":id,"items":[{"product_id":2,"quantity":0}]})
+            }
+            1 => {
+                id = format!("bad id {i}");
+                json!({"type":"order_created","order_id":id,"items":ok})
+            }
+            2 => json!({"type":"order_created","order_id":id,"items":[]}),
+            3 => json!({"type":"order_created","order_id":id,
+                         "items":[{"product_id":2,"quantity":1},{"product_id":2,"quantity":2}]}),
+            4 => {
+                json!({"type":"order_created","order_id":id,"items":[{"product_id":2,"quantity":1_000_001}]})
+            }
+            5 => {
+                json!({"type":"order_created","order_id":id,"items":[{"product_id":0,"quantity":1}]})
+            }
+            _ => json!({"type":"order_created","order_id":id}),
+        };
+        b.push(t, &id, body.to_string().into_bytes(), EventKind::Invalid);
+        let mut o = PlannedOrder {
+            id: id.clone(),
+            items: Vec::new(),
+            expect: Expect::Invalid,
+            fate: Fate::Abandoned,
+            created: 1,
+            variants: 0,
+            pays: 0,
+            cancels: 0,
+        };
+        if i % 7 == 1 {
+            // A pay for an id that breaks the rules: ignored/not_reserved.
+            let body = json!({"type":"order_paid","order_id":id}).to_string();
+            b.push(t + ms(300), &id, body.into_bytes(), EventKind::Invalid);
+            o.pays += 1;
+            o.fate = Fate::PayQuick;
+        }
+        orders.push(o);
+    }
+
+    // Orders naming a product that does not exist.
+    for i in 0..(shape.orders / 500).max(2) {
+        let t = ms(b.rng.range(0, span));
+        let id = format!("unk-{i}");
+        let mut items = Vec::new();
+        if i % 2 == 1 {
+            let p = b.tail();
+            items.push(Item {
+                product_id: p,
+                quantity: 1,
+            });
+            *b.demand.entry(p).or_insert(0) += 1;
+        }
+        items.push(Item {
+            product_id: MISSING_PRODUCT,
+            quantity: 1,
+        });
+        b.push(t, &id, created_json(&id, &items), EventKind::UnknownProduct);
+        orders.push(PlannedOrder {
+            id,
+            items,
+            expect: Expect::UnknownProduct(MISSING_PRODUCT),
+            fate: Fate::Abandoned,
+            created: 1,
+            variants: 0,
+            pays: 0,
+            cancels: 0,
+        });
+    }
+
+    // Bytes that are no order event.
+    let mut junk = Vec::new();
+    for i in 0..(shape.orders / 300).max(7) {
+        let key = format!("junk-{i}");
+        let (what, bytes): (&'static str, Vec<u8>) = match i % 7 {
+            0 => ("not JSON", format!("not json {i}").into_bytes()),
+            1 => (
+                "unknown type",
+                json!({"type":"order_shipped","order_id":key})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            2 => (
+                "no order_id",
+                json!({"type":"order_created","items":[{"product_id":2,"quantity":1}]})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            3 => (
+                "order_id not a string",
+                json!({"type":"order_created","order_id":i})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            4 => ("not an object", b"[1,2,3]".to_vec()),
+            5 => ("not UTF-8", vec![0xff, 0xfe, 0x00, (i % 251) as u8, b'{']),
+            _ => ("no type", json!({"order_id":key}).to_string().into_bytes()),
+        };
+        let t = ms(b.rng.range(0, span));
+        b.push(t, &key, bytes.clone(), EventKind::Junk(junk.len()));
+        junk.push(Junk { key, bytes, what });
+    }
+
+    let mut stock = BTreeMap::new();
+    let hot_demand = b.demand.get(&HOT).copied().unwrap_or(0);
+    stock.insert(
+        HOT,
+        ((hot_demand as f64 * shape.hot_stock_share) as i64).max(10),
+    );
+    for p in 2..=(shape.products as i64 + 1) {
+        // More than every order naming it could take: a tail product is never short.
+        stock.insert(p, b.demand.get(&p).copied().unwrap_or(0) + 5);
+    }
+
+    let mut events = b.events;
+    events.sort_by_key(|(at, seq, _)| (*at, *seq));
+    let events: Vec<Event> = events.into_iter().map(|(_, _, e)| e).collect();
+    let index = orders
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.id.clone(), i))
+        .collect();
+    Plan {
+        orders,
+        index,
+        junk,
+        events,
+        stock,
+    }
+}
+
+/// Plays `events` onto `topic` at their times (from `start`), waiting for every delivery
+/// report. Returns each event's (partition, offset). Progress goes into `published`.
+pub async fn play(
+    producer: &FutureProducer,
+    topic: &str,
+    events: &[Event],
+    start: Instant,
+    published: &AtomicUsize,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<Option<(i32, i64)>>> {
+    let mut positions = vec![None; events.len()];
+    let mut next = 0;
+    while next < events.len() {
+        let now = start.elapsed();
+        let end = next + events[next..].partition_point(|e| e.at <= now);
+        if end > next {
+            let got = publish_tracked(producer, topic, &events[next..end], stop).await?;
+            positions[next..end].copy_from_slice(&got);
+            published.store(end, Ordering::Relaxed);
+            next = end;
+            continue;
+        }
+        let wait = events[next].at.saturating_sub(now).min(ms(100));
+        tokio::select! {
+            _ = stop.cancelled() => anyhow::bail!("workload stopped"),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    Ok(positions)
+}
+
+/// Publishes `events` in order and waits for every delivery report; a failed delivery is
+/// sent again (with capped backoff) until it is acknowledged.
+async fn publish_tracked(
+    producer: &FutureProducer,
+    topic: &str,
+    events: &[Event],
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<Option<(i32, i64)>>> {
+    let mut positions = vec![None; events.len()];
+    let mut pending: Vec<usize> = (0..events.len()).collect();
+    let mut delay = ms(100);
+    loop {
+        let mut futures = Vec::with_capacity(pending.len());
+        for &i in &pending {
+            let e = &events[i];
+            loop {
+                let rec = FutureRecord::to(topic)
+                    .key(e.key.as_str())
+                    .payload(&e.payload[..]);
+                match producer.send_result(rec) {
+                    Ok(f) => {
+                        futures.push((i, f));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        tokio::time::sleep(ms(5)).await;
+                    }
+                    Err((err, _)) => {
+                        if let Some((code, reason)) = producer.client().fatal_error() {
+                            anyhow::bail!("workload producer: fatal {code:?}: {reason}");
+                        }
+                        tracing::warn!(error = %err, "workload: cannot enqueue; retrying");
+                        tokio::time::sleep(ms(200)).await;
+                    }
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, f) in futures {
+            match f.await {
+                Ok(Ok(d)) => positions[i] = Some((d.partition, d.offset)),
+                Ok(Err((err, _))) => {
+                    tracing::warn!(error = %err, "workload: delivery failed; resending");
+                    failed.push(i);
+                }
+                Err(_) => failed.push(i),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(positions);
+        }
+        if stop.is_cancelled() {
+            anyhow::bail!("workload stopped");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        pending = failed;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> WorkloadShape {
+        WorkloadShape {
+            orders: 2000,
+            products: 50,
+            hot_share: 0.3,
+            hot_stock_share: 0.3,
+            multi_share: 0.25,
+            ttl: Duration::from_secs(4),
+            duration: Duration::from_secs(20),
+        }
+    }
+
+    #[test]
+    fn plan_is_deterministic_and_consistent() {
+        let a = generate(&shape(), &mut Rng::new(3));
+        let b = generate(&shape(), &mut Rng::new(3));
+        assert_eq!(a.events.len(), b.events.len());
+        assert!(a
+            .events
+            .iter()
+            .zip(&b.events)
+            .all(|(x, y)| x.payload == y.payload));
+        assert!(a.events.windows(2).all(|w| w[0].at <= w[1].at));
+        // Each order's first event is its first order_created.
+        let mut first: HashMap<&str, &Event> = HashMap::new();
+        for e in &a.events {
+            first.entry(e.key.as_str()).or_insert(e);
+        }
+        for o in &a.orders {
+            let e = first[o.id.as_str()];
+            assert!(matches!(
+                e.kind,
+                EventKind::Created | EventKind::Invalid | EventKind::UnknownProduct
+            ));
+            if o.expect == Expect::Valid {
+                assert_eq!(e.payload, created_json(&o.id, &o.items));
+            }
+        }
+        // Tail stock covers every order that names the product.
+        let mut demand: BTreeMap<i64, i64> = BTreeMap::new();
+        for e in a.events.iter().filter(|e| {
+            // A duplicate never deducts again: the first event of each id counts.
+            matches!(
+                e.kind,
+                EventKind::Created | EventKind::VariantCreated | EventKind::UnknownProduct
+            )
+        }) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e.payload) {
+                if let Some(items) = v.get("items").and_then(|i| i.as_array()) {
+                    for it in items {
+                        let p = it["product_id"].as_i64().unwrap_or(0);
+                        let q = it["quantity"].as_i64().unwrap_or(0);
+                        if p > 1 && p != MISSING_PRODUCT && q > 0 && q <= 3 {
+                            *demand.entry(p).or_insert(0) += q;
+                        }
+                    }
+                }
+            }
+        }
+        for (p, d) in demand {
+            if a.stock.contains_key(&p) {
+                assert!(a.stock[&p] > d, "product {p}");
+            }
+        }
+        assert!(a.junk.len() >= 7);
+        assert!(a.stock[&HOT] >= 10);
+    }
+}
