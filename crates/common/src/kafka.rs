@@ -323,6 +323,61 @@ pub async fn enqueue_all(
     Ok(futures)
 }
 
+/// A worker's work on one batch: its effects, and what to publish.
+pub trait BatchStep: Sync {
+    fn step<'a>(
+        &'a self,
+        msgs: &'a [OwnedMessage],
+        shutdown: &'a CancellationToken,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>>;
+}
+
+/// The loop both workers run. Batches flow through two stages: `step` (the Redis scripts
+/// or the PostgreSQL transaction: one batch at a time, in order) and the wait for delivery
+/// reports ([`InFlight`], overlapping the next batch's step). `step` returns what to
+/// publish; it is enqueued in batch order, and offsets are stored in batch order once
+/// delivered. Returns on shutdown, after the enqueued batches got their reports (30 s at
+/// most), or with the first fatal error.
+pub async fn run_pipeline(
+    consumer: &StreamConsumer,
+    producer: &FutureProducer,
+    batch: &BatchArgs,
+    shutdown: &CancellationToken,
+    worker: &impl BatchStep,
+) -> Result<(), KafkaStepError> {
+    let mut inflight = InFlight::new(batch.pipeline_depth);
+    let idle = Some(Duration::from_millis(100));
+    loop {
+        inflight.settle(consumer).await?;
+        let Some(msgs) = next_batch(consumer, batch, idle, shutdown).await else {
+            break;
+        };
+        if msgs.is_empty() {
+            continue;
+        }
+        let out = match worker.step(&msgs, shutdown).await {
+            Ok(out) => out,
+            Err(KafkaStepError::Interrupted) => break,
+            Err(e) => return Err(e),
+        };
+        match enqueue_all(producer, &out, shutdown).await {
+            Ok(deliveries) => inflight.push(msgs, deliveries),
+            Err(KafkaStepError::Interrupted) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    // Shutdown: what is enqueued gets its delivery reports and its offsets stored.
+    match tokio::time::timeout(Duration::from_secs(30), inflight.drain(consumer)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(
+                "deliveries still pending at shutdown; those batches will be redelivered"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Waits for every delivery report of one batch.
 type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
 

@@ -105,46 +105,9 @@ impl Worker {
         result
     }
 
-    /// Batches flow through two stages: the PostgreSQL transaction (one batch at a time,
-    /// in order) and the wait for delivery reports ([`kafka::InFlight`], overlapping the
-    /// next batch's transaction). Offsets are stored in batch order once delivered.
+    /// The batch loop ([`kafka::run_pipeline`]) with this worker's step.
     async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut inflight = kafka::InFlight::new(self.batch.pipeline_depth);
-        let idle = Some(Duration::from_millis(100));
-        let result: Result<(), KafkaStepError> = loop {
-            if let Err(e) = inflight.settle(&self.consumer).await {
-                break Err(e);
-            }
-            let Some(msgs) = kafka::next_batch(&self.consumer, &self.batch, idle, shutdown).await
-            else {
-                break Ok(());
-            };
-            if msgs.is_empty() {
-                continue;
-            }
-            self.metrics.batch_size.observe(msgs.len() as f64);
-            let out = match self.prepare(&msgs, shutdown).await {
-                Ok((summary, out)) => {
-                    tracing::debug!(?summary, "batch applied");
-                    out
-                }
-                Err(KafkaStepError::Interrupted) => break Ok(()),
-                Err(e) => break Err(e),
-            };
-            match kafka::enqueue_all(&self.producer, &out, shutdown).await {
-                Ok(deliveries) => inflight.push(msgs, deliveries),
-                Err(KafkaStepError::Interrupted) => break Ok(()),
-                Err(e) => break Err(e),
-            }
-        };
-        result?;
-        // Shutdown: what is enqueued gets its delivery reports and its offsets stored.
-        match tokio::time::timeout(Duration::from_secs(30), inflight.drain(&self.consumer)).await {
-            Ok(r) => r?,
-            Err(_) => tracing::warn!(
-                "deliveries still pending at shutdown; those batches will be redelivered"
-            ),
-        }
+        kafka::run_pipeline(&self.consumer, &self.producer, &self.batch, shutdown, self).await?;
         Ok(())
     }
 
@@ -321,4 +284,19 @@ pub fn parse(m: &OwnedMessage) -> Result<DeductCommand, String> {
         return Err(format!("unknown deduct command version {}", cmd.version()));
     }
     Ok(cmd)
+}
+
+impl kafka::BatchStep for Worker {
+    fn step<'a>(
+        &'a self,
+        msgs: &'a [OwnedMessage],
+        shutdown: &'a CancellationToken,
+    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>> {
+        Box::pin(async move {
+            self.metrics.batch_size.observe(msgs.len() as f64);
+            let (summary, out) = self.prepare(msgs, shutdown).await?;
+            tracing::debug!(?summary, "batch applied");
+            Ok(out)
+        })
+    }
 }
