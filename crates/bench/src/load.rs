@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use stock_common::events::Item;
+use stockctl::rng::Rng;
 
 /// The hot SKU.
 pub const HOT_PRODUCT: i64 = 1;
@@ -28,33 +29,6 @@ pub struct Order {
     pub items: Vec<Item>,
 }
 
-/// SplitMix64: small, fast, good enough for a load generator.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as i64
-    }
-}
-
 /// The orders of `spec`, with ids `<prefix><n>`.
 pub fn generate(spec: &LoadSpec, prefix: &str) -> Vec<Order> {
     let mut rng = Rng::new(spec.seed);
@@ -63,13 +37,13 @@ pub fn generate(spec: &LoadSpec, prefix: &str) -> Vec<Order> {
             let product = if spec.products <= 1 || rng.unit() < spec.hot_share {
                 HOT_PRODUCT
             } else {
-                rng.range(2, spec.products)
+                rng.range(2, spec.products as u64 + 1) as i64
             };
             Order {
                 id: format!("{prefix}{n}"),
                 items: vec![Item {
                     product_id: product,
-                    quantity: rng.range(1, spec.max_quantity.max(1)),
+                    quantity: rng.range(1, spec.max_quantity.max(1) as u64 + 1) as i64,
                 }],
             }
         })

@@ -21,7 +21,6 @@
 pub mod check;
 pub mod faults;
 pub mod procs;
-pub mod rng;
 pub mod workload;
 
 use crate::TestEnv;
@@ -29,7 +28,6 @@ use check::{DlqMsg, LedgerRec, Mov, Observed, Violation};
 use faults::{FaultCtx, FaultKind, FaultRecord, StackControl};
 use procs::Supervisor;
 use rdkafka::message::{Headers, Message};
-use rng::Rng;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -38,6 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use stock_common::events::{Item, StockResult};
+use stockctl::rng::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

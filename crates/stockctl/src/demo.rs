@@ -32,18 +32,6 @@ pub struct DemoArgs {
     pub timeout: Duration,
 }
 
-/// A tiny deterministic generator, so that every demo run sends the same load.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
-}
-
 pub async fn run(
     kafka: &KafkaArgs,
     db: &DatabaseArgs,
@@ -117,7 +105,7 @@ pub async fn run(
     let ctask = tokio::spawn(consumer.run(shutdown.clone()));
     let collector = ResultCollector::start(kafka, &topics.results)?;
 
-    let mut rng = Lcg(42);
+    let mut rng = crate::rng::Rng::new(42);
     let mut msgs = Vec::with_capacity(args.orders);
     let mut ids = HashSet::new();
     for i in 0..args.orders {
@@ -129,13 +117,13 @@ pub async fn run(
                 products[(r / 2) as usize % products.len()]
             }
         };
-        let first = pick(rng.next());
+        let first = pick(rng.next_u64());
         let mut items = vec![Item {
             product_id: first,
-            quantity: 1 + (rng.next() % 3) as i64,
+            quantity: 1 + (rng.next_u64() % 3) as i64,
         }];
-        if rng.next().is_multiple_of(10) {
-            let second = pick(rng.next() | 1);
+        if rng.next_u64().is_multiple_of(10) {
+            let second = pick(rng.next_u64() | 1);
             if second != first {
                 items.push(Item {
                     product_id: second,

@@ -9,13 +9,13 @@
 
 use super::check::Violation;
 use super::procs::Supervisor;
-use super::rng::Rng;
 use crate::TestEnv;
 use redis::AsyncCommands;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 use stock_common::redis_store::RedisStore;
+use stockctl::rng::Rng;
 use tokio::time::Instant;
 
 /// The kinds of fault.

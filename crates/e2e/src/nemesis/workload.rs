@@ -9,7 +9,6 @@
 //! product more than all the orders that name it could ever take. So a refusal that names
 //! a tail product is always wrong (contract guarantee 6: nothing wrongly rejected).
 
-use super::rng::Rng;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
@@ -17,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use stock_common::events::Item;
+use stockctl::rng::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

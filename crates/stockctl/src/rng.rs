@@ -1,5 +1,6 @@
-//! A small seeded generator (SplitMix64): the same seed gives the same workload and the
-//! same fault schedule on every machine and with every dependency version.
+//! A small seeded generator (SplitMix64) for every generated load (demo, nemesis,
+//! benchmarks): the same seed gives the same orders and the same fault schedule on every
+//! machine and with every dependency version.
 
 /// SplitMix64.
 #[derive(Debug, Clone)]
