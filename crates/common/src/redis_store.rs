@@ -7,11 +7,16 @@
 //! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here.
 //! * `stockpipe:loaded`: present once stock has been loaded from PostgreSQL. If Redis comes
 //!   back empty the marker is gone, and both scripts refuse to act until a rebuild.
+//! * `stockpipe:epoch`: changed with every write that can add stock; with the loaded
+//!   marker's value it guards the producer's sold-out marker ([`SoldOutMarker`]).
 //!
-//! The scripts (`lua/reserve.lua`, `lua/restore.lua`) pass every key in KEYS. They are
-//! sent with EVALSHA in one pipeline per batch, preceded by SCRIPT LOAD so a Redis that
-//! restarted and forgot them never answers NOSCRIPT. Every script is idempotent by order
-//! id, so a whole pipeline can be re-run after a connection error.
+//! The scripts (`lua/reserve.lua`, `lua/restore.lua`, `lua/adjust.lua`) pass every key in
+//! KEYS. They are sent with EVALSHA in one pipeline per batch, preceded by SCRIPT LOAD so a
+//! Redis that restarted and forgot them never answers NOSCRIPT. The reserve script decides
+//! a run of orders per call (the per-call cost dominated: 30 µs per single-order call).
+//! Every script is idempotent by order id, so a whole pipeline can be re-run after a
+//! connection error. They touch keys of many hash slots: a single Redis node, not a
+//! cluster.
 
 use crate::config::RedisArgs;
 use crate::events::{decode_items, encode_items, Item, Reason};
@@ -22,8 +27,17 @@ use std::sync::LazyLock;
 /// Most scripts sent in one pipelined round trip.
 pub const PIPELINE_CHUNK: usize = 500;
 
+/// Orders decided by one call of the reserve script. Bounds how long one call keeps
+/// Redis busy (about 10 µs per order) while saving the per-call cost on the rest.
+pub const RESERVE_CALL_ORDERS: usize = 100;
+
 /// Marker key whose absence means "Redis is not loaded".
 pub const LOADED_KEY: &str = "stockpipe:loaded";
+
+/// Counter changed, atomically, by every write that can add stock to a `stock:{id}` key
+/// (restore, adjust, load, repair). With the loaded marker's value it forms the epoch that
+/// guards sold-out refusals (`lua/reserve.lua`).
+pub const EPOCH_KEY: &str = "stockpipe:epoch";
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reserve.lua")));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
@@ -115,6 +129,116 @@ pub enum ReserveOutcome {
     Corrupt(String),
 }
 
+/// A sold-out refusal decided by the producer's [`SoldOutMarker`]: refuse for
+/// `insufficient_stock` of `product_id` without looking at stock, if the stock epoch is
+/// still `epoch` (no stock has come back since the product was seen at 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub product_id: i64,
+    pub epoch: String,
+}
+
+/// What [`RedisStore::reserve_many`] learnt: one outcome per request, and the products seen
+/// at 0 stock with the epoch they were seen in.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReserveReply {
+    pub outcomes: Vec<ReserveOutcome>,
+    pub zeros: Vec<(String, Vec<i64>)>,
+}
+
+impl ReserveReply {
+    /// Adds one script call's reply, which decided `n` orders.
+    fn absorb(&mut self, call: Vec<String>, n: usize) -> Result<(), StoreError> {
+        let bad =
+            || StoreError::Protocol(format!("reserve reply of the wrong shape for {n} orders"));
+        match call.first().map(String::as_str) {
+            Some("unloaded") => {
+                self.outcomes
+                    .extend(std::iter::repeat_n(ReserveOutcome::Unloaded, n));
+                return Ok(());
+            }
+            Some("ok") => {}
+            _ => return Err(bad()),
+        }
+        let epoch = call.get(1).ok_or_else(bad)?.clone();
+        let k: usize = call.get(2).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let zeros = call
+            .get(3..3 + k)
+            .ok_or_else(bad)?
+            .iter()
+            .map(|p| p.parse::<i64>().map_err(|_| bad()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let decided = call.get(3 + k..).ok_or_else(bad)?;
+        if decided.len() != 2 * n {
+            return Err(bad());
+        }
+        for pair in decided.chunks(2) {
+            let (kind, rec) = (&pair[0], &pair[1]);
+            self.outcomes.push(match kind.as_str() {
+                "corrupt" => ReserveOutcome::Corrupt(rec.clone()),
+                "new" | "seen" => OrderRecord::decode(rec)
+                    .map(|record| ReserveOutcome::Decided {
+                        record,
+                        fresh: kind == "new",
+                    })
+                    .ok_or_else(|| StoreError::Protocol(format!("bad order record {rec:?}")))?,
+                other => return Err(StoreError::Protocol(format!("reserve said {other:?}"))),
+            });
+        }
+        self.zeros.push((epoch, zeros));
+        Ok(())
+    }
+}
+
+/// The producer's local memory of products at 0 stock in Redis, valid for one stock epoch.
+/// An order whose FIRST item is such a product is refused without reading stock (a later
+/// item could not name the right product: an earlier item may be unknown or short). The
+/// refusal is still recorded by the reserve script, in the same call as the other orders,
+/// because an unrecorded refusal could turn into a reservation on a replay after a
+/// restock. The guard makes a stale marker harmless: the script then decides on stock.
+#[derive(Debug, Default)]
+pub struct SoldOutMarker {
+    epoch: String,
+    products: std::collections::HashSet<i64>,
+}
+
+impl SoldOutMarker {
+    /// The guards for `reqs` (None where stock must decide).
+    pub fn guards(&self, reqs: &[ReserveRequest]) -> Vec<Option<Guard>> {
+        reqs.iter()
+            .map(|r| match r.items.first() {
+                Some(first) if r.forced.is_none() && self.products.contains(&first.product_id) => {
+                    Some(Guard {
+                        product_id: first.product_id,
+                        epoch: self.epoch.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Takes in what a reserve call saw. A new epoch forgets every product marked before.
+    pub fn learn(&mut self, reply: &ReserveReply) {
+        for (epoch, zeros) in &reply.zeros {
+            if *epoch != self.epoch {
+                self.epoch.clone_from(epoch);
+                self.products.clear();
+            }
+            self.products.extend(zeros.iter().copied());
+        }
+    }
+
+    /// Products currently marked sold out.
+    pub fn len(&self) -> usize {
+        self.products.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.products.is_empty()
+    }
+}
+
 /// What the adjust script said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdjustOutcome {
@@ -173,66 +297,86 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Runs the reserve script for every request, in order, pipelined in round trips of
-    /// at most [`PIPELINE_CHUNK`] scripts.
+    /// Decides every request, in order: runs of at most [`RESERVE_CALL_ORDERS`] orders per
+    /// script call, at most [`PIPELINE_CHUNK`] orders per round trip. `guards[i]` (same
+    /// length as `reqs`, or empty for none) turns request `i` into a sold-out refusal that
+    /// the script applies only while the guard's epoch holds (see [`SoldOutMarker`]).
     pub async fn reserve_many(
         &self,
         reqs: &[ReserveRequest],
-    ) -> Result<Vec<ReserveOutcome>, StoreError> {
-        let mut out = Vec::with_capacity(reqs.len());
-        for chunk in reqs.chunks(PIPELINE_CHUNK) {
-            out.extend(self.reserve_chunk(chunk).await?);
+        guards: &[Option<Guard>],
+    ) -> Result<ReserveReply, StoreError> {
+        let mut reply = ReserveReply::default();
+        for (i, chunk) in reqs.chunks(PIPELINE_CHUNK).enumerate() {
+            let at = i * PIPELINE_CHUNK;
+            let g = guards.get(at..at + chunk.len()).unwrap_or(&[]);
+            self.reserve_chunk(chunk, g, &mut reply).await?;
         }
-        Ok(out)
+        Ok(reply)
     }
 
     async fn reserve_chunk(
         &self,
         reqs: &[ReserveRequest],
-    ) -> Result<Vec<ReserveOutcome>, StoreError> {
+        guards: &[Option<Guard>],
+        reply: &mut ReserveReply,
+    ) -> Result<(), StoreError> {
         if reqs.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&RESERVE).ignore();
-        for r in reqs {
+        let mut sizes = Vec::new();
+        for (c, call) in reqs.chunks(RESERVE_CALL_ORDERS).enumerate() {
             let mut inv = RESERVE.key(LOADED_KEY);
-            inv.key(order_key(&r.order_id));
-            for it in &r.items {
-                inv.key(stock_key(it.product_id));
-            }
-            inv.arg(self.record_ttl_secs).arg(encode_items(&r.items));
-            inv.arg(match r.forced {
-                Some(reason) => OrderRecord::Refused {
-                    reason,
-                    product_id: None,
+            inv.key(EPOCH_KEY).arg(self.record_ttl_secs);
+            for (j, r) in call.iter().enumerate() {
+                let guard = guards
+                    .get(c * RESERVE_CALL_ORDERS + j)
+                    .and_then(Option::as_ref);
+                inv.key(order_key(&r.order_id));
+                for it in &r.items {
+                    inv.key(stock_key(it.product_id));
                 }
-                .encode(),
-                None => String::new(),
-            });
-            for it in &r.items {
-                inv.arg(it.quantity);
-            }
-            for it in &r.items {
-                inv.arg(it.product_id);
+                let forced = match (r.forced, guard) {
+                    (Some(reason), _) => OrderRecord::Refused {
+                        reason,
+                        product_id: None,
+                    }
+                    .encode(),
+                    (None, Some(g)) => OrderRecord::Refused {
+                        reason: Reason::InsufficientStock,
+                        product_id: Some(g.product_id),
+                    }
+                    .encode(),
+                    (None, None) => String::new(),
+                };
+                let guard_epoch = match (r.forced, guard) {
+                    (None, Some(g)) => g.epoch.as_str(),
+                    _ => "",
+                };
+                inv.arg(r.items.len())
+                    .arg(encode_items(&r.items))
+                    .arg(forced)
+                    .arg(guard_epoch);
+                for it in &r.items {
+                    inv.arg(it.quantity);
+                }
+                for it in &r.items {
+                    inv.arg(it.product_id);
+                }
             }
             pipe.invoke_script(&inv);
+            sizes.push(call.len());
         }
-        let replies: Vec<(String, String)> = pipe.query_async(&mut self.conn.clone()).await?;
-        replies
-            .into_iter()
-            .map(|(kind, rec)| match kind.as_str() {
-                "unloaded" => Ok(ReserveOutcome::Unloaded),
-                "corrupt" => Ok(ReserveOutcome::Corrupt(rec)),
-                "new" | "seen" => OrderRecord::decode(&rec)
-                    .map(|record| ReserveOutcome::Decided {
-                        record,
-                        fresh: kind == "new",
-                    })
-                    .ok_or_else(|| StoreError::Protocol(format!("bad order record {rec:?}"))),
-                other => Err(StoreError::Protocol(format!("reserve said {other:?}"))),
-            })
-            .collect()
+        let calls: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        if calls.len() != sizes.len() {
+            return Err(StoreError::Protocol("reserve: too few replies".into()));
+        }
+        for (call, n) in calls.into_iter().zip(sizes) {
+            reply.absorb(call, n)?;
+        }
+        Ok(())
     }
 
     /// Runs the restore script for each `(order_id, items)`, in order, pipelined in round
@@ -259,7 +403,7 @@ impl RedisStore {
         pipe.load_script(&RESTORE).ignore();
         for (order_id, items) in reqs {
             let mut inv = RESTORE.key(LOADED_KEY);
-            inv.key(order_key(order_id));
+            inv.key(EPOCH_KEY).key(order_key(order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
             }
@@ -297,6 +441,7 @@ impl RedisStore {
             .key(LOADED_KEY)
             .key(stock_key(product_id))
             .key(request_key(request_id))
+            .key(EPOCH_KEY)
             .arg(delta)
             .arg(self.record_ttl_secs)
             .invoke_async(&mut self.conn.clone())
@@ -339,6 +484,91 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn strings(xs: &[&str]) -> Vec<String> {
+        xs.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn req(id: &str, products: &[i64], forced: Option<Reason>) -> ReserveRequest {
+        ReserveRequest {
+            order_id: id.into(),
+            items: products
+                .iter()
+                .map(|&product_id| Item {
+                    product_id,
+                    quantity: 1,
+                })
+                .collect(),
+            forced,
+        }
+    }
+
+    #[test]
+    fn reserve_reply_is_read_per_order_with_its_epoch() {
+        let mut reply = ReserveReply::default();
+        reply
+            .absorb(
+                strings(&[
+                    "ok",
+                    "t1#3",
+                    "1",
+                    "42",
+                    "new",
+                    "R|42:1",
+                    "seen",
+                    "X|insufficient_stock|42",
+                ]),
+                2,
+            )
+            .expect("reply");
+        reply.absorb(strings(&["unloaded"]), 3).expect("unloaded");
+        assert_eq!(reply.outcomes.len(), 5);
+        assert_eq!(
+            reply.outcomes[1],
+            ReserveOutcome::Decided {
+                record: OrderRecord::Refused {
+                    reason: Reason::InsufficientStock,
+                    product_id: Some(42)
+                },
+                fresh: false
+            }
+        );
+        assert_eq!(reply.outcomes[4], ReserveOutcome::Unloaded);
+        assert_eq!(reply.zeros, vec![("t1#3".to_string(), vec![42])]);
+        // A reply that does not decide every order is a protocol error, never a guess.
+        assert!(ReserveReply::default()
+            .absorb(strings(&["ok", "t1#3", "0", "new", "R|42:1"]), 2)
+            .is_err());
+    }
+
+    #[test]
+    fn marker_guards_only_first_items_and_forgets_on_a_new_epoch() {
+        let mut m = SoldOutMarker::default();
+        let zero = |epoch: &str, ps: Vec<i64>| ReserveReply {
+            outcomes: vec![],
+            zeros: vec![(epoch.to_string(), ps)],
+        };
+        m.learn(&zero("e1", vec![7]));
+        let reqs = [
+            req("a", &[7], None),
+            req("b", &[3, 7], None),
+            req("c", &[7], Some(Reason::InvalidOrder)),
+            req("d", &[8], None),
+        ];
+        let g = m.guards(&reqs);
+        assert_eq!(
+            g[0],
+            Some(Guard {
+                product_id: 7,
+                epoch: "e1".into()
+            })
+        );
+        assert_eq!(g[1..], [None, None, None]);
+        m.learn(&zero("e1", vec![8]));
+        assert_eq!(m.len(), 2);
+        m.learn(&zero("e2", vec![]));
+        assert!(m.is_empty(), "stock came back somewhere: start again");
+    }
 
     #[test]
     fn record_codec_round_trips() {

@@ -20,7 +20,7 @@ use stock_common::config::{
     BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, SecretUrl, Topics,
 };
 use stock_common::metrics::MetricsArgs;
-use stock_common::redis_store::{stock_key, RedisStore};
+use stock_common::redis_store::{stock_key, RedisStore, EPOCH_KEY};
 use stockctl::admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -134,10 +134,13 @@ impl TestEnv {
 
     /// Overwrites `stock:{p}` in Redis only (to set up a drift).
     pub async fn set_redis_stock(&self, product: i64, value: i64) {
-        let _: () = self
-            .store
-            .connection()
+        let _: () = redis::pipe()
+            .atomic()
             .set(stock_key(product), value)
+            .ignore()
+            .incr(EPOCH_KEY, 1)
+            .ignore()
+            .query_async(&mut self.store.connection())
             .await
             .expect("set");
     }
@@ -176,6 +179,7 @@ impl TestEnv {
             metrics: MetricsArgs {
                 addr: Some("off".into()),
             },
+            sold_out_marker: true,
             group: format!("t-{}-{group}", self.id),
         }
     }

@@ -43,4 +43,14 @@ pub struct ProducerArgs {
         default_value = "stock-producer"
     )]
     pub group: String,
+    /// Refuse orders for a product last seen at 0 stock without reading its stock (the
+    /// refusal is still recorded in Redis, guarded by the stock epoch). `false` to have
+    /// every order read stock.
+    #[arg(
+        long = "sold-out-marker",
+        env = "SOLD_OUT_MARKER",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub sold_out_marker: bool,
 }

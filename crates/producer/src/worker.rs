@@ -19,7 +19,7 @@ use stock_common::events::{DeductCommand, Item, StockResult, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
 use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use stock_common::redis_store::{
-    OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, StoreError,
+    OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, SoldOutMarker, StoreError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +61,8 @@ pub struct Worker {
     batch: BatchArgs,
     metrics: Metrics,
     metrics_args: MetricsArgs,
+    /// Products seen at 0 stock (None: `--sold-out-marker false`).
+    sold_out: Option<std::sync::Mutex<SoldOutMarker>>,
 }
 
 impl Worker {
@@ -84,6 +86,9 @@ impl Worker {
             batch: args.batch.clone(),
             metrics: Metrics::new("producer").context("metrics")?,
             metrics_args: args.metrics.clone(),
+            sold_out: args
+                .sold_out_marker
+                .then(|| std::sync::Mutex::new(SoldOutMarker::default())),
         })
     }
 
@@ -220,8 +225,18 @@ impl Worker {
                 _ => None,
             })
             .collect();
-        let reserved = self.redis.reserve_many(&reserves).await?;
+        let guards = match &self.sold_out {
+            Some(m) => m.lock().map(|m| m.guards(&reserves)).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let reply = self.redis.reserve_many(&reserves, &guards).await?;
         timer.observe_duration();
+        if let Some(m) = &self.sold_out {
+            if let Ok(mut m) = m.lock() {
+                m.learn(&reply);
+            }
+        }
+        let reserved = reply.outcomes;
         for outcome in &reserved {
             match outcome {
                 ReserveOutcome::Unloaded => return Err(StepError::Unloaded),

@@ -35,7 +35,9 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
-use stock_common::redis_store::{request_key, stock_key, AdjustOutcome, RedisStore, StoreError};
+use stock_common::redis_store::{
+    request_key, stock_key, AdjustOutcome, RedisStore, StoreError, EPOCH_KEY,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -914,6 +916,7 @@ static SET_IF_UNCHANGED: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         "if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
          redis.call('SET', KEYS[1], ARGV[2])
+         redis.call('INCR', KEYS[2])
          return 1",
     )
 });
@@ -951,6 +954,7 @@ pub async fn check_drift(
             let seen = d.redis.map(|v| v.to_string()).unwrap_or_default();
             let done: i64 = SET_IF_UNCHANGED
                 .key(stock_key(d.product_id))
+                .key(EPOCH_KEY)
                 .arg(seen)
                 .arg(d.postgres)
                 .invoke_async(&mut conn)

@@ -83,6 +83,7 @@ pub async fn run(
         metrics: MetricsArgs {
             addr: Some("off".into()),
         },
+        sold_out_marker: true,
         group: format!("demo-{run}-producer"),
     };
     let cargs = stock_consumer::ConsumerArgs {

@@ -24,7 +24,7 @@ use stock_common::config::{KafkaArgs, Topics};
 use stock_common::events::{Status, StockResult};
 use stock_common::kafka;
 use stock_common::redis_store::{
-    order_key, request_key, stock_key, OrderRecord, RedisStore, LOADED_KEY,
+    order_key, request_key, stock_key, OrderRecord, RedisStore, EPOCH_KEY, LOADED_KEY,
 };
 
 /// Settings of `stockctl rebuild`.
@@ -241,7 +241,9 @@ async fn load_stock_and_ledger(
         .fetch_all(&mut *snap)
         .await?;
     for chunk in stock.chunks(1000) {
+        // Atomic with the epoch change, so that no sold-out marker outlives these values.
         let mut pipe = redis::pipe();
+        pipe.atomic().incr(EPOCH_KEY, 1).ignore();
         for r in chunk {
             pipe.set(stock_key(r.try_get::<i64, _>(0)?), r.try_get::<i64, _>(1)?)
                 .ignore();

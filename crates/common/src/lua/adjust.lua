@@ -4,6 +4,7 @@
 -- KEYS[1]   the "loaded" marker
 -- KEYS[2]   stock:{product_id}
 -- KEYS[3]   the request's marker
+-- KEYS[4]   the stock epoch counter, incremented with every change (see reserve.lua)
 -- ARGV[1]   delta (integer, may be negative)
 -- ARGV[2]   marker lifetime in seconds
 --
@@ -23,5 +24,6 @@ if delta < 0 then
   end
 end
 redis.call('INCRBY', KEYS[2], delta)
+redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
 return 'applied'

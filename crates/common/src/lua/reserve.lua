@@ -1,49 +1,111 @@
--- Pre-deducts one order's stock, all items or none, at most once per order id.
+-- Pre-deducts stock for a run of orders, each one all items or none and at most once per
+-- order id. Orders are decided one after the other, exactly as if each had its own call:
+-- one call per run of orders only saves the per-call cost.
 --
 -- KEYS[1]     the "loaded" marker: absent means Redis lost its data and was not rebuilt
--- KEYS[2]     the order's record
--- KEYS[3..]   stock:{product_id} of each item, in the order's item order
+-- KEYS[2]     the stock epoch counter (see below)
+-- then, for each order: its record, then stock:{product_id} of each item in item order
 -- ARGV[1]     record lifetime in seconds
--- ARGV[2]     the order's items in canonical form "42:2,7:1"
--- ARGV[3]     a forced decision ("X|invalid_order|") or "" to decide on stock
--- ARGV[4..]   quantity of each item, then product id of each item
+-- then, for each order:
+--   n         number of items
+--   items     the order's items in canonical form "42:2,7:1"
+--   forced    a decision taken without looking at stock ("X|invalid_order|"), or ""
+--   guard     "" (forced applies as is) or an epoch: forced applies only if the epoch is
+--             still that one, otherwise stock decides (a sold-out marker that went stale)
+--   n quantities, then n product ids
 --
--- Returns {kind, record}: kind is 'new' (decided now), 'seen' (decided before; record is the
--- first decision, nothing changed), 'unloaded' (nothing done), or 'corrupt' (a stock key
--- does not hold an integer; nothing done). Records: 'R|<items>' stock held,
--- 'C|<items>' held then given back, 'X|<reason>|<product_id>' refused.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {'unloaded', ''}
+-- The epoch is "<loaded marker>#<counter>". Everything that can add stock to a key outside
+-- this script (restore, adjust, a load or rebuild, a repair) changes it in the same atomic
+-- step, so "product p was at 0 during epoch E, and the epoch is still E" means p is still
+-- at 0: no script here ever adds stock.
+--
+-- Returns {'unloaded'} (nothing done), or
+-- {'ok', epoch, k, zero_1 .. zero_k, kind_1, rec_1, kind_2, rec_2, ...}: zero_i are
+-- products seen at 0 stock by this call; per order kind is 'new' (decided now), 'seen'
+-- (decided before; rec is the first decision, nothing changed) or 'corrupt' (rec names a
+-- stock key that does not hold an integer; nothing done for this order). Records:
+-- 'R|<items>' stock held, 'C|<items>' held then given back, 'X|<reason>|<product_id>'.
+local marker = redis.call('GET', KEYS[1])
+if not marker then
+  return {'unloaded'}
 end
-local rec = redis.call('GET', KEYS[2])
-if rec then
-  return {'seen', rec}
-end
+local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
-local decision = ARGV[3]
-local n = #KEYS - 2
-if decision == '' then
-  for i = 1, n do
-    local raw = redis.call('GET', KEYS[i + 2])
-    if not raw then
-      decision = 'X|unknown_product|' .. ARGV[3 + n + i]
-      break
-    end
-    local have = tonumber(raw)
-    if not have then
-      return {'corrupt', KEYS[i + 2]}
-    end
-    if have < tonumber(ARGV[3 + i]) then
-      decision = 'X|insufficient_stock|' .. ARGV[3 + n + i]
-      break
-    end
+local zeros = {}
+local zero_seen = {}
+local function zero(pid)
+  if not zero_seen[pid] then
+    zero_seen[pid] = true
+    zeros[#zeros + 1] = pid
   end
 end
-if decision == '' then
-  for i = 1, n do
-    redis.call('DECRBY', KEYS[i + 2], ARGV[3 + i])
+local out = {}
+local k = 3
+local a = 2
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local items = ARGV[a + 1]
+  local decision = ARGV[a + 2]
+  local guard = ARGV[a + 3]
+  local qty = a + 3
+  local pid = a + 3 + n
+  local rec_key = KEYS[k]
+  if decision ~= '' and guard ~= '' and guard ~= epoch then
+    decision = ''
   end
-  decision = 'R|' .. ARGV[2]
+  local rec = redis.call('GET', rec_key)
+  local kind = 'new'
+  if rec then
+    kind = 'seen'
+    decision = rec
+  else
+    local corrupt = nil
+    if decision == '' then
+      for i = 1, n do
+        local raw = redis.call('GET', KEYS[k + i])
+        if not raw then
+          decision = 'X|unknown_product|' .. ARGV[pid + i]
+          break
+        end
+        local have = tonumber(raw)
+        if not have then
+          corrupt = KEYS[k + i]
+          break
+        end
+        if have < tonumber(ARGV[qty + i]) then
+          if have == 0 then
+            zero(ARGV[pid + i])
+          end
+          decision = 'X|insufficient_stock|' .. ARGV[pid + i]
+          break
+        end
+      end
+    end
+    if corrupt then
+      kind = 'corrupt'
+      decision = corrupt
+    else
+      if decision == '' then
+        for i = 1, n do
+          if redis.call('DECRBY', KEYS[k + i], ARGV[qty + i]) == 0 then
+            zero(ARGV[pid + i])
+          end
+        end
+        decision = 'R|' .. items
+      end
+      redis.call('SET', rec_key, decision, 'EX', ttl)
+    end
+  end
+  out[#out + 1] = kind
+  out[#out + 1] = decision
+  k = k + 1 + n
+  a = a + 4 + 2 * n
 end
-redis.call('SET', KEYS[2], decision, 'EX', ttl)
-return {'new', decision}
+local reply = {'ok', epoch, tostring(#zeros)}
+for _, z in ipairs(zeros) do
+  reply[#reply + 1] = z
+end
+for _, v in ipairs(out) do
+  reply[#reply + 1] = v
+end
+return reply
