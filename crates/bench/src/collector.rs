@@ -4,7 +4,7 @@
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use stock_common::config::KafkaArgs;
@@ -22,6 +22,7 @@ struct State {
     /// Expected orders without a result yet.
     pending: usize,
     arrivals: Vec<Instant>,
+    first_at: HashMap<String, Instant>,
     all_in_at: Option<Instant>,
     unparsed: usize,
     unexpected: usize,
@@ -43,6 +44,8 @@ pub struct Collected {
     pub outcomes: Outcomes,
     /// When each result arrived, in arrival order.
     pub arrivals: Vec<Instant>,
+    /// When each expected order got its first result.
+    pub first_at: HashMap<String, Instant>,
     /// When the last expected order got its first result.
     pub all_in_at: Option<Instant>,
     /// Messages that were not results.
@@ -129,6 +132,7 @@ impl Collector {
         Collected {
             outcomes: s.outcomes,
             arrivals: s.arrivals,
+            first_at: s.first_at,
             all_in_at: s.all_in_at,
             unparsed: s.unparsed,
             unexpected: s.unexpected,
@@ -159,12 +163,14 @@ async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationT
             continue;
         };
         let expected = s.expected.contains(&r.order_id);
+        let r_id = r.order_id.clone();
         let results = s.outcomes.entry(r.order_id.clone()).or_default();
         let first = results.is_empty();
         results.push(r);
         if !expected {
             s.unexpected += 1;
         } else if first {
+            s.first_at.insert(r_id, now);
             s.pending -= 1;
             if s.pending == 0 {
                 s.all_in_at = Some(now);

@@ -26,10 +26,11 @@ use crate::worker_metrics::Sample;
 use crate::workers::{self, Workers};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use stock_common::config::{parse_duration, BatchArgs};
 use stock_common::events::{Item, Reason, Status};
+use stock_common::kafka::OutMessage;
 use stockctl::{admin, harness};
 use tokio::time::Instant;
 
@@ -78,6 +79,11 @@ pub struct E2eArgs {
     /// Seed of the order load.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// stream: publish at this many orders/s (open loop, in 10 ms ticks) instead of all at
+    /// once; latencies then show the pipeline at that load rather than a queue draining.
+    /// 0: as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 /// How the orders meet the pipeline; see the module documentation.
@@ -110,6 +116,11 @@ pub struct E2eFigures {
     pub batch_size: usize,
     pub linger_ms: u128,
     pub workers: usize,
+    /// stream: the offered load in orders/s (0: all at once).
+    pub offered_rate: u64,
+    /// stream: per order, its publish to its first outcome, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<report::Latency>,
     pub reserved: usize,
     pub rejected: usize,
     /// Publishing every order to `orders`, delivery reports included.
@@ -300,6 +311,8 @@ struct Timing {
     consumer_stage: Option<Duration>,
     producer_metrics: Option<(Sample, Duration)>,
     consumer_metrics: Option<(Sample, Duration)>,
+    /// When each order was handed to the Kafka client (stream mode).
+    sent_at: HashMap<String, Instant>,
 }
 
 impl Timing {
@@ -312,6 +325,7 @@ impl Timing {
             consumer_stage: None,
             producer_metrics: None,
             consumer_metrics: None,
+            sent_at: HashMap::new(),
         }
     }
 }
@@ -438,18 +452,18 @@ async fn drive(
             let p0 = sampled("producer", workers.producer_sample()).await;
             let c0 = sampled("consumer", workers.consumer_sample()).await;
             let start = Instant::now();
-            let publisher = tokio::spawn(async move {
-                harness::publish(&producer, &topic, msgs).await?;
-                anyhow::Ok(Instant::now())
-            });
+            let rate = args.rate;
+            let publisher =
+                tokio::spawn(async move { publish_paced(&producer, &topic, msgs, rate).await });
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
-            let published = publisher.await.context("publisher task")??;
+            let (published, sent_at) = publisher.await.context("publisher task")??;
             Ok(Timing {
                 producer_metrics: delta(p0, p1, span),
                 consumer_metrics: delta(c0, c1, span),
+                sent_at,
                 ..Timing::new(start, published - start, complete)
             })
         }
@@ -505,6 +519,59 @@ async fn drive(
             })
         }
     }
+}
+
+/// Publishes `msgs` at `rate` orders/s (0: all at once), in 10 ms ticks: each tick sends
+/// what is due by then, so a slow tick is caught up by the next. Returns when the last was
+/// delivered, and when each order was handed to the client.
+async fn publish_paced(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    msgs: Vec<(String, Vec<u8>)>,
+    rate: u64,
+) -> Result<(Instant, HashMap<String, Instant>)> {
+    let start = Instant::now();
+    let mut sent_at = HashMap::with_capacity(msgs.len());
+    if rate == 0 {
+        sent_at.extend(msgs.iter().map(|(id, _)| (id.clone(), start)));
+        harness::publish(producer, topic, msgs).await?;
+        return Ok((Instant::now(), sent_at));
+    }
+    let mut rest = msgs.into_iter().peekable();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sent = 0u64;
+    let mut deliveries = Vec::new();
+    while rest.peek().is_some() {
+        tick.tick().await;
+        let now = Instant::now();
+        let due = (now - start).as_secs_f64() * rate as f64;
+        let n = (due as u64).saturating_sub(sent).max(1);
+        let chunk: Vec<_> = rest.by_ref().take(n as usize).collect();
+        sent += chunk.len() as u64;
+        sent_at.extend(chunk.iter().map(|(id, _)| (id.clone(), now)));
+        let out: Vec<OutMessage> = chunk
+            .into_iter()
+            .map(|(key, payload)| OutMessage {
+                topic: topic.to_owned(),
+                key: key.into_bytes(),
+                payload,
+                headers: Vec::new(),
+            })
+            .collect();
+        // Handed over without waiting for delivery, so that a slow report does not hold
+        // back the next tick; every report is checked at the end.
+        let never = tokio_util::sync::CancellationToken::new();
+        deliveries.extend(stock_common::kafka::enqueue_all(producer, &out, &never).await?);
+    }
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => bail!("an order was not delivered: {e}"),
+            Err(_) => bail!("an order's delivery report was lost"),
+        }
+    }
+    Ok((Instant::now(), sent_at))
 }
 
 async fn publish_timed(
@@ -681,6 +748,17 @@ fn figures(
         batch_size: args.batch_size,
         linger_ms: args.linger.as_millis(),
         workers: args.workers,
+        offered_rate: if mode == Mode::Stream { args.rate } else { 0 },
+        latency_ms: report::Latency::of(
+            orders
+                .iter()
+                .filter_map(|o| {
+                    let sent = t.sent_at.get(&o.id)?;
+                    let got = got.first_at.get(&o.id)?;
+                    Some(got.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
+                })
+                .collect(),
+        ),
         reserved: c.reserved,
         rejected: c.rejected,
         publish_secs: t.publish.as_secs_f64(),
@@ -731,6 +809,12 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
         thousands(f.drain_rate)
     });
     metric("peak outcomes in 1 s", &|f| thousands(f.peak_1s as f64));
+    metric("offered orders/s (0: all at once)", &|f| {
+        thousands(f.offered_rate as f64)
+    });
+    metric("latency ms p50 / p99 / max (publish to outcome)", &|f| {
+        report::Latency::show(f.latency_ms)
+    });
     metric("producer stage alone, orders/s", &|f| {
         opt(f.producer_stage_rate)
     });

@@ -160,6 +160,7 @@ impl RedisSlot {
         let args = RedisArgs {
             url: SecretUrl::from_str(url.as_str()).map_err(|e| anyhow!(e))?,
             order_memory: base.order_memory,
+            orders_per_call: base.orders_per_call,
         };
         let store = RedisStore::connect(&args)
             .await

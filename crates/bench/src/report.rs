@@ -120,6 +120,42 @@ pub fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
+/// The `q` quantile (0 to 1) of `xs` by the nearest-rank method; None when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// p50, p99 and max of `xs` (sorted here), in the unit given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    pub fn of(mut xs: Vec<f64>) -> Option<Latency> {
+        xs.sort_by(f64::total_cmp);
+        Some(Latency {
+            p50: percentile(&xs, 0.50)?,
+            p99: percentile(&xs, 0.99)?,
+            max: *xs.last()?,
+        })
+    }
+
+    /// "p50 / p99 / max" with one decimal.
+    pub fn show(l: Option<Latency>) -> String {
+        match l {
+            Some(l) => format!("{:.1} / {:.1} / {:.1}", l.p50, l.p99, l.max),
+            None => "-".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +170,17 @@ mod tests {
         let mut t = Table::new(["a", "bb"]);
         t.row(["xyz", "1"]);
         assert_eq!(t.render(), "a    bb\n-------\nxyz   1");
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&xs, 0.5), Some(50.0));
+        assert_eq!(percentile(&xs, 0.99), Some(99.0));
+        assert_eq!(percentile(&xs, 0.0), Some(1.0));
+        assert_eq!(percentile(&[], 0.5), None);
+        let l = Latency::of(vec![3.0, 1.0, 2.0]).expect("latency");
+        assert_eq!((l.p50, l.p99, l.max), (2.0, 3.0, 3.0));
+        assert_eq!(Latency::of(Vec::new()), None);
     }
 }

@@ -27,10 +27,6 @@ use std::sync::LazyLock;
 /// Most scripts sent in one pipelined round trip.
 pub const PIPELINE_CHUNK: usize = 500;
 
-/// Orders decided by one call of the reserve script. Bounds how long one call keeps
-/// Redis busy (about 10 µs per order) while saving the per-call cost on the rest.
-pub const RESERVE_CALL_ORDERS: usize = 100;
-
 /// Marker key whose absence means "Redis is not loaded".
 pub const LOADED_KEY: &str = "stockpipe:loaded";
 
@@ -276,6 +272,8 @@ pub enum StoreError {
 pub struct RedisStore {
     conn: ConnectionManager,
     record_ttl_secs: u64,
+    /// Orders per reserve script call (`--orders-per-call`).
+    orders_per_call: usize,
 }
 
 impl RedisStore {
@@ -290,6 +288,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             record_ttl_secs: args.order_memory.as_secs().max(1),
+            orders_per_call: usize::from(args.orders_per_call).max(1),
         })
     }
 
@@ -297,7 +296,7 @@ impl RedisStore {
         self.conn.clone()
     }
 
-    /// Decides every request, in order: runs of at most [`RESERVE_CALL_ORDERS`] orders per
+    /// Decides every request, in order: runs of at most `--orders-per-call` orders per
     /// script call, at most [`PIPELINE_CHUNK`] orders per round trip. `guards[i]` (same
     /// length as `reqs`, or empty for none) turns request `i` into a sold-out refusal that
     /// the script applies only while the guard's epoch holds (see [`SoldOutMarker`]).
@@ -327,12 +326,12 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.load_script(&RESERVE).ignore();
         let mut sizes = Vec::new();
-        for (c, call) in reqs.chunks(RESERVE_CALL_ORDERS).enumerate() {
+        for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
             let mut inv = RESERVE.key(LOADED_KEY);
             inv.key(EPOCH_KEY).arg(self.record_ttl_secs);
             for (j, r) in call.iter().enumerate() {
                 let guard = guards
-                    .get(c * RESERVE_CALL_ORDERS + j)
+                    .get(c * self.orders_per_call + j)
                     .and_then(Option::as_ref);
                 inv.key(order_key(&r.order_id));
                 for it in &r.items {

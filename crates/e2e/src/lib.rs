@@ -99,6 +99,7 @@ impl TestEnv {
         let redis = RedisArgs {
             url: SecretUrl::from_str(rurl.as_str()).expect("url"),
             order_memory: Duration::from_secs(86_400),
+            orders_per_call: 100,
         };
         let store = RedisStore::connect(&redis).await.expect("redis");
         let _: () = redis::cmd("FLUSHDB")
