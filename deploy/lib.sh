@@ -252,3 +252,14 @@ kafka_list_topics() {
   kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
     --command-config "$(kafka_client_conf)" --list
 }
+
+# kafka_delete_topics REGEX -- deletes the topics whose whole name matches REGEX (none is fine)
+kafka_delete_topics() {
+  local names
+  names="$(kafka_list_topics)" || return 1
+  if grep -Eq "^($1)\$" <<<"$names"; then
+    KAFKA_TOOL_TIMEOUT=300 kafka_tool org.apache.kafka.tools.TopicCommand \
+      --bootstrap-server "$KAFKA_BOOTSTRAP" --command-config "$(kafka_client_conf)" \
+      --delete --topic "$1" >/dev/null
+  fi
+}

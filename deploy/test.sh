@@ -8,6 +8,11 @@ cd "$here/.."
 bash deploy/stack-up.sh
 # shellcheck source=deploy/env.sh
 . deploy/env.sh
+# Topics of earlier test runs that were cut short (a finished test deletes its own): a
+# broker holding thousands of them takes minutes to restart, and the nemesis test restarts it.
+# shellcheck source=deploy/lib.sh
+. deploy/lib.sh
+kafka_delete_topics 't-[0-9a-f]{12}\..*' || echo "test.sh: could not delete leftover test topics" >&2
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet

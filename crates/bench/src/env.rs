@@ -228,23 +228,8 @@ impl BenchTopics {
     }
 
     pub async fn cleanup(self) {
-        let deleted = async {
-            let admin: AdminClient<DefaultClientContext> =
-                stock_common::kafka::client_config(&self.kafka).create()?;
-            admin
-                .delete_topics(&self.topics.all(), &AdminOptions::new())
-                .await
-        }
-        .await;
-        match deleted {
-            Ok(results) => {
-                for r in results {
-                    if let Err((topic, code)) = r {
-                        tracing::warn!(%topic, ?code, "could not delete a bench topic");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not delete the bench topics"),
+        if let Err(e) = stock_common::kafka::delete_topics(&self.kafka, &self.topics.all()).await {
+            tracing::warn!(error = %e, "could not delete the bench topics");
         }
     }
 }

@@ -121,6 +121,20 @@ pub async fn create_topics(
     Ok(())
 }
 
+/// Deletes `topics` (those already gone are fine). For tests and benchmarks, which
+/// create topics of their own: left behind, thousands of them make a broker restart take
+/// minutes.
+pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(args).create()?;
+    for r in admin.delete_topics(topics, &AdminOptions::new()).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
 /// Waits for the first message (or shutdown), then gathers more until `batch_size`
 /// messages or `linger` has passed. `None` means shutdown was requested. With `idle`, an
 /// empty batch comes back when no message arrived for that long.

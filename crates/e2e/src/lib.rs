@@ -248,6 +248,9 @@ impl TestEnv {
     /// Drops the test database (topics and the Redis database are left; Redis databases
     /// are flushed when reused).
     pub async fn cleanup(self) {
+        if let Err(e) = stock_common::kafka::delete_topics(&self.kafka, &self.topics.all()).await {
+            eprintln!("could not delete the test's topics: {e}");
+        }
         self.pool.close().await;
         if let Ok(admin_pool) = PgPool::connect(&self.admin_db_url).await {
             let _ = sqlx::query(&format!(
