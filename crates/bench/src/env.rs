@@ -5,8 +5,6 @@
 //! the one reported.
 
 use anyhow::{anyhow, bail, Context, Result};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, SecretUrl, Topics};
