@@ -15,6 +15,9 @@
 //!   against per-order baselines (autocommit conditional UPDATE; ledger INSERT + UPDATE per
 //!   transaction), with the ratio batched/baseline. New strategies are variants of
 //!   [`apply::Strategy`].
+//! * [`redis_stage`]: the producer's Redis stage alone (`RedisStore::reserve_many` at
+//!   several orders per script call, and on a sold-out product with and without the
+//!   sold-out marker), against `redis-benchmark` running the same script in the same run.
 //!
 //! # Support modules
 //! * [`env`]: creating and removing a run's database, Redis database and topics.
@@ -32,6 +35,7 @@ pub mod e2e;
 pub mod env;
 pub mod load;
 pub mod probe;
+pub mod redis_stage;
 pub mod report;
 pub mod worker_metrics;
 pub mod workers;

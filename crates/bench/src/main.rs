@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use stock_bench::{apply, e2e, env::Stack};
+use stock_bench::{apply, e2e, env::Stack, redis_stage};
 
 /// Benchmarks of the stock pipeline against the local stack (`deploy/stack-up.sh`).
 /// Logs go to stderr (`RUST_LOG`, default `warn,sqlx=error`); tables and JSON lines to stdout.
@@ -19,6 +19,8 @@ enum Cmd {
     E2e(e2e::E2eArgs),
     /// PostgreSQL apply rate on one hot SKU: batched apply against per-order baselines.
     Apply(apply::ApplyArgs),
+    /// The producer's Redis stage alone, against redis-benchmark on the same script.
+    Redis(redis_stage::RedisStageArgs),
 }
 
 #[tokio::main]
@@ -28,6 +30,7 @@ async fn main() -> ExitCode {
     let outcome = match &cli.cmd {
         Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
         Cmd::Apply(args) => apply::run(&cli.stack, args).await,
+        Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -35,7 +35,10 @@ pub const LOADED_KEY: &str = "stockpipe:loaded";
 /// guards sold-out refusals (`lua/reserve.lua`).
 pub const EPOCH_KEY: &str = "stockpipe:epoch";
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/reserve.lua")));
+/// The reserve script's source (for benchmarks that drive it with other clients).
+pub const RESERVE_LUA: &str = include_str!("lua/reserve.lua");
+
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
 
@@ -305,23 +308,30 @@ impl RedisStore {
         reqs: &[ReserveRequest],
         guards: &[Option<Guard>],
     ) -> Result<ReserveReply, StoreError> {
-        let mut reply = ReserveReply::default();
-        for (i, chunk) in reqs.chunks(PIPELINE_CHUNK).enumerate() {
+        // Every round trip is sent at once on the multiplexed connection: Redis runs one
+        // while the next is being encoded. Redis still runs them in this order.
+        let trips = reqs.chunks(PIPELINE_CHUNK).enumerate().map(|(i, chunk)| {
             let at = i * PIPELINE_CHUNK;
             let g = guards.get(at..at + chunk.len()).unwrap_or(&[]);
-            self.reserve_chunk(chunk, g, &mut reply).await?;
+            self.reserve_chunk(chunk, g)
+        });
+        let mut reply = ReserveReply::default();
+        for (calls, sizes) in futures::future::try_join_all(trips).await? {
+            for (call, n) in calls.into_iter().zip(sizes) {
+                reply.absorb(call, n)?;
+            }
         }
         Ok(reply)
     }
 
+    /// One round trip: the script calls for `reqs`, and how many orders each decided.
     async fn reserve_chunk(
         &self,
         reqs: &[ReserveRequest],
         guards: &[Option<Guard>],
-        reply: &mut ReserveReply,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(Vec<Vec<String>>, Vec<usize>), StoreError> {
         if reqs.is_empty() {
-            return Ok(());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&RESERVE).ignore();
@@ -372,10 +382,7 @@ impl RedisStore {
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
         }
-        for (call, n) in calls.into_iter().zip(sizes) {
-            reply.absorb(call, n)?;
-        }
-        Ok(())
+        Ok((calls, sizes))
     }
 
     /// Runs the restore script for each `(order_id, items)`, in order, pipelined in round
