@@ -18,6 +18,7 @@
 //! and PostgreSQL's reserved units equal the units of the orders reported reserved.
 
 use crate::collector::{self, Collected, Collector};
+use crate::cpu;
 use crate::env::{PipelineEnv, Stack};
 use crate::load::{self, LoadSpec, Order};
 use crate::probe::{self, Probe};
@@ -147,6 +148,9 @@ pub struct E2eFigures {
     /// The consumer's batch cycle; `step` is its PostgreSQL batch transaction.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consumer_cycle: Option<Breakdown>,
+    /// CPU of Kafka, PostgreSQL, Redis and this process over the measured span.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<cpu::CpuUse>,
     /// Outcomes per second from the start of the measured span.
     pub per_second: Vec<usize>,
     pub complete: bool,
@@ -313,6 +317,8 @@ struct Timing {
     consumer_metrics: Option<(Sample, Duration)>,
     /// When each order was handed to the Kafka client (stream mode).
     sent_at: HashMap<String, Instant>,
+    /// CPU of each part of the stack over the measured span.
+    cpu: Option<cpu::CpuUse>,
 }
 
 impl Timing {
@@ -326,6 +332,7 @@ impl Timing {
             producer_metrics: None,
             consumer_metrics: None,
             sent_at: HashMap::new(),
+            cpu: None,
         }
     }
 }
@@ -451,12 +458,14 @@ async fn drive(
             }
             let p0 = sampled("producer", workers.producer_sample()).await;
             let c0 = sampled("consumer", workers.consumer_sample()).await;
+            let cpu0 = cpu::sample();
             let start = Instant::now();
             let rate = args.rate;
             let publisher =
                 tokio::spawn(async move { publish_paced(&producer, &topic, msgs, rate).await });
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
+            let cpu = cpu::between(&cpu0, &cpu::sample());
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             let (published, sent_at) = publisher.await.context("publisher task")??;
@@ -464,21 +473,25 @@ async fn drive(
                 producer_metrics: delta(p0, p1, span),
                 consumer_metrics: delta(c0, c1, span),
                 sent_at,
+                cpu: Some(cpu),
                 ..Timing::new(start, published - start, complete)
             })
         }
         Mode::Preload => {
             let publish = publish_timed(&producer, &topic, msgs).await?;
+            let cpu0 = cpu::sample();
             let start = Instant::now();
             workers.start_producers(env, batch, n).await?;
             workers.start_consumers(env, batch, n).await?;
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
+            let cpu = Some(cpu::between(&cpu0, &cpu::sample()));
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             Ok(Timing {
                 producer_metrics: delta(Some(Sample::default()), p1, span),
                 consumer_metrics: delta(Some(Sample::default()), c1, span),
+                cpu,
                 ..Timing::new(start, publish, complete)
             })
         }
@@ -776,6 +789,7 @@ fn figures(
         consumer_cycle: t
             .consumer_metrics
             .and_then(|(s, span)| Breakdown::of(s, span, args.workers, s.apply_secs)),
+        cpu: t.cpu.clone(),
         per_second: collector::per_second(&arrivals, t.start),
         complete: t.complete,
         missing: c.missing,
@@ -826,6 +840,12 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
     });
     metric("consumer batches x size: ms cycle = PG + rest", &|f| {
         Breakdown::describe(f.consumer_cycle.as_ref())
+    });
+    metric("CPU over the span (share of all cores)", &|f| {
+        f.cpu
+            .as_ref()
+            .map(cpu::CpuUse::describe)
+            .unwrap_or_else(|| "-".into())
     });
     metric("reserved / rejected", &|f| {
         format!("{} / {}", f.reserved, f.rejected)

@@ -22,6 +22,7 @@
 //! # Support modules
 //! * [`env`]: creating and removing a run's database, Redis database and topics.
 //! * [`load`]: the deterministic order load and the stock that goes with it.
+//! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span.
 //! * [`collector`]: reads `stock.results` with arrival times.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
 //! * [`workers`]: producer and consumer workers as tasks of this process.
@@ -31,6 +32,7 @@
 
 pub mod apply;
 pub mod collector;
+pub mod cpu;
 pub mod e2e;
 pub mod env;
 pub mod load;
