@@ -18,16 +18,23 @@
 //!
 //! # Support modules
 //! * [`env`]: creating and removing a run's database, Redis database and topics.
-//! * [`load`]: the deterministic order load and the stock that goes with it.
-//! * [`collector`]: reads `stock.results` with arrival times.
+//! * [`load`]: the deterministic order load (one or more items per order) and the stock
+//!   that goes with it.
+//! * [`driver`]: the closed-loop driver of per-order measurements (a connection per task,
+//!   a shared queue, per-order latency).
+//! * [`collector`]: reads `stock.results` with arrival times; wakes a client waiting for
+//!   one order's result.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
 //! * [`workers`]: producer and consumer workers as tasks of this process.
 //! * [`worker_metrics`]: the workers' own metrics (Redis and PostgreSQL time per batch),
 //!   which split each worker's batch cycle into stages.
-//! * [`report`]: tables, JSON lines, rates.
+//! * [`report`]: tables (text and Markdown), CSV lines, JSON lines, rates.
+//! * [`chart`]: line charts as SVG.
 
 pub mod apply;
+pub mod chart;
 pub mod collector;
+pub mod driver;
 pub mod e2e;
 pub mod env;
 pub mod load;
