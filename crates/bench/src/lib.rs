@@ -15,6 +15,12 @@
 //!   against per-order baselines (autocommit conditional UPDATE; ledger INSERT + UPDATE per
 //!   transaction), with the ratio batched/baseline. New strategies are variants of
 //!   [`apply::Strategy`].
+//! * [`survey`]: the reference survey's strategies (pessimistic and optimistic locks,
+//!   atomic UPDATE, Redis Lua, Redis SET NX lock, sharded Redis stock) and this pipeline,
+//!   on one seeded workload at several concurrencies: throughput, latency percentiles,
+//!   oversold units, wrongly refused orders, store consistency, PostgreSQL = Redis; written
+//!   as the survey's §8 table with measured columns (`survey.md`), `survey.csv` and
+//!   `throughput.svg`.
 //!
 //! # Support modules
 //! * [`env`]: creating and removing a run's database, Redis database and topics.
@@ -40,5 +46,6 @@ pub mod env;
 pub mod load;
 pub mod probe;
 pub mod report;
+pub mod survey;
 pub mod worker_metrics;
 pub mod workers;

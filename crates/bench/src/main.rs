@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use stock_bench::{apply, e2e, env::Stack};
+use stock_bench::{apply, e2e, env::Stack, survey};
 
 /// Benchmarks of the stock pipeline against the local stack (`deploy/stack-up.sh`).
 /// Logs go to stderr (`RUST_LOG`, default `warn,sqlx=error`); tables and JSON lines to stdout.
@@ -19,6 +19,8 @@ enum Cmd {
     E2e(e2e::E2eArgs),
     /// PostgreSQL apply rate on one hot SKU: batched apply against per-order baselines.
     Apply(apply::ApplyArgs),
+    /// The survey's strategies and the pipeline on one workload: its §8 table, measured.
+    Survey(survey::SurveyArgs),
 }
 
 #[tokio::main]
@@ -28,6 +30,7 @@ async fn main() -> ExitCode {
     let outcome = match &cli.cmd {
         Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
         Cmd::Apply(args) => apply::run(&cli.stack, args).await,
+        Cmd::Survey(args) => survey::run(&cli.stack, args).await,
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
