@@ -56,8 +56,9 @@ impl Table {
         println!("{}", self.render());
     }
 
-    /// The table in Markdown (GitHub's pipe tables): first column left-aligned, the others
-    /// right-aligned; `|` in a cell is escaped.
+    /// The table in Markdown (GitHub's pipe tables): columns of figures (every cell
+    /// starting with a digit) right-aligned, the others left-aligned; `|` in a cell is
+    /// escaped.
     pub fn markdown(&self) -> String {
         let cols = self.headers.len();
         let line = |cells: &[String]| {
@@ -68,8 +69,15 @@ impl Table {
         };
         let mut out = line(&self.headers);
         out.push('\n');
+        let figures = |i: usize| {
+            self.rows.iter().all(|r| {
+                r.get(i)
+                    .and_then(|c| c.chars().next())
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
+        };
         let rule: Vec<&str> = (0..cols)
-            .map(|i| if i == 0 { ":---" } else { "---:" })
+            .map(|i| if figures(i) { "---:" } else { ":---" })
             .collect();
         out.push_str(&format!("| {} |", rule.join(" | ")));
         for r in &self.rows {
@@ -173,10 +181,11 @@ mod tests {
         let mut t = Table::new(["a", "bb"]);
         t.row(["xyz", "1"]);
         assert_eq!(t.render(), "a    bb\n-------\nxyz   1");
+        assert_eq!(t.markdown(), "| a | bb |\n| :--- | ---: |\n| xyz | 1 |");
         t.row(["p|q"]);
         assert_eq!(
             t.markdown(),
-            "| a | bb |\n| :--- | ---: |\n| xyz | 1 |\n| p\\|q |  |"
+            "| a | bb |\n| :--- | :--- |\n| xyz | 1 |\n| p\\|q |  |"
         );
         assert_eq!(
             csv_line(["a", "b,c", "say \"hi\"", ""]),

@@ -360,7 +360,10 @@ const NOTES: &str = "\
   orders, in the same queue order. Each client has a connection of its own, opened before \
   the clock starts, and places one order at a time (closed loop).
 * **orders/s**: orders / time from the first order taken to the last answered. **Latency**: \
-  one order, from the client placing it to its answer (nearest-rank percentiles).
+  one order, from the client placing it to its answer (nearest-rank percentiles). Refused \
+  orders count: a strategy that refuses wrongly and fast (a taken lock, a version miss) \
+  looks faster than one that sells, so read orders/s with the granted and wrongly refused \
+  columns.
 * **oversold units**: per product the larger of the units granted beyond its stock and the \
   stock left below zero in the store, summed (the PostgreSQL table has no CHECK constraint, \
   so that an oversell would show).
