@@ -21,16 +21,18 @@
 //!
 //! To add a strategy (pessimistic `SELECT … FOR UPDATE`, optimistic version check, Redis
 //! Lua alone, Redis `SET NX` lock): add a [`Strategy`] variant and either a [`PerOrder`]
-//! operation (it then runs under the same concurrent driver, and `--concurrency 1,8,32`
-//! sweeps it) or a driver of its own in [`measure_one`].
+//! operation (it then runs under the same concurrent driver, [`crate::driver`], and
+//! `--concurrency 1,8,32` sweeps it) or a driver of its own in [`measure_one`]. The survey's
+//! strategies on a table of the survey's shape are in [`crate::survey`].
 
+use crate::driver::{self, Client};
 use crate::env::{run_id, BenchDb, Stack};
 use crate::report::{self, fmt_ratio, json_line, rate, thousands, Table};
 use anyhow::{ensure, Context, Result};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use stock_common::events::{DeductCommand, Item, Status, INTERNAL_VERSION};
@@ -323,8 +325,24 @@ async fn measure_one(
     })
 }
 
+/// One task of a per-order strategy: its connection, the operation and the product.
+struct PerOrderClient {
+    conn: PoolConnection<Postgres>,
+    op: PerOrder,
+    product: i64,
+}
+
+impl Client for PerOrderClient {
+    type Order = String;
+
+    async fn place(&mut self, order_id: &String) -> Result<bool> {
+        self.op.apply(&mut self.conn, order_id, self.product).await
+    }
+}
+
 /// `concurrency` tasks, each on a connection of its own opened before the clock starts,
-/// take the next order until none is left. Returns the time and the orders refused.
+/// take the next order until none is left ([`driver::run`]). Returns the time and the
+/// orders refused.
 async fn run_per_order(
     pool: &PgPool,
     op: PerOrder,
@@ -332,39 +350,16 @@ async fn run_per_order(
     ids: Arc<Vec<String>>,
     concurrency: usize,
 ) -> Result<(Duration, usize)> {
-    let mut conns: Vec<PoolConnection<Postgres>> = Vec::with_capacity(concurrency);
+    let mut clients = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        conns.push(pool.acquire().await.context("opening a connection")?);
+        clients.push(PerOrderClient {
+            conn: pool.acquire().await.context("opening a connection")?,
+            op,
+            product,
+        });
     }
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|mut conn| {
-            let (ids, next) = (ids.clone(), next.clone());
-            tokio::spawn(async move {
-                let mut refused = 0usize;
-                while let Some(id) = ids.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    if !op.apply(&mut conn, id, product).await? {
-                        refused += 1;
-                    }
-                }
-                anyhow::Ok(refused)
-            })
-        })
-        .collect();
-    let mut refused = 0;
-    let mut first_err = None;
-    for t in tasks {
-        match t.await.context("apply task panicked") {
-            Ok(Ok(r)) => refused += r,
-            Ok(Err(e)) | Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    let elapsed = start.elapsed();
-    first_err.map_or(Ok((elapsed, refused)), Err)
+    let driven = driver::run(clients, ids, &ProgressBar::hidden()).await?;
+    Ok((driven.elapsed, driven.refused()))
 }
 
 /// `apply_batch` on consecutive batches of reserve commands, from this task.

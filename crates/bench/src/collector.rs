@@ -1,6 +1,7 @@
 //! Reads `stock.results` from its beginning in the background, like
 //! `stockctl::harness::ResultCollector`, but also keeps when each result arrived and when
-//! the last expected order got its first one: the end of an end-to-end measurement.
+//! the last expected order got its first one: the end of an end-to-end measurement. A
+//! closed-loop client can also [`Collector::watch`] one order and be woken by its result.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use stock_common::config::KafkaArgs;
 use stock_common::events::StockResult;
 use stockctl::harness::Outcomes;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ struct State {
     all_in_at: Option<Instant>,
     unparsed: usize,
     unexpected: usize,
+    /// Orders a client waits for, woken by their first result.
+    watchers: HashMap<String, oneshot::Sender<StockResult>>,
 }
 
 struct Shared {
@@ -90,6 +93,23 @@ impl Collector {
     /// Whether `order_id` has a result.
     pub fn has(&self, order_id: &str) -> bool {
         self.shared.lock().outcomes.contains_key(order_id)
+    }
+
+    /// The first result of `order_id`, when it arrives (at once if it has arrived). Watch
+    /// before publishing the order. The order must be one of the expected ones.
+    pub fn watch(&self, order_id: &str) -> oneshot::Receiver<StockResult> {
+        let (tx, rx) = oneshot::channel();
+        let mut s = self.shared.lock();
+        match s.outcomes.get(order_id).and_then(|rs| rs.first()) {
+            Some(first) => {
+                // The receiver is in hand: sending cannot fail.
+                let _ = tx.send(first.clone());
+            }
+            None => {
+                s.watchers.insert(order_id.to_owned(), tx);
+            }
+        }
+        rx
     }
 
     /// Waits until every expected order has a result; false on timeout.
@@ -166,10 +186,14 @@ async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationT
         let r_id = r.order_id.clone();
         let results = s.outcomes.entry(r.order_id.clone()).or_default();
         let first = results.is_empty();
-        results.push(r);
+        results.push(r.clone());
         if !expected {
             s.unexpected += 1;
         } else if first {
+            if let Some(w) = s.watchers.remove(&r.order_id) {
+                // A client that stopped waiting dropped its receiver: nothing to do.
+                let _ = w.send(r);
+            }
             s.first_at.insert(r_id, now);
             s.pending -= 1;
             if s.pending == 0 {

@@ -223,6 +223,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         orders: args.orders,
         products: args.products,
         hot_share: args.hot_share,
+        items_per_order: 1,
         max_quantity: args.max_quantity,
         seed: args.seed,
     };
@@ -265,7 +266,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
 }
 
 /// Warm-up orders of the stream mode: enough distinct keys to reach every partition.
-fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
+pub(crate) fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
     (0..partitions.max(1) * 4)
         .map(|i| Order {
             id: format!("warmup-{i}"),
@@ -277,7 +278,7 @@ fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
         .collect()
 }
 
-fn messages(orders: &[Order]) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn messages(orders: &[Order]) -> Vec<(String, Vec<u8>)> {
     orders
         .iter()
         .map(|o| (o.id.clone(), harness::created(&o.id, &o.items)))
@@ -287,7 +288,7 @@ fn messages(orders: &[Order]) -> Vec<(String, Vec<u8>)> {
 /// Puts `stock` into PostgreSQL in one statement, then loads Redis from it (the rebuild
 /// also sets the "loaded" marker). Equivalent to `admin::set_stock` per product on a fresh
 /// database, without a transaction per product.
-async fn load_stock(env: &PipelineEnv, stock: &BTreeMap<i64, i64>) -> Result<()> {
+pub(crate) async fn load_stock(env: &PipelineEnv, stock: &BTreeMap<i64, i64>) -> Result<()> {
     let ids: Vec<i64> = stock.keys().copied().collect();
     let units: Vec<i64> = stock.values().copied().collect();
     sqlx::query(
@@ -619,7 +620,7 @@ async fn wait_outcomes(
 
 /// Waits (up to 60 s) until both groups committed everything on their topics: no
 /// consumer lag, no compensation in flight.
-async fn wait_idle(env: &PipelineEnv) -> Result<bool> {
+pub(crate) async fn wait_idle(env: &PipelineEnv) -> Result<bool> {
     let p = Probe::new(
         &env.kafka,
         Some(&workers::producer_group(env)),

@@ -178,7 +178,7 @@ impl RedisSlot {
 
     /// `FLUSHDB ASYNC`: the database is empty at once and freed in the background (a
     /// synchronous flush of a run's 100k order records can outlast the client's timeout).
-    async fn flush(&self) -> Result<(), redis::RedisError> {
+    pub async fn flush(&self) -> Result<(), redis::RedisError> {
         redis::cmd("FLUSHDB")
             .arg("ASYNC")
             .query_async::<()>(&mut self.store.connection())

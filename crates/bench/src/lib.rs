@@ -18,26 +18,40 @@
 //! * [`redis_stage`]: the producer's Redis stage alone (`RedisStore::reserve_many` at
 //!   several orders per script call, and on a sold-out product with and without the
 //!   sold-out marker), against `redis-benchmark` running the same script in the same run.
+//! * [`survey`]: the reference survey's strategies (pessimistic and optimistic locks,
+//!   atomic UPDATE, Redis Lua, Redis SET NX lock, sharded Redis stock) and this pipeline,
+//!   on one seeded workload at several concurrencies: throughput, latency percentiles,
+//!   oversold units, wrongly refused orders, store consistency, PostgreSQL = Redis; written
+//!   as the survey's §8 table with measured columns (`survey.md`), `survey.csv` and
+//!   `throughput.svg`.
 //!
 //! # Support modules
 //! * [`env`]: creating and removing a run's database, Redis database and topics.
-//! * [`load`]: the deterministic order load and the stock that goes with it.
+//! * [`load`]: the deterministic order load (one or more items per order) and the stock
+//!   that goes with it.
+//! * [`driver`]: the closed-loop driver of per-order measurements (a connection per task,
+//!   a shared queue, per-order latency).
 //! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span.
-//! * [`collector`]: reads `stock.results` with arrival times.
+//! * [`collector`]: reads `stock.results` with arrival times; wakes a client waiting for
+//!   one order's result.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
 //! * [`workers`]: producer and consumer workers as tasks of this process.
 //! * [`worker_metrics`]: the workers' own metrics (Redis and PostgreSQL time per batch),
 //!   which split each worker's batch cycle into stages.
-//! * [`report`]: tables, JSON lines, rates.
+//! * [`report`]: tables (text and Markdown), CSV lines, JSON lines, rates.
+//! * [`chart`]: line charts as SVG.
 
 pub mod apply;
+pub mod chart;
 pub mod collector;
 pub mod cpu;
+pub mod driver;
 pub mod e2e;
 pub mod env;
 pub mod load;
 pub mod probe;
 pub mod redis_stage;
 pub mod report;
+pub mod survey;
 pub mod worker_metrics;
 pub mod workers;

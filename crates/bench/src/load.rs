@@ -1,6 +1,6 @@
-//! The order load: deterministic (same seed, same orders), single-item orders, a share of
-//! them on one hot SKU (product 1) and the rest spread evenly over the other products; and
-//! the stock that makes a chosen share of the demand sellable.
+//! The order load: deterministic (same seed, same orders), orders of one or more items, a
+//! share of the items on one hot SKU (product 1) and the rest spread evenly over the other
+//! products; and the stock that makes a chosen share of the demand sellable.
 
 use std::collections::BTreeMap;
 use stock_common::events::Item;
@@ -15,8 +15,12 @@ pub struct LoadSpec {
     pub orders: usize,
     /// Products `1..=products`; product 1 is the hot SKU.
     pub products: i64,
-    /// Share of orders (0 to 1) for the hot SKU.
+    /// Share of items (0 to 1) for the hot SKU. An order holds a product at most once, so
+    /// with several items per order an order's later items are drawn from the other
+    /// products once it holds the hot SKU (fewer items than this share are hot).
     pub hot_share: f64,
+    /// Items of every order (distinct products, sorted by product id); at most `products`.
+    pub items_per_order: usize,
     /// Quantities are drawn evenly from `1..=max_quantity`.
     pub max_quantity: i64,
     pub seed: u64,
@@ -29,22 +33,42 @@ pub struct Order {
     pub items: Vec<Item>,
 }
 
-/// The orders of `spec`, with ids `<prefix><n>`.
+/// The orders of `spec`, with ids `<prefix><n>`. Single-item loads are the same for a seed
+/// whatever the version that added multi-item orders.
 pub fn generate(spec: &LoadSpec, prefix: &str) -> Vec<Order> {
     let mut rng = Rng::new(spec.seed);
+    let per_order = spec.items_per_order.clamp(
+        1,
+        usize::try_from(spec.products.max(1)).unwrap_or(usize::MAX),
+    );
     (0..spec.orders)
         .map(|n| {
-            let product = if spec.products <= 1 || rng.unit() < spec.hot_share {
-                HOT_PRODUCT
-            } else {
-                rng.range(2, spec.products as u64 + 1) as i64
-            };
-            Order {
-                id: format!("{prefix}{n}"),
-                items: vec![Item {
+            let mut items: Vec<Item> = Vec::with_capacity(per_order);
+            for _ in 0..per_order {
+                let has = |items: &[Item], p: i64| items.iter().any(|it| it.product_id == p);
+                let hot_held = has(&items, HOT_PRODUCT);
+                // Only the hot SKU is left once the order holds every other product.
+                let others_used = (items.len() - usize::from(hot_held)) as i64 >= spec.products - 1;
+                let product = if !hot_held && (others_used || rng.unit() < spec.hot_share) {
+                    HOT_PRODUCT
+                } else {
+                    // Rejection sampling: per_order <= products, so an unused one exists.
+                    loop {
+                        let p = rng.range(2, spec.products as u64 + 1) as i64;
+                        if !has(&items, p) {
+                            break p;
+                        }
+                    }
+                };
+                items.push(Item {
                     product_id: product,
                     quantity: rng.range(1, spec.max_quantity.max(1) as u64 + 1) as i64,
-                }],
+                });
+            }
+            items.sort_by_key(|it| it.product_id);
+            Order {
+                id: format!("{prefix}{n}"),
+                items,
             }
         })
         .collect()
@@ -87,9 +111,50 @@ mod tests {
             orders: 10_000,
             products: 100,
             hot_share,
+            items_per_order: 1,
             max_quantity: 3,
             seed: 7,
         }
+    }
+
+    #[test]
+    fn several_items_are_distinct_sorted_and_skewed() {
+        let multi = |share: f64, k: usize, products: i64| {
+            generate(
+                &LoadSpec {
+                    items_per_order: k,
+                    products,
+                    ..spec(share)
+                },
+                "",
+            )
+        };
+        let orders = multi(0.5, 3, 100);
+        for o in &orders {
+            assert_eq!(o.items.len(), 3);
+            assert!(o
+                .items
+                .windows(2)
+                .all(|w| w[0].product_id < w[1].product_id));
+        }
+        // Each item slot is hot with probability 0.5 until the order holds the hot SKU.
+        let hot = orders
+            .iter()
+            .filter(|o| o.items[0].product_id == HOT_PRODUCT)
+            .count();
+        assert!((8_500..9_000).contains(&hot), "{hot}"); // 1 - 0.5^3 = 0.875
+                                                         // All hot: one hot item per order, the others elsewhere.
+        assert!(multi(1.0, 2, 100)
+            .iter()
+            .all(|o| o.items[0].product_id == HOT_PRODUCT && o.items[1].product_id != HOT_PRODUCT));
+        // Share 0: the hot SKU gets nothing, the others share the load evenly.
+        let uniform_hot = multi(0.0, 1, 100)
+            .iter()
+            .filter(|o| o.items[0].product_id == HOT_PRODUCT)
+            .count();
+        assert_eq!(uniform_hot, 0);
+        // More items than products: capped, every product once.
+        assert!(multi(0.3, 5, 3).iter().all(|o| o.items.len() == 3));
     }
 
     #[test]

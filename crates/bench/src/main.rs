@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use stock_bench::{apply, e2e, env::Stack, redis_stage};
+use stock_bench::{apply, e2e, env::Stack, redis_stage, survey};
 
 /// Benchmarks of the stock pipeline against the local stack (`deploy/stack-up.sh`).
 /// Logs go to stderr (`RUST_LOG`, default `warn,sqlx=error`); tables and JSON lines to stdout.
@@ -21,6 +21,8 @@ enum Cmd {
     Apply(apply::ApplyArgs),
     /// The producer's Redis stage alone, against redis-benchmark on the same script.
     Redis(redis_stage::RedisStageArgs),
+    /// The survey's strategies and the pipeline on one workload: its §8 table, measured.
+    Survey(survey::SurveyArgs),
 }
 
 #[tokio::main]
@@ -31,6 +33,7 @@ async fn main() -> ExitCode {
         Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
         Cmd::Apply(args) => apply::run(&cli.stack, args).await,
         Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
+        Cmd::Survey(args) => survey::run(&cli.stack, args).await,
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -55,6 +55,53 @@ impl Table {
     pub fn print(&self) {
         println!("{}", self.render());
     }
+
+    /// The table in Markdown (GitHub's pipe tables): columns of figures (every cell
+    /// starting with a digit) right-aligned, the others left-aligned; `|` in a cell is
+    /// escaped.
+    pub fn markdown(&self) -> String {
+        let cols = self.headers.len();
+        let line = |cells: &[String]| {
+            let cells: Vec<String> = (0..cols)
+                .map(|i| cells.get(i).map_or("", String::as_str).replace('|', "\\|"))
+                .collect();
+            format!("| {} |", cells.join(" | "))
+        };
+        let mut out = line(&self.headers);
+        out.push('\n');
+        let figures = |i: usize| {
+            self.rows.iter().all(|r| {
+                r.get(i)
+                    .and_then(|c| c.chars().next())
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
+        };
+        let rule: Vec<&str> = (0..cols)
+            .map(|i| if figures(i) { "---:" } else { ":---" })
+            .collect();
+        out.push_str(&format!("| {} |", rule.join(" | ")));
+        for r in &self.rows {
+            out.push('\n');
+            out.push_str(&line(r));
+        }
+        out
+    }
+}
+
+/// One CSV line (RFC 4180): fields with a comma, quote or line break are quoted.
+pub fn csv_line<S: AsRef<str>>(fields: impl IntoIterator<Item = S>) -> String {
+    let quoted: Vec<String> = fields
+        .into_iter()
+        .map(|f| {
+            let f = f.as_ref();
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.to_owned()
+            }
+        })
+        .collect();
+    quoted.join(",")
 }
 
 /// Prints `value` as one line of JSON.
@@ -170,6 +217,16 @@ mod tests {
         let mut t = Table::new(["a", "bb"]);
         t.row(["xyz", "1"]);
         assert_eq!(t.render(), "a    bb\n-------\nxyz   1");
+        assert_eq!(t.markdown(), "| a | bb |\n| :--- | ---: |\n| xyz | 1 |");
+        t.row(["p|q"]);
+        assert_eq!(
+            t.markdown(),
+            "| a | bb |\n| :--- | :--- |\n| xyz | 1 |\n| p\\|q |  |"
+        );
+        assert_eq!(
+            csv_line(["a", "b,c", "say \"hi\"", ""]),
+            r#"a,"b,c","say ""hi""","#
+        );
     }
 
     #[test]

@@ -24,6 +24,14 @@ pub fn consumer_group(env: &PipelineEnv) -> String {
     format!("bench-{}-consumer", env.id)
 }
 
+/// The workers' batch settings as the binaries would have them (their defaults, or the
+/// `BATCH_*` environment variables).
+pub fn default_batch() -> Result<BatchArgs> {
+    Ok(ProducerArgs::try_parse_from(["producer"])
+        .context("producer defaults")?
+        .batch)
+}
+
 /// The producer's settings: its defaults (as the binary would have them, so that settings
 /// added later need no change here), with this run's connections, topics, group and batch.
 pub fn producer_args(

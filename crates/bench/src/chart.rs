@@ -1,0 +1,155 @@
+//! Line charts as SVG files (plotters' SVG backend only: no font or system library, the
+//! SVG viewer draws the text).
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Line colours, dark enough on white (Tableau 10).
+const PALETTE: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// One line: a name for the legend and its (x, y) points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A chart of `series` against an x axis on a log2 scale (ticks at powers of two, covering
+/// at least `x_span`), y from 0.
+pub struct LogXChart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub x_span: (f64, f64),
+    pub series: &'a [Series],
+}
+
+impl LogXChart<'_> {
+    /// Writes the chart to `path` (SVG).
+    pub fn write_svg(&self, path: &Path) -> Result<()> {
+        let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+        let xs = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .filter(|x| *x > 0.0);
+        let (lo, hi) = xs.fold(self.x_span, |(lo, hi), x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = (
+            lo.max(1e-9).log2().floor(),
+            hi.max(1e-9).log2().ceil().max(lo.log2().floor() + 1.0),
+        );
+        let y_max = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max);
+        let y_max = if y_max > 0.0 { y_max * 1.12 } else { 1.0 };
+
+        let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(self.title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(80)
+            .build_cartesian_2d(lo..hi, 0.0..y_max)
+            .map_err(|e| err(&e))?;
+        let tick = |v: &f64| {
+            if (v - v.round()).abs() < 1e-6 {
+                format!("{}", 2f64.powf(v.round()))
+            } else {
+                String::new()
+            }
+        };
+        let y_fmt = |v: &f64| crate::report::thousands(*v);
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label)
+            .y_desc(self.y_label)
+            .x_labels((hi - lo) as usize + 1)
+            .x_label_formatter(&tick)
+            .y_label_formatter(&y_fmt)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, s) in self.series.iter().enumerate() {
+            let (r, g, b) = PALETTE[i % PALETTE.len()];
+            let color = RGBColor(r, g, b);
+            let points: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .filter(|(x, _)| *x > 0.0)
+                .map(|(x, y)| (x.log2(), *y))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
+                .map_err(|e| err(&e))?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_an_svg_with_axes_and_legend() {
+        let dir = std::env::temp_dir().join(format!("chart-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.svg");
+        let series = [
+            Series {
+                name: "alpha".into(),
+                points: vec![(1.0, 10.0), (4.0, 30.0), (256.0, 25.0)],
+            },
+            Series {
+                name: "beta".into(),
+                points: vec![(1.0, 5.0), (16.0, 50.0)],
+            },
+        ];
+        LogXChart {
+            title: "rates",
+            x_label: "clients",
+            y_label: "orders/s",
+            x_span: (1.0, 256.0),
+            series: &series,
+        }
+        .write_svg(&path)
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..60.min(svg.len())]);
+        // plotters writes each text on a line of its own.
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        for text in [
+            "alpha", "beta", "clients", "orders/s", "rates", "1", "16", "256",
+        ] {
+            assert!(texts.contains(&text), "no {text} in the SVG");
+        }
+        assert!(!texts.contains(&"512") && !texts.contains(&"0.5"));
+    }
+}
