@@ -121,7 +121,7 @@ pub struct E2eFigures {
     pub offered_rate: u64,
     /// stream: per order, its publish to its first outcome, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<report::Latency>,
+    pub latency_ms: Option<report::LatencyMs>,
     pub reserved: usize,
     pub rejected: usize,
     /// Publishing every order to `orders`, delivery reports included.
@@ -763,16 +763,18 @@ fn figures(
         linger_ms: args.linger.as_millis(),
         workers: args.workers,
         offered_rate: if mode == Mode::Stream { args.rate } else { 0 },
-        latency_ms: report::Latency::of(
-            orders
-                .iter()
-                .filter_map(|o| {
-                    let sent = t.sent_at.get(&o.id)?;
-                    let got = got.first_at.get(&o.id)?;
-                    Some(got.saturating_duration_since(*sent).as_secs_f64() * 1000.0)
-                })
-                .collect(),
-        ),
+        latency_ms: (!t.sent_at.is_empty()).then(|| {
+            report::Latency::of(
+                orders
+                    .iter()
+                    .filter_map(|o| {
+                        let sent = t.sent_at.get(&o.id)?;
+                        Some(got.first_at.get(&o.id)?.saturating_duration_since(*sent))
+                    })
+                    .collect(),
+            )
+            .ms()
+        }),
         reserved: c.reserved,
         rejected: c.rejected,
         publish_secs: t.publish.as_secs_f64(),
@@ -828,7 +830,7 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
         thousands(f.offered_rate as f64)
     });
     metric("latency ms p50 / p99 / max (publish to outcome)", &|f| {
-        report::Latency::show(f.latency_ms)
+        report::LatencyMs::show(f.latency_ms)
     });
     metric("producer stage alone, orders/s", &|f| {
         opt(f.producer_stage_rate)

@@ -167,40 +167,61 @@ pub fn median(mut xs: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// The `q` quantile (0 to 1) of `xs` by the nearest-rank method; None when empty.
-pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+/// Latency figures of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Latency {
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
 }
 
-/// p50, p99 and max of `xs` (sorted here), in the unit given.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct Latency {
+/// [`Latency`] in milliseconds, for JSON lines.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LatencyMs {
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
 }
 
 impl Latency {
-    pub fn of(mut xs: Vec<f64>) -> Option<Latency> {
-        xs.sort_by(f64::total_cmp);
-        Some(Latency {
-            p50: percentile(&xs, 0.50)?,
-            p99: percentile(&xs, 0.99)?,
-            max: *xs.last()?,
-        })
+    /// p50, p99 and max of `xs` (zero when empty).
+    pub fn of(mut xs: Vec<Duration>) -> Latency {
+        xs.sort_unstable();
+        Latency {
+            p50: percentile(&xs, 50.0),
+            p99: percentile(&xs, 99.0),
+            max: xs.last().copied().unwrap_or_default(),
+        }
     }
 
-    /// "p50 / p99 / max" with one decimal.
-    pub fn show(l: Option<Latency>) -> String {
+    pub fn ms(&self) -> LatencyMs {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        LatencyMs {
+            p50: ms(self.p50),
+            p99: ms(self.p99),
+            max: ms(self.max),
+        }
+    }
+}
+
+impl LatencyMs {
+    /// "p50 / p99 / max" with one decimal, or "-".
+    pub fn show(l: Option<LatencyMs>) -> String {
         match l {
             Some(l) => format!("{:.1} / {:.1} / {:.1}", l.p50, l.p99, l.max),
             None => "-".into(),
         }
     }
+}
+
+/// The nearest-rank `p`-th percentile (0 < p <= 100) of `sorted` (ascending): the smallest
+/// value with at least p% of the values at or below it. Zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[cfg(test)]
@@ -231,13 +252,14 @@ mod tests {
 
     #[test]
     fn percentiles_by_nearest_rank() {
-        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&xs, 0.5), Some(50.0));
-        assert_eq!(percentile(&xs, 0.99), Some(99.0));
-        assert_eq!(percentile(&xs, 0.0), Some(1.0));
-        assert_eq!(percentile(&[], 0.5), None);
-        let l = Latency::of(vec![3.0, 1.0, 2.0]).expect("latency");
-        assert_eq!((l.p50, l.p99, l.max), (2.0, 3.0, 3.0));
-        assert_eq!(Latency::of(Vec::new()), None);
+        let ms = |v: u64| Duration::from_millis(v);
+        let xs: Vec<Duration> = (1..=100).map(ms).collect();
+        assert_eq!(percentile(&xs, 50.0), ms(50));
+        assert_eq!(percentile(&xs, 99.0), ms(99));
+        assert_eq!(percentile(&xs, 100.0), ms(100));
+        assert_eq!(percentile(&[ms(7)], 99.0), ms(7));
+        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+        let l = Latency::of(vec![ms(9), ms(1), ms(5)]);
+        assert_eq!((l.p50, l.p99, l.max), (ms(5), ms(9), ms(9)));
     }
 }

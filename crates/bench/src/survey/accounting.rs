@@ -14,7 +14,6 @@
 
 use crate::load::Order;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// The books of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,35 +72,6 @@ pub fn books(
         .filter(|(o, g)| !**g && o.items.iter().all(|it| left(it.product_id) >= it.quantity))
         .count();
     b
-}
-
-/// Latency figures of one run.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Latency {
-    pub p50: Duration,
-    pub p99: Duration,
-    pub max: Duration,
-}
-
-impl Latency {
-    pub fn of(mut xs: Vec<Duration>) -> Latency {
-        xs.sort_unstable();
-        Latency {
-            p50: percentile(&xs, 50.0),
-            p99: percentile(&xs, 99.0),
-            max: xs.last().copied().unwrap_or_default(),
-        }
-    }
-}
-
-/// The nearest-rank `p`-th percentile (0 < p <= 100) of `sorted` (ascending): the smallest
-/// value with at least p% of the values at or below it. Zero when empty.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[cfg(test)]
@@ -197,18 +167,5 @@ mod tests {
             &map(&[(1, Some(2)), (2, Some(5))]),
         );
         assert_eq!((b.inconsistent_products, b.oversold_units), (1, 0));
-    }
-
-    #[test]
-    fn percentiles_by_nearest_rank() {
-        let ms = |v: u64| Duration::from_millis(v);
-        let xs: Vec<Duration> = (1..=100).map(ms).collect();
-        assert_eq!(percentile(&xs, 50.0), ms(50));
-        assert_eq!(percentile(&xs, 99.0), ms(99));
-        assert_eq!(percentile(&xs, 100.0), ms(100));
-        assert_eq!(percentile(&[ms(7)], 99.0), ms(7));
-        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
-        let l = Latency::of(vec![ms(9), ms(1), ms(5)]);
-        assert_eq!((l.p50, l.p99, l.max), (ms(5), ms(9), ms(9)));
     }
 }
