@@ -46,6 +46,13 @@ pub fn client_config(args: &KafkaArgs) -> ClientConfig {
 /// over the defaults of this module.
 fn apply_user_settings(cfg: &mut ClientConfig, args: &KafkaArgs) {
     cfg.set("bootstrap.servers", &args.brokers);
+    // librdkafka 2.10+ "re-bootstraps" when every broker looks down. After a restart of the
+    // broker, clients were seen stuck for good in that sequence ("1/1 brokers are down"
+    // while the broker answered; librdkafka #5088, #5600): the nemesis test caught a
+    // consumer and a producer that never recovered. `none` keeps the pre-2.10 behaviour,
+    // reconnecting to the brokers already known, which is what a broker restart needs.
+    // A `--kafka-option metadata.recovery.strategy=rebootstrap` restores the default.
+    cfg.set("metadata.recovery.strategy", "none");
     for opt in &args.options {
         match opt.split_once('=') {
             Some((k, v)) => {

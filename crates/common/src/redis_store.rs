@@ -337,37 +337,36 @@ impl RedisStore {
         pipe.load_script(&RESERVE).ignore();
         let mut sizes = Vec::new();
         for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
-            let mut inv = RESERVE.key(LOADED_KEY);
-            inv.key(EPOCH_KEY).arg(self.record_ttl_secs);
-            for (j, r) in call.iter().enumerate() {
-                let guard = guards
+            let guard_of = |j: usize| {
+                guards
                     .get(c * self.orders_per_call + j)
-                    .and_then(Option::as_ref);
+                    .and_then(Option::as_ref)
+            };
+            // One epoch per call: the marker's guards all carry the one it was learnt in.
+            let epoch = (0..call.len())
+                .find_map(guard_of)
+                .map_or("", |g| g.epoch.as_str());
+            let mut inv = RESERVE.key(LOADED_KEY);
+            inv.key(EPOCH_KEY).arg(self.record_ttl_secs).arg(epoch);
+            for (j, r) in call.iter().enumerate() {
                 inv.key(order_key(&r.order_id));
                 for it in &r.items {
                     inv.key(stock_key(it.product_id));
                 }
-                let forced = match (r.forced, guard) {
-                    (Some(reason), _) => OrderRecord::Refused {
+                let forced = r.forced.map_or(String::new(), |reason| {
+                    OrderRecord::Refused {
                         reason,
                         product_id: None,
                     }
-                    .encode(),
-                    (None, Some(g)) => OrderRecord::Refused {
-                        reason: Reason::InsufficientStock,
-                        product_id: Some(g.product_id),
-                    }
-                    .encode(),
-                    (None, None) => String::new(),
-                };
-                let guard_epoch = match (r.forced, guard) {
-                    (None, Some(g)) => g.epoch.as_str(),
-                    _ => "",
-                };
+                    .encode()
+                });
+                let sold_out = guard_of(j).is_some_and(|g| {
+                    g.epoch == epoch && r.items.first().map(|i| i.product_id) == Some(g.product_id)
+                });
                 inv.arg(r.items.len())
                     .arg(encode_items(&r.items))
                     .arg(forced)
-                    .arg(guard_epoch);
+                    .arg(if sold_out { "1" } else { "" });
                 for it in &r.items {
                     inv.arg(it.quantity);
                 }

@@ -6,12 +6,14 @@
 -- KEYS[2]     the stock epoch counter (see below)
 -- then, for each order: its record, then stock:{product_id} of each item in item order
 -- ARGV[1]     record lifetime in seconds
+-- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
 -- then, for each order:
 --   n         number of items
 --   items     the order's items in canonical form "42:2,7:1"
 --   forced    a decision taken without looking at stock ("X|invalid_order|"), or ""
---   guard     "" (forced applies as is) or an epoch: forced applies only if the epoch is
---             still that one, otherwise stock decides (a sold-out marker that went stale)
+--   sold_out  "1": the first item's product was at 0 in ARGV[2]'s epoch; if the epoch is
+--             still that one, refuse for it without reading stock (otherwise the marker
+--             went stale and stock decides); "" otherwise
 --   n quantities, then n product ids
 --
 -- The epoch is "<loaded marker>#<counter>". Everything that can add stock to a key outside
@@ -31,6 +33,7 @@ if not marker then
 end
 local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
+local marker_valid = ARGV[2] ~= '' and ARGV[2] == epoch
 local zeros = {}
 local zero_seen = {}
 local function zero(pid)
@@ -41,17 +44,16 @@ local function zero(pid)
 end
 local out = {}
 local k = 3
-local a = 2
+local a = 3
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
   local items = ARGV[a + 1]
   local decision = ARGV[a + 2]
-  local guard = ARGV[a + 3]
   local qty = a + 3
   local pid = a + 3 + n
   local rec_key = KEYS[k]
-  if decision ~= '' and guard ~= '' and guard ~= epoch then
-    decision = ''
+  if decision == '' and marker_valid and ARGV[a + 3] == '1' then
+    decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
   end
   local rec = redis.call('GET', rec_key)
   local kind = 'new'
