@@ -228,7 +228,7 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
         .args(["EVALSHA", &sha, "4", LOADED_KEY, EPOCH_KEY])
         .arg("stockpipe:order:rbench-__rand_int__")
         .arg(&stock)
-        .args(["3600", "1", &item, "", "", "1", &PRODUCT.to_string()])
+        .args(["3600", "", "1", &item, "", "", "1", &PRODUCT.to_string()])
         .output()
         .await
         .with_context(|| format!("running {}", args.redis_benchmark))?;
