@@ -556,6 +556,7 @@ async fn publish_paced(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sent = 0u64;
     let mut deliveries = Vec::new();
+    let never = tokio_util::sync::CancellationToken::new();
     while rest.peek().is_some() {
         tick.tick().await;
         let now = Instant::now();
@@ -566,16 +567,10 @@ async fn publish_paced(
         sent_at.extend(chunk.iter().map(|(id, _)| (id.clone(), now)));
         let out: Vec<OutMessage> = chunk
             .into_iter()
-            .map(|(key, payload)| OutMessage {
-                topic: topic.to_owned(),
-                key: key.into_bytes(),
-                payload,
-                headers: Vec::new(),
-            })
+            .map(|(key, payload)| OutMessage::keyed(topic, key, payload))
             .collect();
         // Handed over without waiting for delivery, so that a slow report does not hold
         // back the next tick; every report is checked at the end.
-        let never = tokio_util::sync::CancellationToken::new();
         deliveries.extend(stock_common::kafka::enqueue_all(producer, &out, &never).await?);
     }
     for d in deliveries {

@@ -18,8 +18,8 @@ use redis::AsyncCommands;
 use serde::Serialize;
 use stock_common::events::Item;
 use stock_common::redis_store::{
-    stock_key, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker, EPOCH_KEY, LOADED_KEY,
-    RESERVE_LUA,
+    stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker, EPOCH_KEY,
+    LOADED_KEY, RESERVE_LUA,
 };
 use tokio::time::Instant;
 
@@ -173,7 +173,7 @@ async fn drive(
         let guards = if use_marker {
             marker.guards(batch)
         } else {
-            Vec::new()
+            Guards::default()
         };
         let reply = store.reserve_many(batch, &guards).await?;
         marker.learn(&reply);

@@ -233,15 +233,21 @@ pub struct OutMessage {
 }
 
 impl OutMessage {
-    /// A JSON message keyed by order id.
-    pub fn json<T: serde::Serialize>(topic: &str, order_id: &str, value: &T) -> Self {
+    /// Ready-made bytes keyed by `key`, without headers.
+    pub fn keyed(topic: &str, key: String, payload: Vec<u8>) -> Self {
         OutMessage {
             topic: topic.to_owned(),
-            key: order_id.as_bytes().to_vec(),
-            // Serializing our own plain structs cannot fail.
-            payload: serde_json::to_vec(value).unwrap_or_default(),
+            key: key.into_bytes(),
+            payload,
             headers: Vec::new(),
         }
+    }
+
+    /// A JSON message keyed by order id.
+    pub fn json<T: serde::Serialize>(topic: &str, order_id: &str, value: &T) -> Self {
+        // Serializing our own plain structs cannot fail.
+        let payload = serde_json::to_vec(value).unwrap_or_default();
+        OutMessage::keyed(topic, order_id.to_owned(), payload)
     }
 
     /// A dead letter for `source`: its key and bytes unchanged, the reason and origin in

@@ -128,13 +128,14 @@ pub enum ReserveOutcome {
     Corrupt(String),
 }
 
-/// A sold-out refusal decided by the producer's [`SoldOutMarker`]: refuse for
-/// `insufficient_stock` of `product_id` without looking at stock, if the stock epoch is
-/// still `epoch` (no stock has come back since the product was seen at 0).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Guard {
-    pub product_id: i64,
+/// Sold-out refusals for a batch, from the producer's [`SoldOutMarker`]: request `i` with
+/// `sold_out[i]` is refused for `insufficient_stock` of its first item without looking at
+/// stock, if the stock epoch is still `epoch` (no stock has come back since the product
+/// was seen at 0). The default guards nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guards {
     pub epoch: String,
+    pub sold_out: Vec<bool>,
 }
 
 /// What [`RedisStore::reserve_many`] learnt: one outcome per request, and the products seen
@@ -202,19 +203,20 @@ pub struct SoldOutMarker {
 }
 
 impl SoldOutMarker {
-    /// The guards for `reqs` (None where stock must decide).
-    pub fn guards(&self, reqs: &[ReserveRequest]) -> Vec<Option<Guard>> {
-        reqs.iter()
-            .map(|r| match r.items.first() {
-                Some(first) if r.forced.is_none() && self.products.contains(&first.product_id) => {
-                    Some(Guard {
-                        product_id: first.product_id,
-                        epoch: self.epoch.clone(),
-                    })
-                }
-                _ => None,
-            })
-            .collect()
+    /// The guards for `reqs` (false where stock must decide).
+    pub fn guards(&self, reqs: &[ReserveRequest]) -> Guards {
+        Guards {
+            epoch: self.epoch.clone(),
+            sold_out: reqs
+                .iter()
+                .map(|r| {
+                    r.forced.is_none()
+                        && r.items
+                            .first()
+                            .is_some_and(|first| self.products.contains(&first.product_id))
+                })
+                .collect(),
+        }
     }
 
     /// Takes in what a reserve call saw. A new epoch forgets every product marked before.
@@ -300,20 +302,20 @@ impl RedisStore {
     }
 
     /// Decides every request, in order: runs of at most `--orders-per-call` orders per
-    /// script call, at most [`PIPELINE_CHUNK`] orders per round trip. `guards[i]` (same
-    /// length as `reqs`, or empty for none) turns request `i` into a sold-out refusal that
-    /// the script applies only while the guard's epoch holds (see [`SoldOutMarker`]).
+    /// script call, at most [`PIPELINE_CHUNK`] orders per round trip. `guards` (made for
+    /// `reqs`; the default for none) turn requests into sold-out refusals that the script
+    /// applies only while the guards' epoch holds (see [`SoldOutMarker`]).
     pub async fn reserve_many(
         &self,
         reqs: &[ReserveRequest],
-        guards: &[Option<Guard>],
+        guards: &Guards,
     ) -> Result<ReserveReply, StoreError> {
         // Every round trip is sent at once on the multiplexed connection: Redis runs one
         // while the next is being encoded. Redis still runs them in this order.
         let trips = reqs.chunks(PIPELINE_CHUNK).enumerate().map(|(i, chunk)| {
             let at = i * PIPELINE_CHUNK;
-            let g = guards.get(at..at + chunk.len()).unwrap_or(&[]);
-            self.reserve_chunk(chunk, g)
+            let sold_out = guards.sold_out.get(at..at + chunk.len()).unwrap_or(&[]);
+            self.reserve_chunk(chunk, &guards.epoch, sold_out)
         });
         let mut reply = ReserveReply::default();
         for (calls, sizes) in futures::future::try_join_all(trips).await? {
@@ -328,7 +330,8 @@ impl RedisStore {
     async fn reserve_chunk(
         &self,
         reqs: &[ReserveRequest],
-        guards: &[Option<Guard>],
+        epoch: &str,
+        sold_out: &[bool],
     ) -> Result<(Vec<Vec<String>>, Vec<usize>), StoreError> {
         if reqs.is_empty() {
             return Ok((Vec::new(), Vec::new()));
@@ -337,15 +340,6 @@ impl RedisStore {
         pipe.load_script(&RESERVE).ignore();
         let mut sizes = Vec::new();
         for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
-            let guard_of = |j: usize| {
-                guards
-                    .get(c * self.orders_per_call + j)
-                    .and_then(Option::as_ref)
-            };
-            // One epoch per call: the marker's guards all carry the one it was learnt in.
-            let epoch = (0..call.len())
-                .find_map(guard_of)
-                .map_or("", |g| g.epoch.as_str());
             let mut inv = RESERVE.key(LOADED_KEY);
             inv.key(EPOCH_KEY).arg(self.record_ttl_secs).arg(epoch);
             for (j, r) in call.iter().enumerate() {
@@ -360,13 +354,11 @@ impl RedisStore {
                     }
                     .encode()
                 });
-                let sold_out = guard_of(j).is_some_and(|g| {
-                    g.epoch == epoch && r.items.first().map(|i| i.product_id) == Some(g.product_id)
-                });
+                let guarded = sold_out.get(c * self.orders_per_call + j) == Some(&true);
                 inv.arg(r.items.len())
                     .arg(encode_items(&r.items))
                     .arg(forced)
-                    .arg(if sold_out { "1" } else { "" });
+                    .arg(if guarded { "1" } else { "" });
                 for it in &r.items {
                     inv.arg(it.quantity);
                 }
@@ -560,15 +552,13 @@ mod tests {
             req("c", &[7], Some(Reason::InvalidOrder)),
             req("d", &[8], None),
         ];
-        let g = m.guards(&reqs);
         assert_eq!(
-            g[0],
-            Some(Guard {
-                product_id: 7,
-                epoch: "e1".into()
-            })
+            m.guards(&reqs),
+            Guards {
+                epoch: "e1".into(),
+                sold_out: vec![true, false, false, false]
+            }
         );
-        assert_eq!(g[1..], [None, None, None]);
         m.learn(&zero("e1", vec![8]));
         assert_eq!(m.len(), 2);
         m.learn(&zero("e2", vec![]));

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 use stock_common::events::{Item, Reason, Status};
 use stock_common::redis_store::{
-    stock_key, OrderRecord, ReserveOutcome, ReserveRequest, SoldOutMarker,
+    stock_key, Guards, OrderRecord, ReserveOutcome, ReserveRequest, SoldOutMarker,
 };
 use stock_e2e::harness::{conflicting, created};
 use stock_e2e::TestEnv;
@@ -73,7 +73,7 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
         .expect("set");
     let d = vec![order("d", 7)];
     let guards = marker.guards(&d);
-    assert!(guards[0].is_some());
+    assert_eq!(guards.sold_out, vec![true]);
     let reply = store.reserve_many(&d, &guards).await.expect("reserve");
     assert_eq!(record(&reply.outcomes[0]), refused(7));
     let _: () = redis::cmd("SET")
@@ -110,7 +110,10 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
     admin::restock(&env.pool, store, 7, 5, "restock-2")
         .await
         .expect("restock");
-    let reply = store.reserve_many(&d, &[]).await.expect("reserve");
+    let reply = store
+        .reserve_many(&d, &Guards::default())
+        .await
+        .expect("reserve");
     assert_eq!(
         reply.outcomes[0],
         ReserveOutcome::Decided {

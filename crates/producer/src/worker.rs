@@ -19,7 +19,7 @@ use stock_common::events::{DeductCommand, Item, StockResult, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
 use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use stock_common::redis_store::{
-    OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, SoldOutMarker, StoreError,
+    Guards, OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, SoldOutMarker, StoreError,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -227,7 +227,7 @@ impl Worker {
             .collect();
         let guards = match &self.sold_out {
             Some(m) => m.lock().map(|m| m.guards(&reserves)).unwrap_or_default(),
-            None => Vec::new(),
+            None => Guards::default(),
         };
         let reply = self.redis.reserve_many(&reserves, &guards).await?;
         timer.observe_duration();

@@ -43,12 +43,7 @@ pub async fn publish(
 ) -> Result<(), KafkaStepError> {
     let out: Vec<OutMessage> = msgs
         .into_iter()
-        .map(|(key, payload)| OutMessage {
-            topic: topic.to_owned(),
-            key: key.into_bytes(),
-            payload,
-            headers: Vec::new(),
-        })
+        .map(|(key, payload)| OutMessage::keyed(topic, key, payload))
         .collect();
     for chunk in out.chunks(20_000) {
         kafka::publish_all(producer, chunk, &CancellationToken::new()).await?;
