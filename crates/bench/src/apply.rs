@@ -378,6 +378,7 @@ async fn run_batched(
                 product_id: product,
                 quantity: QUANTITY,
             }],
+            token: None,
         })
         .collect();
     // Open the connection before the clock starts, as for the per-order strategies.

@@ -300,7 +300,7 @@ pub(crate) async fn load_stock(env: &PipelineEnv, stock: &BTreeMap<i64, i64>) ->
     .execute(&env.db.pool)
     .await
     .context("loading stock into PostgreSQL")?;
-    stockctl::rebuild::load_from_postgres(&env.db.pool, &env.redis.store)
+    stockctl::rebuild::rebuild(&env.db.pool, &env.redis.store)
         .await
         .context("loading Redis from PostgreSQL")?;
     Ok(())

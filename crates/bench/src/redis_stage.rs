@@ -181,7 +181,7 @@ async fn drive(
             let ok = match o {
                 ReserveOutcome::Decided { record, fresh } => {
                     *fresh
-                        && matches!(record, stock_common::redis_store::OrderRecord::Held(_))
+                        && matches!(record, stock_common::redis_store::OrderRecord::Held { .. })
                             == expect_held
                 }
                 _ => false,

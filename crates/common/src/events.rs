@@ -273,11 +273,26 @@ pub const INTERNAL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum DeductCommand {
-    /// The order's items were pre-deducted in Redis; reserve them in PostgreSQL.
+    /// The order's items were pre-deducted in Redis; reserve them in PostgreSQL. `token`
+    /// names that pre-deduction (`<generation>.<sequence>`, see [`Token`]): the ledger
+    /// keeps the token it applied, so a deduct with another token is a second
+    /// pre-deduction of the same order, given back rather than applied. Absent in
+    /// commands written before tokens existed (treated as a redelivery).
     Reserve {
         v: u32,
         order_id: String,
         items: Vec<Item>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Redis refused the order (or it was invalid): PostgreSQL records the refusal, so that
+    /// the order id keeps this one outcome for good, and the consumer publishes it.
+    Refuse {
+        v: u32,
+        order_id: String,
+        reason: Reason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        product_id: Option<i64>,
     },
     /// `order_paid` from the order service. `event` names the `orders` message it came
     /// from (`p<partition>@<offset>`), so that its redelivery is told apart from a second
@@ -299,6 +314,7 @@ impl DeductCommand {
     pub fn order_id(&self) -> &str {
         match self {
             DeductCommand::Reserve { order_id, .. }
+            | DeductCommand::Refuse { order_id, .. }
             | DeductCommand::Pay { order_id, .. }
             | DeductCommand::Cancel { order_id, .. } => order_id,
         }
@@ -307,13 +323,40 @@ impl DeductCommand {
     pub fn version(&self) -> u32 {
         match self {
             DeductCommand::Reserve { v, .. }
+            | DeductCommand::Refuse { v, .. }
             | DeductCommand::Pay { v, .. }
             | DeductCommand::Cancel { v, .. } => *v,
         }
     }
 }
 
-/// Why stock goes back to Redis.
+/// A pre-deduction's name, `<generation>.<sequence>`: the Redis generation (the value of
+/// the loaded marker, advanced by every rebuild) it was taken in, and a sequence number
+/// unique within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    pub gen: i64,
+    pub seq: i64,
+}
+
+impl Token {
+    /// Reads `"<gen>.<seq>"`; None for anything else (a legacy empty token).
+    pub fn parse(s: &str) -> Option<Token> {
+        let (g, q) = s.split_once('.')?;
+        Some(Token {
+            gen: g.parse().ok()?,
+            seq: q.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.gen, self.seq)
+    }
+}
+
+/// Why stock goes back to Redis, or what else the consumer asks of the producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CompensationCause {
@@ -323,16 +366,32 @@ pub enum CompensationCause {
     Cancelled,
     /// The reservation expired; PostgreSQL already made the stock available.
     Expired,
+    /// A second pre-deduction of an order PostgreSQL had already decided (its Redis record
+    /// was forgotten, or the order id came again): give that pre-deduction back.
+    Duplicate,
+    /// Not a give-back: the order's pre-deduction was taken in a Redis generation that a
+    /// rebuild has since replaced, before PostgreSQL applied it. Decide the order again,
+    /// with these items, in the current generation.
+    Redecide,
 }
 
-/// A message of `stock.compensate`, written by the consumer for the producer: give an
-/// order's pre-deducted stock back to Redis, at most once per order.
+/// A message of `stock.compensate`, written by the consumer for the producer: give one
+/// pre-deduction of an order back to Redis, at most once (or, [`CompensationCause::Redecide`],
+/// decide the order again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compensation {
     pub v: u32,
     pub order_id: String,
     pub items: Vec<Item>,
     pub cause: CompensationCause,
+    /// The pre-deduction to give back; it is given back only while the order's Redis record
+    /// holds that very token. Absent in compensations written before tokens existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The Redis generation of the PostgreSQL change behind this compensation: in any
+    /// other generation, Redis was loaded from a snapshot that already holds the change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gen: Option<i64>,
 }
 
 /// The canonical text form of an order's items, `"42:2,7:1"`, as kept in Redis so that a
@@ -532,6 +591,7 @@ mod tests {
                 product_id: 1,
                 quantity: 2,
             }],
+            token: None,
         };
         let json = serde_json::to_string(&cmd).unwrap();
         assert_eq!(

@@ -46,6 +46,12 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Reservations released by the expiry sweeper.
     pub expired: IntCounter,
+    /// Orders dead-lettered because a stock key they need does not hold an integer, by
+    /// `key` (producer): those products stop selling, the others go on.
+    pub corrupt_stock: IntCounterVec,
+    /// Batches whose database step failed and is being retried, by `cause` (`transient`,
+    /// `permanent`): a decided order is never dropped, the consumer stalls and says why.
+    pub stalled: IntCounterVec,
 }
 
 impl Metrics {
@@ -85,6 +91,20 @@ impl Metrics {
             "reservations_expired_total",
             "Reservations released by expiry",
         )?;
+        let corrupt_stock = IntCounterVec::new(
+            Opts::new(
+                "corrupt_stock_orders_total",
+                "Orders dead-lettered because a stock key does not hold an integer",
+            ),
+            &["key"],
+        )?;
+        let stalled = IntCounterVec::new(
+            Opts::new(
+                "database_failures_total",
+                "Failed attempts to apply a batch, retried without dropping anything",
+            ),
+            &["cause"],
+        )?;
         for c in [
             Box::new(outcomes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(batch_size.clone()),
@@ -95,6 +115,8 @@ impl Metrics {
             Box::new(dead_letters.clone()),
             Box::new(retries.clone()),
             Box::new(expired.clone()),
+            Box::new(corrupt_stock.clone()),
+            Box::new(stalled.clone()),
         ] {
             registry.register(c)?;
         }
@@ -102,7 +124,6 @@ impl Metrics {
         for cause in [
             "redis",
             "redis_unloaded",
-            "redis_corrupt",
             "database",
             "conflict",
         ] {
@@ -122,6 +143,8 @@ impl Metrics {
             dead_letters,
             retries,
             expired,
+            corrupt_stock,
+            stalled,
         })
     }
 

@@ -3,12 +3,19 @@
 //! Keys:
 //! * `stock:{<product_id>}` (contract): stock the producer may still pre-deduct.
 //! * `stockpipe:order:<order_id>`: the producer's memory of an order, an [`OrderRecord`],
-//!   kept for `--order-memory` (longer than the `orders` topic's retention).
+//!   kept for `--order-memory`. A forgotten order is still decided once: PostgreSQL's
+//!   ledger is the permanent judge, and gives a second pre-deduction back by its token.
 //! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here.
-//! * `stockpipe:loaded`: present once stock has been loaded from PostgreSQL. If Redis comes
-//!   back empty the marker is gone, and both scripts refuse to act until a rebuild.
+//! * `stockpipe:loaded`: present once stock has been loaded from PostgreSQL; its value is
+//!   the Redis generation, which PostgreSQL's `redis_generation` advanced for that load.
+//!   If Redis comes back empty the marker is gone, and the scripts refuse to act until a
+//!   rebuild.
 //! * `stockpipe:epoch`: changed with every write that can add stock; with the loaded
 //!   marker's value it guards the producer's sold-out marker ([`SoldOutMarker`]).
+//! * `stockpipe:seq`: the sequence that names pre-deductions (tokens `<gen>.<seq>`).
+//!
+//! This module is the only code that writes Redis: the workers' scripts, and the
+//! operators' loads ([`RedisStore::stop_selling`], [`RedisStore::load_generation`]).
 //!
 //! The scripts (`lua/reserve.lua`, `lua/restore.lua`, `lua/adjust.lua`) pass every key in
 //! KEYS. They are sent with EVALSHA in one pipeline per batch, preceded by SCRIPT LOAD so a
@@ -19,7 +26,7 @@
 //! cluster.
 
 use crate::config::RedisArgs;
-use crate::events::{decode_items, encode_items, Item, Reason};
+use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::sync::LazyLock;
@@ -34,6 +41,9 @@ pub const LOADED_KEY: &str = "stockpipe:loaded";
 /// (restore, adjust, load, repair). With the loaded marker's value it forms the epoch that
 /// guards sold-out refusals (`lua/reserve.lua`).
 pub const EPOCH_KEY: &str = "stockpipe:epoch";
+
+/// Counter that names pre-deductions: each token is `<generation>.<sequence>`.
+pub const SEQ_KEY: &str = "stockpipe:seq";
 
 /// The reserve script's source (for benchmarks that drive it with other clients).
 pub const RESERVE_LUA: &str = include_str!("lua/reserve.lua");
@@ -52,6 +62,13 @@ pub fn request_key(request_id: &str) -> String {
     format!("stockpipe:request:{request_id}")
 }
 
+/// Whether a stored stock value is an integer as the scripts read one: an optional `-`
+/// and 1 to 18 digits (see `lua/reserve.lua`).
+pub fn is_stock_integer(raw: &str) -> bool {
+    let digits = raw.strip_prefix('-').unwrap_or(raw);
+    (1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The key of the producer's record of one order.
 pub fn order_key(order_id: &str) -> String {
     format!("stockpipe:order:{order_id}")
@@ -60,11 +77,11 @@ pub fn order_key(order_id: &str) -> String {
 /// What Redis remembers of an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderRecord {
-    /// Pre-deducted here; the stock is held until PostgreSQL refuses it or the reservation
-    /// ends (`R|<items>`).
-    Held(Vec<Item>),
-    /// Pre-deducted, then given back (`C|<items>`).
-    Returned(Vec<Item>),
+    /// Pre-deducted here by the pre-deduction `token`; the stock is held until PostgreSQL
+    /// refuses it or the reservation ends (`R|<token>|<items>`).
+    Held { token: String, items: Vec<Item> },
+    /// Pre-deducted, then given back (`C|<token>|<items>`).
+    Returned { token: String, items: Vec<Item> },
     /// Refused here; never reached PostgreSQL (`X|<reason>|<product_id>`).
     Refused {
         reason: Reason,
@@ -75,8 +92,10 @@ pub enum OrderRecord {
 impl OrderRecord {
     pub fn encode(&self) -> String {
         match self {
-            OrderRecord::Held(items) => format!("R|{}", encode_items(items)),
-            OrderRecord::Returned(items) => format!("C|{}", encode_items(items)),
+            OrderRecord::Held { token, items } => format!("R|{token}|{}", encode_items(items)),
+            OrderRecord::Returned { token, items } => {
+                format!("C|{token}|{}", encode_items(items))
+            }
             OrderRecord::Refused { reason, product_id } => {
                 format!(
                     "X|{}|{}",
@@ -90,8 +109,15 @@ impl OrderRecord {
     pub fn decode(s: &str) -> Option<OrderRecord> {
         let (tag, rest) = s.split_once('|')?;
         match tag {
-            "R" => Some(OrderRecord::Held(decode_items(rest)?)),
-            "C" => Some(OrderRecord::Returned(decode_items(rest)?)),
+            "R" | "C" => {
+                let (token, items) = rest.split_once('|')?;
+                let (token, items) = (token.to_owned(), decode_items(items)?);
+                Some(if tag == "R" {
+                    OrderRecord::Held { token, items }
+                } else {
+                    OrderRecord::Returned { token, items }
+                })
+            }
             "X" => {
                 let (reason, pid) = rest.split_once('|')?;
                 Some(OrderRecord::Refused {
@@ -248,17 +274,42 @@ pub enum AdjustOutcome {
     Unloaded,
     /// Taking would leave the key below zero: nothing done.
     Short,
+    /// Redis was rebuilt since the change's generation: the rebuild loaded it already.
+    Stale,
+    /// The stock key does not hold an integer: nothing done.
+    Corrupt,
+    /// The request id was applied to another product or amount: nothing done.
+    Reused,
 }
 
 /// What the restore script said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreOutcome {
     Restored,
+    /// Given back before (a redelivery).
     Already,
     Unloaded,
+    /// Redis was rebuilt after the PostgreSQL change: its snapshot holds it already.
+    Stale,
+    /// No record: forgotten (older than `--order-memory`) or never held here.
     Unknown,
+    /// The record names another pre-deduction: this one is not held in this Redis.
+    Other,
     NotHeld,
     Mismatch,
+}
+
+impl RestoreOutcome {
+    /// Whether the compensation is done with: applied now or before, or nothing to apply.
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            RestoreOutcome::Restored
+                | RestoreOutcome::Already
+                | RestoreOutcome::Stale
+                | RestoreOutcome::Other
+        )
+    }
 }
 
 /// Errors of the Redis layer. All are transient for the worker loop (connection trouble,
@@ -341,7 +392,10 @@ impl RedisStore {
         let mut sizes = Vec::new();
         for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
             let mut inv = RESERVE.key(LOADED_KEY);
-            inv.key(EPOCH_KEY).arg(self.record_ttl_secs).arg(epoch);
+            inv.key(EPOCH_KEY)
+                .key(SEQ_KEY)
+                .arg(self.record_ttl_secs)
+                .arg(epoch);
             for (j, r) in call.iter().enumerate() {
                 inv.key(order_key(&r.order_id));
                 for it in &r.items {
@@ -376,11 +430,11 @@ impl RedisStore {
         Ok((calls, sizes))
     }
 
-    /// Runs the restore script for each `(order_id, items)`, in order, pipelined in round
-    /// trips of at most [`PIPELINE_CHUNK`] scripts.
+    /// Runs the restore script for each compensation, in order, pipelined in round trips
+    /// of at most [`PIPELINE_CHUNK`] scripts.
     pub async fn restore_many(
         &self,
-        reqs: &[(String, Vec<Item>)],
+        reqs: &[Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(PIPELINE_CHUNK) {
@@ -389,22 +443,22 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn restore_chunk(
-        &self,
-        reqs: &[(String, Vec<Item>)],
-    ) -> Result<Vec<RestoreOutcome>, StoreError> {
+    async fn restore_chunk(&self, reqs: &[Compensation]) -> Result<Vec<RestoreOutcome>, StoreError> {
         if reqs.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&RESTORE).ignore();
-        for (order_id, items) in reqs {
+        for c in reqs {
+            let items = &c.items;
             let mut inv = RESTORE.key(LOADED_KEY);
-            inv.key(EPOCH_KEY).key(order_key(order_id));
+            inv.key(EPOCH_KEY).key(order_key(&c.order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
             }
-            inv.arg(encode_items(items));
+            inv.arg(c.token.as_deref().unwrap_or(""))
+                .arg(c.gen.map(|g| g.to_string()).unwrap_or_default())
+                .arg(encode_items(items));
             for it in items {
                 inv.arg(it.quantity);
             }
@@ -418,7 +472,9 @@ impl RedisStore {
                     "restored" => RestoreOutcome::Restored,
                     "already" => RestoreOutcome::Already,
                     "unloaded" => RestoreOutcome::Unloaded,
+                    "stale" => RestoreOutcome::Stale,
                     "unknown" => RestoreOutcome::Unknown,
+                    "other" => RestoreOutcome::Other,
                     "not_held" => RestoreOutcome::NotHeld,
                     "mismatch" => RestoreOutcome::Mismatch,
                     other => return Err(StoreError::Protocol(format!("restore said {other:?}"))),
@@ -427,12 +483,14 @@ impl RedisStore {
             .collect()
     }
 
-    /// Adds `delta` (negative: takes) to `stock:{product_id}` once per `request_id`.
+    /// Adds `delta` (negative: takes) to `stock:{product_id}` once per `request_id`, only
+    /// in generation `gen` (None: whichever is current).
     pub async fn adjust(
         &self,
         product_id: i64,
         delta: i64,
         request_id: &str,
+        gen: Option<i64>,
     ) -> Result<AdjustOutcome, StoreError> {
         let reply: String = ADJUST
             .key(LOADED_KEY)
@@ -441,6 +499,8 @@ impl RedisStore {
             .key(EPOCH_KEY)
             .arg(delta)
             .arg(self.record_ttl_secs)
+            .arg(gen.map(|g| g.to_string()).unwrap_or_default())
+            .arg(product_id)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match reply.as_str() {
@@ -448,6 +508,9 @@ impl RedisStore {
             "already" => AdjustOutcome::Already,
             "unloaded" => AdjustOutcome::Unloaded,
             "short" => AdjustOutcome::Short,
+            "stale" => AdjustOutcome::Stale,
+            "corrupt" => AdjustOutcome::Corrupt,
+            "reused" => AdjustOutcome::Reused,
             other => return Err(StoreError::Protocol(format!("adjust said {other:?}"))),
         })
     }
@@ -455,6 +518,96 @@ impl RedisStore {
     /// Whether stock has been loaded (the marker exists).
     pub async fn is_loaded(&self) -> Result<bool, StoreError> {
         Ok(self.conn.clone().exists(LOADED_KEY).await?)
+    }
+
+    /// The current Redis generation (None: not loaded).
+    pub async fn generation(&self) -> Result<Option<i64>, StoreError> {
+        let raw: Option<String> = self.conn.clone().get(LOADED_KEY).await?;
+        raw.map(|g| {
+            g.parse()
+                .map_err(|_| StoreError::Protocol(format!("{LOADED_KEY} holds {g:?}")))
+        })
+        .transpose()
+    }
+
+    /// Step 1 of a load: deletes the loaded marker. From here on every script refuses to
+    /// act: nothing is sold, refused, given back or adjusted until [`Self::load_generation`].
+    pub async fn stop_selling(&self) -> Result<(), StoreError> {
+        let _: () = self.conn.clone().del(LOADED_KEY).await?;
+        Ok(())
+    }
+
+    /// Step 2 of a load, with selling stopped: forgets every order record and request
+    /// marker, sets every `stock:{p}` of `stock` (with the epoch, atomically), writes the
+    /// records of the orders still held (`held`: order id, token, items), then sets the
+    /// loaded marker to `gen`: selling resumes in that generation.
+    pub async fn load_generation(
+        &self,
+        gen: i64,
+        stock: &[(i64, i64)],
+        held: &[(String, String, Vec<Item>)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        for pattern in ["stockpipe:order:*", "stockpipe:request:*"] {
+            let mut keys: Vec<String> = Vec::new();
+            {
+                let mut scan_conn = self.conn.clone();
+                let mut iter: redis::AsyncIter<String> = scan_conn.scan_match(pattern).await?;
+                while let Some(k) = iter.next_item().await {
+                    keys.push(k?);
+                }
+            }
+            for chunk in keys.chunks(1000) {
+                let _: () = conn.unlink(chunk).await?;
+            }
+        }
+        for chunk in stock.chunks(1000) {
+            // Atomic with the epoch change, so that no sold-out marker outlives these values.
+            let mut pipe = redis::pipe();
+            pipe.atomic().incr(EPOCH_KEY, 1).ignore();
+            for (p, available) in chunk {
+                pipe.set(stock_key(*p), available).ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        for chunk in held.chunks(5000) {
+            let mut pipe = redis::pipe();
+            for (id, token, items) in chunk {
+                let rec = OrderRecord::Held {
+                    token: token.clone(),
+                    items: items.clone(),
+                };
+                pipe.set_ex(order_key(id), rec.encode(), self.record_ttl_secs)
+                    .ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
+        let _: () = conn.set(LOADED_KEY, gen).await?;
+        Ok(())
+    }
+
+    /// The keys of `keys` that exist and do not hold an integer.
+    pub async fn corrupt_among(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> = self.conn.clone().mget(keys).await?;
+        Ok(keys
+            .iter()
+            .zip(raw)
+            .filter(|(_, v)| v.as_deref().is_some_and(|v| !is_stock_integer(v)))
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+
+    /// `stock:{p}` of each product as stored (None where the key is missing), for the
+    /// operators' views, which must show a value that is not an integer rather than fail.
+    pub async fn stock_raw(&self, products: &[i64]) -> Result<Vec<Option<String>>, StoreError> {
+        if products.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = products.iter().map(|p| stock_key(*p)).collect();
+        Ok(self.conn.clone().mget(keys).await?)
     }
 
     /// `stock:{p}` for each product (None where the key is missing).
@@ -511,7 +664,7 @@ mod tests {
                     "1",
                     "42",
                     "new",
-                    "R|42:1",
+                    "R|1.1|42:1",
                     "seen",
                     "X|insufficient_stock|42",
                 ]),
@@ -534,7 +687,7 @@ mod tests {
         assert_eq!(reply.zeros, vec![("t1#3".to_string(), vec![42])]);
         // A reply that does not decide every order is a protocol error, never a guess.
         assert!(ReserveReply::default()
-            .absorb(strings(&["ok", "t1#3", "0", "new", "R|42:1"]), 2)
+            .absorb(strings(&["ok", "t1#3", "0", "new", "R|1.1|42:1"]), 2)
             .is_err());
     }
 
@@ -578,8 +731,14 @@ mod tests {
             },
         ];
         for rec in [
-            OrderRecord::Held(items.clone()),
-            OrderRecord::Returned(items),
+            OrderRecord::Held {
+                token: "3.17".into(),
+                items: items.clone(),
+            },
+            OrderRecord::Returned {
+                token: String::new(),
+                items,
+            },
             OrderRecord::Refused {
                 reason: Reason::InsufficientStock,
                 product_id: Some(42),
@@ -592,12 +751,15 @@ mod tests {
             assert_eq!(OrderRecord::decode(&rec.encode()), Some(rec));
         }
         assert_eq!(
-            OrderRecord::Held(vec![Item {
-                product_id: 42,
-                quantity: 2
-            }])
+            OrderRecord::Held {
+                token: "3.17".into(),
+                items: vec![Item {
+                    product_id: 42,
+                    quantity: 2
+                }]
+            }
             .encode(),
-            "R|42:2"
+            "R|3.17|42:2"
         );
         assert_eq!(OrderRecord::decode("Z|1"), None);
     }

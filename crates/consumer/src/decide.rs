@@ -5,7 +5,14 @@
 //! Rules (contract "Results"):
 //! * `reserve` of an order never seen: all items or none, never below zero; an unknown
 //!   product or the first item short rejects the order (and its Redis stock is
-//!   compensated). Of an order seen before: its recorded outcome again, nothing changed.
+//!   compensated). Of an order seen before: its recorded outcome again, nothing changed;
+//!   if the command carries another pre-deduction (token) than the one the ledger applied,
+//!   that second pre-deduction is given back to Redis (`duplicate`), never applied.
+//! * `reserve` of an order never seen, pre-deducted in a Redis generation that a rebuild
+//!   has replaced since: not applied (the rebuilt Redis does not hold that pre-deduction);
+//!   the producer is asked to decide the order again (`redecide`).
+//! * `refuse`: Redis refused the order; the ledger records the refusal (the order's one
+//!   outcome for good) unless the order is known, whose recorded outcome comes again.
 //! * `pay`: reserved → confirmed (`reserved -= q, sold += q`).
 //! * `cancel`: reserved → released/cancelled (`reserved -= q, available += q`), and the
 //!   stock goes back to Redis by a compensation.
@@ -14,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use stock_common::events::{
-    Compensation, CompensationCause, DeductCommand, Item, Reason, Status, StockResult,
+    Compensation, CompensationCause, DeductCommand, Item, Reason, Status, StockResult, Token,
     INTERNAL_VERSION,
 };
 
@@ -57,6 +64,12 @@ pub struct LedgerRow {
     pub release_reason: Option<Reason>,
     pub settled_by: Option<String>,
     pub items: Vec<Item>,
+    /// The pre-deduction this row applied (None: a Redis refusal, or a row from before
+    /// tokens).
+    pub token: Option<String>,
+    /// The generation of the PostgreSQL change that gives the order's stock back to Redis
+    /// (a refusal here, a cancel, an expiry); None while nothing is to be given back.
+    pub comp_gen: Option<i64>,
 }
 
 impl LedgerRow {
@@ -112,11 +125,13 @@ struct Entry {
 
 /// Decides a batch. `known` holds the ledger rows of the batch's orders (read while the
 /// stock rows of those orders are locked); `available` the `available` column of every
-/// existing product the batch touches.
+/// existing product the batch touches; `gen` the Redis generation PostgreSQL answers to
+/// (`redis_generation`, read first in the same transaction).
 pub fn plan(
     ops: &[DeductCommand],
     known: HashMap<String, LedgerRow>,
     available: &HashMap<i64, i64>,
+    gen: i64,
 ) -> Plan {
     let mut ledger: HashMap<String, Entry> = known
         .into_iter()
@@ -137,17 +152,49 @@ pub fn plan(
     for op in ops {
         match op {
             DeductCommand::Reserve {
-                order_id, items, ..
+                order_id,
+                items,
+                token,
+                ..
             } => {
+                let token_gen = token.as_deref().and_then(Token::parse).map(|t| t.gen);
                 if let Some(e) = ledger.get(order_id) {
                     plan.results.push(e.row.created_outcome(order_id));
-                    if e.row.status == OrderStatus::Rejected {
-                        plan.compensations.push(compensation(
-                            order_id,
-                            &e.row.items,
-                            CompensationCause::Rejected,
-                        ));
+                    // A command without a token predates tokens: a redelivery.
+                    let same = token.is_none() || e.row.token == *token;
+                    if same {
+                        // A redelivery: its refusal's give-back comes again (restored once).
+                        if e.row.status == OrderStatus::Rejected && e.row.comp_gen.is_some() {
+                            plan.compensations.push(compensation(
+                                order_id,
+                                &e.row.items,
+                                CompensationCause::Rejected,
+                                &e.row,
+                            ));
+                        }
+                    } else if token_gen == Some(gen) {
+                        // A second pre-deduction in this generation: give it back. (One from
+                        // an older generation is not held by the rebuilt Redis.)
+                        plan.compensations.push(Compensation {
+                            v: INTERNAL_VERSION,
+                            order_id: order_id.clone(),
+                            items: items.clone(),
+                            cause: CompensationCause::Duplicate,
+                            token: token.clone(),
+                            gen: Some(gen),
+                        });
                     }
+                    continue;
+                }
+                if token_gen.is_some_and(|g| g != gen) {
+                    plan.compensations.push(Compensation {
+                        v: INTERNAL_VERSION,
+                        order_id: order_id.clone(),
+                        items: items.clone(),
+                        cause: CompensationCause::Redecide,
+                        token: None,
+                        gen: None,
+                    });
                     continue;
                 }
                 let row = match shortfall(items, available, &plan.deltas) {
@@ -157,6 +204,8 @@ pub fn plan(
                         release_reason: None,
                         settled_by: None,
                         items: items.clone(),
+                        token: token.clone(),
+                        comp_gen: Some(gen),
                     },
                     None => {
                         for it in items {
@@ -180,6 +229,8 @@ pub fn plan(
                             release_reason: None,
                             settled_by: None,
                             items: items.clone(),
+                            token: token.clone(),
+                            comp_gen: None,
                         }
                     }
                 };
@@ -189,6 +240,7 @@ pub fn plan(
                         order_id,
                         items,
                         CompensationCause::Rejected,
+                        &row,
                     ));
                     for it in items {
                         let none = Delta::default();
@@ -212,22 +264,53 @@ pub fn plan(
                     },
                 );
             }
+            DeductCommand::Refuse {
+                order_id,
+                reason,
+                product_id,
+                ..
+            } => {
+                if let Some(e) = ledger.get(order_id) {
+                    plan.results.push(e.row.created_outcome(order_id));
+                    continue;
+                }
+                let row = LedgerRow {
+                    status: OrderStatus::Rejected,
+                    reject: Some((*reason, *product_id)),
+                    release_reason: None,
+                    settled_by: None,
+                    items: Vec::new(),
+                    token: None,
+                    comp_gen: None,
+                };
+                plan.results.push(row.created_outcome(order_id));
+                first_insert_order.push(order_id.clone());
+                ledger.insert(
+                    order_id.clone(),
+                    Entry {
+                        row,
+                        new: true,
+                        dirty: true,
+                    },
+                );
+            }
             DeductCommand::Pay {
                 order_id, event, ..
             } => {
-                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Pay);
+                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Pay, gen);
                 plan.results.push(result);
             }
             DeductCommand::Cancel {
                 order_id, event, ..
             } => {
-                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Cancel);
+                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Cancel, gen);
                 if result.status == Status::Released {
                     if let Some(e) = ledger.get(order_id) {
                         plan.compensations.push(compensation(
                             order_id,
                             &e.row.items,
                             CompensationCause::Cancelled,
+                            &e.row,
                         ));
                     }
                 }
@@ -281,6 +364,7 @@ fn settle(
     order_id: &str,
     event: &str,
     how: Settle,
+    gen: i64,
 ) -> StockResult {
     let ignored = |reason| StockResult::new(order_id, Status::Ignored, Some(reason), None);
     let Some(e) = ledger.get_mut(order_id) else {
@@ -325,6 +409,7 @@ fn settle(
             e.row.status = OrderStatus::Released;
             e.row.release_reason = Some(Reason::Cancelled);
             e.row.settled_by = Some(event.to_owned());
+            e.row.comp_gen = Some(gen);
             e.dirty = true;
             StockResult::new(order_id, Status::Released, Some(Reason::Cancelled), None)
         }
@@ -370,19 +455,36 @@ pub fn record(
     });
 }
 
-/// The compensation giving an order's stock back to Redis.
-pub fn compensation(order_id: &str, items: &[Item], cause: CompensationCause) -> Compensation {
+/// The compensation giving back the pre-deduction `row` applied, for the PostgreSQL change
+/// of generation `row.comp_gen`.
+pub fn compensation(
+    order_id: &str,
+    items: &[Item],
+    cause: CompensationCause,
+    row: &LedgerRow,
+) -> Compensation {
     Compensation {
         v: INTERNAL_VERSION,
         order_id: order_id.to_owned(),
         items: items.to_vec(),
         cause,
+        token: row.token.clone(),
+        gen: row.comp_gen,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plan in generation 0, for commands without tokens.
+    fn plan(
+        ops: &[DeductCommand],
+        known: HashMap<String, LedgerRow>,
+        available: &HashMap<i64, i64>,
+    ) -> Plan {
+        super::plan(ops, known, available, 0)
+    }
 
     fn reserve(id: &str, items: &[(i64, i64)]) -> DeductCommand {
         DeductCommand::Reserve {
@@ -395,7 +497,101 @@ mod tests {
                     quantity,
                 })
                 .collect(),
+            token: None,
         }
+    }
+    fn reserve_t(id: &str, items: &[(i64, i64)], token: &str) -> DeductCommand {
+        match reserve(id, items) {
+            DeductCommand::Reserve {
+                v, order_id, items, ..
+            } => DeductCommand::Reserve {
+                v,
+                order_id,
+                items,
+                token: Some(token.into()),
+            },
+            other => other,
+        }
+    }
+
+    #[test]
+    fn a_second_pre_deduction_is_given_back_and_the_outcome_kept() {
+        let first = super::plan(
+            &[reserve_t("a", &[(1, 2)], "4.10")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            4,
+        );
+        let known: HashMap<_, _> = first.inserts.into_iter().collect();
+        // the same pre-deduction again: a redelivery, nothing to give back
+        let again = super::plan(
+            &[reserve_t("a", &[(1, 2)], "4.10")],
+            known.clone(),
+            &stock(&[(1, 3)]),
+            4,
+        );
+        assert_eq!(again.results, first.results);
+        assert!(again.compensations.is_empty() && again.deltas.is_empty());
+        // another pre-deduction of the same order (its record was forgotten): given back
+        let dup = super::plan(
+            &[reserve_t("a", &[(1, 2)], "4.99")],
+            known.clone(),
+            &stock(&[(1, 3)]),
+            4,
+        );
+        assert_eq!(dup.results, first.results);
+        assert!(dup.deltas.is_empty() && dup.inserts.is_empty());
+        assert_eq!(dup.compensations.len(), 1);
+        let c = &dup.compensations[0];
+        assert_eq!(
+            (c.cause, c.token.as_deref(), c.gen),
+            (CompensationCause::Duplicate, Some("4.99"), Some(4))
+        );
+        // one taken in a generation since rebuilt is not held by Redis: nothing to give back
+        let old = super::plan(
+            &[reserve_t("a", &[(1, 2)], "3.7")],
+            known,
+            &stock(&[(1, 3)]),
+            4,
+        );
+        assert_eq!(old.results, first.results);
+        assert!(old.compensations.is_empty());
+    }
+
+    #[test]
+    fn a_pre_deduction_of_a_replaced_generation_is_decided_again() {
+        let p = super::plan(
+            &[reserve_t("a", &[(1, 2)], "3.7")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            4,
+        );
+        assert!(p.results.is_empty() && p.inserts.is_empty() && p.deltas.is_empty());
+        assert_eq!(p.compensations.len(), 1);
+        assert_eq!(p.compensations[0].cause, CompensationCause::Redecide);
+    }
+
+    #[test]
+    fn redis_refusals_are_recorded_and_keep_the_first_outcome() {
+        let refuse = |id: &str| DeductCommand::Refuse {
+            v: 1,
+            order_id: id.into(),
+            reason: Reason::InsufficientStock,
+            product_id: Some(1),
+        };
+        let p = super::plan(
+            &[refuse("r"), reserve_t("r", &[(1, 1)], "4.3")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            4,
+        );
+        let rejected = StockResult::rejected("r", Reason::InsufficientStock, Some(1));
+        assert_eq!(p.results, vec![rejected.clone(), rejected]);
+        assert_eq!(p.inserts.len(), 1);
+        assert!(p.deltas.is_empty());
+        // the later pre-deduction is given back; the refusal itself gives nothing back
+        assert_eq!(p.compensations.len(), 1);
+        assert_eq!(p.compensations[0].cause, CompensationCause::Duplicate);
     }
     fn pay(id: &str, ev: &str) -> DeductCommand {
         DeductCommand::Pay {
@@ -574,6 +770,8 @@ mod tests {
                 product_id: 1,
                 quantity: 1,
             }],
+            token: None,
+            comp_gen: None,
         };
         let known = HashMap::from([("a".to_owned(), row)]);
         let p = plan(
@@ -625,6 +823,8 @@ mod tests {
                 product_id: 1,
                 quantity: 4,
             }],
+            token: None,
+            comp_gen: None,
         };
         let p = plan(
             &[cancel("a", "e")],

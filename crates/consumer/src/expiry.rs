@@ -15,13 +15,15 @@
 //! whatever is still unannounced (after a crash, or from another instance: duplicates carry
 //! the same content, and Redis restores once per order).
 
-use crate::decide::{self, compensation};
+use crate::decide;
 use crate::store::{self, ApplyError};
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, Row};
 use std::collections::{BTreeMap, BTreeSet};
 use stock_common::config::Topics;
-use stock_common::events::{CompensationCause, Item, Reason, Status, StockResult};
+use stock_common::events::{
+    Compensation, CompensationCause, Item, Reason, Status, StockResult, INTERNAL_VERSION,
+};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +34,7 @@ pub const SWEEP_LIMIT: i64 = 1000;
 /// Returns how many were released.
 pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     let mut tx = pool.begin().await?;
+    let gen = store::read_gen(&mut tx).await?;
     let candidates = sqlx::query(
         "SELECT order_id, items::text FROM order_ledger
          WHERE status = 'reserved' AND reserved_until <= now()
@@ -76,10 +79,12 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     let due_ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
     sqlx::query(
         "UPDATE order_ledger
-         SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(), announced = false
+         SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(),
+             announced = false, comp_gen = $2
          WHERE order_id = ANY($1)",
     )
     .bind(&due_ids)
+    .bind(gen)
     .execute(&mut *tx)
     .await?;
     store::apply_deltas(&mut tx, &deltas).await?;
@@ -88,14 +93,35 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     Ok(due.len())
 }
 
+/// A release committed but not yet announced: the order, its items, and the
+/// pre-deduction and generation its compensation names.
+pub struct Unannounced {
+    pub order_id: String,
+    pub items: Vec<Item>,
+    pub token: Option<String>,
+    pub comp_gen: Option<i64>,
+}
+
 /// Releases that are committed but not yet announced.
-pub async fn unannounced(pool: &PgPool) -> Result<Vec<(String, Vec<Item>)>, ApplyError> {
-    let rows =
-        sqlx::query("SELECT order_id, items::text FROM order_ledger WHERE NOT announced LIMIT $1")
-            .bind(SWEEP_LIMIT)
-            .fetch_all(pool)
-            .await?;
-    decode(&rows)
+pub async fn unannounced(pool: &PgPool) -> Result<Vec<Unannounced>, ApplyError> {
+    let rows = sqlx::query(
+        "SELECT order_id, items::text, token, comp_gen FROM order_ledger WHERE NOT announced LIMIT $1",
+    )
+    .bind(SWEEP_LIMIT)
+    .fetch_all(pool)
+    .await?;
+    let items = decode(&rows)?;
+    rows.iter()
+        .zip(items)
+        .map(|(r, (order_id, items))| {
+            Ok(Unannounced {
+                order_id,
+                items,
+                token: r.try_get(2)?,
+                comp_gen: r.try_get(3)?,
+            })
+        })
+        .collect()
 }
 
 pub async fn mark_announced(pool: &PgPool, ids: &[&str]) -> Result<(), ApplyError> {
@@ -122,14 +148,22 @@ pub async fn sweep(
             return Ok(announced);
         }
         let mut out = Vec::with_capacity(pending.len() * 2);
-        for (id, items) in &pending {
+        for u in &pending {
+            let id = &u.order_id;
             let result = StockResult::new(id, Status::Released, Some(Reason::Expired), None);
             out.push(OutMessage::json(&topics.results, id, &result));
-            let comp = compensation(id, items, CompensationCause::Expired);
+            let comp = Compensation {
+                v: INTERNAL_VERSION,
+                order_id: id.clone(),
+                items: u.items.clone(),
+                cause: CompensationCause::Expired,
+                token: u.token.clone(),
+                gen: u.comp_gen,
+            };
             out.push(OutMessage::json(&topics.compensate, id, &comp));
         }
         kafka::publish_all(producer, &out, shutdown).await?;
-        let ids: Vec<&str> = pending.iter().map(|(id, _)| id.as_str()).collect();
+        let ids: Vec<&str> = pending.iter().map(|u| u.order_id.as_str()).collect();
         mark_announced(pool, &ids).await?;
         announced += pending.len();
     }

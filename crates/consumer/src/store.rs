@@ -6,6 +6,12 @@
 //! deadlock. An order whose products have no row (unknown product) is protected by the
 //! ledger's primary key instead: `INSERT … ON CONFLICT DO NOTHING` returns fewer rows than
 //! planned and the whole batch is retried, now seeing the other instance's row.
+//!
+//! Generation fence: every transaction here first reads `redis_generation` ([`read_gen`]),
+//! which holds the table's ACCESS SHARE lock until commit. A rebuild advances the
+//! generation under ACCESS EXCLUSIVE in the transaction that takes the snapshot Redis is
+//! loaded from, so each batch is wholly before that snapshot (and in it) or wholly after
+//! (and sees the new generation).
 
 use crate::decide::{self, Delta, LedgerRow, Movement, OrderStatus};
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -53,6 +59,9 @@ pub async fn apply_batch(
         .any(|o| !matches!(o, DeductCommand::Reserve { .. }));
 
     let mut tx = pool.begin().await?;
+    // First, before any row lock (a rebuild waiting for this lock must not wait on us
+    // while we wait on a row another batch holds behind the rebuild).
+    let gen = read_gen(&mut tx).await?;
     // The products to lock: every reserved item, and for pay/cancel the items the ledger
     // holds (read once without a lock to learn them, checked again under the lock).
     let mut products: BTreeSet<i64> = ops
@@ -81,13 +90,21 @@ pub async fn apply_batch(
         ));
     }
 
-    let plan = decide::plan(ops, known, &available);
+    let plan = decide::plan(ops, known, &available, gen);
     insert_orders(&mut tx, &plan.inserts, reservation_ttl).await?;
     update_orders(&mut tx, &plan.updates).await?;
     apply_deltas(&mut tx, &plan.deltas).await?;
     insert_movements(&mut tx, &plan.movements).await?;
     tx.commit().await?;
     Ok(plan)
+}
+
+/// The Redis generation PostgreSQL answers to; call it first in a transaction whose effect
+/// must reach Redis (module docs: the generation fence).
+pub async fn read_gen(tx: &mut Transaction<'_, Postgres>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT gen FROM redis_generation")
+        .fetch_one(&mut **tx)
+        .await
 }
 
 /// `SELECT … FOR UPDATE` of the stock rows, in product-id order; returns `available`.
@@ -116,7 +133,8 @@ pub async fn fetch_ledger(
     ids: &[String],
 ) -> Result<HashMap<String, LedgerRow>, ApplyError> {
     let rows = sqlx::query(
-        "SELECT order_id, status, reject_reason, reject_product, release_reason, settled_by, items::text
+        "SELECT order_id, status, reject_reason, reject_product, release_reason, settled_by, items::text,
+                token, comp_gen
          FROM order_ledger WHERE order_id = ANY($1)",
     )
     .bind(ids)
@@ -149,6 +167,8 @@ fn decode_row(r: &sqlx::postgres::PgRow) -> Option<LedgerRow> {
         release_reason,
         settled_by,
         items,
+        token: r.try_get(7).ok()?,
+        comp_gen: r.try_get(8).ok()?,
     })
 }
 
@@ -167,7 +187,11 @@ async fn insert_orders(
     let mut rel_reason: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     let mut settled_by: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     let mut items = Vec::with_capacity(rows.len());
+    let mut tokens: Vec<Option<&str>> = Vec::with_capacity(rows.len());
+    let mut comp_gens: Vec<Option<i64>> = Vec::with_capacity(rows.len());
     for (id, r) in rows {
+        tokens.push(r.token.as_deref());
+        comp_gens.push(r.comp_gen);
         ids.push(id.as_str());
         status.push(r.status.as_str());
         rej_reason.push(r.reject.map(|(reason, _)| reason.as_str()));
@@ -178,12 +202,15 @@ async fn insert_orders(
     }
     let inserted = sqlx::query(
         "INSERT INTO order_ledger
-             (order_id, status, reject_reason, reject_product, release_reason, settled_by, items, reserved_until, settled_at)
+             (order_id, status, reject_reason, reject_product, release_reason, settled_by, items,
+              reserved_until, settled_at, token, comp_gen)
          SELECT o, s, rr, rp, rel, sb, i::jsonb,
                 CASE WHEN s = 'reserved' THEN now() + make_interval(secs => $8) END,
-                CASE WHEN s IN ('confirmed', 'released') THEN now() END
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[])
-              AS t(o, s, rr, rp, rel, sb, i)
+                CASE WHEN s IN ('confirmed', 'released') THEN now() END,
+                tk, cg
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+                     $9::text[], $10::bigint[])
+              AS t(o, s, rr, rp, rel, sb, i, tk, cg)
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&ids)
@@ -194,6 +221,8 @@ async fn insert_orders(
     .bind(&settled_by)
     .bind(&items)
     .bind(reservation_ttl.as_secs_f64())
+    .bind(&tokens)
+    .bind(&comp_gens)
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -219,16 +248,18 @@ async fn update_orders(
         .map(|(_, r)| r.release_reason.map(Reason::as_str))
         .collect();
     let by: Vec<Option<&str>> = rows.iter().map(|(_, r)| r.settled_by.as_deref()).collect();
+    let cg: Vec<Option<i64>> = rows.iter().map(|(_, r)| r.comp_gen).collect();
     sqlx::query(
         "UPDATE order_ledger l
-         SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now()
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t(o, s, rel, sb)
+         SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now(), comp_gen = t.cg
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS t(o, s, rel, sb, cg)
          WHERE l.order_id = t.o",
     )
     .bind(&ids)
     .bind(&status)
     .bind(&rel)
     .bind(&by)
+    .bind(&cg)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -39,6 +39,8 @@ pub struct Worker {
     expiry_interval: Duration,
     metrics: Metrics,
     metrics_args: MetricsArgs,
+    /// The error of the batch being retried, while the database refuses it (for `/readyz`).
+    failing: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Worker {
@@ -64,6 +66,7 @@ impl Worker {
             batch: args.batch.clone(),
             reservation_ttl: args.reservation_ttl,
             expiry_interval: args.expiry_interval,
+            failing: Arc::default(),
         })
     }
 
@@ -71,9 +74,15 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(topic = %self.topics.deduct, "consumer started");
         let pool = self.pool.clone();
+        let failing = self.failing.clone();
         let ready: ReadinessCheck = Arc::new(move || {
-            let pool = pool.clone();
+            let (pool, failing) = (pool.clone(), failing.clone());
             Box::pin(async move {
+                if let Some(e) = failing.lock().ok().and_then(|f| f.clone()) {
+                    return Err(format!(
+                        "the database refuses a batch (retrying, nothing dropped): {e}"
+                    ));
+                }
                 sqlx::query("SELECT 1")
                     .execute(&pool)
                     .await
@@ -174,34 +183,11 @@ impl Worker {
             commands: ops.len(),
             ..Default::default()
         };
-        // Whole batch first; if PostgreSQL refuses it for good, one command at a time so
-        // that only the commands that still fail are dead-lettered.
-        let cmds: Vec<DeductCommand> = ops.iter().map(|(_, c)| c.clone()).collect();
-        let plans = match self.apply_retrying(&cmds, shutdown).await? {
-            Ok(plan) => vec![plan],
-            Err(e) => {
-                tracing::error!(error = %e, "batch refused by the database; applying its commands one by one");
-                let mut plans = Vec::new();
-                for (i, cmd) in &ops {
-                    match self
-                        .apply_retrying(std::slice::from_ref(cmd), shutdown)
-                        .await?
-                    {
-                        Ok(plan) => plans.push(plan),
-                        Err(e) => {
-                            tracing::error!(order_id = %cmd.order_id(), error = %e, "dead-lettering a command the database refuses");
-                            out.push(OutMessage::dead_letter(
-                                &self.topics.dlq,
-                                &msgs[*i],
-                                &e.to_string(),
-                                WORKER,
-                            ));
-                        }
-                    }
-                }
-                plans
-            }
-        };
+        // A command that parses stands for a decision already taken (a pre-deduction in
+        // Redis, a payment): it is never dead-lettered. If PostgreSQL keeps refusing, the
+        // batch is retried until it works, and `/readyz` and the log say why.
+        let cmds: Vec<DeductCommand> = ops.into_iter().map(|(_, c)| c).collect();
+        let plans = vec![self.apply_retrying(&cmds, shutdown).await?];
         for plan in &plans {
             summary.new_orders += plan.inserts.len();
             summary.compensations += plan.compensations.len();
@@ -228,13 +214,17 @@ impl Worker {
         Ok((summary, out))
     }
 
-    /// Applies with capped exponential backoff on transient errors (50 ms doubling to 5 s,
-    /// until it works or shutdown). The inner `Err` is a permanent refusal.
+    /// Applies with capped exponential backoff (50 ms doubling to 5 s) until it works or
+    /// shutdown. Transient errors (connection, deadlock, a conflict with another instance)
+    /// are expected and logged as such; any other error (a statement timeout, a read-only
+    /// database after a failover, a row this code cannot read, a bug) is logged as an
+    /// error with its cause, counted, and shown by `/readyz` until a retry succeeds:
+    /// dropping the batch would lose decided orders.
     async fn apply_retrying(
         &self,
         cmds: &[DeductCommand],
         shutdown: &CancellationToken,
-    ) -> Result<Result<crate::decide::Plan, ApplyError>, KafkaStepError> {
+    ) -> Result<crate::decide::Plan, KafkaStepError> {
         let mut backoff = ExponentialBackoff {
             initial_interval: Duration::from_millis(50),
             max_interval: Duration::from_secs(5),
@@ -245,27 +235,37 @@ impl Worker {
             let timer = self.metrics.apply_seconds.start_timer();
             let applied = store::apply_batch(&self.pool, cmds, self.reservation_ttl).await;
             timer.observe_duration();
-            match applied {
-                Ok(plan) => return Ok(Ok(plan)),
-                Err(e) if e.is_transient() => {
-                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
-                    let cause = if matches!(e, ApplyError::Conflict(_)) {
-                        "conflict"
-                    } else {
-                        "database"
-                    };
-                    self.metrics.retries.with_label_values(&[cause]).inc();
-                    if matches!(e, ApplyError::Conflict(_)) {
-                        tracing::info!(error = %e, "retrying batch");
-                    } else {
-                        tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; retrying batch");
+            let e = match applied {
+                Ok(plan) => {
+                    if let Ok(mut f) = self.failing.lock() {
+                        *f = None;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+                    return Ok(plan);
                 }
-                Err(e) => return Ok(Err(e)),
+                Err(e) => e,
+            };
+            let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+            let cause = if matches!(e, ApplyError::Conflict(_)) {
+                "conflict"
+            } else {
+                "database"
+            };
+            self.metrics.retries.with_label_values(&[cause]).inc();
+            if matches!(e, ApplyError::Conflict(_)) {
+                tracing::info!(error = %e, "retrying batch");
+            } else if e.is_transient() {
+                self.metrics.stalled.with_label_values(&["transient"]).inc();
+                tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; retrying batch");
+            } else {
+                self.metrics.stalled.with_label_values(&["permanent"]).inc();
+                tracing::error!(error = %e, retry_in = ?wait, commands = cmds.len(), "the database refuses this batch; retrying it, nothing is dropped");
+                if let Ok(mut f) = self.failing.lock() {
+                    *f = Some(e.to_string());
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

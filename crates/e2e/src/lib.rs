@@ -128,7 +128,7 @@ impl TestEnv {
                 .await
                 .expect("set stock");
         }
-        stockctl::rebuild::load_from_postgres(&self.pool, &self.store)
+        stockctl::rebuild::rebuild(&self.pool, &self.store)
             .await
             .expect("rebuild");
     }

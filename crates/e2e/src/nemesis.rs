@@ -381,12 +381,6 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
         stack: stack.as_ref(),
         outage: cfg.outage,
         pause: cfg.pause,
-        rebuild: stockctl::rebuild::RebuildArgs {
-            topics: env.topics.clone(),
-            consumer_group: format!("t-{}-consumer", env.id),
-            quiet: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(120),
-        },
         violations: &violations,
         start,
     };

@@ -3,7 +3,6 @@
 //! stores, in the order that keeps Redis from offering stock PostgreSQL cannot give.
 
 use redis::AsyncCommands;
-use std::time::Duration;
 use stock_common::redis_store::{request_key, stock_key, LOADED_KEY};
 use stock_e2e::TestEnv;
 use stockctl::admin::{self, AdminError, Step};
@@ -168,7 +167,7 @@ async fn restock_while_redis_unloaded_reaches_redis_through_the_rebuild_once() {
     assert_eq!(both(&env, 7).await, ((13, 0, 0, 13), Some(10)));
 
     // The rebuild loads `available`, which includes the restock ...
-    stockctl::rebuild::load_from_postgres(pool, store)
+    stockctl::rebuild::rebuild(pool, store)
         .await
         .expect("rebuild");
     assert_eq!(both(&env, 7).await, ((13, 0, 0, 13), Some(13)));
@@ -176,13 +175,13 @@ async fn restock_while_redis_unloaded_reaches_redis_through_the_rebuild_once() {
     let c = admin::restock(pool, store, 7, 3, "u-1")
         .await
         .expect("retry");
-    assert_eq!((c.postgres, c.redis), (Step::Already, Step::Already));
+    assert_eq!((c.postgres, c.redis), (Step::Already, Step::Loaded));
     assert_eq!(both(&env, 7).await, ((13, 0, 0, 13), Some(13)));
 
     // The same through the operators' full rebuild (which drops and reloads request
     // markers), with Redis lost entirely; and a set that took from Redis and died before
     // PostgreSQL is forgotten by it, so its retry starts afresh.
-    store.adjust(7, -5, "half-2").await.expect("take");
+    store.adjust(7, -5, "half-2", None).await.expect("take");
     let _: () = redis::cmd("FLUSHDB")
         .query_async(&mut store.connection())
         .await
@@ -191,20 +190,14 @@ async fn restock_while_redis_unloaded_reaches_redis_through_the_rebuild_once() {
         .await
         .expect("restock");
     assert_eq!((c.postgres, c.redis), (Step::Applied, Step::Unloaded));
-    let args = stockctl::rebuild::RebuildArgs {
-        topics: env.topics.clone(),
-        consumer_group: format!("t-{}-consumer", env.id),
-        quiet: Duration::from_millis(300),
-        drain_timeout: Duration::from_secs(60),
-    };
-    stockctl::rebuild::rebuild(pool, store, &env.kafka, &args)
+    stockctl::rebuild::rebuild(pool, store)
         .await
         .expect("full rebuild");
     assert_eq!(both(&env, 7).await, ((15, 0, 0, 15), Some(15)));
     let c = admin::restock(pool, store, 7, 2, "u-2")
         .await
         .expect("retry");
-    assert_eq!((c.postgres, c.redis), (Step::Already, Step::Already));
+    assert_eq!((c.postgres, c.redis), (Step::Already, Step::Loaded));
     let c = admin::set_stock_with_request(pool, store, 7, 10, false, "half-2")
         .await
         .expect("set after rebuild");
@@ -367,7 +360,7 @@ async fn set_down_is_refused_when_redis_holds_less_and_changes_nothing() {
     assert_eq!(both(&env, 4).await, ((10, 0, 0, 10), Some(10)));
     assert_eq!(requests(&env, "short-2").await, 0);
 
-    stockctl::rebuild::load_from_postgres(pool, store)
+    stockctl::rebuild::rebuild(pool, store)
         .await
         .expect("rebuild");
     env.assert_invariants(&[4]).await;
@@ -429,7 +422,7 @@ async fn set_down_interrupted_after_redis_finishes_postgres_once() {
     let (pool, store) = (&env.pool, &env.store);
 
     // The first attempt (10 -> 6) took from Redis and died before PostgreSQL.
-    store.adjust(11, -4, "half-1").await.expect("adjust");
+    store.adjust(11, -4, "half-1", None).await.expect("adjust");
     assert_eq!(both(&env, 11).await, ((10, 0, 0, 10), Some(6)));
     // A restock must not reuse that id.
     let res = admin::restock(pool, store, 11, 4, "half-1").await;
@@ -578,19 +571,17 @@ async fn check_finds_drift_and_repair_fixes_it() {
     );
     assert_eq!(env.redis_stock(33).await, Some(30));
 
-    // Unloaded: reported, not repaired (that is the rebuild's job).
+    // Unloaded: the check alone reports it; the repair is a rebuild, which loads Redis.
     env.set_redis_stock(31, 1).await;
     let _: i64 = store
         .connection()
         .del(LOADED_KEY)
         .await
         .expect("del marker");
-    let r = admin::check_drift(pool, store, true).await.expect("check");
+    let r = admin::check_drift(pool, store, false).await.expect("check");
     assert!(!r.redis_loaded && r.repaired.is_empty() && !r.clean());
-    assert_eq!(env.redis_stock(31).await, Some(1));
-    stockctl::rebuild::load_from_postgres(pool, store)
-        .await
-        .expect("rebuild");
+    let r = admin::check_drift(pool, store, true).await.expect("repair");
+    assert!(r.redis_loaded && r.clean(), "{r:?}");
 
     let r = admin::check_drift(pool, store, false).await.expect("check");
     assert!(r.clean() && r.drift.is_empty(), "{r:?}");

@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 use std::time::Duration;
-use stock_common::events::{Item, Reason, Status};
+use stock_common::events::{
+    Compensation, CompensationCause, Item, Reason, Status, INTERNAL_VERSION,
+};
 use stock_common::redis_store::{
     stock_key, Guards, OrderRecord, ReserveOutcome, ReserveRequest, SoldOutMarker,
 };
@@ -24,8 +26,16 @@ fn order(id: &str, product_id: i64) -> ReserveRequest {
     }
 }
 
+/// The decision, with the token of a pre-deduction left out (tokens are unique).
 fn record(outcome: &ReserveOutcome) -> OrderRecord {
     match outcome {
+        ReserveOutcome::Decided {
+            record: OrderRecord::Held { items, .. },
+            ..
+        } => OrderRecord::Held {
+            token: String::new(),
+            items: items.clone(),
+        },
         ReserveOutcome::Decided { record, .. } => record.clone(),
         other => panic!("not decided: {other:?}"),
     }
@@ -39,10 +49,13 @@ fn refused(product: i64) -> OrderRecord {
 }
 
 fn held(product: i64) -> OrderRecord {
-    OrderRecord::Held(vec![Item {
-        product_id: product,
-        quantity: 1,
-    }])
+    OrderRecord::Held {
+        token: String::new(),
+        items: vec![Item {
+            product_id: product,
+            quantity: 1,
+        }],
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +110,14 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
     // A compensation gives b's unit back: the epoch moves again.
     let stale = marker.guards(&[order("f", 7)]);
     let restored = store
-        .restore_many(&[("b".into(), first[1].items.clone())])
+        .restore_many(&[Compensation {
+            v: INTERNAL_VERSION,
+            order_id: "b".into(),
+            items: first[1].items.clone(),
+            cause: CompensationCause::Cancelled,
+            token: None,
+            gen: None,
+        }])
         .await
         .expect("restore");
     assert_eq!(restored.len(), 1);

@@ -2,7 +2,7 @@
 
 use stock_common::config::Topics;
 use stock_common::events::{
-    parse_order_event, Compensation, DeductCommand, EventType, OrderEvent, Parsed, Reason, Status,
+    parse_order_event, Compensation, CompensationCause, DeductCommand, EventType, OrderEvent, Parsed, Reason, Status,
     StockResult, INTERNAL_VERSION,
 };
 use stock_common::redis_store::ReserveRequest;
@@ -10,14 +10,16 @@ use stock_common::redis_store::ReserveRequest;
 /// The work one message asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
-    /// An `order_created` (valid, or invalid with a readable id: then `forced` is set) for
-    /// the reserve script.
+    /// An `order_created` (valid, or invalid with a readable id: then `forced` is set), or
+    /// an order the consumer asks to decide again (its pre-deduction was taken in a Redis
+    /// generation a rebuild replaced), for the reserve script.
     Reserve(ReserveRequest),
     /// A pay or cancel, passed on to the consumer, which owns the reservation's state.
     Forward(DeductCommand),
     /// A result known without any I/O (`ignored`/`not_reserved` for an invalid pay/cancel).
     Reply(StockResult),
-    /// A compensation from the consumer, for the restore script.
+    /// A compensation from the consumer: one pre-deduction to give back, for the restore
+    /// script.
     Restore(Compensation),
     /// Not processable: dead-letter with this reason.
     Dead(String),
@@ -40,6 +42,13 @@ pub fn classify(
     };
     if topic == topics.compensate {
         return match serde_json::from_slice::<Compensation>(bytes) {
+            Ok(c) if c.v == INTERNAL_VERSION && c.cause == CompensationCause::Redecide => {
+                Input::Reserve(ReserveRequest {
+                    order_id: c.order_id,
+                    items: c.items,
+                    forced: None,
+                })
+            }
             Ok(c) if c.v == INTERNAL_VERSION && !c.items.is_empty() => Input::Restore(c),
             Ok(c) => Input::Dead(format!(
                 "unsupported compensation (version {}, {} items)",

@@ -15,7 +15,7 @@ use rdkafka::producer::FutureProducer;
 use std::sync::Arc;
 use std::time::Duration;
 use stock_common::config::{BatchArgs, Topics};
-use stock_common::events::{DeductCommand, Item, StockResult, INTERNAL_VERSION};
+use stock_common::events::{Compensation, DeductCommand, StockResult, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
 use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use stock_common::redis_store::{
@@ -32,10 +32,6 @@ pub enum StepError {
     /// nothing, storing no offset.
     #[error("redis is not loaded; waiting for `stockctl rebuild`")]
     Unloaded,
-    /// A `stock:{id}` key holds a non-integer: wait and retry (an operator must repair it;
-    /// selling from it could oversell).
-    #[error("stock key {0} does not hold an integer; waiting for a repair")]
-    Corrupt(String),
     /// Redis unreachable or failing: retry with backoff.
     #[error(transparent)]
     Redis(#[from] StoreError),
@@ -63,6 +59,9 @@ pub struct Worker {
     metrics_args: MetricsArgs,
     /// Products seen at 0 stock (None: `--sold-out-marker false`).
     sold_out: Option<std::sync::Mutex<SoldOutMarker>>,
+    /// Stock keys found holding something other than an integer; `/readyz` reports them
+    /// until they read as integers again.
+    corrupt_keys: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Worker {
@@ -89,6 +88,7 @@ impl Worker {
             sold_out: args
                 .sold_out_marker
                 .then(|| std::sync::Mutex::new(SoldOutMarker::default())),
+            corrupt_keys: Arc::default(),
         })
     }
 
@@ -96,15 +96,39 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(orders = %self.topics.orders, compensate = %self.topics.compensate, "producer started");
         let redis = self.redis.clone();
+        let corrupt = self.corrupt_keys.clone();
         let ready: ReadinessCheck = Arc::new(move || {
-            let redis = redis.clone();
+            let (redis, corrupt) = (redis.clone(), corrupt.clone());
             Box::pin(async move {
                 match redis.is_loaded().await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(
-                        "redis is not loaded: selling stopped until `stockctl rebuild`".to_owned(),
-                    ),
-                    Err(e) => Err(format!("redis unreachable: {e}")),
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Err(
+                            "redis is not loaded: selling stopped until `stockctl rebuild`"
+                                .to_owned(),
+                        )
+                    }
+                    Err(e) => return Err(format!("redis unreachable: {e}")),
+                }
+                let keys: Vec<String> = corrupt
+                    .lock()
+                    .map(|k| k.iter().cloned().collect())
+                    .unwrap_or_default();
+                let still = redis
+                    .corrupt_among(&keys)
+                    .await
+                    .map_err(|e| format!("redis unreachable: {e}"))?;
+                if let Ok(mut k) = corrupt.lock() {
+                    k.retain(|key| still.contains(key));
+                }
+                if still.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "stock keys not holding an integer: {}; their orders are dead-lettered \
+                         until `stockctl check --repair`",
+                        still.join(", ")
+                    ))
                 }
             })
         });
@@ -143,8 +167,7 @@ impl Worker {
         Ok(summary)
     }
 
-    /// [`Worker::prepare`] with retries: Redis errors, an unloaded or corrupt Redis are
-    /// retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
+    /// [`Worker::prepare`] with retries: Redis errors and an unloaded Redis are retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
     /// each retry logged with its cause.
     pub async fn prepare_retrying(
         &self,
@@ -166,12 +189,11 @@ impl Worker {
             let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
             let cause = match err {
                 StepError::Unloaded => "redis_unloaded",
-                StepError::Corrupt(_) => "redis_corrupt",
                 _ => "redis",
             };
             self.metrics.retries.with_label_values(&[cause]).inc();
             match err {
-                StepError::Unloaded | StepError::Corrupt(_) => {
+                StepError::Unloaded => {
                     tracing::error!(error = %err, retry_in = ?wait, "not selling")
                 }
                 _ => {
@@ -206,10 +228,10 @@ impl Worker {
             .collect();
 
         // Stock coming back first, so that this batch's orders can use it.
-        let restores: Vec<(String, Vec<Item>)> = inputs
+        let restores: Vec<Compensation> = inputs
             .iter()
             .filter_map(|i| match i {
-                Input::Restore(c) => Some((c.order_id.clone(), c.items.clone())),
+                Input::Restore(c) => Some(c.clone()),
                 _ => None,
             })
             .collect();
@@ -237,12 +259,8 @@ impl Worker {
             }
         }
         let reserved = reply.outcomes;
-        for outcome in &reserved {
-            match outcome {
-                ReserveOutcome::Unloaded => return Err(StepError::Unloaded),
-                ReserveOutcome::Corrupt(key) => return Err(StepError::Corrupt(key.clone())),
-                ReserveOutcome::Decided { .. } => {}
-            }
+        if reserved.contains(&ReserveOutcome::Unloaded) {
+            return Err(StepError::Unloaded);
         }
 
         let mut summary = BatchSummary::default();
@@ -251,23 +269,45 @@ impl Worker {
         let (mut reserved, mut restored) = (reserved.into_iter(), restored.into_iter());
         for (m, input) in msgs.iter().zip(inputs) {
             match input {
+                // Every decision goes to the consumer: PostgreSQL's ledger publishes the
+                // order's one outcome, and gives back a second pre-deduction of an order
+                // it decided before.
                 Input::Reserve(req) => match reserved.next() {
-                    Some(ReserveOutcome::Decided { record, .. }) => match record {
-                        OrderRecord::Held(items) | OrderRecord::Returned(items) => {
-                            let cmd = DeductCommand::Reserve {
+                    Some(ReserveOutcome::Decided { record, .. }) => {
+                        let cmd = match record {
+                            OrderRecord::Held { token, items }
+                            | OrderRecord::Returned { token, items } => DeductCommand::Reserve {
                                 v: INTERNAL_VERSION,
                                 order_id: req.order_id.clone(),
                                 items,
-                            };
-                            out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
-                            summary.deducts += 1;
+                                token: Some(token),
+                            },
+                            OrderRecord::Refused { reason, product_id } => DeductCommand::Refuse {
+                                v: INTERNAL_VERSION,
+                                order_id: req.order_id.clone(),
+                                reason,
+                                product_id,
+                            },
+                        };
+                        out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
+                        summary.deducts += 1;
+                    }
+                    Some(ReserveOutcome::Corrupt(key)) => {
+                        // Only this order waits for the repair: its products stop selling,
+                        // every other product goes on. The dead letter can be replayed once
+                        // `stockctl check --repair` fixed the key.
+                        let reason = format!(
+                            "stock key {key} does not hold an integer: order not decided; \
+                             repair with `stockctl check --repair`, then replay this message"
+                        );
+                        tracing::error!(order_id = %req.order_id, %key, "dead-lettering an order: corrupt stock key");
+                        self.metrics.corrupt_stock.with_label_values(&[&key]).inc();
+                        if let Ok(mut keys) = self.corrupt_keys.lock() {
+                            keys.insert(key);
                         }
-                        OrderRecord::Refused { reason, product_id } => {
-                            let r = StockResult::rejected(&req.order_id, reason, product_id);
-                            out.push(OutMessage::json(&self.topics.results, &req.order_id, &r));
-                            results.push(r);
-                        }
-                    },
+                        out.push(OutMessage::dead_letter(&self.topics.dlq, m, &reason, WORKER));
+                        summary.dead_letters += 1;
+                    }
                     _ => {
                         return Err(StoreError::Protocol(
                             "reserve pipeline answered too few orders".into(),
@@ -285,7 +325,7 @@ impl Worker {
                 }
                 Input::Restore(c) => match restored.next() {
                     Some(RestoreOutcome::Restored) => summary.restored += 1,
-                    Some(RestoreOutcome::Already) => {}
+                    Some(o) if o.is_settled() => {}
                     other => {
                         let reason = format!("compensation not applied: {other:?}");
                         tracing::warn!(order_id = %c.order_id, %reason, "dead-lettering a compensation");

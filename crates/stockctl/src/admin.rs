@@ -24,20 +24,25 @@
 //! * a decrease that PostgreSQL refused is undone in Redis (request `<id>:undo`) and both
 //!   markers are removed, so the id can be retried from scratch.
 //!
-//! When Redis is not loaded (no `stockpipe:loaded`), an increase still commits in
-//! PostgreSQL and its request marker is written in Redis: the next `stockctl rebuild` loads
-//! `available` (which includes it) and a retry does not add it a second time. A decrease
-//! refuses instead (nothing changed). Run restock and set while no rebuild is running.
+//! # Generations: a change overlapping a rebuild
+//!
+//! The PostgreSQL half of a change reads `redis_generation` first in its transaction (see
+//! `crate::rebuild`), and its Redis half applies only in that generation (`adjust.lua`
+//! says `stale` otherwise: the rebuild that replaced it loaded the change from its
+//! snapshot). An increase that finds Redis not loaded waits for the load in progress (up
+//! to [`LOAD_WAIT`]); a decrease takes from Redis in the current generation and commits in
+//! PostgreSQL only if the generation is still that one, else takes again in the new one.
 
 use chrono::{DateTime, Utc};
 use redis::AsyncCommands;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
-use stock_common::redis_store::{
-    request_key, stock_key, AdjustOutcome, RedisStore, StoreError, EPOCH_KEY,
-};
+use std::time::Duration;
+use stock_common::redis_store::{request_key, AdjustOutcome, RedisStore, StoreError};
+
+/// How long an increase waits for a Redis that is being loaded.
+pub const LOAD_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -72,6 +77,8 @@ pub enum AdminError {
     },
     #[error("Redis is not loaded (no stockpipe:loaded marker): run `stockctl rebuild` first; nothing changed")]
     RedisUnloaded,
+    #[error("stock:{{{0}}} in Redis does not hold an integer: run `stockctl check --repair` first; nothing changed")]
+    RedisCorrupt(i64),
     #[error(
         "PostgreSQL refused to take {take} from product {product_id} ({reason}); Redis was given \
          its {take} back, nothing changed"
@@ -128,6 +135,8 @@ pub enum Step {
     Unchanged,
     /// Redis is not loaded: PostgreSQL has the change, the next `stockctl rebuild` loads it.
     Unloaded,
+    /// Redis was rebuilt after PostgreSQL took the change: the rebuild loaded it.
+    Loaded,
     /// The request is older than Redis remembers requests (`--order-memory`): Redis was not
     /// touched, so that nothing is added twice. `stockctl check` shows whether it lacks it.
     Expired,
@@ -183,6 +192,8 @@ struct Request {
     available_delta: i64,
     /// Older than Redis remembers request markers.
     expired: bool,
+    /// The Redis generation the PostgreSQL half was committed in.
+    gen: Option<i64>,
 }
 
 async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
@@ -191,7 +202,7 @@ async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
     memory_secs: u64,
 ) -> Result<Option<Request>, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2)
+        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
          FROM stock_request WHERE request_id = $1",
     )
     .bind(request_id)
@@ -204,6 +215,7 @@ async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
             kind: r.try_get(1)?,
             available_delta: r.try_get(2)?,
             expired: r.try_get(3)?,
+            gen: r.try_get(4)?,
         })
     })
     .transpose()
@@ -238,15 +250,17 @@ async fn insert_request_and_move(
     product_id: i64,
     kind: &str,
     delta: i64,
+    gen: i64,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
-        "INSERT INTO stock_request (request_id, product_id, kind, available_delta)
-         VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
+        "INSERT INTO stock_request (request_id, product_id, kind, available_delta, gen)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(request_id)
     .bind(product_id)
     .bind(kind)
     .bind(delta)
+    .bind(gen)
     .execute(&mut **tx)
     .await?
     .rows_affected()
@@ -280,33 +294,44 @@ async fn insert_request_and_move(
     Ok(true)
 }
 
-/// The Redis half of an increase (PostgreSQL already has it): `adjust.lua` once per
-/// request. When Redis is not loaded the request marker is written anyway, because the
-/// rebuild that loads Redis takes `available`, which already includes this increase.
+/// The Redis half of an increase that PostgreSQL committed in generation `gen`:
+/// `adjust.lua` once per request, in that generation only. A load of that very generation
+/// under way is waited for (up to [`LOAD_WAIT`]): its snapshot came before the commit, so
+/// it must still get the increase. Otherwise an unloaded Redis will be loaded by a later
+/// rebuild, whose snapshot holds the increase ([`Step::Unloaded`]).
 async fn give_to_redis(
+    pool: &PgPool,
     store: &RedisStore,
     product_id: i64,
     delta: i64,
     request_id: &str,
+    gen: Option<i64>,
 ) -> Result<Step, AdminError> {
-    match store.adjust(product_id, delta, request_id).await? {
-        AdjustOutcome::Applied => Ok(Step::Applied),
-        AdjustOutcome::Already => Ok(Step::Already),
-        AdjustOutcome::Unloaded => {
-            let _: Option<String> = redis::cmd("SET")
-                .arg(request_key(request_id))
-                .arg(delta)
-                .arg("NX")
-                .arg("EX")
-                .arg(store.record_ttl_secs())
-                .query_async(&mut store.connection())
-                .await?;
-            Ok(Step::Unloaded)
-        }
-        AdjustOutcome::Short => Err(StoreError::Protocol(format!(
-            "adjust said short for an increase of {delta}"
-        ))
-        .into()),
+    let deadline = tokio::time::Instant::now() + LOAD_WAIT;
+    loop {
+        return match store.adjust(product_id, delta, request_id, gen).await? {
+            AdjustOutcome::Applied => Ok(Step::Applied),
+            AdjustOutcome::Already => Ok(Step::Already),
+            AdjustOutcome::Stale => Ok(Step::Loaded),
+            AdjustOutcome::Unloaded
+                if tokio::time::Instant::now() < deadline
+                    && gen.is_some()
+                    && crate::rebuild::loading(pool, gen.unwrap_or_default()).await? =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            AdjustOutcome::Unloaded => Ok(Step::Unloaded),
+            AdjustOutcome::Corrupt => Err(AdminError::RedisCorrupt(product_id)),
+            AdjustOutcome::Reused => Err(AdminError::RequestReused {
+                request_id: request_id.to_owned(),
+                was: "a change of another product or amount in Redis".into(),
+            }),
+            AdjustOutcome::Short => Err(StoreError::Protocol(format!(
+                "adjust said short for an increase of {delta}"
+            ))
+            .into()),
+        };
     }
 }
 
@@ -317,7 +342,10 @@ fn undo_id(request_id: &str) -> String {
 /// A decrease this request id started in Redis and did not finish in PostgreSQL: the
 /// amount Redis gave up. An earlier attempt that was undone (both markers present) is
 /// forgotten here, so the id starts afresh.
-async fn pending_in_redis(store: &RedisStore, request_id: &str) -> Result<Option<i64>, AdminError> {
+async fn pending_in_redis(
+    store: &RedisStore,
+    request_id: &str,
+) -> Result<Option<(i64, i64)>, AdminError> {
     let mut conn = store.connection();
     let keys = [request_key(request_id), request_key(&undo_id(request_id))];
     let (taken, undone): (Option<String>, Option<String>) = redis::cmd("MGET")
@@ -329,9 +357,13 @@ async fn pending_in_redis(store: &RedisStore, request_id: &str) -> Result<Option
             let _: i64 = conn.del(&keys[..]).await?;
             Ok(None)
         }
-        (Some(v), None) => v.parse::<i64>().map(Some).map_err(|_| {
-            StoreError::Protocol(format!("request marker {} holds {v:?}", keys[0])).into()
-        }),
+        (Some(v), None) => v
+            .split_once(':')
+            .and_then(|(p, d)| Some((p.parse::<i64>().ok()?, d.parse::<i64>().ok()?)))
+            .map(Some)
+            .ok_or_else(|| {
+                StoreError::Protocol(format!("request marker {} holds {v:?}", keys[0])).into()
+            }),
         (None, None) => Ok(None),
     }
 }
@@ -368,14 +400,13 @@ pub async fn restock(
         }
     }
     let postgres = restock_postgres(pool, product_id, quantity, request_id).await?;
-    let expired = postgres == Step::Already
-        && find_request(pool, request_id, memory)
-            .await?
-            .is_some_and(|r| r.expired);
-    let redis = if expired {
+    let req = find_request(pool, request_id, memory)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)?;
+    let redis = if postgres == Step::Already && req.expired {
         Step::Expired
     } else {
-        give_to_redis(store, product_id, quantity, request_id).await?
+        give_to_redis(pool, store, product_id, quantity, request_id, req.gen).await?
     };
     Ok(StockChange {
         request_id: request_id.to_owned(),
@@ -398,7 +429,9 @@ pub async fn restock_postgres(
     request_id: &str,
 ) -> Result<Step, AdminError> {
     let mut tx = pool.begin().await?;
-    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity).await {
+    let gen = stock_consumer::store::read_gen(&mut tx).await?;
+    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity, gen).await
+    {
         Ok(true) => {
             tx.commit().await?;
             Ok(Step::Applied)
@@ -487,16 +520,16 @@ pub async fn set_stock_with_request(
         } else if req.expired {
             Step::Expired
         } else {
-            give_to_redis(store, product_id, req.available_delta, request_id).await?
+            give_to_redis(pool, store, product_id, req.available_delta, request_id, req.gen).await?
         };
         let row = current_row(pool, product_id).await?;
         return Ok(change(req.available_delta, Step::Already, redis, row));
     }
-    if let Some(taken) = pending_in_redis(store, request_id).await? {
-        if taken >= 0 {
+    if let Some((product, taken)) = pending_in_redis(store, request_id).await? {
+        if taken >= 0 || product != product_id {
             return Err(AdminError::RequestReused {
                 request_id: request_id.to_owned(),
-                was: format!("an unfinished change of {taken:+} in Redis"),
+                was: format!("an unfinished change of {taken:+} on product {product} in Redis"),
             });
         }
         // An earlier attempt took `taken` from Redis and died before PostgreSQL.
@@ -506,6 +539,7 @@ pub async fn set_stock_with_request(
     }
 
     let mut tx = pool.begin().await?;
+    let gen = stock_consumer::store::read_gen(&mut tx).await?;
     let created = sqlx::query(
         "INSERT INTO stock (product_id, available, reserved, sold, total_added)
          VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING",
@@ -532,13 +566,13 @@ pub async fn set_stock_with_request(
     }
     let delta = stock - before.available;
     if delta > 0 {
-        if !insert_request_and_move(&mut tx, request_id, product_id, "set", delta).await? {
+        if !insert_request_and_move(&mut tx, request_id, product_id, "set", delta, gen).await? {
             return Err(AdminError::Invalid(format!(
                 "request id {request_id} is being used by another command right now"
             )));
         }
         tx.commit().await?;
-        let redis = give_to_redis(store, product_id, delta, request_id).await?;
+        let redis = give_to_redis(pool, store, product_id, delta, request_id, Some(gen)).await?;
         let row = current_row(pool, product_id).await?;
         return Ok(change(delta, Step::Applied, redis, row));
     }
@@ -547,7 +581,7 @@ pub async fn set_stock_with_request(
         // A new product with no stock still needs its Redis key, or the producer would
         // call it unknown.
         let redis = if created {
-            give_to_redis(store, product_id, 0, request_id).await?
+            give_to_redis(pool, store, product_id, 0, request_id, Some(gen)).await?
         } else {
             Step::Unchanged
         };
@@ -555,21 +589,41 @@ pub async fn set_stock_with_request(
     }
     tx.rollback().await?;
     // Stock leaves: Redis first.
-    match store.adjust(product_id, delta, request_id).await? {
-        AdjustOutcome::Applied | AdjustOutcome::Already => {}
-        AdjustOutcome::Unloaded => return Err(AdminError::RedisUnloaded),
-        AdjustOutcome::Short => {
-            let have = store.stock_levels(&[product_id]).await?[0].unwrap_or(0);
-            return Err(AdminError::RedisShort {
-                product_id,
-                have,
-                take: -delta,
-            });
-        }
-    }
+    take_from_redis(store, product_id, delta, request_id).await?;
     let postgres = finish_decrease(pool, store, product_id, delta, request_id).await?;
     let row = current_row(pool, product_id).await?;
     Ok(change(delta, postgres, Step::Applied, row))
+}
+
+/// The Redis half of a decrease (`delta` < 0), in the current generation; `Ok` when Redis
+/// gave the stock (now or under this request id before).
+async fn take_from_redis(
+    store: &RedisStore,
+    product_id: i64,
+    delta: i64,
+    request_id: &str,
+) -> Result<(), AdminError> {
+    let gen = store.generation().await?.ok_or(AdminError::RedisUnloaded)?;
+    match store
+        .adjust(product_id, delta, request_id, Some(gen))
+        .await?
+    {
+        AdjustOutcome::Applied | AdjustOutcome::Already => Ok(()),
+        AdjustOutcome::Unloaded | AdjustOutcome::Stale => Err(AdminError::RedisUnloaded),
+        AdjustOutcome::Corrupt => Err(AdminError::RedisCorrupt(product_id)),
+        AdjustOutcome::Reused => Err(AdminError::RequestReused {
+            request_id: request_id.to_owned(),
+            was: "a change of another product or amount in Redis".into(),
+        }),
+        AdjustOutcome::Short => {
+            let have = store.stock_levels(&[product_id]).await?[0].unwrap_or(0);
+            Err(AdminError::RedisShort {
+                product_id,
+                have,
+                take: -delta,
+            })
+        }
+    }
 }
 
 /// Why the PostgreSQL half of a decrease did not commit.
@@ -578,6 +632,10 @@ enum PgFailure {
     Refused(String),
     /// No answer (connection lost, pool timeout): the commit may or may not have happened.
     Unknown(sqlx::Error),
+    /// Redis was rebuilt (or is being rebuilt) since it gave the stock: nothing committed.
+    Regenerated,
+    /// Redis could not be asked its generation: nothing committed.
+    Redis(String),
 }
 
 impl From<sqlx::Error> for PgFailure {
@@ -591,12 +649,20 @@ impl From<sqlx::Error> for PgFailure {
 
 async fn decrease_postgres(
     pool: &PgPool,
+    store: &RedisStore,
     product_id: i64,
     delta: i64,
     request_id: &str,
 ) -> Result<Step, PgFailure> {
     let mut tx = pool.begin().await?;
-    match insert_request_and_move(&mut tx, request_id, product_id, "set", delta).await {
+    let gen = stock_consumer::store::read_gen(&mut tx).await?;
+    // Redis gave the stock in its current generation; if PostgreSQL answers to another one,
+    // a rebuild loaded Redis from a snapshot without this decrease: take it there again.
+    let redis_gen = store.generation().await.map_err(|e| PgFailure::Redis(e.to_string()))?;
+    if redis_gen != Some(gen) {
+        return Err(PgFailure::Regenerated);
+    }
+    match insert_request_and_move(&mut tx, request_id, product_id, "set", delta, gen).await {
         Ok(true) => {
             tx.commit().await?;
             Ok(Step::Applied)
@@ -621,10 +687,36 @@ async fn finish_decrease(
     delta: i64,
     request_id: &str,
 ) -> Result<Step, AdminError> {
-    match decrease_postgres(pool, product_id, delta, request_id).await {
+    for _ in 0..3 {
+        match decrease_postgres(pool, store, product_id, delta, request_id).await {
+            Err(PgFailure::Regenerated) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                take_from_redis(store, product_id, delta, request_id).await?;
+            }
+            other => return finish_decrease_answer(store, product_id, delta, request_id, other).await,
+        }
+    }
+    Err(AdminError::Interrupted {
+        product_id,
+        take: -delta,
+        request_id: request_id.to_owned(),
+        cause: "Redis was rebuilt three times during the change".into(),
+    })
+}
+
+async fn finish_decrease_answer(
+    store: &RedisStore,
+    product_id: i64,
+    delta: i64,
+    request_id: &str,
+    answer: Result<Step, PgFailure>,
+) -> Result<Step, AdminError> {
+    match answer {
         Ok(step) => Ok(step),
         Err(PgFailure::Refused(reason)) => {
-            let undo = store.adjust(product_id, -delta, &undo_id(request_id)).await;
+            let undo = store
+                .adjust(product_id, -delta, &undo_id(request_id), None)
+                .await;
             let undone = match undo {
                 // Unloaded: Redis lost its data; the rebuild loads `available`, which never
                 // had this decrease.
@@ -657,6 +749,13 @@ async fn finish_decrease(
             request_id: request_id.to_owned(),
             cause: e.to_string(),
         }),
+        Err(PgFailure::Redis(e)) => Err(AdminError::Interrupted {
+            product_id,
+            take: -delta,
+            request_id: request_id.to_owned(),
+            cause: e,
+        }),
+        Err(PgFailure::Regenerated) => Err(AdminError::RedisUnloaded),
     }
 }
 
@@ -703,8 +802,10 @@ pub struct ProductReport {
     pub product_id: i64,
     /// None: no stock row.
     pub postgres: Option<StockRow>,
-    /// `stock:{p}`; None: no key.
+    /// `stock:{p}`; None: no key, or not an integer (then `redis_corrupt` holds it).
     pub redis: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_corrupt: Option<String>,
     pub redis_loaded: bool,
     pub open_reservations: OpenReservations,
 }
@@ -719,7 +820,11 @@ pub async fn show(
 ) -> Result<ProductReport, AdminError> {
     validate_product(product_id)?;
     let postgres = stock_rows(pool, &[product_id]).await?.into_iter().next();
-    let redis = store.stock_levels(&[product_id]).await?[0];
+    let (redis, redis_corrupt) = match redis_levels(store, &[product_id]).await?.pop() {
+        Some(Level::Corrupt(raw)) => (None, Some(raw)),
+        Some(Level::Int(v)) => (Some(v), None),
+        _ => (None, None),
+    };
     let redis_loaded = store.is_loaded().await?;
     const OPEN: &str = "FROM stock_movement m JOIN order_ledger l ON l.order_id = m.ref
         WHERE m.product_id = $1 AND m.kind = 'reserve' AND l.status = 'reserved'";
@@ -749,6 +854,7 @@ pub async fn show(
         product_id,
         postgres,
         redis,
+        redis_corrupt,
         redis_loaded,
         open_reservations: OpenReservations {
             orders: totals.try_get(0)?,
@@ -828,11 +934,35 @@ fn row_violations(r: &StockRow, out: &mut Vec<Violation>) {
     }
 }
 
+/// What a `stock:{p}` key holds, as the operators' views show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Level {
+    Missing,
+    Int(i64),
+    /// Not an integer as the scripts read one.
+    Corrupt(String),
+}
+
+impl Level {
+    fn value(&self) -> Option<i64> {
+        match self {
+            Level::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
 /// `stock:{p}` of every product, a thousand keys per round trip.
-async fn redis_levels(store: &RedisStore, ids: &[i64]) -> Result<Vec<Option<i64>>, AdminError> {
+async fn redis_levels(store: &RedisStore, ids: &[i64]) -> Result<Vec<Level>, AdminError> {
     let mut levels = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(1000) {
-        levels.extend(store.stock_levels(chunk).await?);
+        levels.extend(store.stock_raw(chunk).await?.into_iter().map(|raw| match raw {
+            None => Level::Missing,
+            Some(v) => match v.parse() {
+                Ok(n) if stock_common::redis_store::is_stock_integer(&v) => Level::Int(n),
+                _ => Level::Corrupt(v),
+            },
+        }));
     }
     Ok(levels)
 }
@@ -854,17 +984,21 @@ pub async fn check_invariants(
         seen.insert(r.product_id, ());
         row_violations(r, &mut v);
         match level {
-            Some(l) if l < 0 => v.push(Violation {
+            Level::Int(l) if l < 0 => v.push(Violation {
                 product_id: r.product_id,
                 what: format!("redis negative: {l}"),
             }),
-            Some(l) if l != r.available => v.push(Violation {
+            Level::Int(l) if l != r.available => v.push(Violation {
                 product_id: r.product_id,
                 what: format!("redis {l} != available {}", r.available),
             }),
-            None => v.push(Violation {
+            Level::Missing => v.push(Violation {
                 product_id: r.product_id,
                 what: "redis key missing".into(),
+            }),
+            Level::Corrupt(raw) => v.push(Violation {
+                product_id: r.product_id,
+                what: format!("redis holds {raw:?}, not an integer"),
             }),
             _ => {}
         }
@@ -884,7 +1018,7 @@ pub async fn check_invariants(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Drift {
     pub product_id: i64,
-    /// None: no key.
+    /// None: no key, or not an integer.
     pub redis: Option<i64>,
     pub postgres: i64,
 }
@@ -910,22 +1044,13 @@ impl DriftReport {
     }
 }
 
-/// Sets a stock key only if it still holds what the check saw ('' for no key), so that a
-/// repair never overwrites a change made since.
-static SET_IF_UNCHANGED: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        "if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
-         redis.call('SET', KEYS[1], ARGV[2])
-         redis.call('INCR', KEYS[2])
-         return 1",
-    )
-});
-
 /// The drift check (pipeline idle): compares `stock:{p}` with `available` for every
-/// product and, with `repair`, sets each drifted key to `available` — PostgreSQL is the
-/// truth. Only Redis-versus-`available` differences are repaired, and only when Redis is
-/// loaded (an unloaded Redis needs `stockctl rebuild`); a key that changed since it was
-/// read is left alone. Conservation and negative columns are reported, never touched.
+/// product and, with `repair` and any difference, rebuilds Redis from PostgreSQL (the
+/// truth) with `crate::rebuild::rebuild`. A repair key by key would race what is in
+/// flight (an expiry's give-back committed in PostgreSQL and not yet in Redis would be
+/// counted twice); the rebuild fences everything in flight by its generation. A key that
+/// holds something other than an integer is a difference like any other. Conservation and
+/// negative columns are reported, never touched.
 pub async fn check_drift(
     pool: &PgPool,
     store: &RedisStore,
@@ -939,30 +1064,20 @@ pub async fn check_drift(
     let mut drift = Vec::new();
     for (r, level) in rows.iter().zip(levels) {
         row_violations(r, &mut violations);
-        if level != Some(r.available) {
+        if level.value() != Some(r.available) {
             drift.push(Drift {
                 product_id: r.product_id,
-                redis: level,
+                redis: level.value(),
                 postgres: r.available,
             });
         }
     }
     let mut repaired = Vec::new();
-    if repair && redis_loaded {
-        let mut conn = store.connection();
-        for d in &drift {
-            let seen = d.redis.map(|v| v.to_string()).unwrap_or_default();
-            let done: i64 = SET_IF_UNCHANGED
-                .key(stock_key(d.product_id))
-                .key(EPOCH_KEY)
-                .arg(seen)
-                .arg(d.postgres)
-                .invoke_async(&mut conn)
-                .await?;
-            if done == 1 {
-                repaired.push(*d);
-            }
-        }
+    let mut redis_loaded = redis_loaded;
+    if repair && !drift.is_empty() {
+        crate::rebuild::rebuild(pool, store).await?;
+        redis_loaded = true;
+        repaired = drift.clone();
     }
     Ok(DriftReport {
         products: rows.len(),

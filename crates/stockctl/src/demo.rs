@@ -61,8 +61,11 @@ pub async fn run(
         admin::set_stock(&pool, &store, *p, args.stock, true).await?;
     }
     if !store.is_loaded().await? {
-        let (n, o) = crate::rebuild::load_from_postgres(&pool, &store).await?;
-        println!("redis was not loaded: rebuilt {n} products and {o} orders from PostgreSQL");
+        let r = crate::rebuild::rebuild(&pool, &store).await?;
+        println!(
+            "redis was not loaded: rebuilt {} products and {} held reservations from PostgreSQL",
+            r.products, r.held
+        );
     }
 
     let shutdown = CancellationToken::new();

@@ -84,13 +84,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop selling, wait for the pipeline to drain, load Redis from PostgreSQL (stock, order
-    /// records, recent request markers, refusals from the results topic), resume selling.
-    Rebuild(stockctl::rebuild::RebuildArgs),
+    /// Stop selling, load Redis from PostgreSQL (stock, the records of held reservations) in a
+    /// new generation, resume selling. Safe while the workers run; waits for nothing.
+    Rebuild,
     /// Drift check (pipeline idle): every `stock:{p}` against `available`, and conservation.
     /// Exit 1 when a difference is left unrepaired.
     Check {
-        /// Set each drifted `stock:{p}` to `available` (PostgreSQL is the truth).
+        /// On any difference, rebuild Redis from PostgreSQL (the truth).
         #[arg(long)]
         repair: bool,
         #[arg(long)]
@@ -194,11 +194,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 }
             }
         }
-        Cmd::Rebuild(args) => {
-            let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?, &cli.kafka, args).await?;
+        Cmd::Rebuild => {
+            let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?).await?;
             println!(
-                "redis rebuilt: {} products, {} orders, {} refusals, {} requests (drained in {} ms)",
-                r.products, r.orders, r.refusals, r.requests, r.drained_in_ms
+                "redis rebuilt: generation {}, {} products, {} held reservations (selling stopped for {} ms)",
+                r.generation, r.products, r.held, r.stopped_ms
             );
         }
         Cmd::Check { repair, json } => {
@@ -230,6 +230,7 @@ fn step(s: admin::Step) -> &'static str {
         admin::Step::Already => "already applied (same request id)",
         admin::Step::Unchanged => "unchanged",
         admin::Step::Unloaded => "not loaded",
+        admin::Step::Loaded => "loaded by a rebuild",
         admin::Step::Expired => "not touched (request older than --order-memory)",
     }
 }
@@ -254,8 +255,8 @@ fn print_change(c: &admin::StockChange, json: bool) -> anyhow::Result<()> {
     }
     match c.redis {
         admin::Step::Unloaded => eprintln!(
-            "note: Redis is not loaded; PostgreSQL has the change and the next \
-             `stockctl rebuild` loads it into Redis (a retry adds nothing)"
+            "note: Redis is not loaded; PostgreSQL has the change. Retry with the same \
+             --request-id once Redis is loaded: it adds nothing twice"
         ),
         admin::Step::Expired => eprintln!(
             "note: this request is older than Redis remembers requests; Redis was left \
@@ -281,7 +282,11 @@ fn print_show(r: &admin::ProductReport, json: bool) -> anyhow::Result<()> {
     }
     println!(
         "  redis:    {}{}",
-        r.redis.map(|v| v.to_string()).unwrap_or("no key".into()),
+        match (&r.redis, &r.redis_corrupt) {
+            (Some(v), _) => v.to_string(),
+            (None, Some(raw)) => format!("{raw:?} (not an integer: `stockctl check --repair`)"),
+            (None, None) => "no key".into(),
+        },
         if r.redis_loaded {
             ""
         } else {

@@ -2,8 +2,10 @@
 -- order id. Orders are decided one after the other, exactly as if each had its own call:
 -- one call per run of orders only saves the per-call cost.
 --
--- KEYS[1]     the "loaded" marker: absent means Redis lost its data and was not rebuilt
+-- KEYS[1]     the "loaded" marker: absent means Redis lost its data and was not rebuilt;
+--             its value is the Redis generation (advanced by every rebuild)
 -- KEYS[2]     the stock epoch counter (see below)
+-- KEYS[3]     the sequence counter that names pre-deductions
 -- then, for each order: its record, then stock:{product_id} of each item in item order
 -- ARGV[1]     record lifetime in seconds
 -- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
@@ -26,7 +28,12 @@
 -- products seen at 0 stock by this call; per order kind is 'new' (decided now), 'seen'
 -- (decided before; rec is the first decision, nothing changed) or 'corrupt' (rec names a
 -- stock key that does not hold an integer; nothing done for this order). Records:
--- 'R|<items>' stock held, 'C|<items>' held then given back, 'X|<reason>|<product_id>'.
+-- 'R|<token>|<items>' stock held, 'C|<token>|<items>' held then given back,
+-- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
+-- pre-deduction, so that PostgreSQL can tell a redelivery of it from a second one.
+--
+-- A stock value is an integer only if it is written as one: optional '-', 1 to 18 digits
+-- (tonumber would take ' 5', '1e5' or '0x10', which DECRBY then refuses mid-script).
 local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
@@ -34,6 +41,25 @@ end
 local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
 local marker_valid = ARGV[2] ~= '' and ARGV[2] == epoch
+local next_seq = nil
+local last_seq = 0
+local function token()
+  if not next_seq or next_seq > last_seq then
+    -- one INCRBY per call names every order it can reserve
+    last_seq = redis.call('INCRBY', KEYS[3], 100)
+    next_seq = last_seq - 99
+  end
+  local t = marker .. '.' .. next_seq
+  next_seq = next_seq + 1
+  return t
+end
+local function integer(raw)
+  local digits = string.match(raw, '^%-?(%d+)$')
+  if not digits or string.len(digits) > 18 then
+    return nil
+  end
+  return tonumber(raw)
+end
 local zeros = {}
 local zero_seen = {}
 local function zero(pid)
@@ -43,7 +69,7 @@ local function zero(pid)
   end
 end
 local out = {}
-local k = 3
+local k = 4
 local a = 3
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
@@ -69,7 +95,7 @@ while a <= #ARGV do
           decision = 'X|unknown_product|' .. ARGV[pid + i]
           break
         end
-        local have = tonumber(raw)
+        local have = integer(raw)
         if not have then
           corrupt = KEYS[k + i]
           break
@@ -93,7 +119,7 @@ while a <= #ARGV do
             zero(ARGV[pid + i])
           end
         end
-        decision = 'R|' .. items
+        decision = 'R|' .. token() .. '|' .. items
       end
       redis.call('SET', rec_key, decision, 'EX', ttl)
     end

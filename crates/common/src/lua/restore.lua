@@ -1,35 +1,46 @@
--- Gives an order's pre-deducted stock back, at most once per order id.
+-- Gives one pre-deduction of an order back, at most once.
 --
--- KEYS[1]     the "loaded" marker
+-- KEYS[1]     the "loaded" marker (its value is the Redis generation)
 -- KEYS[2]     the stock epoch counter, incremented when stock comes back (see reserve.lua)
 -- KEYS[3]     the order's record
 -- KEYS[4..]   stock:{product_id} of each item
--- ARGV[1]     the order's items in canonical form, as the record must hold them
--- ARGV[2..]   quantity of each item
+-- ARGV[1]     the pre-deduction's token ('' for a compensation from before tokens: any)
+-- ARGV[2]     the generation of the PostgreSQL change behind the compensation ('' : any)
+-- ARGV[3]     the order's items in canonical form, as the record must hold them
+-- ARGV[4..]   quantity of each item
 --
--- Returns 'restored', 'already' (given back before), 'unloaded' (nothing done),
--- 'unknown' (no record: never held here, or forgotten), 'not_held' (the order was refused
+-- Returns 'restored', 'already' (given back before), 'unloaded' (nothing done), 'stale'
+-- (Redis was rebuilt since that change: the rebuild's snapshot already holds it),
+-- 'unknown' (no record: never held here, or forgotten), 'other' (the record names another
+-- pre-deduction: this one is not held in this Redis), 'not_held' (the order was refused
 -- here), or 'mismatch' (the record holds other items).
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local marker = redis.call('GET', KEYS[1])
+if not marker then
   return 'unloaded'
+end
+if ARGV[2] ~= '' and ARGV[2] ~= marker then
+  return 'stale'
 end
 local rec = redis.call('GET', KEYS[3])
 if not rec then
   return 'unknown'
 end
-local state = string.sub(rec, 1, 1)
+local state, token, items = string.match(rec, '^(%u)|([^|]*)|(.*)$')
+if state ~= 'R' and state ~= 'C' then
+  return 'not_held'
+end
+if ARGV[1] ~= '' and token ~= ARGV[1] then
+  return 'other'
+end
 if state == 'C' then
   return 'already'
 end
-if state ~= 'R' then
-  return 'not_held'
-end
-if string.sub(rec, 3) ~= ARGV[1] then
+if items ~= ARGV[3] then
   return 'mismatch'
 end
 for i = 4, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[i - 2])
+  redis.call('INCRBY', KEYS[i], ARGV[i])
 end
 redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[3], 'C|' .. ARGV[1], 'KEEPTTL')
+redis.call('SET', KEYS[3], 'C|' .. token .. '|' .. ARGV[3], 'KEEPTTL')
 return 'restored'

@@ -300,7 +300,6 @@ pub struct FaultCtx<'a> {
     pub stack: Option<&'a StackControl>,
     pub outage: Duration,
     pub pause: Duration,
-    pub rebuild: stockctl::rebuild::RebuildArgs,
     pub violations: &'a Mutex<Vec<Violation>>,
     pub start: Instant,
 }
@@ -436,27 +435,20 @@ impl FaultCtx<'_> {
         }
         let report = self.rebuild_retrying().await?;
         Ok(format!(
-            "empty for {} ms, {} keys written meanwhile; rebuilt: {} products, {} orders, {} refusals, drained in {} ms",
+            "empty for {} ms, {} keys written meanwhile; rebuilt: generation {}, {} products, {} held, stopped {} ms",
             empty.as_millis(),
             written,
+            report.generation,
             report.products,
-            report.orders,
-            report.refusals,
-            report.drained_in_ms
+            report.held,
+            report.stopped_ms
         ))
     }
 
     async fn rebuild_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
         let mut last = String::new();
         for attempt in 1..=10 {
-            match stockctl::rebuild::rebuild(
-                &self.env.pool,
-                &self.env.store,
-                &self.env.kafka,
-                &self.rebuild,
-            )
-            .await
-            {
+            match stockctl::rebuild::rebuild(&self.env.pool, &self.env.store).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     tracing::warn!(attempt, error = %e, "rebuild failed; retrying");
