@@ -151,6 +151,8 @@ async fn rebuild_fences_out_decisions_taken_before_it() {
         orders_message(&env, 2, "late-x", &[item(6, 1)]),
     ];
     let (_, out): (_, Vec<OutMessage>) = paused.prepare(&msgs).await.expect("prepare");
+    // Its Kafka consumer leaves the group (an idle member would stall the group's join).
+    drop(paused);
     assert_eq!(env.redis_stock(5).await, Some(7));
 
     // ... a rebuild loads Redis from PostgreSQL, which has none of them, and stock of the
