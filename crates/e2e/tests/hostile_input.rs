@@ -43,10 +43,7 @@ fn dead_letter_of<'a>(dead: &'a [OwnedMessage], original: &[u8]) -> &'a OwnedMes
 fn assert_whole(m: &OwnedMessage, original: &[u8], source_topic: &str) {
     assert_eq!(m.payload(), Some(original), "kept whole");
     assert_eq!(header(m, "dlq.truncated"), None);
-    assert_eq!(
-        header(m, "dlq.source.topic").as_deref(),
-        Some(source_topic)
-    );
+    assert_eq!(header(m, "dlq.source.topic").as_deref(), Some(source_topic));
 }
 
 /// A dead letter that had to be cut: a prefix of the original, at most `limit` bytes on
@@ -66,10 +63,7 @@ fn assert_truncated(m: &OwnedMessage, original: &[u8], source_topic: &str, limit
         Some(sha256sum(original)),
         "digest of the whole original"
     );
-    assert_eq!(
-        header(m, "dlq.source.topic").as_deref(),
-        Some(source_topic)
-    );
+    assert_eq!(header(m, "dlq.source.topic").as_deref(), Some(source_topic));
     assert!(header(m, "dlq.source.partition").is_some());
     assert!(header(m, "dlq.source.offset").is_some());
     assert!(header(m, "dlq.reason").is_some_and(|r| r.starts_with("not ")));
@@ -141,9 +135,13 @@ async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated(
 
     // Alone first, so that no other dead letter shares its batch.
     let under = junk(99_000, 3);
-    harness::publish(&sender, &env.topics.orders, vec![("under".into(), under.clone())])
-        .await
-        .expect("publish");
+    harness::publish(
+        &sender,
+        &env.topics.orders,
+        vec![("under".into(), under.clone())],
+    )
+    .await
+    .expect("publish");
     let first = read_topic(&env.kafka, &env.topics.dlq, 1, WAIT).await;
     assert_eq!(first.len(), 1, "dead-lettered");
     assert_whole(&first[0], &under, &env.topics.orders);
@@ -151,9 +149,13 @@ async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated(
     let over_topic = junk(150_000, 4);
     let over_both = junk(1_500_000, 5);
     for (key, bytes) in [("over-topic", &over_topic), ("over-both", &over_both)] {
-        harness::publish(&sender, &env.topics.orders, vec![(key.into(), bytes.clone())])
-            .await
-            .expect("publish");
+        harness::publish(
+            &sender,
+            &env.topics.orders,
+            vec![(key.into(), bytes.clone())],
+        )
+        .await
+        .expect("publish");
     }
     harness::publish(
         &sender,
@@ -203,9 +205,13 @@ async fn consumer_dead_letters_oversized_deduct_messages_truncated() {
     let over_client = junk(999_900, 8);
     // Keyed like the order that follows, so that they share its deduct partition.
     for bytes in [&under, &over_topic, &over_client] {
-        harness::publish(&producer, &env.topics.deduct, vec![("after".into(), bytes.clone())])
-            .await
-            .expect("publish");
+        harness::publish(
+            &producer,
+            &env.topics.deduct,
+            vec![("after".into(), bytes.clone())],
+        )
+        .await
+        .expect("publish");
     }
     env.send_orders(vec![("after".into(), created("after", &[item(1, 1)]))])
         .await;
@@ -315,7 +321,13 @@ async fn readable_orders_with_unreadable_parts_get_results() {
     .into();
     let answered = collector.wait_for(&ids, 1, WAIT).await;
     let o = collector.snapshot();
-    let dead = read_topic(&env.kafka, &env.topics.dlq, usize::MAX, Duration::from_secs(5)).await;
+    let dead = read_topic(
+        &env.kafka,
+        &env.topics.dlq,
+        usize::MAX,
+        Duration::from_secs(5),
+    )
+    .await;
     let dead_keys: Vec<String> = dead
         .iter()
         .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
@@ -380,7 +392,10 @@ async fn control_characters_never_reach_the_text_log_raw() {
     assert!(producer.terminate(), "clean exit");
     let log = std::fs::read(&log_path).expect("log file");
     let text = String::from_utf8_lossy(&log);
-    assert!(text.contains("invalid order"), "the order was logged:\n{text}");
+    assert!(
+        text.contains("invalid order"),
+        "the order was logged:\n{text}"
+    );
     assert!(!log.contains(&0x1b), "no raw ESC in the log:\n{text}");
     assert!(!log.contains(&0), "no raw NUL in the log:\n{text}");
     assert!(
@@ -445,6 +460,9 @@ fn malformed_urls_never_print_their_password() {
     ] {
         let (code, out) = run_binary(bin, &[(var, good)], &["--help"]);
         assert_eq!(code, Some(0), "{out}");
-        assert!(!out.contains("s3cret"), "{bin} --help printed the password: {out}");
+        assert!(
+            !out.contains("s3cret"),
+            "{bin} --help printed the password: {out}"
+        );
     }
 }
