@@ -119,8 +119,14 @@ pub struct KafkaArgs {
         default_value = "127.0.0.1:9092"
     )]
     pub brokers: String,
-    /// Extra librdkafka settings for every client, `key=value`, comma separated.
-    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',')]
+    /// Extra librdkafka settings for every client, `key=value`, comma separated. Hidden
+    /// from `--help` when taken from the environment: they may hold `sasl.password`.
+    #[arg(
+        long = "kafka-option",
+        env = "KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub options: Vec<String>,
 }
 

@@ -480,6 +480,7 @@ fn malformed_urls_never_print_their_password() {
             "postgres://u:s3cret@host:5432/db",
         ),
         ("producer", "REDIS_URL", "redis://:s3cret@host:6379/0"),
+        ("producer", "KAFKA_OPTIONS", "sasl.password=s3cret"),
     ] {
         let (code, out) = run_binary(bin, &[(var, good)], &["--help"]);
         assert_eq!(code, Some(0), "{out}");
