@@ -1,6 +1,9 @@
 //! Command-line and environment settings shared by every binary. Each setting is a flag
 //! with an environment-variable fallback; the defaults match the local stack of `deploy/`.
-//! Connection strings are held in [`SecretUrl`], which never prints its password.
+//! Connection strings are held in [`SecretUrl`], which never prints its password, and are
+//! parsed by [`SecretUrlParser`], whose errors never print the value (clap's own would:
+//! `invalid value '<the URL>'`), and hidden from `--help` when they come from the
+//! environment.
 
 use clap::Args;
 use std::fmt;
@@ -57,6 +60,43 @@ impl FromStr for SecretUrl {
     }
 }
 
+/// clap's parser for [`SecretUrl`] settings. A rejected URL is not echoed: the error
+/// names the setting (flag and environment variable) and what is wrong with the value
+/// (`url`'s reasons are fixed phrases such as "invalid port number"), because the value
+/// may carry a password and the error goes to a terminal or a log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SecretUrlParser;
+
+impl clap::builder::TypedValueParser for SecretUrlParser {
+    type Value = SecretUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<SecretUrl, clap::Error> {
+        let refuse = |why: &str| {
+            let setting = match arg {
+                Some(a) => match a.get_env() {
+                    Some(env) => format!("'{a}' (env {})", env.to_string_lossy()),
+                    None => format!("'{a}'"),
+                },
+                None => "a URL setting".to_owned(),
+            };
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "invalid value for {setting}: {why} (the value is not shown: it may hold a password)\n"
+                ),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("not UTF-8"))?;
+        text.parse().map_err(|e: String| refuse(&e))
+    }
+}
+
 impl fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
@@ -79,8 +119,14 @@ pub struct KafkaArgs {
         default_value = "127.0.0.1:9092"
     )]
     pub brokers: String,
-    /// Extra librdkafka settings for every client, `key=value`, comma separated.
-    #[arg(long = "kafka-option", env = "KAFKA_OPTIONS", value_delimiter = ',')]
+    /// Extra librdkafka settings for every client, `key=value`, comma separated. Hidden
+    /// from `--help` when taken from the environment: they may hold `sasl.password`.
+    #[arg(
+        long = "kafka-option",
+        env = "KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub options: Vec<String>,
 }
 
@@ -147,7 +193,9 @@ pub struct RedisArgs {
         id = "redis_url",
         long = "redis-url",
         env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0"
+        default_value = "redis://127.0.0.1:6379/0",
+        value_parser = SecretUrlParser,
+        hide_env_values = true
     )]
     pub url: SecretUrl,
     /// How long the producer remembers an order id (and its decision) in Redis. Must be
@@ -171,7 +219,9 @@ pub struct DatabaseArgs {
         id = "database_url",
         long = "database-url",
         env = "DATABASE_URL",
-        default_value = "postgres://stock:stock@127.0.0.1:5432/stock"
+        default_value = "postgres://stock:stock@127.0.0.1:5432/stock",
+        value_parser = SecretUrlParser,
+        hide_env_values = true
     )]
     pub url: SecretUrl,
     /// Connections in the pool.
@@ -250,6 +300,33 @@ mod tests {
             u.expose(),
             "postgres://stock:hunter2@db:5432/stock?sslmode=disable"
         );
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_without_their_value() {
+        use clap::Parser;
+        for args in [
+            ["t", "--database-url", "postgres://u:s3cret@host:badport/db"],
+            ["t", "--redis-url", "redis://:s3cret@host:99999999/0"],
+            ["t", "--database-url", "s3cret"],
+        ] {
+            let e = Cli::try_parse_from(args).expect_err("refused");
+            let text = e.render().to_string();
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains(args[1]), "names the flag: {text}");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        }
+        let ok = Cli::try_parse_from(["t", "--database-url", "postgres://u:s3cret@h:5432/db"])
+            .expect("a good URL");
+        assert_eq!(ok.db.url.expose(), "postgres://u:s3cret@h:5432/db");
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //!   project's own internal events.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::HashSet;
 use std::fmt;
 
@@ -75,32 +74,55 @@ pub enum Parsed {
 }
 
 /// Classifies the bytes of one `orders` message. Never fails: every input gets a verdict.
+///
+/// The type and the order id are read first, by a top-level scanner that skips every
+/// other value without recursion (see [`json`]); only then is the rest judged. serde_json
+/// alone would give up on the whole document for a number out of `f64` range (`1e400`) or
+/// nesting deeper than 128, anywhere in it, and so dead-letter an order whose id is
+/// readable: the contract wants such an order answered (`invalid_order`), and an unknown
+/// field ignored however deep it is.
 pub fn parse_order_event(bytes: &[u8]) -> Parsed {
-    let value: Value = match serde_json::from_slice(bytes) {
-        Ok(v) => v,
-        Err(e) => return Parsed::Garbage(format!("not JSON: {e}")),
-    };
-    let Some(obj) = value.as_object() else {
-        return Parsed::Garbage("not a JSON object".into());
-    };
-    let order_id = match obj.get("order_id") {
-        Some(Value::String(s))
-            if !s.is_empty() && s.chars().count() <= MAX_READABLE_ORDER_ID_LEN =>
-        {
-            s.clone()
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            return Parsed::Garbage(format!(
+                "not JSON: invalid UTF-8 at byte {}",
+                e.valid_up_to()
+            ))
         }
-        Some(Value::String(_)) => {
-            return Parsed::Garbage("order_id empty or too long to read".into())
+    };
+    let members = match json::object_members(text) {
+        Ok(m) => m,
+        Err(json::Error::NotObject) => return Parsed::Garbage("not a JSON object".into()),
+        Err(json::Error::Syntax(e)) => return Parsed::Garbage(format!("not JSON: {e}")),
+    };
+    // Of a key given twice the last one counts, as with serde_json's map.
+    let field = |name: &str| {
+        members
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    };
+    let order_id = match field("order_id").map(json::string) {
+        // Contract: readable means a non-empty JSON string of at most 1,024 bytes.
+        Some(Ok(Some(s))) if !s.is_empty() && s.len() <= MAX_READABLE_ORDER_ID_LEN => {
+            s.into_owned()
         }
-        Some(_) => return Parsed::Garbage("order_id is not a string".into()),
+        Some(Ok(Some(_))) => return Parsed::Garbage("order_id empty or too long to read".into()),
+        Some(Ok(None)) => return Parsed::Garbage("order_id is not a string".into()),
+        Some(Err(e)) => return Parsed::Garbage(format!("not JSON: order_id: {e}")),
         None => return Parsed::Garbage("no order_id".into()),
     };
-    let kind = match obj.get("type").and_then(Value::as_str) {
-        Some("order_created") => EventType::Created,
-        Some("order_paid") => EventType::Paid,
-        Some("order_cancelled") => EventType::Cancelled,
-        Some(other) => return Parsed::Garbage(format!("unknown type {other:?}")),
-        None => return Parsed::Garbage("no type".into()),
+    let kind = match field("type").map(json::string) {
+        Some(Ok(Some(t))) => match t.as_ref() {
+            "order_created" => EventType::Created,
+            "order_paid" => EventType::Paid,
+            "order_cancelled" => EventType::Cancelled,
+            other => return Parsed::Garbage(format!("unknown type {other:?}")),
+        },
+        Some(Err(e)) => return Parsed::Garbage(format!("not JSON: type: {e}")),
+        Some(Ok(None)) | None => return Parsed::Garbage("no type".into()),
     };
     let invalid = |detail: String| Parsed::Invalid {
         kind,
@@ -113,7 +135,7 @@ pub fn parse_order_event(bytes: &[u8]) -> Parsed {
     match kind {
         EventType::Paid => Parsed::Valid(OrderEvent::Paid { order_id }),
         EventType::Cancelled => Parsed::Valid(OrderEvent::Cancelled { order_id }),
-        EventType::Created => match parse_items(obj.get("items")) {
+        EventType::Created => match parse_items(field("items")) {
             Ok(items) => Parsed::Valid(OrderEvent::Created { order_id, items }),
             Err(detail) => invalid(detail),
         },
@@ -137,24 +159,32 @@ pub fn validate_order_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_items(value: Option<&Value>) -> Result<Vec<Item>, String> {
-    let Some(Value::Array(raw)) = value else {
+/// The `items` of an `order_created`, from the JSON text of its value. Unknown fields of
+/// an item are ignored like those of the event; a number that is not an integer in range
+/// (`1.5`, `1e400`, `2^63`) breaks the rule of its field.
+fn parse_items(raw: Option<&str>) -> Result<Vec<Item>, String> {
+    let Some(entries) = raw.and_then(json::array_elements) else {
         return Err("items missing or not an array".into());
     };
-    if raw.is_empty() || raw.len() > MAX_ITEMS {
-        return Err(format!("{} items, allowed 1 to {MAX_ITEMS}", raw.len()));
+    if entries.is_empty() || entries.len() > MAX_ITEMS {
+        return Err(format!("{} items, allowed 1 to {MAX_ITEMS}", entries.len()));
     }
-    let mut seen = HashSet::with_capacity(raw.len());
-    let mut items = Vec::with_capacity(raw.len());
-    for (i, entry) in raw.iter().enumerate() {
-        let product_id = entry
-            .get("product_id")
-            .and_then(Value::as_i64)
+    let mut seen = HashSet::with_capacity(entries.len());
+    let mut items = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        // Not an object: no fields, so the first rule below names it.
+        let fields = json::object_members(entry).unwrap_or_default();
+        let integer = |name: &str| {
+            fields
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| json::integer(v))
+        };
+        let product_id = integer("product_id")
             .filter(|p| *p >= 1)
             .ok_or_else(|| format!("item {i}: product_id must be an integer from 1 to 2^63-1"))?;
-        let quantity = entry
-            .get("quantity")
-            .and_then(Value::as_i64)
+        let quantity = integer("quantity")
             .filter(|q| (1..=MAX_QUANTITY).contains(q))
             .ok_or_else(|| {
                 format!("item {i}: quantity must be an integer from 1 to {MAX_QUANTITY}")
@@ -168,6 +198,340 @@ fn parse_items(value: Option<&Value>) -> Result<Vec<Item>, String> {
         });
     }
     Ok(items)
+}
+
+/// Just enough JSON for [`parse_order_event`]: the members of an object and the elements
+/// of an array as slices of the text, every value fully checked against the JSON grammar
+/// but skipped rather than built. Skipping keeps an explicit stack of open brackets, no
+/// recursion, so any depth the message size allows costs memory proportional to it and no
+/// call stack; numbers are checked for their syntax only, never converted, so `1e400` is
+/// a valid JSON number that only a rule reading it can refuse. Strings are decoded (by
+/// serde_json) only where a rule reads them.
+mod json {
+    use std::borrow::Cow;
+
+    /// Why a text is not what was asked for.
+    #[derive(Debug)]
+    pub(super) enum Error {
+        /// Valid JSON, but not an object.
+        NotObject,
+        /// Not JSON at all.
+        Syntax(String),
+    }
+
+    impl From<String> for Error {
+        fn from(e: String) -> Self {
+            Error::Syntax(e)
+        }
+    }
+
+    /// A member of an object: its decoded key and the text of its value.
+    pub(super) type Member<'a> = (Cow<'a, str>, &'a str);
+
+    /// The members of the object that is the whole of `text` (surrounding whitespace
+    /// allowed), in order, duplicates kept.
+    pub(super) fn object_members(text: &str) -> Result<Vec<Member<'_>>, Error> {
+        let mut s = Scanner::new(text);
+        s.ws();
+        if s.peek() != Some(b'{') {
+            // Tell "JSON, but not an object" from "not JSON".
+            s.value()?;
+            s.end()?;
+            return Err(Error::NotObject);
+        }
+        s.pos += 1;
+        let mut members = Vec::new();
+        s.ws();
+        if s.peek() == Some(b'}') {
+            s.pos += 1;
+        } else {
+            loop {
+                let key = decode(s.member_key()?)?;
+                members.push((key, s.value()?));
+                s.ws();
+                match s.peek() {
+                    Some(b',') => s.pos += 1,
+                    Some(b'}') => {
+                        s.pos += 1;
+                        break;
+                    }
+                    _ => return Err(s.err("expected ',' or '}'").into()),
+                }
+            }
+        }
+        s.end()?;
+        Ok(members)
+    }
+
+    /// The texts of the elements of the array that is the whole of `text`; `None` if it is
+    /// not an array (or not JSON).
+    pub(super) fn array_elements(text: &str) -> Option<Vec<&str>> {
+        let mut s = Scanner::new(text);
+        s.ws();
+        if s.peek() != Some(b'[') {
+            return None;
+        }
+        s.pos += 1;
+        let mut elements = Vec::new();
+        s.ws();
+        if s.peek() == Some(b']') {
+            s.pos += 1;
+        } else {
+            loop {
+                elements.push(s.value().ok()?);
+                s.ws();
+                match s.peek() {
+                    Some(b',') => s.pos += 1,
+                    Some(b']') => {
+                        s.pos += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        s.end().ok()?;
+        Some(elements)
+    }
+
+    /// The decoded string that `raw` (a value's text) holds; `Ok(None)` if it is another
+    /// kind of value.
+    pub(super) fn string(raw: &str) -> Result<Option<Cow<'_, str>>, String> {
+        if raw.starts_with('"') {
+            decode(raw).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The integer that `raw` (a value's text) holds, if it is written as one (no fraction,
+    /// no exponent) and fits an `i64`: serde_json's `as_i64` on the same text.
+    pub(super) fn integer(raw: &str) -> Option<i64> {
+        let digits = raw.strip_prefix('-').unwrap_or(raw);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        raw.parse().ok()
+    }
+
+    /// A string token's text (quotes included, already checked by the scanner) decoded.
+    fn decode(raw: &str) -> Result<Cow<'_, str>, String> {
+        if raw.contains('\\') {
+            serde_json::from_str::<String>(raw)
+                .map(Cow::Owned)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(Cow::Borrowed(&raw[1..raw.len() - 1]))
+        }
+    }
+
+    struct Scanner<'a> {
+        text: &'a str,
+        pos: usize,
+    }
+
+    impl<'a> Scanner<'a> {
+        fn new(text: &'a str) -> Self {
+            Scanner { text, pos: 0 }
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.text.as_bytes().get(self.pos).copied()
+        }
+
+        fn ws(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.pos += 1;
+            }
+        }
+
+        fn err(&self, what: &str) -> String {
+            match self.peek() {
+                Some(c) if c.is_ascii_graphic() => {
+                    format!("{what}, found '{}' at byte {}", c as char, self.pos)
+                }
+                Some(c) => format!("{what}, found byte 0x{c:02x} at byte {}", self.pos),
+                None => format!("{what}, found the end at byte {}", self.pos),
+            }
+        }
+
+        fn eat(&mut self, c: u8, what: &str) -> Result<(), String> {
+            if self.peek() == Some(c) {
+                self.pos += 1;
+                Ok(())
+            } else {
+                Err(self.err(what))
+            }
+        }
+
+        /// Only whitespace is left.
+        fn end(&mut self) -> Result<(), String> {
+            self.ws();
+            match self.peek() {
+                None => Ok(()),
+                Some(_) => Err(self.err("trailing characters")),
+            }
+        }
+
+        /// A member's key and its colon; returns the key's text.
+        fn member_key(&mut self) -> Result<&'a str, String> {
+            self.ws();
+            let key = self.string()?;
+            self.ws();
+            self.eat(b':', "expected ':'")?;
+            Ok(key)
+        }
+
+        fn string(&mut self) -> Result<&'a str, String> {
+            let start = self.pos;
+            self.eat(b'"', "expected a string")?;
+            loop {
+                match self.peek() {
+                    None => return Err(self.err("unterminated string")),
+                    Some(b'"') => {
+                        self.pos += 1;
+                        return Ok(&self.text[start..self.pos]);
+                    }
+                    Some(b'\\') => {
+                        self.pos += 1;
+                        match self.peek() {
+                            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                                self.pos += 1
+                            }
+                            Some(b'u') => {
+                                self.pos += 1;
+                                for _ in 0..4 {
+                                    if !self.peek().is_some_and(|c| c.is_ascii_hexdigit()) {
+                                        return Err(self.err("bad \\u escape"));
+                                    }
+                                    self.pos += 1;
+                                }
+                            }
+                            _ => return Err(self.err("bad escape")),
+                        }
+                    }
+                    Some(0..=0x1f) => return Err(self.err("control character in a string")),
+                    Some(_) => self.pos += 1,
+                }
+            }
+        }
+
+        fn digits(&mut self) -> usize {
+            let start = self.pos;
+            while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+                self.pos += 1;
+            }
+            self.pos - start
+        }
+
+        fn number(&mut self) -> Result<(), String> {
+            if self.peek() == Some(b'-') {
+                self.pos += 1;
+            }
+            match self.peek() {
+                Some(b'0') => self.pos += 1,
+                Some(b'1'..=b'9') => {
+                    self.digits();
+                }
+                _ => return Err(self.err("expected a digit")),
+            }
+            if self.peek() == Some(b'.') {
+                self.pos += 1;
+                if self.digits() == 0 {
+                    return Err(self.err("expected a digit after '.'"));
+                }
+            }
+            if matches!(self.peek(), Some(b'e' | b'E')) {
+                self.pos += 1;
+                if matches!(self.peek(), Some(b'+' | b'-')) {
+                    self.pos += 1;
+                }
+                if self.digits() == 0 {
+                    return Err(self.err("expected a digit in the exponent"));
+                }
+            }
+            Ok(())
+        }
+
+        fn literal(&mut self, word: &str) -> Result<(), String> {
+            if self.text.as_bytes()[self.pos..].starts_with(word.as_bytes()) {
+                self.pos += word.len();
+                Ok(())
+            } else {
+                Err(self.err("expected a value"))
+            }
+        }
+
+        /// Checks one value of any depth and returns its text. Open arrays and objects are
+        /// kept on `open` (the bracket that closes each), not on the call stack.
+        fn value(&mut self) -> Result<&'a str, String> {
+            self.ws();
+            let start = self.pos;
+            let mut open: Vec<u8> = Vec::new();
+            loop {
+                // A value starts here.
+                self.ws();
+                match self.peek() {
+                    Some(b'{') => {
+                        self.pos += 1;
+                        self.ws();
+                        if self.peek() == Some(b'}') {
+                            self.pos += 1;
+                        } else {
+                            open.push(b'}');
+                            self.member_key()?;
+                            continue;
+                        }
+                    }
+                    Some(b'[') => {
+                        self.pos += 1;
+                        self.ws();
+                        if self.peek() == Some(b']') {
+                            self.pos += 1;
+                        } else {
+                            open.push(b']');
+                            continue;
+                        }
+                    }
+                    Some(b'"') => {
+                        self.string()?;
+                    }
+                    Some(b'-' | b'0'..=b'9') => self.number()?,
+                    Some(b't') => self.literal("true")?,
+                    Some(b'f') => self.literal("false")?,
+                    Some(b'n') => self.literal("null")?,
+                    _ => return Err(self.err("expected a value")),
+                }
+                // A value ended: close what it ends, or go on to the next one.
+                loop {
+                    let Some(&close) = open.last() else {
+                        return Ok(&self.text[start..self.pos]);
+                    };
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => {
+                            self.pos += 1;
+                            if close == b'}' {
+                                self.member_key()?;
+                            }
+                            break;
+                        }
+                        Some(c) if c == close => {
+                            self.pos += 1;
+                            open.pop();
+                        }
+                        _ => {
+                            return Err(self.err(if close == b'}' {
+                                "expected ',' or '}'"
+                            } else {
+                                "expected ',' or ']'"
+                            }))
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `status` of a result (contract).
@@ -525,6 +889,153 @@ mod tests {
             many.join(",")
         ))
         .contains("101 items"));
+    }
+
+    fn nested(depth: usize, inner: &str) -> String {
+        format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_invalid_not_garbage() {
+        assert!(invalid_detail(
+            r#"{"type":"order_created","order_id":"A1","items":[{"product_id":1e400,"quantity":1}]}"#
+        )
+        .contains("product_id"));
+        assert!(invalid_detail(
+            r#"{"type":"order_created","order_id":"A1","items":[{"product_id":1,"quantity":-1e400}]}"#
+        )
+        .contains("quantity"));
+        assert!(invalid_detail(
+            r#"{"type":"order_created","order_id":"A1","items":[{"product_id":1,"quantity":1E2}]}"#
+        )
+        .contains("quantity"));
+        // An unknown field is ignored, whatever number it holds.
+        assert!(matches!(
+            parse_order_event(
+                br#"{"n":1e400,"type":"order_created","order_id":"A1","items":[{"product_id":1,"quantity":1,"w":-1e999}]}"#
+            ),
+            Parsed::Valid(_)
+        ));
+    }
+
+    #[test]
+    fn deep_nesting_is_judged_where_it_is() {
+        let deep = nested(10_000, "1");
+        assert!(invalid_detail(&format!(
+            r#"{{"type":"order_created","order_id":"A1","items":{deep}}}"#
+        ))
+        .contains("product_id"));
+        assert!(invalid_detail(&format!(
+            r#"{{"type":"order_created","order_id":"A1","items":[{{"product_id":{deep},"quantity":1}}]}}"#
+        ))
+        .contains("product_id"));
+        // In unknown fields (of the event or of an item) it is ignored, however deep:
+        // no recursion, so a million levels cost no stack.
+        let very_deep = nested(1_000_000, "{}");
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(100_000), "}".repeat(100_000));
+        let created = format!(
+            r#"{{"x":{very_deep},"type":"order_created","order_id":"A1","items":[{{"product_id":1,"z":{objects},"quantity":2}}],"y":{objects}}}"#
+        );
+        assert_eq!(
+            parse_order_event(created.as_bytes()),
+            Parsed::Valid(OrderEvent::Created {
+                order_id: "A1".into(),
+                items: vec![Item {
+                    product_id: 1,
+                    quantity: 2
+                }]
+            })
+        );
+        let paid = format!(r#"{{"type":"order_paid","order_id":"A1","x":{deep}}}"#);
+        assert!(matches!(
+            parse_order_event(paid.as_bytes()),
+            Parsed::Valid(OrderEvent::Paid { .. })
+        ));
+        // A readable start does not make the rest JSON.
+        let cut = format!(
+            r#"{{"type":"order_created","order_id":"A1","items":{}"#,
+            "[".repeat(10_000)
+        );
+        assert!(
+            matches!(parse_order_event(cut.as_bytes()), Parsed::Garbage(r) if r.starts_with("not JSON"))
+        );
+        let unbalanced = format!(
+            r#"{{"type":"order_paid","order_id":"A1","x":{}}}"#,
+            "[".repeat(3) + "}}}"
+        );
+        assert!(
+            matches!(parse_order_event(unbalanced.as_bytes()), Parsed::Garbage(r) if r.starts_with("not JSON"))
+        );
+    }
+
+    #[test]
+    fn only_json_is_read() {
+        for bytes in [
+            &br#"{"type":"order_paid","order_id":"A1",}"#[..],
+            br#"{"type":"order_paid","order_id":"A1"} x"#,
+            br#"{"type":"order_paid","order_id":"A1","x":[1 2]}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":01}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":1.}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":.5}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":tru}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":"\q"}"#,
+            br#"{"type":"order_paid","order_id":"A1","x":"\u12"}"#,
+            b"{\"type\":\"order_paid\",\"order_id\":\"A\x011\"}",
+            br#"{"type":"order_paid" "order_id":"A1"}"#,
+            br#"{"type":"order_paid","order_id":"A1""#,
+            br#"{"type":"order_paid","order_id":"A1","x":[}"#,
+            br#"{'type':'order_paid'}"#,
+            b"{\"type\":\"order_paid\",\"order_id\":\"A\xff\"}",
+            b"",
+        ] {
+            match parse_order_event(bytes) {
+                Parsed::Garbage(r) => assert!(r.starts_with("not JSON"), "{bytes:?}: {r}"),
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(bytes)),
+            }
+        }
+        for bytes in [&b"[1,2]"[..], b" 17 ", b"\"x\"", b"null", b"[[[[]]]]"] {
+            assert_eq!(
+                parse_order_event(bytes),
+                Parsed::Garbage("not a JSON object".into())
+            );
+        }
+    }
+
+    #[test]
+    fn keys_and_ids_are_decoded_like_json() {
+        // Escapes in keys and values; of a key given twice the last counts.
+        assert_eq!(
+            parse_order_event(
+                br#" { "\u0074ype" : "order_paid", "order_id":"x", "order_id" : "A\u002d1" } "#
+            ),
+            Parsed::Valid(OrderEvent::Paid {
+                order_id: "A-1".into()
+            })
+        );
+        assert_eq!(
+            parse_order_event(br#"{"type":"order_paid","order_id":"A\n1"}"#),
+            Parsed::Invalid {
+                kind: EventType::Paid,
+                order_id: "A\n1".into(),
+                detail: "order_id contains '\\n'".into()
+            }
+        );
+        // Readable means at most 1,024 bytes (contract), not characters.
+        let two_byte = |n: usize| "é".repeat(n);
+        let at_limit = format!(r#"{{"type":"order_paid","order_id":"{}"}}"#, two_byte(512));
+        assert!(matches!(
+            parse_order_event(at_limit.as_bytes()),
+            Parsed::Invalid { .. }
+        ));
+        let over = format!(r#"{{"type":"order_paid","order_id":"{}"}}"#, two_byte(513));
+        assert!(matches!(
+            parse_order_event(over.as_bytes()),
+            Parsed::Garbage(_)
+        ));
+        assert_eq!(
+            parse_order_event(br#"{"type":["order_paid"],"order_id":"A1"}"#),
+            Parsed::Garbage("no type".into())
+        );
     }
 
     #[test]

@@ -7,15 +7,20 @@
 //! what was stored; [`commit_final`] commits synchronously at shutdown.
 
 use crate::config::{BatchArgs, KafkaArgs};
+use futures::channel::oneshot::Canceled;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -230,7 +235,28 @@ pub struct OutMessage {
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// A dead letter: when it is too large to be sent whole, it is sent cut to fit
+    /// ([`OutMessage::truncated`]) rather than retried for ever.
+    dead_letter: bool,
 }
+
+/// Header of a dead letter sent cut: `true`.
+pub const DLQ_TRUNCATED: &str = "dlq.truncated";
+/// Header of a dead letter sent cut: the original payload's size in bytes (decimal).
+pub const DLQ_ORIGINAL_SIZE: &str = "dlq.original.size";
+/// Header of a dead letter sent cut: the SHA-256 of the original payload (lowercase hex).
+pub const DLQ_ORIGINAL_SHA256: &str = "dlq.original.sha256";
+/// Header of a dead letter whose key had to be cut too: the original key's size.
+pub const DLQ_ORIGINAL_KEY_SIZE: &str = "dlq.original.key.size";
+/// Longest key a cut dead letter keeps (a readable order id is at most 1,024 bytes).
+const DLQ_MAX_KEY: usize = 1024;
+/// What librdkafka adds to key, value and headers when it checks a record against
+/// `message.max.bytes` (`RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`, 36 bytes), with room to spare.
+const RECORD_OVERHEAD: usize = 64;
+/// Per header: its two length varints, at most 5 bytes each.
+const HEADER_OVERHEAD: usize = 10;
+/// librdkafka's default `message.max.bytes`, for a client whose setting cannot be read.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
 impl OutMessage {
     /// Ready-made bytes keyed by `key`, without headers.
@@ -240,6 +266,7 @@ impl OutMessage {
             key: key.into_bytes(),
             payload,
             headers: Vec::new(),
+            dead_letter: false,
         }
     }
 
@@ -253,6 +280,12 @@ impl OutMessage {
     /// A dead letter for `source`: its key and bytes unchanged, the reason and origin in
     /// headers (`dlq.reason`, `dlq.source.topic`, `dlq.source.partition`,
     /// `dlq.source.offset`, `dlq.worker`).
+    ///
+    /// A message that fitted its own topic may not fit the dead-letter topic once the
+    /// headers are added (the client's `message.max.bytes`), or at all (a smaller
+    /// `max.message.bytes` on the dead-letter topic). Publishing then sends it cut to fit
+    /// ([`OutMessage::truncated`]): it is still dead-lettered, with its origin, and the
+    /// worker goes on.
     pub fn dead_letter(dlq_topic: &str, source: &OwnedMessage, reason: &str, worker: &str) -> Self {
         OutMessage {
             topic: dlq_topic.to_owned(),
@@ -271,7 +304,56 @@ impl OutMessage {
                 ),
                 ("dlq.worker", worker.as_bytes().to_vec()),
             ],
+            dead_letter: true,
         }
+    }
+
+    /// Whether this is a dead letter (which may be sent cut to fit).
+    pub fn is_dead_letter(&self) -> bool {
+        self.dead_letter
+    }
+
+    /// This dead letter with its payload cut to at most `max_payload` bytes (and its key
+    /// to [`DLQ_MAX_KEY`]), marked [`DLQ_TRUNCATED`], with the original payload's size and
+    /// SHA-256 in headers, so that an operator knows what is missing and can match it
+    /// against the source message (whose origin headers are kept).
+    pub fn truncated(&self, max_payload: usize) -> OutMessage {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(&self.payload);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let mut headers = self.headers.clone();
+        headers.push((DLQ_TRUNCATED, b"true".to_vec()));
+        headers.push((
+            DLQ_ORIGINAL_SIZE,
+            self.payload.len().to_string().into_bytes(),
+        ));
+        headers.push((DLQ_ORIGINAL_SHA256, hex.into_bytes()));
+        if self.key.len() > DLQ_MAX_KEY {
+            headers.push((
+                DLQ_ORIGINAL_KEY_SIZE,
+                self.key.len().to_string().into_bytes(),
+            ));
+        }
+        OutMessage {
+            topic: self.topic.clone(),
+            key: self.key[..self.key.len().min(DLQ_MAX_KEY)].to_vec(),
+            payload: self.payload[..self.payload.len().min(max_payload)].to_vec(),
+            headers,
+            dead_letter: true,
+        }
+    }
+
+    /// The most payload a cut copy of this dead letter can carry within a client's
+    /// `message.max.bytes`: what librdkafka counts of a record is its key, value,
+    /// serialized headers and a fixed framing.
+    fn payload_budget(&self, max_message_bytes: usize) -> usize {
+        let frame = self.truncated(0);
+        let headers: usize = frame
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
+            .sum();
+        max_message_bytes.saturating_sub(RECORD_OVERHEAD + frame.key.len() + headers)
     }
 
     fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
@@ -295,6 +377,7 @@ impl OutMessage {
 /// Publishes every message and waits for all delivery reports. A failed delivery is sent
 /// again (consumers of every topic are idempotent, so a duplicate is harmless) with capped
 /// exponential backoff: 100 ms doubling to 5 s, for as long as it takes, each retry logged.
+/// A dead letter too large to be sent whole is sent cut to fit instead ([`enqueue`]).
 /// Returns only when all are acknowledged, on shutdown ([`KafkaStepError::Interrupted`]),
 /// or on a fatal producer error.
 pub async fn publish_all(
@@ -305,7 +388,7 @@ pub async fn publish_all(
     let mut pending: Vec<usize> = (0..msgs.len()).collect();
     let mut delay = Duration::from_millis(100);
     loop {
-        let mut futures: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(pending.len());
+        let mut futures: Vec<(usize, Delivery)> = Vec::with_capacity(pending.len());
         for &i in &pending {
             futures.push((i, enqueue(producer, &msgs[i], shutdown).await?));
         }
@@ -342,7 +425,7 @@ pub async fn enqueue_all(
     producer: &FutureProducer,
     msgs: &[OutMessage],
     shutdown: &CancellationToken,
-) -> Result<Vec<DeliveryFuture>, KafkaStepError> {
+) -> Result<Vec<Delivery>, KafkaStepError> {
     let mut futures = Vec::with_capacity(msgs.len());
     for m in msgs {
         futures.push(enqueue(producer, m, shutdown).await?);
@@ -428,7 +511,7 @@ impl InFlight {
     }
 
     /// Adds a batch whose output is enqueued.
-    pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<DeliveryFuture>) {
+    pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<Delivery>) {
         let waiter = tokio::spawn(async move {
             for d in deliveries {
                 match d.await {
@@ -480,33 +563,220 @@ impl InFlight {
     }
 }
 
-/// Puts one message in the producer's queue, waiting while the queue is full.
+/// The delivery report of one enqueued message: what `DeliveryFuture` resolves to. For a
+/// dead letter it resolves only after the copy actually written (whole or cut to fit) has
+/// its report: a dead letter the broker refuses as too large (`MessageSizeTooLarge`,
+/// `MessageBatchTooLarge`, e.g. a dead-letter topic with a smaller `max.message.bytes`) is
+/// sent again with half the payload, and so on down to none, each retry logged; the
+/// broker's limit is not known to the client, and at most about 20 halvings reach an
+/// empty payload. Dead letters sharing a refused record batch are all cut, even one that
+/// alone would have fitted; each still says how large it was.
+pub struct Delivery(DeliveryKind);
+
+enum DeliveryKind {
+    Plain(DeliveryFuture),
+    DeadLetter(futures::future::BoxFuture<'static, Result<OwnedDeliveryResult, Canceled>>),
+}
+
+impl Future for Delivery {
+    type Output = Result<OwnedDeliveryResult, Canceled>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            DeliveryKind::Plain(f) => Pin::new(f).poll(cx),
+            DeliveryKind::DeadLetter(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Why one message could not be put in the queue.
+enum EnqueueError {
+    /// The client refuses it as larger than its `message.max.bytes`: permanent.
+    TooLarge,
+    Step(KafkaStepError),
+}
+
+/// Whether a delivery error says the message (or its batch) is too large for the broker.
+fn too_large(e: &KafkaError) -> bool {
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
+}
+
+/// Puts one message in the producer's queue, waiting while the queue is full. A dead
+/// letter larger than the client's `message.max.bytes` is cut to fit it; any other message
+/// that large is a fatal error (retrying could not help).
 async fn enqueue(
     producer: &FutureProducer,
     msg: &OutMessage,
     shutdown: &CancellationToken,
-) -> Result<DeliveryFuture, KafkaStepError> {
+) -> Result<Delivery, KafkaStepError> {
+    if !msg.dead_letter {
+        return match send(producer, msg, shutdown).await {
+            Ok(f) => Ok(Delivery(DeliveryKind::Plain(f))),
+            Err(EnqueueError::TooLarge) => Err(KafkaStepError::Fatal(format!(
+                "a {}-byte message for {} is over the client's message.max.bytes",
+                msg.payload.len(),
+                msg.topic
+            ))),
+            Err(EnqueueError::Step(e)) => Err(e),
+        };
+    }
+    let (first, sent) = send_dead_letter(producer, msg, None, shutdown).await?;
+    let producer = producer.clone();
+    let letter = msg.clone();
+    let shutdown = shutdown.clone();
+    Ok(Delivery(DeliveryKind::DeadLetter(Box::pin(async move {
+        let mut pending = first;
+        let mut sent = sent;
+        loop {
+            match pending.await? {
+                Err((e, m)) if too_large(&e) && sent > 0 => {
+                    let max = sent / 2;
+                    tracing::warn!(
+                        topic = %letter.topic,
+                        original_bytes = letter.payload.len(),
+                        refused_bytes = sent,
+                        retry_bytes = max,
+                        error = %e,
+                        "dead letter refused by the broker as too large; sending it cut"
+                    );
+                    match send_dead_letter(&producer, &letter, Some(max), &shutdown).await {
+                        Ok((f, n)) => {
+                            pending = f;
+                            sent = n;
+                        }
+                        // Shutdown or a fatal error: report the refusal; nothing of this
+                        // batch is stored, so it is read again after a restart.
+                        Err(_) => return Ok(Err((e, m))),
+                    }
+                }
+                report => return Ok(report),
+            }
+        }
+    }))))
+}
+
+/// Sends `letter` whole (`max_payload` None) or cut to `max_payload` bytes; if the client
+/// refuses it as too large, cut to what its `message.max.bytes` leaves for the payload,
+/// then halved until it fits. Returns the delivery future and the payload bytes sent.
+async fn send_dead_letter(
+    producer: &FutureProducer,
+    letter: &OutMessage,
+    max_payload: Option<usize>,
+    shutdown: &CancellationToken,
+) -> Result<(DeliveryFuture, usize), KafkaStepError> {
+    let mut max_payload = max_payload;
+    loop {
+        let cut;
+        let attempt = match max_payload {
+            None => letter,
+            Some(max) => {
+                cut = letter.truncated(max);
+                &cut
+            }
+        };
+        match send(producer, attempt, shutdown).await {
+            Ok(f) => return Ok((f, attempt.payload.len())),
+            Err(EnqueueError::Step(e)) => return Err(e),
+            Err(EnqueueError::TooLarge) => {
+                let next = match max_payload {
+                    None => {
+                        let limit =
+                            max_message_bytes(producer).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+                        letter.payload_budget(limit)
+                    }
+                    Some(0) => {
+                        return Err(KafkaStepError::Fatal(format!(
+                            "a dead letter for {} is over the client's message.max.bytes even without its payload",
+                            letter.topic
+                        )))
+                    }
+                    Some(max) => max / 2,
+                };
+                tracing::warn!(
+                    topic = %letter.topic,
+                    original_bytes = letter.payload.len(),
+                    retry_bytes = next,
+                    "dead letter over the client's message.max.bytes; sending it cut"
+                );
+                max_payload = Some(next);
+            }
+        }
+    }
+}
+
+/// Puts one message in the producer's queue, waiting while the queue is full and retrying
+/// transient refusals every 200 ms until shutdown.
+async fn send(
+    producer: &FutureProducer,
+    msg: &OutMessage,
+    shutdown: &CancellationToken,
+) -> Result<DeliveryFuture, EnqueueError> {
     loop {
         match producer.send_result(msg.record()) {
             Ok(f) => return Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 if shutdown.is_cancelled() && producer.in_flight_count() == 0 {
-                    return Err(KafkaStepError::Interrupted);
+                    return Err(EnqueueError::Step(KafkaStepError::Interrupted));
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                return Err(EnqueueError::TooLarge)
+            }
             Err((e, _)) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
-                    return Err(KafkaStepError::Fatal(format!("{code:?}: {reason}")));
+                    return Err(EnqueueError::Step(KafkaStepError::Fatal(format!(
+                        "{code:?}: {reason}"
+                    ))));
                 }
                 tracing::warn!(topic = %msg.topic, error = %e, "cannot enqueue message; retrying");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Err(KafkaStepError::Interrupted),
+                    _ = shutdown.cancelled() => return Err(EnqueueError::Step(KafkaStepError::Interrupted)),
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
         }
     }
+}
+
+/// The effective `message.max.bytes` of `producer`: the user's setting or librdkafka's
+/// default, read back from the live client (rdkafka keeps no copy of the settings a
+/// client was built from, and `--kafka-option` may have changed it).
+fn max_message_bytes(producer: &FutureProducer) -> Option<usize> {
+    use rdkafka::bindings::{rd_kafka_conf, rd_kafka_conf_get};
+    use rdkafka::types::RDKafkaConfRes;
+    let mut buf = [0 as std::ffi::c_char; 32];
+    let mut len = buf.len();
+    // SAFETY: `native_ptr` is the live rd_kafka_t of `producer`, borrowed for this call;
+    // `rd_kafka_conf` returns that instance's own configuration (valid while it lives, never
+    // freed by the caller); `rd_kafka_conf_get` writes at most `len` bytes, NUL-terminated,
+    // into `buf`, and takes a NUL-terminated name.
+    let res = unsafe {
+        let conf = rd_kafka_conf(producer.client().native_ptr());
+        if conf.is_null() {
+            return None;
+        }
+        rd_kafka_conf_get(
+            conf,
+            c"message.max.bytes".as_ptr(),
+            buf.as_mut_ptr(),
+            &mut len,
+        )
+    };
+    if res != RDKafkaConfRes::RD_KAFKA_CONF_OK {
+        return None;
+    }
+    let text: String = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    text.trim().parse().ok()
 }
 
 /// Waits for the producer's queue to drain, for shutdown.
@@ -601,4 +871,105 @@ pub async fn read_to_end(
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn source(payload: Vec<u8>, key: Vec<u8>) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(payload),
+            Some(key),
+            "orders".into(),
+            Timestamp::NotAvailable,
+            3,
+            17,
+            None,
+        )
+    }
+
+    fn header<'a>(m: &'a OutMessage, key: &str) -> Option<&'a [u8]> {
+        m.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| &v[..])
+    }
+
+    #[test]
+    fn a_cut_dead_letter_says_what_is_missing() {
+        let dl = OutMessage::dead_letter(
+            "dlq",
+            &source(b"abcdef".to_vec(), b"k".to_vec()),
+            "bad",
+            "producer",
+        );
+        assert!(dl.is_dead_letter());
+        assert!(!OutMessage::keyed("t", "k".into(), vec![]).is_dead_letter());
+        assert_eq!(header(&dl, DLQ_TRUNCATED), None);
+        let cut = dl.truncated(4);
+        assert!(cut.is_dead_letter());
+        assert_eq!(cut.payload, b"abcd");
+        assert_eq!(cut.key, b"k");
+        assert_eq!(header(&cut, DLQ_TRUNCATED), Some(&b"true"[..]));
+        assert_eq!(header(&cut, DLQ_ORIGINAL_SIZE), Some(&b"6"[..]));
+        // sha256("abcdef")
+        assert_eq!(
+            header(&cut, DLQ_ORIGINAL_SHA256),
+            Some(&b"bef57ec7f53a6d40beb640a780a639c83bc29ac8a9816f1fc6c5c6dcd93c4721"[..])
+        );
+        assert_eq!(header(&cut, "dlq.source.topic"), Some(&b"orders"[..]));
+        assert_eq!(header(&cut, "dlq.source.partition"), Some(&b"3"[..]));
+        assert_eq!(header(&cut, "dlq.source.offset"), Some(&b"17"[..]));
+        assert_eq!(header(&cut, DLQ_ORIGINAL_KEY_SIZE), None);
+        assert_eq!(dl.truncated(100).payload, b"abcdef");
+    }
+
+    #[test]
+    fn a_huge_key_is_cut_too() {
+        let dl = OutMessage::dead_letter(
+            "dlq",
+            &source(vec![1; 10], vec![b'k'; 5000]),
+            "bad",
+            "consumer",
+        );
+        let cut = dl.truncated(0);
+        assert_eq!(cut.key.len(), DLQ_MAX_KEY);
+        assert_eq!(header(&cut, DLQ_ORIGINAL_KEY_SIZE), Some(&b"5000"[..]));
+    }
+
+    #[test]
+    fn the_payload_budget_leaves_room_for_key_and_headers() {
+        let dl = OutMessage::dead_letter(
+            "dlq",
+            &source(vec![7; 2_000_000], b"key".to_vec()),
+            "not JSON",
+            "producer",
+        );
+        let budget = dl.payload_budget(1_000_000);
+        let cut = dl.truncated(budget);
+        let headers: usize = cut.headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        // librdkafka's own count: framing of at most 36 bytes, key, value, headers.
+        assert!(36 + cut.key.len() + cut.payload.len() + headers <= 1_000_000);
+        assert!(budget > 999_000, "{budget}");
+        assert_eq!(dl.payload_budget(100), 0);
+    }
+
+    #[test]
+    fn the_client_limit_is_read_from_the_live_client() {
+        let args = KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            options: vec![],
+        };
+        let p = producer(&args).expect("producer");
+        assert_eq!(max_message_bytes(&p), Some(1_000_000));
+        let args = KafkaArgs {
+            options: vec!["message.max.bytes=123456".into()],
+            ..args
+        };
+        let p = producer(&args).expect("producer");
+        assert_eq!(max_message_bytes(&p), Some(123_456));
+    }
 }

@@ -554,3 +554,48 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((code, body))
 }
+
+/// Sets `key=value` on `topic` (e.g. `max.message.bytes`, to make a topic accept larger or
+/// smaller messages than the broker's default). Replaces the topic's other overrides,
+/// which test topics do not have.
+pub async fn set_topic_config(kafka: &KafkaArgs, topic: &str, settings: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = stock_common::kafka::client_config(kafka)
+        .create()
+        .expect("admin client");
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in settings {
+        change = change.set(k, v);
+    }
+    for r in admin
+        .alter_configs(&[change], &AdminOptions::new())
+        .await
+        .expect("alter configs")
+    {
+        r.unwrap_or_else(|e| panic!("cannot set {settings:?} on {topic}: {e:?}"));
+    }
+}
+
+/// The SHA-256 of `bytes` in lowercase hex, computed by the system's `sha256sum`, so that
+/// a test checks the pipeline's digests against an implementation it does not share.
+pub fn sha256sum(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
