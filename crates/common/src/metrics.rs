@@ -121,12 +121,7 @@ impl Metrics {
             registry.register(c)?;
         }
         // Known label values start at zero, so dashboards see them before the first event.
-        for cause in [
-            "redis",
-            "redis_unloaded",
-            "database",
-            "conflict",
-        ] {
+        for cause in ["redis", "redis_unloaded", "database", "conflict"] {
             retries.with_label_values(&[cause]);
         }
         for stage in ["issued", "restored"] {

@@ -443,7 +443,10 @@ impl RedisStore {
         Ok(out)
     }
 
-    async fn restore_chunk(&self, reqs: &[Compensation]) -> Result<Vec<RestoreOutcome>, StoreError> {
+    async fn restore_chunk(
+        &self,
+        reqs: &[Compensation],
+    ) -> Result<Vec<RestoreOutcome>, StoreError> {
         if reqs.is_empty() {
             return Ok(Vec::new());
         }

@@ -110,7 +110,11 @@ async fn replay_after_the_order_memory_expired_changes_nothing() {
     workers.stop().await;
 
     let outcomes = collector.snapshot();
-    assert!(conflicting(&outcomes).is_empty(), "{:?}", conflicting(&outcomes));
+    assert!(
+        conflicting(&outcomes).is_empty(),
+        "{:?}",
+        conflicting(&outcomes)
+    );
     for id in &held {
         assert_eq!(outcomes[id][0], StockResult::reserved(id));
     }
@@ -176,12 +180,20 @@ async fn rebuild_fences_out_decisions_taken_before_it() {
         .await;
     let all: HashSet<String> = ["late-1", "late-2", "late-x"].map(String::from).into();
     assert!(collector.wait_for(&all, 1, WAIT).await);
-    assert!(collector.wait_for(&["late-x".to_owned()].into(), 2, WAIT).await);
+    assert!(
+        collector
+            .wait_for(&["late-x".to_owned()].into(), 2, WAIT)
+            .await
+    );
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;
 
     let outcomes = collector.snapshot();
-    assert!(conflicting(&outcomes).is_empty(), "{:?}", conflicting(&outcomes));
+    assert!(
+        conflicting(&outcomes).is_empty(),
+        "{:?}",
+        conflicting(&outcomes)
+    );
     assert_eq!(outcomes["late-1"][0], StockResult::reserved("late-1"));
     assert_eq!(outcomes["late-2"][0], StockResult::reserved("late-2"));
     assert_eq!(outcomes["late-x"][0].status, Status::Rejected);
@@ -307,7 +319,10 @@ async fn a_refusing_database_never_drops_a_decided_order() {
     assert!(collector.wait_for(&one, 1, WAIT).await);
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;
-    assert_eq!(collector.snapshot()["kept"][0], StockResult::reserved("kept"));
+    assert_eq!(
+        collector.snapshot()["kept"][0],
+        StockResult::reserved("kept")
+    );
     assert_eq!(env.stock_row(3).await.available, 6);
     env.assert_invariants(&[3]).await;
     collector.stop().await;
@@ -326,8 +341,7 @@ async fn a_corrupt_stock_key_stops_only_its_product_and_can_be_repaired() {
     let mut pargs = env.producer_args("producer");
     pargs.metrics.addr = Some(format!("127.0.0.1:{port}"));
     let collector = env.collector();
-    let workers =
-        stock_e2e::Workers::start_with(&pargs, &env.consumer_args("consumer")).await;
+    let workers = stock_e2e::Workers::start_with(&pargs, &env.consumer_args("consumer")).await;
     env.send_orders(vec![
         ("bad".into(), created("bad", &[item(10, 1)])),
         ("good".into(), created("good", &[item(11, 1)])),
@@ -355,8 +369,7 @@ async fn a_corrupt_stock_key_stops_only_its_product_and_can_be_repaired() {
     assert!(r.clean(), "{r:?}");
     assert_eq!(env.redis_stock(10).await, Some(5));
     assert!(
-        wait_until(|| async { http_get(port, "/readyz").await.map(|r| r.0) == Some(200) })
-            .await
+        wait_until(|| async { http_get(port, "/readyz").await.map(|r| r.0) == Some(200) }).await
     );
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;

@@ -2,8 +2,8 @@
 
 use stock_common::config::Topics;
 use stock_common::events::{
-    parse_order_event, Compensation, CompensationCause, DeductCommand, EventType, OrderEvent, Parsed, Reason, Status,
-    StockResult, INTERNAL_VERSION,
+    parse_order_event, Compensation, CompensationCause, DeductCommand, EventType, OrderEvent,
+    Parsed, Reason, Status, StockResult, INTERNAL_VERSION,
 };
 use stock_common::redis_store::ReserveRequest;
 

@@ -305,7 +305,12 @@ impl Worker {
                         if let Ok(mut keys) = self.corrupt_keys.lock() {
                             keys.insert(key);
                         }
-                        out.push(OutMessage::dead_letter(&self.topics.dlq, m, &reason, WORKER));
+                        out.push(OutMessage::dead_letter(
+                            &self.topics.dlq,
+                            m,
+                            &reason,
+                            WORKER,
+                        ));
                         summary.dead_letters += 1;
                     }
                     _ => {

@@ -430,8 +430,7 @@ pub async fn restock_postgres(
 ) -> Result<Step, AdminError> {
     let mut tx = pool.begin().await?;
     let gen = stock_consumer::store::read_gen(&mut tx).await?;
-    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity, gen).await
-    {
+    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity, gen).await {
         Ok(true) => {
             tx.commit().await?;
             Ok(Step::Applied)
@@ -520,7 +519,15 @@ pub async fn set_stock_with_request(
         } else if req.expired {
             Step::Expired
         } else {
-            give_to_redis(pool, store, product_id, req.available_delta, request_id, req.gen).await?
+            give_to_redis(
+                pool,
+                store,
+                product_id,
+                req.available_delta,
+                request_id,
+                req.gen,
+            )
+            .await?
         };
         let row = current_row(pool, product_id).await?;
         return Ok(change(req.available_delta, Step::Already, redis, row));
@@ -658,7 +665,10 @@ async fn decrease_postgres(
     let gen = stock_consumer::store::read_gen(&mut tx).await?;
     // Redis gave the stock in its current generation; if PostgreSQL answers to another one,
     // a rebuild loaded Redis from a snapshot without this decrease: take it there again.
-    let redis_gen = store.generation().await.map_err(|e| PgFailure::Redis(e.to_string()))?;
+    let redis_gen = store
+        .generation()
+        .await
+        .map_err(|e| PgFailure::Redis(e.to_string()))?;
     if redis_gen != Some(gen) {
         return Err(PgFailure::Regenerated);
     }
@@ -693,7 +703,9 @@ async fn finish_decrease(
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 take_from_redis(store, product_id, delta, request_id).await?;
             }
-            other => return finish_decrease_answer(store, product_id, delta, request_id, other).await,
+            other => {
+                return finish_decrease_answer(store, product_id, delta, request_id, other).await
+            }
         }
     }
     Err(AdminError::Interrupted {
@@ -956,13 +968,19 @@ impl Level {
 async fn redis_levels(store: &RedisStore, ids: &[i64]) -> Result<Vec<Level>, AdminError> {
     let mut levels = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(1000) {
-        levels.extend(store.stock_raw(chunk).await?.into_iter().map(|raw| match raw {
-            None => Level::Missing,
-            Some(v) => match v.parse() {
-                Ok(n) if stock_common::redis_store::is_stock_integer(&v) => Level::Int(n),
-                _ => Level::Corrupt(v),
-            },
-        }));
+        levels.extend(
+            store
+                .stock_raw(chunk)
+                .await?
+                .into_iter()
+                .map(|raw| match raw {
+                    None => Level::Missing,
+                    Some(v) => match v.parse() {
+                        Ok(n) if stock_common::redis_store::is_stock_integer(&v) => Level::Int(n),
+                        _ => Level::Corrupt(v),
+                    },
+                }),
+        );
     }
     Ok(levels)
 }
