@@ -326,6 +326,10 @@ impl Worker {
 }
 
 impl kafka::BatchStep for Worker {
+    fn name(&self) -> &'static str {
+        WORKER
+    }
+
     fn step<'a>(
         &'a self,
         msgs: &'a [OwnedMessage],
