@@ -3,7 +3,8 @@
 //! Each test starts the worker under test as a process with `FAILPOINTS=<name>=1*return`
 //! (abort at the first hit, like `kill -9` there), the other worker as usual, and sends a
 //! small load with scarce stock (plus pays and cancels, or a short reservation TTL for the
-//! sweeper's windows). Once the worker has died at the point, it is restarted without
+//! sweeper's windows; for restore.lua's window the producer starts with only the sweeper's
+//! compensations waiting). Once the worker has died at the point, it is restarted without
 //! failpoints; when every order has its outcomes and the pipeline is idle, the test checks:
 //! * the process died by the failpoint's abort (SIGABRT, and its log names the point);
 //! * every `order_created` has exactly one distinct outcome, and every result that came
@@ -32,6 +33,9 @@ const CRASH_DEADLINE: Duration = Duration::from_secs(60);
 static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 /// Reservation TTL of the sweeper tests (the sweeper runs every second).
 const SHORT_TTL: &str = "2s";
+/// Reservation TTL while the producer is to be stopped before the releases: time enough
+/// for every order's outcome and a clean stop.
+const STOP_TTL: &str = "6s";
 
 /// What the load asks besides `order_created`.
 #[derive(Clone, Copy, PartialEq)]
@@ -40,6 +44,17 @@ enum Load {
     PayAndCancel,
     /// A quarter of the orders paid; every other reservation expires after [`SHORT_TTL`].
     Expiry,
+    /// Orders only; the producer is stopped once they are answered, every reservation
+    /// expires (after [`STOP_TTL`]) meanwhile, and the victim producer starts with the
+    /// sweeper's compensations waiting: its first batch runs restore.lua.
+    Compensations,
+}
+
+impl Load {
+    /// Whether every reservation not paid is released by the sweeper.
+    fn expires(self) -> bool {
+        matches!(self, Load::Expiry | Load::Compensations)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -75,6 +90,7 @@ fn orders(load: Load) -> (Vec<Order>, Vec<(String, Vec<u8>)>) {
         msgs.push((id.clone(), created(&id, &items)));
         // Same key, same partition: the follow-up reaches the workers after the order.
         let follow_up = match (i % 4, load) {
+            (_, Load::Compensations) => FollowUp::None,
             (1, _) => FollowUp::Pay,
             (3, Load::PayAndCancel) => FollowUp::Cancel,
             _ => FollowUp::None,
@@ -118,7 +134,7 @@ fn answered(order: &Order, results: &[StockResult], load: Load) -> bool {
     let settled = results
         .iter()
         .any(|r| matches!(r.status, Status::Confirmed | Status::Released));
-    !(load == Load::Expiry && outcome.status == Status::Reserved && !settled)
+    !(load.expires() && outcome.status == Status::Reserved && !settled)
 }
 
 /// Crashes `victim` at `failpoint` under `load`, restarts it, and checks the guarantees.
@@ -130,6 +146,7 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
     let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
     let consumer_extra: &[(&str, &str)] = match load {
         Load::Expiry => &[("RESERVATION_TTL", SHORT_TTL)],
+        Load::Compensations => &[("RESERVATION_TTL", STOP_TTL)],
         Load::PayAndCancel => &[],
     };
     let extra = |name: &str| {
@@ -146,11 +163,48 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
     } else {
         "producer"
     };
-    let mut crashing = spawn(&env, victim, &armed, extra(victim));
     let other_proc = spawn(&env, other, "", extra(other));
     let collector = env.collector();
     let (list, msgs) = orders(load);
-    env.send_orders(msgs).await;
+    let mut crashing = if load == Load::Compensations {
+        assert_eq!(victim, "producer", "compensations are the producer's");
+        let first = spawn(&env, victim, "", extra(victim));
+        env.send_orders(msgs).await;
+        let ids: HashSet<String> = list.iter().map(|o| o.id.clone()).collect();
+        assert!(
+            collector.wait_for(&ids, 1, Duration::from_secs(90)).await,
+            "every order answered"
+        );
+        assert!(first.terminate(), "{victim} exits cleanly on SIGTERM");
+        // Every reservation released and announced while the producer is down.
+        let released_all = wait_until(|| async {
+            let o = collector.snapshot();
+            list.iter()
+                .all(|ord| o.get(&ord.id).is_some_and(|rs| answered(ord, rs, load)))
+        });
+        assert!(released_all.await, "every reservation expires");
+        let short: i64 = env
+            .store
+            .stock_levels(&products)
+            .await
+            .expect("redis")
+            .iter()
+            .flatten()
+            .sum();
+        let rows = stockctl::admin::stock_rows(&env.pool, &products)
+            .await
+            .expect("rows");
+        let available: i64 = rows.iter().map(|r| r.available).sum();
+        assert!(
+            short < available,
+            "compensations wait for the producer (Redis {short} < available {available})"
+        );
+        spawn(&env, victim, &armed, extra(victim))
+    } else {
+        let crashing = spawn(&env, victim, &armed, extra(victim));
+        env.send_orders(msgs).await;
+        crashing
+    };
 
     // The victim dies at the failpoint, by its abort.
     let status = crashing.exit_status(CRASH_DEADLINE).await;
@@ -279,7 +333,7 @@ async fn check_results(env: &TestEnv, list: &[Order], outcomes: &Outcomes, load:
             }
             Some(("reserved", _, _)) => {
                 assert!(
-                    load != Load::Expiry,
+                    !load.expires(),
                     "{}: still reserved after its TTL",
                     order.id
                 );
@@ -336,4 +390,9 @@ async fn expiry_after_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_after_announce() {
     crash_at("consumer", "consumer.expiry.after_announce", Load::Expiry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_after_restore() {
+    crash_at("producer", "producer.after_step", Load::Compensations).await;
 }
