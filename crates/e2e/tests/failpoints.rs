@@ -35,7 +35,7 @@ static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 const SHORT_TTL: &str = "2s";
 /// Reservation TTL while the producer is to be stopped before the releases: time enough
 /// for every order's outcome and a clean stop.
-const STOP_TTL: &str = "6s";
+const STOP_TTL: &str = "8s";
 
 /// What the load asks besides `order_created`.
 #[derive(Clone, Copy, PartialEq)]
@@ -206,21 +206,24 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
         crashing
     };
 
-    // The victim dies at the failpoint, by its abort.
-    let status = crashing.exit_status(CRASH_DEADLINE).await;
-    let log = crashing.log_text();
-    let Some(status) = status else {
+    // The binary has failpoints (logged at start), and the victim dies at the point.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !crashing.log_text().contains("failpoints compiled in") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{victim} was built without failpoints: build the workers with \
+             `cargo build --workspace --bins` (log: {})",
+            crashing.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Some(status) = crashing.exit_status(CRASH_DEADLINE).await else {
         panic!(
-            "{victim} did not reach {failpoint} within {CRASH_DEADLINE:?}; built with failpoints \
-             (`cargo build --workspace --bins`)? {}; log: {}",
-            if log.contains("failpoints compiled in") {
-                "yes"
-            } else {
-                "NO"
-            },
+            "{victim} did not reach {failpoint} within {CRASH_DEADLINE:?} (log: {})",
             crashing.log.display()
         );
     };
+    let log = crashing.log_text();
     const SIGABRT: i32 = 6;
     assert_eq!(
         status.signal(),
