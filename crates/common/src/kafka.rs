@@ -435,6 +435,10 @@ pub async fn enqueue_all(
 
 /// A worker's work on one batch: its effects, and what to publish.
 pub trait BatchStep: Sync {
+    /// The worker's name (`producer`, `consumer`): the prefix of its failpoints in
+    /// [`run_pipeline`] (`<name>.after_step`, `<name>.after_publish`, `<name>.after_store`).
+    fn name(&self) -> &'static str;
+
     fn step<'a>(
         &'a self,
         msgs: &'a [OwnedMessage],
@@ -448,6 +452,11 @@ pub trait BatchStep: Sync {
 /// publish; it is enqueued in batch order, and offsets are stored in batch order once
 /// delivered. Returns on shutdown, after the enqueued batches got their reports (30 s at
 /// most), or with the first fatal error.
+///
+/// Failpoints (see [`crate::failpoint`]) at the crash windows of `docs/DESIGN.md`, named
+/// after [`BatchStep::name`]: `<name>.after_step` (effects durable, nothing published),
+/// `<name>.after_publish` (a batch's delivery reports all in, offsets not stored) and
+/// `<name>.after_store` (offsets stored, not committed).
 pub async fn run_pipeline(
     consumer: &StreamConsumer,
     producer: &FutureProducer,
@@ -455,7 +464,7 @@ pub async fn run_pipeline(
     shutdown: &CancellationToken,
     worker: &impl BatchStep,
 ) -> Result<(), KafkaStepError> {
-    let mut inflight = InFlight::new(batch.pipeline_depth);
+    let mut inflight = InFlight::new(batch.pipeline_depth, worker.name());
     let idle = Some(Duration::from_millis(100));
     loop {
         inflight.settle(consumer).await?;
@@ -470,6 +479,7 @@ pub async fn run_pipeline(
             Err(KafkaStepError::Interrupted) => break,
             Err(e) => return Err(e),
         };
+        crate::failpoint!(format!("{}.after_step", worker.name()));
         match enqueue_all(producer, &out, shutdown).await {
             Ok(deliveries) => inflight.push(msgs, deliveries),
             Err(KafkaStepError::Interrupted) => break,
@@ -499,14 +509,17 @@ type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
 pub struct InFlight {
     depth: usize,
     queue: std::collections::VecDeque<(Vec<OwnedMessage>, DeliveryWaiter)>,
+    /// The worker's name, for its failpoints.
+    worker: &'static str,
 }
 
 impl InFlight {
-    /// At most `depth` batches waiting for delivery reports (1 = no overlap).
-    pub fn new(depth: usize) -> Self {
+    /// At most `depth` batches waiting for delivery reports (1 = no overlap), of `worker`.
+    pub fn new(depth: usize, worker: &'static str) -> Self {
         InFlight {
             depth: depth.max(1),
             queue: Default::default(),
+            worker,
         }
     }
 
@@ -557,7 +570,9 @@ impl InFlight {
             waiter
                 .await
                 .map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
+            crate::failpoint!(format!("{}.after_publish", self.worker));
             store_offsets(consumer, &msgs);
+            crate::failpoint!(format!("{}.after_store", self.worker));
         }
         Ok(())
     }

@@ -10,10 +10,13 @@
 //! * [`config`]: flags with environment fallbacks; [`config::SecretUrl`] hides passwords.
 //! * [`metrics`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! * [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
+//! * [`failpoint`]: the [`failpoint!`] macro marking each crash window, armed from
+//!   `FAILPOINTS` only in builds with the `failpoints` feature (tests).
 
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod failpoint;
 pub mod kafka;
 pub mod metrics;
 pub mod redis_store;

@@ -90,6 +90,7 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     store::apply_deltas(&mut tx, &deltas).await?;
     store::insert_movements(&mut tx, &movements).await?;
     tx.commit().await?;
+    stock_common::failpoint!("consumer.expiry.after_release");
     Ok(due.len())
 }
 
@@ -163,6 +164,7 @@ pub async fn sweep(
             out.push(OutMessage::json(&topics.compensate, id, &comp));
         }
         kafka::publish_all(producer, &out, shutdown).await?;
+        stock_common::failpoint!("consumer.expiry.after_announce");
         let ids: Vec<&str> = pending.iter().map(|u| u.order_id.as_str()).collect();
         mark_announced(pool, &ids).await?;
         announced += pending.len();

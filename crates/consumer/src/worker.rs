@@ -287,6 +287,10 @@ pub fn parse(m: &OwnedMessage) -> Result<DeductCommand, String> {
 }
 
 impl kafka::BatchStep for Worker {
+    fn name(&self) -> &'static str {
+        WORKER
+    }
+
     fn step<'a>(
         &'a self,
         msgs: &'a [OwnedMessage],

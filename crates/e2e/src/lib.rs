@@ -599,3 +599,25 @@ pub fn sha256sum(bytes: &[u8]) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+impl WorkerProcess {
+    /// Waits up to `timeout` (polling, without blocking the runtime) for the process to exit
+    /// by itself; returns how it exited, or `None` if it is still running.
+    pub async fn exit_status(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the process wrote to stdout and stderr so far (empty if unreadable).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

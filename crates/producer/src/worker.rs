@@ -371,6 +371,10 @@ impl Worker {
 }
 
 impl kafka::BatchStep for Worker {
+    fn name(&self) -> &'static str {
+        WORKER
+    }
+
     fn step<'a>(
         &'a self,
         msgs: &'a [OwnedMessage],

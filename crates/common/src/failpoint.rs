@@ -1,0 +1,96 @@
+//! Failpoints: the crash windows of `docs/DESIGN.md` made executable. Each window has a
+//! named point in the code ([`failpoint!`]) where a test can make the worker crash, stall
+//! or panic, then restart it and check the guarantees (`crates/e2e/tests/failpoints.rs`).
+//!
+//! # Only in test builds
+//! Everything here is compiled in only with this crate's `failpoints` feature (which enables
+//! the `fail` crate's). Without it [`failpoint!`] expands to no code and [`setup`] does
+//! nothing, so `cargo build --release -p stock-producer -p stock-consumer` carries none of
+//! it. The test build has it: `stock-e2e` enables `stock-common/failpoints`, and cargo
+//! (resolver 2) unifies a package's features over every package selected for one build,
+//! so `cargo build --workspace --bins` (what `deploy/test.sh` runs) builds the worker
+//! binaries with failpoints, dormant unless `FAILPOINTS` names them.
+//!
+//! # Configuration
+//! A worker reads `FAILPOINTS` once at start ([`setup`]), in the fail crate's syntax:
+//! `FAILPOINTS='consumer.after_step=1*return'`, several separated by `;`. Actions:
+//! * `return`: **crash** — abort the process on the spot, as `kill -9` would stop it: no
+//!   destructor runs, the Kafka producer's queue is not flushed, no offset is committed.
+//!   A line `failpoint <name>: crash` goes to stderr first, so a test can tell where.
+//! * `sleep(ms)`, `delay(ms)`, `pause`, `panic`, `print`, `yield`: the fail crate's. A stall
+//!   blocks the thread it hits (one of the runtime's worker threads).
+//!
+//! # The points
+//! | name | window |
+//! |---|---|
+//! | `<worker>.after_step` | the batch's Redis scripts ran / PostgreSQL transaction committed; nothing published |
+//! | `<worker>.after_publish` | every delivery report of the batch is in; its offsets not stored |
+//! | `<worker>.after_store` | the batch's offsets stored; not committed (auto-commit runs every second) |
+//! | `consumer.expiry.after_release` | the sweeper's release transaction committed; nothing announced |
+//! | `consumer.expiry.after_announce` | the release's result and compensation delivered; `announced` still false |
+//!
+//! `<worker>` is `producer` or `consumer` ([`crate::kafka::BatchStep::name`]).
+
+/// Marks a crash window named by `$name` (an expression giving a `&str` or `String`).
+///
+/// With the `failpoints` feature it evaluates the failpoint (see the module docs). Without
+/// it, the name is type-checked in a closure that is never called: no code, no string, no
+/// registry look-up in the binary, and both builds compile the same source.
+#[cfg(feature = "failpoints")]
+#[macro_export]
+macro_rules! failpoint {
+    ($name:expr) => {
+        $crate::failpoint::eval(&$name)
+    };
+}
+
+/// Marks a crash window named by `$name` (an expression giving a `&str` or `String`).
+///
+/// With the `failpoints` feature it evaluates the failpoint (see the module docs). Without
+/// it, the name is type-checked in a closure that is never called: no code, no string, no
+/// registry look-up in the binary, and both builds compile the same source.
+#[cfg(not(feature = "failpoints"))]
+#[macro_export]
+macro_rules! failpoint {
+    ($name:expr) => {{
+        let _ = || $name;
+    }};
+}
+
+/// Evaluates failpoint `name`: `return` crashes the process, other actions are the fail
+/// crate's. Called through [`failpoint!`].
+#[cfg(feature = "failpoints")]
+pub fn eval(name: &str) {
+    fail::eval(name, |_| crash(name));
+}
+
+/// Ends the process at once, like `kill -9`: no unwinding, no destructors, no flush.
+#[cfg(feature = "failpoints")]
+fn crash(name: &str) -> ! {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "failpoint {name}: crash");
+    std::process::abort()
+}
+
+/// This process's failpoint configuration; keep it for the life of the process.
+#[must_use = "the failpoints are disarmed when the scenario is dropped"]
+pub struct Scenario {
+    #[cfg(feature = "failpoints")]
+    _scenario: fail::FailScenario<'static>,
+}
+
+/// Arms the failpoints named in `FAILPOINTS` (with the feature; nothing without it). Call
+/// once at start, after logging is set up. Panics on a malformed `FAILPOINTS`: a test
+/// asked for a crash window that it would not get.
+pub fn setup() -> Scenario {
+    #[cfg(feature = "failpoints")]
+    {
+        let scenario = fail::FailScenario::setup();
+        tracing::info!(armed = ?fail::list(), "failpoints compiled in");
+        Scenario {
+            _scenario: scenario,
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    Scenario {}
+}
