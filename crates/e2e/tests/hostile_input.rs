@@ -400,6 +400,8 @@ async fn control_characters_never_reach_the_text_log_raw() {
     let env = TestEnv::new().await;
     env.load_stock(&[(1, 10)]).await;
     let producer = WorkerProcess::spawn("producer", &env.process_env("producer"));
+    // Outcomes of order_created are published by the consumer, from the ledger.
+    let consumer = WorkerProcess::spawn("consumer", &env.process_env("consumer"));
     let collector = env.collector();
 
     let evil = "evil\nFORGED ERROR stock_producer: all stock given away\x1b[31m red\x00nul";
@@ -413,6 +415,7 @@ async fn control_characters_never_reach_the_text_log_raw() {
     );
     let log_path = producer.log.clone();
     assert!(producer.terminate(), "clean exit");
+    assert!(consumer.terminate(), "clean exit");
     let log = std::fs::read(&log_path).expect("log file");
     let text = String::from_utf8_lossy(&log);
     assert!(

@@ -354,7 +354,10 @@ async fn restock_while_orders_flow_never_sells_stock_postgres_lacks() {
     // PostgreSQL never had to refuse what Redis granted: Redis only ever offered stock
     // that PostgreSQL already held.
     let refused_in_pg: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'rejected'")
+        // (A Redis refusal is a ledger row without a token: it never held stock.)
+        sqlx::query_scalar(
+            "SELECT count(*) FROM order_ledger WHERE status = 'rejected' AND token IS NOT NULL",
+        )
             .fetch_one(&env.pool)
             .await
             .expect("count");

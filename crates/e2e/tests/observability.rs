@@ -76,7 +76,8 @@ async fn workers_serve_metrics_health_and_readiness() {
             .await
             .is_some_and(|(_, body)| body.contains(needle))
     };
-    assert!(wait_until(|| has(pport, r#"stockpipe_outcomes_total{reason="insufficient_stock",status="rejected",worker="producer"} 1"#)).await);
+    // Every order_created outcome is published by the consumer, from the ledger.
+    assert!(wait_until(|| has(cport, r#"stockpipe_outcomes_total{reason="insufficient_stock",status="rejected",worker="consumer"} 1"#)).await);
     assert!(
         wait_until(|| has(
             pport,

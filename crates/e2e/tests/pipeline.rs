@@ -202,13 +202,17 @@ async fn duplicated_orders_and_deducts_deduct_once() {
     let row = env.stock_row(7).await;
     assert_eq!((row.available, row.reserved), (0, 50));
     assert_eq!(env.redis_stock(7).await, Some(0));
-    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM order_ledger")
-        .fetch_one(&env.pool)
-        .await
-        .expect("count");
+    let (held, refused): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE token IS NOT NULL), count(*) FILTER (WHERE token IS NULL)
+         FROM order_ledger",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
     assert_eq!(
-        ledger, 50,
-        "Redis refused half; the other half reached PostgreSQL, each once"
+        (held, refused),
+        (50, 50),
+        "half reserved, half refused by Redis: each recorded once"
     );
     env.assert_invariants(&[7]).await;
     collector.stop().await;

@@ -299,10 +299,15 @@ fn check_created(
         }
     }
     if o.expect != Expect::Valid {
+        // Every refusal is recorded in the ledger (the order's outcome for good); it must be
+        // the refusal the order deserves, and nothing else.
         if let Some(l) = ledger {
-            let ok = matches!(o.expect, Expect::UnknownProduct(_))
-                && l.status == "rejected"
-                && l.reject_reason.as_deref() == Some("unknown_product");
+            let reason = match o.expect {
+                Expect::UnknownProduct(_) => Some("unknown_product"),
+                Expect::Invalid => Some("invalid_order"),
+                Expect::Valid => None,
+            };
+            let ok = l.status == "rejected" && l.reject_reason.as_deref() == reason;
             if !ok {
                 out.add(
                     "G2.refused_order_in_ledger",
