@@ -2,8 +2,8 @@
 
 use stock_common::config::Topics;
 use stock_common::events::{
-    parse_order_event, Compensation, CompensationCause, DeductCommand, EventType, OrderEvent,
-    Parsed, Reason, Status, StockResult, INTERNAL_VERSION,
+    parse_order_event, validate_order_id, Compensation, CompensationCause, DeductCommand,
+    EventType, OrderEvent, Parsed, Reason, Status, StockResult, INTERNAL_VERSION,
 };
 use stock_common::redis_store::ReserveRequest;
 
@@ -85,6 +85,14 @@ pub fn classify(
             detail,
         } => {
             tracing::info!(%order_id, %detail, "invalid order");
+            if validate_order_id(&order_id).is_err() {
+                // An id that breaks the contract's rules makes every event carrying it
+                // invalid, now and on any replay: the answer needs no memory, and such an
+                // id (it may hold a NUL) is not one to store in the ledger.
+                return Input::Reply(StockResult::rejected(&order_id, Reason::InvalidOrder, None));
+            }
+            // A valid id with invalid content: its refusal is its one outcome for good,
+            // recorded like any other decision.
             Input::Reserve(ReserveRequest {
                 order_id,
                 items: Vec::new(),
@@ -141,8 +149,13 @@ mod tests {
         );
         let bad =
             br#"{"type":"order_created","order_id":"A B","items":[{"product_id":1,"quantity":2}]}"#;
-        assert!(matches!(
+        assert_eq!(
             classify(&t(), "orders", 0, 0, Some(bad)),
+            Input::Reply(StockResult::rejected("A B", Reason::InvalidOrder, None))
+        );
+        let bad_items = br#"{"type":"order_created","order_id":"A-1","items":[]}"#;
+        assert!(matches!(
+            classify(&t(), "orders", 0, 0, Some(bad_items)),
             Input::Reserve(ReserveRequest {
                 forced: Some(Reason::InvalidOrder),
                 ..
