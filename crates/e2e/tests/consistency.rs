@@ -244,22 +244,33 @@ async fn repair_racing_a_give_back_counts_it_once() {
     let mut cargs = env.consumer_args("consumer");
     cargs.reservation_ttl = Duration::from_secs(1);
     let collector = env.collector();
-    let workers = stock_e2e::Workers::start_with(&pargs, &cargs).await;
-    env.send_orders(vec![("exp".into(), created("exp", &[item(9, 2)]))])
-        .await;
-    let one: HashSet<String> = ["exp".to_owned()].into();
-    assert!(collector.wait_for(&one, 1, WAIT).await);
-    assert!(env.wait_idle("producer", "consumer").await);
-    workers.stop().await;
+
+    // The producer decides the order (Redis 10 -> 8) and stops before it ever runs its
+    // loop: nothing will apply give-backs until it comes back.
+    let producer = stock_producer::worker::Worker::new(&pargs)
+        .await
+        .expect("producer");
+    let msgs = vec![orders_message(&env, 0, "exp", &[item(9, 2)])];
+    let (_, out): (_, Vec<OutMessage>) = producer.prepare(&msgs).await.expect("prepare");
+    drop(producer);
+    let kp = kafka::producer(&env.kafka).expect("producer");
+    kafka::publish_all(&kp, &out, &CancellationToken::new())
+        .await
+        .expect("publish");
     assert_eq!(env.redis_stock(9).await, Some(8));
 
-    // Only the consumer runs: the reservation expires, its give-back waits in the topic.
+    // Only the consumer runs: it reserves, the reservation expires, and its give-back
+    // waits in the topic.
     let shutdown = CancellationToken::new();
     let consumer = stock_consumer::worker::Worker::new(&cargs)
         .await
         .expect("consumer");
     let task = tokio::spawn(consumer.run(shutdown.clone()));
-    assert!(collector.wait_for(&one, 2, WAIT).await, "released/expired");
+    let one: HashSet<String> = ["exp".to_owned()].into();
+    assert!(
+        collector.wait_for(&one, 2, WAIT).await,
+        "reserved, then released/expired"
+    );
     shutdown.cancel();
     task.await.expect("join").expect("consumer");
     assert_eq!(env.stock_row(9).await.available, 10);
