@@ -3,7 +3,12 @@
 //! # Layout
 //! * [`events`]: the wire formats (order events and their validation, results, the internal
 //!   deduct and compensation events). One home for every JSON shape.
-//! * [`redis_store`]: Redis keys, the order record, the Lua scripts and their callers.
+//! * [`redis_store`]: every Redis key, the order record, the Lua scripts and every Redis
+//!   write. Nothing else builds a key it writes.
+//! * [`pg_store`]: every write to the PostgreSQL tables (`stock`, `stock_movement`,
+//!   `order_ledger`, `stock_request`, `redis_generation`), one row type per table, the
+//!   locking protocol and the generation fence. The consumer and `stockctl` build their
+//!   transactions from it.
 //! * [`kafka`]: client settings, batches, publishing with delivery reports, dead letters,
 //!   offset storing.
 //! * [`db`]: the PostgreSQL pool, the embedded migrations, transient-error classification.
@@ -19,6 +24,7 @@ pub mod events;
 pub mod failpoint;
 pub mod kafka;
 pub mod metrics;
+pub mod pg_store;
 pub mod redis_store;
 pub mod shutdown;
 pub mod telemetry;
