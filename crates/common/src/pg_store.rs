@@ -49,6 +49,9 @@ pub enum PgStoreError {
     /// A ledger row this code cannot read: permanent.
     #[error("bad ledger row for {0}")]
     BadRow(String),
+    /// A `stock_request` row this code cannot read: permanent.
+    #[error("bad stock_request row for {0}")]
+    BadRequestRow(String),
 }
 
 impl PgStoreError {
@@ -56,7 +59,7 @@ impl PgStoreError {
         match self {
             PgStoreError::Conflict(_) => true,
             PgStoreError::Db(e) => crate::db::is_transient(e),
-            PgStoreError::BadRow(_) => false,
+            PgStoreError::BadRow(_) | PgStoreError::BadRequestRow(_) => false,
         }
     }
 }
@@ -177,15 +180,17 @@ pub struct StockRequest {
     pub gen: Option<i64>,
 }
 
-/// A [`StockRequest`] as found again, with its age judged.
+impl StockRequest {
+    /// The kinds the table allows (its `CHECK`), as written.
+    const KINDS: [&'static str; 2] = ["restock", "set"];
+}
+
+/// A [`StockRequest`] found again, with its age judged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FoundRequest {
-    pub product_id: i64,
-    pub kind: String,
-    pub available_delta: i64,
+    pub request: StockRequest,
     /// Older than the memory asked about (Redis forgot its marker).
     pub expired: bool,
-    pub gen: Option<i64>,
 }
 
 /// The row of `redis_generation`.
@@ -409,7 +414,7 @@ pub async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
     ex: E,
     request_id: &str,
     memory_secs: u64,
-) -> Result<Option<FoundRequest>, sqlx::Error> {
+) -> Result<Option<FoundRequest>, PgStoreError> {
     let row = sqlx::query(
         "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
          FROM stock_request WHERE request_id = $1",
@@ -418,16 +423,24 @@ pub async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
     .bind(memory_secs as f64)
     .fetch_optional(ex)
     .await?;
-    row.map(|r| {
-        Ok(FoundRequest {
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    let kind: &str = r.try_get(1)?;
+    let kind = StockRequest::KINDS
+        .into_iter()
+        .find(|k| *k == kind)
+        .ok_or_else(|| PgStoreError::BadRequestRow(request_id.to_owned()))?;
+    Ok(Some(FoundRequest {
+        request: StockRequest {
+            request_id: request_id.to_owned(),
             product_id: r.try_get(0)?,
-            kind: r.try_get(1)?,
+            kind,
             available_delta: r.try_get(2)?,
-            expired: r.try_get(3)?,
             gen: r.try_get(4)?,
-        })
-    })
-    .transpose()
+        },
+        expired: r.try_get(3)?,
+    }))
 }
 
 /// Records `req` and applies it: the `stock_request` row, `available` and `total_added`

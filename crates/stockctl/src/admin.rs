@@ -178,7 +178,7 @@ fn validate_product(product_id: i64) -> Result<(), AdminError> {
 
 /// Fails unless the recorded request is the same change (`delta` None: any amount).
 fn same_change(
-    req: &FoundRequest,
+    req: &StockRequest,
     request_id: &str,
     product_id: i64,
     kind: &str,
@@ -290,13 +290,14 @@ pub async fn restock(
         }
     }
     let postgres = restock_postgres(pool, product_id, quantity, request_id).await?;
-    let req = find_request(pool, request_id, memory)
+    let found = find_request(pool, request_id, memory)
         .await?
         .ok_or(sqlx::Error::RowNotFound)?;
-    let redis = if postgres == Step::Already && req.expired {
+    let redis = if postgres == Step::Already && found.expired {
         Step::Expired
     } else {
-        give_to_redis(pool, store, product_id, quantity, request_id, req.gen).await?
+        let gen = found.request.gen;
+        give_to_redis(pool, store, product_id, quantity, request_id, gen).await?
     };
     Ok(StockChange {
         request_id: request_id.to_owned(),
@@ -326,10 +327,16 @@ pub async fn restock_postgres(
             Ok(Step::Applied)
         }
         Ok(false) => {
-            let req = find_request(&mut *tx, request_id, 0)
+            let found = find_request(&mut *tx, request_id, 0)
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
-            same_change(&req, request_id, product_id, "restock", Some(quantity))?;
+            same_change(
+                &found.request,
+                request_id,
+                product_id,
+                "restock",
+                Some(quantity),
+            )?;
             Ok(Step::Already)
         }
         Err(sqlx::Error::RowNotFound) => Err(AdminError::UnknownProduct(product_id)),
@@ -428,12 +435,13 @@ async fn set_again(
     store: &RedisStore,
     product_id: i64,
     request_id: &str,
-    req: &FoundRequest,
+    found: &FoundRequest,
 ) -> Result<SetDone, AdminError> {
+    let req = &found.request;
     same_change(req, request_id, product_id, "set", None)?;
     let redis = if req.available_delta <= 0 {
         Step::Unchanged
-    } else if req.expired {
+    } else if found.expired {
         Step::Expired
     } else {
         give_to_redis(
