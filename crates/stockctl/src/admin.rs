@@ -53,7 +53,7 @@ pub enum AdminError {
     Redis(#[from] redis::RedisError),
     #[error("redis: {0}")]
     Store(#[from] StoreError),
-    /// A ledger row that cannot be read (the rebuild's snapshot).
+    /// A PostgreSQL row this code cannot read (a ledger or request row): permanent.
     #[error("{0}")]
     Ledger(PgStoreError),
     #[error(
