@@ -357,6 +357,8 @@ impl RedisStore {
         })
     }
 
+    /// The raw connection, for tests and benchmarks that must act around this module (a
+    /// drift, a corrupt key, a lost Redis). The workers and `stockctl` use the methods.
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
