@@ -3,15 +3,14 @@
 //! # Layout
 //! * [`events`]: the wire formats (order events and their validation, results, the internal
 //!   deduct and compensation events). One home for every JSON shape.
-//! * [`redis_store`]: every Redis key, the order record, the Lua scripts and every Redis
-//!   write. Nothing else builds a key it writes.
-//! * [`pg_store`]: every write to the PostgreSQL tables (`stock`, `stock_movement`,
-//!   `order_ledger`, `stock_request`, `redis_generation`), one row type per table, the
-//!   locking protocol and the generation fence. The consumer and `stockctl` build their
-//!   transactions from it.
+//! * [`redis_store`]: Redis keys, the order record, the Lua scripts and their callers.
 //! * [`kafka`]: client settings, batches, publishing with delivery reports, dead letters,
 //!   offset storing.
 //! * [`db`]: the PostgreSQL pool, the embedded migrations, transient-error classification.
+//! * [`pg_store`]: every write to the PostgreSQL tables (`stock`, `stock_movement`,
+//!   `order_ledger`, `stock_request`, `redis_generation`), one row type per table, the
+//!   locking protocol and the generation fence; what [`redis_store`] is to Redis. The
+//!   consumer and `stockctl` build their transactions from it.
 //! * [`config`]: flags with environment fallbacks; [`config::SecretUrl`] hides passwords.
 //! * [`metrics`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! * [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
