@@ -7,6 +7,10 @@
 //! * [`kafka`]: client settings, batches, publishing with delivery reports, dead letters,
 //!   offset storing.
 //! * [`db`]: the PostgreSQL pool, the embedded migrations, transient-error classification.
+//! * [`pg_store`]: every write to the PostgreSQL tables (`stock`, `stock_movement`,
+//!   `order_ledger`, `stock_request`, `redis_generation`), one row type per table, the
+//!   locking protocol and the generation fence; what [`redis_store`] is to Redis. The
+//!   consumer and `stockctl` build their transactions from it.
 //! * [`config`]: flags with environment fallbacks; [`config::SecretUrl`] hides passwords.
 //! * [`metrics`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! * [`telemetry`]: logging; [`shutdown`]: the signal-driven cancellation token.
@@ -19,6 +23,7 @@ pub mod events;
 pub mod failpoint;
 pub mod kafka;
 pub mod metrics;
+pub mod pg_store;
 pub mod redis_store;
 pub mod shutdown;
 pub mod telemetry;

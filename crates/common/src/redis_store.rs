@@ -5,7 +5,9 @@
 //! * `stockpipe:order:<order_id>`: the producer's memory of an order, an [`OrderRecord`],
 //!   kept for `--order-memory`. A forgotten order is still decided once: PostgreSQL's
 //!   ledger is the permanent judge, and gives a second pre-deduction back by its token.
-//! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here.
+//! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here
+//!   (`<product>:<delta>`); `stockpipe:request:<request_id>:undo` when a decrease was
+//!   given back because PostgreSQL refused it.
 //! * `stockpipe:loaded`: present once stock has been loaded from PostgreSQL; its value is
 //!   the Redis generation, which PostgreSQL's `redis_generation` advanced for that load.
 //!   If Redis comes back empty the marker is gone, and the scripts refuse to act until a
@@ -14,8 +16,10 @@
 //!   marker's value it guards the producer's sold-out marker ([`SoldOutMarker`]).
 //! * `stockpipe:seq`: the sequence that names pre-deductions (tokens `<gen>.<seq>`).
 //!
-//! This module is the only code that writes Redis: the workers' scripts, and the
-//! operators' loads ([`RedisStore::stop_selling`], [`RedisStore::load_generation`]).
+//! This module is the only code that writes Redis, and the only one that names a key: the
+//! workers' scripts, the operators' changes ([`RedisStore::adjust`],
+//! [`RedisStore::undo_adjust`], [`RedisStore::forget_request`]) and loads
+//! ([`RedisStore::stop_selling`], [`RedisStore::load_generation`]).
 //!
 //! The scripts (`lua/reserve.lua`, `lua/restore.lua`, `lua/adjust.lua`) pass every key in
 //! KEYS. They are sent with EVALSHA in one pipeline per batch, preceded by SCRIPT LOAD so a
@@ -60,6 +64,11 @@ pub fn stock_key(product_id: i64) -> String {
 /// The marker of an operator's stock request applied to Redis.
 pub fn request_key(request_id: &str) -> String {
     format!("stockpipe:request:{request_id}")
+}
+
+/// The request id under which an operator's change is undone in Redis.
+fn undo_request_id(request_id: &str) -> String {
+    format!("{request_id}:undo")
 }
 
 /// Whether a stored stock value is an integer as the scripts read one: an optional `-`
@@ -348,6 +357,8 @@ impl RedisStore {
         })
     }
 
+    /// The raw connection, for tests and benchmarks that must act around this module (a
+    /// drift, a corrupt key, a lost Redis). The workers and `stockctl` use the methods.
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
@@ -516,6 +527,63 @@ impl RedisStore {
             "reused" => AdjustOutcome::Reused,
             other => return Err(StoreError::Protocol(format!("adjust said {other:?}"))),
         })
+    }
+
+    /// Gives back, in whatever generation is current, what [`Self::adjust`] took under
+    /// `request_id` (`delta` is the amount to add back): `adjust.lua` under the request's
+    /// undo id, once.
+    pub async fn undo_adjust(
+        &self,
+        product_id: i64,
+        delta: i64,
+        request_id: &str,
+    ) -> Result<AdjustOutcome, StoreError> {
+        self.adjust(product_id, delta, &undo_request_id(request_id), None)
+            .await
+    }
+
+    /// The marker of request `request_id` (`<product>:<delta>`), if Redis applied it.
+    pub async fn request_marker(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.conn.clone().get(request_key(request_id)).await?)
+    }
+
+    /// A change this request id applied here and did not undo: `(product, delta)`. A
+    /// request that was undone (its undo marker present) is forgotten here (both markers
+    /// deleted), so that the id starts afresh.
+    pub async fn pending_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let keys = [
+            request_key(request_id),
+            request_key(&undo_request_id(request_id)),
+        ];
+        let (taken, undone): (Option<String>, Option<String>) = conn.mget(&keys[..]).await?;
+        match (taken, undone) {
+            (_, Some(_)) => {
+                let _: i64 = conn.del(&keys[..]).await?;
+                Ok(None)
+            }
+            (Some(v), None) => v
+                .split_once(':')
+                .and_then(|(p, d)| Some((p.parse::<i64>().ok()?, d.parse::<i64>().ok()?)))
+                .map(Some)
+                .ok_or_else(|| {
+                    StoreError::Protocol(format!("request marker {} holds {v:?}", keys[0]))
+                }),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Forgets request `request_id` and its undo (both markers), after it was undone.
+    pub async fn forget_request(&self, request_id: &str) -> Result<(), StoreError> {
+        let keys = [
+            request_key(request_id),
+            request_key(&undo_request_id(request_id)),
+        ];
+        let _: i64 = self.conn.clone().del(&keys[..]).await?;
+        Ok(())
     }
 
     /// Whether stock has been loaded (the marker exists).

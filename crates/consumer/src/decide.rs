@@ -24,82 +24,7 @@ use stock_common::events::{
     Compensation, CompensationCause, DeductCommand, Item, Reason, Status, StockResult, Token,
     INTERNAL_VERSION,
 };
-
-/// State of an order in the ledger.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrderStatus {
-    Reserved,
-    Rejected,
-    Confirmed,
-    Released,
-}
-
-impl OrderStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OrderStatus::Reserved => "reserved",
-            OrderStatus::Rejected => "rejected",
-            OrderStatus::Confirmed => "confirmed",
-            OrderStatus::Released => "released",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "reserved" => OrderStatus::Reserved,
-            "rejected" => OrderStatus::Rejected,
-            "confirmed" => OrderStatus::Confirmed,
-            "released" => OrderStatus::Released,
-            _ => return None,
-        })
-    }
-}
-
-/// One row of `order_ledger`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LedgerRow {
-    pub status: OrderStatus,
-    /// Why `order_created` was rejected here, and the first product short.
-    pub reject: Option<(Reason, Option<i64>)>,
-    pub release_reason: Option<Reason>,
-    pub settled_by: Option<String>,
-    pub items: Vec<Item>,
-    /// The pre-deduction this row applied (None: a Redis refusal, or a row from before
-    /// tokens).
-    pub token: Option<String>,
-    /// The generation of the PostgreSQL change that gives the order's stock back to Redis
-    /// (a refusal here, a cancel, an expiry); None while nothing is to be given back.
-    pub comp_gen: Option<i64>,
-}
-
-impl LedgerRow {
-    /// The result of the order's `order_created`, whatever happened to it since.
-    pub fn created_outcome(&self, order_id: &str) -> StockResult {
-        match self.reject {
-            Some((reason, product)) => StockResult::rejected(order_id, reason, product),
-            None => StockResult::reserved(order_id),
-        }
-    }
-}
-
-/// Change of one product's columns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Delta {
-    pub available: i64,
-    pub reserved: i64,
-    pub sold: i64,
-}
-
-/// One row of the stock movement history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Movement {
-    pub product_id: i64,
-    /// `reserve`, `confirm`, `release_cancelled`, `release_expired` or `compensation`.
-    pub kind: &'static str,
-    pub order_id: String,
-    pub quantity: i64,
-    pub delta: Delta,
-}
+pub use stock_common::pg_store::{Delta, LedgerRow, Movement, OrderStatus};
 
 /// Everything a batch does.
 #[derive(Debug, Default)]
@@ -449,7 +374,7 @@ pub fn record(
     movements.push(Movement {
         product_id: it.product_id,
         kind,
-        order_id: order_id.to_owned(),
+        reference: order_id.to_owned(),
         quantity: it.quantity,
         delta,
     });

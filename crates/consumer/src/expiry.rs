@@ -3,8 +3,9 @@
 //! release (`released`/`expired` result, compensation to Redis) through an outbox, so that a
 //! crash between the commit and the announcement loses nothing.
 //!
-//! The release follows the locking protocol of [`crate::store`]: lock the stock rows of the
-//! candidates in product-id order, then re-read the candidates. A payment that committed
+//! The release follows the locking protocol of [`stock_common::pg_store`] (which issues
+//! every statement here): lock the stock rows of the candidates in product-id order, then
+//! re-read the candidates. A payment that committed
 //! first leaves the order `confirmed` and the re-read skips it; a payment that comes after
 //! finds it `released` and is `ignored`/`already_released`. A payment that reaches the
 //! consumer after the deadline but before the sweeper confirms the order: the deadline is
@@ -16,15 +17,16 @@
 //! the same content, and Redis restores once per order).
 
 use crate::decide;
-use crate::store::{self, ApplyError};
+use crate::store::ApplyError;
 use rdkafka::producer::FutureProducer;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::collections::{BTreeMap, BTreeSet};
 use stock_common::config::Topics;
 use stock_common::events::{
-    Compensation, CompensationCause, Item, Reason, Status, StockResult, INTERNAL_VERSION,
+    Compensation, CompensationCause, Reason, Status, StockResult, INTERNAL_VERSION,
 };
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::pg_store;
 use tokio_util::sync::CancellationToken;
 
 /// Most reservations released or announced per transaction.
@@ -34,34 +36,19 @@ pub const SWEEP_LIMIT: i64 = 1000;
 /// Returns how many were released.
 pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     let mut tx = pool.begin().await?;
-    let gen = store::read_gen(&mut tx).await?;
-    let candidates = sqlx::query(
-        "SELECT order_id, items::text FROM order_ledger
-         WHERE status = 'reserved' AND reserved_until <= now()
-         ORDER BY reserved_until LIMIT $1",
-    )
-    .bind(SWEEP_LIMIT)
-    .fetch_all(&mut *tx)
-    .await?;
+    let gen = pg_store::read_gen(&mut tx).await?;
+    let candidates = pg_store::due_reservations(&mut tx, SWEEP_LIMIT).await?;
     if candidates.is_empty() {
         return Ok(0);
     }
-    let candidates = decode(&candidates)?;
     let products: BTreeSet<i64> = candidates
         .iter()
         .flat_map(|(_, items)| items.iter().map(|i| i.product_id))
         .collect();
-    store::lock_stock(&mut tx, &products).await?;
+    pg_store::lock_stock(&mut tx, &products).await?;
     // Under the locks: only those still reserved and due (a payment may have won).
     let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
-    let due = sqlx::query(
-        "SELECT order_id, items::text FROM order_ledger
-         WHERE order_id = ANY($1) AND status = 'reserved' AND reserved_until <= now()",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let due = decode(&due)?;
+    let due = pg_store::due_among(&mut tx, &ids).await?;
     let mut deltas = BTreeMap::new();
     let mut movements = Vec::new();
     for (id, items) in &due {
@@ -77,60 +64,23 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
         }
     }
     let due_ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
-    sqlx::query(
-        "UPDATE order_ledger
-         SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(),
-             announced = false, comp_gen = $2
-         WHERE order_id = ANY($1)",
-    )
-    .bind(&due_ids)
-    .bind(gen)
-    .execute(&mut *tx)
-    .await?;
-    store::apply_deltas(&mut tx, &deltas).await?;
-    store::insert_movements(&mut tx, &movements).await?;
+    pg_store::release_expired(&mut tx, &due_ids, gen).await?;
+    pg_store::apply_deltas(&mut tx, &deltas).await?;
+    pg_store::insert_movements(&mut tx, &movements).await?;
     tx.commit().await?;
     stock_common::failpoint!("consumer.expiry.after_release");
     Ok(due.len())
 }
 
-/// A release committed but not yet announced: the order, its items, and the
-/// pre-deduction and generation its compensation names.
-pub struct Unannounced {
-    pub order_id: String,
-    pub items: Vec<Item>,
-    pub token: Option<String>,
-    pub comp_gen: Option<i64>,
-}
+pub use stock_common::pg_store::Unannounced;
 
-/// Releases that are committed but not yet announced.
+/// Releases that are committed but not yet announced (at most [`SWEEP_LIMIT`]).
 pub async fn unannounced(pool: &PgPool) -> Result<Vec<Unannounced>, ApplyError> {
-    let rows = sqlx::query(
-        "SELECT order_id, items::text, token, comp_gen FROM order_ledger WHERE NOT announced LIMIT $1",
-    )
-    .bind(SWEEP_LIMIT)
-    .fetch_all(pool)
-    .await?;
-    let items = decode(&rows)?;
-    rows.iter()
-        .zip(items)
-        .map(|(r, (order_id, items))| {
-            Ok(Unannounced {
-                order_id,
-                items,
-                token: r.try_get(2)?,
-                comp_gen: r.try_get(3)?,
-            })
-        })
-        .collect()
+    pg_store::unannounced(pool, SWEEP_LIMIT).await
 }
 
 pub async fn mark_announced(pool: &PgPool, ids: &[&str]) -> Result<(), ApplyError> {
-    sqlx::query("UPDATE order_ledger SET announced = true WHERE order_id = ANY($1)")
-        .bind(ids)
-        .execute(pool)
-        .await?;
-    Ok(())
+    Ok(pg_store::mark_announced(pool, ids).await?)
 }
 
 /// One sweep: release what is due, then announce every unannounced release. Returns how
@@ -178,15 +128,4 @@ pub enum SweepError {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Kafka(#[from] KafkaStepError),
-}
-
-fn decode(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<(String, Vec<Item>)>, ApplyError> {
-    rows.iter()
-        .map(|r| {
-            let id: String = r.try_get(0)?;
-            let items: Vec<Item> = serde_json::from_str(r.try_get::<&str, _>(1)?)
-                .map_err(|_| ApplyError::BadRow(id.clone()))?;
-            Ok((id, items))
-        })
-        .collect()
 }

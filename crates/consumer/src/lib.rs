@@ -4,7 +4,8 @@
 //! * [`decide`]: the pure decision of a batch (reserve, pay, cancel; all items or none;
 //!   never below zero; idempotent by order id). Every rule lives here.
 //! * [`store`]: the one transaction per batch: lock stock rows in product order, read the
-//!   ledger, write new orders, settled orders and one aggregated UPDATE per product.
+//!   ledger, write new orders, settled orders and one aggregated UPDATE per product. Every
+//!   statement is `stock_common::pg_store`'s, which owns every write to PostgreSQL.
 //! * [`expiry`]: the reservation-expiry sweeper and its outbox.
 //! * [`worker`]: the Kafka loop: batch, apply with retries, publish results and
 //!   compensations, then store offsets.

@@ -3,7 +3,7 @@
 //! stores, in the order that keeps Redis from offering stock PostgreSQL cannot give.
 
 use redis::AsyncCommands;
-use stock_common::redis_store::{request_key, stock_key, LOADED_KEY};
+use stock_common::redis_store::stock_key;
 use stock_e2e::TestEnv;
 use stockctl::admin::{self, AdminError, Step};
 
@@ -24,8 +24,7 @@ async fn requests(env: &TestEnv, request_id: &str) -> i64 {
 
 async fn redis_marker(env: &TestEnv, request_id: &str) -> Option<String> {
     env.store
-        .connection()
-        .get(request_key(request_id))
+        .request_marker(request_id)
         .await
         .expect("get marker")
 }
@@ -148,11 +147,7 @@ async fn restock_while_redis_unloaded_reaches_redis_through_the_rebuild_once() {
     let env = TestEnv::new().await;
     env.load_stock(&[(7, 10)]).await;
     let (pool, store) = (&env.pool, &env.store);
-    let _: i64 = store
-        .connection()
-        .del(LOADED_KEY)
-        .await
-        .expect("del marker");
+    store.stop_selling().await.expect("del marker");
 
     let c = admin::restock(pool, store, 7, 3, "u-1")
         .await
@@ -350,11 +345,7 @@ async fn set_down_is_refused_when_redis_holds_less_and_changes_nothing() {
 
     // Redis not loaded: a decrease refuses too, nothing changed.
     env.set_redis_stock(4, 10).await;
-    let _: i64 = store
-        .connection()
-        .del(LOADED_KEY)
-        .await
-        .expect("del marker");
+    store.stop_selling().await.expect("del marker");
     let res = admin::set_stock_with_request(pool, store, 4, 5, false, "short-2").await;
     assert!(matches!(res, Err(AdminError::RedisUnloaded)), "{res:?}");
     assert_eq!(both(&env, 4).await, ((10, 0, 0, 10), Some(10)));
@@ -573,11 +564,7 @@ async fn check_finds_drift_and_repair_fixes_it() {
 
     // Unloaded: the check alone reports it; the repair is a rebuild, which loads Redis.
     env.set_redis_stock(31, 1).await;
-    let _: i64 = store
-        .connection()
-        .del(LOADED_KEY)
-        .await
-        .expect("del marker");
+    store.stop_selling().await.expect("del marker");
     let r = admin::check_drift(pool, store, false).await.expect("check");
     assert!(!r.redis_loaded && r.repaired.is_empty() && !r.clean());
     let r = admin::check_drift(pool, store, true).await.expect("repair");

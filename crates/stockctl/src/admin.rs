@@ -34,12 +34,13 @@
 //! PostgreSQL only if the generation is still that one, else takes again in the new one.
 
 use chrono::{DateTime, Utc};
-use redis::AsyncCommands;
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Row};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use stock_common::redis_store::{request_key, AdjustOutcome, RedisStore, StoreError};
+use stock_common::pg_store::{self, find_request, FoundRequest, PgStoreError, StockRequest};
+use stock_common::redis_store::{AdjustOutcome, RedisStore, StoreError};
+
+pub use stock_common::pg_store::StockRow;
 
 /// How long an increase waits for a Redis that is being loaded.
 pub const LOAD_WAIT: Duration = Duration::from_secs(30);
@@ -52,6 +53,9 @@ pub enum AdminError {
     Redis(#[from] redis::RedisError),
     #[error("redis: {0}")]
     Store(#[from] StoreError),
+    /// A PostgreSQL row this code cannot read (a ledger or request row): permanent.
+    #[error("{0}")]
+    Ledger(PgStoreError),
     #[error(
         "product {product_id} has {reserved} reserved and {sold} sold; use --force to overwrite"
     )]
@@ -100,25 +104,12 @@ pub enum AdminError {
     },
 }
 
-/// The PostgreSQL columns of one product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct StockRow {
-    pub product_id: i64,
-    pub available: i64,
-    pub reserved: i64,
-    pub sold: i64,
-    pub total_added: i64,
-}
-
-impl StockRow {
-    fn from_row(r: &PgRow) -> Result<StockRow, sqlx::Error> {
-        Ok(StockRow {
-            product_id: r.try_get("product_id")?,
-            available: r.try_get("available")?,
-            reserved: r.try_get("reserved")?,
-            sold: r.try_get("sold")?,
-            total_added: r.try_get("total_added")?,
-        })
+impl From<PgStoreError> for AdminError {
+    fn from(e: PgStoreError) -> Self {
+        match e {
+            PgStoreError::Db(e) => AdminError::Db(e),
+            e => AdminError::Ledger(e),
+        }
     }
 }
 
@@ -185,45 +176,9 @@ fn validate_product(product_id: i64) -> Result<(), AdminError> {
     Ok(())
 }
 
-/// A row of `stock_request`.
-struct Request {
-    product_id: i64,
-    kind: String,
-    available_delta: i64,
-    /// Older than Redis remembers request markers.
-    expired: bool,
-    /// The Redis generation the PostgreSQL half was committed in.
-    gen: Option<i64>,
-}
-
-async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
-    ex: E,
-    request_id: &str,
-    memory_secs: u64,
-) -> Result<Option<Request>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
-         FROM stock_request WHERE request_id = $1",
-    )
-    .bind(request_id)
-    .bind(memory_secs as f64)
-    .fetch_optional(ex)
-    .await?;
-    row.map(|r| {
-        Ok(Request {
-            product_id: r.try_get(0)?,
-            kind: r.try_get(1)?,
-            available_delta: r.try_get(2)?,
-            expired: r.try_get(3)?,
-            gen: r.try_get(4)?,
-        })
-    })
-    .transpose()
-}
-
 /// Fails unless the recorded request is the same change (`delta` None: any amount).
 fn same_change(
-    req: &Request,
+    req: &StockRequest,
     request_id: &str,
     product_id: i64,
     kind: &str,
@@ -244,54 +199,23 @@ fn same_change(
     })
 }
 
-async fn insert_request_and_move(
-    tx: &mut Transaction<'_, Postgres>,
+/// The PostgreSQL half of a change in generation `gen`: [`pg_store::apply_request`].
+async fn apply_request(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     request_id: &str,
     product_id: i64,
-    kind: &str,
+    kind: &'static str,
     delta: i64,
     gen: i64,
 ) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO stock_request (request_id, product_id, kind, available_delta, gen)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(request_id)
-    .bind(product_id)
-    .bind(kind)
-    .bind(delta)
-    .bind(gen)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !inserted {
-        return Ok(false);
-    }
-    let updated = sqlx::query(
-        "UPDATE stock SET available = available + $2, total_added = total_added + $2, updated_at = now()
-         WHERE product_id = $1",
-    )
-    .bind(product_id)
-    .bind(delta)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if updated != 1 {
-        return Err(sqlx::Error::RowNotFound);
-    }
-    sqlx::query(
-        "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta)
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(product_id)
-    .bind(kind)
-    .bind(request_id)
-    .bind(delta.abs())
-    .bind(delta)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
+    let req = StockRequest {
+        request_id: request_id.to_owned(),
+        product_id,
+        kind,
+        available_delta: delta,
+        gen: Some(gen),
+    };
+    pg_store::apply_request(tx, &req).await
 }
 
 /// The Redis half of an increase that PostgreSQL committed in generation `gen`:
@@ -335,39 +259,6 @@ async fn give_to_redis(
     }
 }
 
-fn undo_id(request_id: &str) -> String {
-    format!("{request_id}:undo")
-}
-
-/// A decrease this request id started in Redis and did not finish in PostgreSQL: the
-/// amount Redis gave up. An earlier attempt that was undone (both markers present) is
-/// forgotten here, so the id starts afresh.
-async fn pending_in_redis(
-    store: &RedisStore,
-    request_id: &str,
-) -> Result<Option<(i64, i64)>, AdminError> {
-    let mut conn = store.connection();
-    let keys = [request_key(request_id), request_key(&undo_id(request_id))];
-    let (taken, undone): (Option<String>, Option<String>) = redis::cmd("MGET")
-        .arg(&keys[..])
-        .query_async(&mut conn)
-        .await?;
-    match (taken, undone) {
-        (Some(_), Some(_)) | (None, Some(_)) => {
-            let _: i64 = conn.del(&keys[..]).await?;
-            Ok(None)
-        }
-        (Some(v), None) => v
-            .split_once(':')
-            .and_then(|(p, d)| Some((p.parse::<i64>().ok()?, d.parse::<i64>().ok()?)))
-            .map(Some)
-            .ok_or_else(|| {
-                StoreError::Protocol(format!("request marker {} holds {v:?}", keys[0])).into()
-            }),
-        (None, None) => Ok(None),
-    }
-}
-
 /// Adds `quantity` (>= 1) units to an existing product: PostgreSQL first (the
 /// `stock_request` row, the `stock` UPDATE and a `restock` movement in one transaction),
 /// then Redis (once per request id). A retry with the same `request_id` adds nothing more
@@ -390,8 +281,7 @@ pub async fn restock(
     }
     let memory = store.record_ttl_secs();
     // A set that gave up Redis stock under this id and did not finish owns it.
-    let marker: Option<String> = store.connection().get(request_key(request_id)).await?;
-    if let Some(m) = marker {
+    if let Some(m) = store.request_marker(request_id).await? {
         if find_request(pool, request_id, memory).await?.is_none() {
             return Err(AdminError::RequestReused {
                 request_id: request_id.to_owned(),
@@ -400,13 +290,14 @@ pub async fn restock(
         }
     }
     let postgres = restock_postgres(pool, product_id, quantity, request_id).await?;
-    let req = find_request(pool, request_id, memory)
+    let found = find_request(pool, request_id, memory)
         .await?
         .ok_or(sqlx::Error::RowNotFound)?;
-    let redis = if postgres == Step::Already && req.expired {
+    let redis = if postgres == Step::Already && found.expired {
         Step::Expired
     } else {
-        give_to_redis(pool, store, product_id, quantity, request_id, req.gen).await?
+        let gen = found.request.gen;
+        give_to_redis(pool, store, product_id, quantity, request_id, gen).await?
     };
     Ok(StockChange {
         request_id: request_id.to_owned(),
@@ -429,17 +320,23 @@ pub async fn restock_postgres(
     request_id: &str,
 ) -> Result<Step, AdminError> {
     let mut tx = pool.begin().await?;
-    let gen = stock_consumer::store::read_gen(&mut tx).await?;
-    match insert_request_and_move(&mut tx, request_id, product_id, "restock", quantity, gen).await {
+    let gen = pg_store::read_gen(&mut tx).await?;
+    match apply_request(&mut tx, request_id, product_id, "restock", quantity, gen).await {
         Ok(true) => {
             tx.commit().await?;
             Ok(Step::Applied)
         }
         Ok(false) => {
-            let req = find_request(&mut *tx, request_id, 0)
+            let found = find_request(&mut *tx, request_id, 0)
                 .await?
                 .ok_or(sqlx::Error::RowNotFound)?;
-            same_change(&req, request_id, product_id, "restock", Some(quantity))?;
+            same_change(
+                &found.request,
+                request_id,
+                product_id,
+                "restock",
+                Some(quantity),
+            )?;
             Ok(Step::Already)
         }
         Err(sqlx::Error::RowNotFound) => Err(AdminError::UnknownProduct(product_id)),
@@ -502,68 +399,107 @@ pub async fn set_stock_with_request(
     if stock < 0 {
         return Err(AdminError::Invalid(format!("stock {stock}: must be >= 0")));
     }
-    let change = |delta, postgres, redis, row| StockChange {
+    let memory = store.record_ttl_secs();
+    let done = if let Some(req) = find_request(pool, request_id, memory).await? {
+        set_again(pool, store, product_id, request_id, &req).await?
+    } else if let Some((product, taken)) = store.pending_request(request_id).await? {
+        set_finish_pending(pool, store, product_id, request_id, product, taken).await?
+    } else {
+        set_afresh(pool, store, product_id, stock, force, request_id).await?
+    };
+    Ok(StockChange {
         request_id: request_id.to_owned(),
         product_id,
         kind: "set",
-        available_delta: delta,
-        postgres,
-        redis,
-        row,
-    };
-    let memory = store.record_ttl_secs();
-    if let Some(req) = find_request(pool, request_id, memory).await? {
-        same_change(&req, request_id, product_id, "set", None)?;
-        let redis = if req.available_delta <= 0 {
-            Step::Unchanged
-        } else if req.expired {
-            Step::Expired
-        } else {
-            give_to_redis(
-                pool,
-                store,
-                product_id,
-                req.available_delta,
-                request_id,
-                req.gen,
-            )
-            .await?
-        };
-        let row = current_row(pool, product_id).await?;
-        return Ok(change(req.available_delta, Step::Already, redis, row));
-    }
-    if let Some((product, taken)) = pending_in_redis(store, request_id).await? {
-        if taken >= 0 || product != product_id {
-            return Err(AdminError::RequestReused {
-                request_id: request_id.to_owned(),
-                was: format!("an unfinished change of {taken:+} on product {product} in Redis"),
-            });
-        }
-        // An earlier attempt took `taken` from Redis and died before PostgreSQL.
-        let postgres = finish_decrease(pool, store, product_id, taken, request_id).await?;
-        let row = current_row(pool, product_id).await?;
-        return Ok(change(taken, postgres, Step::Already, row));
-    }
+        available_delta: done.delta,
+        postgres: done.postgres,
+        redis: done.redis,
+        row: done.row,
+    })
+}
 
+/// What one path of [`set_stock_with_request`] did.
+struct SetDone {
+    /// The change of `available` the request stands for.
+    delta: i64,
+    postgres: Step,
+    redis: Step,
+    /// PostgreSQL after the change.
+    row: StockRow,
+}
+
+/// A set whose request PostgreSQL already holds: nothing again in PostgreSQL; an increase
+/// still gives Redis its share (once).
+async fn set_again(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    request_id: &str,
+    found: &FoundRequest,
+) -> Result<SetDone, AdminError> {
+    let req = &found.request;
+    same_change(req, request_id, product_id, "set", None)?;
+    let redis = if req.available_delta <= 0 {
+        Step::Unchanged
+    } else if found.expired {
+        Step::Expired
+    } else {
+        give_to_redis(
+            pool,
+            store,
+            product_id,
+            req.available_delta,
+            request_id,
+            req.gen,
+        )
+        .await?
+    };
+    Ok(SetDone {
+        delta: req.available_delta,
+        postgres: Step::Already,
+        redis,
+        row: current_row(pool, product_id).await?,
+    })
+}
+
+/// A set whose earlier attempt took `taken` of `product` from Redis and died before
+/// PostgreSQL: finishes the decrease (or refuses a request id reused for another change).
+async fn set_finish_pending(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    request_id: &str,
+    product: i64,
+    taken: i64,
+) -> Result<SetDone, AdminError> {
+    if taken >= 0 || product != product_id {
+        return Err(AdminError::RequestReused {
+            request_id: request_id.to_owned(),
+            was: format!("an unfinished change of {taken:+} on product {product} in Redis"),
+        });
+    }
+    let postgres = finish_decrease(pool, store, product_id, taken, request_id).await?;
+    Ok(SetDone {
+        delta: taken,
+        postgres,
+        redis: Step::Already,
+        row: current_row(pool, product_id).await?,
+    })
+}
+
+/// A set never seen before: reads the row under its lock (creating it), then an increase
+/// goes PostgreSQL first, a decrease Redis first.
+async fn set_afresh(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    stock: i64,
+    force: bool,
+    request_id: &str,
+) -> Result<SetDone, AdminError> {
     let mut tx = pool.begin().await?;
-    let gen = stock_consumer::store::read_gen(&mut tx).await?;
-    let created = sqlx::query(
-        "INSERT INTO stock (product_id, available, reserved, sold, total_added)
-         VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING",
-    )
-    .bind(product_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    let row = sqlx::query(
-        "SELECT product_id, available, reserved, sold, total_added FROM stock
-         WHERE product_id = $1 FOR UPDATE",
-    )
-    .bind(product_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    let before = StockRow::from_row(&row)?;
+    let gen = pg_store::read_gen(&mut tx).await?;
+    let (before, created) = pg_store::create_and_lock_product(&mut tx, product_id).await?;
     if (before.reserved > 0 || before.sold > 0) && !force {
         return Err(AdminError::HasReservations {
             product_id,
@@ -573,7 +509,7 @@ pub async fn set_stock_with_request(
     }
     let delta = stock - before.available;
     if delta > 0 {
-        if !insert_request_and_move(&mut tx, request_id, product_id, "set", delta, gen).await? {
+        if !apply_request(&mut tx, request_id, product_id, "set", delta, gen).await? {
             return Err(AdminError::Invalid(format!(
                 "request id {request_id} is being used by another command right now"
             )));
@@ -581,7 +517,12 @@ pub async fn set_stock_with_request(
         tx.commit().await?;
         let redis = give_to_redis(pool, store, product_id, delta, request_id, Some(gen)).await?;
         let row = current_row(pool, product_id).await?;
-        return Ok(change(delta, Step::Applied, redis, row));
+        return Ok(SetDone {
+            delta,
+            postgres: Step::Applied,
+            redis,
+            row,
+        });
     }
     if delta == 0 {
         tx.commit().await?;
@@ -592,14 +533,23 @@ pub async fn set_stock_with_request(
         } else {
             Step::Unchanged
         };
-        return Ok(change(0, Step::Unchanged, redis, before));
+        return Ok(SetDone {
+            delta: 0,
+            postgres: Step::Unchanged,
+            redis,
+            row: before,
+        });
     }
     tx.rollback().await?;
     // Stock leaves: Redis first.
     take_from_redis(store, product_id, delta, request_id).await?;
     let postgres = finish_decrease(pool, store, product_id, delta, request_id).await?;
-    let row = current_row(pool, product_id).await?;
-    Ok(change(delta, postgres, Step::Applied, row))
+    Ok(SetDone {
+        delta,
+        postgres,
+        redis: Step::Applied,
+        row: current_row(pool, product_id).await?,
+    })
 }
 
 /// The Redis half of a decrease (`delta` < 0), in the current generation; `Ok` when Redis
@@ -662,7 +612,7 @@ async fn decrease_postgres(
     request_id: &str,
 ) -> Result<Step, PgFailure> {
     let mut tx = pool.begin().await?;
-    let gen = stock_consumer::store::read_gen(&mut tx).await?;
+    let gen = pg_store::read_gen(&mut tx).await?;
     // Redis gave the stock in its current generation; if PostgreSQL answers to another one,
     // a rebuild loaded Redis from a snapshot without this decrease: take it there again.
     let redis_gen = store
@@ -672,7 +622,7 @@ async fn decrease_postgres(
     if redis_gen != Some(gen) {
         return Err(PgFailure::Regenerated);
     }
-    match insert_request_and_move(&mut tx, request_id, product_id, "set", delta, gen).await {
+    match apply_request(&mut tx, request_id, product_id, "set", delta, gen).await {
         Ok(true) => {
             tx.commit().await?;
             Ok(Step::Applied)
@@ -726,15 +676,12 @@ async fn finish_decrease_answer(
     match answer {
         Ok(step) => Ok(step),
         Err(PgFailure::Refused(reason)) => {
-            let undo = store
-                .adjust(product_id, -delta, &undo_id(request_id), None)
-                .await;
+            let undo = store.undo_adjust(product_id, -delta, request_id).await;
             let undone = match undo {
                 // Unloaded: Redis lost its data; the rebuild loads `available`, which never
                 // had this decrease.
                 Ok(AdjustOutcome::Applied | AdjustOutcome::Already | AdjustOutcome::Unloaded) => {
-                    let keys = [request_key(request_id), request_key(&undo_id(request_id))];
-                    store.connection().del::<_, i64>(&keys[..]).await.is_ok()
+                    store.forget_request(request_id).await.is_ok()
                 }
                 _ => false,
             };
@@ -773,22 +720,7 @@ async fn finish_decrease_answer(
 
 /// PostgreSQL rows of `products` (all products when empty).
 pub async fn stock_rows(pool: &PgPool, products: &[i64]) -> Result<Vec<StockRow>, AdminError> {
-    let rows = if products.is_empty() {
-        sqlx::query("SELECT product_id, available, reserved, sold, total_added FROM stock ORDER BY product_id")
-            .fetch_all(pool)
-            .await?
-    } else {
-        sqlx::query(
-            "SELECT product_id, available, reserved, sold, total_added FROM stock WHERE product_id = ANY($1) ORDER BY product_id",
-        )
-        .bind(products)
-        .fetch_all(pool)
-        .await?
-    };
-    Ok(rows
-        .iter()
-        .map(StockRow::from_row)
-        .collect::<Result<_, _>>()?)
+    Ok(pg_store::stock_rows(pool, products).await?)
 }
 
 /// One order currently holding a reservation of a product.

@@ -21,10 +21,12 @@
 //! after names the new generation and applies once. See docs/DESIGN.md.
 
 use crate::admin::AdminError;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::time::Instant;
-use stock_common::events::Item;
+use stock_common::pg_store;
 use stock_common::redis_store::RedisStore;
+
+pub use stock_common::pg_store::Snapshot;
 
 /// What a rebuild loaded.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -36,15 +38,6 @@ pub struct RebuildReport {
     pub held: usize,
     /// How long selling was stopped.
     pub stopped_ms: u128,
-}
-
-/// What Redis is loaded from: one snapshot, taken with the generation advanced.
-pub struct Snapshot {
-    pub gen: i64,
-    /// (product, available)
-    pub stock: Vec<(i64, i64)>,
-    /// (order id, token, items) of every order still `reserved`.
-    pub held: Vec<(String, String, Vec<Item>)>,
 }
 
 /// The whole rebuild (module docs). On error selling stays stopped; run it again.
@@ -66,10 +59,7 @@ pub async fn load(
     redis
         .load_generation(snap.gen, &snap.stock, &snap.held)
         .await?;
-    sqlx::query("UPDATE redis_generation SET loading = false WHERE gen = $1")
-        .bind(snap.gen)
-        .execute(pool)
-        .await?;
+    pg_store::finish_loading(pool, snap.gen).await?;
     let report = RebuildReport {
         generation: snap.gen,
         products: snap.stock.len(),
@@ -89,48 +79,13 @@ pub async fn load(
 /// change PostgreSQL committed in `gen` is then missing from its snapshot, and must wait
 /// for the load to reach Redis.
 pub async fn loading(pool: &PgPool, gen: i64) -> Result<bool, sqlx::Error> {
-    let (current, loading): (i64, bool) =
-        sqlx::query_as("SELECT gen, loading FROM redis_generation")
-            .fetch_one(pool)
-            .await?;
-    Ok(current == gen && loading)
+    let current = pg_store::generation(pool).await?;
+    Ok(current.gen == gen && current.loading)
 }
 
 /// Step 2 of [`rebuild`]: advances `redis_generation` and reads what Redis is loaded
-/// from, in one REPEATABLE READ transaction whose snapshot is taken after the lock.
+/// from, in one REPEATABLE READ transaction whose snapshot is taken after the lock
+/// ([`pg_store::fence_and_snapshot`]).
 pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, AdminError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *tx)
-        .await?;
-    // Before any query, so that the snapshot is taken under the lock (PostgreSQL freezes a
-    // REPEATABLE READ view at the first query or data change, not at LOCK).
-    sqlx::query("LOCK TABLE redis_generation IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let gen: i64 = sqlx::query_scalar(
-        "UPDATE redis_generation SET gen = gen + 1, loading = true RETURNING gen",
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let stock = sqlx::query("SELECT product_id, available FROM stock ORDER BY product_id")
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<Vec<(i64, i64)>, sqlx::Error>>()?;
-    let rows = sqlx::query(
-        "SELECT order_id, coalesce(token, ''), items::text FROM order_ledger WHERE status = 'reserved'",
-    )
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let mut held = Vec::with_capacity(rows.len());
-    for r in rows {
-        let id: String = r.try_get(0)?;
-        let items: Vec<Item> = serde_json::from_str(r.try_get::<&str, _>(2)?)
-            .map_err(|e| AdminError::Invalid(format!("ledger items of {id}: {e}")))?;
-        held.push((id, r.try_get(1)?, items));
-    }
-    Ok(Snapshot { gen, stock, held })
+    Ok(pg_store::fence_and_snapshot(pool).await?)
 }
