@@ -89,6 +89,7 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     .await?;
     store::apply_deltas(&mut tx, &deltas).await?;
     store::insert_movements(&mut tx, &movements).await?;
+    stock_common::failpoint!("consumer.expiry.before_commit");
     tx.commit().await?;
     stock_common::failpoint!("consumer.expiry.after_release");
     Ok(due.len())
