@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 use stock_common::events::{Compensation, CompensationCause, Item, Reason, Status, StockResult};
-use stock_common::redis_store::{EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
+use stock_common::redis_store::{stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
 use stock_e2e::harness::{
     cancelled, conflicting, created, created_outcomes, paid, Outcomes, ResultCollector,
 };
@@ -52,6 +52,8 @@ const SHORT_TTL: &str = "2s";
 const STOP_TTL: &str = "8s";
 /// How a failpoint's `return` ends a process.
 const SIGABRT: i32 = 6;
+/// What `stock:{1}` holds while the sold-out case checks that only the guard decides.
+const UNREADABLE: &str = "unreadable";
 
 /// What the load asks besides `order_created`.
 #[derive(Clone, Copy, PartialEq)]
@@ -196,7 +198,8 @@ enum AtCrash {
     /// decided; the batch had more.
     FirstTripAnswered,
     /// The crashed batch recorded sold-out refusals through the guard (its epoch was
-    /// still the one the marker was learnt in), and none of them has a result yet.
+    /// still the one the marker was learnt in, and product 1's stock could not be read),
+    /// and none of them has a result yet.
     GuardedRefusals,
 }
 
@@ -385,6 +388,16 @@ async fn crash(case: Case) {
                 "the order for the sold-out product answered"
             );
             epoch_before = Some(stock_epoch(&env).await);
+            // Product 1's stock made unreadable (not an integer), the epoch left alone: an
+            // order for it that read stock would stay undecided (`corrupt`, no record), so
+            // a refusal recorded for it now can only be the guard's. Put back before the
+            // restart.
+            let _: () = env
+                .store
+                .connection()
+                .set(stock_key(1), UNREADABLE)
+                .await
+                .expect("set");
             list.push(pre);
         }
         env.send_orders(msgs).await;
@@ -439,6 +452,10 @@ async fn crash(case: Case) {
                 "the stock epoch is the one the marker was learnt in, so the crashed batch \
                  refused product 1's orders by the guard"
             );
+            let mut conn = env.store.connection();
+            let raw: String = conn.get(stock_key(1)).await.expect("get");
+            assert_eq!(raw, UNREADABLE, "no stock was added to product 1");
+            let _: () = conn.set(stock_key(1), 0).await.expect("set");
             let records = order_records(&env).await;
             let guarded: Vec<&Order> = list
                 .iter()
