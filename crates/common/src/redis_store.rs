@@ -435,6 +435,7 @@ impl RedisStore {
             sizes.push(call.len());
         }
         let calls: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        crate::failpoint!("producer.mid_redis");
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
         }

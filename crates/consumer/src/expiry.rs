@@ -67,6 +67,7 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     pg_store::release_expired(&mut tx, &due_ids, gen).await?;
     pg_store::apply_deltas(&mut tx, &deltas).await?;
     pg_store::insert_movements(&mut tx, &movements).await?;
+    stock_common::failpoint!("consumer.expiry.before_commit");
     tx.commit().await?;
     stock_common::failpoint!("consumer.expiry.after_release");
     Ok(due.len())

@@ -80,6 +80,7 @@ pub async fn apply_batch(
     update_orders(&mut tx, &plan.updates).await?;
     apply_deltas(&mut tx, &plan.deltas).await?;
     insert_movements(&mut tx, &plan.movements).await?;
+    stock_common::failpoint!("consumer.before_commit");
     tx.commit().await?;
     Ok(plan)
 }

@@ -1,10 +1,14 @@
-//! Every crash window of `docs/DESIGN.md` that has a failpoint, crashed on purpose (issue 9).
+//! Every crash window of `docs/DESIGN.md`, crashed (or stalled) on purpose at its failpoint
+//! (issue 9).
 //!
-//! Each test starts the worker under test as a process with `FAILPOINTS=<name>=1*return`
-//! (abort at the first hit, like `kill -9` there), the other worker as usual, and sends a
-//! small load with scarce stock (plus pays and cancels, or a short reservation TTL for the
-//! sweeper's windows; for restore.lua's window the producer starts with only the sweeper's
-//! compensations waiting). Once the worker has died at the point, it is restarted without
+//! Each worker test starts the worker under test as a process with
+//! `FAILPOINTS=<name>=1*return` (abort at the first hit, like `kill -9` there), the other
+//! worker as usual, and sends a small load with scarce stock (plus pays and cancels, or a
+//! short reservation TTL for the sweeper's windows; for the compensation windows the
+//! producer starts with only the sweeper's compensations waiting). Some cases shape the
+//! load so that the crash must hit the window it names ([`Case`], [`AtCrash`]): a first
+//! batch of three round trips, a batch of guarded sold-out refusals, compensations read
+//! but not applied. Once the worker has died at the point, it is restarted without
 //! failpoints; when every order has its outcomes and the pipeline is idle, the test checks:
 //! * the process died by the failpoint's abort (SIGABRT, and its log names the point);
 //! * every `order_created` has exactly one distinct outcome, and every result that came
@@ -13,16 +17,26 @@
 //!   released as the ledger says), and every expired release is announced;
 //! * stock is conserved and never negative, and Redis `stock:{p}` equals `available`.
 //!
-//! The worker binaries must carry the failpoints: `cargo build --workspace --bins` builds
+//! The rebuild's windows: `stockctl rebuild` dies at `rebuild.after_stop` or
+//! `rebuild.after_fence` while both workers run; selling must stay stopped until a
+//! rebuild run without failpoints finishes, then the same checks. The generation
+//! protocol's window: a producer stalled (`sleep`) between its scripts and its deliveries
+//! across a whole rebuild.
+//!
+//! The binaries must carry the failpoints: `cargo build --workspace --bins` builds
 //! them so (stock-e2e enables `stock-common/failpoints`); `cargo build -p stock-producer`
 //! does not.
 
+use redis::AsyncCommands;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
-use stock_common::events::{Item, Reason, Status, StockResult};
-use stock_e2e::harness::{cancelled, conflicting, created, created_outcomes, paid, Outcomes};
-use stock_e2e::{wait_until, TestEnv, WorkerProcess};
+use stock_common::events::{Compensation, CompensationCause, Item, Reason, Status, StockResult};
+use stock_common::redis_store::{stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
+use stock_e2e::harness::{
+    cancelled, conflicting, created, created_outcomes, paid, Outcomes, ResultCollector,
+};
+use stock_e2e::{binary, end_offsets_total, read_topic, wait_until, TestEnv, WorkerProcess};
 
 const ORDERS: usize = 200;
 const PRODUCTS: i64 = 4;
@@ -36,6 +50,10 @@ const SHORT_TTL: &str = "2s";
 /// Reservation TTL while the producer is to be stopped before the releases: time enough
 /// for every order's outcome and a clean stop.
 const STOP_TTL: &str = "8s";
+/// How a failpoint's `return` ends a process.
+const SIGABRT: i32 = 6;
+/// What `stock:{1}` holds while the sold-out case checks that only the guard decides.
+const UNREADABLE: &str = "unreadable";
 
 /// What the load asks besides `order_created`.
 #[derive(Clone, Copy, PartialEq)]
@@ -66,15 +84,19 @@ enum FollowUp {
 
 struct Order {
     id: String,
+    /// Its place in the load (`fp-<index>`).
+    index: usize,
+    /// The product of its first item (the one a sold-out refusal names).
+    first_product: i64,
     follow_up: FollowUp,
 }
 
-/// The load: `ORDERS` orders on `PRODUCTS` products (every fifth on two), 1 or 2 units
-/// each, against `STOCK_EACH` units per product: most are refused, in Redis.
-fn orders(load: Load) -> (Vec<Order>, Vec<(String, Vec<u8>)>) {
-    let mut list = Vec::with_capacity(ORDERS);
-    let mut msgs = Vec::with_capacity(ORDERS * 2);
-    for i in 0..ORDERS {
+/// The load: `n` orders on `PRODUCTS` products (every fifth on two), 1 or 2 units each,
+/// against `STOCK_EACH` units per product: most are refused, in Redis.
+fn orders(load: Load, n: usize) -> (Vec<Order>, Vec<(String, Vec<u8>)>) {
+    let mut list = Vec::with_capacity(n);
+    let mut msgs = Vec::with_capacity(n * 2);
+    for i in 0..n {
         let id = format!("fp-{i}");
         let p = 1 + (i as i64 % PRODUCTS);
         let mut items = vec![Item {
@@ -100,7 +122,12 @@ fn orders(load: Load) -> (Vec<Order>, Vec<(String, Vec<u8>)>) {
             FollowUp::Cancel => msgs.push((id.clone(), cancelled(&id))),
             FollowUp::None => {}
         }
-        list.push(Order { id, follow_up });
+        list.push(Order {
+            id,
+            index: i,
+            first_product: p,
+            follow_up,
+        });
     }
     (list, msgs)
 }
@@ -137,11 +164,148 @@ fn answered(order: &Order, results: &[StockResult], load: Load) -> bool {
     !(load.expires() && outcome.status == Status::Reserved && !settled)
 }
 
+/// One crash test: who dies where, armed how, under what load.
+#[derive(Clone, Copy)]
+struct Case {
+    victim: &'static str,
+    failpoint: &'static str,
+    /// The fail crate's actions for the point (`1*return`: crash at its first hit).
+    actions: &'static str,
+    load: Load,
+    /// How many orders the load has.
+    orders: usize,
+    /// More environment for the victim's first run (the one that crashes).
+    victim_env: &'static [(&'static str, &'static str)],
+    /// The whole load is in `orders` before the victim starts, so its first batch holds
+    /// as much of it as `BATCH_SIZE` allows.
+    sent_first: bool,
+    /// Product 1 starts at 0 stock, and one order for it (`fp-pre`) is answered before the
+    /// load: the victim producer's sold-out marker knows product 1, so the load's orders
+    /// whose first item it is are refused by the guard.
+    sold_out_first: bool,
+    /// What the test checks once the victim died, before restarting it.
+    at_crash: AtCrash,
+}
+
+/// What must hold at the moment of the crash, which tells that the crash hit the window.
+#[derive(Clone, Copy, PartialEq)]
+enum AtCrash {
+    /// Only the abort itself.
+    Abort,
+    /// Redis got none of the waiting compensations (`Load::Compensations`).
+    NothingRestored,
+    /// The first round trip of the batch was answered: at least [`PIPELINE_CHUNK`] orders
+    /// decided; the batch had more.
+    FirstTripAnswered,
+    /// The crashed batch recorded sold-out refusals through the guard (its epoch was
+    /// still the one the marker was learnt in, and product 1's stock could not be read),
+    /// and none of them has a result yet.
+    GuardedRefusals,
+}
+
+impl Case {
+    const fn new(victim: &'static str, failpoint: &'static str, load: Load) -> Case {
+        Case {
+            victim,
+            failpoint,
+            actions: "1*return",
+            load,
+            orders: ORDERS,
+            victim_env: &[],
+            sent_first: false,
+            sold_out_first: false,
+            at_crash: AtCrash::Abort,
+        }
+    }
+}
+
 /// Crashes `victim` at `failpoint` under `load`, restarts it, and checks the guarantees.
-async fn crash_at(victim: &str, failpoint: &str, load: Load) {
+async fn crash_at(victim: &'static str, failpoint: &'static str, load: Load) {
+    crash(Case::new(victim, failpoint, load)).await;
+}
+
+/// The sum of `stock:{p}` over `products` (missing keys count 0).
+async fn redis_total(env: &TestEnv, products: &[i64]) -> i64 {
+    env.store
+        .stock_levels(products)
+        .await
+        .expect("redis")
+        .iter()
+        .flatten()
+        .sum()
+}
+
+/// Every order record in Redis: order id → record as stored.
+async fn order_records(env: &TestEnv) -> HashMap<String, String> {
+    let mut conn = env.store.connection();
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter: redis::AsyncIter<String> =
+            conn.scan_match("stockpipe:order:*").await.expect("scan");
+        while let Some(k) = iter.next_item().await {
+            keys.push(k.expect("scan"));
+        }
+    }
+    if keys.is_empty() {
+        return HashMap::new();
+    }
+    let values: Vec<Option<String>> = conn.mget(&keys).await.expect("mget");
+    keys.into_iter()
+        .zip(values)
+        .filter_map(|(k, v)| {
+            let id = k.strip_prefix("stockpipe:order:")?.to_owned();
+            Some((id, v?))
+        })
+        .collect()
+}
+
+/// The sold-out marker's epoch as reserve.lua computes it: `<loaded marker>#<counter>`.
+async fn stock_epoch(env: &TestEnv) -> String {
+    let mut conn = env.store.connection();
+    let marker: Option<String> = conn.get(LOADED_KEY).await.expect("get");
+    let counter: Option<String> = conn.get(EPOCH_KEY).await.expect("get");
+    format!(
+        "{}#{}",
+        marker.expect("redis loaded"),
+        counter.unwrap_or_else(|| "0".into())
+    )
+}
+
+/// Waits until `proc` logged that its failpoints are compiled in.
+async fn wait_armed(proc: &WorkerProcess) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !proc.log_text().contains("failpoints compiled in") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} was built without failpoints: build the binaries with \
+             `cargo build --workspace --bins` (log: {})",
+            proc.name,
+            proc.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Crashes the victim as `case` says, restarts it, and checks the guarantees.
+async fn crash(case: Case) {
+    let Case {
+        victim,
+        failpoint,
+        load,
+        ..
+    } = case;
     let _slot = SLOTS.acquire().await.expect("semaphore never closed");
     let env = TestEnv::new().await;
-    let stock: Vec<(i64, i64)> = (1..=PRODUCTS).map(|p| (p, STOCK_EACH)).collect();
+    let stock: Vec<(i64, i64)> = (1..=PRODUCTS)
+        .map(|p| {
+            let n = if case.sold_out_first && p == 1 {
+                0
+            } else {
+                STOCK_EACH
+            };
+            (p, n)
+        })
+        .collect();
     env.load_stock(&stock).await;
     let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
     let consumer_extra: &[(&str, &str)] = match load {
@@ -156,7 +320,9 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
             &[]
         }
     };
-    let armed = format!("{failpoint}=1*return");
+    let armed = format!("{failpoint}={}", case.actions);
+    let mut victim_env: Vec<(&str, &str)> = extra(victim).to_vec();
+    victim_env.extend_from_slice(case.victim_env);
 
     let other = if victim == "producer" {
         "consumer"
@@ -165,7 +331,9 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
     };
     let other_proc = spawn(&env, other, "", extra(other));
     let collector = env.collector();
-    let (list, msgs) = orders(load);
+    let (mut list, msgs) = orders(load, case.orders);
+    let mut redis_before = None;
+    let mut epoch_before = None;
     let mut crashing = if load == Load::Compensations {
         assert_eq!(victim, "producer", "compensations are the producer's");
         let first = spawn(&env, victim, "", extra(victim));
@@ -183,14 +351,7 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
                 .all(|ord| o.get(&ord.id).is_some_and(|rs| answered(ord, rs, load)))
         });
         assert!(released_all.await, "every reservation expires");
-        let short: i64 = env
-            .store
-            .stock_levels(&products)
-            .await
-            .expect("redis")
-            .iter()
-            .flatten()
-            .sum();
+        let short = redis_total(&env, &products).await;
         let rows = stockctl::admin::stock_rows(&env.pool, &products)
             .await
             .expect("rows");
@@ -199,24 +360,52 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
             short < available,
             "compensations wait for the producer (Redis {short} < available {available})"
         );
-        spawn(&env, victim, &armed, extra(victim))
+        redis_before = Some(short);
+        spawn(&env, victim, &armed, &victim_env)
+    } else if case.sent_first {
+        env.send_orders(msgs).await;
+        spawn(&env, victim, &armed, &victim_env)
     } else {
-        let crashing = spawn(&env, victim, &armed, extra(victim));
+        let crashing = spawn(&env, victim, &armed, &victim_env);
+        if case.sold_out_first {
+            assert_eq!(victim, "producer", "the sold-out marker is the producer's");
+            // Its first batch: product 1 seen at 0 (the point's first hit is `off`).
+            let pre = Order {
+                id: "fp-pre".into(),
+                index: usize::MAX,
+                first_product: 1,
+                follow_up: FollowUp::None,
+            };
+            let item = Item {
+                product_id: 1,
+                quantity: 1,
+            };
+            env.send_orders(vec![(pre.id.clone(), created(&pre.id, &[item]))])
+                .await;
+            let ids = HashSet::from([pre.id.clone()]);
+            assert!(
+                collector.wait_for(&ids, 1, Duration::from_secs(60)).await,
+                "the order for the sold-out product answered"
+            );
+            epoch_before = Some(stock_epoch(&env).await);
+            // Product 1's stock made unreadable (not an integer), the epoch left alone: an
+            // order for it that read stock would stay undecided (`corrupt`, no record), so
+            // a refusal recorded for it now can only be the guard's. Put back before the
+            // restart.
+            let _: () = env
+                .store
+                .connection()
+                .set(stock_key(1), UNREADABLE)
+                .await
+                .expect("set");
+            list.push(pre);
+        }
         env.send_orders(msgs).await;
         crashing
     };
 
     // The binary has failpoints (logged at start), and the victim dies at the point.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !crashing.log_text().contains("failpoints compiled in") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{victim} was built without failpoints: build the workers with \
-             `cargo build --workspace --bins` (log: {})",
-            crashing.log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_armed(&crashing).await;
     let Some(status) = crashing.exit_status(CRASH_DEADLINE).await else {
         panic!(
             "{victim} did not reach {failpoint} within {CRASH_DEADLINE:?} (log: {})",
@@ -224,7 +413,6 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
         );
     };
     let log = crashing.log_text();
-    const SIGABRT: i32 = 6;
     assert_eq!(
         status.signal(),
         Some(SIGABRT),
@@ -236,10 +424,89 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
         "{victim}'s log names the failpoint: {}",
         crashing.log.display()
     );
-    let seen_at_crash = collector.snapshot().len();
+    let seen_at_crash = collector.snapshot();
+    match case.at_crash {
+        AtCrash::Abort => {}
+        AtCrash::NothingRestored => {
+            let now = redis_total(&env, &products).await;
+            assert_eq!(
+                Some(now),
+                redis_before,
+                "the compensations were read but none applied when {victim} died"
+            );
+        }
+        AtCrash::FirstTripAnswered => {
+            let decided = order_records(&env).await.len();
+            assert!(
+                decided >= PIPELINE_CHUNK && case.orders > PIPELINE_CHUNK,
+                "the crashed batch's first round trip ({PIPELINE_CHUNK} orders) was answered: \
+                 {decided} records of {} orders",
+                case.orders
+            );
+            tracing::info!(decided, orders = case.orders, "orders decided at the crash");
+        }
+        AtCrash::GuardedRefusals => {
+            assert_eq!(
+                Some(stock_epoch(&env).await),
+                epoch_before,
+                "the stock epoch is the one the marker was learnt in, so the crashed batch \
+                 refused product 1's orders by the guard"
+            );
+            let mut conn = env.store.connection();
+            let raw: String = conn.get(stock_key(1)).await.expect("get");
+            assert_eq!(raw, UNREADABLE, "no stock was added to product 1");
+            let _: () = conn.set(stock_key(1), 0).await.expect("set");
+            let records = order_records(&env).await;
+            let guarded: Vec<&Order> = list
+                .iter()
+                .filter(|o| o.first_product == 1 && o.id != "fp-pre")
+                .filter(|o| records.contains_key(&o.id))
+                .collect();
+            assert!(
+                !guarded.is_empty(),
+                "the crashed batch held orders whose first item is the sold-out product"
+            );
+            for o in guarded {
+                assert_eq!(records[&o.id], "X|insufficient_stock|1", "{}", o.id);
+                assert!(
+                    !seen_at_crash.contains_key(&o.id),
+                    "{}: a guarded refusal's result is not delivered before the crash",
+                    o.id
+                );
+            }
+        }
+    }
 
     // Restarted without failpoints, the pipeline answers everything and goes idle.
     let restarted = spawn(&env, victim, "", extra(victim));
+    let label = format!("{victim} at {failpoint}");
+    settle_and_check(
+        &env,
+        collector,
+        &list,
+        load,
+        &products,
+        vec![restarted, other_proc],
+    )
+    .await;
+    tracing::info!(
+        %label,
+        seen_at_crash = seen_at_crash.len(),
+        "failpoint test passed"
+    );
+    env.cleanup().await;
+}
+
+/// Once the load is sent: waits until every order has all its results and the pipeline is
+/// idle, stops `procs` (each must exit cleanly), and checks every guarantee.
+async fn settle_and_check(
+    env: &TestEnv,
+    collector: ResultCollector,
+    list: &[Order],
+    load: Load,
+    products: &[i64],
+    procs: Vec<WorkerProcess>,
+) {
     let all_answered = wait_until(|| async {
         let o = collector.snapshot();
         list.iter()
@@ -253,29 +520,156 @@ async fn crash_at(victim: &str, failpoint: &str, load: Load) {
     // A compensation may still be on its way when the last result is read: guarantee 3
     // is for "no compensation in flight", so give it that moment before asserting.
     let consistent = wait_until(|| async {
-        stockctl::admin::check_invariants(&env.pool, &env.store, &products)
+        stockctl::admin::check_invariants(&env.pool, &env.store, products)
             .await
             .is_ok_and(|v| v.is_empty())
     })
     .await;
-    assert!(restarted.terminate(), "{victim} exits cleanly on SIGTERM");
-    assert!(other_proc.terminate(), "{other} exits cleanly on SIGTERM");
+    for p in procs {
+        let name = p.name.clone();
+        assert!(p.terminate(), "{name} exits cleanly on SIGTERM");
+    }
     if !consistent {
-        env.assert_invariants(&products).await;
+        env.assert_invariants(products).await;
     }
 
     let outcomes = collector.snapshot();
     collector.stop().await;
-    check_results(&env, &list, &outcomes, load).await;
-    env.assert_invariants(&products).await;
+    check_results(env, list, &outcomes, load).await;
+    env.assert_invariants(products).await;
     let results: usize = outcomes.values().map(Vec::len).sum();
-    tracing::info!(
-        victim,
-        failpoint,
-        seen_at_crash,
-        results,
-        "failpoint test passed"
+    tracing::info!(results, "guarantees hold");
+}
+
+/// `stockctl rebuild` run as a process with `failpoints` armed: how it ended, and its
+/// stdout and stderr.
+async fn stockctl_rebuild(env: &TestEnv, failpoints: &str) -> (std::process::ExitStatus, String) {
+    let mut vars = env.process_env("stockctl");
+    vars.push(("FAILPOINTS".into(), failpoints.into()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(binary("stockctl"))
+            .arg("rebuild")
+            .envs(vars)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run stockctl")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    (out.status, text)
+}
+
+/// PostgreSQL's `redis_generation`: (generation, loading).
+async fn generation(env: &TestEnv) -> (i64, bool) {
+    sqlx::query_as("SELECT gen, loading FROM redis_generation")
+        .fetch_one(&env.pool)
+        .await
+        .expect("redis_generation")
+}
+
+/// While both workers run and orders flow, `stockctl rebuild` dies at `failpoint`:
+/// selling stays stopped (new orders get no outcome, the loaded marker is absent) until
+/// `stockctl rebuild` runs again; then, once idle, every guarantee holds.
+async fn rebuild_dies_at(failpoint: &str) {
+    let _slot = SLOTS.acquire().await.expect("semaphore never closed");
+    let env = TestEnv::new().await;
+    let stock: Vec<(i64, i64)> = (1..=PRODUCTS).map(|p| (p, STOCK_EACH)).collect();
+    env.load_stock(&stock).await;
+    let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
+    let load = Load::PayAndCancel;
+    let producer = spawn(&env, "producer", "", &[]);
+    let consumer = spawn(&env, "consumer", "", &[]);
+    let collector = env.collector();
+    let (list, msgs) = orders(load, ORDERS);
+    let (early, late): (Vec<&Order>, Vec<&Order>) = list.iter().partition(|o| o.index < ORDERS / 2);
+    let late_ids: HashSet<&str> = late.iter().map(|o| o.id.as_str()).collect();
+    let (late_msgs, early_msgs): (Vec<_>, Vec<_>) = msgs
+        .into_iter()
+        .partition(|(id, _)| late_ids.contains(id.as_str()));
+
+    // The first half flows: some reserved, some paid or cancelled, some still in flight.
+    env.send_orders(early_msgs).await;
+    assert!(
+        collector
+            .wait_for_count(early.len() / 4, Duration::from_secs(60))
+            .await,
+        "orders flow"
+    );
+    let (gen0, loading0) = generation(&env).await;
+    assert!(!loading0, "the first load finished");
+    let (status, text) = stockctl_rebuild(&env, &format!("{failpoint}=1*return")).await;
+    assert!(
+        text.contains("failpoints compiled in"),
+        "stockctl was built without failpoints: build with `cargo build --workspace --bins`: \
+         {text}"
+    );
+    assert_eq!(
+        status.signal(),
+        Some(SIGABRT),
+        "stockctl aborted at {failpoint}, exit status {status:?}: {text}"
+    );
+    assert!(
+        text.contains(&format!("failpoint {failpoint}: crash")),
+        "stockctl names the failpoint: {text}"
+    );
+    let (gen1, loading1) = generation(&env).await;
+    match failpoint {
+        "rebuild.after_stop" => assert_eq!(
+            (gen1, loading1),
+            (gen0, false),
+            "died before the fence: generation not advanced"
+        ),
+        "rebuild.after_fence" => assert_eq!(
+            (gen1, loading1),
+            (gen0 + 1, true),
+            "died after the fence: generation advanced, loading"
+        ),
+        other => panic!("not a rebuild failpoint: {other}"),
+    }
+
+    // Selling stays stopped: the second half gets no outcome while Redis is not loaded.
+    env.send_orders(late_msgs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !env.store.is_loaded().await.expect("redis"),
+        "{LOADED_KEY} stays absent until a rebuild finishes"
+    );
+    let o = collector.snapshot();
+    let sold: Vec<&str> = late
+        .iter()
+        .filter(|ord| o.contains_key(&ord.id))
+        .map(|ord| ord.id.as_str())
+        .collect();
+    assert!(
+        sold.is_empty(),
+        "no outcome while Redis is not loaded: {sold:?}"
+    );
+
+    // Run again without failpoints: it finishes, in a generation of its own.
+    let (status, text) = stockctl_rebuild(&env, "").await;
+    assert!(status.success(), "stockctl rebuild: {status:?}: {text}");
+    assert_eq!(
+        generation(&env).await,
+        (gen1 + 1, false),
+        "the second rebuild advanced the generation once more"
+    );
+    assert!(env.store.is_loaded().await.expect("redis"), "selling again");
+
+    settle_and_check(
+        &env,
+        collector,
+        &list,
+        load,
+        &products,
+        vec![producer, consumer],
+    )
+    .await;
+    tracing::info!(failpoint, "rebuild failpoint test passed");
     env.cleanup().await;
 }
 
@@ -398,4 +792,158 @@ async fn expiry_after_announce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_after_restore() {
     crash_at("producer", "producer.after_step", Load::Compensations).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_before_step() {
+    crash_at("producer", "producer.before_step", Load::PayAndCancel).await;
+}
+
+/// The first batch holds every order (1,200: three round trips of reserve scripts), and the
+/// producer dies when the first round trip's answer is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_mid_redis() {
+    crash(Case {
+        orders: 1200,
+        victim_env: &[("BATCH_SIZE", "2000"), ("BATCH_LINGER", "1s")],
+        sent_first: true,
+        at_crash: AtCrash::FirstTripAnswered,
+        ..Case::new("producer", "producer.mid_redis", Load::PayAndCancel)
+    })
+    .await;
+}
+
+/// Product 1 is sold out and the producer knows it from its first batch; it dies after
+/// the scripts of its second batch, which refused product 1's orders by the guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_sold_out_refusal() {
+    crash(Case {
+        actions: "1*off->1*return",
+        sold_out_first: true,
+        at_crash: AtCrash::GuardedRefusals,
+        ..Case::new("producer", "producer.after_step", Load::PayAndCancel)
+    })
+    .await;
+}
+
+/// Compensations delivered (the sweeper's, while the producer was down) and read by the
+/// producer, which dies before any restore script ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_not_applied() {
+    crash(Case {
+        at_crash: AtCrash::NothingRestored,
+        ..Case::new("producer", "producer.before_step", Load::Compensations)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_before_commit() {
+    crash_at("consumer", "consumer.before_commit", Load::PayAndCancel).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_before_commit() {
+    crash_at("consumer", "consumer.expiry.before_commit", Load::Expiry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_after_stop() {
+    rebuild_dies_at("rebuild.after_stop").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_after_fence() {
+    rebuild_dies_at("rebuild.after_fence").await;
+}
+
+/// The generation protocol's window: the producer stalls between its first batch's
+/// scripts and their deliveries (`producer.after_step=1*sleep(5000)`), and `stockctl
+/// rebuild` runs during the stall. The stalled pre-deductions name the old generation and
+/// PostgreSQL had not applied them: the consumer applies none of them and asks for the
+/// orders to be decided again (`redecide`), in the new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_stalled_across_rebuild() {
+    const STALL: Duration = Duration::from_millis(5000);
+    let _slot = SLOTS.acquire().await.expect("semaphore never closed");
+    let env = TestEnv::new().await;
+    let stock: Vec<(i64, i64)> = (1..=PRODUCTS).map(|p| (p, STOCK_EACH)).collect();
+    env.load_stock(&stock).await;
+    let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
+    let load = Load::PayAndCancel;
+    let consumer = spawn(&env, "consumer", "", &[]);
+    let collector = env.collector();
+    let armed = format!("producer.after_step=1*sleep({})", STALL.as_millis());
+    let producer = spawn(&env, "producer", &armed, &[]);
+    wait_armed(&producer).await;
+    let (list, msgs) = orders(load, ORDERS);
+    env.send_orders(msgs).await;
+
+    // The first batch's scripts ran (its records are in Redis); the producer now stalls
+    // before publishing anything of it.
+    let mut decided = HashMap::new();
+    let deadline = tokio::time::Instant::now() + CRASH_DEADLINE;
+    while decided.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the producer decided nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        decided = order_records(&env).await;
+    }
+    let stalled_at = tokio::time::Instant::now();
+    let (gen0, _) = generation(&env).await;
+    let (status, text) = stockctl_rebuild(&env, "").await;
+    let took = stalled_at.elapsed();
+    assert!(status.success(), "stockctl rebuild: {status:?}: {text}");
+    assert!(
+        took + Duration::from_millis(500) < STALL,
+        "the rebuild finished within the producer's stall (took {took:?})"
+    );
+    assert_eq!(
+        generation(&env).await,
+        (gen0 + 1, false),
+        "a new generation"
+    );
+    let held = decided.values().filter(|r| r.starts_with("R|")).count();
+    assert!(
+        held > 0,
+        "the stalled batch pre-deducted stock: {decided:?}"
+    );
+    assert!(
+        collector.snapshot().is_empty(),
+        "nothing of the stalled batch was published before the rebuild"
+    );
+
+    settle_and_check(
+        &env,
+        collector,
+        &list,
+        load,
+        &products,
+        vec![producer, consumer],
+    )
+    .await;
+    // The stalled pre-deductions came back to the producer to be decided again.
+    let n = end_offsets_total(&env.kafka, &env.topics.compensate, env.partitions);
+    let redecided = read_topic(
+        &env.kafka,
+        &env.topics.compensate,
+        n as usize,
+        Duration::from_secs(30),
+    )
+    .await
+    .iter()
+    .filter_map(|m| {
+        use rdkafka::Message;
+        serde_json::from_slice::<Compensation>(m.payload()?).ok()
+    })
+    .filter(|c| c.cause == CompensationCause::Redecide)
+    .count();
+    assert!(
+        redecided >= held,
+        "each of the {held} stalled pre-deductions was sent back to be decided again \
+         ({redecided} redecides)"
+    );
+    env.cleanup().await;
 }

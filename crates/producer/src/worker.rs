@@ -214,6 +214,7 @@ impl Worker {
         &self,
         msgs: &[OwnedMessage],
     ) -> Result<(BatchSummary, Vec<OutMessage>), StepError> {
+        stock_common::failpoint!("producer.before_step");
         let inputs: Vec<Input> = msgs
             .iter()
             .map(|m| {

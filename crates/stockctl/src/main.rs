@@ -104,6 +104,7 @@ enum Cmd {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     stock_common::telemetry::init(cli.log.format);
+    let _failpoints = stock_common::failpoint::setup();
     match run(cli).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),

@@ -44,8 +44,10 @@ pub struct RebuildReport {
 pub async fn rebuild(pool: &PgPool, redis: &RedisStore) -> Result<RebuildReport, AdminError> {
     let started = Instant::now();
     redis.stop_selling().await?;
+    stock_common::failpoint!("rebuild.after_stop");
     tracing::warn!("selling stopped: loading Redis from PostgreSQL");
     let snap = fence_and_snapshot(pool).await?;
+    stock_common::failpoint!("rebuild.after_fence");
     load(pool, redis, &snap, started).await
 }
 
