@@ -2,7 +2,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use stock_common::config::{DatabaseArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
 use stock_common::redis_store::RedisStore;
-use stockctl::{admin, demo};
+use stockctl::admin;
 
 /// Operators' tool for the stock pipeline.
 ///
@@ -96,8 +96,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run both workers against a demo load and print a summary.
-    Demo(demo::DemoArgs),
 }
 
 #[tokio::main]
@@ -206,7 +204,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print_check(&r, *repair, *json)?;
             return Ok(r.clean());
         }
-        Cmd::Demo(args) => return demo::run(&cli.kafka, &cli.db, &cli.redis, args).await,
     }
     Ok(true)
 }
@@ -367,7 +364,5 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
-        stock_producer::ProducerArgs::command().debug_assert();
-        stock_consumer::ConsumerArgs::command().debug_assert();
     }
 }
