@@ -5,6 +5,8 @@
 //! # Layout
 //! * [`harness`]: publish order events and collect results, as the order service would.
 //! * [`rng`]: the seeded generator of demo, nemesis and benchmark loads.
+//! * [`topics`]: deleting a run's topics; reading topics, watermarks and committed offsets
+//!   from outside the pipeline.
 //! * [`worker_args`]: worker settings built from the binaries' own clap definitions and
 //!   defaults, with per-use overrides as flags; for workers in this process and for child
 //!   processes alike.
@@ -14,4 +16,5 @@
 pub mod demo;
 pub mod harness;
 pub mod rng;
+pub mod topics;
 pub mod worker_args;

@@ -248,7 +248,7 @@ impl TestEnv {
     /// Drops the test database (topics and the Redis database are left; Redis databases
     /// are flushed when reused).
     pub async fn cleanup(self) {
-        if let Err(e) = stock_common::kafka::delete_topics(&self.kafka, &self.topics.all()).await {
+        if let Err(e) = stock_devkit::topics::delete_topics(&self.kafka, &self.topics.all()).await {
             eprintln!("could not delete the test's topics: {e}");
         }
         self.pool.close().await;

@@ -694,8 +694,8 @@ async fn wait_idle(
                 (&pg, &env.topics.compensate),
                 (&cg, &env.topics.deduct),
             ] {
-                let end = stock_common::kafka::end_offsets(&env.kafka, topic)?;
-                let committed = stock_common::kafka::committed_offsets(&env.kafka, group, topic)?;
+                let end = stock_devkit::topics::end_offsets(&env.kafka, topic)?;
+                let committed = stock_devkit::topics::committed_offsets(&env.kafka, group, topic)?;
                 lag += end
                     .iter()
                     .zip(&committed)
@@ -743,7 +743,7 @@ async fn observe(
     };
     let mut outcomes: HashMap<String, Vec<StockResult>> = HashMap::new();
     let (mut messages, mut unparsed) = (0usize, 0usize);
-    stock_common::kafka::read_to_end(&env.kafka, &env.topics.results, |m| {
+    stock_devkit::topics::read_to_end(&env.kafka, &env.topics.results, |m| {
         messages += 1;
         match m.payload().map(serde_json::from_slice::<StockResult>) {
             Some(Ok(r)) => outcomes.entry(r.order_id.clone()).or_default().push(r),
@@ -756,7 +756,7 @@ async fn observe(
     obs.unparsed_results = unparsed;
 
     let mut dlq = Vec::new();
-    stock_common::kafka::read_to_end(&env.kafka, &env.topics.dlq, |m| {
+    stock_devkit::topics::read_to_end(&env.kafka, &env.topics.dlq, |m| {
         let mut headers = HashMap::new();
         if let Some(h) = m.headers() {
             for hd in h.iter() {
