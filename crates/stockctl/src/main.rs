@@ -169,28 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             json,
         } => {
             let h = admin::history(&pool()?, *product, *limit).await?;
-            if *json {
-                println!("{}", serde_json::to_string(&h)?);
-            } else if h.is_empty() {
-                println!("product {product}: no stock movements");
-            } else {
-                println!(
-                    "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
-                    "at", "kind", "quantity", "avail", "reserved", "sold"
-                );
-                for m in &h {
-                    println!(
-                        "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
-                        m.at.to_rfc3339(),
-                        m.kind,
-                        m.quantity,
-                        m.available_delta,
-                        m.reserved_delta,
-                        m.sold_delta,
-                        m.reference
-                    );
-                }
-            }
+            print_history(*product, &h, *json)?;
         }
         Cmd::Rebuild => {
             let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?).await?;
@@ -260,6 +239,32 @@ fn print_change(c: &admin::StockChange, json: bool) -> anyhow::Result<()> {
              alone. Run `stockctl check` when the pipeline is idle"
         ),
         _ => {}
+    }
+    Ok(())
+}
+
+fn print_history(product: i64, h: &[admin::Movement], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(h)?);
+    } else if h.is_empty() {
+        println!("product {product}: no stock movements");
+    } else {
+        println!(
+            "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
+            "at", "kind", "quantity", "avail", "reserved", "sold"
+        );
+        for m in h {
+            println!(
+                "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
+                m.at.to_rfc3339(),
+                m.kind,
+                m.quantity,
+                m.available_delta,
+                m.reserved_delta,
+                m.sold_delta,
+                m.reference
+            );
+        }
     }
     Ok(())
 }
