@@ -1,5 +1,5 @@
 //! Reads `stock.results` from its beginning in the background, like
-//! `stockctl::harness::ResultCollector`, but also keeps when each result arrived and when
+//! `stock_devkit::harness::ResultCollector`, but also keeps when each result arrived and when
 //! the last expected order got its first one: the end of an end-to-end measurement. A
 //! closed-loop client can also [`Collector::watch`] one order and be woken by its result.
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use stock_common::config::KafkaArgs;
 use stock_common::events::StockResult;
-use stockctl::harness::Outcomes;
+use stock_devkit::harness::Outcomes;
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

@@ -32,7 +32,8 @@ use std::time::Duration;
 use stock_common::config::{parse_duration, BatchArgs};
 use stock_common::events::{Item, Reason, Status};
 use stock_common::kafka::OutMessage;
-use stockctl::{admin, harness};
+use stock_devkit::harness;
+use stockctl::admin;
 use tokio::time::Instant;
 
 #[derive(clap::Args, Clone, Debug)]

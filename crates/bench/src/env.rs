@@ -226,7 +226,7 @@ impl BenchTopics {
     }
 
     pub async fn cleanup(self) {
-        if let Err(e) = stock_common::kafka::delete_topics(&self.kafka, &self.topics.all()).await {
+        if let Err(e) = stock_devkit::topics::delete_topics(&self.kafka, &self.topics.all()).await {
             tracing::warn!(error = %e, "could not delete the bench topics");
         }
     }

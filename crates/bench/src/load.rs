@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use stock_common::events::Item;
-use stockctl::rng::Rng;
+use stock_devkit::rng::Rng;
 
 /// The hot SKU.
 pub const HOT_PRODUCT: i64 = 1;

@@ -1,16 +1,14 @@
 //! Producer and consumer workers as tasks of this process, on a [`PipelineEnv`], with the
 //! batch settings under test, each serving its metrics on a free local port (read by
-//! [`crate::worker_metrics`]). Their other settings are the binaries' defaults (environment
-//! variables such as `EXPIRY_INTERVAL` apply as they would to the binaries).
+//! [`crate::worker_metrics`]). Their other settings are the binaries' defaults, built by
+//! [`stock_devkit::worker_args`] (no environment variable applies).
 
 use crate::env::PipelineEnv;
 use crate::worker_metrics::{self, Sample};
 use anyhow::{anyhow, Context, Result};
-use clap::Parser;
-use std::time::Duration;
-use stock_common::config::{BatchArgs, LogArgs, LogFormat};
-use stock_common::metrics::MetricsArgs;
+use stock_common::config::BatchArgs;
 use stock_consumer::ConsumerArgs;
+use stock_devkit::worker_args::{self, Wiring, Worker, WorkerFlags};
 use stock_producer::ProducerArgs;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,34 +22,39 @@ pub fn consumer_group(env: &PipelineEnv) -> String {
     format!("bench-{}-consumer", env.id)
 }
 
-/// The workers' batch settings as the binaries would have them (their defaults, or the
-/// `BATCH_*` environment variables).
-pub fn default_batch() -> Result<BatchArgs> {
-    Ok(ProducerArgs::try_parse_from(["producer"])
-        .context("producer defaults")?
-        .batch)
+/// The workers' batch settings as the binaries have them by default.
+pub fn default_batch() -> BatchArgs {
+    worker_args::producer_defaults().batch
 }
 
-/// The producer's settings: its defaults (as the binary would have them, so that settings
-/// added later need no change here), with this run's connections, topics, group and batch.
+/// `worker`'s flags on this run's connections and topics, in its group, with `batch` and
+/// its metrics on `metrics_addr`.
+fn flags(env: &PipelineEnv, worker: Worker, batch: &BatchArgs, metrics_addr: &str) -> WorkerFlags {
+    let wiring = Wiring {
+        kafka: &env.kafka,
+        topics: env.topics(),
+        redis: &env.redis.args,
+        db: &env.db.args,
+    };
+    let group = match worker {
+        Worker::Producer => producer_group(env),
+        Worker::Consumer => consumer_group(env),
+    };
+    WorkerFlags::new(worker, wiring, &group)
+        .batch(batch)
+        .set("--metrics-addr", metrics_addr)
+}
+
+/// The producer's settings: its defaults, with this run's connections, topics, group and
+/// batch.
 pub fn producer_args(
     env: &PipelineEnv,
     batch: &BatchArgs,
     metrics_addr: &str,
 ) -> Result<ProducerArgs> {
-    let mut a = ProducerArgs::try_parse_from(["producer"]).context("producer defaults")?;
-    a.kafka = env.kafka.clone();
-    a.topics = env.topics().clone();
-    a.redis = env.redis.args.clone();
-    a.batch = batch.clone();
-    a.log = LogArgs {
-        format: LogFormat::Text,
-    };
-    a.metrics = MetricsArgs {
-        addr: Some(metrics_addr.to_owned()),
-    };
-    a.group = producer_group(env);
-    Ok(a)
+    flags(env, Worker::Producer, batch, metrics_addr)
+        .producer()
+        .context("producer settings")
 }
 
 /// The consumer's settings, like [`producer_args`]; the schema is already migrated.
@@ -60,21 +63,9 @@ pub fn consumer_args(
     batch: &BatchArgs,
     metrics_addr: &str,
 ) -> Result<ConsumerArgs> {
-    let mut a = ConsumerArgs::try_parse_from(["consumer"]).context("consumer defaults")?;
-    a.kafka = env.kafka.clone();
-    a.topics = env.topics().clone();
-    a.db = env.db.args.clone();
-    a.batch = batch.clone();
-    a.log = LogArgs {
-        format: LogFormat::Text,
-    };
-    a.metrics = MetricsArgs {
-        addr: Some(metrics_addr.to_owned()),
-    };
-    a.group = consumer_group(env);
-    a.reservation_ttl = Duration::from_secs(900);
-    a.migrate = false;
-    Ok(a)
+    flags(env, Worker::Consumer, batch, metrics_addr)
+        .consumer()
+        .context("consumer settings")
 }
 
 /// Running workers; [`Workers::stop`] shuts them down cooperatively.

@@ -29,7 +29,7 @@
 //! | `consumer.expiry.after_release` | the sweeper's release transaction committed; nothing announced |
 //! | `consumer.expiry.after_announce` | the release's result and compensation delivered; `announced` still false |
 //!
-//! `<worker>` is `producer` or `consumer` ([`crate::kafka::BatchStep::name`]).
+//! `<worker>` is `producer` or `consumer` ([`crate::batch_loop::BatchStep::name`]).
 
 /// Marks a crash window named by `$name` (an expression giving a `&str` or `String`).
 ///

@@ -1,23 +1,23 @@
-//! Kafka plumbing shared by both workers: client settings, gathering a batch, publishing a
-//! batch and waiting for every delivery report, dead-letter records, storing offsets.
+//! Kafka plumbing shared by both workers: client settings, topics, publishing and waiting
+//! for every delivery report, dead-letter records ([`OutMessage::dead_letter`], sent cut
+//! to fit when too large: [`Delivery`]). Reading topics and offsets from outside the
+//! pipeline (tests, benchmarks) is `stock-devkit`'s `topics`.
 //!
-//! Offsets follow the at-least-once recipe: `enable.auto.offset.store=false`, and a batch's
-//! offsets are stored only after every effect of the batch is durable (database commit,
-//! Redis script, delivery reports of everything it produced). Auto-commit then commits
-//! what was stored; [`commit_final`] commits synchronously at shutdown.
+//! The batch loop that reads batches and stores their offsets is
+//! [`crate::batch_loop`]. Offsets follow the at-least-once recipe there:
+//! `enable.auto.offset.store=false` (set by [`consumer`]), and a batch's offsets are
+//! stored only after every effect of the batch is durable.
 
-use crate::config::{BatchArgs, KafkaArgs};
+use crate::config::KafkaArgs;
 use futures::channel::oneshot::Canceled;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -131,101 +131,6 @@ pub async fn create_topics(
         }
     }
     Ok(())
-}
-
-/// Deletes `topics` (those already gone are fine). For tests and benchmarks, which
-/// create topics of their own: left behind, thousands of them make a broker restart take
-/// minutes.
-pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(args).create()?;
-    for r in admin.delete_topics(topics, &AdminOptions::new()).await? {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
-        }
-    }
-    Ok(())
-}
-
-/// Waits for the first message (or shutdown), then gathers more until `batch_size`
-/// messages or `linger` has passed. `None` means shutdown was requested. With `idle`, an
-/// empty batch comes back when no message arrived for that long.
-pub async fn next_batch(
-    consumer: &StreamConsumer,
-    batch: &BatchArgs,
-    idle: Option<Duration>,
-    shutdown: &CancellationToken,
-) -> Option<Vec<OwnedMessage>> {
-    let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
-    let first = loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return None,
-            _ = sleep_until_opt(idle_deadline) => return Some(Vec::new()),
-            m = consumer.recv() => match m {
-                Ok(m) => break m.detach(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    };
-    let mut msgs = Vec::with_capacity(batch.batch_size.min(4096));
-    msgs.push(first);
-    let deadline = tokio::time::Instant::now() + batch.linger;
-    while msgs.len() < batch.batch_size {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(m)) => msgs.push(m.detach()),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "kafka consumer error while filling a batch");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    Some(msgs)
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Stores, for every partition in `msgs`, the offset after its last message. A partition
-/// revoked meanwhile refuses the store: that batch is simply redelivered to its new owner,
-/// which the idempotent handlers make harmless.
-pub fn store_offsets<'a>(
-    consumer: &StreamConsumer,
-    msgs: impl IntoIterator<Item = &'a OwnedMessage>,
-) {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in msgs {
-        let e = next.entry((m.topic(), m.partition())).or_insert(0);
-        *e = (*e).max(m.offset() + 1);
-    }
-    let mut tpl = TopicPartitionList::with_capacity(next.len());
-    for ((topic, partition), offset) in next {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
-            tracing::warn!(%topic, partition, error = %e, "cannot add offset to the list");
-        }
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::info!(error = %e, "offsets not stored (partition revoked?); the batch will be redelivered");
-    }
-}
-
-/// Synchronous commit of the stored offsets, for shutdown.
-pub fn commit_final(consumer: &StreamConsumer) {
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) => tracing::info!("final offsets committed"),
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "final offset commit failed; the last batch may be redelivered")
-        }
-    }
 }
 
 /// A message to publish, owned so that it can be re-sent after a failed delivery.
@@ -431,151 +336,6 @@ pub async fn enqueue_all(
         futures.push(enqueue(producer, m, shutdown).await?);
     }
     Ok(futures)
-}
-
-/// A worker's work on one batch: its effects, and what to publish.
-pub trait BatchStep: Sync {
-    /// The worker's name (`producer`, `consumer`): the prefix of its failpoints in
-    /// [`run_pipeline`] (`<name>.after_step`, `<name>.after_publish`, `<name>.after_store`).
-    fn name(&self) -> &'static str;
-
-    fn step<'a>(
-        &'a self,
-        msgs: &'a [OwnedMessage],
-        shutdown: &'a CancellationToken,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>>;
-}
-
-/// The loop both workers run. Batches flow through two stages: `step` (the Redis scripts
-/// or the PostgreSQL transaction: one batch at a time, in order) and the wait for delivery
-/// reports ([`InFlight`], overlapping the next batch's step). `step` returns what to
-/// publish; it is enqueued in batch order, and offsets are stored in batch order once
-/// delivered. Returns on shutdown, after the enqueued batches got their reports (30 s at
-/// most), or with the first fatal error.
-///
-/// Failpoints (see [`crate::failpoint`]) at the crash windows of `docs/DESIGN.md`, named
-/// after [`BatchStep::name`]: `<name>.after_step` (effects durable, nothing published),
-/// `<name>.after_publish` (a batch's delivery reports all in, offsets not stored) and
-/// `<name>.after_store` (offsets stored, not committed).
-pub async fn run_pipeline(
-    consumer: &StreamConsumer,
-    producer: &FutureProducer,
-    batch: &BatchArgs,
-    shutdown: &CancellationToken,
-    worker: &impl BatchStep,
-) -> Result<(), KafkaStepError> {
-    let mut inflight = InFlight::new(batch.pipeline_depth, worker.name());
-    let idle = Some(Duration::from_millis(100));
-    loop {
-        inflight.settle(consumer).await?;
-        let Some(msgs) = next_batch(consumer, batch, idle, shutdown).await else {
-            break;
-        };
-        if msgs.is_empty() {
-            continue;
-        }
-        let out = match worker.step(&msgs, shutdown).await {
-            Ok(out) => out,
-            Err(KafkaStepError::Interrupted) => break,
-            Err(e) => return Err(e),
-        };
-        crate::failpoint!(format!("{}.after_step", worker.name()));
-        match enqueue_all(producer, &out, shutdown).await {
-            Ok(deliveries) => inflight.push(msgs, deliveries),
-            Err(KafkaStepError::Interrupted) => break,
-            Err(e) => return Err(e),
-        }
-    }
-    // Shutdown: what is enqueued gets its delivery reports and its offsets stored.
-    match tokio::time::timeout(Duration::from_secs(30), inflight.drain(consumer)).await {
-        Ok(r) => r,
-        Err(_) => {
-            tracing::warn!(
-                "deliveries still pending at shutdown; those batches will be redelivered"
-            );
-            Ok(())
-        }
-    }
-}
-
-/// Waits for every delivery report of one batch.
-type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
-
-/// Batches whose messages are enqueued but not all acknowledged yet, oldest first. The
-/// worker goes on with the next batch meanwhile (its Redis or PostgreSQL step overlaps
-/// the wait); offsets are stored strictly in batch order, each batch's only once all its
-/// delivery reports are in. A failed delivery (permanent with `message.timeout.ms=0`) is
-/// fatal: nothing of that batch or later ones is stored, and a restart redelivers them.
-pub struct InFlight {
-    depth: usize,
-    queue: std::collections::VecDeque<(Vec<OwnedMessage>, DeliveryWaiter)>,
-    /// The worker's name, for its failpoints.
-    worker: &'static str,
-}
-
-impl InFlight {
-    /// At most `depth` batches waiting for delivery reports (1 = no overlap), of `worker`.
-    pub fn new(depth: usize, worker: &'static str) -> Self {
-        InFlight {
-            depth: depth.max(1),
-            queue: Default::default(),
-            worker,
-        }
-    }
-
-    /// Adds a batch whose output is enqueued.
-    pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<Delivery>) {
-        let waiter = tokio::spawn(async move {
-            for d in deliveries {
-                match d.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, m))) => {
-                        return Err(KafkaStepError::Fatal(format!(
-                            "delivery to {} failed: {e}",
-                            m.topic()
-                        )));
-                    }
-                    Err(_) => {
-                        return Err(KafkaStepError::Fatal("producer dropped a delivery".into()))
-                    }
-                }
-            }
-            Ok(())
-        });
-        self.queue.push_back((msgs, waiter));
-    }
-
-    /// Stores the offsets of every finished batch at the front; waits for the oldest ones
-    /// while more than `depth - 1` are pending, so that there is room for the next.
-    pub async fn settle(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
-        while let Some((_, waiter)) = self.queue.front() {
-            if !waiter.is_finished() && self.queue.len() < self.depth {
-                break;
-            }
-            self.complete_front(consumer).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for every pending batch and stores their offsets (shutdown).
-    pub async fn drain(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
-        while !self.queue.is_empty() {
-            self.complete_front(consumer).await?;
-        }
-        Ok(())
-    }
-
-    async fn complete_front(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
-        if let Some((msgs, waiter)) = self.queue.pop_front() {
-            waiter
-                .await
-                .map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
-            crate::failpoint!(format!("{}.after_publish", self.worker));
-            store_offsets(consumer, &msgs);
-            crate::failpoint!(format!("{}.after_store", self.worker));
-        }
-        Ok(())
-    }
 }
 
 /// The delivery report of one enqueued message: what `DeliveryFuture` resolves to. For a
@@ -799,93 +559,6 @@ pub fn flush(producer: &FutureProducer) {
     if let Err(e) = producer.flush(Duration::from_secs(10)) {
         tracing::warn!(error = %e, "producer flush did not finish");
     }
-}
-
-/// How many partitions `topic` has.
-pub fn partition_count(args: &KafkaArgs, topic: &str) -> Result<i32, KafkaError> {
-    let consumer: StreamConsumer = client_config(args).create()?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let n = md.topics().first().map_or(0, |t| t.partitions().len());
-    if n == 0 {
-        return Err(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::UnknownTopicOrPartition,
-        ));
-    }
-    Ok(n as i32)
-}
-
-/// The high watermark (offset of the next message) of every partition of `topic`.
-pub fn end_offsets(args: &KafkaArgs, topic: &str) -> Result<Vec<i64>, KafkaError> {
-    let consumer: StreamConsumer = client_config(args).create()?;
-    (0..partition_count(args, topic)?)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map(|(_, high)| high)
-        })
-        .collect()
-}
-
-/// The offsets `group` has committed on every partition of `topic` (0 where none).
-pub fn committed_offsets(
-    args: &KafkaArgs,
-    group: &str,
-    topic: &str,
-) -> Result<Vec<i64>, KafkaError> {
-    let mut cfg = client_config(args);
-    cfg.set("group.id", group);
-    let consumer: StreamConsumer = cfg.create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partition_count(args, topic)? {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok(committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .collect())
-}
-
-/// Reads every message of `topic` from the beginning up to its end offsets at the time of
-/// the call, handing each to `f`.
-pub async fn read_to_end(
-    args: &KafkaArgs,
-    topic: &str,
-    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
-) -> Result<usize, KafkaError> {
-    let mut cfg = client_config(args);
-    cfg.set("group.id", "stockpipe-reader")
-        .set("enable.auto.commit", "false");
-    let consumer: StreamConsumer = cfg.create()?;
-    let mut tpl = TopicPartitionList::new();
-    // Partitions that hold messages now, and where they end.
-    let mut left: BTreeMap<i32, i64> = BTreeMap::new();
-    for p in 0..partition_count(args, topic)? {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if low < high {
-            left.insert(p, high);
-        }
-    }
-    consumer.assign(&tpl)?;
-    let mut n = 0;
-    while !left.is_empty() {
-        let m = consumer.recv().await?;
-        if let Some(end) = left.get(&m.partition()).copied() {
-            if m.offset() < end {
-                f(&m);
-                n += 1;
-            }
-            if m.offset() + 1 >= end {
-                left.remove(&m.partition());
-            }
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

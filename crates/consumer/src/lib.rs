@@ -7,8 +7,9 @@
 //!   ledger, write new orders, settled orders and one aggregated UPDATE per product. Every
 //!   statement is `stock_common::pg_store`'s, which owns every write to PostgreSQL.
 //! * [`expiry`]: the reservation-expiry sweeper and its outbox.
-//! * [`worker`]: the Kafka loop: batch, apply with retries, publish results and
-//!   compensations, then store offsets.
+//! * [`worker`]: the consumer's step of the batch loop (apply with retries, then the
+//!   results and compensations to publish), its readiness check and the expiry sweeper's
+//!   loop; the batch loop itself and the run path are `stock_common::batch_loop`'s.
 //!
 //! See `docs/DESIGN.md` for the crash windows.
 

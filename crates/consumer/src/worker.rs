@@ -12,6 +12,7 @@ use rdkafka::producer::FutureProducer;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
+use stock_common::batch_loop::{self, Clients, Endpoints};
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{DeductCommand, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
@@ -70,7 +71,8 @@ impl Worker {
         })
     }
 
-    /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
+    /// Runs until `shutdown`, with the expiry sweeper alongside the batch loop, then commits
+    /// the stored offsets and flushes the producer ([`batch_loop::serve`]).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(topic = %self.topics.deduct, "consumer started");
         let pool = self.pool.clone();
@@ -90,33 +92,21 @@ impl Worker {
                     .map_err(|e| format!("postgresql unreachable: {e}"))
             })
         });
-        let background = shutdown.child_token();
-        stock_common::metrics::spawn(
-            &self.metrics_args,
-            "127.0.0.1:9465",
-            &self.metrics,
-            self.consumer.clone(),
-            ready,
-            &background,
-        );
-        // The sweeper stops with the shutdown, or when the batch loop ends on its own (an error).
-        let sweeper_stop = shutdown.child_token();
-        let batches = async {
-            let r = self.run_loop(&shutdown).await;
-            sweeper_stop.cancel();
-            r
+        let clients = Clients {
+            consumer: &self.consumer,
+            producer: &self.producer,
+            batch: &self.batch,
         };
-        let (result, ()) = tokio::join!(batches, self.sweep_loop(&sweeper_stop));
-        background.cancel();
-        kafka::commit_final(&self.consumer);
-        kafka::flush(&self.producer);
-        tracing::info!("consumer stopped");
-        result
-    }
-
-    /// The batch loop ([`kafka::run_pipeline`]) with this worker's step.
-    async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        kafka::run_pipeline(&self.consumer, &self.producer, &self.batch, shutdown, self).await?;
+        let endpoints = Endpoints {
+            args: &self.metrics_args,
+            default_addr: "127.0.0.1:9465",
+            metrics: &self.metrics,
+            ready,
+        };
+        // The sweeper stops with the shutdown, or when the batch loop ends on its own (an error).
+        let this = &self;
+        let sweeper = |stop: CancellationToken| async move { this.sweep_loop(&stop).await };
+        batch_loop::serve(this, clients, endpoints, sweeper, &shutdown).await?;
         Ok(())
     }
 
@@ -286,7 +276,7 @@ pub fn parse(m: &OwnedMessage) -> Result<DeductCommand, String> {
     Ok(cmd)
 }
 
-impl kafka::BatchStep for Worker {
+impl batch_loop::BatchStep for Worker {
     fn name(&self) -> &'static str {
         WORKER
     }

@@ -5,7 +5,9 @@
 //! Reaches the stack through `DATABASE_URL`, `REDIS_URL` and `KAFKA_BROKERS` (defaults:
 //! `deploy/stack-up.sh`'s). The worker binaries for the process tests are looked up next
 //! to the test executable's directory (`target/<profile>/`), so build them first
-//! (`cargo build --bins`, as the test command does).
+//! (`cargo build --bins`, as the test command does). Worker settings, in this process or
+//! as flags of a child process, come from [`stock_devkit::worker_args`]: the binaries' own
+//! definitions and defaults, with each test's changes as flags.
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -16,16 +18,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::Duration;
-use stock_common::config::{
-    BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, SecretUrl, Topics,
-};
-use stock_common::metrics::MetricsArgs;
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, SecretUrl, Topics};
 use stock_common::redis_store::{stock_key, RedisStore, EPOCH_KEY};
 use stockctl::admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use stockctl::harness;
+pub use stock_devkit::harness;
+pub use stock_devkit::worker_args::{Wiring, Worker, WorkerFlags};
 
 pub mod nemesis;
 
@@ -164,48 +164,68 @@ impl TestEnv {
         assert!(v.is_empty(), "invariant violations: {v:?}");
     }
 
-    pub fn producer_args(&self, group: &str) -> stock_producer::ProducerArgs {
-        stock_producer::ProducerArgs {
-            kafka: self.kafka.clone(),
-            topics: self.topics.clone(),
-            redis: self.redis.clone(),
-            batch: BatchArgs {
-                batch_size: 500,
-                linger: Duration::from_millis(5),
-                pipeline_depth: 2,
-            },
-            log: LogArgs {
-                format: LogFormat::Text,
-            },
-            metrics: MetricsArgs {
-                addr: Some("off".into()),
-            },
-            sold_out_marker: true,
-            group: format!("t-{}-{group}", self.id),
+    /// Where this test's workers connect.
+    pub fn wiring(&self) -> Wiring<'_> {
+        Wiring {
+            kafka: &self.kafka,
+            topics: &self.topics,
+            redis: &self.redis,
+            db: &self.db,
         }
     }
 
+    /// The settings of `worker` in group `t-<id>-<group>`, as flags: the binary's defaults
+    /// ([`stock_devkit::worker_args`]) with batches of 500; add a test's own with
+    /// [`WorkerFlags::set`].
+    pub fn worker_flags(&self, worker: Worker, group: &str) -> WorkerFlags {
+        WorkerFlags::new(worker, self.wiring(), &format!("t-{}-{group}", self.id))
+            .set("--batch-size", 500)
+    }
+
+    /// The flags of the worker binary `name` (`producer`, `consumer`) in group `name`, for
+    /// [`WorkerProcess::spawn`].
+    pub fn process_flags(&self, name: &str) -> WorkerFlags {
+        self.worker_flags(name.parse().expect("a worker binary"), name)
+    }
+
+    /// The producer's settings in group `group` ([`TestEnv::worker_flags`]).
+    pub fn producer_args(&self, group: &str) -> stock_producer::ProducerArgs {
+        self.producer_args_with(group, &[])
+    }
+
+    /// [`TestEnv::producer_args`] with `overrides` (flag, value), e.g. `("--order-memory", "2s")`.
+    pub fn producer_args_with(
+        &self,
+        group: &str,
+        overrides: &[(&str, &str)],
+    ) -> stock_producer::ProducerArgs {
+        overrides
+            .iter()
+            .fold(self.worker_flags(Worker::Producer, group), |f, (k, v)| {
+                f.set(k, v)
+            })
+            .producer()
+            .expect("producer flags")
+    }
+
+    /// The consumer's settings in group `group` ([`TestEnv::worker_flags`]).
     pub fn consumer_args(&self, group: &str) -> stock_consumer::ConsumerArgs {
-        stock_consumer::ConsumerArgs {
-            kafka: self.kafka.clone(),
-            topics: self.topics.clone(),
-            db: self.db.clone(),
-            batch: BatchArgs {
-                batch_size: 500,
-                linger: Duration::from_millis(5),
-                pipeline_depth: 2,
-            },
-            log: LogArgs {
-                format: LogFormat::Text,
-            },
-            metrics: MetricsArgs {
-                addr: Some("off".into()),
-            },
-            group: format!("t-{}-{group}", self.id),
-            reservation_ttl: Duration::from_secs(900),
-            expiry_interval: Duration::from_secs(1),
-            migrate: false,
-        }
+        self.consumer_args_with(group, &[])
+    }
+
+    /// [`TestEnv::consumer_args`] with `overrides` (flag, value).
+    pub fn consumer_args_with(
+        &self,
+        group: &str,
+        overrides: &[(&str, &str)],
+    ) -> stock_consumer::ConsumerArgs {
+        overrides
+            .iter()
+            .fold(self.worker_flags(Worker::Consumer, group), |f, (k, v)| {
+                f.set(k, v)
+            })
+            .consumer()
+            .expect("consumer flags")
     }
 
     /// Both workers in this process, with the default groups.
@@ -225,30 +245,10 @@ impl TestEnv {
         harness::ResultCollector::start(&self.kafka, &self.topics.results).expect("collector")
     }
 
-    /// Environment for a worker child process.
-    pub fn process_env(&self, group: &str) -> Vec<(String, String)> {
-        vec![
-            ("KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
-            ("TOPIC_ORDERS".into(), self.topics.orders.clone()),
-            ("TOPIC_DEDUCT".into(), self.topics.deduct.clone()),
-            ("TOPIC_COMPENSATE".into(), self.topics.compensate.clone()),
-            ("TOPIC_RESULTS".into(), self.topics.results.clone()),
-            ("TOPIC_DLQ".into(), self.topics.dlq.clone()),
-            ("DATABASE_URL".into(), self.db.url.expose().to_owned()),
-            ("REDIS_URL".into(), self.redis.url.expose().to_owned()),
-            ("PRODUCER_GROUP".into(), format!("t-{}-{group}", self.id)),
-            ("CONSUMER_GROUP".into(), format!("t-{}-{group}", self.id)),
-            ("BATCH_SIZE".into(), "500".into()),
-            ("RUN_MIGRATIONS".into(), "false".into()),
-            ("RUST_LOG".into(), "info".into()),
-            ("METRICS_ADDR".into(), "off".into()),
-        ]
-    }
-
     /// Drops the test database (topics and the Redis database are left; Redis databases
     /// are flushed when reused).
     pub async fn cleanup(self) {
-        if let Err(e) = stock_common::kafka::delete_topics(&self.kafka, &self.topics.all()).await {
+        if let Err(e) = stock_devkit::topics::delete_topics(&self.kafka, &self.topics.all()).await {
             eprintln!("could not delete the test's topics: {e}");
         }
         self.pool.close().await;
@@ -337,15 +337,21 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 impl WorkerProcess {
-    pub fn spawn(name: &str, env: &[(String, String)]) -> WorkerProcess {
+    /// The worker binary of `flags` with those flags (and no environment variable its
+    /// settings read), `RUST_LOG=info`, and `env` (e.g. `FAILPOINTS`).
+    pub fn spawn(flags: &WorkerFlags, env: &[(&str, &str)]) -> WorkerProcess {
+        let name = flags.worker().binary();
         let log = std::env::temp_dir().join(format!(
             "stockpipe-test-{name}-{}.log",
             uuid::Uuid::new_v4().simple()
         ));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(binary(name))
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let child = flags
+            .command(&binary(name))
+            .expect("worker flags")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -467,8 +473,11 @@ pub fn committed_total(kafka: &KafkaArgs, group: &str, topic: &str, partitions: 
         .sum()
 }
 
+/// Test logging (captured by the test runner); colours only when stdout is a terminal.
 fn init_logging() {
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,stock_e2e=info")),

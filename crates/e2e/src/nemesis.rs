@@ -31,12 +31,13 @@ use rdkafka::message::{Headers, Message};
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use stock_common::events::{Item, StockResult};
-use stockctl::rng::Rng;
+use stock_devkit::rng::Rng;
+use stock_devkit::worker_args::duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -291,32 +292,113 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn fmt_duration(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
 /// Runs the nemesis (module docs). An `Err` means the run could not be carried out (stack
 /// not reachable, a service that did not come back, binaries not built); broken
 /// guarantees are in [`Report::violations`].
+///
+/// In phases: set up (environment, plan, stock, workers), [`play`] the workload with the
+/// faults, wait until the pipeline is idle ([`wait_idle`]) and stop the workers,
+/// [`observe`] and [`check::check`], then the [`report`].
 pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let producer_bin = procs::find_binary("producer").map_err(anyhow::Error::msg)?;
     let consumer_bin = procs::find_binary("consumer").map_err(anyhow::Error::msg)?;
     let env = TestEnv::new().await;
-    let stack = if cfg.kinds.iter().any(|k| k.restarts_service()) && cfg.faults > 0 {
-        Some(
-            StackControl::from_env(
-                &cfg.deploy_dir,
-                &env.kafka.brokers,
-                env.db.url.expose(),
-                env.redis.url.expose(),
-            )
-            .map_err(anyhow::Error::msg)?,
-        )
-    } else {
-        None
-    };
+    let stack = stack_control(cfg, &env)?;
+    let (plan, schedule, mut fault_rng) = plan(cfg);
+    tracing::info!(
+        run = %env.id,
+        orders = plan.orders.len(),
+        events = plan.events.len(),
+        faults = ?schedule.iter().map(|k| k.label()).collect::<Vec<_>>(),
+        "nemesis: plan ready"
+    );
+    let stock: Vec<(i64, i64)> = plan.stock.iter().map(|(p, n)| (*p, *n)).collect();
+    env.load_stock(&stock).await;
+    let slots = worker_slots(&env, cfg, &producer_bin, &consumer_bin)?;
+    let workers = Mutex::new(Supervisor::start(slots, &env.id)?);
+    let collector = env.collector();
+    let setup_s = t0.elapsed().as_secs_f64();
 
+    let violations: Mutex<Vec<Violation>> = Mutex::new(Vec::new());
+    let ctx = FaultCtx {
+        env: &env,
+        workers: &workers,
+        stack: stack.as_ref(),
+        outage: cfg.outage,
+        pause: cfg.pause,
+        violations: &violations,
+        start: Instant::now(),
+    };
+    let played = play(cfg, &ctx, &plan, &schedule, &mut fault_rng, &collector).await?;
+
+    // Idle: every input consumed, every reservation settled and announced.
+    let drain_start = Instant::now();
+    if let Err(state) = wait_idle(&env, &workers, cfg.idle_timeout).await {
+        lock(&violations).push(Violation {
+            kind: "pipeline_not_idle".into(),
+            detail: format!("not idle {:?} after the faults: {state}", cfg.idle_timeout),
+        });
+    }
+    let drain_s = drain_start.elapsed().as_secs_f64();
+    let end_to_end = ctx.start.elapsed();
+    let mut sup = workers.into_inner().unwrap_or_else(|e| e.into_inner());
+    let (clean, unclean) = sup.terminate_all(Duration::from_secs(30)).await;
+
+    let check_start = Instant::now();
+    let obs = observe(&env, &plan, junk_positions(&plan, &played.positions)).await?;
+    let mut findings = check::check(&plan, &obs);
+    let check_s = check_start.elapsed().as_secs_f64();
+
+    let mut all = std::mem::take(&mut *lock(&violations));
+    all.append(&mut findings.violations);
+    findings.violations = all;
+    let record = RunRecord {
+        run_id: env.id.clone(),
+        fault_log: played.fault_log,
+        worker_starts: sup.slots.iter().map(|s| s.starts).sum(),
+        unexpected_exits: sup.unexpected_exits.clone(),
+        clean_shutdowns: clean,
+        unclean_shutdowns: unclean,
+        worker_logs: sup.logs(),
+        setup_s,
+        workload: played.workload_took,
+        faults: played.faults_took,
+        drain_s,
+        end_to_end,
+        check_s,
+        total_s: t0.elapsed().as_secs_f64(),
+    };
+    let report = report(cfg, &plan, &obs, findings, record);
+    drop(sup);
+    collector.stop().await;
+    if cfg.keep || (!report.passed() && cfg.keep_on_failure) {
+        tracing::warn!(database = %format!("t_{}", report.run_id), "the run's database is kept");
+    } else {
+        env.cleanup().await;
+    }
+    Ok(report)
+}
+
+/// The control of the stack's services when the faults restart any (checked against the
+/// environment's URLs: see [`StackControl::from_env`]).
+fn stack_control(cfg: &NemesisConfig, env: &TestEnv) -> anyhow::Result<Option<StackControl>> {
+    if !(cfg.kinds.iter().any(|k| k.restarts_service()) && cfg.faults > 0) {
+        return Ok(None);
+    }
+    let stack = StackControl::from_env(
+        &cfg.deploy_dir,
+        &env.kafka.brokers,
+        env.db.url.expose(),
+        env.redis.url.expose(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Ok(Some(stack))
+}
+
+/// The seeded plan of a run: the workload, the fault schedule, and the generator the
+/// faults draw their details from.
+fn plan(cfg: &NemesisConfig) -> (workload::Plan, Vec<FaultKind>, Rng) {
     let mut rng = Rng::new(cfg.seed);
     let shape = workload::WorkloadShape {
         orders: cfg.orders,
@@ -329,65 +411,70 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
     };
     let plan = workload::generate(&shape, &mut rng.fork(1));
     let schedule = faults::schedule(&cfg.kinds, cfg.faults, &mut rng.fork(2));
-    let mut fault_rng = rng.fork(3);
-    tracing::info!(
-        run = %env.id,
-        orders = plan.orders.len(),
-        events = plan.events.len(),
-        faults = ?schedule.iter().map(|k| k.label()).collect::<Vec<_>>(),
-        "nemesis: plan ready"
-    );
+    (plan, schedule, rng.fork(3))
+}
 
-    let stock: Vec<(i64, i64)> = plan.stock.iter().map(|(p, n)| (*p, *n)).collect();
-    env.load_stock(&stock).await;
-
+/// Two producers and two consumers, each with a metrics port of its own, the run's batch
+/// size and (consumers) its short reservation TTL and sweep interval.
+fn worker_slots(
+    env: &TestEnv,
+    cfg: &NemesisConfig,
+    producer_bin: &Path,
+    consumer_bin: &Path,
+) -> anyhow::Result<Vec<procs::WorkerSpec>> {
     let mut slots = Vec::new();
     for (name, bin, group) in [
-        ("producer-1", &producer_bin, "producer"),
-        ("producer-2", &producer_bin, "producer"),
-        ("consumer-1", &consumer_bin, "consumer"),
-        ("consumer-2", &consumer_bin, "consumer"),
+        ("producer-1", producer_bin, "producer"),
+        ("producer-2", producer_bin, "producer"),
+        ("consumer-1", consumer_bin, "consumer"),
+        ("consumer-2", consumer_bin, "consumer"),
     ] {
-        let mut penv = env.process_env(group);
-        penv.retain(|(k, _)| k != "BATCH_SIZE" && k != "METRICS_ADDR");
-        penv.extend([
-            ("BATCH_SIZE".to_owned(), cfg.batch_size.to_string()),
-            ("RESERVATION_TTL".to_owned(), fmt_duration(cfg.ttl)),
-            (
-                "EXPIRY_INTERVAL".to_owned(),
-                fmt_duration(cfg.expiry_interval),
-            ),
-            (
-                "METRICS_ADDR".to_owned(),
+        let mut flags = env
+            .process_flags(group)
+            .set("--batch-size", cfg.batch_size)
+            .set(
+                "--metrics-addr",
                 format!("127.0.0.1:{}", procs::free_port()?),
-            ),
-        ]);
-        slots.push((name.to_owned(), bin.clone(), penv));
+            );
+        if group == "consumer" {
+            flags = flags
+                .set("--reservation-ttl", duration(cfg.ttl))
+                .set("--expiry-interval", duration(cfg.expiry_interval));
+        }
+        slots.push((name.to_owned(), bin.to_path_buf(), flags));
     }
-    let workers = Mutex::new(Supervisor::start(slots, &env.id)?);
-    let collector = env.collector();
-    let kafka_producer = stock_common::kafka::producer(&env.kafka)?;
-    let setup_s = t0.elapsed().as_secs_f64();
+    Ok(slots)
+}
 
-    // The workload, the faults and the watchdog run together.
-    let violations: Mutex<Vec<Violation>> = Mutex::new(Vec::new());
+/// What the workload and the faults did.
+struct Played {
+    /// Where each event of the plan was written (`None`: not published).
+    positions: Vec<Option<(i32, i64)>>,
+    workload_took: Duration,
+    fault_log: Vec<FaultRecord>,
+    faults_took: Duration,
+}
+
+/// Plays the workload, injects the scheduled faults and watches the workers (restarting
+/// any that died, logging progress), all at once, from `ctx.start`. A fault that could
+/// not be carried out stops the workload and is the error.
+async fn play(
+    cfg: &NemesisConfig,
+    ctx: &FaultCtx<'_>,
+    plan: &workload::Plan,
+    schedule: &[FaultKind],
+    fault_rng: &mut Rng,
+    collector: &crate::harness::ResultCollector,
+) -> anyhow::Result<Played> {
+    let kafka_producer = stock_common::kafka::producer(&ctx.env.kafka)?;
     let published = AtomicUsize::new(0);
     let stop_workload = CancellationToken::new();
     let done = CancellationToken::new();
-    let start = Instant::now();
-    let ctx = FaultCtx {
-        env: &env,
-        workers: &workers,
-        stack: stack.as_ref(),
-        outage: cfg.outage,
-        pause: cfg.pause,
-        violations: &violations,
-        start,
-    };
+    let start = ctx.start;
     let workload = async {
         let r = workload::play(
             &kafka_producer,
-            &env.topics.orders,
+            &ctx.env.topics.orders,
             &plan.events,
             start,
             &published,
@@ -396,82 +483,101 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
         .await;
         (r, start.elapsed())
     };
-    let fault_run = async {
-        let mut log: Vec<FaultRecord> = Vec::new();
-        tokio::time::sleep(cfg.warmup).await;
-        for (i, kind) in schedule.iter().enumerate() {
-            if i > 0 {
-                let gap = fault_rng.range(
-                    cfg.gap.0.as_millis() as u64,
-                    cfg.gap.1.as_millis() as u64 + 1,
-                );
-                tokio::time::sleep(Duration::from_millis(gap)).await;
-            }
-            tracing::info!(
-                n = i + 1,
-                of = schedule.len(),
-                fault = kind.label(),
-                "nemesis: injecting"
-            );
-            match ctx.inject(*kind, &mut fault_rng).await {
-                Ok(r) => log.push(r),
-                Err(e) => {
-                    stop_workload.cancel();
-                    return (Err(e), log, start.elapsed());
-                }
-            }
-        }
-        (Ok(()), log, start.elapsed())
-    };
     let main = async {
-        let r = tokio::join!(workload, fault_run);
+        let r = tokio::join!(
+            workload,
+            inject_all(cfg, ctx, schedule, fault_rng, &stop_workload)
+        );
         done.cancel();
         r
     };
-    let watchdog = async {
-        let mut last_progress = Instant::now();
-        while !done.is_cancelled() {
-            tokio::select! {
-                _ = done.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-            lock(&workers).reap();
-            if last_progress.elapsed() >= Duration::from_secs(10) {
-                last_progress = Instant::now();
-                let results: usize = collector.snapshot().values().map(Vec::len).sum();
-                tracing::info!(
-                    elapsed_s = start.elapsed().as_secs(),
-                    published = published.load(Ordering::Relaxed),
-                    of = plan.events.len(),
-                    results_read = results,
-                    "nemesis: progress"
-                );
+    let (((played, workload_took), (fault_result, fault_log, faults_took)), ()) = tokio::join!(
+        main,
+        watchdog(ctx, collector, plan.events.len(), &published, &done)
+    );
+    fault_result?;
+    Ok(Played {
+        positions: played?,
+        workload_took,
+        fault_log,
+        faults_took,
+    })
+}
+
+/// Injects the scheduled faults, after the warm-up and with the configured gaps. A fault
+/// that could not be carried out stops the workload (`stop_workload`) and ends the run of
+/// faults with its error. Returns the faults' records and when the last one ended.
+async fn inject_all(
+    cfg: &NemesisConfig,
+    ctx: &FaultCtx<'_>,
+    schedule: &[FaultKind],
+    fault_rng: &mut Rng,
+    stop_workload: &CancellationToken,
+) -> (anyhow::Result<()>, Vec<FaultRecord>, Duration) {
+    let mut log: Vec<FaultRecord> = Vec::new();
+    tokio::time::sleep(cfg.warmup).await;
+    for (i, kind) in schedule.iter().enumerate() {
+        if i > 0 {
+            let gap = fault_rng.range(
+                cfg.gap.0.as_millis() as u64,
+                cfg.gap.1.as_millis() as u64 + 1,
+            );
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+        }
+        tracing::info!(
+            n = i + 1,
+            of = schedule.len(),
+            fault = kind.label(),
+            "nemesis: injecting"
+        );
+        match ctx.inject(*kind, fault_rng).await {
+            Ok(r) => log.push(r),
+            Err(e) => {
+                stop_workload.cancel();
+                return (Err(e), log, ctx.start.elapsed());
             }
         }
-    };
-    let (((played, workload_took), (fault_result, fault_log, faults_took)), ()) =
-        tokio::join!(main, watchdog);
-    fault_result?;
-    let positions = played?;
-
-    // Idle: every input consumed, every reservation settled and announced.
-    let drain_start = Instant::now();
-    if let Err(state) = wait_idle(&env, &workers, cfg.idle_timeout).await {
-        lock(&violations).push(Violation {
-            kind: "pipeline_not_idle".into(),
-            detail: format!("not idle {:?} after the faults: {state}", cfg.idle_timeout),
-        });
     }
-    let drain_s = drain_start.elapsed().as_secs_f64();
-    let end_to_end = start.elapsed();
-    let mut sup = workers.into_inner().unwrap_or_else(|e| e.into_inner());
-    let (clean, unclean) = sup.terminate_all(Duration::from_secs(30)).await;
+    (Ok(()), log, ctx.start.elapsed())
+}
 
-    let check_start = Instant::now();
-    let junk_positions: Vec<Option<(i32, i64)>> = plan
-        .events
+/// Until `done`: restarts any worker that died, and logs progress every 10 s.
+async fn watchdog(
+    ctx: &FaultCtx<'_>,
+    collector: &crate::harness::ResultCollector,
+    events: usize,
+    published: &AtomicUsize,
+    done: &CancellationToken,
+) {
+    let mut last_progress = Instant::now();
+    while !done.is_cancelled() {
+        tokio::select! {
+            _ = done.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        lock(ctx.workers).reap();
+        if last_progress.elapsed() >= Duration::from_secs(10) {
+            last_progress = Instant::now();
+            let results: usize = collector.snapshot().values().map(Vec::len).sum();
+            tracing::info!(
+                elapsed_s = ctx.start.elapsed().as_secs(),
+                published = published.load(Ordering::Relaxed),
+                of = events,
+                results_read = results,
+                "nemesis: progress"
+            );
+        }
+    }
+}
+
+/// Where each unparseable message of the plan was written, by its index in `plan.junk`.
+fn junk_positions(
+    plan: &workload::Plan,
+    positions: &[Option<(i32, i64)>],
+) -> Vec<Option<(i32, i64)>> {
+    plan.events
         .iter()
-        .zip(&positions)
+        .zip(positions)
         .filter_map(|(e, p)| match e.kind {
             workload::EventKind::Junk(j) => Some((j, *p)),
             _ => None,
@@ -479,24 +585,48 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
         .fold(vec![None; plan.junk.len()], |mut acc, (j, p)| {
             acc[j] = p;
             acc
-        });
-    let obs = observe(&env, &plan, junk_positions).await?;
-    let findings = check::check(&plan, &obs);
-    let check_s = check_start.elapsed().as_secs_f64();
+        })
+}
 
-    let mut all = std::mem::take(&mut *lock(&violations));
-    all.extend(findings.violations);
+/// The workers, faults and timings of a run, for its [`Report`].
+struct RunRecord {
+    run_id: String,
+    fault_log: Vec<FaultRecord>,
+    worker_starts: usize,
+    unexpected_exits: Vec<String>,
+    clean_shutdowns: Vec<String>,
+    unclean_shutdowns: Vec<String>,
+    worker_logs: Vec<String>,
+    setup_s: f64,
+    workload: Duration,
+    faults: Duration,
+    drain_s: f64,
+    /// First event to idle pipeline.
+    end_to_end: Duration,
+    check_s: f64,
+    total_s: f64,
+}
+
+/// The report of a run: the plan's counts, what was observed and found (every violation,
+/// the watchdog's included, in `findings`), and the run's record.
+fn report(
+    cfg: &NemesisConfig,
+    plan: &workload::Plan,
+    obs: &Observed,
+    findings: check::Findings,
+    r: RunRecord,
+) -> Report {
     let mut violation_counts = BTreeMap::new();
-    for v in &all {
+    for v in &findings.violations {
         *violation_counts.entry(v.kind.clone()).or_insert(0) += 1;
     }
     let mut fault_counts = BTreeMap::new();
-    for r in &fault_log {
-        *fault_counts.entry(r.kind.clone()).or_insert(0) += 1;
+    for f in &r.fault_log {
+        *fault_counts.entry(f.kind.clone()).or_insert(0) += 1;
     }
     let count = |e: workload::Expect| plan.orders.iter().filter(|o| o.expect == e).count();
-    let report = Report {
-        run_id: env.id.clone(),
+    Report {
+        run_id: r.run_id,
         seed: cfg.seed,
         orders: plan.orders.len(),
         valid_orders: count(workload::Expect::Valid),
@@ -513,31 +643,23 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
         ledger: findings.ledger,
         lifecycle: findings.lifecycle,
         faults: fault_counts,
-        fault_log,
-        worker_starts: sup.slots.iter().map(|s| s.starts).sum(),
-        unexpected_exits: sup.unexpected_exits.clone(),
-        clean_shutdowns: clean,
-        unclean_shutdowns: unclean,
-        worker_logs: sup.logs(),
-        violations: all,
+        fault_log: r.fault_log,
+        worker_starts: r.worker_starts,
+        unexpected_exits: r.unexpected_exits,
+        clean_shutdowns: r.clean_shutdowns,
+        unclean_shutdowns: r.unclean_shutdowns,
+        worker_logs: r.worker_logs,
+        violations: findings.violations,
         violation_counts,
-        setup_s,
-        workload_s: workload_took.as_secs_f64(),
-        faults_s: faults_took.as_secs_f64(),
-        drain_s,
-        check_s,
-        total_s: t0.elapsed().as_secs_f64(),
-        orders_per_s: plan.orders.len() as f64 / workload_took.as_secs_f64().max(0.001),
-        end_to_end_orders_per_s: plan.orders.len() as f64 / end_to_end.as_secs_f64().max(0.001),
-    };
-    drop(sup);
-    collector.stop().await;
-    if cfg.keep || (!report.passed() && cfg.keep_on_failure) {
-        tracing::warn!(database = %format!("t_{}", report.run_id), "the run's database is kept");
-    } else {
-        env.cleanup().await;
+        setup_s: r.setup_s,
+        workload_s: r.workload.as_secs_f64(),
+        faults_s: r.faults.as_secs_f64(),
+        drain_s: r.drain_s,
+        check_s: r.check_s,
+        total_s: r.total_s,
+        orders_per_s: plan.orders.len() as f64 / r.workload.as_secs_f64().max(0.001),
+        end_to_end_orders_per_s: plan.orders.len() as f64 / r.end_to_end.as_secs_f64().max(0.001),
     }
-    Ok(report)
 }
 
 /// Waits until every worker runs, no reservation is open or unannounced, and every group
@@ -572,8 +694,8 @@ async fn wait_idle(
                 (&pg, &env.topics.compensate),
                 (&cg, &env.topics.deduct),
             ] {
-                let end = stock_common::kafka::end_offsets(&env.kafka, topic)?;
-                let committed = stock_common::kafka::committed_offsets(&env.kafka, group, topic)?;
+                let end = stock_devkit::topics::end_offsets(&env.kafka, topic)?;
+                let committed = stock_devkit::topics::committed_offsets(&env.kafka, group, topic)?;
                 lag += end
                     .iter()
                     .zip(&committed)
@@ -621,7 +743,7 @@ async fn observe(
     };
     let mut outcomes: HashMap<String, Vec<StockResult>> = HashMap::new();
     let (mut messages, mut unparsed) = (0usize, 0usize);
-    stock_common::kafka::read_to_end(&env.kafka, &env.topics.results, |m| {
+    stock_devkit::topics::read_to_end(&env.kafka, &env.topics.results, |m| {
         messages += 1;
         match m.payload().map(serde_json::from_slice::<StockResult>) {
             Some(Ok(r)) => outcomes.entry(r.order_id.clone()).or_default().push(r),
@@ -634,7 +756,7 @@ async fn observe(
     obs.unparsed_results = unparsed;
 
     let mut dlq = Vec::new();
-    stock_common::kafka::read_to_end(&env.kafka, &env.topics.dlq, |m| {
+    stock_devkit::topics::read_to_end(&env.kafka, &env.topics.dlq, |m| {
         let mut headers = HashMap::new();
         if let Some(h) = m.headers() {
             for hd in h.iter() {

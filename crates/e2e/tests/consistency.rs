@@ -57,8 +57,7 @@ async fn set_raw(env: &TestEnv, product: i64, value: &str) {
 async fn replay_after_the_order_memory_expired_changes_nothing() {
     let env = TestEnv::new().await;
     env.load_stock(&[(1, 100), (2, 0)]).await;
-    let mut pargs = env.producer_args("producer");
-    pargs.redis.order_memory = Duration::from_secs(2);
+    let pargs = env.producer_args_with("producer", &[("--order-memory", "2s")]);
     let cargs = env.consumer_args("consumer");
     let collector = env.collector();
 
@@ -241,8 +240,7 @@ async fn repair_racing_a_give_back_counts_it_once() {
     let env = TestEnv::new().await;
     env.load_stock(&[(9, 10)]).await;
     let pargs = env.producer_args("producer");
-    let mut cargs = env.consumer_args("consumer");
-    cargs.reservation_ttl = Duration::from_secs(1);
+    let cargs = env.consumer_args_with("consumer", &[("--reservation-ttl", "1s")]);
     let collector = env.collector();
 
     // The producer decides the order (Redis 10 -> 8) and stops before it ever runs its
@@ -349,8 +347,8 @@ async fn a_corrupt_stock_key_stops_only_its_product_and_can_be_repaired() {
     env.load_stock(&[(10, 5), (11, 5)]).await;
     set_raw(&env, 10, "abc").await;
     let port = free_port();
-    let mut pargs = env.producer_args("producer");
-    pargs.metrics.addr = Some(format!("127.0.0.1:{port}"));
+    let addr = format!("127.0.0.1:{port}");
+    let pargs = env.producer_args_with("producer", &[("--metrics-addr", &addr)]);
     let collector = env.collector();
     let workers = stock_e2e::Workers::start_with(&pargs, &env.consumer_args("consumer")).await;
     env.send_orders(vec![

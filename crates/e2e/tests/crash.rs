@@ -16,14 +16,8 @@ async fn crash_mid_load(victim: &str) {
     env.load_stock(&stock).await;
     let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
 
-    let mut producer = Some(WorkerProcess::spawn(
-        "producer",
-        &env.process_env("producer"),
-    ));
-    let mut consumer = Some(WorkerProcess::spawn(
-        "consumer",
-        &env.process_env("consumer"),
-    ));
+    let mut producer = Some(WorkerProcess::spawn(&env.process_flags("producer"), &[]));
+    let mut consumer = Some(WorkerProcess::spawn(&env.process_flags("consumer"), &[]));
     let collector = env.collector();
 
     let ids: Vec<String> = (0..ORDERS).map(|i| format!("crash-{i}")).collect();
@@ -69,7 +63,7 @@ async fn crash_mid_load(victim: &str) {
         seen_at_kill < ORDERS,
         "the kill landed mid-load ({seen_at_kill} outcomes in)"
     );
-    let restarted = WorkerProcess::spawn(victim, &env.process_env(victim));
+    let restarted = WorkerProcess::spawn(&env.process_flags(victim), &[]);
     if victim == "producer" {
         producer = Some(restarted);
     } else {

@@ -132,13 +132,13 @@ fn orders(load: Load, n: usize) -> (Vec<Order>, Vec<(String, Vec<u8>)>) {
     (list, msgs)
 }
 
-/// The worker process `name`, with `extra` environment; `FAILPOINTS` is always set
-/// (empty: none armed), so that none leaks in from the test's own environment.
+/// The worker process `name`, with `extra` flags; `FAILPOINTS` is always set (empty: none
+/// armed), so that none leaks in from the test's own environment.
 fn spawn(env: &TestEnv, name: &str, failpoints: &str, extra: &[(&str, &str)]) -> WorkerProcess {
-    let mut vars = env.process_env(name);
-    vars.push(("FAILPOINTS".into(), failpoints.into()));
-    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    WorkerProcess::spawn(name, &vars)
+    let flags = extra
+        .iter()
+        .fold(env.process_flags(name), |f, (k, v)| f.set(k, v));
+    WorkerProcess::spawn(&flags, &[("FAILPOINTS", failpoints)])
 }
 
 fn released(r: &StockResult, reason: Reason) -> bool {
@@ -309,8 +309,8 @@ async fn crash(case: Case) {
     env.load_stock(&stock).await;
     let products: Vec<i64> = stock.iter().map(|s| s.0).collect();
     let consumer_extra: &[(&str, &str)] = match load {
-        Load::Expiry => &[("RESERVATION_TTL", SHORT_TTL)],
-        Load::Compensations => &[("RESERVATION_TTL", STOP_TTL)],
+        Load::Expiry => &[("--reservation-ttl", SHORT_TTL)],
+        Load::Compensations => &[("--reservation-ttl", STOP_TTL)],
         Load::PayAndCancel => &[],
     };
     let extra = |name: &str| {

@@ -399,9 +399,9 @@ async fn readable_orders_with_unreadable_parts_get_results() {
 async fn control_characters_never_reach_the_text_log_raw() {
     let env = TestEnv::new().await;
     env.load_stock(&[(1, 10)]).await;
-    let producer = WorkerProcess::spawn("producer", &env.process_env("producer"));
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[]);
     // Outcomes of order_created are published by the consumer, from the ledger.
-    let consumer = WorkerProcess::spawn("consumer", &env.process_env("consumer"));
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
     let collector = env.collector();
 
     let evil = "evil\nFORGED ERROR stock_producer: all stock given away\x1b[31m red\x00nul";

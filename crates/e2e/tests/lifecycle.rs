@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 use stock_common::events::{Item, Reason, Status, StockResult};
+use stock_devkit::worker_args::duration;
 use stock_e2e::harness::{cancelled, conflicting, created, paid};
 use stock_e2e::{wait_until, TestEnv, Workers};
 
@@ -103,9 +104,13 @@ async fn reservations_expire_once_and_race_payments_consistently() {
     let env = TestEnv::new().await;
     env.load_stock(&[(1, 1000)]).await;
     let ttl = Duration::from_secs(2);
-    let mut cargs = env.consumer_args("consumer");
-    cargs.reservation_ttl = ttl;
-    cargs.expiry_interval = Duration::from_millis(100);
+    let cargs = env.consumer_args_with(
+        "consumer",
+        &[
+            ("--reservation-ttl", &duration(ttl)),
+            ("--expiry-interval", "100ms"),
+        ],
+    );
     let pargs = env.producer_args("producer");
     // Two consumer instances (and two producers) in the same groups, both sweeping.
     let w1 = Workers::start_with(&pargs, &cargs).await;

@@ -5,31 +5,19 @@ use stock_common::events::Item;
 use stock_e2e::harness::created;
 use stock_e2e::{free_port, http_get, wait_until, TestEnv, WorkerProcess};
 
-fn with(env: Vec<(String, String)>, key: &str, value: String) -> Vec<(String, String)> {
-    let mut env: Vec<_> = env.into_iter().filter(|(k, _)| k != key).collect();
-    env.push((key.to_owned(), value));
-    env
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_serve_metrics_health_and_readiness() {
     let env = TestEnv::new().await; // Redis database empty: not loaded
     let (pport, cport) = (free_port(), free_port());
     let producer = WorkerProcess::spawn(
-        "producer",
-        &with(
-            env.process_env("producer"),
-            "METRICS_ADDR",
-            format!("127.0.0.1:{pport}"),
-        ),
+        &env.process_flags("producer")
+            .set("--metrics-addr", format!("127.0.0.1:{pport}")),
+        &[],
     );
     let consumer = WorkerProcess::spawn(
-        "consumer",
-        &with(
-            env.process_env("consumer"),
-            "METRICS_ADDR",
-            format!("127.0.0.1:{cport}"),
-        ),
+        &env.process_flags("consumer")
+            .set("--metrics-addr", format!("127.0.0.1:{cport}")),
+        &[],
     );
     assert!(
         wait_until(|| async {
@@ -118,9 +106,11 @@ async fn passwords_never_reach_the_log() {
     let secret = format!("s3cr3t-{}", env.id);
     let mut url = url::Url::parse(env.db.url.expose()).expect("url");
     url.set_password(Some(&secret)).expect("password");
-    let vars = with(env.process_env("consumer"), "DATABASE_URL", url.to_string());
-    let vars = with(vars, "RUN_MIGRATIONS", "true".into());
-    let mut consumer = WorkerProcess::spawn("consumer", &vars);
+    let flags = env
+        .process_flags("consumer")
+        .set("--database-url", url)
+        .set("--migrate", true);
+    let mut consumer = WorkerProcess::spawn(&flags, &[]);
     // It cannot log in: it must say so, and exit, without printing the password.
     let code = consumer.wait_exit(Duration::from_secs(60));
     assert!(

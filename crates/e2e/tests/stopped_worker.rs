@@ -21,20 +21,17 @@ use std::time::Duration;
 use stock_common::events::{Item, Status};
 use stock_e2e::harness::{conflicting, created, paid};
 use stock_e2e::nemesis::procs::{find_binary, free_port, Supervisor};
-use stock_e2e::{wait_until, TestEnv};
+use stock_e2e::{wait_until, TestEnv, WorkerFlags};
 
 const ORDERS: usize = 3_000;
 const WARMUP: usize = 200;
 const HOT: i64 = 1;
 
-fn worker_env(env: &TestEnv, group: &str) -> Vec<(String, String)> {
-    let mut e = env.process_env(group);
-    e.retain(|(k, _)| k != "METRICS_ADDR");
-    e.push((
-        "METRICS_ADDR".into(),
+fn worker_flags(env: &TestEnv, group: &str) -> WorkerFlags {
+    env.process_flags(group).set(
+        "--metrics-addr",
         format!("127.0.0.1:{}", free_port().expect("free port")),
-    ));
-    e
+    )
 }
 
 async fn lock_waiters(env: &TestEnv) -> i64 {
@@ -59,11 +56,11 @@ async fn consumer_stopped_past_session_timeout_does_not_double_apply_its_batch()
     let consumer = find_binary("consumer").expect("consumer binary");
     let mut sup = Supervisor::start(
         vec![
-            ("producer".into(), producer, worker_env(&env, "producer")),
+            ("producer".into(), producer, worker_flags(&env, "producer")),
             (
                 "consumer-a".into(),
                 consumer.clone(),
-                worker_env(&env, "consumer"),
+                worker_flags(&env, "consumer"),
             ),
         ],
         &env.id,
@@ -147,7 +144,7 @@ async fn consumer_stopped_past_session_timeout_does_not_double_apply_its_batch()
     // every partition and replays A's batch, whose row is still locked: B waits too.
     assert!(sup.sigstop(a).expect("SIGSTOP"), "consumer A stopped");
     let b = sup
-        .add("consumer-b", consumer, worker_env(&env, "consumer"))
+        .add("consumer-b", consumer, worker_flags(&env, "consumer"))
         .expect("start consumer B");
     assert!(
         wait_until(|| async { lock_waiters(&env).await >= 2 }).await,

@@ -3,8 +3,10 @@
 //! # Layout
 //! * [`classify`]: what each incoming message asks for (reserve, forward, reply, restore,
 //!   dead-letter), without I/O.
-//! * [`worker`]: the Kafka loop: batch, one Redis pipeline of scripts, publish deduct
-//!   commands / results / dead letters, wait for delivery, then store offsets.
+//! * [`worker`]: the producer's step of the batch loop (one Redis pipeline of scripts per
+//!   batch, then the deduct commands / results / dead letters to publish) and its
+//!   readiness check; the loop itself (publish, wait for delivery, store offsets) and the
+//!   run path are `stock_common::batch_loop`'s.
 //!
 //! The scripts themselves and the Redis keys live in `stock_common::redis_store`.
 //! See `docs/DESIGN.md` for the crash windows.

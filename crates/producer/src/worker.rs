@@ -14,6 +14,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use std::sync::Arc;
 use std::time::Duration;
+use stock_common::batch_loop::{self, Clients, Endpoints};
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{Compensation, DeductCommand, StockResult, INTERNAL_VERSION};
 use stock_common::kafka::{self, KafkaStepError, OutMessage};
@@ -92,7 +93,8 @@ impl Worker {
         })
     }
 
-    /// Runs until `shutdown`, then commits the stored offsets and flushes the producer.
+    /// Runs until `shutdown`, then commits the stored offsets and flushes the producer
+    /// ([`batch_loop::serve`], with the readiness check of this worker).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         tracing::info!(orders = %self.topics.orders, compensate = %self.topics.compensate, "producer started");
         let redis = self.redis.clone();
@@ -132,26 +134,18 @@ impl Worker {
                 }
             })
         });
-        let background = shutdown.child_token();
-        stock_common::metrics::spawn(
-            &self.metrics_args,
-            "127.0.0.1:9464",
-            &self.metrics,
-            self.consumer.clone(),
+        let clients = Clients {
+            consumer: &self.consumer,
+            producer: &self.producer,
+            batch: &self.batch,
+        };
+        let endpoints = Endpoints {
+            args: &self.metrics_args,
+            default_addr: "127.0.0.1:9464",
+            metrics: &self.metrics,
             ready,
-            &background,
-        );
-        let result = self.run_loop(&shutdown).await;
-        background.cancel();
-        kafka::commit_final(&self.consumer);
-        kafka::flush(&self.producer);
-        tracing::info!("producer stopped");
-        result
-    }
-
-    /// The batch loop ([`kafka::run_pipeline`]) with this worker's step.
-    async fn run_loop(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        kafka::run_pipeline(&self.consumer, &self.producer, &self.batch, shutdown, self).await?;
+        };
+        batch_loop::serve(&self, clients, endpoints, |_| async {}, &shutdown).await?;
         Ok(())
     }
 
@@ -209,7 +203,8 @@ impl Worker {
 
     /// Runs the batch's Redis scripts and returns what to publish, in message order (so
     /// that an order's events keep their order). Safe to repeat: every script is
-    /// idempotent by order id.
+    /// idempotent by order id. In three steps: [`classify`] each message, run the scripts
+    /// ([`Worker::run_scripts`]), turn their answers into messages ([`Worker::assemble`]).
     pub async fn prepare(
         &self,
         msgs: &[OwnedMessage],
@@ -227,7 +222,28 @@ impl Worker {
                 )
             })
             .collect();
+        let (restored, reserved) = self.run_scripts(&inputs).await?;
+        let (summary, out, results) = self.assemble(msgs, inputs, restored, reserved)?;
+        for r in &results {
+            self.metrics.outcome(r);
+        }
+        self.metrics
+            .dead_letters
+            .inc_by(summary.dead_letters as u64);
+        self.metrics
+            .compensations
+            .with_label_values(&["restored"])
+            .inc_by(summary.restored as u64);
+        Ok((summary, out))
+    }
 
+    /// One Redis round for the batch: the restore script for every compensation, then the
+    /// reserve script for every order (guarded by the sold-out marker, which learns from
+    /// the answer). [`StepError::Unloaded`] if Redis answered that it is not loaded.
+    async fn run_scripts(
+        &self,
+        inputs: &[Input],
+    ) -> Result<(Vec<RestoreOutcome>, Vec<ReserveOutcome>), StepError> {
         // Stock coming back first, so that this batch's orders can use it.
         let restores: Vec<Compensation> = inputs
             .iter()
@@ -263,7 +279,19 @@ impl Worker {
         if reserved.contains(&ReserveOutcome::Unloaded) {
             return Err(StepError::Unloaded);
         }
+        Ok((restored, reserved))
+    }
 
+    /// What to publish for each message, in message order, from the scripts' answers
+    /// (`restored` and `reserved` in the order of the batch's compensations and orders);
+    /// also the results published here, for the metrics.
+    fn assemble(
+        &self,
+        msgs: &[OwnedMessage],
+        inputs: Vec<Input>,
+        restored: Vec<RestoreOutcome>,
+        reserved: Vec<ReserveOutcome>,
+    ) -> Result<(BatchSummary, Vec<OutMessage>, Vec<StockResult>), StepError> {
         let mut summary = BatchSummary::default();
         let mut out = Vec::with_capacity(msgs.len());
         let mut results: Vec<StockResult> = Vec::new();
@@ -275,43 +303,12 @@ impl Worker {
                 // it decided before.
                 Input::Reserve(req) => match reserved.next() {
                     Some(ReserveOutcome::Decided { record, .. }) => {
-                        let cmd = match record {
-                            OrderRecord::Held { token, items }
-                            | OrderRecord::Returned { token, items } => DeductCommand::Reserve {
-                                v: INTERNAL_VERSION,
-                                order_id: req.order_id.clone(),
-                                items,
-                                token: Some(token),
-                            },
-                            OrderRecord::Refused { reason, product_id } => DeductCommand::Refuse {
-                                v: INTERNAL_VERSION,
-                                order_id: req.order_id.clone(),
-                                reason,
-                                product_id,
-                            },
-                        };
+                        let cmd = deduct_command(&req.order_id, record);
                         out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
                         summary.deducts += 1;
                     }
                     Some(ReserveOutcome::Corrupt(key)) => {
-                        // Only this order waits for the repair: its products stop selling,
-                        // every other product goes on. The dead letter can be replayed once
-                        // `stockctl check --repair` fixed the key.
-                        let reason = format!(
-                            "stock key {key} does not hold an integer: order not decided; \
-                             repair with `stockctl check --repair`, then replay this message"
-                        );
-                        tracing::error!(order_id = %req.order_id, %key, "dead-lettering an order: corrupt stock key");
-                        self.metrics.corrupt_stock.with_label_values(&[&key]).inc();
-                        if let Ok(mut keys) = self.corrupt_keys.lock() {
-                            keys.insert(key);
-                        }
-                        out.push(OutMessage::dead_letter(
-                            &self.topics.dlq,
-                            m,
-                            &reason,
-                            WORKER,
-                        ));
+                        out.push(self.corrupt_stock(m, &req.order_id, key));
                         summary.dead_letters += 1;
                     }
                     _ => {
@@ -357,21 +354,49 @@ impl Worker {
             }
         }
         summary.results = results.len();
-        for r in &results {
-            self.metrics.outcome(r);
+        Ok((summary, out, results))
+    }
+
+    /// The dead letter of an order whose stock key `key` does not hold an integer. Only
+    /// this order waits for the repair: its products stop selling, every other product
+    /// goes on. The dead letter can be replayed once `stockctl check --repair` fixed the
+    /// key; `/readyz` names the key until then.
+    fn corrupt_stock(&self, m: &OwnedMessage, order_id: &str, key: String) -> OutMessage {
+        let reason = format!(
+            "stock key {key} does not hold an integer: order not decided; \
+             repair with `stockctl check --repair`, then replay this message"
+        );
+        tracing::error!(%order_id, %key, "dead-lettering an order: corrupt stock key");
+        self.metrics.corrupt_stock.with_label_values(&[&key]).inc();
+        if let Ok(mut keys) = self.corrupt_keys.lock() {
+            keys.insert(key);
         }
-        self.metrics
-            .dead_letters
-            .inc_by(summary.dead_letters as u64);
-        self.metrics
-            .compensations
-            .with_label_values(&["restored"])
-            .inc_by(summary.restored as u64);
-        Ok((summary, out))
+        OutMessage::dead_letter(&self.topics.dlq, m, &reason, WORKER)
     }
 }
 
-impl kafka::BatchStep for Worker {
+/// The deduct command that carries an order's recorded decision to the consumer: a
+/// pre-deduction (with its token), or a refusal.
+fn deduct_command(order_id: &str, record: OrderRecord) -> DeductCommand {
+    match record {
+        OrderRecord::Held { token, items } | OrderRecord::Returned { token, items } => {
+            DeductCommand::Reserve {
+                v: INTERNAL_VERSION,
+                order_id: order_id.to_owned(),
+                items,
+                token: Some(token),
+            }
+        }
+        OrderRecord::Refused { reason, product_id } => DeductCommand::Refuse {
+            v: INTERNAL_VERSION,
+            order_id: order_id.to_owned(),
+            reason,
+            product_id,
+        },
+    }
+}
+
+impl batch_loop::BatchStep for Worker {
     fn name(&self) -> &'static str {
         WORKER
     }

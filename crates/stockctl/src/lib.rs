@@ -1,14 +1,11 @@
-//! `stockctl`: operators' tools for the stock pipeline, and the harness that drives it.
+//! `stockctl`: the operators' tool of the stock pipeline (migrate, create-topics, restock,
+//! set, show, history, rebuild, check). Test and benchmark support (the harness, the load
+//! generator, the demo) lives in the dev-only crate `stock-devkit`.
 //!
 //! # Layout
-//! * [`admin`]: stock operations across PostgreSQL and Redis (set, rebuild, invariants).
-//! * [`harness`]: publish order events and collect results, as the order service would.
+//! * [`admin`]: stock operations across PostgreSQL and Redis (set, restock, show, history,
+//!   invariants, the drift check).
 //! * [`rebuild`]: loading Redis from PostgreSQL.
-//! * [`rng`]: the seeded generator of demo, nemesis and benchmark loads.
-//! * [`demo`]: both workers fed by a demo load, with a summary.
 
 pub mod admin;
-pub mod demo;
-pub mod harness;
 pub mod rebuild;
-pub mod rng;

@@ -2,7 +2,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use stock_common::config::{DatabaseArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
 use stock_common::redis_store::RedisStore;
-use stockctl::{admin, demo};
+use stockctl::admin;
 
 /// Operators' tool for the stock pipeline.
 ///
@@ -96,8 +96,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Run both workers against a demo load and print a summary.
-    Demo(demo::DemoArgs),
 }
 
 #[tokio::main]
@@ -172,28 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             json,
         } => {
             let h = admin::history(&pool()?, *product, *limit).await?;
-            if *json {
-                println!("{}", serde_json::to_string(&h)?);
-            } else if h.is_empty() {
-                println!("product {product}: no stock movements");
-            } else {
-                println!(
-                    "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
-                    "at", "kind", "quantity", "avail", "reserved", "sold"
-                );
-                for m in &h {
-                    println!(
-                        "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
-                        m.at.to_rfc3339(),
-                        m.kind,
-                        m.quantity,
-                        m.available_delta,
-                        m.reserved_delta,
-                        m.sold_delta,
-                        m.reference
-                    );
-                }
-            }
+            print_history(*product, &h, *json)?;
         }
         Cmd::Rebuild => {
             let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?).await?;
@@ -207,7 +184,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             print_check(&r, *repair, *json)?;
             return Ok(r.clean());
         }
-        Cmd::Demo(args) => return demo::run(&cli.kafka, &cli.db, &cli.redis, args).await,
     }
     Ok(true)
 }
@@ -264,6 +240,32 @@ fn print_change(c: &admin::StockChange, json: bool) -> anyhow::Result<()> {
              alone. Run `stockctl check` when the pipeline is idle"
         ),
         _ => {}
+    }
+    Ok(())
+}
+
+fn print_history(product: i64, h: &[admin::Movement], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(h)?);
+    } else if h.is_empty() {
+        println!("product {product}: no stock movements");
+    } else {
+        println!(
+            "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
+            "at", "kind", "quantity", "avail", "reserved", "sold"
+        );
+        for m in h {
+            println!(
+                "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
+                m.at.to_rfc3339(),
+                m.kind,
+                m.quantity,
+                m.available_delta,
+                m.reserved_delta,
+                m.sold_delta,
+                m.reference
+            );
+        }
     }
     Ok(())
 }
@@ -368,7 +370,5 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
-        stock_producer::ProducerArgs::command().debug_assert();
-        stock_consumer::ConsumerArgs::command().debug_assert();
     }
 }

@@ -24,7 +24,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use stock_common::events::{Reason, Status};
-use stockctl::{admin, harness};
+use stock_devkit::harness;
+use stockctl::admin;
 
 /// Longest wait for one order's result.
 const RESULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -156,7 +157,7 @@ async fn drive(
     concurrency: usize,
     progress: &ProgressBar,
 ) -> Result<driver::Driven> {
-    let batch = workers::default_batch()?;
+    let batch = workers::default_batch();
     workers.start_producers(env, &batch, 1).await?;
     workers.start_consumers(env, &batch, 1).await?;
     let producer = stock_common::kafka::producer(&env.kafka).context("kafka producer")?;

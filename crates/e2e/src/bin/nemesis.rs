@@ -89,9 +89,11 @@ async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,stock_e2e=info,rdkafka=off,librdkafka=off")
     });
+    // Colours only on a terminal: the log is often redirected to a file.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let mut cfg = if args.reduced {
         NemesisConfig::reduced(args.seed)

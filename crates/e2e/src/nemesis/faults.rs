@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 use stock_common::redis_store::RedisStore;
-use stockctl::rng::Rng;
+use stock_devkit::rng::Rng;
 use tokio::time::Instant;
 
 /// The kinds of fault.

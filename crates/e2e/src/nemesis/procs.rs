@@ -2,6 +2,7 @@
 //! groups, each with its own metrics port and log file, restarted whenever one dies, and
 //! the signals the faults send them (`kill -9`, SIGSTOP/SIGCONT).
 
+use crate::WorkerFlags;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,7 +48,7 @@ fn signal(pid: u32, sig: &str) -> std::io::Result<bool> {
 pub struct Slot {
     pub name: String,
     pub binary: PathBuf,
-    env: Vec<(String, String)>,
+    flags: WorkerFlags,
     child: Option<Child>,
     pub paused: bool,
     /// Killed by a fault and not restarted yet: the watchdog leaves it alone.
@@ -75,8 +76,11 @@ impl Slot {
         ));
         let out = std::fs::File::create(&log)?;
         let err = out.try_clone()?;
-        let child = Command::new(&self.binary)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        let child = self
+            .flags
+            .command(&self.binary)
+            .map_err(std::io::Error::other)?
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -91,8 +95,8 @@ impl Slot {
     }
 }
 
-/// A worker to start: its name, binary and environment.
-pub type WorkerSpec = (String, PathBuf, Vec<(String, String)>);
+/// A worker to start: its name, binary and settings.
+pub type WorkerSpec = (String, PathBuf, WorkerFlags);
 
 /// The workers of a run.
 pub struct Supervisor {
@@ -104,15 +108,15 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// `slots`: (name, binary, environment).
+    /// `slots`: (name, binary, settings).
     pub fn start(slots: Vec<WorkerSpec>, run_id: &str) -> std::io::Result<Supervisor> {
         let mut s = Supervisor {
             slots: slots
                 .into_iter()
-                .map(|(name, binary, env)| Slot {
+                .map(|(name, binary, flags)| Slot {
                     name,
                     binary,
-                    env,
+                    flags,
                     child: None,
                     paused: false,
                     down: false,
@@ -135,12 +139,12 @@ impl Supervisor {
         &mut self,
         name: &str,
         binary: PathBuf,
-        env: Vec<(String, String)>,
+        flags: WorkerFlags,
     ) -> std::io::Result<usize> {
         self.slots.push(Slot {
             name: name.to_owned(),
             binary,
-            env,
+            flags,
             child: None,
             paused: false,
             down: false,

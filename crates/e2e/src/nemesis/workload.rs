@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use stock_common::events::Item;
-use stockctl::rng::Rng;
+use stock_devkit::rng::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -238,39 +238,41 @@ impl Builder<'_> {
     }
 }
 
-/// Generates the workload of `shape` from `rng`.
-pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
-    let mut b = Builder {
-        rng,
-        shape,
-        demand: BTreeMap::new(),
-        events: Vec::new(),
-        seq: 0,
-    };
-    let n = shape.orders.max(1);
-    let span = shape.duration.as_millis().max(1) as u64;
-    let ttl = shape.ttl.as_millis() as u64;
-    let slot = (span / n as u64).max(1);
-    let mut orders = Vec::with_capacity(n + n / 50);
+/// An order created once, with no pay or cancel yet.
+fn planned(id: String, items: Vec<Item>, expect: Expect) -> PlannedOrder {
+    PlannedOrder {
+        id,
+        items,
+        expect,
+        fate: Fate::Abandoned,
+        created: 1,
+        variants: 0,
+        pays: 0,
+        cancels: 0,
+    }
+}
 
-    for i in 0..shape.orders {
+/// The time grid of the valid orders: order `i` is created at `span * i / n` plus up to
+/// one `slot`, in milliseconds.
+struct Grid {
+    n: u64,
+    span: u64,
+    slot: u64,
+    ttl: u64,
+}
+
+impl Builder<'_> {
+    /// Valid order `i`: its `order_created` (sometimes twice, sometimes again with other
+    /// items), then what its [`Fate`] makes of it.
+    fn valid_order(&mut self, i: usize, g: &Grid) -> PlannedOrder {
         let id = format!("o-{i}");
-        let t = ms(span * i as u64 / n as u64 + b.rng.range(0, slot));
-        let items = b.items();
-        b.push(t, &id, created_json(&id, &items), EventKind::Created);
-        let mut o = PlannedOrder {
-            id: id.clone(),
-            items: items.clone(),
-            expect: Expect::Valid,
-            fate: Fate::Abandoned,
-            created: 1,
-            variants: 0,
-            pays: 0,
-            cancels: 0,
-        };
-        if b.rng.chance(0.03) {
-            let at = t + ms(b.rng.range(1, 400));
-            b.push(
+        let t = ms(g.span * i as u64 / g.n + self.rng.range(0, g.slot));
+        let items = self.items();
+        self.push(t, &id, created_json(&id, &items), EventKind::Created);
+        let mut o = planned(id.clone(), items.clone(), Expect::Valid);
+        if self.rng.chance(0.03) {
+            let at = t + ms(self.rng.range(1, 400));
+            self.push(
                 at,
                 &id,
                 created_json(&id, &items),
@@ -278,10 +280,10 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
             );
             o.created += 1;
         }
-        if b.rng.chance(0.01) {
-            let other = b.items();
-            let at = t + ms(b.rng.range(1, 400));
-            b.push(
+        if self.rng.chance(0.01) {
+            let other = self.items();
+            let at = t + ms(self.rng.range(1, 400));
+            self.push(
                 at,
                 &id,
                 created_json(&id, &other),
@@ -290,25 +292,33 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
             o.created += 1;
             o.variants += 1;
         }
-        let r = b.rng.unit();
+        self.fate(&mut o, t, g.ttl);
+        o
+    }
+
+    /// Draws what happens to order `o` created at `t` (pay or cancel, quick, racing the
+    /// TTL or late; cancel then pay; nothing) and plans its events.
+    fn fate(&mut self, o: &mut PlannedOrder, t: Duration, ttl: u64) {
+        let id = o.id.clone();
+        let r = self.rng.unit();
         let racing = |rng: &mut Rng| (ttl + rng.range(0, 2000)).saturating_sub(1000).max(200);
         let late = |rng: &mut Rng| ttl + rng.range(2000, 4000);
         let quick = |rng: &mut Rng| rng.range(200, 1500);
         let (fate, pay_at, cancel_at) = if r < 0.30 {
-            (Fate::PayQuick, Some(quick(b.rng)), None)
+            (Fate::PayQuick, Some(quick(self.rng)), None)
         } else if r < 0.40 {
-            (Fate::PayRacing, Some(racing(b.rng)), None)
+            (Fate::PayRacing, Some(racing(self.rng)), None)
         } else if r < 0.45 {
-            (Fate::PayLate, Some(late(b.rng)), None)
+            (Fate::PayLate, Some(late(self.rng)), None)
         } else if r < 0.55 {
-            (Fate::CancelQuick, None, Some(quick(b.rng)))
+            (Fate::CancelQuick, None, Some(quick(self.rng)))
         } else if r < 0.58 {
-            (Fate::CancelLate, None, Some(late(b.rng)))
+            (Fate::CancelLate, None, Some(late(self.rng)))
         } else if r < 0.60 {
-            let c = b.rng.range(200, 800);
+            let c = self.rng.range(200, 800);
             (
                 Fate::CancelThenPay,
-                Some(c + b.rng.range(400, 1200)),
+                Some(c + self.rng.range(400, 1200)),
                 Some(c),
             )
         } else {
@@ -316,7 +326,7 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
         };
         o.fate = fate;
         if let Some(c) = cancel_at {
-            b.push(
+            self.push(
                 t + ms(c),
                 &id,
                 crate::harness::cancelled(&id),
@@ -325,11 +335,11 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
             o.cancels += 1;
         }
         if let Some(p) = pay_at {
-            b.push(t + ms(p), &id, crate::harness::paid(&id), EventKind::Paid);
+            self.push(t + ms(p), &id, crate::harness::paid(&id), EventKind::Paid);
             o.pays += 1;
-            if b.rng.chance(0.15) {
-                let again = t + ms(p + b.rng.range(100, 1500));
-                b.push(
+            if self.rng.chance(0.15) {
+                let again = t + ms(p + self.rng.range(100, 1500));
+                self.push(
                     again,
                     &id,
                     crate::harness::paid(&id),
@@ -338,13 +348,11 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
                 o.pays += 1;
             }
         }
-        orders.push(o);
     }
 
-    // Invalid orders: a readable id, a broken rule.
-    let invalid = (shape.orders / 200).max(7);
-    for i in 0..invalid {
-        let t = ms(b.rng.range(0, span));
+    /// Invalid order `i`: a readable id, a broken rule (one of seven, in turn).
+    fn invalid_order(&mut self, i: usize, span: u64) -> PlannedOrder {
+        let t = ms(self.rng.range(0, span));
         let mut id = format!("inv-{i}");
         let ok = json!([{"product_id": 2, "quantity": 1}]);
         let body = match i % 7 {
@@ -366,60 +374,43 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
             }
             _ => json!({"type":"order_created","order_id":id}),
         };
-        b.push(t, &id, body.to_string().into_bytes(), EventKind::Invalid);
-        let mut o = PlannedOrder {
-            id: id.clone(),
-            items: Vec::new(),
-            expect: Expect::Invalid,
-            fate: Fate::Abandoned,
-            created: 1,
-            variants: 0,
-            pays: 0,
-            cancels: 0,
-        };
+        self.push(t, &id, body.to_string().into_bytes(), EventKind::Invalid);
+        let mut o = planned(id.clone(), Vec::new(), Expect::Invalid);
         if i % 7 == 1 {
             // A pay for an id that breaks the rules: ignored/not_reserved.
             let body = json!({"type":"order_paid","order_id":id}).to_string();
-            b.push(t + ms(300), &id, body.into_bytes(), EventKind::Invalid);
+            self.push(t + ms(300), &id, body.into_bytes(), EventKind::Invalid);
             o.pays += 1;
             o.fate = Fate::PayQuick;
         }
-        orders.push(o);
+        o
     }
 
-    // Orders naming a product that does not exist.
-    for i in 0..(shape.orders / 500).max(2) {
-        let t = ms(b.rng.range(0, span));
+    /// Order `i` naming a product that does not exist (every other one with a tail
+    /// product first).
+    fn unknown_product_order(&mut self, i: usize, span: u64) -> PlannedOrder {
+        let t = ms(self.rng.range(0, span));
         let id = format!("unk-{i}");
         let mut items = Vec::new();
         if i % 2 == 1 {
-            let p = b.tail();
+            let p = self.tail();
             items.push(Item {
                 product_id: p,
                 quantity: 1,
             });
-            *b.demand.entry(p).or_insert(0) += 1;
+            *self.demand.entry(p).or_insert(0) += 1;
         }
         items.push(Item {
             product_id: MISSING_PRODUCT,
             quantity: 1,
         });
-        b.push(t, &id, created_json(&id, &items), EventKind::UnknownProduct);
-        orders.push(PlannedOrder {
-            id,
-            items,
-            expect: Expect::UnknownProduct(MISSING_PRODUCT),
-            fate: Fate::Abandoned,
-            created: 1,
-            variants: 0,
-            pays: 0,
-            cancels: 0,
-        });
+        self.push(t, &id, created_json(&id, &items), EventKind::UnknownProduct);
+        planned(id, items, Expect::UnknownProduct(MISSING_PRODUCT))
     }
 
-    // Bytes that are no order event.
-    let mut junk = Vec::new();
-    for i in 0..(shape.orders / 300).max(7) {
+    /// Unparseable message `i` (one of seven kinds of bytes that are no order event), the
+    /// `index`-th of the plan's junk.
+    fn junk(&mut self, i: usize, span: u64, index: usize) -> Junk {
         let key = format!("junk-{i}");
         let (what, bytes): (&'static str, Vec<u8>) = match i % 7 {
             0 => ("not JSON", format!("not json {i}").into_bytes()),
@@ -445,9 +436,45 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
             5 => ("not UTF-8", vec![0xff, 0xfe, 0x00, (i % 251) as u8, b'{']),
             _ => ("no type", json!({"order_id":key}).to_string().into_bytes()),
         };
-        let t = ms(b.rng.range(0, span));
-        b.push(t, &key, bytes.clone(), EventKind::Junk(junk.len()));
-        junk.push(Junk { key, bytes, what });
+        let t = ms(self.rng.range(0, span));
+        self.push(t, &key, bytes.clone(), EventKind::Junk(index));
+        Junk { key, bytes, what }
+    }
+}
+
+/// Generates the workload of `shape` from `rng`: the valid orders over the run's span,
+/// then invalid orders, orders for a missing product and unparseable messages at random
+/// times, and the stock that makes the hot SKU sell out and the tail never run short.
+pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
+    let mut b = Builder {
+        rng,
+        shape,
+        demand: BTreeMap::new(),
+        events: Vec::new(),
+        seq: 0,
+    };
+    let n = shape.orders.max(1);
+    let span = shape.duration.as_millis().max(1) as u64;
+    let grid = Grid {
+        n: n as u64,
+        span,
+        slot: (span / n as u64).max(1),
+        ttl: shape.ttl.as_millis() as u64,
+    };
+    let mut orders = Vec::with_capacity(n + n / 50);
+    for i in 0..shape.orders {
+        orders.push(b.valid_order(i, &grid));
+    }
+    for i in 0..(shape.orders / 200).max(7) {
+        orders.push(b.invalid_order(i, span));
+    }
+    for i in 0..(shape.orders / 500).max(2) {
+        orders.push(b.unknown_product_order(i, span));
+    }
+    let mut junk = Vec::new();
+    for i in 0..(shape.orders / 300).max(7) {
+        let j = b.junk(i, span, junk.len());
+        junk.push(j);
     }
 
     let mut stock = BTreeMap::new();

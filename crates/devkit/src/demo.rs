@@ -1,16 +1,20 @@
-//! `stockctl demo`: both workers (in this process) fed by a demo load of order events on
-//! topics of their own, ending with a readable summary and the invariants checked.
+//! The demo: both workers (in this process) fed by a demo load of order events on topics
+//! of their own, ending with a readable summary and the invariants checked.
+//!
+//! [`run`] reads top to bottom: [`prepare`] the topics and stock, start the workers
+//! ([`start_workers`], settings from [`crate::worker_args`]), publish the load
+//! ([`orders`]), wait for every outcome, then [`summarize`].
 
-use crate::admin;
-use crate::harness::{self, ResultCollector};
+use crate::harness::{self, Outcomes, ResultCollector};
+use crate::worker_args::{Wiring, Worker, WorkerFlags};
+use sqlx::PgPool;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use stock_common::config::{
-    BatchArgs, DatabaseArgs, KafkaArgs, LogArgs, LogFormat, RedisArgs, Topics,
-};
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
 use stock_common::events::{Item, Status};
-use stock_common::metrics::MetricsArgs;
 use stock_common::redis_store::RedisStore;
+use stockctl::admin;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -32,20 +36,68 @@ pub struct DemoArgs {
     pub timeout: Duration,
 }
 
+/// Runs the demo; `Ok(false)` when a check failed.
 pub async fn run(
     kafka: &KafkaArgs,
     db: &DatabaseArgs,
     redis: &RedisArgs,
     args: &DemoArgs,
 ) -> anyhow::Result<bool> {
-    use anyhow::Context;
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let topics = Topics::prefixed(&format!("demo-{run}."));
     println!(
         "demo run {run}: {} orders over {} products of {} units",
         args.orders, args.products, args.stock
     );
+    let products: Vec<i64> = (0..args.products).map(|i| 900_001 + i).collect();
+    let (pool, store) = prepare(kafka, db, redis, &topics, &products, args).await?;
 
+    let shutdown = CancellationToken::new();
+    let wiring = Wiring {
+        kafka,
+        topics: &topics,
+        redis,
+        db,
+    };
+    let workers = start_workers(wiring, &run, &shutdown).await?;
+    let collector = ResultCollector::start(kafka, &topics.results)?;
+    let (msgs, ids) = orders(&run, &products, args.orders);
+
+    let producer = stock_common::kafka::producer(kafka)?;
+    let started = Instant::now();
+    harness::publish(&producer, &topics.orders, msgs).await?;
+    let published = started.elapsed();
+    let complete = collector.wait_for(&ids, 1, args.timeout).await;
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    let outcomes = collector.snapshot();
+    collector.stop().await;
+
+    println!();
+    println!(
+        "orders: {} published in {:.2?}, all outcomes in {:.2?} ({:.0} orders/s end to end)",
+        ids.len(),
+        published,
+        elapsed,
+        ids.len() as f64 / elapsed.as_secs_f64()
+    );
+    summarize(&pool, &store, &products, &ids, &outcomes, complete).await
+}
+
+/// Creates the run's topics, migrates, sets every product's stock and, if Redis is not
+/// loaded, rebuilds it.
+async fn prepare(
+    kafka: &KafkaArgs,
+    db: &DatabaseArgs,
+    redis: &RedisArgs,
+    topics: &Topics,
+    products: &[i64],
+    args: &DemoArgs,
+) -> anyhow::Result<(PgPool, RedisStore)> {
+    use anyhow::Context;
     stock_common::kafka::create_topics(kafka, &topics.all(), args.partitions)
         .await
         .context("creating demo topics (is Kafka up? deploy/stack-up.sh)")?;
@@ -56,63 +108,45 @@ pub async fn run(
     let store = RedisStore::connect(redis)
         .await
         .context("connecting to Redis")?;
-    let products: Vec<i64> = (0..args.products).map(|i| 900_001 + i).collect();
-    for p in &products {
+    for p in products {
         admin::set_stock(&pool, &store, *p, args.stock, true).await?;
     }
     if !store.is_loaded().await? {
-        let r = crate::rebuild::rebuild(&pool, &store).await?;
+        let r = stockctl::rebuild::rebuild(&pool, &store).await?;
         println!(
             "redis was not loaded: rebuilt {} products and {} held reservations from PostgreSQL",
             r.products, r.held
         );
     }
+    Ok((pool, store))
+}
 
-    let shutdown = CancellationToken::new();
-    let batch = BatchArgs {
-        batch_size: 2000,
-        linger: Duration::from_millis(5),
-        pipeline_depth: 2,
-    };
-    let log = LogArgs {
-        format: LogFormat::Text,
-    };
-    let pargs = stock_producer::ProducerArgs {
-        kafka: kafka.clone(),
-        topics: topics.clone(),
-        redis: redis.clone(),
-        batch: batch.clone(),
-        log: log.clone(),
-        metrics: MetricsArgs {
-            addr: Some("off".into()),
-        },
-        sold_out_marker: true,
-        group: format!("demo-{run}-producer"),
-    };
-    let cargs = stock_consumer::ConsumerArgs {
-        kafka: kafka.clone(),
-        topics: topics.clone(),
-        db: db.clone(),
-        batch,
-        log,
-        metrics: MetricsArgs {
-            addr: Some("off".into()),
-        },
-        group: format!("demo-{run}-consumer"),
-        reservation_ttl: Duration::from_secs(900),
-        expiry_interval: Duration::from_secs(1),
-        migrate: false,
-    };
+/// Both workers as tasks of this process, with the binaries' defaults on the run's topics.
+async fn start_workers(
+    wiring: Wiring<'_>,
+    run: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<[JoinHandle<anyhow::Result<()>>; 2]> {
+    let pargs =
+        WorkerFlags::new(Worker::Producer, wiring, &format!("demo-{run}-producer")).producer()?;
+    let cargs =
+        WorkerFlags::new(Worker::Consumer, wiring, &format!("demo-{run}-consumer")).consumer()?;
     let producer = stock_producer::worker::Worker::new(&pargs).await?;
     let consumer = stock_consumer::worker::Worker::new(&cargs).await?;
-    let ptask = tokio::spawn(producer.run(shutdown.clone()));
-    let ctask = tokio::spawn(consumer.run(shutdown.clone()));
-    let collector = ResultCollector::start(kafka, &topics.results)?;
+    Ok([
+        tokio::spawn(producer.run(shutdown.clone())),
+        tokio::spawn(consumer.run(shutdown.clone())),
+    ])
+}
 
+/// The demo load: `n` orders (half of them for the hot SKU, one in ten with a second
+/// item), one invalid order and one message that is no event at all; with the ids that
+/// must get an outcome.
+fn orders(run: &str, products: &[i64], n: usize) -> (Vec<(String, Vec<u8>)>, HashSet<String>) {
     let mut rng = crate::rng::Rng::new(42);
-    let mut msgs = Vec::with_capacity(args.orders);
+    let mut msgs = Vec::with_capacity(n);
     let mut ids = HashSet::new();
-    for i in 0..args.orders {
+    for i in 0..n {
         let id = format!("demo-{run}-{i}");
         let pick = |r: u64| {
             if r.is_multiple_of(2) {
@@ -152,21 +186,21 @@ pub async fn run(
     ));
     ids.insert(bad_id);
     msgs.push(("garbage".into(), b"this is not an order".to_vec()));
+    (msgs, ids)
+}
 
-    let producer = stock_common::kafka::producer(kafka)?;
-    let started = Instant::now();
-    harness::publish(&producer, &topics.orders, msgs).await?;
-    let published = started.elapsed();
-    let complete = collector.wait_for(&ids, 1, args.timeout).await;
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    let _ = ptask.await;
-    let _ = ctask.await;
-    let outcomes = collector.snapshot();
-    collector.stop().await;
-
+/// Prints outcomes by kind, the stock of every product in PostgreSQL and Redis, and the
+/// three checks; returns whether they all passed.
+async fn summarize(
+    pool: &PgPool,
+    store: &RedisStore,
+    products: &[i64],
+    ids: &HashSet<String>,
+    outcomes: &Outcomes,
+    complete: bool,
+) -> anyhow::Result<bool> {
     let mut by_outcome: BTreeMap<String, usize> = BTreeMap::new();
-    for id in &ids {
+    for id in ids {
         let key = match outcomes.get(id).and_then(|rs| rs.first()) {
             Some(r) if r.status == Status::Reserved => "reserved".to_owned(),
             Some(r) => format!(
@@ -179,15 +213,7 @@ pub async fn run(
         };
         *by_outcome.entry(key).or_default() += 1;
     }
-    let conflicts = harness::conflicting(&outcomes);
-    println!();
-    println!(
-        "orders: {} published in {:.2?}, all outcomes in {:.2?} ({:.0} orders/s end to end)",
-        ids.len(),
-        published,
-        elapsed,
-        ids.len() as f64 / elapsed.as_secs_f64()
-    );
+    let conflicts = harness::conflicting(outcomes);
     for (k, n) in &by_outcome {
         println!("  {k:<32} {n:>8}");
     }
@@ -196,8 +222,8 @@ pub async fn run(
         "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "product", "available", "reserved", "sold", "added", "redis"
     );
-    let rows = admin::stock_rows(&pool, &products).await?;
-    let levels = store.stock_levels(&products).await?;
+    let rows = admin::stock_rows(pool, products).await?;
+    let levels = store.stock_levels(products).await?;
     for (r, l) in rows.iter().zip(levels) {
         println!(
             "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -209,7 +235,7 @@ pub async fn run(
             l.map(|v| v.to_string()).unwrap_or("-".into())
         );
     }
-    let violations = admin::check_invariants(&pool, &store, &products).await?;
+    let violations = admin::check_invariants(pool, store, products).await?;
     println!();
     println!(
         "all outcomes arrived:            {}",
