@@ -544,8 +544,13 @@ async fn settle_and_check(
 /// `stockctl rebuild` run as a process with `failpoints` armed: how it ended, and its
 /// stdout and stderr.
 async fn stockctl_rebuild(env: &TestEnv, failpoints: &str) -> (std::process::ExitStatus, String) {
-    let mut vars = env.process_env("stockctl");
-    vars.push(("FAILPOINTS".into(), failpoints.into()));
+    let vars: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), env.db.url.expose().to_owned()),
+        ("REDIS_URL".into(), env.redis.url.expose().to_owned()),
+        ("KAFKA_BROKERS".into(), env.kafka.brokers.clone()),
+        ("RUST_LOG".into(), "info".into()),
+        ("FAILPOINTS".into(), failpoints.into()),
+    ];
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(binary("stockctl"))
             .arg("rebuild")

@@ -232,17 +232,22 @@ async fn give_to_redis(
     gen: Option<i64>,
 ) -> Result<Step, AdminError> {
     let deadline = tokio::time::Instant::now() + LOAD_WAIT;
+    let mut last_try = false;
     loop {
         return match store.adjust(product_id, delta, request_id, gen).await? {
             AdjustOutcome::Applied => Ok(Step::Applied),
             AdjustOutcome::Already => Ok(Step::Already),
             AdjustOutcome::Stale => Ok(Step::Loaded),
             AdjustOutcome::Unloaded
-                if tokio::time::Instant::now() < deadline
-                    && gen.is_some()
-                    && crate::rebuild::loading(pool, gen.unwrap_or_default()).await? =>
+                if !last_try && tokio::time::Instant::now() < deadline && gen.is_some() =>
             {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A load of this generation under way is waited for. If none is, try once
+                // more: the load may have finished between Redis' answer and this question.
+                if crate::rebuild::loading(pool, gen.unwrap_or_default()).await? {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    last_try = true;
+                }
                 continue;
             }
             AdjustOutcome::Unloaded => Ok(Step::Unloaded),
