@@ -28,6 +28,12 @@
 //! | `<worker>.after_store` | the batch's offsets stored; not committed (auto-commit runs every second) |
 //! | `consumer.expiry.after_release` | the sweeper's release transaction committed; nothing announced |
 //! | `consumer.expiry.after_announce` | the release's result and compensation delivered; `announced` still false |
+//! | `producer.before_step` | a batch read, no script run |
+//! | `producer.mid_redis` | some of a batch's round trips of reserve scripts answered |
+//! | `consumer.before_commit` | the batch's transaction done, not committed |
+//! | `consumer.expiry.before_commit` | the sweeper's release done, not committed |
+//! | `rebuild.after_stop` | `stockctl rebuild`: loaded marker deleted, generation not advanced |
+//! | `rebuild.after_fence` | `stockctl rebuild`: generation advanced (`loading`), Redis not loaded |
 //!
 //! `<worker>` is `producer` or `consumer` ([`crate::batch_loop::BatchStep::name`]).
 

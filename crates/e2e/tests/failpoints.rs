@@ -174,8 +174,8 @@ struct Case {
     load: Load,
     /// How many orders the load has.
     orders: usize,
-    /// More environment for the victim's first run (the one that crashes).
-    victim_env: &'static [(&'static str, &'static str)],
+    /// More flags for the victim's first run (the one that crashes).
+    victim_flags: &'static [(&'static str, &'static str)],
     /// The whole load is in `orders` before the victim starts, so its first batch holds
     /// as much of it as `BATCH_SIZE` allows.
     sent_first: bool,
@@ -211,7 +211,7 @@ impl Case {
             actions: "1*return",
             load,
             orders: ORDERS,
-            victim_env: &[],
+            victim_flags: &[],
             sent_first: false,
             sold_out_first: false,
             at_crash: AtCrash::Abort,
@@ -321,8 +321,8 @@ async fn crash(case: Case) {
         }
     };
     let armed = format!("{failpoint}={}", case.actions);
-    let mut victim_env: Vec<(&str, &str)> = extra(victim).to_vec();
-    victim_env.extend_from_slice(case.victim_env);
+    let mut victim_flags: Vec<(&str, &str)> = extra(victim).to_vec();
+    victim_flags.extend_from_slice(case.victim_flags);
 
     let other = if victim == "producer" {
         "consumer"
@@ -361,12 +361,12 @@ async fn crash(case: Case) {
             "compensations wait for the producer (Redis {short} < available {available})"
         );
         redis_before = Some(short);
-        spawn(&env, victim, &armed, &victim_env)
+        spawn(&env, victim, &armed, &victim_flags)
     } else if case.sent_first {
         env.send_orders(msgs).await;
-        spawn(&env, victim, &armed, &victim_env)
+        spawn(&env, victim, &armed, &victim_flags)
     } else {
-        let crashing = spawn(&env, victim, &armed, &victim_env);
+        let crashing = spawn(&env, victim, &armed, &victim_flags);
         if case.sold_out_first {
             assert_eq!(victim, "producer", "the sold-out marker is the producer's");
             // Its first batch: product 1 seen at 0 (the point's first hit is `off`).
@@ -810,7 +810,7 @@ async fn producer_before_step() {
 async fn producer_mid_redis() {
     crash(Case {
         orders: 1200,
-        victim_env: &[("BATCH_SIZE", "2000"), ("BATCH_LINGER", "1s")],
+        victim_flags: &[("--batch-size", "2000"), ("--batch-linger", "1s")],
         sent_first: true,
         at_crash: AtCrash::FirstTripAnswered,
         ..Case::new("producer", "producer.mid_redis", Load::PayAndCancel)
