@@ -151,6 +151,24 @@ impl Metrics {
         self.outcomes.with_label_values(&[status, reason]).inc();
     }
 
+    /// Counts what one batch publishes: its results, its dead letters, and its
+    /// compensations at `stage` (`issued` by the consumer, `restored` by the producer).
+    pub fn batch_published<'a>(
+        &self,
+        results: impl IntoIterator<Item = &'a crate::events::StockResult>,
+        dead_letters: usize,
+        stage: &str,
+        compensations: usize,
+    ) {
+        for r in results {
+            self.outcome(r);
+        }
+        self.dead_letters.inc_by(dead_letters as u64);
+        self.compensations
+            .with_label_values(&[stage])
+            .inc_by(compensations as u64);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -177,30 +177,22 @@ impl Worker {
         // Redis, a payment): it is never dead-lettered. If PostgreSQL keeps refusing, the
         // batch is retried until it works, and `/readyz` and the log say why.
         let cmds: Vec<DeductCommand> = ops.into_iter().map(|(_, c)| c).collect();
-        let plans = vec![self.apply_retrying(&cmds, shutdown).await?];
-        for plan in &plans {
-            summary.new_orders += plan.inserts.len();
-            summary.compensations += plan.compensations.len();
-            for r in &plan.results {
-                out.push(OutMessage::json(&self.topics.results, &r.order_id, r));
-            }
-            for c in &plan.compensations {
-                out.push(OutMessage::json(&self.topics.compensate, &c.order_id, c));
-            }
+        let plan = self.apply_retrying(&cmds, shutdown).await?;
+        summary.new_orders = plan.inserts.len();
+        summary.compensations = plan.compensations.len();
+        for r in &plan.results {
+            out.push(OutMessage::json(&self.topics.results, &r.order_id, r));
+        }
+        for c in &plan.compensations {
+            out.push(OutMessage::json(&self.topics.compensate, &c.order_id, c));
         }
         summary.dead_letters = out.iter().filter(|m| m.topic == self.topics.dlq).count();
-        for plan in &plans {
-            for r in &plan.results {
-                self.metrics.outcome(r);
-            }
-        }
-        self.metrics
-            .dead_letters
-            .inc_by(summary.dead_letters as u64);
-        self.metrics
-            .compensations
-            .with_label_values(&["issued"])
-            .inc_by(summary.compensations as u64);
+        self.metrics.batch_published(
+            &plan.results,
+            summary.dead_letters,
+            "issued",
+            summary.compensations,
+        );
         Ok((summary, out))
     }
 

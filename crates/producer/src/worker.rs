@@ -224,16 +224,8 @@ impl Worker {
             .collect();
         let (restored, reserved) = self.run_scripts(&inputs).await?;
         let (summary, out, results) = self.assemble(msgs, inputs, restored, reserved)?;
-        for r in &results {
-            self.metrics.outcome(r);
-        }
         self.metrics
-            .dead_letters
-            .inc_by(summary.dead_letters as u64);
-        self.metrics
-            .compensations
-            .with_label_values(&["restored"])
-            .inc_by(summary.restored as u64);
+            .batch_published(&results, summary.dead_letters, "restored", summary.restored);
         Ok((summary, out))
     }
 
