@@ -58,22 +58,23 @@ pub fn plan(
     available: &HashMap<i64, i64>,
     gen: i64,
 ) -> Plan {
-    let mut ledger: HashMap<String, Entry> = known
-        .into_iter()
-        .map(|(id, row)| {
-            (
-                id,
-                Entry {
+    let mut p = Planner {
+        ledger: known
+            .into_iter()
+            .map(|(id, row)| {
+                let e = Entry {
                     row,
                     new: false,
                     dirty: false,
-                },
-            )
-        })
-        .collect();
-    let mut plan = Plan::default();
-    let mut first_insert_order: Vec<String> = Vec::new();
-
+                };
+                (id, e)
+            })
+            .collect(),
+        plan: Plan::default(),
+        first_insert_order: Vec::new(),
+        available,
+        gen,
+    };
     for op in ops {
         match op {
             DeductCommand::Reserve {
@@ -81,183 +82,202 @@ pub fn plan(
                 items,
                 token,
                 ..
-            } => {
-                let token_gen = token.as_deref().and_then(Token::parse).map(|t| t.gen);
-                if let Some(e) = ledger.get(order_id) {
-                    plan.results.push(e.row.created_outcome(order_id));
-                    // A command without a token predates tokens: a redelivery.
-                    let same = token.is_none() || e.row.token == *token;
-                    if same {
-                        // A redelivery: its refusal's give-back comes again (restored once).
-                        if e.row.status == OrderStatus::Rejected && e.row.comp_gen.is_some() {
-                            plan.compensations.push(compensation(
-                                order_id,
-                                &e.row.items,
-                                CompensationCause::Rejected,
-                                &e.row,
-                            ));
-                        }
-                    } else if token_gen == Some(gen) {
-                        // A second pre-deduction in this generation: give it back. (One from
-                        // an older generation is not held by the rebuilt Redis.)
-                        plan.compensations.push(Compensation {
-                            v: INTERNAL_VERSION,
-                            order_id: order_id.clone(),
-                            items: items.clone(),
-                            cause: CompensationCause::Duplicate,
-                            token: token.clone(),
-                            gen: Some(gen),
-                        });
-                    }
-                    continue;
-                }
-                if token_gen.is_some_and(|g| g != gen) {
-                    plan.compensations.push(Compensation {
-                        v: INTERNAL_VERSION,
-                        order_id: order_id.clone(),
-                        items: items.clone(),
-                        cause: CompensationCause::Redecide,
-                        token: None,
-                        gen: None,
-                    });
-                    continue;
-                }
-                let row = match shortfall(items, available, &plan.deltas) {
-                    Some(reject) => LedgerRow {
-                        status: OrderStatus::Rejected,
-                        reject: Some(reject),
-                        release_reason: None,
-                        settled_by: None,
-                        items: items.clone(),
-                        token: token.clone(),
-                        comp_gen: Some(gen),
-                    },
-                    None => {
-                        for it in items {
-                            let delta = Delta {
-                                available: -it.quantity,
-                                reserved: it.quantity,
-                                sold: 0,
-                            };
-                            record(
-                                &mut plan.deltas,
-                                &mut plan.movements,
-                                "reserve",
-                                order_id,
-                                it,
-                                delta,
-                            );
-                        }
-                        LedgerRow {
-                            status: OrderStatus::Reserved,
-                            reject: None,
-                            release_reason: None,
-                            settled_by: None,
-                            items: items.clone(),
-                            token: token.clone(),
-                            comp_gen: None,
-                        }
-                    }
-                };
-                plan.results.push(row.created_outcome(order_id));
-                if row.status == OrderStatus::Rejected {
-                    plan.compensations.push(compensation(
-                        order_id,
-                        items,
-                        CompensationCause::Rejected,
-                        &row,
-                    ));
-                    for it in items {
-                        let none = Delta::default();
-                        record(
-                            &mut plan.deltas,
-                            &mut plan.movements,
-                            "compensation",
-                            order_id,
-                            it,
-                            none,
-                        );
-                    }
-                }
-                first_insert_order.push(order_id.clone());
-                ledger.insert(
-                    order_id.clone(),
-                    Entry {
-                        row,
-                        new: true,
-                        dirty: true,
-                    },
-                );
-            }
+            } => p.reserve(order_id, items, token.as_deref()),
             DeductCommand::Refuse {
                 order_id,
                 reason,
                 product_id,
                 ..
-            } => {
-                if let Some(e) = ledger.get(order_id) {
-                    plan.results.push(e.row.created_outcome(order_id));
-                    continue;
-                }
-                let row = LedgerRow {
-                    status: OrderStatus::Rejected,
-                    reject: Some((*reason, *product_id)),
-                    release_reason: None,
-                    settled_by: None,
-                    items: Vec::new(),
-                    token: None,
-                    comp_gen: None,
-                };
-                plan.results.push(row.created_outcome(order_id));
-                first_insert_order.push(order_id.clone());
-                ledger.insert(
-                    order_id.clone(),
-                    Entry {
-                        row,
-                        new: true,
-                        dirty: true,
-                    },
-                );
-            }
+            } => p.refuse(order_id, *reason, *product_id),
             DeductCommand::Pay {
                 order_id, event, ..
             } => {
-                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Pay, gen);
-                plan.results.push(result);
+                let result = settle(
+                    &mut p.ledger,
+                    &mut p.plan,
+                    order_id,
+                    event,
+                    Settle::Pay,
+                    gen,
+                );
+                p.plan.results.push(result);
             }
             DeductCommand::Cancel {
                 order_id, event, ..
-            } => {
-                let result = settle(&mut ledger, &mut plan, order_id, event, Settle::Cancel, gen);
-                if result.status == Status::Released {
-                    if let Some(e) = ledger.get(order_id) {
-                        plan.compensations.push(compensation(
-                            order_id,
-                            &e.row.items,
-                            CompensationCause::Cancelled,
-                            &e.row,
-                        ));
-                    }
+            } => p.cancel(order_id, event),
+        }
+    }
+    p.finish()
+}
+
+/// The state of [`plan`] while it walks a batch.
+struct Planner<'a> {
+    ledger: HashMap<String, Entry>,
+    plan: Plan,
+    /// Orders first seen in this batch, in the order they were seen.
+    first_insert_order: Vec<String>,
+    available: &'a HashMap<i64, i64>,
+    gen: i64,
+}
+
+impl Planner<'_> {
+    /// A pre-deduction of `order_id` named `token` (module docs: `reserve`).
+    fn reserve(&mut self, order_id: &str, items: &[Item], token: Option<&str>) {
+        let gen = self.gen;
+        let token_gen = token.and_then(Token::parse).map(|t| t.gen);
+        let give_back = |cause, token: Option<&str>, gen| Compensation {
+            v: INTERNAL_VERSION,
+            order_id: order_id.to_owned(),
+            items: items.to_vec(),
+            cause,
+            token: token.map(str::to_owned),
+            gen,
+        };
+        if let Some(e) = self.ledger.get(order_id) {
+            self.plan.results.push(e.row.created_outcome(order_id));
+            // A command without a token predates tokens: a redelivery.
+            if token.is_none() || e.row.token.as_deref() == token {
+                // A redelivery: its refusal's give-back comes again (restored once).
+                if e.row.status == OrderStatus::Rejected && e.row.comp_gen.is_some() {
+                    let c =
+                        compensation(order_id, &e.row.items, CompensationCause::Rejected, &e.row);
+                    self.plan.compensations.push(c);
                 }
-                plan.results.push(result);
+            } else if token_gen == Some(gen) {
+                // A second pre-deduction in this generation: give it back. (One from an
+                // older generation is not held by the rebuilt Redis.)
+                let c = give_back(CompensationCause::Duplicate, token, Some(gen));
+                self.plan.compensations.push(c);
             }
+            return;
+        }
+        if token_gen.is_some_and(|g| g != gen) {
+            // Taken in a generation since rebuilt, never applied here: decide it again.
+            let c = give_back(CompensationCause::Redecide, None, None);
+            self.plan.compensations.push(c);
+            return;
+        }
+        let row = match shortfall(items, self.available, &self.plan.deltas) {
+            Some(reject) => {
+                let row = LedgerRow {
+                    status: OrderStatus::Rejected,
+                    reject: Some(reject),
+                    release_reason: None,
+                    settled_by: None,
+                    items: items.to_vec(),
+                    token: token.map(str::to_owned),
+                    comp_gen: Some(gen),
+                };
+                let c = compensation(order_id, items, CompensationCause::Rejected, &row);
+                self.plan.compensations.push(c);
+                self.record_each(items, "compensation", order_id, |_| Delta::default());
+                row
+            }
+            None => {
+                self.record_each(items, "reserve", order_id, |it| Delta {
+                    available: -it.quantity,
+                    reserved: it.quantity,
+                    sold: 0,
+                });
+                LedgerRow {
+                    status: OrderStatus::Reserved,
+                    reject: None,
+                    release_reason: None,
+                    settled_by: None,
+                    items: items.to_vec(),
+                    token: token.map(str::to_owned),
+                    comp_gen: None,
+                }
+            }
+        };
+        self.insert(order_id, row);
+    }
+
+    /// A refusal Redis decided (module docs: `refuse`).
+    fn refuse(&mut self, order_id: &str, reason: Reason, product_id: Option<i64>) {
+        if let Some(e) = self.ledger.get(order_id) {
+            self.plan.results.push(e.row.created_outcome(order_id));
+            return;
+        }
+        let row = LedgerRow {
+            status: OrderStatus::Rejected,
+            reject: Some((reason, product_id)),
+            release_reason: None,
+            settled_by: None,
+            items: Vec::new(),
+            token: None,
+            comp_gen: None,
+        };
+        self.insert(order_id, row);
+    }
+
+    fn cancel(&mut self, order_id: &str, event: &str) {
+        let result = settle(
+            &mut self.ledger,
+            &mut self.plan,
+            order_id,
+            event,
+            Settle::Cancel,
+            self.gen,
+        );
+        if result.status == Status::Released {
+            if let Some(e) = self.ledger.get(order_id) {
+                let c = compensation(order_id, &e.row.items, CompensationCause::Cancelled, &e.row);
+                self.plan.compensations.push(c);
+            }
+        }
+        self.plan.results.push(result);
+    }
+
+    /// A movement of `kind` per item, each with its delta.
+    fn record_each(
+        &mut self,
+        items: &[Item],
+        kind: &'static str,
+        order_id: &str,
+        delta: impl Fn(&Item) -> Delta,
+    ) {
+        for it in items {
+            record(
+                &mut self.plan.deltas,
+                &mut self.plan.movements,
+                kind,
+                order_id,
+                it,
+                delta(it),
+            );
         }
     }
 
-    for id in first_insert_order {
-        if let Some(e) = ledger.remove(&id) {
-            plan.inserts.push((id, e.row));
-        }
+    /// A ledger row decided now: its outcome is published, the row inserted.
+    fn insert(&mut self, order_id: &str, row: LedgerRow) {
+        self.plan.results.push(row.created_outcome(order_id));
+        self.first_insert_order.push(order_id.to_owned());
+        let e = Entry {
+            row,
+            new: true,
+            dirty: true,
+        };
+        self.ledger.insert(order_id.to_owned(), e);
     }
-    let mut updates: Vec<(String, LedgerRow)> = ledger
-        .into_iter()
-        .filter(|(_, e)| e.dirty && !e.new)
-        .map(|(id, e)| (id, e.row))
-        .collect();
-    updates.sort_by(|a, b| a.0.cmp(&b.0));
-    plan.updates = updates;
-    plan.deltas.retain(|_, d| *d != Delta::default());
-    plan
+
+    fn finish(mut self) -> Plan {
+        for id in self.first_insert_order {
+            if let Some(e) = self.ledger.remove(&id) {
+                self.plan.inserts.push((id, e.row));
+            }
+        }
+        let mut updates: Vec<(String, LedgerRow)> = self
+            .ledger
+            .into_iter()
+            .filter(|(_, e)| e.dirty && !e.new)
+            .map(|(id, e)| (id, e.row))
+            .collect();
+        updates.sort_by(|a, b| a.0.cmp(&b.0));
+        self.plan.updates = updates;
+        self.plan.deltas.retain(|_, d| *d != Delta::default());
+        self.plan
+    }
 }
 
 /// The first item that cannot be served, as the rejection it causes.
