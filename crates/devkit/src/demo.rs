@@ -60,6 +60,16 @@ pub async fn run(
         db,
     };
     let workers = start_workers(wiring, &run, &shutdown).await?;
+    // Reservations of earlier runs that expired meanwhile are released by this run's
+    // sweeper; their give-backs reach Redis through this run's producer, so they are
+    // waited for before the load, and again before the workers stop.
+    let idle = Idle {
+        kafka,
+        topics: &topics,
+        run: &run,
+        pool: &pool,
+    };
+    idle.wait(args.timeout).await?;
     let collector = ResultCollector::start(kafka, &topics.results)?;
     let (msgs, ids) = orders(&run, &products, args.orders);
 
@@ -69,6 +79,7 @@ pub async fn run(
     let published = started.elapsed();
     let complete = collector.wait_for(&ids, 1, args.timeout).await;
     let elapsed = started.elapsed();
+    idle.wait(args.timeout).await?;
     shutdown.cancel();
     for w in workers {
         let _ = w.await;
@@ -119,6 +130,58 @@ async fn prepare(
         );
     }
     Ok((pool, store))
+}
+
+/// What "the run's pipeline is idle" is read from.
+struct Idle<'a> {
+    kafka: &'a KafkaArgs,
+    topics: &'a Topics,
+    run: &'a str,
+    pool: &'a PgPool,
+}
+
+impl Idle<'_> {
+    /// Waits (up to `timeout`) until no reservation is due, every release is announced,
+    /// and each group has consumed its input topics to their end: then Redis holds every
+    /// give-back, and guarantee 3 (Redis equals `available`) can be checked.
+    async fn wait(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_idle().await? {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the demo pipeline did not become idle within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    async fn is_idle(&self) -> anyhow::Result<bool> {
+        let (due, unannounced): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'reserved' AND reserved_until <= now()),
+                    count(*) FILTER (WHERE NOT announced)
+             FROM order_ledger",
+        )
+        .fetch_one(self.pool)
+        .await?;
+        if due > 0 || unannounced > 0 {
+            return Ok(false);
+        }
+        let producer = format!("demo-{}-producer", self.run);
+        let consumer = format!("demo-{}-consumer", self.run);
+        for (group, topic) in [
+            (&producer, &self.topics.orders),
+            (&producer, &self.topics.compensate),
+            (&consumer, &self.topics.deduct),
+        ] {
+            let ends = crate::topics::end_offsets(self.kafka, topic)?;
+            let done = crate::topics::committed_offsets(self.kafka, group, topic)?;
+            if done.iter().zip(&ends).any(|(c, e)| c < e) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Both workers as tasks of this process, with the binaries' defaults on the run's topics.
