@@ -502,9 +502,11 @@ pub fn end_offsets_total(kafka: &KafkaArgs, topic: &str, partitions: i32) -> i64
 }
 
 impl TestEnv {
-    /// Waits until the pipeline is idle: the producer group (`t-<id>-<producer_group>`) has
-    /// committed everything on the orders and compensate topics, and the consumer group
-    /// everything on the deduct topic. Returns whether that happened within 90 s.
+    /// Waits until the pipeline is idle: every expiry release announced (the sweeper's
+    /// outbox is empty), then the producer group (`t-<id>-<producer_group>`) has committed
+    /// everything on the orders and compensate topics, and the consumer group everything on
+    /// the deduct topic. The outbox is read first, so that an announcement made before it
+    /// emptied is among the offsets waited for. Returns whether that happened within 90 s.
     pub async fn wait_idle(&self, producer_group: &str, consumer_group: &str) -> bool {
         let pg = format!("t-{}-{producer_group}", self.id);
         let cg = format!("t-{}-{consumer_group}", self.id);
@@ -513,7 +515,13 @@ impl TestEnv {
                 >= end_offsets_total(&self.kafka, topic, self.partitions)
         };
         wait_until(|| async {
-            caught_up(&pg, &self.topics.orders)
+            let unannounced: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE NOT announced")
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap_or(1);
+            unannounced == 0
+                && caught_up(&pg, &self.topics.orders)
                 && caught_up(&cg, &self.topics.deduct)
                 && caught_up(&pg, &self.topics.compensate)
         })
