@@ -452,24 +452,10 @@ pub fn reset_group_to_earliest(kafka: &KafkaArgs, group: &str, topics: &[&str], 
 }
 
 /// The committed offsets of `group` on `topic`, summed over partitions.
-pub fn committed_total(kafka: &KafkaArgs, group: &str, topic: &str, partitions: i32) -> i64 {
-    let mut cfg = stock_common::kafka::client_config(kafka);
-    cfg.set("group.id", group);
-    let consumer: StreamConsumer = cfg.create().expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed");
-    committed
-        .elements()
+pub fn committed_total(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
+    stock_devkit::topics::committed_offsets(kafka, group, topic)
+        .expect("committed")
         .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
         .sum()
 }
 
@@ -487,17 +473,10 @@ fn init_logging() {
 }
 
 /// The sum over partitions of `topic`'s high watermarks (messages ever written).
-pub fn end_offsets_total(kafka: &KafkaArgs, topic: &str, partitions: i32) -> i64 {
-    let consumer: StreamConsumer = stock_common::kafka::client_config(kafka)
-        .create()
-        .expect("consumer");
-    (0..partitions)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map(|(_, high)| high)
-                .expect("watermarks")
-        })
+pub fn end_offsets_total(kafka: &KafkaArgs, topic: &str) -> i64 {
+    stock_devkit::topics::end_offsets(kafka, topic)
+        .expect("watermarks")
+        .iter()
         .sum()
 }
 
@@ -511,8 +490,7 @@ impl TestEnv {
         let pg = format!("t-{}-{producer_group}", self.id);
         let cg = format!("t-{}-{consumer_group}", self.id);
         let caught_up = |group: &str, topic: &str| {
-            committed_total(&self.kafka, group, topic, self.partitions)
-                >= end_offsets_total(&self.kafka, topic, self.partitions)
+            committed_total(&self.kafka, group, topic) >= end_offsets_total(&self.kafka, topic)
         };
         wait_until(|| async {
             let unannounced: i64 =

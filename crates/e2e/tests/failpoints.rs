@@ -930,7 +930,7 @@ async fn producer_stalled_across_rebuild() {
     )
     .await;
     // The stalled pre-deductions came back to the producer to be decided again.
-    let n = end_offsets_total(&env.kafka, &env.topics.compensate, env.partitions);
+    let n = end_offsets_total(&env.kafka, &env.topics.compensate);
     let redecided = read_topic(
         &env.kafka,
         &env.topics.compensate,
