@@ -198,7 +198,13 @@ pub async fn run(stack: &Stack, args: &ApplyArgs) -> Result<bool> {
     );
     ensure!(!args.strategies.is_empty(), "no --strategies to measure");
     let max_conns = args.concurrency.iter().copied().max().unwrap_or(1).max(2);
-    let db = BenchDb::create(&stack.db, &run_id(), u32::try_from(max_conns)?).await?;
+    let db = BenchDb::create(
+        &stack.db,
+        &stack.admin()?.db,
+        &run_id(),
+        u32::try_from(max_conns)?,
+    )
+    .await?;
     println!(
         "apply: {} orders of {QUANTITY} unit on one hot SKU per measurement; per-order concurrency {:?}; batch {}; database {}",
         args.orders,

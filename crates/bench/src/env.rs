@@ -5,9 +5,9 @@
 //! the one reported.
 
 use anyhow::{anyhow, bail, Context, Result};
-use sqlx::{Connection, PgConnection, PgPool};
-use std::str::FromStr;
-use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, SecretUrl, Topics};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
+use stock_devkit::stack::{with_database, with_redis_db};
 use stock_common::redis_store::RedisStore;
 
 /// Where the stack is: the usual flags and environment variables of every binary. The
@@ -22,6 +22,25 @@ pub struct Stack {
     pub redis: RedisArgs,
 }
 
+/// The administrator's settings of a [`Stack`]: what creates and drops a run's database,
+/// topics and Redis database ([`stock_devkit::stack::admin`]: the `*_ADMIN_*` variables of
+/// `deploy/env.sh`, the workers' own settings where unset).
+#[derive(Clone, Debug)]
+pub struct Admin {
+    pub kafka: KafkaArgs,
+    pub redis: RedisArgs,
+    pub db: DatabaseArgs,
+}
+
+impl Stack {
+    pub fn admin(&self) -> Result<Admin> {
+        let get = |k: &str| std::env::var(k).ok();
+        let (kafka, redis, db) = stock_devkit::stack::admin(&self.kafka, &self.redis, &self.db, &get)
+            .map_err(|e| anyhow!(e))?;
+        Ok(Admin { kafka, redis, db })
+    }
+}
+
 /// A fresh id for one run's resources.
 pub fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
@@ -29,18 +48,28 @@ pub fn run_id() -> String {
 
 /// A database of the run's own, created and migrated; dropped by [`BenchDb::cleanup`].
 pub struct BenchDb {
+    /// The workers' settings for the run's database.
     pub args: DatabaseArgs,
+    /// The administrator's pool on it.
     pub pool: PgPool,
-    admin_url: SecretUrl,
+    admin: DatabaseArgs,
     name: String,
 }
 
 impl BenchDb {
-    /// Creates `bench_<id>` next to the database of `admin` and migrates it. The pool
-    /// holds at most `max_connections`.
-    pub async fn create(admin: &DatabaseArgs, id: &str, max_connections: u32) -> Result<Self> {
+    /// Creates `bench_<id>` next to the database of `admin`, migrates it and grants the
+    /// workers' role (the user of `workers`' URL, when it is not the administrator) what it
+    /// needs. The pool holds at most `max_connections`.
+    pub async fn create(
+        workers: &DatabaseArgs,
+        admin: &DatabaseArgs,
+        id: &str,
+        max_connections: u32,
+    ) -> Result<Self> {
         let name = format!("bench_{id}");
-        let mut conn = PgConnection::connect(admin.url.expose())
+        let mut conn = stock_common::db::options(admin)
+            .context("database settings")?
+            .connect()
             .await
             .with_context(|| {
                 format!(
@@ -53,22 +82,40 @@ impl BenchDb {
             .await
             .with_context(|| format!("creating database {name}"))?;
         conn.close().await.ok();
-        let mut url = url::Url::parse(admin.url.expose()).context("database URL")?;
-        url.set_path(&name);
         let args = DatabaseArgs {
-            url: SecretUrl::from_str(url.as_str()).map_err(|e| anyhow!(e))?,
             max_connections,
+            ..with_database(workers, &name).map_err(|e| anyhow!(e))?
         };
-        let pool = stock_common::db::pool(&args).context("database pool")?;
+        let own = DatabaseArgs {
+            max_connections,
+            ..with_database(admin, &name).map_err(|e| anyhow!(e))?
+        };
+        let pool = stock_common::db::pool(&own).context("database pool")?;
         let db = BenchDb {
             args,
             pool,
-            admin_url: admin.url.clone(),
+            admin: admin.clone(),
             name,
         };
-        if let Err(e) = stock_common::db::migrate(&db.pool).await {
+        let role = url::Url::parse(workers.url.expose())
+            .ok()
+            .map(|u| u.username().to_owned())
+            .filter(|r| !r.is_empty() && workers.url.expose() != admin.url.expose());
+        let prepared = async {
+            stock_common::db::migrate(&db.pool)
+                .await
+                .context("migrating the bench database")?;
+            if let Some(role) = role {
+                stock_common::db::grant(&db.pool, &role)
+                    .await
+                    .with_context(|| format!("granting {role} the workers' privileges"))?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = prepared {
             db.cleanup().await;
-            return Err(e).context("migrating the bench database");
+            return Err(e);
         }
         Ok(db)
     }
@@ -81,7 +128,7 @@ impl BenchDb {
     pub async fn cleanup(self) {
         self.pool.close().await;
         let dropped = async {
-            let mut conn = PgConnection::connect(self.admin_url.expose()).await?;
+            let mut conn = stock_common::db::options(&self.admin)?.connect().await?;
             sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
@@ -110,15 +157,19 @@ fn claim_key(index: u32) -> String {
 /// A Redis database of the run's own: claimed (a key in the base database, so that two
 /// concurrent runs never share one), flushed, released by [`RedisSlot::cleanup`].
 pub struct RedisSlot {
+    /// The producer's settings for the run's database.
     pub args: RedisArgs,
+    /// The administrator's store on it.
     pub store: RedisStore,
     pub index: u32,
     base: redis::aio::MultiplexedConnection,
 }
 
 impl RedisSlot {
-    pub async fn claim(base: &RedisArgs, id: &str) -> Result<Self> {
-        let client = redis::Client::open(base.url.expose()).context("Redis URL")?;
+    /// Claims a database with the administrator's settings `base`; `workers` are the
+    /// producer's.
+    pub async fn claim(workers: &RedisArgs, base: &RedisArgs, id: &str) -> Result<Self> {
+        let client = stock_common::redis_store::client(base).context("Redis settings")?;
         let mut conn = client
             .get_multiplexed_async_connection()
             .await
@@ -153,14 +204,9 @@ impl RedisSlot {
         let Some(index) = index else {
             bail!("every bench Redis database is claimed by another run (keys stockpipe:bench-claim:*)");
         };
-        let mut url = url::Url::parse(base.url.expose()).context("Redis URL")?;
-        url.set_path(&format!("/{index}"));
-        let args = RedisArgs {
-            url: SecretUrl::from_str(url.as_str()).map_err(|e| anyhow!(e))?,
-            order_memory: base.order_memory,
-            orders_per_call: base.orders_per_call,
-        };
-        let store = RedisStore::connect(&args)
+        let args = with_redis_db(workers, i64::from(index)).map_err(|e| anyhow!(e))?;
+        let own = with_redis_db(base, i64::from(index)).map_err(|e| anyhow!(e))?;
+        let store = RedisStore::connect(&own)
             .await
             .with_context(|| format!("connecting to Redis database {index}"))?;
         let slot = RedisSlot {
@@ -244,15 +290,17 @@ pub struct PipelineEnv {
 impl PipelineEnv {
     pub async fn create(stack: &Stack, partitions: i32) -> Result<Self> {
         let id = run_id();
-        let topics = BenchTopics::create(&stack.kafka, &id, partitions).await?;
-        let db = match BenchDb::create(&stack.db, &id, stack.db.max_connections).await {
+        let admin = stack.admin()?;
+        let topics = BenchTopics::create(&admin.kafka, &id, partitions).await?;
+        let db = match BenchDb::create(&stack.db, &admin.db, &id, stack.db.max_connections).await
+        {
             Ok(db) => db,
             Err(e) => {
                 topics.cleanup().await;
                 return Err(e);
             }
         };
-        let redis = match RedisSlot::claim(&stack.redis, &id).await {
+        let redis = match RedisSlot::claim(&stack.redis, &admin.redis, &id).await {
             Ok(r) => r,
             Err(e) => {
                 topics.cleanup().await;

@@ -22,7 +22,7 @@ impl Probe {
     /// A probe of topics with `partitions` partitions; with `group`, it can read that
     /// group's commits (it never joins the group).
     pub fn new(kafka: &KafkaArgs, group: Option<&str>, partitions: i32) -> Result<Self> {
-        let mut cfg = stock_common::kafka::client_config(kafka);
+        let mut cfg = stock_common::kafka::client_config(kafka).context("kafka settings")?;
         if let Some(g) = group {
             cfg.set("group.id", g).set("enable.auto.commit", "false");
         }

@@ -62,7 +62,7 @@ pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
         "--orders and --batch-size must be at least 1"
     );
     let id = run_id();
-    let slot = RedisSlot::claim(&stack.redis, &id).await?;
+    let slot = RedisSlot::claim(&stack.redis, &stack.admin()?.redis, &id).await?;
     let measured = measure(&slot, args, &id).await;
     slot.cleanup().await;
     let figures = measured?;

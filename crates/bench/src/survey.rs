@@ -337,7 +337,7 @@ pub async fn run_survey(stack: &Stack, args: &SurveyArgs) -> Result<Survey> {
     let id = run_id();
     let needs = |f: fn(&Store) -> bool| args.strategies.iter().any(|s| f(&s.store(args.shards)));
     let db = if needs(|s| matches!(s, Store::Postgres(_))) {
-        let db = BenchDb::create(&stack.db, &id, 2).await?;
+        let db = BenchDb::create(&stack.db, &stack.admin()?.db, &id, 2).await?;
         if let Err(e) = sql::create_table(&db.pool).await {
             db.cleanup().await;
             return Err(e);
@@ -347,7 +347,7 @@ pub async fn run_survey(stack: &Stack, args: &SurveyArgs) -> Result<Survey> {
         None
     };
     let redis = if needs(|s| matches!(s, Store::Redis(_))) {
-        match RedisSlot::claim(&stack.redis, &id).await {
+        match RedisSlot::claim(&stack.redis, &stack.admin()?.redis, &id).await {
             Ok(r) => Some(r),
             Err(e) => {
                 if let Some(db) = db {
@@ -454,7 +454,7 @@ async fn measure(ctx: &Ctx<'_>, strategy: Strategy, concurrency: usize) -> Resul
             slot.flush()
                 .await
                 .context("flushing the survey's Redis database")?;
-            let mut conn = redis::Client::open(slot.args.url.expose())
+            let mut conn = stock_common::redis_store::client(&slot.args)
                 .context("Redis URL")?
                 .get_multiplexed_async_connection()
                 .await

@@ -4,11 +4,162 @@
 //! parsed by [`SecretUrlParser`], whose errors never print the value (clap's own would:
 //! `invalid value '<the URL>'`), and hidden from `--help` when they come from the
 //! environment.
+//!
+//! Passwords are never settings of the command line (any user of the host can read it in
+//! the process list): each service reads its password from `<SERVICE>_PASSWORD` or from the
+//! file named by `<SERVICE>_PASSWORD_FILE` / `--<service>-password-file` ([`password`]),
+//! and holds it as a [`Secret`]. TLS is set per service with a CA bundle (the system's
+//! roots when unset) and an optional client certificate and key ([`TlsFiles`]); the
+//! clients are built by their owners (`kafka`, `redis_store`, `db`).
 
 use clap::Args;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
+
+/// A password or another secret, from the environment or a file. `Debug` and `Display`
+/// print `***`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself: only for handing to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The environment variables that hold passwords themselves (their `_FILE` forms are
+/// ordinary settings). A harness that runs workers with settings of its own clears them.
+pub const SECRET_ENV_VARS: [&str; 3] = ["KAFKA_PASSWORD", "REDIS_PASSWORD", "DATABASE_PASSWORD"];
+
+/// A setting that cannot be used. Its text names the service and the cause, and never
+/// holds a secret (a password file's path is shown, its content is not).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{service}: cannot read {what} {path:?}: {source}")]
+    File {
+        service: &'static str,
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{service}: {why}")]
+    Invalid { service: &'static str, why: String },
+}
+
+impl ConfigError {
+    pub fn invalid(service: &'static str, why: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            service,
+            why: why.into(),
+        }
+    }
+}
+
+/// The password of `service` (`kafka`, `redis`, `postgres`): the content of `file` (one
+/// trailing newline dropped, as `echo` writes it) or the environment variable `var`; none
+/// when neither is set. Both at once is refused, rather than guessing which one is meant.
+pub fn password(
+    service: &'static str,
+    var: &str,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, ConfigError> {
+    let from_env = std::env::var(var).ok().filter(|v| !v.is_empty());
+    match (file, from_env) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            service,
+            format!("both {var} and a password file are set: keep one"),
+        )),
+        (None, v) => Ok(v.map(Secret)),
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                service,
+                what: "the password file",
+                path: path.to_owned(),
+                source,
+            })?;
+            let text = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            if text.is_empty() {
+                return Err(ConfigError::invalid(
+                    service,
+                    format!("the password file {path:?} is empty"),
+                ));
+            }
+            Ok(Some(Secret(text.to_owned())))
+        }
+    }
+}
+
+/// TLS files of one service's client: the CA bundle that verifies the server (the system's
+/// roots when unset) and, for mutual TLS, a client certificate and its key (PEM).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Whether any file is set (a TLS setting on a plaintext connection is a mistake).
+    pub fn any(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+
+    /// The client certificate and key: both or neither.
+    pub fn client_pair(&self, service: &'static str) -> Result<Option<(&Path, &Path)>, ConfigError> {
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Ok(Some((c, k))),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::invalid(
+                service,
+                "a client certificate needs its key and a key its certificate: set both or neither",
+            )),
+        }
+    }
+
+    /// Reads one of the files, naming the service and the file in the error.
+    pub fn read(service: &'static str, what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+        std::fs::read(path).map_err(|source| ConfigError::File {
+            service,
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks that every file set can be read (a worker fails at start, not at its
+    /// first connection).
+    pub fn check(&self, service: &'static str) -> Result<(), ConfigError> {
+        self.client_pair(service)?;
+        for (what, path) in [
+            ("the CA file", &self.ca),
+            ("the client certificate", &self.cert),
+            ("the client key", &self.key),
+        ] {
+            if let Some(p) = path {
+                Self::read(service, what, p)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A connection URL that may carry a password. `Debug` and `Display` show it with the
 /// password replaced by `***`, so it can go into a log line as it is.
@@ -119,8 +270,39 @@ pub struct KafkaArgs {
         default_value = "127.0.0.1:9092"
     )]
     pub brokers: String,
-    /// Extra librdkafka settings for every client, `key=value`, comma separated. Hidden
-    /// from `--help` when taken from the environment: they may hold `sasl.password`.
+    /// `plaintext`, `ssl` (TLS) or `sasl-ssl` (TLS and SASL authentication, e.g. SCRAM).
+    #[arg(
+        long = "kafka-security-protocol",
+        env = "KAFKA_SECURITY_PROTOCOL",
+        default_value = "plaintext",
+        ignore_case = true
+    )]
+    pub security_protocol: KafkaSecurity,
+    /// SASL mechanism for `sasl-ssl`.
+    #[arg(
+        long = "kafka-sasl-mechanism",
+        env = "KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512"
+    )]
+    pub sasl_mechanism: String,
+    /// SASL user name for `sasl-ssl`.
+    #[arg(long = "kafka-username", env = "KAFKA_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the SASL password (a mounted secret). Or set KAFKA_PASSWORD; never on
+    /// the command line.
+    #[arg(long = "kafka-password-file", env = "KAFKA_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) that verifies the brokers' certificates; the system's roots when unset.
+    #[arg(long = "kafka-ca-file", env = "KAFKA_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long = "kafka-cert-file", env = "KAFKA_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long = "kafka-key-file", env = "KAFKA_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Extra librdkafka settings for every client, `key=value`, comma separated. Settings
+    /// holding a password are refused here (use KAFKA_PASSWORD or KAFKA_PASSWORD_FILE).
     #[arg(
         long = "kafka-option",
         env = "KAFKA_OPTIONS",
@@ -128,6 +310,46 @@ pub struct KafkaArgs {
         hide_env_values = true
     )]
     pub options: Vec<String>,
+}
+
+/// How the Kafka clients reach the brokers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KafkaSecurity {
+    #[default]
+    Plaintext,
+    Ssl,
+    #[value(alias = "sasl_ssl")]
+    SaslSsl,
+}
+
+impl KafkaArgs {
+    /// Plaintext brokers at `brokers`, every other setting its default.
+    pub fn plaintext(brokers: &str) -> Self {
+        KafkaArgs {
+            brokers: brokers.to_owned(),
+            security_protocol: KafkaSecurity::Plaintext,
+            sasl_mechanism: "SCRAM-SHA-512".to_owned(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            options: Vec::new(),
+        }
+    }
+
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file.clone(),
+            cert: self.cert_file.clone(),
+            key: self.key_file.clone(),
+        }
+    }
+
+    /// The SASL password (KAFKA_PASSWORD or the password file).
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        password("kafka", "KAFKA_PASSWORD", self.password_file.as_deref())
+    }
 }
 
 /// Topic names (contract defaults).
@@ -188,7 +410,8 @@ impl Topics {
 /// Redis connection.
 #[derive(Args, Clone, Debug)]
 pub struct RedisArgs {
-    /// Redis URL, e.g. `redis://:password@127.0.0.1:6379/0`.
+    /// Redis URL: `redis://host:6379/0`, or `rediss://host:6380/0` for TLS (verified
+    /// against the CA file, or the system's roots).
     #[arg(
         id = "redis_url",
         long = "redis-url",
@@ -209,12 +432,60 @@ pub struct RedisArgs {
     #[arg(long = "orders-per-call", env = "REDIS_ORDERS_PER_CALL", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=500))]
     pub orders_per_call: u16,
+    /// ACL user name (`AUTH user password`).
+    #[arg(long = "redis-username", env = "REDIS_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the password (a mounted secret). Or set REDIS_PASSWORD; never on the
+    /// command line.
+    #[arg(long = "redis-password-file", env = "REDIS_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) that verifies the server's certificate (`rediss://` only); the
+    /// system's roots when unset.
+    #[arg(long = "redis-ca-file", env = "REDIS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long = "redis-cert-file", env = "REDIS_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long = "redis-key-file", env = "REDIS_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisArgs {
+    /// Redis at `url` without credentials or TLS files, every other setting its default.
+    pub fn at(url: SecretUrl) -> Self {
+        RedisArgs {
+            url,
+            order_memory: Duration::from_secs(8 * 86_400),
+            orders_per_call: 100,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file.clone(),
+            cert: self.cert_file.clone(),
+            key: self.key_file.clone(),
+        }
+    }
+
+    /// The password (REDIS_PASSWORD or the password file).
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        password("redis", "REDIS_PASSWORD", self.password_file.as_deref())
+    }
 }
 
 /// PostgreSQL connection.
 #[derive(Args, Clone, Debug)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL, e.g. `postgres://user:password@127.0.0.1:5432/stock`.
+    /// PostgreSQL URL, e.g. `postgres://user@db.example.com:5432/stock?sslmode=verify-full`.
+    /// Without `sslmode`, a server on another host is reached with `verify-full` and one on
+    /// this host (loopback or socket) with `prefer`.
     #[arg(
         id = "database_url",
         long = "database-url",
@@ -231,6 +502,48 @@ pub struct DatabaseArgs {
         default_value_t = 8
     )]
     pub max_connections: u32,
+    /// File holding the password (a mounted secret). Or set DATABASE_PASSWORD; never on
+    /// the command line.
+    #[arg(long = "database-password-file", env = "DATABASE_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) that verifies the server's certificate (with it, `sslmode` defaults
+    /// to `verify-full`); the system's roots when unset.
+    #[arg(long = "database-ca-file", env = "DATABASE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long = "database-cert-file", env = "DATABASE_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long = "database-key-file", env = "DATABASE_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// The database at `url` without TLS files, every other setting its default.
+    pub fn at(url: SecretUrl) -> Self {
+        DatabaseArgs {
+            url,
+            max_connections: 8,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca_file.clone(),
+            cert: self.cert_file.clone(),
+            key: self.key_file.clone(),
+        }
+    }
+
+    /// The password (DATABASE_PASSWORD or the password file); a password in the URL is
+    /// used when neither is set.
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        password("postgres", "DATABASE_PASSWORD", self.password_file.as_deref())
+    }
 }
 
 /// How messages are gathered into batches.

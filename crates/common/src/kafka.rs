@@ -8,7 +8,7 @@
 //! `enable.auto.offset.store=false` (set by [`consumer`]), and a batch's offsets are
 //! stored only after every effect of the batch is durable.
 
-use crate::config::KafkaArgs;
+use crate::config::{ConfigError, KafkaArgs, KafkaSecurity};
 use futures::channel::oneshot::Canceled;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -40,16 +40,79 @@ pub enum KafkaStepError {
     Setup(#[from] KafkaError),
 }
 
-/// Settings common to every client: the brokers and the user's `--kafka-option`s.
-pub fn client_config(args: &KafkaArgs) -> ClientConfig {
+/// Settings common to every client: the brokers, security and the user's `--kafka-option`s.
+/// A setting that cannot be used (an unreadable password file, a password in an option)
+/// is a [`KafkaError::ClientCreation`] whose text names the cause and no secret.
+pub fn client_config(args: &KafkaArgs) -> Result<ClientConfig, KafkaError> {
     let mut cfg = ClientConfig::new();
-    apply_user_settings(&mut cfg, args);
-    cfg
+    apply_user_settings(&mut cfg, args)?;
+    Ok(cfg)
 }
 
-/// Sets the brokers and the user's `--kafka-option`s on `cfg`; called last so they win
-/// over the defaults of this module.
-fn apply_user_settings(cfg: &mut ClientConfig, args: &KafkaArgs) {
+/// TLS and SASL settings of `args` on `cfg`. TLS verifies the broker's certificate and its
+/// host name (`https` endpoint identification) against the CA file, or the system's roots
+/// (`probe`: the statically linked OpenSSL knows no default location).
+fn apply_security(cfg: &mut ClientConfig, args: &KafkaArgs) -> Result<(), ConfigError> {
+    let tls = args.tls();
+    let password = args.password()?;
+    let sasl = match args.security_protocol {
+        KafkaSecurity::Plaintext => {
+            if tls.any() || args.username.is_some() || password.is_some() {
+                return Err(ConfigError::invalid(
+                    "kafka",
+                    "TLS files or SASL credentials are set but the security protocol is \
+                     plaintext: set KAFKA_SECURITY_PROTOCOL to ssl or sasl-ssl",
+                ));
+            }
+            cfg.set("security.protocol", "plaintext");
+            return Ok(());
+        }
+        KafkaSecurity::Ssl => {
+            if args.username.is_some() || password.is_some() {
+                return Err(ConfigError::invalid(
+                    "kafka",
+                    "SASL credentials are set but the security protocol is ssl: \
+                     set KAFKA_SECURITY_PROTOCOL to sasl-ssl",
+                ));
+            }
+            cfg.set("security.protocol", "ssl");
+            None
+        }
+        KafkaSecurity::SaslSsl => {
+            let (Some(user), Some(pass)) = (&args.username, password) else {
+                return Err(ConfigError::invalid(
+                    "kafka",
+                    "sasl-ssl needs KAFKA_USERNAME and a password (KAFKA_PASSWORD or \
+                     KAFKA_PASSWORD_FILE)",
+                ));
+            };
+            cfg.set("security.protocol", "sasl_ssl");
+            Some((user, pass))
+        }
+    };
+    tls.check("kafka")?;
+    cfg.set("enable.ssl.certificate.verification", "true")
+        .set("ssl.endpoint.identification.algorithm", "https");
+    match &tls.ca {
+        Some(ca) => cfg.set("ssl.ca.location", ca.to_string_lossy()),
+        None => cfg.set("ssl.ca.location", "probe"),
+    };
+    if let Some((cert, key)) = tls.client_pair("kafka")? {
+        cfg.set("ssl.certificate.location", cert.to_string_lossy())
+            .set("ssl.key.location", key.to_string_lossy());
+    }
+    if let Some((user, pass)) = sasl {
+        cfg.set("sasl.mechanism", &args.sasl_mechanism)
+            .set("sasl.username", user)
+            .set("sasl.password", pass.expose());
+    }
+    Ok(())
+}
+
+/// Sets the brokers, security and the user's `--kafka-option`s on `cfg`; called last so
+/// they win over the defaults of this module.
+fn apply_user_settings(cfg: &mut ClientConfig, args: &KafkaArgs) -> Result<(), KafkaError> {
+    let refuse = |e: ConfigError| KafkaError::ClientCreation(e.to_string());
     cfg.set("bootstrap.servers", &args.brokers);
     // librdkafka 2.10+ "re-bootstraps" when every broker looks down. After a restart of the
     // broker, clients were seen stuck for good in that sequence ("1/1 brokers are down"
@@ -58,14 +121,103 @@ fn apply_user_settings(cfg: &mut ClientConfig, args: &KafkaArgs) {
     // reconnecting to the brokers already known, which is what a broker restart needs.
     // A `--kafka-option metadata.recovery.strategy=rebootstrap` restores the default.
     cfg.set("metadata.recovery.strategy", "none");
+    apply_security(cfg, args).map_err(refuse)?;
     for opt in &args.options {
         match opt.split_once('=') {
+            Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                return Err(refuse(ConfigError::invalid(
+                    "kafka",
+                    format!(
+                        "--kafka-option {} would carry a password: passwords come from \
+                         KAFKA_PASSWORD or KAFKA_PASSWORD_FILE",
+                        k.trim()
+                    ),
+                )));
+            }
             Some((k, v)) => {
                 cfg.set(k.trim(), v.trim());
             }
             None => tracing::warn!(option = %opt, "ignoring a kafka option that is not key=value"),
         }
     }
+    Ok(())
+}
+
+/// Records the last error a client reported, for [`check`].
+#[derive(Default)]
+struct LastError(std::sync::Mutex<Option<(Option<RDKafkaErrorCode>, String)>>);
+
+impl rdkafka::ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some((error.rdkafka_error_code(), reason.to_owned()));
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for LastError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+impl LastError {
+    fn take(&self) -> Option<(Option<RDKafkaErrorCode>, String)> {
+        self.0.lock().ok().and_then(|mut l| l.take())
+    }
+}
+
+/// Whether a client error is a setting that will not heal: a refused certificate or
+/// handshake, failed authentication, a plaintext client at a TLS listener.
+fn is_refusal(code: Option<RDKafkaErrorCode>, reason: &str) -> bool {
+    matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+                | RDKafkaErrorCode::InvalidArgument
+        )
+    ) || reason.contains("security.protocol")
+        || reason.contains("SSL handshake")
+        || reason.contains("SASL")
+}
+
+/// Reaches the brokers once, at start-up, so that a setting that cannot work stops the
+/// worker at once with the cause (librdkafka itself would retry for ever, logging): a
+/// refused certificate or host name, a wrong password, the wrong security protocol. Brokers
+/// that are not reachable yet are waited for, up to `patience`, with a warning per attempt.
+pub async fn check(args: &KafkaArgs, patience: Duration) -> Result<(), KafkaError> {
+    let ctx = LastError::default();
+    let client: rdkafka::producer::BaseProducer<LastError> =
+        client_config(args)?.create_with_context(ctx)?;
+    let brokers = args.brokers.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            let fetched = client.client().fetch_metadata(None, Duration::from_secs(2));
+            // Serves the error callbacks of the attempt.
+            client.poll(Duration::from_millis(100));
+            let last = client.context().take();
+            match (fetched, last) {
+                (Ok(_), _) => return Ok(()),
+                (Err(_), Some((code, reason))) if is_refusal(code, &reason) => {
+                    return Err(format!("kafka: brokers {brokers} refuse this client: {reason}"))
+                }
+                (Err(e), last) => {
+                    let why = last.map(|(_, r)| r).unwrap_or_else(|| e.to_string());
+                    if std::time::Instant::now() >= deadline {
+                        return Err(format!(
+                            "kafka: brokers {brokers} not reachable within {patience:?}: {why}"
+                        ));
+                    }
+                    tracing::warn!(%brokers, error = %why, "kafka not reachable yet; retrying");
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| KafkaError::ClientCreation(format!("kafka check: {e}")))?;
+    outcome.map_err(KafkaError::ClientCreation)
 }
 
 /// A consumer in `group` subscribed to `topics`, with manual offset storing.
@@ -85,7 +237,7 @@ pub fn consumer(
         .set("max.poll.interval.ms", "300000")
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "20000");
-    apply_user_settings(&mut cfg, args);
+    apply_user_settings(&mut cfg, args)?;
     let consumer: StreamConsumer = cfg.create()?;
     consumer.subscribe(topics)?;
     Ok(consumer)
@@ -104,7 +256,7 @@ pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
         // idempotence, librdkafka retries in order until the broker has it; what fails
         // still is permanent (and stops the worker).
         .set("message.timeout.ms", "0");
-    apply_user_settings(&mut cfg, args);
+    apply_user_settings(&mut cfg, args)?;
     cfg.create()
 }
 
@@ -115,7 +267,7 @@ pub async fn create_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(args).create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(args)?.create()?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
@@ -647,10 +799,7 @@ mod tests {
 
     #[test]
     fn the_client_limit_is_read_from_the_live_client() {
-        let args = KafkaArgs {
-            brokers: "127.0.0.1:1".into(),
-            options: vec![],
-        };
+        let args = KafkaArgs::plaintext("127.0.0.1:1");
         let p = producer(&args).expect("producer");
         assert_eq!(max_message_bytes(&p), Some(1_000_000));
         let args = KafkaArgs {

@@ -29,7 +29,7 @@
 //! connection error. They touch keys of many hash slots: a single Redis node, not a
 //! cluster.
 
-use crate::config::RedisArgs;
+use crate::config::{ConfigError, RedisArgs, TlsFiles};
 use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -330,6 +330,59 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a stock script: {0}")]
     Protocol(String),
+    /// A setting that cannot be used (TLS files, password file): stop, it will not heal.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A client for `args`: the URL's address and database, the ACL user and password of the
+/// settings (a password in the URL is used when they hold none), and for `rediss://` TLS
+/// verified, host name included, against the CA file or the system's roots, with the
+/// client certificate for mutual TLS when set.
+pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
+    use redis::IntoConnectionInfo;
+    let info = args.url.expose().into_connection_info()?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &args.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = args.password()? {
+        settings = settings.set_password(password.expose());
+    }
+    let info = info.set_redis_settings(settings);
+    let tls = args.tls();
+    if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+        if tls.any() {
+            return Err(ConfigError::invalid(
+                "redis",
+                "TLS files are set but the URL is not rediss://",
+            )
+            .into());
+        }
+        return Ok(redis::Client::open(info)?);
+    }
+    tls.check("redis")?;
+    if !tls.any() {
+        return Ok(redis::Client::open(info)?);
+    }
+    let client_tls = match tls.client_pair("redis")? {
+        Some((cert, key)) => Some(redis::ClientTlsConfig {
+            client_cert: TlsFiles::read("redis", "the client certificate", cert)?,
+            client_key: TlsFiles::read("redis", "the client key", key)?,
+        }),
+        None => None,
+    };
+    let root_cert = match &tls.ca {
+        Some(ca) => Some(TlsFiles::read("redis", "the CA file", ca)?),
+        None => None,
+    };
+    Ok(redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )?)
 }
 
 /// The multiplexed, self-reconnecting connection, cloned into every task.
@@ -343,7 +396,7 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
-        let client = redis::Client::open(args.url.expose())?;
+        let client = client(args)?;
         // A pipeline of scripts on a busy server can take far longer than the client's
         // default reply timeout of 500 ms; waiting is right, a timeout only causes a retry.
         let config = redis::aio::ConnectionManagerConfig::new()

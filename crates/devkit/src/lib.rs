@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //! * [`harness`]: publish order events and collect results, as the order service would.
+//! * [`stack`]: the services to run against, with the workers' and the administrator's
+//!   credentials (plaintext or secure layout).
 //! * [`rng`]: the seeded generator of demo, nemesis and benchmark loads.
 //! * [`topics`]: deleting a run's topics; reading topics, watermarks and committed offsets
 //!   from outside the pipeline.
@@ -16,5 +18,6 @@
 pub mod demo;
 pub mod harness;
 pub mod rng;
+pub mod stack;
 pub mod topics;
 pub mod worker_args;

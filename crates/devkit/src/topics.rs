@@ -17,7 +17,7 @@ use stock_common::kafka::client_config;
 /// create topics of their own: left behind, thousands of them make a broker restart take
 /// minutes.
 pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(args).create()?;
+    let admin: AdminClient<DefaultClientContext> = client_config(args)?.create()?;
     for r in admin.delete_topics(topics, &AdminOptions::new()).await? {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
@@ -29,7 +29,7 @@ pub async fn delete_topics(args: &KafkaArgs, topics: &[&str]) -> Result<(), Kafk
 
 /// How many partitions `topic` has.
 pub fn partition_count(args: &KafkaArgs, topic: &str) -> Result<i32, KafkaError> {
-    let consumer: StreamConsumer = client_config(args).create()?;
+    let consumer: StreamConsumer = client_config(args)?.create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let n = md.topics().first().map_or(0, |t| t.partitions().len());
     if n == 0 {
@@ -42,7 +42,7 @@ pub fn partition_count(args: &KafkaArgs, topic: &str) -> Result<i32, KafkaError>
 
 /// The high watermark (offset of the next message) of every partition of `topic`.
 pub fn end_offsets(args: &KafkaArgs, topic: &str) -> Result<Vec<i64>, KafkaError> {
-    let consumer: StreamConsumer = client_config(args).create()?;
+    let consumer: StreamConsumer = client_config(args)?.create()?;
     (0..partition_count(args, topic)?)
         .map(|p| {
             consumer
@@ -58,7 +58,7 @@ pub fn committed_offsets(
     group: &str,
     topic: &str,
 ) -> Result<Vec<i64>, KafkaError> {
-    let mut cfg = client_config(args);
+    let mut cfg = client_config(args)?;
     cfg.set("group.id", group);
     let consumer: StreamConsumer = cfg.create()?;
     let mut tpl = TopicPartitionList::new();
@@ -83,7 +83,7 @@ pub async fn read_to_end(
     topic: &str,
     mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<usize, KafkaError> {
-    let mut cfg = client_config(args);
+    let mut cfg = client_config(args)?;
     cfg.set("group.id", "stockpipe-reader")
         .set("enable.auto.commit", "false");
     let consumer: StreamConsumer = cfg.create()?;

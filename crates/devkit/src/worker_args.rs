@@ -9,7 +9,7 @@
 //! environment ([`WorkerFlags::command`]). A test's shell with `BATCH_SIZE` or
 //! `RESERVATION_TTL` set runs the same workers as one without.
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::{CommandFactory, FromArgMatches, ValueEnum};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -95,9 +95,22 @@ impl WorkerFlags {
             worker,
             flags: Vec::new(),
         };
-        f = f.set("--kafka-brokers", &wiring.kafka.brokers);
-        if !wiring.kafka.options.is_empty() {
-            f = f.set("--kafka-option", wiring.kafka.options.join(","));
+        let k = wiring.kafka;
+        f = f.set("--kafka-brokers", &k.brokers).set(
+            "--kafka-security-protocol",
+            k.security_protocol
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default(),
+        );
+        f = f.set("--kafka-sasl-mechanism", &k.sasl_mechanism);
+        f = f.set_some("--kafka-username", k.username.as_ref());
+        f = f.set_path("--kafka-password-file", &k.password_file);
+        f = f.set_path("--kafka-ca-file", &k.ca_file);
+        f = f.set_path("--kafka-cert-file", &k.cert_file);
+        f = f.set_path("--kafka-key-file", &k.key_file);
+        if !k.options.is_empty() {
+            f = f.set("--kafka-option", k.options.join(","));
         }
         let t = wiring.topics;
         f = f
@@ -109,15 +122,41 @@ impl WorkerFlags {
             .set("--group", group)
             .set("--metrics-addr", "off");
         match worker {
-            Worker::Producer => f
-                .set("--redis-url", wiring.redis.url.expose())
-                .set("--order-memory", duration(wiring.redis.order_memory))
-                .set("--orders-per-call", wiring.redis.orders_per_call),
-            Worker::Consumer => f
-                .set("--database-url", wiring.db.url.expose())
-                .set("--database-max-connections", wiring.db.max_connections)
-                .set("--migrate", false),
+            Worker::Producer => {
+                let r = wiring.redis;
+                f.set("--redis-url", r.url.expose())
+                    .set("--order-memory", duration(r.order_memory))
+                    .set("--orders-per-call", r.orders_per_call)
+                    .set_some("--redis-username", r.username.as_ref())
+                    .set_path("--redis-password-file", &r.password_file)
+                    .set_path("--redis-ca-file", &r.ca_file)
+                    .set_path("--redis-cert-file", &r.cert_file)
+                    .set_path("--redis-key-file", &r.key_file)
+            }
+            Worker::Consumer => {
+                let d = wiring.db;
+                f.set("--database-url", d.url.expose())
+                    .set("--database-max-connections", d.max_connections)
+                    .set("--migrate", false)
+                    .set_path("--database-password-file", &d.password_file)
+                    .set_path("--database-ca-file", &d.ca_file)
+                    .set_path("--database-cert-file", &d.cert_file)
+                    .set_path("--database-key-file", &d.key_file)
+            }
         }
+    }
+
+    /// Sets `flag` when `value` is given.
+    fn set_some(self, flag: &str, value: Option<impl ToString>) -> WorkerFlags {
+        match value {
+            Some(v) => self.set(flag, v),
+            None => self,
+        }
+    }
+
+    /// Sets `flag` to a file's path when one is given.
+    fn set_path(self, flag: &str, path: &Option<std::path::PathBuf>) -> WorkerFlags {
+        self.set_some(flag, path.as_ref().map(|p| p.display()))
     }
 
     /// Sets `flag` (e.g. `--batch-size`) to `value`, replacing an earlier value.
@@ -176,6 +215,11 @@ impl WorkerFlags {
         for var in self.worker.env_vars() {
             cmd.env_remove(var);
         }
+        // Passwords are no settings of the definitions: a child reads its own from the
+        // files named by its flags, never the caller's.
+        for var in stock_common::config::SECRET_ENV_VARS {
+            cmd.env_remove(var);
+        }
         for (flag, value) in &self.flags {
             let secret_env = definition
                 .get_arguments()
@@ -217,18 +261,18 @@ mod tests {
     fn wiring_parts() -> (KafkaArgs, Topics, RedisArgs, DatabaseArgs) {
         (
             KafkaArgs {
-                brokers: "k:1".into(),
                 options: vec!["a=b".into(), "c=d".into()],
+                ..KafkaArgs::plaintext("k:1")
             },
             Topics::prefixed("x."),
             RedisArgs {
-                url: SecretUrl::from_str("redis://r:1/3").unwrap(),
                 order_memory: Duration::from_secs(60),
                 orders_per_call: 7,
+                ..RedisArgs::at(SecretUrl::from_str("redis://r:1/3").unwrap())
             },
             DatabaseArgs {
-                url: SecretUrl::from_str("postgres://u:p@d:1/db").unwrap(),
                 max_connections: 3,
+                ..DatabaseArgs::at(SecretUrl::from_str("postgres://u:p@d:1/db").unwrap())
             },
         )
     }

@@ -2,8 +2,9 @@
 //! PostgreSQL database, Redis database, topics and consumer groups), workers run in this
 //! process or as child processes, and readers for the output topics.
 //!
-//! Reaches the stack through `DATABASE_URL`, `REDIS_URL` and `KAFKA_BROKERS` (defaults:
-//! `deploy/stack-up.sh`'s). The worker binaries for the process tests are looked up next
+//! Reaches the stack through the environment `deploy/env.sh` exports
+//! ([`stock_devkit::stack`]; defaults: the plaintext layout of `deploy/stack-up.sh`), or
+//! the secure layout's file ([`TestEnv::secure`]). The worker binaries for the process tests are looked up next
 //! to the test executable's directory (`target/<profile>/`), so build them first
 //! (`cargo build --bins`, as the test command does). Worker settings, in this process or
 //! as flags of a child process, come from [`stock_devkit::worker_args`]: the binaries' own
@@ -16,77 +17,84 @@ use redis::AsyncCommands;
 use sqlx::PgPool;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::Duration;
-use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, SecretUrl, Topics};
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
 use stock_common::redis_store::{stock_key, RedisStore, EPOCH_KEY};
 use stockctl::admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use stock_devkit::harness;
+pub use stock_devkit::stack::Stack;
+use stock_devkit::stack::{with_database, with_redis_db};
 pub use stock_devkit::worker_args::{Wiring, Worker, WorkerFlags};
 
 pub mod nemesis;
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_owned())
-}
-
 /// One test's private slice of the stack.
 pub struct TestEnv {
     pub id: String,
+    /// The workers' Kafka settings (also the test's own readers and writers).
     pub kafka: KafkaArgs,
     pub topics: Topics,
+    /// The workers' database settings (the consumer's role on the secure layout).
     pub db: DatabaseArgs,
+    /// The producer's Redis settings (its least-privilege user on the secure layout).
     pub redis: RedisArgs,
+    /// The administrator's pool (the migrations' role): loads, checks and reads.
     pub pool: PgPool,
+    /// The administrator's Redis (`stockctl`'s user).
     pub store: RedisStore,
     pub partitions: i32,
-    admin_db_url: String,
+    /// The whole stack, both sets of credentials.
+    pub stack: Stack,
     db_name: String,
 }
 
 impl TestEnv {
-    /// A fresh database (migrated), Redis database (flushed) and topics.
+    /// A fresh database (migrated), Redis database (flushed) and topics on the stack the
+    /// environment points at (`deploy/env.sh`: the plaintext layout, or the secure one with
+    /// `STACK_LAYOUT=secure`).
     pub async fn new() -> TestEnv {
+        TestEnv::on(Stack::from_env().expect("stack settings from the environment")).await
+    }
+
+    /// [`TestEnv::new`] on the secure layout, whatever the environment says
+    /// (`$STACK_DIR/secure/env`).
+    pub async fn secure() -> TestEnv {
+        TestEnv::on(Stack::secure().expect("the secure layout")).await
+    }
+
+    /// A fresh slice of `stack`: created with the administrator's credentials, used by the
+    /// workers with theirs (granted what they need with `db::grant`).
+    pub async fn on(stack: Stack) -> TestEnv {
         init_logging();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let kafka = KafkaArgs {
-            brokers: env_or("KAFKA_BROKERS", "127.0.0.1:9092"),
-            options: Vec::new(),
-        };
         let topics = Topics::prefixed(&format!("t-{id}."));
         let partitions = 4;
-        stock_common::kafka::create_topics(&kafka, &topics.all(), partitions)
+        stock_common::kafka::create_topics(&stack.kafka_admin, &topics.all(), partitions)
             .await
             .expect("create topics (is the stack up? deploy/stack-up.sh)");
 
-        let admin_db_url = env_or(
-            "DATABASE_URL",
-            "postgres://stock:stock@127.0.0.1:5432/stock",
-        );
         let db_name = format!("t_{id}");
-        let admin_pool = PgPool::connect(&admin_db_url)
-            .await
-            .expect("connect to PostgreSQL");
+        let admin_pool = stock_common::db::pool(&stack.db_admin).expect("admin pool");
         sqlx::query(&format!("CREATE DATABASE {db_name}"))
             .execute(&admin_pool)
             .await
             .expect("create test database");
         admin_pool.close().await;
-        let mut url = url::Url::parse(&admin_db_url).expect("DATABASE_URL is a URL");
-        url.set_path(&db_name);
-        let db = DatabaseArgs {
-            url: SecretUrl::from_str(url.as_str()).expect("url"),
-            max_connections: 8,
-        };
-        let pool = stock_common::db::pool(&db).expect("pool");
+        let db_admin = with_database(&stack.db_admin, &db_name).expect("admin url");
+        let pool = stock_common::db::pool(&db_admin).expect("pool");
         stock_common::db::migrate(&pool).await.expect("migrate");
+        if let (true, Some(role)) = (stack.has_worker_roles(), stack.worker_db_role()) {
+            stock_common::db::grant(&pool, &role)
+                .await
+                .expect("grant the workers' role");
+        }
+        let db = with_database(&stack.db, &db_name).expect("url");
 
-        let base = env_or("REDIS_URL", "redis://127.0.0.1:6379/0");
-        let client = redis::Client::open(base.as_str()).expect("REDIS_URL");
-        let mut conn = client
+        let base = stock_common::redis_store::client(&stack.redis_admin).expect("REDIS_URL");
+        let mut conn = base
             .get_multiplexed_async_connection()
             .await
             .expect("connect to Redis");
@@ -94,14 +102,17 @@ impl TestEnv {
             .incr("stockpipe:test-db-counter", 1)
             .await
             .expect("incr");
-        let mut rurl = url::Url::parse(&base).expect("REDIS_URL is a URL");
-        rurl.set_path(&format!("/{}", 1 + n % 1000));
+        let index = 1 + n % 1000;
         let redis = RedisArgs {
-            url: SecretUrl::from_str(rurl.as_str()).expect("url"),
             order_memory: Duration::from_secs(86_400),
             orders_per_call: 100,
+            ..with_redis_db(&stack.redis, index).expect("url")
         };
-        let store = RedisStore::connect(&redis).await.expect("redis");
+        let redis_admin = RedisArgs {
+            order_memory: redis.order_memory,
+            ..with_redis_db(&stack.redis_admin, index).expect("url")
+        };
+        let store = RedisStore::connect(&redis_admin).await.expect("redis");
         let _: () = redis::cmd("FLUSHDB")
             .query_async(&mut store.connection())
             .await
@@ -109,14 +120,14 @@ impl TestEnv {
 
         TestEnv {
             id,
-            kafka,
+            kafka: stack.kafka.clone(),
             topics,
             db,
             redis,
             pool,
             store,
             partitions,
-            admin_db_url,
+            stack,
             db_name,
         }
     }
@@ -248,11 +259,13 @@ impl TestEnv {
     /// Drops the test database (topics and the Redis database are left; Redis databases
     /// are flushed when reused).
     pub async fn cleanup(self) {
-        if let Err(e) = stock_devkit::topics::delete_topics(&self.kafka, &self.topics.all()).await {
+        if let Err(e) =
+            stock_devkit::topics::delete_topics(&self.stack.kafka_admin, &self.topics.all()).await
+        {
             eprintln!("could not delete the test's topics: {e}");
         }
         self.pool.close().await;
-        if let Ok(admin_pool) = PgPool::connect(&self.admin_db_url).await {
+        if let Ok(admin_pool) = stock_common::db::pool(&self.stack.db_admin) {
             let _ = sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.db_name
@@ -434,7 +447,7 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
 /// Commits offset 0 for every partition of `topics` in `group` (whose members must be
 /// stopped): the next member replays from the earliest retained offset.
 pub fn reset_group_to_earliest(kafka: &KafkaArgs, group: &str, topics: &[&str], partitions: i32) {
-    let mut cfg = stock_common::kafka::client_config(kafka);
+    let mut cfg = stock_common::kafka::client_config(kafka).expect("kafka settings");
     cfg.set("group.id", group)
         .set("enable.auto.commit", "false");
     let consumer: StreamConsumer = cfg.create().expect("consumer");
@@ -557,7 +570,7 @@ pub async fn set_topic_config(kafka: &KafkaArgs, topic: &str, settings: &[(&str,
     use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     let admin: AdminClient<DefaultClientContext> = stock_common::kafka::client_config(kafka)
-        .create()
+        .and_then(|c| c.create())
         .expect("admin client");
     let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
     for (k, v) in settings {

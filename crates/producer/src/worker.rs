@@ -25,6 +25,8 @@ use stock_common::redis_store::{
 use tokio_util::sync::CancellationToken;
 
 const WORKER: &str = "producer";
+/// How long the worker waits at start-up for brokers that are not reachable yet.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why a batch could not be finished yet, and what the loop does.
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +68,14 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// Checks that Kafka and Redis accept this worker's settings (a refused certificate or
+    /// password stops it here, with the cause) and connects everything.
     pub async fn new(args: &ProducerArgs) -> anyhow::Result<Self> {
         use anyhow::Context;
+        kafka::check(&args.kafka, STARTUP_PATIENCE).await?;
         let redis = RedisStore::connect(&args.redis)
             .await
-            .with_context(|| format!("connecting to {}", args.redis.url))?;
+            .with_context(|| format!("redis: cannot connect to {}", args.redis.url))?;
         let consumer = kafka::consumer(
             &args.kafka,
             &args.group,

@@ -101,7 +101,7 @@ impl Machine {
         .await
         .unwrap_or_else(|e| format!("unknown ({e})"));
         let redis = async {
-            let mut conn = redis::Client::open(stack.redis.url.expose())?
+            let mut conn = stock_common::redis_store::client(&stack.redis)?
                 .get_multiplexed_async_connection()
                 .await?;
             let info: String = redis::cmd("INFO")
