@@ -7,8 +7,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
-use stock_devkit::stack::{with_database, with_redis_db};
 use stock_common::redis_store::RedisStore;
+use stock_devkit::stack::{with_database, with_redis_db};
 
 /// Where the stack is: the usual flags and environment variables of every binary. The
 /// database URL names the database used to create (and drop) the run's own.
@@ -35,8 +35,9 @@ pub struct Admin {
 impl Stack {
     pub fn admin(&self) -> Result<Admin> {
         let get = |k: &str| std::env::var(k).ok();
-        let (kafka, redis, db) = stock_devkit::stack::admin(&self.kafka, &self.redis, &self.db, &get)
-            .map_err(|e| anyhow!(e))?;
+        let (kafka, redis, db) =
+            stock_devkit::stack::admin(&self.kafka, &self.redis, &self.db, &get)
+                .map_err(|e| anyhow!(e))?;
         Ok(Admin { kafka, redis, db })
     }
 }
@@ -292,8 +293,7 @@ impl PipelineEnv {
         let id = run_id();
         let admin = stack.admin()?;
         let topics = BenchTopics::create(&admin.kafka, &id, partitions).await?;
-        let db = match BenchDb::create(&stack.db, &admin.db, &id, stack.db.max_connections).await
-        {
+        let db = match BenchDb::create(&stack.db, &admin.db, &id, stack.db.max_connections).await {
             Ok(db) => db,
             Err(e) => {
                 topics.cleanup().await;

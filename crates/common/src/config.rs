@@ -123,7 +123,10 @@ impl TlsFiles {
     }
 
     /// The client certificate and key: both or neither.
-    pub fn client_pair(&self, service: &'static str) -> Result<Option<(&Path, &Path)>, ConfigError> {
+    pub fn client_pair(
+        &self,
+        service: &'static str,
+    ) -> Result<Option<(&Path, &Path)>, ConfigError> {
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => Ok(Some((c, k))),
             (None, None) => Ok(None),
@@ -135,7 +138,11 @@ impl TlsFiles {
     }
 
     /// Reads one of the files, naming the service and the file in the error.
-    pub fn read(service: &'static str, what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    pub fn read(
+        service: &'static str,
+        what: &'static str,
+        path: &Path,
+    ) -> Result<Vec<u8>, ConfigError> {
         std::fs::read(path).map_err(|source| ConfigError::File {
             service,
             what,
@@ -286,20 +293,28 @@ pub struct KafkaArgs {
     )]
     pub sasl_mechanism: String,
     /// SASL user name for `sasl-ssl`.
-    #[arg(long = "kafka-username", env = "KAFKA_USERNAME")]
+    #[arg(id = "kafka_username", long = "kafka-username", env = "KAFKA_USERNAME")]
     pub username: Option<String>,
     /// File holding the SASL password (a mounted secret). Or set KAFKA_PASSWORD; never on
     /// the command line.
-    #[arg(long = "kafka-password-file", env = "KAFKA_PASSWORD_FILE")]
+    #[arg(
+        id = "kafka_password_file",
+        long = "kafka-password-file",
+        env = "KAFKA_PASSWORD_FILE"
+    )]
     pub password_file: Option<PathBuf>,
     /// CA bundle (PEM) that verifies the brokers' certificates; the system's roots when unset.
-    #[arg(long = "kafka-ca-file", env = "KAFKA_CA_FILE")]
+    #[arg(id = "kafka_ca_file", long = "kafka-ca-file", env = "KAFKA_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long = "kafka-cert-file", env = "KAFKA_CERT_FILE")]
+    #[arg(
+        id = "kafka_cert_file",
+        long = "kafka-cert-file",
+        env = "KAFKA_CERT_FILE"
+    )]
     pub cert_file: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
-    #[arg(long = "kafka-key-file", env = "KAFKA_KEY_FILE")]
+    #[arg(id = "kafka_key_file", long = "kafka-key-file", env = "KAFKA_KEY_FILE")]
     pub key_file: Option<PathBuf>,
     /// Extra librdkafka settings for every client, `key=value`, comma separated. Settings
     /// holding a password are refused here (use KAFKA_PASSWORD or KAFKA_PASSWORD_FILE).
@@ -433,21 +448,29 @@ pub struct RedisArgs {
           value_parser = clap::value_parser!(u16).range(1..=500))]
     pub orders_per_call: u16,
     /// ACL user name (`AUTH user password`).
-    #[arg(long = "redis-username", env = "REDIS_USERNAME")]
+    #[arg(id = "redis_username", long = "redis-username", env = "REDIS_USERNAME")]
     pub username: Option<String>,
     /// File holding the password (a mounted secret). Or set REDIS_PASSWORD; never on the
     /// command line.
-    #[arg(long = "redis-password-file", env = "REDIS_PASSWORD_FILE")]
+    #[arg(
+        id = "redis_password_file",
+        long = "redis-password-file",
+        env = "REDIS_PASSWORD_FILE"
+    )]
     pub password_file: Option<PathBuf>,
     /// CA bundle (PEM) that verifies the server's certificate (`rediss://` only); the
     /// system's roots when unset.
-    #[arg(long = "redis-ca-file", env = "REDIS_CA_FILE")]
+    #[arg(id = "redis_ca_file", long = "redis-ca-file", env = "REDIS_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long = "redis-cert-file", env = "REDIS_CERT_FILE")]
+    #[arg(
+        id = "redis_cert_file",
+        long = "redis-cert-file",
+        env = "REDIS_CERT_FILE"
+    )]
     pub cert_file: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
-    #[arg(long = "redis-key-file", env = "REDIS_KEY_FILE")]
+    #[arg(id = "redis_key_file", long = "redis-key-file", env = "REDIS_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 }
 
@@ -504,17 +527,33 @@ pub struct DatabaseArgs {
     pub max_connections: u32,
     /// File holding the password (a mounted secret). Or set DATABASE_PASSWORD; never on
     /// the command line.
-    #[arg(long = "database-password-file", env = "DATABASE_PASSWORD_FILE")]
+    #[arg(
+        id = "database_password_file",
+        long = "database-password-file",
+        env = "DATABASE_PASSWORD_FILE"
+    )]
     pub password_file: Option<PathBuf>,
     /// CA bundle (PEM) that verifies the server's certificate (with it, `sslmode` defaults
     /// to `verify-full`); the system's roots when unset.
-    #[arg(long = "database-ca-file", env = "DATABASE_CA_FILE")]
+    #[arg(
+        id = "database_ca_file",
+        long = "database-ca-file",
+        env = "DATABASE_CA_FILE"
+    )]
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
-    #[arg(long = "database-cert-file", env = "DATABASE_CERT_FILE")]
+    #[arg(
+        id = "database_cert_file",
+        long = "database-cert-file",
+        env = "DATABASE_CERT_FILE"
+    )]
     pub cert_file: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
-    #[arg(long = "database-key-file", env = "DATABASE_KEY_FILE")]
+    #[arg(
+        id = "database_key_file",
+        long = "database-key-file",
+        env = "DATABASE_KEY_FILE"
+    )]
     pub key_file: Option<PathBuf>,
 }
 
@@ -542,7 +581,11 @@ impl DatabaseArgs {
     /// The password (DATABASE_PASSWORD or the password file); a password in the URL is
     /// used when neither is set.
     pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
-        password("postgres", "DATABASE_PASSWORD", self.password_file.as_deref())
+        password(
+            "postgres",
+            "DATABASE_PASSWORD",
+            self.password_file.as_deref(),
+        )
     }
 }
 

@@ -201,7 +201,9 @@ pub async fn check(args: &KafkaArgs, patience: Duration) -> Result<(), KafkaErro
             match (fetched, last) {
                 (Ok(_), _) => return Ok(()),
                 (Err(_), Some((code, reason))) if is_refusal(code, &reason) => {
-                    return Err(format!("kafka: brokers {brokers} refuse this client: {reason}"))
+                    return Err(format!(
+                        "kafka: brokers {brokers} refuse this client: {reason}"
+                    ))
                 }
                 (Err(e), last) => {
                     let why = last.map(|(_, r)| r).unwrap_or_else(|| e.to_string());

@@ -140,9 +140,7 @@ pub fn admin(
         r.password_file = Some(f.into());
     }
     if let Some(u) = get("DATABASE_ADMIN_URL") {
-        d.url = u
-            .parse()
-            .map_err(|e| format!("DATABASE_ADMIN_URL: {e}"))?;
+        d.url = u.parse().map_err(|e| format!("DATABASE_ADMIN_URL: {e}"))?;
     }
     if let Some(f) = get("DATABASE_ADMIN_PASSWORD_FILE") {
         d.password_file = Some(f.into());

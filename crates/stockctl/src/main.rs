@@ -26,8 +26,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply the database migrations.
-    Migrate,
+    /// Apply the database migrations (with the role that owns the schema), then give each
+    /// `--grant` role what the consumer and the operators' commands need and no more: data
+    /// manipulation on the tables, now and on tables later migrations add; no DDL.
+    Migrate {
+        /// A role to grant the workers' privileges to (repeat for several).
+        #[arg(long = "grant", value_name = "ROLE")]
+        grant: Vec<String>,
+    },
     /// Create the pipeline's topics (skipping those that exist).
     CreateTopics {
         #[command(flatten)]
@@ -122,11 +128,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .with_context(|| format!("connecting to {}", cli.redis.url))
     };
     match &cli.cmd {
-        Cmd::Migrate => {
-            stock_common::db::migrate(&pool()?)
+        Cmd::Migrate { grant } => {
+            let pool = pool()?;
+            stock_common::db::migrate(&pool)
                 .await
                 .with_context(|| format!("migrating {}", cli.db.url))?;
             println!("migrations applied");
+            for role in grant {
+                stock_common::db::grant(&pool, role)
+                    .await
+                    .with_context(|| format!("granting {role} the workers' privileges"))?;
+                println!("granted {role} the workers' privileges");
+            }
         }
         Cmd::CreateTopics { topics, partitions } => {
             stock_common::kafka::create_topics(&cli.kafka, &topics.all(), *partitions).await?;

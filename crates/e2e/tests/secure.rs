@@ -1,0 +1,354 @@
+//! The secure layout (`STACK_LAYOUT=secure bash deploy/stack-up.sh`): TLS to every
+//! service, SCRAM users on Kafka, ACL users on Redis (mutual TLS), scram roles on
+//! PostgreSQL. What must be refused, how fast a worker stops on a setting that cannot work
+//! (and that it names the service and the cause), that each role has least privilege, and
+//! that no secret reaches a worker's output. The pipeline's own tests (hot SKU,
+//! all-or-nothing, duplicates, replay, crash) run over this layout too: `deploy/test.sh`
+//! runs them again with `STACK_LAYOUT=secure`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs};
+use stock_common::events::{Item, Status};
+use stock_common::redis_store::RedisStore;
+use stock_e2e::harness::created;
+use stock_e2e::{Stack, TestEnv, Worker, WorkerFlags, WorkerProcess};
+
+/// A worker must stop within this on a refused certificate or password.
+const FAST: Duration = Duration::from_secs(20);
+
+fn secure_stack() -> Stack {
+    Stack::secure().expect("the secure layout: STACK_LAYOUT=secure bash deploy/stack-up.sh")
+}
+
+/// Every password of the layout (workers' and administrators').
+fn secrets(stack: &Stack) -> Vec<String> {
+    let files = [
+        &stack.kafka.password_file,
+        &stack.kafka_admin.password_file,
+        &stack.redis.password_file,
+        &stack.redis_admin.password_file,
+        &stack.db.password_file,
+        &stack.db_admin.password_file,
+    ];
+    let found: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.as_ref())
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_else(|e| panic!("password file {f:?}: {e}"))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        6,
+        "every service has a password file: {stack:?}"
+    );
+    found
+}
+
+fn other_ca() -> PathBuf {
+    let dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
+    let p = PathBuf::from(dir).join("secure/tls/other-ca.crt");
+    assert!(p.exists(), "{p:?} (made by deploy/stack-up.sh)");
+    p
+}
+
+/// A password file holding a wrong password.
+fn wrong_password_file() -> (PathBuf, String) {
+    let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
+    let path = std::env::temp_dir().join(format!("stockpipe-wrong-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&path, &wrong).expect("write the wrong password");
+    (path, wrong)
+}
+
+fn assert_no_secret(text: &str, secrets: &[String], what: &str) {
+    for s in secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "a password appears in {what}:\n{text}"
+        );
+    }
+}
+
+/// Runs `flags` as a process that must stop by itself within [`FAST`], with a non-zero
+/// status and an error naming `service` and one of `causes`, and no secret.
+async fn refused(flags: WorkerFlags, service: &str, causes: &[&str], secrets: &[String]) {
+    let started = Instant::now();
+    let mut p = WorkerProcess::spawn(&flags, &[]);
+    let status = p.exit_status(FAST).await;
+    let log = p.log_text();
+    let status = status.unwrap_or_else(|| panic!("still running after {FAST:?}:\n{log}"));
+    assert!(!status.success(), "it must fail:\n{log}");
+    let lower = log.to_lowercase();
+    assert!(
+        lower.contains(service),
+        "the error names the service {service}:\n{log}"
+    );
+    assert!(
+        causes.iter().any(|c| lower.contains(&c.to_lowercase())),
+        "the error names the cause ({causes:?}):\n{log}"
+    );
+    assert_no_secret(&log, secrets, "a refused worker's output");
+    eprintln!(
+        "{} stopped in {:?}: {}",
+        flags.worker().binary(),
+        started.elapsed(),
+        log.lines().last().unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_is_refused_by_every_service() {
+    let stack = secure_stack();
+
+    // Kafka: a plaintext client at the SASL_SSL listener gets no metadata.
+    let plain = KafkaArgs::plaintext(&stack.kafka.brokers);
+    let t = Instant::now();
+    let e = stock_common::kafka::check(&plain, Duration::from_secs(10))
+        .await
+        .expect_err("kafka refuses plaintext");
+    assert!(t.elapsed() < FAST, "{:?}", t.elapsed());
+    assert!(e.to_string().contains("kafka"), "{e}");
+
+    // Redis: no plaintext port at all, and plaintext at the TLS port is not answered.
+    let mut url = url::Url::parse(stack.redis.url.expose()).expect("url");
+    url.set_scheme("redis").expect("scheme");
+    let plain = RedisArgs {
+        url: url.as_str().parse().expect("url"),
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        ..stack.redis.clone()
+    };
+    let r = tokio::time::timeout(Duration::from_secs(30), RedisStore::connect(&plain)).await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "redis must refuse a plaintext client"
+    );
+
+    // PostgreSQL: a connection without TLS is refused by pg_hba.conf.
+    let mut url = url::Url::parse(stack.db.url.expose()).expect("url");
+    url.set_query(Some("sslmode=disable"));
+    let plain = DatabaseArgs {
+        url: url.as_str().parse().expect("url"),
+        ca_file: None,
+        ..stack.db.clone()
+    };
+    let e = stock_common::db::check(&plain, Duration::from_secs(5))
+        .await
+        .expect_err("postgres refuses plaintext");
+    let text = e.to_string();
+    assert!(text.contains("postgres"), "{text}");
+    assert!(
+        text.contains("pg_hba.conf") || text.contains("encryption"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_stops_each_worker_at_once_naming_the_service() {
+    let env = TestEnv::secure().await;
+    let secrets = secrets(&env.stack);
+    let ca = other_ca();
+    let ca = ca.to_string_lossy();
+    let tls = ["certificate", "ssl handshake", "unknownissuer"];
+    refused(
+        env.worker_flags(Worker::Producer, "ca-k")
+            .set("--kafka-ca-file", &ca),
+        "kafka",
+        &tls,
+        &secrets,
+    )
+    .await;
+    refused(
+        env.worker_flags(Worker::Producer, "ca-r")
+            .set("--redis-ca-file", &ca),
+        "redis",
+        &tls,
+        &secrets,
+    )
+    .await;
+    refused(
+        env.worker_flags(Worker::Consumer, "ca-p")
+            .set("--database-ca-file", &ca),
+        "postgres",
+        &tls,
+        &secrets,
+    )
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_stops_each_worker_at_once_naming_the_service() {
+    let env = TestEnv::secure().await;
+    let (file, wrong) = wrong_password_file();
+    let mut secrets = secrets(&env.stack);
+    secrets.push(wrong);
+    let file = file.to_string_lossy();
+    refused(
+        env.worker_flags(Worker::Producer, "pw-k")
+            .set("--kafka-password-file", &file),
+        "kafka",
+        &["authentication failed", "invalid credentials"],
+        &secrets,
+    )
+    .await;
+    refused(
+        env.worker_flags(Worker::Producer, "pw-r")
+            .set("--redis-password-file", &file),
+        "redis",
+        &["wrongpass", "invalid username-password", "authentication"],
+        &secrets,
+    )
+    .await;
+    refused(
+        env.worker_flags(Worker::Consumer, "pw-p")
+            .set("--database-password-file", &file),
+        "postgres",
+        &["password authentication failed"],
+        &secrets,
+    )
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_has_least_privilege() {
+    let env = TestEnv::secure().await;
+
+    // Redis: the producer's user reaches the project's keys and scripts only.
+    let producer = stock_common::redis_store::client(&env.redis).expect("client");
+    let mut conn = producer
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the producer's user connects");
+    let ok: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("stock:1")
+        .arg(5)
+        .query_async(&mut conn)
+        .await;
+    ok.expect("the producer may write stock keys");
+    for (cmd, args) in [
+        ("SET", vec!["other:1", "1"]),
+        ("GET", vec!["session:42"]),
+        ("FLUSHDB", vec![]),
+        ("FLUSHALL", vec![]),
+        ("CONFIG", vec!["GET", "maxmemory"]),
+        ("KEYS", vec!["*"]),
+        ("ACL", vec!["LIST"]),
+    ] {
+        let r: redis::RedisResult<redis::Value> =
+            redis::cmd(cmd).arg(&args).query_async(&mut conn).await;
+        let e = r.expect_err(&format!("{cmd} {args:?} must be refused"));
+        assert!(
+            e.to_string().contains("NOPERM") || e.to_string().to_lowercase().contains("permission"),
+            "{cmd}: {e}"
+        );
+    }
+
+    // PostgreSQL: the consumer's role manipulates data, and changes no schema.
+    let pool = stock_common::db::pool(&env.db).expect("pool");
+    sqlx::query("SELECT count(*) FROM stock")
+        .execute(&pool)
+        .await
+        .expect("the consumer reads its tables");
+    sqlx::query("INSERT INTO stock (product_id, available) VALUES (777, 1)")
+        .execute(&pool)
+        .await
+        .expect("the consumer writes its tables");
+    for sql in [
+        "CREATE TABLE intruder (i int)",
+        "DROP TABLE stock",
+        "ALTER TABLE stock ADD COLUMN x int",
+        "TRUNCATE stock",
+        "DELETE FROM _sqlx_migrations",
+        "CREATE DATABASE intruder",
+    ] {
+        let e = sqlx::query(sql)
+            .execute(&pool)
+            .await
+            .expect_err(&format!("{sql} must be refused"));
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
+        assert!(code == "42501", "{sql}: {e} (code {code})");
+    }
+    pool.close().await;
+
+    // Kafka: the workers' user neither creates nor deletes topics.
+    let extra = format!("t-{}.intruder", env.id);
+    let e = stock_common::kafka::create_topics(&env.kafka, &[&extra], 1).await;
+    assert!(e.is_err(), "the workers' Kafka user must not create topics");
+    let e = stock_devkit::topics::delete_topics(&env.kafka, &[&env.topics.results]).await;
+    assert!(e.is_err(), "the workers' Kafka user must not delete topics");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_over_tls_sell_and_leak_no_secret() {
+    let env = TestEnv::secure().await;
+    let secrets = secrets(&env.stack);
+    env.load_stock(&[(42, 50)]).await;
+    let collector = env.collector();
+    let debug = [("RUST_LOG", "debug")];
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &debug);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &debug);
+    let ids: HashSet<String> = (0..200).map(|i| format!("tls-{i}")).collect();
+    let msgs = ids
+        .iter()
+        .map(|id| {
+            let item = Item {
+                product_id: 42,
+                quantity: 1,
+            };
+            (id.clone(), created(id, &[item]))
+        })
+        .collect();
+    env.send_orders(msgs).await;
+    assert!(
+        collector.wait_for(&ids, 1, Duration::from_secs(90)).await,
+        "every order gets an outcome over TLS"
+    );
+    let outcomes = collector.snapshot();
+    let reserved = ids
+        .iter()
+        .filter(|id| {
+            outcomes
+                .get(*id)
+                .is_some_and(|r| r[0].status == Status::Reserved)
+        })
+        .count();
+    assert_eq!(reserved, 50);
+    let row = env.stock_row(42).await;
+    assert_eq!((row.available, row.reserved), (0, 50));
+    let (plog, clog) = (producer.log_text(), consumer.log_text());
+    assert!(producer.terminate() && consumer.terminate(), "clean exits");
+    assert_no_secret(&plog, &secrets, "the producer's output");
+    assert_no_secret(&clog, &secrets, "the consumer's output");
+
+    // `--help` with every password in the environment shows none of them.
+    for worker in [Worker::Producer, Worker::Consumer] {
+        let out = std::process::Command::new(stock_e2e::binary(worker.binary()))
+            .arg("--help")
+            .env("KAFKA_PASSWORD", &secrets[0])
+            .env("REDIS_PASSWORD", &secrets[2])
+            .env("DATABASE_PASSWORD", &secrets[4])
+            .env("DATABASE_URL", format!("postgres://u:{}@h/db", secrets[4]))
+            .env("REDIS_URL", format!("rediss://u:{}@h/0", secrets[2]))
+            .output()
+            .expect("--help");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("--kafka-password-file"), "{text}");
+        assert_no_secret(&text, &secrets, "--help");
+    }
+    collector.stop().await;
+    env.cleanup().await;
+}
