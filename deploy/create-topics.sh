@@ -6,7 +6,8 @@
 #
 # env: PARTITIONS (default 4), ORDERS_TOPIC (orders), DEDUCT_TOPIC (stock.deduct),
 #      COMPENSATE_TOPIC (stock.compensate), RESULTS_TOPIC (stock.results),
-#      DLQ_TOPIC (stock.dlq), KAFKA_PORT (9092), STACK_DIR.
+#      DLQ_TOPIC (stock.dlq), KAFKA_PORT (9092), STACK_DIR,
+#      STACK_LAYOUT=secure: on the secure broker (localhost:9192, as admin over SASL_SSL).
 # Replication factor is always 1 (single node).
 set -euo pipefail
 # shellcheck source=deploy/lib.sh
@@ -25,7 +26,7 @@ topics=(
   "${prefix}${DLQ_TOPIC:-stock.dlq}"
 )
 
-kafka_libs_ok || die "Kafka jars missing in $KAFKA_LIBS; run deploy/stack-up.sh kafka first"
+kafka_libs_ok || die "Kafka jars missing in $KAFKA_LIBS; run $STACK_UP_CMD kafka first"
 
 t0=$(now)
 if [[ -n "${KAFKA_TOPICS_LISTED:-}" ]]; then
@@ -33,7 +34,7 @@ if [[ -n "${KAFKA_TOPICS_LISTED:-}" ]]; then
 else
   existing="$(kafka_list_topics 2>"$KAFKA_DIR/create-topics.err")" || {
     cat "$KAFKA_DIR/create-topics.err" >&2
-    die "topics: cannot list topics on $KAFKA_BOOTSTRAP (is Kafka up? deploy/stack-up.sh kafka)"
+    die "topics: cannot list topics on $KAFKA_BOOTSTRAP (is Kafka up? $STACK_UP_CMD kafka)"
   }
 fi
 

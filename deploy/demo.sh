@@ -2,6 +2,7 @@
 # The main job: bring the local stack up, then run both workers against a demo load of
 # order events and print a summary (outcomes, stock in PostgreSQL and Redis, invariants).
 #   bash deploy/demo.sh [demo flags, e.g. --orders 50000]
+#   STACK_LAYOUT=secure bash deploy/demo.sh [...]   the same on the secure layout (TLS, ACL users)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."

@@ -38,8 +38,63 @@ KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-60}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1g -Xms1g}"
+KAFKA_LIBS_LOCK="$STACK_DIR/.kafka-libs.lock"   # shared by both layouts' stack-up.sh
 # Short-lived CLI JVMs (TopicCommand, StorageTool): start fast, small heap.
 KAFKA_TOOL_JVM_OPTS="${KAFKA_TOOL_JVM_OPTS:--Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto}"
+
+# --- layout -------------------------------------------------------------------
+# STACK_LAYOUT=plain (default): the settings above. STACK_LAYOUT=secure: a second,
+# independent set of processes beside the plain ones (TLS everywhere, passwords from
+# files, least-privilege users), state under $STACK_DIR/secure. The variables below
+# re-point the plain names (PG_*, REDIS_*, KAFKA_*) so the helpers serve either layout;
+# the secure ports have their own overrides (SECURE_*), never the plain ones.
+STACK_LAYOUT="${STACK_LAYOUT:-plain}"
+SECURE_DIR="$STACK_DIR/secure"
+TLS_DIR="$SECURE_DIR/tls"
+SECRETS_DIR="$SECURE_DIR/secrets"
+# shellcheck disable=SC2034  # used by the scripts that source this file
+if [[ "$STACK_LAYOUT" == secure ]]; then
+  STACK_CTL_DIR="$SECURE_DIR"
+  PG_PORT="${SECURE_PG_PORT:-5433}"
+  PG_USER=stock_migrator              # owns database stock; the scripts' TCP identity
+  PG_PASSWORD=""                      # never held here: read from PG_PASSWORD_FILE
+  PG_PASSWORD_FILE="$SECRETS_DIR/pg-migrator.password"
+  PG_CONSUMER_USER=stock_consumer
+  PG_CONSUMER_PASSWORD_FILE="$SECRETS_DIR/pg-consumer.password"
+  PG_DB=stock
+  PG_HOST=localhost                   # verify-full checks the certificate against it
+  PG_DIR="$SECURE_DIR/pg"
+  PGDATA_STACK="$PG_DIR/data"
+  PG_LOG="$PG_DIR/postgres.log"
+  PG_SOCKET_DIR="$PG_DIR/run"
+
+  REDIS_PORT="${SECURE_REDIS_PORT:-6380}"   # the TLS port (plaintext port is 0: off)
+  REDIS_DIR="$SECURE_DIR/redis"
+  REDIS_PIDFILE="$REDIS_DIR/redis.pid"
+  REDIS_LOG="$REDIS_DIR/redis.log"
+  REDIS_RUNTIME_CONF="$REDIS_DIR/redis.runtime.conf"
+  REDIS_ACLFILE="$REDIS_DIR/users.acl"
+  REDIS_ADMIN_USER=stockpipe-admin
+  REDIS_ADMIN_PASSWORD_FILE="$SECRETS_DIR/redis-admin.password"
+
+  KAFKA_PORT="${SECURE_KAFKA_PORT:-9192}"
+  KAFKA_CONTROLLER_PORT="${SECURE_KAFKA_CONTROLLER_PORT:-9193}"
+  KAFKA_BOOTSTRAP="localhost:$KAFKA_PORT"
+  KAFKA_DIR="$SECURE_DIR/kafka"       # the jars stay shared: $STACK_DIR/kafka/libs
+  KAFKA_DATA="$KAFKA_DIR/data"
+  KAFKA_LOG_DIR="$KAFKA_DIR/logs"
+  KAFKA_PIDFILE="$KAFKA_DIR/kafka.pid"
+  KAFKA_PROPS="$KAFKA_DIR/server.properties"
+  KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
+  KAFKA_ADMIN_CONF="$KAFKA_DIR/admin-client.properties"
+  KAFKA_WORKER_CONF="$KAFKA_DIR/worker-client.properties"
+  KAFKA_HEAP_OPTS="${SECURE_KAFKA_HEAP_OPTS:--Xmx512m -Xms512m}"
+else
+  STACK_CTL_DIR="$STACK_DIR"
+  PG_HOST=127.0.0.1
+fi
+# how the scripts name the layout in hints ("run ... stack-up.sh kafka first")
+if [[ "$STACK_LAYOUT" == secure ]]; then STACK_UP_CMD="STACK_LAYOUT=secure deploy/stack-up.sh"; else STACK_UP_CMD="deploy/stack-up.sh"; fi
 
 # --- output ----------------------------------------------------------------
 _ts() { date +%H:%M:%S; }
@@ -47,6 +102,18 @@ log()  { printf '[%s] %s\n' "$(_ts)" "$*"; }
 warn() { printf '[%s] WARN: %s\n' "$(_ts)" "$*" >&2; }
 die()  { printf '[%s] ERROR: %s\n' "$(_ts)" "$*" >&2; exit 1; }
 now()  { date +%s; }
+
+case "$STACK_LAYOUT" in
+  plain|secure) ;;
+  *) die "STACK_LAYOUT must be 'plain' or 'secure' (got '$STACK_LAYOUT')" ;;
+esac
+
+# read_secret FILE -> prints the secret (no newline). Use as VAR="$(read_secret F)":
+# the value never reaches a command line. Never echo it.
+read_secret() {
+  [[ -s "$1" ]] || die "secret file $1 is missing or empty (run $STACK_UP_CMD)"
+  tr -d '\r\n' <"$1"
+}
 
 # show_log_tail FILE [N] -- dump the tail of a log to stderr (for failures)
 show_log_tail() {
@@ -140,8 +207,10 @@ wait_pid_exit() {
 
 # stack_lock -- serialize stack-up/stack-down runs on fd 9. Daemons must be
 # started with `9>&-` so they do not inherit (and hold) the lock forever.
+# Each layout has its own lock ($STACK_CTL_DIR): a secure stack-up never waits for a
+# plain one and the other way round.
 stack_lock() {
-  local f="$STACK_DIR/.stack-ctl.lock"
+  local f="$STACK_CTL_DIR/.stack-ctl.lock"
   exec 9>"$f"
   if ! flock -n 9; then
     log "waiting for another stack-up/stack-down ($f)"
@@ -211,10 +280,25 @@ pg_bindir() {
   return 1
 }
 
+# pg_tls_query USER PASSWORD_FILE SQL -- (secure layout) run SQL over TLS, verify-full
+# against our CA, as USER; prints the unaligned result. Password via env, never argv.
+pg_tls_query() {
+  local pw bin
+  pw="$(read_secret "$2")"
+  bin="${PGBIN:-$(pg_bindir)}" || die "PostgreSQL binaries not found"
+  PGPASSWORD="$pw" PGSSLMODE=verify-full PGSSLROOTCERT="$TLS_DIR/ca.crt" PGCONNECT_TIMEOUT=5 \
+    "$bin/psql" -X -q -h "$PG_HOST" -p "$PG_PORT" -U "$1" -d "$PG_DB" -tAc "$3"
+}
+
 # --- Redis -----------------------------------------------------------------
-# redis_cli ARGS... -- password (if any) passed via env, never on argv
+# redis_cli ARGS... -- password (if any) passed via env, never on argv.
+# Secure layout: TLS with the client certificate, as the admin user.
 redis_cli() {
-  if [[ -n "${REDIS_PASSWORD:-}" ]]; then
+  if [[ "$STACK_LAYOUT" == secure ]]; then
+    local pw; pw="$(read_secret "$REDIS_ADMIN_PASSWORD_FILE")"
+    REDISCLI_AUTH="$pw" redis-cli --tls --cacert "$TLS_DIR/ca.crt" --cert "$TLS_DIR/client.crt" \
+      --key "$TLS_DIR/client.key" -h localhost -p "$REDIS_PORT" --user "$REDIS_ADMIN_USER" "$@"
+  elif [[ -n "${REDIS_PASSWORD:-}" ]]; then
     REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
   else
     redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
@@ -236,8 +320,29 @@ kafka_tool() {
     -cp "$KAFKA_LIBS/*" "$cls" "$@"
 }
 
+# kafka_tool_secret CLASS ARGS... -- kafka_tool for arguments that hold a password
+# (StorageTool --add-scram, ConfigCommand SCRAM users): the class and its arguments go
+# through a java @argfile (mode 600, deleted afterwards), so no password is on argv.
+kafka_tool_secret() {
+  local af a rc=0
+  mkdir -p "$KAFKA_DIR"
+  af="$(mktemp "$KAFKA_DIR/.java-args.XXXXXX")"   # mktemp: mode 600
+  for a in "$@"; do a="${a//\\/\\\\}"; printf '"%s"\n' "${a//\"/\\\"}"; done >"$af"
+  # shellcheck disable=SC2086
+  timeout -k 5 "${KAFKA_TOOL_TIMEOUT:-60}" java $KAFKA_TOOL_JVM_OPTS \
+    -Dlog4j2.configurationFile="$DEPLOY_DIR/kafka/tools-log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" "@$af" || rc=$?
+  rm -f "$af"
+  return $rc
+}
+
 # Admin client settings for the CLI tools: fail fast instead of 60 s retries.
+# Secure layout: the admin client file (SASL_SSL as admin, mode 600) written by stack-up.sh.
 kafka_client_conf() {
+  if [[ "$STACK_LAYOUT" == secure ]]; then
+    [[ -s "$KAFKA_ADMIN_CONF" ]] || die "kafka: $KAFKA_ADMIN_CONF missing (run $STACK_UP_CMD kafka)"
+    echo "$KAFKA_ADMIN_CONF"; return 0
+  fi
   local f="$KAFKA_DIR/tools-client.properties"
   if [[ ! -f "$f" ]]; then
     mkdir -p "$KAFKA_DIR"
@@ -249,17 +354,19 @@ kafka_client_conf() {
 
 # kafka_list_topics -> prints topic names; non-zero if broker does not answer
 kafka_list_topics() {
+  local conf; conf="$(kafka_client_conf)" || return 1
   kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
-    --command-config "$(kafka_client_conf)" --list
+    --command-config "$conf" --list
 }
 
 # kafka_delete_topics REGEX -- deletes the topics whose whole name matches REGEX (none is fine)
 kafka_delete_topics() {
-  local names
+  local names conf
   names="$(kafka_list_topics)" || return 1
+  conf="$(kafka_client_conf)" || return 1
   if grep -Eq "^($1)\$" <<<"$names"; then
     KAFKA_TOOL_TIMEOUT=300 kafka_tool org.apache.kafka.tools.TopicCommand \
-      --bootstrap-server "$KAFKA_BOOTSTRAP" --command-config "$(kafka_client_conf)" \
+      --bootstrap-server "$KAFKA_BOOTSTRAP" --command-config "$conf" \
       --delete --topic "$1" >/dev/null
   fi
 }

@@ -3,6 +3,9 @@
 # Safe to run when (some) services are already stopped.
 #
 # usage: deploy/stack-down.sh [pg] [redis] [kafka]     (no args = all three)
+#        STACK_LAYOUT=secure deploy/stack-down.sh [...]  stops the secure layout's
+#        processes only (the plain ones keep running), keeps its data, certificates
+#        and passwords
 #
 # env: STACK_DIR, KAFKA_STOP_TIMEOUT (default 60 s before SIGKILL),
 #      REDIS_PASSWORD (if Redis was started with one)
@@ -14,7 +17,7 @@ usage() { print_usage "${BASH_SOURCE[0]}"; }
 parse_services "$@" || { usage; exit 2; }
 
 rc=0
-if [[ -d "$STACK_DIR" ]]; then
+if [[ -d "$STACK_CTL_DIR" ]]; then
   stack_lock
 fi
 
