@@ -28,6 +28,12 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# The core end-to-end tests again on the secure layout (TLS, SCRAM, ACL users, the
+# consumer's least-privilege role), in a shell of their own: env.sh keeps values already set.
+secure_tests=(--test pipeline --test crash)
+env -u DATABASE_URL -u REDIS_URL -u KAFKA_BROKERS STACK_LAYOUT=secure \
+  bash -c '. deploy/env.sh && exec cargo test -p stock-e2e "$@"' secure "${secure_tests[@]}" "$@" \
+  2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one summary per test binary).
 grep -E '^test result' "$log" | awk '{p += $4; f += $6; i += $8} END {printf "tests: %d passed, %d failed, %d skipped\n", p, f, i}'
 exit "$status"

@@ -108,8 +108,25 @@ impl StartupError {
 
 /// A server that is down or restarting, as opposed to one that refuses us.
 fn is_unreachable(err: &sqlx::Error) -> bool {
+    use std::io::ErrorKind as K;
     match err {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // sqlx reports a refused certificate as an I/O error too (`InvalidData`): only the
+        // kinds of a server that is down, restarting or not reachable are waited for.
+        sqlx::Error::Io(e) => matches!(
+            e.kind(),
+            K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::NotConnected
+                | K::TimedOut
+                | K::UnexpectedEof
+                | K::BrokenPipe
+                | K::AddrNotAvailable
+                | K::HostUnreachable
+                | K::NetworkUnreachable
+                | K::Interrupted
+        ),
+        sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             code.starts_with("57P") || code.starts_with("53")

@@ -335,6 +335,21 @@ pub enum StoreError {
     Config(#[from] ConfigError),
 }
 
+/// Whether a connection error is a setting that will not heal: failed authentication, a
+/// refused certificate (an I/O error of kind `InvalidData` from rustls), a bad setting.
+fn is_refusal(e: &redis::RedisError) -> bool {
+    // An I/O error that is not a refused, dropped or timed-out connection is the TLS
+    // handshake's (redis-rs keeps the I/O error behind an `Arc`, out of `downcast_ref`'s reach).
+    let tls = e.is_io_error()
+        && !e.is_connection_refusal()
+        && !e.is_connection_dropped()
+        && !e.is_timeout();
+    tls || matches!(
+        e.kind(),
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::InvalidClientConfig
+    )
+}
+
 /// A client for `args`: the URL's address and database, the ACL user and password of the
 /// settings (a password in the URL is used when they hold none), and for `rediss://` TLS
 /// verified, host name included, against the CA file or the system's roots, with the
@@ -397,6 +412,13 @@ pub struct RedisStore {
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
         let client = client(args)?;
+        // One plain attempt first: a refused certificate or password stops the caller at
+        // once with the cause (the manager below would retry it for about 10 s).
+        if let Err(e) = client.get_multiplexed_async_connection().await {
+            if is_refusal(&e) {
+                return Err(e.into());
+            }
+        }
         // A pipeline of scripts on a busy server can take far longer than the client's
         // default reply timeout of 500 ms; waiting is right, a timeout only causes a retry.
         let config = redis::aio::ConnectionManagerConfig::new()

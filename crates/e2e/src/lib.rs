@@ -70,6 +70,14 @@ impl TestEnv {
     pub async fn on(stack: Stack) -> TestEnv {
         init_logging();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        tracing::info!(
+            id,
+            layout = stack.layout,
+            kafka = stack.kafka.brokers,
+            redis = %stack.redis.url,
+            database = %stack.db.url,
+            "test environment"
+        );
         let topics = Topics::prefixed(&format!("t-{id}."));
         let partitions = 4;
         stock_common::kafka::create_topics(&stack.kafka_admin, &topics.all(), partitions)

@@ -16,7 +16,7 @@ use stock_e2e::harness::created;
 use stock_e2e::{Stack, TestEnv, Worker, WorkerFlags, WorkerProcess};
 
 /// A worker must stop within this on a refused certificate or password.
-const FAST: Duration = Duration::from_secs(20);
+const FAST: Duration = Duration::from_secs(10);
 
 fn secure_stack() -> Stack {
     Stack::secure().expect("the secure layout: STACK_LAYOUT=secure bash deploy/stack-up.sh")
@@ -257,7 +257,7 @@ async fn each_role_has_least_privilege() {
         .execute(&pool)
         .await
         .expect("the consumer reads its tables");
-    sqlx::query("INSERT INTO stock (product_id, available) VALUES (777, 1)")
+    sqlx::query("INSERT INTO stock (product_id, available, total_added) VALUES (777, 1, 1)")
         .execute(&pool)
         .await
         .expect("the consumer writes its tables");
