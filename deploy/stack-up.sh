@@ -16,7 +16,7 @@
 #   A second, separate set of processes beside the plain one (both can run at once),
 #   state in $STACK_DIR/secure/ (pg/ redis/ kafka/ tls/ secrets/):
 #   - Kafka  localhost:9192 SASL_SSL, SCRAM-SHA-512 users admin (super user) and
-#            stockpipe (ACLs: read/write/describe topics prefixed orders stock. t- bench-,
+#            stockpipe (ACLs: read/write/describe topics prefixed orders stock. t- bench- demo-,
 #            read any group, idempotent write); controller 127.0.0.1:9193 (mutual TLS);
 #            admin tools: --command-config $STACK_DIR/secure/kafka/admin-client.properties
 #   - Redis  localhost:6380 TLS only (port 0), client certificate required; ACL users
@@ -748,7 +748,7 @@ kafka_secure_check_admin() {
 
 # Least privilege of the workers' user stockpipe, in one place. Only added (never
 # removed) by kafka_secure_grants; the StandardAuthorizer keeps them in the metadata log.
-KAFKA_WORKER_TOPIC_PREFIXES=(orders stock. t- bench-)
+KAFKA_WORKER_TOPIC_PREFIXES=(orders stock. t- bench- demo-)
 kafka_worker_acl_specs() {
   local p topics=()
   for p in "${KAFKA_WORKER_TOPIC_PREFIXES[@]}"; do topics+=(--topic "$p"); done

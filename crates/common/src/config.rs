@@ -107,6 +107,48 @@ pub fn password(
     }
 }
 
+/// The settings of a binary, parsed from its command line and environment as clap does,
+/// with one more rule: a password given on the command line is refused (any user of the
+/// host can read a process's arguments). Exits with clap's usage error otherwise.
+pub fn parse<T: clap::Parser>() -> T {
+    let mut cmd = T::command();
+    let matches = cmd.get_matches_mut();
+    if let Err(why) = refuse_command_line_passwords(&matches) {
+        cmd.error(clap::error::ErrorKind::ValueValidation, why)
+            .exit();
+    }
+    T::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+}
+
+/// Refuses a URL setting that carries a password and came from the command line; the
+/// same URL in its environment variable is fine.
+pub fn refuse_command_line_passwords(matches: &clap::ArgMatches) -> Result<(), String> {
+    for (id, flag, var) in [
+        ("redis_url", "--redis-url", "REDIS"),
+        ("database_url", "--database-url", "DATABASE"),
+    ] {
+        if !matches.ids().any(|i| i.as_str() == id) {
+            continue;
+        }
+        let from_command_line =
+            matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        let has_password = matches
+            .get_one::<SecretUrl>(id)
+            .and_then(|u| url::Url::parse(u.expose()).ok())
+            .is_some_and(|u| {
+                u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password")
+            });
+        if from_command_line && has_password {
+            return Err(format!(
+                "{flag} carries a password on the command line, where any user of this host \
+                 can read it: give the URL in {var}_URL, or the password in {var}_PASSWORD or \
+                 {var}_PASSWORD_FILE (the value is not shown)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// TLS files of one service's client: the CA bundle that verifies the server (the system's
 /// roots when unset) and, for mutual TLS, a client certificate and its key (PEM).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -683,6 +725,52 @@ mod tests {
         let ok = Cli::try_parse_from(["t", "--database-url", "postgres://u:s3cret@h:5432/db"])
             .expect("a good URL");
         assert_eq!(ok.db.url.expose(), "postgres://u:s3cret@h:5432/db");
+    }
+
+    #[test]
+    fn passwords_on_the_command_line_are_refused() {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = Cli::command()
+            .try_get_matches_from(["t", "--database-url", "postgres://u:s3cret@h:5432/db"])
+            .unwrap();
+        let why = refuse_command_line_passwords(&m).expect_err("refused");
+        assert!(
+            why.contains("--database-url") && !why.contains("s3cret"),
+            "{why}"
+        );
+        let m = Cli::command()
+            .try_get_matches_from(["t", "--redis-url", "redis://:s3cret@h:6379/0"])
+            .unwrap();
+        assert!(refuse_command_line_passwords(&m).is_err());
+        // Without a password, or by default, the command line is fine.
+        let m = Cli::command()
+            .try_get_matches_from(["t", "--database-url", "postgres://u@h:5432/db"])
+            .unwrap();
+        assert!(refuse_command_line_passwords(&m).is_ok());
+        assert!(Cli::from_arg_matches(&m).is_ok());
+        let m = Cli::command().try_get_matches_from(["t"]).unwrap();
+        assert!(refuse_command_line_passwords(&m).is_ok());
+    }
+
+    #[test]
+    fn passwords_come_from_a_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("stockpipe-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pw");
+        std::fs::write(&f, "hunter2\n").unwrap();
+        let var = "STOCKPIPE_TEST_PASSWORD_UNSET";
+        let p = password("redis", var, Some(&f)).unwrap().unwrap();
+        assert_eq!(p.expose(), "hunter2");
+        assert_eq!(format!("{p} {p:?}"), "*** ***");
+        assert!(password("redis", var, None).unwrap().is_none());
+        std::fs::write(&f, "").unwrap();
+        let e = password("redis", var, Some(&f)).unwrap_err().to_string();
+        assert!(e.starts_with("redis:") && e.contains("empty"), "{e}");
+        let e = password("redis", var, Some(&dir.join("missing")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("redis:") && e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,9 +1,8 @@
-use clap::Parser;
 use stock_consumer::{worker::Worker, ConsumerArgs};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = ConsumerArgs::parse();
+    let args: ConsumerArgs = stock_common::config::parse();
     stock_common::telemetry::init(args.log.format);
     // Armed from FAILPOINTS only in test builds (feature `failpoints`); nothing otherwise.
     let _failpoints = stock_common::failpoint::setup();

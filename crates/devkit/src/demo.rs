@@ -6,11 +6,12 @@
 //! ([`orders`]), wait for every outcome, then [`summarize`].
 
 use crate::harness::{self, Outcomes, ResultCollector};
+use crate::stack::Stack;
 use crate::worker_args::{Wiring, Worker, WorkerFlags};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
-use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
+use stock_common::config::{KafkaArgs, Topics};
 use stock_common::events::{Item, Status};
 use stock_common::redis_store::RedisStore;
 use stockctl::admin;
@@ -37,12 +38,10 @@ pub struct DemoArgs {
 }
 
 /// Runs the demo; `Ok(false)` when a check failed.
-pub async fn run(
-    kafka: &KafkaArgs,
-    db: &DatabaseArgs,
-    redis: &RedisArgs,
-    args: &DemoArgs,
-) -> anyhow::Result<bool> {
+/// Runs the demo on `stack`: the run's topics, migrations, grants and stock are made with
+/// the administrator's settings, the workers run with theirs.
+pub async fn run(stack: &Stack, args: &DemoArgs) -> anyhow::Result<bool> {
+    let (kafka, db, redis) = (&stack.kafka, &stack.db, &stack.redis);
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let topics = Topics::prefixed(&format!("demo-{run}."));
     println!(
@@ -50,7 +49,7 @@ pub async fn run(
         args.orders, args.products, args.stock
     );
     let products: Vec<i64> = (0..args.products).map(|i| 900_001 + i).collect();
-    let (pool, store) = prepare(kafka, db, redis, &topics, &products, args).await?;
+    let (pool, store) = prepare(stack, &topics, &products, args).await?;
 
     let shutdown = CancellationToken::new();
     let wiring = Wiring {
@@ -101,22 +100,25 @@ pub async fn run(
 /// Creates the run's topics, migrates, sets every product's stock and, if Redis is not
 /// loaded, rebuilds it.
 async fn prepare(
-    kafka: &KafkaArgs,
-    db: &DatabaseArgs,
-    redis: &RedisArgs,
+    stack: &Stack,
     topics: &Topics,
     products: &[i64],
     args: &DemoArgs,
 ) -> anyhow::Result<(PgPool, RedisStore)> {
     use anyhow::Context;
-    stock_common::kafka::create_topics(kafka, &topics.all(), args.partitions)
+    stock_common::kafka::create_topics(&stack.kafka_admin, &topics.all(), args.partitions)
         .await
         .context("creating demo topics (is Kafka up? deploy/stack-up.sh)")?;
-    let pool = stock_common::db::pool(db)?;
+    let pool = stock_common::db::pool(&stack.db_admin)?;
     stock_common::db::migrate(&pool)
         .await
         .context("migrating (is PostgreSQL up?)")?;
-    let store = RedisStore::connect(redis)
+    if let (true, Some(role)) = (stack.has_worker_roles(), stack.worker_db_role()) {
+        stock_common::db::grant(&pool, &role)
+            .await
+            .with_context(|| format!("granting {role} the workers' privileges"))?;
+    }
+    let store = RedisStore::connect(&stack.redis_admin)
         .await
         .context("connecting to Redis")?;
     for p in products {

@@ -476,6 +476,21 @@ fn malformed_urls_never_print_their_password() {
         let (_, out) = run_binary(bin, &[], &[&format!("{flag}={bad}")]);
         assert!(!out.contains("s3cret"), "{bin} printed the password: {out}");
     }
+    // A well-formed URL is refused too when it carries a password on the command line,
+    // where any user of the host can read it.
+    for (bin, flag, good) in [
+        (
+            "consumer",
+            "--database-url",
+            "postgres://u:s3cret@host:5432/db",
+        ),
+        ("producer", "--redis-url", "redis://:s3cret@host:6379/0"),
+    ] {
+        let (code, out) = run_binary(bin, &[], &[&format!("{flag}={good}")]);
+        assert_eq!(code, Some(2), "{bin} refuses a password in {flag}: {out}");
+        assert!(out.contains(flag), "{bin} names {flag}: {out}");
+        assert!(!out.contains("s3cret"), "{bin} printed the password: {out}");
+    }
     for (bin, var, good) in [
         (
             "consumer",

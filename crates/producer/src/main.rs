@@ -1,9 +1,8 @@
-use clap::Parser;
 use stock_producer::{worker::Worker, ProducerArgs};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = ProducerArgs::parse();
+    let args: ProducerArgs = stock_common::config::parse();
     stock_common::telemetry::init(args.log.format);
     // Armed from FAILPOINTS only in test builds (feature `failpoints`); nothing otherwise.
     let _failpoints = stock_common::failpoint::setup();

@@ -106,7 +106,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = stock_common::config::parse();
     stock_common::telemetry::init(cli.log.format);
     let _failpoints = stock_common::failpoint::setup();
     match run(cli).await {

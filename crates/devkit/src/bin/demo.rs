@@ -6,6 +6,7 @@ use clap::Parser;
 use std::process::ExitCode;
 use stock_common::config::{DatabaseArgs, KafkaArgs, LogArgs, RedisArgs};
 use stock_devkit::demo::{self, DemoArgs};
+use stock_devkit::stack::{self, Stack};
 
 /// Run both workers against a demo load and print a summary.
 #[derive(Parser)]
@@ -25,9 +26,25 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = stock_common::config::parse();
     stock_common::telemetry::init(cli.log.format);
-    match demo::run(&cli.kafka, &cli.db, &cli.redis, &cli.demo).await {
+    let get = |k: &str| std::env::var(k).ok();
+    let stack = match stack::admin(&cli.kafka, &cli.redis, &cli.db, &get) {
+        Ok((kafka_admin, redis_admin, db_admin)) => Stack {
+            layout: get("STACK_LAYOUT").unwrap_or_else(|| "plain".into()),
+            kafka: cli.kafka,
+            kafka_admin,
+            redis: cli.redis,
+            redis_admin,
+            db: cli.db,
+            db_admin,
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match demo::run(&stack, &cli.demo).await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
