@@ -369,6 +369,33 @@ pub struct KafkaArgs {
     pub options: Vec<String>,
 }
 
+/// The TLS files and the password of a service's settings (fields `ca_file`, `cert_file`,
+/// `key_file`, `password_file`), read the same way for every service.
+macro_rules! credentials {
+    ($settings:ty, $service:literal, $password_var:literal) => {
+        impl $settings {
+            /// The CA bundle and client certificate of these settings.
+            pub fn tls(&self) -> TlsFiles {
+                TlsFiles {
+                    ca: self.ca_file.clone(),
+                    cert: self.cert_file.clone(),
+                    key: self.key_file.clone(),
+                }
+            }
+
+            #[doc = concat!("The password: ", $password_var, " or the password file.")]
+            pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+                password($service, $password_var, self.password_file.as_deref())
+            }
+        }
+    };
+}
+
+credentials!(KafkaArgs, "kafka", "KAFKA_PASSWORD");
+credentials!(RedisArgs, "redis", "REDIS_PASSWORD");
+// A password in the URL is used when neither is set (`db::options`).
+credentials!(DatabaseArgs, "postgres", "DATABASE_PASSWORD");
+
 /// How the Kafka clients reach the brokers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum KafkaSecurity {
@@ -393,19 +420,6 @@ impl KafkaArgs {
             key_file: None,
             options: Vec::new(),
         }
-    }
-
-    pub fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca: self.ca_file.clone(),
-            cert: self.cert_file.clone(),
-            key: self.key_file.clone(),
-        }
-    }
-
-    /// The SASL password (KAFKA_PASSWORD or the password file).
-    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
-        password("kafka", "KAFKA_PASSWORD", self.password_file.as_deref())
     }
 }
 
@@ -530,19 +544,6 @@ impl RedisArgs {
             key_file: None,
         }
     }
-
-    pub fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca: self.ca_file.clone(),
-            cert: self.cert_file.clone(),
-            key: self.key_file.clone(),
-        }
-    }
-
-    /// The password (REDIS_PASSWORD or the password file).
-    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
-        password("redis", "REDIS_PASSWORD", self.password_file.as_deref())
-    }
 }
 
 /// PostgreSQL connection.
@@ -610,24 +611,6 @@ impl DatabaseArgs {
             cert_file: None,
             key_file: None,
         }
-    }
-
-    pub fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca: self.ca_file.clone(),
-            cert: self.cert_file.clone(),
-            key: self.key_file.clone(),
-        }
-    }
-
-    /// The password (DATABASE_PASSWORD or the password file); a password in the URL is
-    /// used when neither is set.
-    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
-        password(
-            "postgres",
-            "DATABASE_PASSWORD",
-            self.password_file.as_deref(),
-        )
     }
 }
 
