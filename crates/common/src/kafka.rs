@@ -262,8 +262,9 @@ pub fn producer(args: &KafkaArgs) -> Result<FutureProducer, KafkaError> {
     cfg.create()
 }
 
-/// Creates `topics` with `partitions` partitions each (replication 1), ignoring those that
-/// exist already.
+/// Creates `topics` with `partitions` partitions each and the brokers' default replication
+/// factor (`default.replication.factor`: 1 on one broker, 3 on the cluster layout),
+/// ignoring those that exist already.
 pub async fn create_topics(
     args: &KafkaArgs,
     topics: &[&str],
@@ -272,7 +273,7 @@ pub async fn create_topics(
     let admin: AdminClient<DefaultClientContext> = client_config(args)?.create()?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
         .collect();
     let results = admin.create_topics(&new, &AdminOptions::new()).await?;
     for r in results {

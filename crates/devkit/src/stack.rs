@@ -50,22 +50,25 @@ impl Stack {
     /// The secure layout, from the file `deploy/stack-up.sh` writes for it
     /// (`$STACK_DIR/secure/env`, `KEY=VALUE` lines of file paths and addresses).
     pub fn secure() -> Result<Stack, String> {
-        let dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
-        let path = PathBuf::from(dir).join("secure").join("env");
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "reading {path:?} ({e}): is the secure layout up? \
-                 STACK_LAYOUT=secure bash deploy/stack-up.sh"
-            )
-        })?;
-        let vars: HashMap<String, String> = text
-            .lines()
-            .map(|l| l.trim().trim_start_matches("export "))
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim()).to_owned()))
-            .collect();
+        let vars = layout_vars("secure")?;
         Stack::from_vars(|k| vars.get(k).cloned())
+    }
+
+    /// The plaintext layout with the cluster layout's three Kafka brokers
+    /// (`$STACK_DIR/cluster/env`): PostgreSQL and Redis as this process's environment
+    /// says.
+    pub fn kafka_cluster() -> Result<Stack, String> {
+        let vars = layout_vars("cluster")?;
+        let brokers = vars
+            .get("KAFKA_BROKERS")
+            .cloned()
+            .ok_or("the cluster layout's env file names no KAFKA_BROKERS")?;
+        let mut stack = Stack::from_vars(|k| match k {
+            "KAFKA_BROKERS" => Some(brokers.clone()),
+            _ => std::env::var(k).ok(),
+        })?;
+        stack.layout = "cluster-kafka".into();
+        Ok(stack)
     }
 
     /// The stack described by the variables `get` returns, parsed by the binaries' own
@@ -166,6 +169,25 @@ pub fn with_redis_db(args: &RedisArgs, index: i64) -> Result<RedisArgs, String> 
         url: url.as_str().parse::<SecretUrl>()?,
         ..args.clone()
     })
+}
+
+/// The `KEY=VALUE` lines `deploy/stack-up.sh` writes for `layout` (`$STACK_DIR/<layout>/env`).
+fn layout_vars(layout: &str) -> Result<HashMap<String, String>, String> {
+    let dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
+    let path = PathBuf::from(dir).join(layout).join("env");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "reading {path:?} ({e}): is the {layout} layout up? \
+             STACK_LAYOUT={layout} bash deploy/stack-up.sh"
+        )
+    })?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().trim_start_matches("export "))
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), unquote(v.trim()).to_owned()))
+        .collect())
 }
 
 fn unquote(v: &str) -> &str {

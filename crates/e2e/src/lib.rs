@@ -65,9 +65,15 @@ impl TestEnv {
         TestEnv::on(Stack::secure().expect("the secure layout")).await
     }
 
-    /// A fresh slice of `stack`: created with the administrator's credentials, used by the
-    /// workers with theirs (granted what they need with `db::grant`).
+    /// A fresh slice of `stack` with topics of 4 partitions ([`TestEnv::on_with`]).
     pub async fn on(stack: Stack) -> TestEnv {
+        TestEnv::on_with(stack, 4).await
+    }
+
+    /// A fresh slice of `stack`, topics of `partitions` partitions (the brokers' default
+    /// replication): created with the administrator's credentials, used by the workers with
+    /// theirs (granted what they need with `db::grant`).
+    pub async fn on_with(stack: Stack, partitions: i32) -> TestEnv {
         init_logging();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         tracing::info!(
@@ -79,7 +85,6 @@ impl TestEnv {
             "test environment"
         );
         let topics = Topics::prefixed(&format!("t-{id}."));
-        let partitions = 4;
         stock_common::kafka::create_topics(&stack.kafka_admin, &topics.all(), partitions)
             .await
             .expect("create topics (is the stack up? deploy/stack-up.sh)");
