@@ -171,7 +171,11 @@ cmd_kill_redis_master() {
         n = split($7, r, ","); for (i = 1; i <= n; i++) { m = split(r[i], b, "-"); lo = b[1]; hi = (m == 2 ? b[2] : b[1]);
           if (s + 0 >= lo + 0 && s + 0 <= hi + 0) { print $2; exit } } }' <<<"$view")"
   fi
-  log "redis: failover done $(secs_since "$t0")s after the kill: slots $slots now served by 127.0.0.1:${promoted:-?}; cluster_state:ok on every survivor"
+  if [[ "$slots" == - ]]; then
+    log "redis: node $port is down and serves no slots; cluster_state:ok on every survivor"
+  else
+    log "redis: failover done $(secs_since "$t0")s after the kill: slots $slots now served by 127.0.0.1:${promoted:-?}; cluster_state:ok on every survivor"
+  fi
   result "$port"
 }
 
@@ -183,7 +187,7 @@ cmd_start_redis() {
   redis_start_node "$port"
   redis_wait_settled "$port"
   role="$(redis_role "$port")"
-  log "redis: node $port up as $role (link $(cr_repl "$port" master_link_status || true)), $(credis "$port" dbsize | tr -d '\r') keys, settled in $(secs_since "$t0")s"
+  log "redis: node $port up as $role$([[ "$role" == replica* ]] && echo " (link $(cr_repl "$port" master_link_status))"), $(credis "$port" dbsize | tr -d '\r') keys, settled in $(secs_since "$t0")s"
   result "$role"
 }
 
@@ -251,11 +255,11 @@ cmd_kill_broker() {
   while :; do
     if reg="$(ck_registered)" && [[ -n "$reg" ]] && ! grep -qx "$id" <<<"$reg"; then break; fi
     if [[ $(now) -ge $deadline ]]; then
-      die "kafka: broker $id still in the metadata ${CLUSTER_FAULT_TIMEOUT}s after the kill (live: $(tr '\n' ' ' <<<"$reg"))"
+      die "kafka: broker $id still in the metadata ${CLUSTER_FAULT_TIMEOUT}s after the kill (live: $(paste -sd' ' <<<"$reg"))"
     fi
     sleep 0.5
   done
-  log "kafka: broker $id fenced, $(secs_since "$t0")s after the kill (live brokers: $(tr '\n' ' ' <<<"$reg"))"
+  log "kafka: broker $id fenced, $(secs_since "$t0")s after the kill (live brokers: $(paste -sd' ' <<<"$reg"))"
   result "$id"
 }
 
@@ -300,14 +304,23 @@ cmd_reshard() {
         --cluster-slots "$n" --cluster-yes >"$logf" 2>&1; then
     show_log_tail "$logf" 30; die "redis: redis-cli --cluster reshard failed (redis-cli --cluster fix 127.0.0.1:$from may repair open slots)"
   fi
-  if ! timeout 60 redis-cli --cluster check "127.0.0.1:$from" >>"$logf" 2>&1; then
-    show_log_tail "$logf" 30; die "redis: redis-cli --cluster check failed after the reshard"
-  fi
+  log "redis: slots moved in $(secs_since "$t0")s; redis-cli --cluster check until every node agrees"
+  # right after the move some nodes still hold the old owners ("Nodes don't agree about
+  # configuration") until gossip spreads the new configuration
+  local deadline tries=0 checkf="$REDIS_DIR/reshard-check.log"
+  deadline=$(( $(now) + CLUSTER_FAULT_TIMEOUT ))
+  until timeout 60 redis-cli --cluster check "127.0.0.1:$from" >"$checkf" 2>&1; do
+    tries=$((tries + 1))
+    if [[ $(now) -ge $deadline ]]; then
+      show_log_tail "$checkf" 30; die "redis: redis-cli --cluster check still fails ${CLUSTER_FAULT_TIMEOUT}s after the reshard"
+    fi
+    sleep 0.5
+  done
   cr_wait_ready survivors "$CLUSTER_FAULT_TIMEOUT" "after the reshard"
   view="$(cr_view "$from")"
   read -r _ _ _ _ _ _ fslots <<<"$(cr_node "$from" "$view")"
   read -r _ _ _ _ _ _ tslots <<<"$(cr_node "$to" "$view")"
-  log "redis: resharded in $(secs_since "$t0")s, check OK: $from has slots $fslots ($(cr_slot_count "$fslots")), $to has $tslots ($(cr_slot_count "$tslots"))"
+  log "redis: resharded in $(secs_since "$t0")s, check OK (after $tries failed check(s) while the configuration spread): $from has slots $fslots ($(cr_slot_count "$fslots")), $to has $tslots ($(cr_slot_count "$tslots"))"
   result "$from:$(cr_slot_count "$fslots") $to:$(cr_slot_count "$tslots")"
 }
 

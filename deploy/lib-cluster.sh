@@ -376,7 +376,8 @@ cr_status_lines() {
       detail="of $(cr_port_of_id "$master" "$view" || echo "$master") (link $(cr_repl "$p" master_link_status)), $keys keys"
     else
       role=master
-      detail="slots $slots ($(cr_slot_count "$slots")), $keys keys, replicas $(cr_replicas_of "$id" "$view" | tr '\n' ' ' | sed 's/ $//;s/^$/none/')"
+      local reps; reps="$(cr_replicas_of "$id" "$view" | paste -sd' ')"
+      detail="slots $slots ($(cr_slot_count "$slots")), $keys keys, replicas ${reps:-none}"
     fi
     [[ "$flags" == *fail* ]] && { detail+=" [flags $flags]"; rc=1; }
     cline "redis:$p" "$role" "$detail; pid $pid, epoch $epoch"
@@ -527,7 +528,7 @@ kafka_cluster_launch() {
     mkdir -p "$(ck_dir "$i")" "$(ck_logs "$i")"
     ck_alive "$i" || todo+=("$i")
   done
-  if [[ ${#todo[@]} -eq 0 ]]; then log "kafka: brokers ${ids[*]} already running"; return 0; fi
+  if [[ ${#todo[@]} -eq 0 ]]; then log "kafka: broker(s) ${ids[*]} already running"; return 0; fi
   jv="$(java -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.specification.version/{print $2}')"
   [[ "${jv%%.*}" -ge 17 ]] 2>/dev/null || die "kafka: Java 17+ required (found ${jv:-unknown})"
   kafka_libs_ok || die "kafka: Kafka jars missing in $KAFKA_LIBS (run $STACK_UP_CMD kafka)"
@@ -571,7 +572,7 @@ kafka_cluster_wait() {
     fi
     if [[ $(now) -ge $deadline ]]; then
       for i in "${missing[@]}"; do show_log_tail "$(ck_logs "$i")/server.log" 30; done
-      die "kafka: broker(s) ${missing[*]} not in the cluster metadata after ${timeout}s (live: $(tr '\n' ' ' <<<"$reg"))"
+      die "kafka: broker(s) ${missing[*]} not in the cluster metadata after ${timeout}s (live: $(paste -sd' ' <<<"$reg"))"
     fi
     sleep 1
   done
