@@ -519,6 +519,7 @@ ck_launch() {
 
 # kafka_cluster_launch [IDS...] -- render, format and start the brokers that are not
 # running (default all three), all at once; kafka_cluster_wait waits for them
+CK_LAUNCHED=()   # the brokers the last kafka_cluster_launch started
 kafka_cluster_launch() {
   local ids=("$@") i jv todo=()
   [[ ${#ids[@]} -gt 0 ]] || ids=("${CLUSTER_KAFKA_IDS[@]}")
@@ -535,6 +536,8 @@ kafka_cluster_launch() {
   for i in "${CLUSTER_KAFKA_IDS[@]}"; do ck_render_props "$i"; done
   ck_format_all
   for i in "${todo[@]}"; do ck_launch "$i"; done
+  # shellcheck disable=SC2034  # read by stack-up.sh
+  CK_LAUNCHED=("${todo[@]}")
   log "kafka: starting broker(s) ${todo[*]} (Kafka $KAFKA_VERSION, heap '$KAFKA_HEAP_OPTS'; logs $KAFKA_DIR/<id>/logs/server.log)"
 }
 
@@ -665,6 +668,27 @@ ck_under_replicated() {
   out="$(KAFKA_TOOL_TIMEOUT=30 kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
     --command-config "$conf" --describe --under-replicated-partitions 2>/dev/null)" || return 1
   grep -c 'Leader:' <<<"$out" || true
+}
+
+# ck_balance_leaders TIMEOUT -- once no partition is under-replicated, give every
+# partition back to its preferred leader (the first replica). A broker that restarts
+# leads nothing until then (the brokers' own check runs only every 300 s), so a restart
+# would leave one or two brokers leading everything.
+ck_balance_leaders() {
+  local timeout="$1" deadline urp="" conf out t0
+  t0=$(now_ms); deadline=$(( $(now) + timeout ))
+  while :; do
+    urp="$(ck_under_replicated || echo '?')"
+    [[ "$urp" == 0 ]] && break
+    [[ $(now) -ge $deadline ]] && die "kafka: $urp partition(s) still under-replicated after ${timeout}s"
+    sleep 1
+  done
+  conf="$(kafka_client_conf)"
+  if ! out="$(KAFKA_TOOL_TIMEOUT=60 kafka_tool org.apache.kafka.tools.LeaderElectionCommand --bootstrap-server "$KAFKA_BOOTSTRAP"         --command-config "$conf" --election-type PREFERRED --all-topic-partitions 2>&1)"; then
+    printf '%s\n' "$out" | tail -n 15 >&2
+    die "kafka: preferred leader election failed"
+  fi
+  log "kafka: all partitions fully replicated; preferred leaders elected for $(grep -o 'partitions .*' <<<"$out" | tr ',' '\n' | grep -c . || true) partition(s) ($(secs_since "$t0")s)"
 }
 
 # ============================================================================

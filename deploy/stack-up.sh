@@ -891,6 +891,8 @@ cluster_main() {
     kafka_cluster_wait "$KAFKA_START_TIMEOUT"
     log "kafka: brokers ${CLUSTER_KAFKA_IDS[*]} in the metadata ($KAFKA_BOOTSTRAP) in $(( $(now) - t0 ))s"
     if [[ "${SKIP_TOPICS:-0}" != 1 ]]; then "$DEPLOY_DIR/create-topics.sh"; fi
+    # brokers started now: the first one up leads everything until leaders are rebalanced
+    [[ ${#CK_LAUNCHED[@]} -gt 0 ]] && ck_balance_leaders "$KAFKA_START_TIMEOUT"
   fi
   cluster_write_env
   log "cluster stack up in $(( $(now) - T_ALL ))s (state in $CLUSTER_DIR; settings: STACK_LAYOUT=cluster . deploy/env.sh or $CLUSTER_DIR/env)"
