@@ -4,18 +4,23 @@
 # usage: deploy/create-topics.sh [prefix]
 #   prefix is prepended to every topic name (e.g. "t42." -> t42.orders).
 #
-# env: PARTITIONS (default 4), ORDERS_TOPIC (orders), DEDUCT_TOPIC (stock.deduct),
-#      COMPENSATE_TOPIC (stock.compensate), RESULTS_TOPIC (stock.results),
-#      DLQ_TOPIC (stock.dlq), KAFKA_PORT (9092), STACK_DIR,
-#      STACK_LAYOUT=secure: on the secure broker (localhost:9192, as admin over SASL_SSL).
-# Replication factor is always 1 (single node).
+# env: PARTITIONS (default 4; 12 on the cluster layout), ORDERS_TOPIC (orders),
+#      DEDUCT_TOPIC (stock.deduct), COMPENSATE_TOPIC (stock.compensate),
+#      RESULTS_TOPIC (stock.results), DLQ_TOPIC (stock.dlq), KAFKA_PORT (9092), STACK_DIR,
+#      STACK_LAYOUT=secure: on the secure broker (localhost:9192, as admin over SASL_SSL),
+#      STACK_LAYOUT=cluster: on the three brokers (127.0.0.1:9292..9294).
+# Replication factor 1 (single node); 3 on the cluster layout (min.insync.replicas 2).
 set -euo pipefail
 # shellcheck source=deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 case "${1:-}" in -h|--help) print_usage "${BASH_SOURCE[0]}"; exit 0 ;; esac
 prefix="${1:-}"
-PARTITIONS="${PARTITIONS:-4}"
+if [[ "$STACK_LAYOUT" == cluster ]]; then
+  PARTITIONS="${PARTITIONS:-12}" REPLICATION_FACTOR=3
+else
+  PARTITIONS="${PARTITIONS:-4}" REPLICATION_FACTOR=1
+fi
 [[ "$PARTITIONS" =~ ^[1-9][0-9]*$ ]] || die "PARTITIONS must be a positive integer (got '$PARTITIONS')"
 
 topics=(
@@ -55,7 +60,7 @@ trap 'rm -rf "$errdir"' EXIT
 create_one() {
   kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$KAFKA_BOOTSTRAP" \
     --command-config "$conf" --create --if-not-exists --topic "$1" \
-    --partitions "$PARTITIONS" --replication-factor 1 >"$errdir/$1.out" 2>&1
+    --partitions "$PARTITIONS" --replication-factor "$REPLICATION_FACTOR" >"$errdir/$1.out" 2>&1
 }
 pids=() names=() failed=()
 for t in "${missing[@]}"; do
@@ -71,4 +76,4 @@ if [[ ${#failed[@]} -gt 0 ]]; then
   for t in "${failed[@]}"; do echo "--- $t:" >&2; cat "$errdir/$t.out" >&2; done
   die "topics: failed to create: ${failed[*]}"
 fi
-log "topics: created ${missing[*]} ($PARTITIONS partitions, rf 1) in $(( $(now) - t0 ))s"
+log "topics: created ${missing[*]} ($PARTITIONS partitions, rf $REPLICATION_FACTOR) in $(( $(now) - t0 ))s"

@@ -5,6 +5,10 @@
 # file paths, never a password (the *_PASSWORD_FILE files hold them). stack-up.sh writes
 # the same secure variables to $STACK_DIR/secure/env. Environment wins there too: do not
 # source the plain layout's values into the same shell first.
+# STACK_LAYOUT=cluster . deploy/env.sh -- the cluster layout (Redis Cluster 7001..7006,
+# Kafka brokers 9292..9294, the plain layout's PostgreSQL); stack-up.sh writes the same
+# to $STACK_DIR/cluster/env. REDIS_URL is one node (a cluster client discovers the rest),
+# REDIS_CLUSTER_NODES all six (comma-separated URLs).
 export STACK_DIR="${STACK_DIR:-/var/tmp/stockpipe}"
 if [[ "${STACK_LAYOUT:-plain}" == secure ]]; then
   export STACK_LAYOUT=secure
@@ -30,6 +34,14 @@ if [[ "${STACK_LAYOUT:-plain}" == secure ]]; then
   export DATABASE_ADMIN_URL="${DATABASE_ADMIN_URL:-postgres://stock_migrator@localhost:${SECURE_PG_PORT:-5433}/stock?sslmode=verify-full}"
   export DATABASE_ADMIN_PASSWORD_FILE="${DATABASE_ADMIN_PASSWORD_FILE:-$STACK_DIR/secure/secrets/pg-migrator.password}"
   export TLS_OTHER_CA_FILE="${TLS_OTHER_CA_FILE:-$STACK_DIR/secure/tls/other-ca.crt}"
+elif [[ "${STACK_LAYOUT:-plain}" == cluster ]]; then
+  export STACK_LAYOUT=cluster
+  _stack_k="${CLUSTER_KAFKA_PORT:-9292}" _stack_r="${CLUSTER_REDIS_PORT:-7001}"
+  export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:$_stack_k,127.0.0.1:$((_stack_k + 1)),127.0.0.1:$((_stack_k + 2))}"
+  export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:$_stack_r/0}"
+  export REDIS_CLUSTER_NODES="${REDIS_CLUSTER_NODES:-redis://127.0.0.1:$_stack_r,redis://127.0.0.1:$((_stack_r + 1)),redis://127.0.0.1:$((_stack_r + 2)),redis://127.0.0.1:$((_stack_r + 3)),redis://127.0.0.1:$((_stack_r + 4)),redis://127.0.0.1:$((_stack_r + 5))}"
+  export DATABASE_URL="${DATABASE_URL:-postgres://stock:stock@127.0.0.1:${PGPORT_STACK:-5432}/stock}"
+  unset _stack_k _stack_r
 else
   export DATABASE_URL="${DATABASE_URL:-postgres://stock:stock@127.0.0.1:${PGPORT_STACK:-5432}/stock}"
   export REDIS_URL="${REDIS_URL:-redis://${REDIS_PASSWORD:+:$REDIS_PASSWORD@}127.0.0.1:${REDIS_PORT:-6379}/0}"

@@ -45,11 +45,14 @@ KAFKA_TOOL_JVM_OPTS="${KAFKA_TOOL_JVM_OPTS:--Xmx256m -XX:+UseSerialGC -XX:Tiered
 # --- layout -------------------------------------------------------------------
 # STACK_LAYOUT=plain (default): the settings above. STACK_LAYOUT=secure: a second,
 # independent set of processes beside the plain ones (TLS everywhere, passwords from
-# files, least-privilege users), state under $STACK_DIR/secure. The variables below
-# re-point the plain names (PG_*, REDIS_*, KAFKA_*) so the helpers serve either layout;
-# the secure ports have their own overrides (SECURE_*), never the plain ones.
+# files, least-privilege users), state under $STACK_DIR/secure. STACK_LAYOUT=cluster: a
+# third one (Redis Cluster of 6 nodes, 3 Kafka brokers; PostgreSQL shared with plain),
+# state under $STACK_DIR/cluster. The variables below re-point the plain names (PG_*,
+# REDIS_*, KAFKA_*) so the helpers serve any layout; the secure and cluster ports have
+# their own overrides (SECURE_*, CLUSTER_*), never the plain ones.
 STACK_LAYOUT="${STACK_LAYOUT:-plain}"
 SECURE_DIR="$STACK_DIR/secure"
+CLUSTER_DIR="$STACK_DIR/cluster"
 TLS_DIR="$SECURE_DIR/tls"
 SECRETS_DIR="$SECURE_DIR/secrets"
 # shellcheck disable=SC2034  # used by the scripts that source this file
@@ -89,12 +92,40 @@ if [[ "$STACK_LAYOUT" == secure ]]; then
   KAFKA_ADMIN_CONF="$KAFKA_DIR/admin-client.properties"
   KAFKA_WORKER_CONF="$KAFKA_DIR/worker-client.properties"
   KAFKA_HEAP_OPTS="${SECURE_KAFKA_HEAP_OPTS:--Xmx512m -Xms512m}"
+elif [[ "$STACK_LAYOUT" == cluster ]]; then
+  # STACK_LAYOUT=cluster: a Redis Cluster (3 masters + 3 replicas) and three Kafka
+  # brokers (KRaft, each broker+controller), plaintext on 127.0.0.1, state under
+  # $STACK_DIR/cluster, beside the other layouts. PostgreSQL is the plain layout's
+  # (PG_* above): the cluster layout starts it through the plain stack-up.sh and never
+  # stops it. The per-node names (ports, dirs) are in deploy/lib-cluster.sh.
+  STACK_CTL_DIR="$CLUSTER_DIR"
+  PG_HOST=127.0.0.1
+  # Redis nodes: ports CLUSTER_REDIS_PORT .. +5 (cluster bus: port + 10000)
+  REDIS_PORT="${CLUSTER_REDIS_PORT:-7001}"  # the first node: redis_cli talks to it
+  REDIS_DIR="$CLUSTER_DIR/redis"            # one directory per node: $REDIS_DIR/<port>/
+  REDIS_PIDFILE="" REDIS_LOG="" REDIS_RUNTIME_CONF=""   # per node, see lib-cluster.sh
+  REDIS_START_TIMEOUT="${CLUSTER_REDIS_START_TIMEOUT:-60}"
+  # Kafka brokers 1..3: client ports CLUSTER_KAFKA_PORT + id - 1, controller ports
+  # CLUSTER_KAFKA_CONTROLLER_PORT + id - 1
+  KAFKA_PORT="${CLUSTER_KAFKA_PORT:-9292}"
+  KAFKA_CONTROLLER_PORT="${CLUSTER_KAFKA_CONTROLLER_PORT:-9393}"
+  KAFKA_BOOTSTRAP="127.0.0.1:$KAFKA_PORT,127.0.0.1:$((KAFKA_PORT + 1)),127.0.0.1:$((KAFKA_PORT + 2))"
+  KAFKA_DIR="$CLUSTER_DIR/kafka"            # one directory per broker: $KAFKA_DIR/<id>/; jars shared
+  KAFKA_LOG_DIR="$KAFKA_DIR/logs"           # the tools' logs; each broker logs to $KAFKA_DIR/<id>/logs
+  KAFKA_DATA="" KAFKA_PIDFILE="" KAFKA_PROPS=""   # per broker, see lib-cluster.sh
+  KAFKA_CLUSTER_ID_FILE="$KAFKA_DIR/cluster.id"
+  KAFKA_HEAP_OPTS="${CLUSTER_KAFKA_HEAP_OPTS:--Xmx384m -Xms384m}"
+  KAFKA_START_TIMEOUT="${CLUSTER_KAFKA_START_TIMEOUT:-180}"
 else
   STACK_CTL_DIR="$STACK_DIR"
   PG_HOST=127.0.0.1
 fi
 # how the scripts name the layout in hints ("run ... stack-up.sh kafka first")
-if [[ "$STACK_LAYOUT" == secure ]]; then STACK_UP_CMD="STACK_LAYOUT=secure deploy/stack-up.sh"; else STACK_UP_CMD="deploy/stack-up.sh"; fi
+case "$STACK_LAYOUT" in
+  secure)  STACK_UP_CMD="STACK_LAYOUT=secure deploy/stack-up.sh" ;;
+  cluster) STACK_UP_CMD="STACK_LAYOUT=cluster deploy/stack-up.sh" ;;
+  *)       STACK_UP_CMD="deploy/stack-up.sh" ;;
+esac
 
 # --- output ----------------------------------------------------------------
 _ts() { date +%H:%M:%S; }
@@ -104,8 +135,8 @@ die()  { printf '[%s] ERROR: %s\n' "$(_ts)" "$*" >&2; exit 1; }
 now()  { date +%s; }
 
 case "$STACK_LAYOUT" in
-  plain|secure) ;;
-  *) die "STACK_LAYOUT must be 'plain' or 'secure' (got '$STACK_LAYOUT')" ;;
+  plain|secure|cluster) ;;
+  *) die "STACK_LAYOUT must be 'plain', 'secure' or 'cluster' (got '$STACK_LAYOUT')" ;;
 esac
 
 # read_secret FILE -> prints the secret (no newline). Use as VAR="$(read_secret F)":

@@ -6,12 +6,20 @@
 #        STACK_LAYOUT=secure deploy/stack-down.sh [...]  stops the secure layout's
 #        processes only (the plain ones keep running), keeps its data, certificates
 #        and passwords
+#        STACK_LAYOUT=cluster deploy/stack-down.sh [redis] [kafka]  stops the cluster
+#        layout's six Redis nodes (replicas first, then the masters) and three brokers
+#        (SIGTERM, together); keeps their data. Never PostgreSQL: it is the plain
+#        layout's (`pg` is accepted and does nothing).
 #
 # env: STACK_DIR, KAFKA_STOP_TIMEOUT (default 60 s before SIGKILL),
 #      REDIS_PASSWORD (if Redis was started with one)
 set -euo pipefail
 # shellcheck source=deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+if [[ "$STACK_LAYOUT" == cluster ]]; then
+  # shellcheck source=deploy/lib-cluster.sh
+  source "$DEPLOY_DIR/lib-cluster.sh"
+fi
 
 usage() { print_usage "${BASH_SOURCE[0]}"; }
 parse_services "$@" || { usage; exit 2; }
@@ -70,6 +78,13 @@ pg_down() {
   fi
   log "pg: stopped in $(( $(now) - t0 ))s"
 }
+
+if [[ "$STACK_LAYOUT" == cluster ]]; then
+  [[ $WANT_KAFKA -eq 1 ]] && { kafka_cluster_down || rc=1; }
+  [[ $WANT_REDIS -eq 1 ]] && { redis_cluster_down || rc=1; }
+  [[ $WANT_PG -eq 1 ]] && log "pg: not stopped (the plain layout's PostgreSQL: deploy/stack-down.sh pg)"
+  exit $rc
+fi
 
 # reverse start order: Kafka first (clients of nothing), then Redis, then PG
 [[ $WANT_KAFKA -eq 1 ]] && { kafka_down || rc=1; }

@@ -5,12 +5,24 @@
 # usage: deploy/stack-status.sh [pg] [redis] [kafka]   (no args = all three)
 #        STACK_LAYOUT=secure deploy/stack-status.sh [...]  the secure layout: every check
 #        goes through TLS with the layout's admin users (and a tls line: certificates)
+#        STACK_LAYOUT=cluster deploy/stack-status.sh [...]  the cluster layout, one line
+#        per node: Redis role (master: slot ranges, keys, replicas; replica: the master it
+#        follows, link state), the cluster state; each Kafka broker (process, in the
+#        metadata, controller quorum role: which one is the active controller), the
+#        partition leaders per broker; PostgreSQL is the plain layout's
 set -euo pipefail
 # shellcheck source=deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 
 parse_services "$@" || { print_usage "${BASH_SOURCE[0]}"; exit 2; }
 rc=0
+
+if [[ "$STACK_LAYOUT" == cluster ]]; then
+  # shellcheck source=deploy/lib-cluster.sh
+  source "$DEPLOY_DIR/lib-cluster.sh"
+  cluster_status || rc=1
+  exit $rc
+fi
 
 line() { printf '%-9s %-8s %s\n' "$1" "$2" "$3"; }
 

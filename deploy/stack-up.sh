@@ -30,9 +30,34 @@
 #   programs: STACK_LAYOUT=secure . deploy/env.sh, or the file $STACK_DIR/secure/env.
 #   env: SECURE_KAFKA_PORT, SECURE_KAFKA_CONTROLLER_PORT, SECURE_REDIS_PORT,
 #        SECURE_PG_PORT, SECURE_KAFKA_HEAP_OPTS (default -Xmx512m -Xms512m)
+#
+# Cluster layout: STACK_LAYOUT=cluster deploy/stack-up.sh [pg] [redis] [kafka]
+#   A third set of processes beside the other two, plaintext on 127.0.0.1, state in
+#   $STACK_DIR/cluster/ (helpers: deploy/lib-cluster.sh; faults: deploy/cluster-fault.sh):
+#   - Redis Cluster  6 nodes 127.0.0.1:7001..7006 (bus ports +10000), 3 masters + 3
+#            replicas (made once with redis-cli --cluster create --cluster-replicas 1; a
+#            re-run only starts stopped nodes), node timeout 2 s, AOF fsync always,
+#            full coverage not required; node N in redis/N/ (redis.conf, nodes.conf, data)
+#   - Kafka  3 brokers (ids 1 2 3, each broker+controller, static KRaft quorum
+#            controller.quorum.voters=1@127.0.0.1:9393,2@...:9394,3@...:9395), clients on
+#            127.0.0.1:9292 9293 9294; replication factor 3, min.insync.replicas 2,
+#            12 partitions per topic; broker N in kafka/N/ (server.properties, data/, logs/)
+#   - PostgreSQL  none of its own: the plain layout's (127.0.0.1:5432), made sure of with
+#            the plain `deploy/stack-up.sh pg` (nothing else of the plain layout starts)
+#   - the default topics with 12 partitions, replication factor 3
+#   Variables for the programs: STACK_LAYOUT=cluster . deploy/env.sh, or the file
+#   $STACK_DIR/cluster/env (KAFKA_BROKERS, REDIS_URL, REDIS_CLUSTER_NODES, DATABASE_URL).
+#   env: CLUSTER_REDIS_PORT (first node, 7001), CLUSTER_KAFKA_PORT (broker 1, 9292),
+#        CLUSTER_KAFKA_CONTROLLER_PORT (controller 1, 9393), CLUSTER_KAFKA_HEAP_OPTS
+#        (default -Xmx384m -Xms384m per broker), CLUSTER_REDIS_START_TIMEOUT (60),
+#        CLUSTER_KAFKA_START_TIMEOUT (180)
 set -euo pipefail
 # shellcheck source=deploy/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+if [[ "$STACK_LAYOUT" == cluster ]]; then
+  # shellcheck source=deploy/lib-cluster.sh
+  source "$DEPLOY_DIR/lib-cluster.sh"
+fi
 
 usage() { print_usage "${BASH_SOURCE[0]}"; }
 parse_services "$@" || { usage; exit 2; }
@@ -43,6 +68,7 @@ if [[ "$STACK_LAYOUT" == secure ]]; then
   mkdir -p "$SECURE_DIR"
   chmod 755 "$SECURE_DIR"   # postgres must traverse it to reach its data directory
 fi
+[[ "$STACK_LAYOUT" == cluster ]] && mkdir -p "$CLUSTER_DIR"
 stack_lock   # one stack-up/stack-down at a time
 
 T_ALL=$(now)
@@ -813,6 +839,7 @@ secure_write_env() {
       ${SECURE_PG_PORT:+SECURE_PG_PORT="$SECURE_PG_PORT"} \
       bash -c '. "$1"; shift
         for n in "$@"; do
+          [[ -n "${!n+set}" ]] || continue   # set by another layout only
           v="${!n-}"
           if [[ "$v" =~ ^[A-Za-z0-9_./:@?=+,%-]*$ ]]; then printf "%s=%s\n" "$n" "$v"
           else printf "%s=%q\n" "$n" "$v"; fi
@@ -839,8 +866,42 @@ secure_prepare() {
 }
 
 # ============================================================================
+# cluster layout (STACK_LAYOUT=cluster; helpers in lib-cluster.sh)
+# ============================================================================
+# The plain layout's PostgreSQL, through the plain script (its own lock; idempotent).
+cluster_pg_up() {
+  log "pg: the cluster layout uses the plain layout's PostgreSQL (127.0.0.1:$PG_PORT): STACK_LAYOUT=plain deploy/stack-up.sh pg"
+  # (its closing "stack up in Ns" line would read as if the plain stack had been brought up)
+  STACK_LAYOUT=plain bash "$DEPLOY_DIR/stack-up.sh" pg 9>&- | sed -u '/\] stack up in [0-9]*s /d' \
+    || die "pg: the plain layout's stack-up.sh pg failed"
+}
+
+cluster_main() {
+  local t0
+  install_packages
+  # Kafka is the slowest: launch the three JVMs first, PG and Redis while they boot.
+  if [[ $WANT_KAFKA -eq 1 ]]; then
+    t0=$(now)
+    kafka_fetch_libs
+    kafka_cluster_launch "${CLUSTER_KAFKA_IDS[@]}"
+  fi
+  [[ $WANT_PG -eq 1 ]] && cluster_pg_up
+  [[ $WANT_REDIS -eq 1 ]] && redis_cluster_up
+  if [[ $WANT_KAFKA -eq 1 ]]; then
+    kafka_cluster_wait "$KAFKA_START_TIMEOUT"
+    log "kafka: brokers ${CLUSTER_KAFKA_IDS[*]} in the metadata ($KAFKA_BOOTSTRAP) in $(( $(now) - t0 ))s"
+    if [[ "${SKIP_TOPICS:-0}" != 1 ]]; then "$DEPLOY_DIR/create-topics.sh"; fi
+    # brokers started now: the first one up leads everything until leaders are rebalanced
+    [[ ${#CK_LAUNCHED[@]} -gt 0 ]] && ck_balance_leaders "$KAFKA_START_TIMEOUT"
+  fi
+  cluster_write_env
+  log "cluster stack up in $(( $(now) - T_ALL ))s (state in $CLUSTER_DIR; settings: STACK_LAYOUT=cluster . deploy/env.sh or $CLUSTER_DIR/env)"
+}
+
+# ============================================================================
 # main
 # ============================================================================
+if [[ "$STACK_LAYOUT" == cluster ]]; then cluster_main; exit 0; fi
 install_packages
 [[ "$STACK_LAYOUT" == secure ]] && secure_prepare
 # Kafka is the slowest: launch its JVM first, start PG/Redis while it boots.
