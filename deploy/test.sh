@@ -8,19 +8,24 @@ cd "$here/.."
 STACK_LAYOUT=plain bash deploy/stack-up.sh
 # The secure layout runs beside the plain one (TLS, SCRAM, ACL users; its own ports).
 STACK_LAYOUT=secure bash deploy/stack-up.sh
+# And the cluster layout (Redis Cluster 3+3, three Kafka brokers): tests/kafka_cluster.rs
+# runs the workers over its brokers.
+STACK_LAYOUT=cluster bash deploy/stack-up.sh
 # shellcheck source=deploy/env.sh
 . deploy/env.sh
 # Topics of earlier test runs that were cut short (a finished test deletes its own): a
 # broker holding thousands of them takes minutes to restart, and the nemesis test restarts it.
-# On both brokers; the two JVM tools run side by side.
+# On every layout's brokers; the JVM tools run side by side.
 delete_test_topics() {  # LAYOUT
   STACK_LAYOUT="$1" bash -c 'set -euo pipefail; . deploy/lib.sh; kafka_delete_topics "t-[0-9a-f]{12}\..*"' \
     || echo "test.sh: could not delete leftover test topics ($1 layout)" >&2
 }
 delete_test_topics plain &
 plain_cleanup=$!
+delete_test_topics cluster &
+cluster_cleanup=$!
 delete_test_topics secure
-wait "$plain_cleanup"
+wait "$plain_cleanup" "$cluster_cleanup"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins --quiet

@@ -13,7 +13,7 @@ use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs};
 use stock_common::events::{Item, Status};
 use stock_common::redis_store::RedisStore;
 use stock_e2e::harness::created;
-use stock_e2e::{Stack, TestEnv, Worker, WorkerFlags, WorkerProcess};
+use stock_e2e::{free_port, http_get, Stack, TestEnv, Worker, WorkerFlags, WorkerProcess};
 
 /// A worker must stop within this on a refused certificate or password.
 const FAST: Duration = Duration::from_secs(10);
@@ -298,8 +298,17 @@ async fn workers_over_tls_sell_and_leak_no_secret() {
     env.load_stock(&[(42, 50)]).await;
     let collector = env.collector();
     let debug = [("RUST_LOG", "debug")];
-    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &debug);
-    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &debug);
+    let (pport, cport) = (free_port(), free_port());
+    let producer = WorkerProcess::spawn(
+        &env.process_flags("producer")
+            .set("--metrics-addr", format!("127.0.0.1:{pport}")),
+        &debug,
+    );
+    let consumer = WorkerProcess::spawn(
+        &env.process_flags("consumer")
+            .set("--metrics-addr", format!("127.0.0.1:{cport}")),
+        &debug,
+    );
     let ids: HashSet<String> = (0..200).map(|i| format!("tls-{i}")).collect();
     let msgs = ids
         .iter()
@@ -328,6 +337,14 @@ async fn workers_over_tls_sell_and_leak_no_secret() {
     assert_eq!(reserved, 50);
     let row = env.stock_row(42).await;
     assert_eq!((row.available, row.reserved), (0, 50));
+    // Their endpoints answer, and show no secret either.
+    for port in [pport, cport] {
+        for path in ["/metrics", "/readyz", "/healthz"] {
+            let (code, body) = http_get(port, path).await.expect("the worker's endpoint");
+            assert_eq!(code, 200, "{path}: {body}");
+            assert_no_secret(&body, &secrets, path);
+        }
+    }
     let (plog, clog) = (producer.log_text(), consumer.log_text());
     assert!(producer.terminate() && consumer.terminate(), "clean exits");
     assert_no_secret(&plog, &secrets, "the producer's output");
