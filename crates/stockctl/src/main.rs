@@ -125,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let redis = || async {
         RedisStore::connect(&cli.redis)
             .await
-            .with_context(|| format!("connecting to {}", cli.redis.url))
+            .with_context(|| format!("redis: cannot connect to {}", cli.redis.url))
     };
     match &cli.cmd {
         Cmd::Migrate { grant } => {
@@ -142,6 +142,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
         Cmd::CreateTopics { topics, partitions } => {
+            // A refused certificate or password is named at once, not after librdkafka's
+            // own timeout.
+            stock_common::kafka::check(&cli.kafka, std::time::Duration::from_secs(30)).await?;
             stock_common::kafka::create_topics(&cli.kafka, &topics.all(), *partitions).await?;
             println!("topics ready: {}", topics.all().join(", "));
         }
