@@ -85,6 +85,9 @@ pub struct NemesisConfig {
     pub keep_on_failure: bool,
     /// Keep the run's database in any case.
     pub keep: bool,
+    /// Run over the cluster layout's three Kafka brokers (`Stack::kafka_cluster`, 12
+    /// partitions) instead of the environment's broker.
+    pub kafka_cluster: bool,
 }
 
 impl NemesisConfig {
@@ -111,6 +114,7 @@ impl NemesisConfig {
             deploy_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy")),
             keep_on_failure: true,
             keep: false,
+            kafka_cluster: false,
         }
     }
 
@@ -124,6 +128,17 @@ impl NemesisConfig {
             outage: Duration::from_secs(2),
             pause: Duration::from_secs(12),
             ..NemesisConfig::new(10_000, FaultKind::ALL.len(), seed)
+        }
+    }
+
+    /// The reduced run over the cluster layout's three brokers: 10,000 orders, each kind of
+    /// [`FaultKind::CLUSTER_KAFKA`] once (a broker killed among them).
+    pub fn reduced_kafka_cluster(seed: u64) -> NemesisConfig {
+        NemesisConfig {
+            kinds: FaultKind::CLUSTER_KAFKA.to_vec(),
+            faults: FaultKind::CLUSTER_KAFKA.len(),
+            kafka_cluster: true,
+            ..NemesisConfig::reduced(seed)
         }
     }
 
@@ -303,7 +318,12 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let producer_bin = procs::find_binary("producer").map_err(anyhow::Error::msg)?;
     let consumer_bin = procs::find_binary("consumer").map_err(anyhow::Error::msg)?;
-    let env = TestEnv::new().await;
+    let env = if cfg.kafka_cluster {
+        let stack = crate::Stack::kafka_cluster().map_err(anyhow::Error::msg)?;
+        TestEnv::on_with(stack, 12).await
+    } else {
+        TestEnv::new().await
+    };
     let stack = stack_control(cfg, &env)?;
     let (plan, schedule, mut fault_rng) = plan(cfg);
     tracing::info!(

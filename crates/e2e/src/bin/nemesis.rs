@@ -53,7 +53,9 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Fault kinds to draw from, comma separated: kill-9, pause, kafka-restart,
-    /// postgres-restart, redis-restart, redis-flush [default: all].
+    /// postgres-restart, redis-restart, redis-flush, kafka-broker-kill (with
+    /// --kafka-cluster) [default: all; with --kafka-cluster: kill-9, pause,
+    /// kafka-broker-kill, postgres-restart, redis-flush].
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<String>,
     /// How long a restarted service stays down; Redis stays empty for 0.3 s to this long
@@ -77,6 +79,10 @@ struct Args {
     /// when a guarantee was broken.
     #[arg(long)]
     keep: bool,
+    /// Run over the cluster layout's three Kafka brokers (`STACK_LAYOUT=cluster bash
+    /// deploy/stack-up.sh`; 12 partitions), with the plaintext layout's PostgreSQL and Redis.
+    #[arg(long)]
+    kafka_cluster: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,6 +118,10 @@ async fn main() -> ExitCode {
     cfg.pause = args.pause.unwrap_or(cfg.pause);
     cfg.idle_timeout = args.idle_timeout.unwrap_or(cfg.idle_timeout);
     cfg.keep = args.keep;
+    if args.kafka_cluster {
+        cfg.kafka_cluster = true;
+        cfg.kinds = FaultKind::CLUSTER_KAFKA.to_vec();
+    }
     if let Some(d) = args.deploy_dir {
         cfg.deploy_dir = d;
     }

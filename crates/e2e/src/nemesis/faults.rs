@@ -33,6 +33,9 @@ pub enum FaultKind {
     RedisRestart,
     /// The run's Redis database emptied (FLUSHDB), then `stockctl rebuild`.
     RedisFlush,
+    /// One of the cluster layout's three Kafka brokers, drawn at random, killed (`kill -9`)
+    /// and started again (`deploy/cluster-fault.sh`); the run's brokers must be those.
+    KafkaBrokerKill,
 }
 
 impl FaultKind {
@@ -45,6 +48,16 @@ impl FaultKind {
         FaultKind::RedisFlush,
     ];
 
+    /// The kinds of a run over the cluster layout's three brokers (the plaintext layout's
+    /// PostgreSQL and Redis): a broker killed instead of the single broker restarted.
+    pub const CLUSTER_KAFKA: [FaultKind; 5] = [
+        FaultKind::Kill9,
+        FaultKind::Pause,
+        FaultKind::KafkaBrokerKill,
+        FaultKind::PostgresRestart,
+        FaultKind::RedisFlush,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             FaultKind::Kill9 => "kill-9",
@@ -53,18 +66,25 @@ impl FaultKind {
             FaultKind::PostgresRestart => "postgres-restart",
             FaultKind::RedisRestart => "redis-restart",
             FaultKind::RedisFlush => "redis-flush",
+            FaultKind::KafkaBrokerKill => "kafka-broker-kill",
         }
     }
 
     pub fn parse(s: &str) -> Option<FaultKind> {
-        FaultKind::ALL.into_iter().find(|k| k.label() == s.trim())
+        FaultKind::ALL
+            .into_iter()
+            .chain(FaultKind::CLUSTER_KAFKA)
+            .find(|k| k.label() == s.trim())
     }
 
     /// Whether it stops and starts a service of the stack.
     pub fn restarts_service(self) -> bool {
         matches!(
             self,
-            FaultKind::KafkaRestart | FaultKind::PostgresRestart | FaultKind::RedisRestart
+            FaultKind::KafkaRestart
+                | FaultKind::PostgresRestart
+                | FaultKind::RedisRestart
+                | FaultKind::KafkaBrokerKill
         )
     }
 }
@@ -105,7 +125,9 @@ pub struct StackControl {
     env: Vec<(String, String)>,
     pg_port: u16,
     redis_port: u16,
-    kafka_port: u16,
+    /// The single broker's port; `None` when the run's brokers are several (the cluster
+    /// layout's, controlled by `deploy/cluster-fault.sh`).
+    kafka_port: Option<u16>,
 }
 
 fn url_port(url: &str, default: u16, what: &str) -> Result<u16, String> {
@@ -153,25 +175,32 @@ impl StackControl {
         let stack_dir = PathBuf::from(
             std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into()),
         );
-        let first = kafka_brokers.split(',').next().unwrap_or_default().trim();
+        let brokers: Vec<&str> = kafka_brokers.split(',').map(str::trim).collect();
+        let first = brokers.first().copied().unwrap_or_default();
         let kafka_port = url_port(&format!("kafka://{first}"), 9092, "KAFKA_BROKERS")?;
         let pg_port = url_port(database_url, 5432, "DATABASE_URL")?;
         let redis_port = url_port(redis_url, 6379, "REDIS_URL")?;
-        let kafka_port = stack_port("KAFKA_PORT", kafka_port)?;
+        let kafka_port = if brokers.len() > 1 {
+            None
+        } else {
+            Some(stack_port("KAFKA_PORT", kafka_port)?)
+        };
         let pg_port = stack_port("PGPORT_STACK", pg_port)?;
         let redis_port = stack_port("REDIS_PORT", redis_port)?;
         let controller = match std::env::var("KAFKA_CONTROLLER_PORT") {
             Ok(v) => v,
             Err(_) => controller_port(&stack_dir).unwrap_or_else(|| "9093".into()),
         };
-        let env = vec![
+        let mut env = vec![
             ("STACK_DIR".into(), stack_dir.display().to_string()),
             ("PGPORT_STACK".into(), pg_port.to_string()),
             ("REDIS_PORT".into(), redis_port.to_string()),
-            ("KAFKA_PORT".into(), kafka_port.to_string()),
             ("KAFKA_CONTROLLER_PORT".into(), controller),
             ("SKIP_TOPICS".into(), "1".into()),
         ];
+        if let Some(p) = kafka_port {
+            env.push(("KAFKA_PORT".into(), p.to_string()));
+        }
         let ctl = StackControl {
             deploy_dir: deploy_dir.to_path_buf(),
             stack_dir,
@@ -193,11 +222,13 @@ impl StackControl {
             }
         }
         let d = &self.stack_dir;
-        let checks = [
+        let mut checks = vec![
             ("pg", d.join("pg/data/postmaster.pid"), self.pg_port),
             ("redis", d.join("redis/redis.pid"), self.redis_port),
-            ("kafka", d.join("kafka/kafka.pid"), self.kafka_port),
         ];
+        if let Some(port) = self.kafka_port {
+            checks.push(("kafka", d.join("kafka/kafka.pid"), port));
+        }
         for (svc, pidfile, port) in checks {
             let pid = std::fs::read_to_string(&pidfile)
                 .ok()
@@ -245,6 +276,48 @@ impl StackControl {
                 "{script} {svc} failed ({}): {}",
                 out.status,
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ))
+        }
+    }
+
+    /// `deploy/cluster-fault.sh kill-broker ID`, `outage`, then `start-broker ID` (which
+    /// waits until the broker is back in sync).
+    pub async fn kill_broker(&self, id: u64, outage: Duration) -> Result<String, String> {
+        if self.kafka_port.is_some() {
+            return Err("kafka-broker-kill needs the cluster layout's brokers".into());
+        }
+        let id = id.to_string();
+        self.cluster_fault(&["kill-broker", &id]).await?;
+        tokio::time::sleep(outage).await;
+        self.cluster_fault(&["start-broker", &id]).await?;
+        Ok(format!("broker {id} killed and back"))
+    }
+
+    async fn cluster_fault(&self, args: &[&str]) -> Result<(), String> {
+        let path = self.deploy_dir.join("cluster-fault.sh");
+        let run = tokio::process::Command::new("bash")
+            .arg(&path)
+            .args(args)
+            .env("STACK_DIR", &self.stack_dir)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(240), run)
+            .await
+            .map_err(|_| format!("cluster-fault.sh {args:?}: no answer within 240 s"))?
+            .map_err(|e| format!("cluster-fault.sh {args:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cluster-fault.sh {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
             ))
         }
     }
@@ -363,6 +436,17 @@ impl FaultCtx<'_> {
                     self.after_redis_restart().await;
                 }
                 (svc.to_owned(), note)
+            }
+            FaultKind::KafkaBrokerKill => {
+                let stack = self
+                    .stack
+                    .ok_or_else(|| anyhow::anyhow!("no stack control for {}", kind.label()))?;
+                let id = 1 + rng.range(0, 3);
+                let note = stack
+                    .kill_broker(id, self.outage)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?;
+                (format!("kafka broker {id}"), note)
             }
             FaultKind::RedisFlush => {
                 // How long Redis stays empty before the rebuild starts varies, so that the
