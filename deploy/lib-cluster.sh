@@ -700,28 +700,14 @@ cline() { printf '%-14s %-9s %s\n' "$1" "$2" "$3"; }
 # cluster_write_env -- $CLUSTER_DIR/env: the variables of `STACK_LAYOUT=cluster . env.sh`
 # as KEY=value lines (for programs and `set -a; . file`)
 cluster_write_env() {
-  local f="$CLUSTER_DIR/env" tmp names
-  names="$(sed -n 's/^[[:space:]]*export \([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$DEPLOY_DIR/env.sh" | awk '!seen[$0]++' | tr '\n' ' ')"
+  local f="$CLUSTER_DIR/env" tmp
   tmp="$(mktemp "$CLUSTER_DIR/.env.XXXXXX")"
   {
     echo "# written by deploy/stack-up.sh (STACK_LAYOUT=cluster): the cluster layout's settings,"
     echo "# as in 'STACK_LAYOUT=cluster . deploy/env.sh'. Shell: set -a; . $f; set +a"
-    # a clean environment: what stack-up started, not what the caller's shell holds
-    # shellcheck disable=SC2016,SC2086
-    env -i PATH="$PATH" STACK_DIR="$STACK_DIR" STACK_LAYOUT=cluster \
-      ${PGPORT_STACK:+PGPORT_STACK="$PGPORT_STACK"} \
-      ${CLUSTER_REDIS_PORT:+CLUSTER_REDIS_PORT="$CLUSTER_REDIS_PORT"} \
-      ${CLUSTER_KAFKA_PORT:+CLUSTER_KAFKA_PORT="$CLUSTER_KAFKA_PORT"} \
-      bash -c '. "$1"; shift
-        for n in "$@"; do
-          [[ -n "${!n+set}" ]] || continue
-          v="${!n}"
-          if [[ "$v" =~ ^[A-Za-z0-9_./:@?=+,%-]*$ ]]; then printf "%s=%s\n" "$n" "$v"
-          else printf "%s=%q\n" "$n" "$v"; fi
-        done' _ "$DEPLOY_DIR/env.sh" $names
+    layout_env_lines cluster PGPORT_STACK CLUSTER_REDIS_PORT CLUSTER_KAFKA_PORT
   } >"$tmp" || { rm -f "$tmp"; die "could not write $f"; }
-  chmod 644 "$tmp"
-  if cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; log "env: wrote $f"; fi
+  replace_if_changed "$tmp" "$f"
 }
 
 # cluster_status [pg] [redis] [kafka] selection in WANT_* -- the status lines of the layout

@@ -401,3 +401,29 @@ kafka_delete_topics() {
       --delete --topic "$1" >/dev/null
   fi
 }
+
+# layout_env_lines LAYOUT [NAME ...] -- the variables `STACK_LAYOUT=LAYOUT . env.sh` exports,
+# as KEY=value lines, computed in a clean environment (what stack-up started, not what the
+# caller's shell holds) that keeps only the settings NAME... of the caller (e.g. its ports).
+# Used by the secure and cluster layouts to write $STACK_DIR/<layout>/env.
+layout_env_lines() {
+  local layout="$1" names n keep=()
+  shift
+  for n in "$@"; do [[ -n "${!n:-}" ]] && keep+=("$n=${!n}"); done
+  names="$(sed -n 's/^[[:space:]]*export \([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$DEPLOY_DIR/env.sh" | awk '!seen[$0]++' | tr '\n' ' ')"
+  # shellcheck disable=SC2016,SC2086
+  env -i PATH="$PATH" STACK_DIR="$STACK_DIR" STACK_LAYOUT="$layout" "${keep[@]}" \
+    bash -c '. "$1"; shift
+      for n in "$@"; do
+        [[ -n "${!n+set}" ]] || continue   # set by another layout only
+        v="${!n}"
+        if [[ "$v" =~ ^[A-Za-z0-9_./:@?=+,%-]*$ ]]; then printf "%s=%s\n" "$n" "$v"
+        else printf "%s=%q\n" "$n" "$v"; fi
+      done' _ "$DEPLOY_DIR/env.sh" $names
+}
+
+# replace_if_changed TMP FILE -- TMP (mode 644) becomes FILE unless FILE already holds the same
+replace_if_changed() {
+  chmod 644 "$1"
+  if cmp -s "$1" "$2"; then rm -f "$1"; else mv -f "$1" "$2"; log "env: wrote $2"; fi
+}

@@ -824,33 +824,18 @@ kafka_secure_grants() {
 # secure_write_env -- $SECURE_DIR/env: the variables of `STACK_LAYOUT=secure . env.sh`
 # (paths, never a password) as KEY=value lines, for programs and `set -a; . file`
 secure_write_env() {
-  local f="$SECURE_DIR/env" tmp names
-  names="$(sed -n 's/^[[:space:]]*export \([A-Z_][A-Z0-9_]*\)=.*/\1/p' "$DEPLOY_DIR/env.sh" | awk '!seen[$0]++' | tr '\n' ' ')"
+  local f="$SECURE_DIR/env" tmp n
   tmp="$(mktemp "$SECURE_DIR/.env.XXXXXX")"
   {
     echo "# written by deploy/stack-up.sh (STACK_LAYOUT=secure): the secure layout's settings,"
     echo "# as in 'STACK_LAYOUT=secure . deploy/env.sh'. File paths only: the passwords are in"
     echo "# the *_PASSWORD_FILE files. Shell: set -a; . $f; set +a"
-    # a clean environment: what stack-up started, not what the caller's shell holds
-    # shellcheck disable=SC2016,SC2086
-    env -i PATH="$PATH" STACK_DIR="$STACK_DIR" STACK_LAYOUT=secure \
-      ${SECURE_KAFKA_PORT:+SECURE_KAFKA_PORT="$SECURE_KAFKA_PORT"} \
-      ${SECURE_REDIS_PORT:+SECURE_REDIS_PORT="$SECURE_REDIS_PORT"} \
-      ${SECURE_PG_PORT:+SECURE_PG_PORT="$SECURE_PG_PORT"} \
-      bash -c '. "$1"; shift
-        for n in "$@"; do
-          [[ -n "${!n+set}" ]] || continue   # set by another layout only
-          v="${!n-}"
-          if [[ "$v" =~ ^[A-Za-z0-9_./:@?=+,%-]*$ ]]; then printf "%s=%s\n" "$n" "$v"
-          else printf "%s=%q\n" "$n" "$v"; fi
-        done' _ "$DEPLOY_DIR/env.sh" $names
+    layout_env_lines secure SECURE_KAFKA_PORT SECURE_REDIS_PORT SECURE_PG_PORT
   } >"$tmp" || { rm -f "$tmp"; die "could not write $f"; }
-  local n
   for n in "${SECRET_NAMES[@]}"; do   # -f: the secret is a pattern file, not an argument
     if grep -qF -f "$SECRETS_DIR/$n.password" "$tmp"; then rm -f "$tmp"; die "refusing to write a password into $f"; fi
   done
-  chmod 644 "$tmp"
-  if cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; log "env: wrote $f"; fi
+  replace_if_changed "$tmp" "$f"
 }
 
 secure_prepare() {
