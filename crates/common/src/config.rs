@@ -42,6 +42,10 @@ impl fmt::Display for Secret {
     }
 }
 
+/// How long a worker waits at start-up for a service that is not reachable yet
+/// (`kafka::check`, `db::check`); a service that refuses it stops it at once.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// The environment variables that hold passwords themselves (their `_FILE` forms are
 /// ordinary settings). A harness that runs workers with settings of its own clears them.
 pub const SECRET_ENV_VARS: [&str; 3] = ["KAFKA_PASSWORD", "REDIS_PASSWORD", "DATABASE_PASSWORD"];

@@ -44,17 +44,14 @@ pub struct Worker {
     failing: Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// How long a worker waits at start-up for a service that is not reachable yet.
-const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
-
 impl Worker {
     /// Checks that PostgreSQL and Kafka accept this worker's settings (a refused
     /// certificate or password stops it here, with the cause), connects everything and,
     /// unless told not to, applies pending migrations.
     pub async fn new(args: &ConsumerArgs) -> anyhow::Result<Self> {
         use anyhow::Context;
-        stock_common::db::check(&args.db, STARTUP_PATIENCE).await?;
-        kafka::check(&args.kafka, STARTUP_PATIENCE).await?;
+        stock_common::db::check(&args.db, stock_common::config::STARTUP_PATIENCE).await?;
+        kafka::check(&args.kafka, stock_common::config::STARTUP_PATIENCE).await?;
         let pool = stock_common::db::pool(&args.db).context("database settings")?;
         if args.migrate {
             stock_common::db::migrate(&pool)

@@ -25,8 +25,6 @@ use stock_common::redis_store::{
 use tokio_util::sync::CancellationToken;
 
 const WORKER: &str = "producer";
-/// How long the worker waits at start-up for brokers that are not reachable yet.
-const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Why a batch could not be finished yet, and what the loop does.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +70,7 @@ impl Worker {
     /// password stops it here, with the cause) and connects everything.
     pub async fn new(args: &ProducerArgs) -> anyhow::Result<Self> {
         use anyhow::Context;
-        kafka::check(&args.kafka, STARTUP_PATIENCE).await?;
+        kafka::check(&args.kafka, stock_common::config::STARTUP_PATIENCE).await?;
         let redis = RedisStore::connect(&args.redis)
             .await
             .with_context(|| format!("redis: cannot connect to {}", args.redis.url))?;
