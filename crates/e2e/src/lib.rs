@@ -180,6 +180,40 @@ impl TestEnv {
             .expect("stock row")[0]
     }
 
+    /// Every order of `ids` has one distinct outcome in `outcomes`, and the ledger holds one
+    /// reservation per order reported reserved (none lost, none repeated); returns how many
+    /// were reserved.
+    pub async fn assert_one_outcome_each<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a String>,
+        outcomes: &harness::Outcomes,
+    ) -> usize {
+        let bad = harness::conflicting(outcomes);
+        assert!(
+            bad.is_empty(),
+            "orders with two outcomes: {:?}",
+            &bad[..bad.len().min(5)]
+        );
+        let reserved = ids
+            .into_iter()
+            .filter(|id| {
+                outcomes[*id]
+                    .iter()
+                    .any(|r| r.status == stock_common::events::Status::Reserved)
+            })
+            .count();
+        let ledger_reserved: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'reserved'")
+                .fetch_one(&self.pool)
+                .await
+                .expect("count");
+        assert_eq!(
+            reserved as i64, ledger_reserved,
+            "every reserved result is one reservation in PostgreSQL"
+        );
+        reserved
+    }
+
     /// Guarantees 1 and 3 for `products`; panics with the violations.
     pub async fn assert_invariants(&self, products: &[i64]) {
         let v = admin::check_invariants(&self.pool, &self.store, products)

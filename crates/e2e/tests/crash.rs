@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 use std::time::Duration;
-use stock_common::events::{Item, Status};
-use stock_e2e::harness::{conflicting, created};
+use stock_common::events::Item;
+use stock_e2e::harness::created;
 use stock_e2e::{TestEnv, WorkerProcess};
 
 const ORDERS: usize = 10_000;
@@ -88,26 +88,9 @@ async fn crash_mid_load(victim: &str) {
         "consumer exits cleanly on SIGTERM"
     );
 
-    let outcomes = collector.snapshot();
-    let bad = conflicting(&outcomes);
-    assert!(
-        bad.is_empty(),
-        "orders with two outcomes: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    let reserved = ids
-        .iter()
-        .filter(|id| outcomes[*id].iter().any(|r| r.status == Status::Reserved))
-        .count();
-    let ledger_reserved: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'reserved'")
-            .fetch_one(&env.pool)
-            .await
-            .expect("count");
-    assert_eq!(
-        reserved as i64, ledger_reserved,
-        "every reserved result is a reservation in PostgreSQL"
-    );
+    let reserved = env
+        .assert_one_outcome_each(&ids, &collector.snapshot())
+        .await;
     env.assert_invariants(&products).await;
     tracing::info!(victim, seen_at_kill, reserved, "crash test passed");
     collector.stop().await;

@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use stock_common::events::{Item, Status};
-use stock_e2e::harness::{self, conflicting, created};
+use stock_common::events::Item;
+use stock_e2e::harness::{self, created};
+use stock_e2e::nemesis::faults::cluster_fault;
 use stock_e2e::{Stack, TestEnv, WorkerProcess};
 
 const PARTITIONS: i32 = 12;
@@ -20,23 +21,11 @@ const CHUNK: usize = 300;
 
 /// `deploy/cluster-fault.sh ARGS`, which waits for its own outcome (a broker gone from,
 /// or back in, the metadata).
-async fn fault(args: &'static [&'static str]) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/cluster-fault.sh");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("bash")
-            .arg(&script)
-            .args(args)
-            .output()
-            .expect("run deploy/cluster-fault.sh")
-    })
-    .await
-    .expect("fault task");
-    assert!(
-        out.status.success(),
-        "cluster-fault.sh {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+async fn fault(args: &[&str]) {
+    let deploy = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy"));
+    if let Err(e) = cluster_fault(&deploy, args).await {
+        panic!("{e}");
+    }
     tracing::info!(?args, "fault done");
 }
 
@@ -140,26 +129,9 @@ async fn losing_any_one_broker_loses_and_repeats_nothing() {
         assert!(w.terminate(), "a worker exits cleanly on SIGTERM");
     }
 
-    let outcomes = collector.snapshot();
-    let bad = conflicting(&outcomes);
-    assert!(
-        bad.is_empty(),
-        "orders with two outcomes: {:?}",
-        &bad[..bad.len().min(5)]
-    );
-    let reserved = ids
-        .iter()
-        .filter(|id| outcomes[*id].iter().any(|r| r.status == Status::Reserved))
-        .count();
-    let ledger_reserved: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status = 'reserved'")
-            .fetch_one(&env.pool)
-            .await
-            .expect("count");
-    assert_eq!(
-        reserved as i64, ledger_reserved,
-        "every reserved result is one reservation in PostgreSQL"
-    );
+    let reserved = env
+        .assert_one_outcome_each(&ids, &collector.snapshot())
+        .await;
     env.assert_invariants(&products).await;
     tracing::info!(total, reserved, "three brokers, each killed once: passed");
     collector.stop().await;

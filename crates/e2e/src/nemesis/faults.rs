@@ -254,30 +254,7 @@ impl StackControl {
     }
 
     async fn script(&self, script: &str, svc: &str) -> Result<(), String> {
-        let path = self.deploy_dir.join(script);
-        let run = tokio::process::Command::new("bash")
-            .arg(&path)
-            .arg(svc)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(240), run)
-            .await
-            .map_err(|_| format!("{script} {svc}: no answer within 240 s"))?
-            .map_err(|e| format!("{script} {svc}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            let text = String::from_utf8_lossy(&out.stderr).into_owned()
-                + &String::from_utf8_lossy(&out.stdout);
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-            Err(format!(
-                "{script} {svc} failed ({}): {}",
-                out.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            ))
-        }
+        run_bash(&self.deploy_dir.join(script), &[svc], &self.env).await
     }
 
     /// `deploy/cluster-fault.sh kill-broker ID`, `outage`, then `start-broker ID` (which
@@ -287,39 +264,10 @@ impl StackControl {
             return Err("kafka-broker-kill needs the cluster layout's brokers".into());
         }
         let id = id.to_string();
-        self.cluster_fault(&["kill-broker", &id]).await?;
+        cluster_fault(&self.deploy_dir, &["kill-broker", &id]).await?;
         tokio::time::sleep(outage).await;
-        self.cluster_fault(&["start-broker", &id]).await?;
+        cluster_fault(&self.deploy_dir, &["start-broker", &id]).await?;
         Ok(format!("broker {id} killed and back"))
-    }
-
-    async fn cluster_fault(&self, args: &[&str]) -> Result<(), String> {
-        let path = self.deploy_dir.join("cluster-fault.sh");
-        let run = tokio::process::Command::new("bash")
-            .arg(&path)
-            .args(args)
-            .env("STACK_DIR", &self.stack_dir)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(240), run)
-            .await
-            .map_err(|_| format!("cluster-fault.sh {args:?}: no answer within 240 s"))?
-            .map_err(|e| format!("cluster-fault.sh {args:?}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "cluster-fault.sh {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .rev()
-                    .take(10)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            ))
-        }
     }
 
     /// Stops `svc`, waits `outage`, starts it again (retrying the start a few times).
@@ -338,6 +286,48 @@ impl StackControl {
             }
         }
         Err(last)
+    }
+}
+
+/// `deploy_dir/cluster-fault.sh ARGS` (the cluster layout's faults, each waiting for its
+/// outcome), for the nemesis and the tests.
+pub async fn cluster_fault(deploy_dir: &Path, args: &[&str]) -> Result<(), String> {
+    run_bash(&deploy_dir.join("cluster-fault.sh"), args, &[]).await
+}
+
+/// `bash SCRIPT ARGS` with `envs` added, given at most 240 s; on failure the error names
+/// the command and ends with the last 15 lines of its output.
+async fn run_bash(script: &Path, args: &[&str], envs: &[(String, String)]) -> Result<(), String> {
+    let what = format!(
+        "{} {}",
+        script
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        args.join(" ")
+    );
+    let run = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .map_err(|_| format!("{what}: no answer within 240 s"))?
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
     }
 }
 
