@@ -19,7 +19,7 @@ use serde::Serialize;
 use stock_common::events::Item;
 use stock_common::redis_store::{
     stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker, EPOCH_KEY,
-    LOADED_KEY, RESERVE_LUA,
+    LOADED_KEY, RESERVE_LUA, SEQ_KEY,
 };
 use tokio::time::Instant;
 
@@ -199,7 +199,7 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
     let mut conn = slot.store.connection();
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(RESERVE_LUA)
+        .arg(RESERVE_LUA.as_str())
         .query_async(&mut conn)
         .await?;
     let url = url::Url::parse(slot.args.url.expose()).context("Redis URL")?;
@@ -225,10 +225,20 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
             "1000000000000",
             "-q",
         ])
-        .args(["EVALSHA", &sha, "4", LOADED_KEY, EPOCH_KEY])
+        .args(["EVALSHA", &sha, "5", LOADED_KEY, EPOCH_KEY, SEQ_KEY])
         .arg("stockpipe:order:rbench-__rand_int__")
         .arg(&stock)
-        .args(["3600", "", "1", &item, "", "", "1", &PRODUCT.to_string()])
+        .args([
+            "3600",
+            "",
+            "",
+            "1",
+            &item,
+            "",
+            "",
+            "1",
+            &PRODUCT.to_string(),
+        ])
         .output()
         .await
         .with_context(|| format!("running {}", args.redis_benchmark))?;

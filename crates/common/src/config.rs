@@ -496,6 +496,16 @@ pub struct RedisArgs {
         hide_env_values = true
     )]
     pub url: SecretUrl,
+    /// Redis Cluster: the seed nodes' URLs, comma-separated (`redis://10.0.0.1:7001,...`).
+    /// When set, Redis is a cluster reached through them (its database is 0) and
+    /// `--redis-url` is not used; the username, password and TLS files apply to every node.
+    #[arg(
+        id = "redis_cluster_nodes",
+        long = "redis-cluster-nodes",
+        env = "REDIS_CLUSTER_NODES",
+        value_delimiter = ','
+    )]
+    pub cluster_nodes: Vec<String>,
     /// How long the producer remembers an order id (and its decision) in Redis. Must be
     /// longer than the retention of the `orders` topic, or a replay from older offsets
     /// could deduct again.
@@ -539,6 +549,7 @@ impl RedisArgs {
     pub fn at(url: SecretUrl) -> Self {
         RedisArgs {
             url,
+            cluster_nodes: Vec::new(),
             order_memory: Duration::from_secs(8 * 86_400),
             orders_per_call: 100,
             username: None,

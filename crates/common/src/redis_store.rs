@@ -26,13 +26,25 @@
 //! Redis that restarted and forgot them never answers NOSCRIPT. The reserve script decides
 //! a run of orders per call (the per-call cost dominated: 30 µs per single-order call).
 //! Every script is idempotent by order id, so a whole pipeline can be re-run after a
-//! connection error. They touch keys of many hash slots: a single Redis node, not a
-//! cluster.
+//! connection error.
+//!
+//! # Redis Cluster
+//! With `--redis-cluster-nodes`, the same keys live on a cluster ([`slots`]). The loaded
+//! marker, epoch and sequence are kept per hash slot (`stockpipe:loaded:{<tag>}`, one tag
+//! per slot), so a slot that lost its data stops only the orders that touch it. Every
+//! script call and every pipeline stays within one slot. An order whose record and stock
+//! keys share a slot is decided by `lua/reserve.lua` as on one Redis; any other order by the
+//! cross-slot protocol of [`cross_slot`] (claim in the record's slot, hold in each stock
+//! slot, decide in the record's slot, release on refusal), described in DESIGN.md.
+
+mod cross_slot;
+pub mod slots;
 
 use crate::config::{ConfigError, RedisArgs, TlsFiles};
 use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
+use slots::Shard;
 use std::sync::LazyLock;
 
 /// Most scripts sent in one pipelined round trip.
@@ -50,9 +62,15 @@ pub const EPOCH_KEY: &str = "stockpipe:epoch";
 pub const SEQ_KEY: &str = "stockpipe:seq";
 
 /// The reserve script's source (for benchmarks that drive it with other clients).
-pub const RESERVE_LUA: &str = include_str!("lua/reserve.lua");
+pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
+    [
+        include_str!("lua/token.lua"),
+        include_str!("lua/reserve.lua"),
+    ]
+    .concat()
+});
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(RESERVE_LUA));
+static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
 
@@ -61,10 +79,17 @@ pub fn stock_key(product_id: i64) -> String {
     format!("stock:{{{product_id}}}")
 }
 
-/// The marker of an operator's stock request applied to Redis.
+/// The marker of an operator's stock request applied to Redis (on one Redis).
 pub fn request_key(request_id: &str) -> String {
     format!("stockpipe:request:{request_id}")
 }
+
+/// Key patterns a load drops (with every slot's on a cluster).
+const FORGOTTEN_ON_LOAD: [&str; 3] = [
+    "stockpipe:order:*",
+    "stockpipe:request:*",
+    "stockpipe:hold:*",
+];
 
 /// The request id under which an operator's change is undone in Redis.
 fn undo_request_id(request_id: &str) -> String {
@@ -91,11 +116,24 @@ pub enum OrderRecord {
     Held { token: String, items: Vec<Item> },
     /// Pre-deducted, then given back (`C|<token>|<items>`).
     Returned { token: String, items: Vec<Item> },
-    /// Refused here; never reached PostgreSQL (`X|<reason>|<product_id>`).
+    /// Refused here; never reached PostgreSQL (`X|<reason>|<product_id>`). On a cluster,
+    /// a refusal of an order across slots keeps its claim (`X|<reason>|<product_id>|<token>|
+    /// <items>`), so that a redelivery can still give back what the claim held.
     Refused {
         reason: Reason,
         product_id: Option<i64>,
+        claim: Option<Claim>,
     },
+    /// Claimed by the cross-slot protocol, not decided yet (`P|<token>|<items>`; cluster
+    /// only, never published).
+    Pending(Claim),
+}
+
+/// A pre-deduction of an order across hash slots: its token and the items it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub token: String,
+    pub items: Vec<Item>,
 }
 
 impl OrderRecord {
@@ -105,13 +143,18 @@ impl OrderRecord {
             OrderRecord::Returned { token, items } => {
                 format!("C|{token}|{}", encode_items(items))
             }
-            OrderRecord::Refused { reason, product_id } => {
-                format!(
-                    "X|{}|{}",
-                    reason,
-                    product_id.map(|p| p.to_string()).unwrap_or_default()
-                )
+            OrderRecord::Refused {
+                reason,
+                product_id,
+                claim,
+            } => {
+                let pid = product_id.map(|p| p.to_string()).unwrap_or_default();
+                match claim {
+                    None => format!("X|{reason}|{pid}"),
+                    Some(c) => format!("X|{reason}|{pid}|{}|{}", c.token, encode_items(&c.items)),
+                }
             }
+            OrderRecord::Pending(c) => format!("P|{}|{}", c.token, encode_items(&c.items)),
         }
     }
 
@@ -128,7 +171,16 @@ impl OrderRecord {
                 })
             }
             "X" => {
-                let (reason, pid) = rest.split_once('|')?;
+                let mut parts = rest.splitn(4, '|');
+                let (reason, pid) = (parts.next()?, parts.next()?);
+                let claim = match (parts.next(), parts.next()) {
+                    (None, None) => None,
+                    (Some(token), Some(items)) => Some(Claim {
+                        token: token.to_owned(),
+                        items: decode_items(items)?,
+                    }),
+                    _ => return None,
+                };
                 Some(OrderRecord::Refused {
                     reason: Reason::parse(reason)?,
                     product_id: if pid.is_empty() {
@@ -136,7 +188,15 @@ impl OrderRecord {
                     } else {
                         Some(pid.parse().ok()?)
                     },
+                    claim,
                 })
+            }
+            "P" => {
+                let (token, items) = rest.split_once('|')?;
+                Some(OrderRecord::Pending(Claim {
+                    token: token.to_owned(),
+                    items: decode_items(items)?,
+                }))
             }
             _ => None,
         }
@@ -330,9 +390,18 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply from a stock script: {0}")]
     Protocol(String),
+    /// The cluster changed under an order across slots (a rebuild dropped its claim, or
+    /// ran between its steps): nothing was decided; the batch is run again.
+    #[error("redis cluster: {0}; the batch is run again")]
+    Retry(String),
     /// A setting that cannot be used (TLS files, password file): stop, it will not heal.
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// A reply read as `T`; a reply of another shape is a protocol error.
+fn parse_value<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, StoreError> {
+    redis::from_redis_value(v).map_err(|e| StoreError::Protocol(e.to_string()))
 }
 
 /// Whether a connection error is a setting that will not heal: failed authentication, a
@@ -400,10 +469,112 @@ pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
     )?)
 }
 
-/// The multiplexed, self-reconnecting connection, cloned into every task.
+/// A connection to one Redis (self-reconnecting) or to a cluster (following its slots:
+/// `MOVED`, `ASK`, failovers). Both are multiplexed and cloned into every task.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A cluster client for `args.cluster_nodes`, with the credentials and TLS files of the
+/// settings applied to every node.
+pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient, StoreError> {
+    use redis::IntoConnectionInfo;
+    let mut nodes = Vec::new();
+    for n in &args.cluster_nodes {
+        let info = n.as_str().into_connection_info()?;
+        if info.redis_settings().password().is_some() {
+            return Err(ConfigError::invalid(
+                "redis",
+                "a cluster node URL carries a password: use REDIS_PASSWORD or --redis-password-file",
+            )
+            .into());
+        }
+        if info.redis_settings().db() != 0 {
+            return Err(ConfigError::invalid("redis", "a cluster has only database 0").into());
+        }
+        nodes.push(info);
+    }
+    let tls_url = nodes
+        .iter()
+        .any(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .response_timeout(std::time::Duration::from_secs(10));
+    if let Some(user) = &args.username {
+        b = b.username(user);
+    }
+    if let Some(password) = args.password()? {
+        b = b.password(password.expose());
+    }
+    let tls = args.tls();
+    if !tls_url {
+        if tls.any() {
+            return Err(ConfigError::invalid(
+                "redis",
+                "TLS files are set but the cluster nodes are not rediss://",
+            )
+            .into());
+        }
+    } else {
+        tls.check("redis")?;
+        let client_tls = match tls.client_pair("redis")? {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: TlsFiles::read("redis", "the client certificate", cert)?,
+                client_key: TlsFiles::read("redis", "the client key", key)?,
+            }),
+            None => None,
+        };
+        let root_cert = match &tls.ca {
+            Some(ca) => Some(TlsFiles::read("redis", "the CA file", ca)?),
+            None => None,
+        };
+        b = b.tls(redis::TlsMode::Secure).certs(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        });
+    }
+    Ok(b.build()?)
+}
+
+/// The one writer of Redis: its scripts, loads and operators' changes.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
+    cluster: bool,
     record_ttl_secs: u64,
     /// Orders per reserve script call (`--orders-per-call`).
     orders_per_call: usize,
@@ -411,6 +582,24 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
+        let (conn, cluster) = if args.cluster_nodes.is_empty() {
+            (RedisConn::Single(Self::connect_single(args).await?), false)
+        } else {
+            let client = cluster_client(args)?;
+            (
+                RedisConn::Cluster(client.get_async_connection().await?),
+                true,
+            )
+        };
+        Ok(RedisStore {
+            conn,
+            cluster,
+            record_ttl_secs: args.order_memory.as_secs().max(1),
+            orders_per_call: usize::from(args.orders_per_call).max(1),
+        })
+    }
+
+    async fn connect_single(args: &RedisArgs) -> Result<ConnectionManager, StoreError> {
         let client = client(args)?;
         // One plain attempt first: a refused certificate or password stops the caller at
         // once with the cause (the manager below would retry it for about 10 s).
@@ -424,35 +613,67 @@ impl RedisStore {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(std::time::Duration::from_secs(10)))
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
-        let conn = client.get_connection_manager_with_config(config).await?;
-        Ok(RedisStore {
-            conn,
-            record_ttl_secs: args.order_memory.as_secs().max(1),
-            orders_per_call: usize::from(args.orders_per_call).max(1),
-        })
+        Ok(client.get_connection_manager_with_config(config).await?)
     }
 
     /// The raw connection, for tests and benchmarks that must act around this module (a
     /// drift, a corrupt key, a lost Redis). The workers and `stockctl` use the methods.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Whether Redis is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The shard that holds `key`: the whole Redis, or the key's slot on a cluster.
+    pub fn shard_of(&self, key: &str) -> Shard {
+        if self.cluster {
+            Shard::Slot(slots::slot(key))
+        } else {
+            Shard::Whole
+        }
+    }
+
+    /// Every shard: the whole Redis, or each of a cluster's slots.
+    fn shards(&self) -> Vec<Shard> {
+        if self.cluster {
+            (0..slots::SLOTS).map(Shard::Slot).collect()
+        } else {
+            vec![Shard::Whole]
+        }
+    }
+
+    /// The marker key of request `request_id` for `product_id`: on a cluster it lives in
+    /// the product's slot, beside the stock it changes.
+    fn request_key_for(&self, request_id: &str, product_id: i64) -> String {
+        if self.cluster {
+            format!("stockpipe:request:{{{product_id}}}:{request_id}")
+        } else {
+            request_key(request_id)
+        }
     }
 
     /// Decides every request, in order: runs of at most `--orders-per-call` orders per
     /// script call, at most [`PIPELINE_CHUNK`] orders per round trip. `guards` (made for
     /// `reqs`; the default for none) turn requests into sold-out refusals that the script
-    /// applies only while the guards' epoch holds (see [`SoldOutMarker`]).
+    /// applies only while the guards' epoch holds (see [`SoldOutMarker`]). On a cluster
+    /// the guards are not used yet, and orders across slots take [`cross_slot`].
     pub async fn reserve_many(
         &self,
         reqs: &[ReserveRequest],
         guards: &Guards,
     ) -> Result<ReserveReply, StoreError> {
+        if self.cluster {
+            return self.reserve_on_cluster(reqs).await;
+        }
         // Every round trip is sent at once on the multiplexed connection: Redis runs one
         // while the next is being encoded. Redis still runs them in this order.
         let trips = reqs.chunks(PIPELINE_CHUNK).enumerate().map(|(i, chunk)| {
             let at = i * PIPELINE_CHUNK;
             let sold_out = guards.sold_out.get(at..at + chunk.len()).unwrap_or(&[]);
-            self.reserve_chunk(chunk, &guards.epoch, sold_out)
+            self.reserve_chunk(Shard::Whole, chunk, &guards.epoch, sold_out)
         });
         let mut reply = ReserveReply::default();
         for (calls, sizes) in futures::future::try_join_all(trips).await? {
@@ -463,9 +684,11 @@ impl RedisStore {
         Ok(reply)
     }
 
-    /// One round trip: the script calls for `reqs`, and how many orders each decided.
+    /// One round trip in `shard`: the script calls for `reqs`, and how many orders each
+    /// decided.
     async fn reserve_chunk(
         &self,
+        shard: Shard,
         reqs: &[ReserveRequest],
         epoch: &str,
         sold_out: &[bool],
@@ -477,11 +700,12 @@ impl RedisStore {
         pipe.load_script(&RESERVE).ignore();
         let mut sizes = Vec::new();
         for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
-            let mut inv = RESERVE.key(LOADED_KEY);
-            inv.key(EPOCH_KEY)
-                .key(SEQ_KEY)
+            let mut inv = RESERVE.key(shard.loaded_key());
+            inv.key(shard.epoch_key())
+                .key(shard.seq_key())
                 .arg(self.record_ttl_secs)
-                .arg(epoch);
+                .arg(epoch)
+                .arg(shard.token_arg());
             for (j, r) in call.iter().enumerate() {
                 inv.key(order_key(&r.order_id));
                 for it in &r.items {
@@ -491,6 +715,7 @@ impl RedisStore {
                     OrderRecord::Refused {
                         reason,
                         product_id: None,
+                        claim: None,
                     }
                     .encode()
                 });
@@ -523,15 +748,20 @@ impl RedisStore {
         &self,
         reqs: &[Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
+        if self.cluster {
+            return self.restore_on_cluster(reqs).await;
+        }
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(PIPELINE_CHUNK) {
-            out.extend(self.restore_chunk(chunk).await?);
+            out.extend(self.restore_chunk(Shard::Whole, chunk).await?);
         }
         Ok(out)
     }
 
+    /// restore.lua for `reqs`, whose keys all live in `shard`, in one round trip.
     async fn restore_chunk(
         &self,
+        shard: Shard,
         reqs: &[Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         if reqs.is_empty() {
@@ -541,8 +771,8 @@ impl RedisStore {
         pipe.load_script(&RESTORE).ignore();
         for c in reqs {
             let items = &c.items;
-            let mut inv = RESTORE.key(LOADED_KEY);
-            inv.key(EPOCH_KEY).key(order_key(&c.order_id));
+            let mut inv = RESTORE.key(shard.loaded_key());
+            inv.key(shard.epoch_key()).key(order_key(&c.order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
             }
@@ -582,11 +812,12 @@ impl RedisStore {
         request_id: &str,
         gen: Option<i64>,
     ) -> Result<AdjustOutcome, StoreError> {
+        let shard = self.shard_of(&stock_key(product_id));
         let reply: String = ADJUST
-            .key(LOADED_KEY)
+            .key(shard.loaded_key())
             .key(stock_key(product_id))
-            .key(request_key(request_id))
-            .key(EPOCH_KEY)
+            .key(self.request_key_for(request_id, product_id))
+            .key(shard.epoch_key())
             .arg(delta)
             .arg(self.record_ttl_secs)
             .arg(gen.map(|g| g.to_string()).unwrap_or_default())
@@ -618,9 +849,18 @@ impl RedisStore {
             .await
     }
 
-    /// The marker of request `request_id` (`<product>:<delta>`), if Redis applied it.
-    pub async fn request_marker(&self, request_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn.clone().get(request_key(request_id)).await?)
+    /// The marker of request `request_id` (`<product>:<delta>`), if Redis applied it. On a
+    /// cluster only a change of `product_id` is found (markers live beside their stock).
+    pub async fn request_marker(
+        &self,
+        request_id: &str,
+        product_id: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .clone()
+            .get(self.request_key_for(request_id, product_id))
+            .await?)
     }
 
     /// A change this request id applied here and did not undo: `(product, delta)`. A
@@ -629,11 +869,12 @@ impl RedisStore {
     pub async fn pending_request(
         &self,
         request_id: &str,
+        product_id: i64,
     ) -> Result<Option<(i64, i64)>, StoreError> {
         let mut conn = self.conn.clone();
         let keys = [
-            request_key(request_id),
-            request_key(&undo_request_id(request_id)),
+            self.request_key_for(request_id, product_id),
+            self.request_key_for(&undo_request_id(request_id), product_id),
         ];
         let (taken, undone): (Option<String>, Option<String>) = conn.mget(&keys[..]).await?;
         match (taken, undone) {
@@ -653,41 +894,142 @@ impl RedisStore {
     }
 
     /// Forgets request `request_id` and its undo (both markers), after it was undone.
-    pub async fn forget_request(&self, request_id: &str) -> Result<(), StoreError> {
+    pub async fn forget_request(
+        &self,
+        request_id: &str,
+        product_id: i64,
+    ) -> Result<(), StoreError> {
         let keys = [
-            request_key(request_id),
-            request_key(&undo_request_id(request_id)),
+            self.request_key_for(request_id, product_id),
+            self.request_key_for(&undo_request_id(request_id), product_id),
         ];
         let _: i64 = self.conn.clone().del(&keys[..]).await?;
         Ok(())
     }
 
-    /// Whether stock has been loaded (the marker exists).
+    /// Whether stock has been loaded (the marker exists; on a cluster, every slot's).
     pub async fn is_loaded(&self) -> Result<bool, StoreError> {
-        Ok(self.conn.clone().exists(LOADED_KEY).await?)
+        Ok(self.unloaded_shards().await?.is_empty())
     }
 
-    /// The current Redis generation (None: not loaded).
+    /// The shards whose loaded marker is missing (the whole Redis, or a cluster's slots).
+    pub async fn unloaded_shards(&self) -> Result<Vec<Shard>, StoreError> {
+        let markers = self.markers().await?;
+        Ok(markers
+            .into_iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|(s, _)| s)
+            .collect())
+    }
+
+    /// Every shard's loaded marker.
+    async fn markers(&self) -> Result<Vec<(Shard, Option<String>)>, StoreError> {
+        let shards = self.shards();
+        let keys: Vec<String> = shards.iter().map(|s| s.loaded_key()).collect();
+        let mut values: Vec<Option<String>> = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(4096) {
+            // A cluster splits MGET by slot and sends each node its part.
+            let part: Vec<Option<String>> = self.conn.clone().mget(chunk).await?;
+            values.extend(part);
+        }
+        Ok(shards.into_iter().zip(values).collect())
+    }
+
+    /// The current Redis generation (None: not loaded; on a cluster, some slot is not).
     pub async fn generation(&self) -> Result<Option<i64>, StoreError> {
-        let raw: Option<String> = self.conn.clone().get(LOADED_KEY).await?;
-        raw.map(|g| {
-            g.parse()
-                .map_err(|_| StoreError::Protocol(format!("{LOADED_KEY} holds {g:?}")))
-        })
-        .transpose()
+        let mut gen = None;
+        for (shard, raw) in self.markers().await? {
+            let Some(g) = raw else { return Ok(None) };
+            let g: i64 = g
+                .parse()
+                .map_err(|_| StoreError::Protocol(format!("{} holds {g:?}", shard.loaded_key())))?;
+            gen = Some(gen.map_or(g, |m: i64| m.max(g)));
+        }
+        Ok(gen)
     }
 
-    /// Step 1 of a load: deletes the loaded marker. From here on every script refuses to
-    /// act: nothing is sold, refused, given back or adjusted until [`Self::load_generation`].
+    /// Step 1 of a load: deletes the loaded marker (every slot's on a cluster). From here
+    /// on every script refuses to act: nothing is sold, refused, given back or adjusted
+    /// until [`Self::load_generation`].
     pub async fn stop_selling(&self) -> Result<(), StoreError> {
-        let _: () = self.conn.clone().del(LOADED_KEY).await?;
+        let keys: Vec<String> = self.shards().iter().map(|s| s.loaded_key()).collect();
+        for chunk in keys.chunks(4096) {
+            let _: () = self.conn.clone().del(chunk).await?;
+        }
         Ok(())
     }
 
-    /// Step 2 of a load, with selling stopped: forgets every order record and request
-    /// marker, sets every `stock:{p}` of `stock` (with the epoch, atomically), writes the
-    /// records of the orders still held (`held`: order id, token, items), then sets the
-    /// loaded marker to `gen`: selling resumes in that generation.
+    /// The keys matching `pattern` on every node that holds data (each master of a cluster).
+    async fn scan_all(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        match &self.conn {
+            RedisConn::Single(c) => {
+                let mut c = c.clone();
+                let mut iter: redis::AsyncIter<String> = c.scan_match(pattern).await?;
+                while let Some(k) = iter.next_item().await {
+                    keys.push(k?);
+                }
+            }
+            RedisConn::Cluster(c) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                for (host, port) in self.masters().await? {
+                    let mut cursor: u64 = 0;
+                    loop {
+                        let mut cmd = redis::cmd("SCAN");
+                        cmd.arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000);
+                        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port,
+                        });
+                        let v = c.clone().route_command(cmd, route).await?;
+                        let (next, batch): (u64, Vec<String>) = parse_value(v)?;
+                        keys.extend(batch);
+                        cursor = next;
+                        if cursor == 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    /// The address of each master of the cluster (`CLUSTER SLOTS`).
+    async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let mut out: Vec<(String, u16)> = Vec::new();
+        for r in ranges {
+            // [start, end, [host, port, id, ...], replicas...]
+            let parts: Vec<redis::Value> = parse_value(r)?;
+            let master = parts
+                .get(2)
+                .cloned()
+                .ok_or_else(|| StoreError::Protocol("CLUSTER SLOTS: no master".into()))?;
+            let node: Vec<redis::Value> = parse_value(master)?;
+            let (host, port): (String, u16) = match node.as_slice() {
+                [h, p, ..] => (parse_value(h.clone())?, parse_value(p.clone())?),
+                _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad node".into())),
+            };
+            if !out.contains(&(host.clone(), port)) {
+                out.push((host, port));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Step 2 of a load, with selling stopped: forgets every order record, hold and request
+    /// marker, sets every `stock:{p}` of `stock` (with its shard's epoch, atomically),
+    /// writes the records of the orders still held (`held`: order id, token, items; on a
+    /// cluster with their holds), then sets the loaded marker (every slot's) to `gen`:
+    /// selling resumes in that generation.
     pub async fn load_generation(
         &self,
         gen: i64,
@@ -695,41 +1037,71 @@ impl RedisStore {
         held: &[(String, String, Vec<Item>)],
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        for pattern in ["stockpipe:order:*", "stockpipe:request:*"] {
-            let mut keys: Vec<String> = Vec::new();
-            {
-                let mut scan_conn = self.conn.clone();
-                let mut iter: redis::AsyncIter<String> = scan_conn.scan_match(pattern).await?;
-                while let Some(k) = iter.next_item().await {
-                    keys.push(k?);
-                }
-            }
+        for pattern in FORGOTTEN_ON_LOAD {
+            let keys = self.scan_all(pattern).await?;
             for chunk in keys.chunks(1000) {
                 let _: () = conn.unlink(chunk).await?;
             }
         }
-        for chunk in stock.chunks(1000) {
-            // Atomic with the epoch change, so that no sold-out marker outlives these values.
-            let mut pipe = redis::pipe();
-            pipe.atomic().incr(EPOCH_KEY, 1).ignore();
-            for (p, available) in chunk {
-                pipe.set(stock_key(*p), available).ignore();
+        // Atomic with the epoch change, so that no sold-out marker outlives these values.
+        let mut by_shard: std::collections::BTreeMap<Shard, Vec<(i64, i64)>> =
+            std::collections::BTreeMap::new();
+        for (p, available) in stock {
+            by_shard
+                .entry(self.shard_of(&stock_key(*p)))
+                .or_default()
+                .push((*p, *available));
+        }
+        for (shard, values) in by_shard {
+            for chunk in values.chunks(1000) {
+                let mut pipe = redis::pipe();
+                pipe.atomic().incr(shard.epoch_key(), 1).ignore();
+                for (p, available) in chunk {
+                    pipe.set(stock_key(*p), available).ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await?;
             }
-            let _: () = pipe.query_async(&mut conn).await?;
         }
         for chunk in held.chunks(5000) {
-            let mut pipe = redis::pipe();
+            let mut writes: Vec<(String, String)> = Vec::with_capacity(chunk.len());
             for (id, token, items) in chunk {
                 let rec = OrderRecord::Held {
                     token: token.clone(),
                     items: items.clone(),
                 };
-                pipe.set_ex(order_key(id), rec.encode(), self.record_ttl_secs)
-                    .ignore();
+                writes.push((order_key(id), rec.encode()));
+                writes.extend(self.holds_of(id, token, items));
             }
-            let _: () = pipe.query_async(&mut conn).await?;
+            self.set_all(&writes).await?;
         }
-        let _: () = conn.set(LOADED_KEY, gen).await?;
+        let markers: Vec<(String, String)> = self
+            .shards()
+            .iter()
+            .map(|s| (s.loaded_key(), gen.to_string()))
+            .collect();
+        for chunk in markers.chunks(4096) {
+            let _: () = conn.mset(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets every key of `writes` for the order records' lifetime: one pipeline on one
+    /// Redis, one per slot (in parallel) on a cluster.
+    async fn set_all(&self, writes: &[(String, String)]) -> Result<(), StoreError> {
+        let mut by_shard: std::collections::HashMap<Shard, redis::Pipeline> =
+            std::collections::HashMap::new();
+        for (k, v) in writes {
+            by_shard
+                .entry(self.shard_of(k))
+                .or_default()
+                .set_ex(k, v, self.record_ttl_secs)
+                .ignore();
+        }
+        futures::future::try_join_all(by_shard.into_values().map(|pipe| {
+            let mut conn = self.conn.clone();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        }))
+        .await?;
         Ok(())
     }
 
@@ -825,7 +1197,8 @@ mod tests {
             ReserveOutcome::Decided {
                 record: OrderRecord::Refused {
                     reason: Reason::InsufficientStock,
-                    product_id: Some(42)
+                    product_id: Some(42),
+                    claim: None,
                 },
                 fresh: false
             }
@@ -889,11 +1262,31 @@ mod tests {
             OrderRecord::Refused {
                 reason: Reason::InsufficientStock,
                 product_id: Some(42),
+                claim: None,
             },
             OrderRecord::Refused {
                 reason: Reason::InvalidOrder,
                 product_id: None,
+                claim: None,
             },
+            OrderRecord::Refused {
+                reason: Reason::InsufficientStock,
+                product_id: Some(7),
+                claim: Some(Claim {
+                    token: "3.16385".into(),
+                    items: vec![Item {
+                        product_id: 7,
+                        quantity: 1,
+                    }],
+                }),
+            },
+            OrderRecord::Pending(Claim {
+                token: "3.16385".into(),
+                items: vec![Item {
+                    product_id: 42,
+                    quantity: 2,
+                }],
+            }),
         ] {
             assert_eq!(OrderRecord::decode(&rec.encode()), Some(rec));
         }

@@ -71,6 +71,28 @@ impl Stack {
         Ok(stack)
     }
 
+    /// The whole cluster layout (`$STACK_DIR/cluster/env`): three Kafka brokers, the Redis
+    /// Cluster (`REDIS_CLUSTER_NODES`), PostgreSQL as this process's environment says.
+    pub fn cluster() -> Result<Stack, String> {
+        let vars = layout_vars("cluster")?;
+        for k in ["KAFKA_BROKERS", "REDIS_CLUSTER_NODES"] {
+            if !vars.contains_key(k) {
+                return Err(format!("the cluster layout's env file names no {k}"));
+            }
+        }
+        let mut stack = Stack::from_vars(|k| match k {
+            "KAFKA_BROKERS" | "REDIS_CLUSTER_NODES" | "REDIS_URL" => vars.get(k).cloned(),
+            _ => std::env::var(k).ok(),
+        })?;
+        stack.layout = "cluster".into();
+        Ok(stack)
+    }
+
+    /// Whether Redis is a cluster (no databases: tests share it, one at a time).
+    pub fn redis_is_cluster(&self) -> bool {
+        !self.redis.cluster_nodes.is_empty()
+    }
+
     /// The stack described by the variables `get` returns, parsed by the binaries' own
     /// definitions (every environment fallback replaced by `get`).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Stack, String> {

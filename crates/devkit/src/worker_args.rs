@@ -127,6 +127,10 @@ impl WorkerFlags {
                 f.set("--redis-url", r.url.expose())
                     .set("--order-memory", duration(r.order_memory))
                     .set("--orders-per-call", r.orders_per_call)
+                    .set_some(
+                        "--redis-cluster-nodes",
+                        (!r.cluster_nodes.is_empty()).then(|| r.cluster_nodes.join(",")),
+                    )
                     .set_some("--redis-username", r.username.as_ref())
                     .set_path("--redis-password-file", &r.password_file)
                     .set_path("--redis-ca-file", &r.ca_file)

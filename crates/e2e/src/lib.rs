@@ -31,6 +31,62 @@ pub use stock_devkit::worker_args::{Wiring, Worker, WorkerFlags};
 
 pub mod nemesis;
 
+/// A Redis database of its own for one test on a single Redis: the workers' settings and
+/// the administrator's store, emptied.
+async fn redis_database(stack: &Stack) -> (RedisArgs, RedisStore) {
+    let base = stock_common::redis_store::client(&stack.redis_admin).expect("REDIS_URL");
+    let mut conn = base
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let n: i64 = conn
+        .incr("stockpipe:test-db-counter", 1)
+        .await
+        .expect("incr");
+    let index = 1 + n % 1000;
+    let redis = RedisArgs {
+        order_memory: Duration::from_secs(86_400),
+        orders_per_call: 100,
+        ..with_redis_db(&stack.redis, index).expect("url")
+    };
+    let redis_admin = RedisArgs {
+        order_memory: redis.order_memory,
+        ..with_redis_db(&stack.redis_admin, index).expect("url")
+    };
+    let store = RedisStore::connect(&redis_admin).await.expect("redis");
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut store.connection())
+        .await
+        .expect("flushdb");
+    (redis, store)
+}
+
+/// A Redis Cluster has one database: a test on it empties every master and must run
+/// alone (`cluster_lock`).
+async fn cluster_redis(stack: &Stack) -> (RedisArgs, RedisStore) {
+    let redis = RedisArgs {
+        order_memory: Duration::from_secs(86_400),
+        orders_per_call: 100,
+        ..stack.redis.clone()
+    };
+    let redis_admin = RedisArgs {
+        order_memory: redis.order_memory,
+        ..stack.redis_admin.clone()
+    };
+    let store = RedisStore::connect(&redis_admin)
+        .await
+        .expect("redis cluster");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut store.connection())
+        .await
+        .expect("flushall on every master");
+    (redis, store)
+}
+
+/// Held by each test that uses the Redis Cluster (one database for all), so that tests of
+/// one binary take turns; `cargo test` runs binaries one after the other.
+pub static CLUSTER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One test's private slice of the stack.
 pub struct TestEnv {
     pub id: String,
@@ -106,30 +162,11 @@ impl TestEnv {
         }
         let db = with_database(&stack.db, &db_name).expect("url");
 
-        let base = stock_common::redis_store::client(&stack.redis_admin).expect("REDIS_URL");
-        let mut conn = base
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to Redis");
-        let n: i64 = conn
-            .incr("stockpipe:test-db-counter", 1)
-            .await
-            .expect("incr");
-        let index = 1 + n % 1000;
-        let redis = RedisArgs {
-            order_memory: Duration::from_secs(86_400),
-            orders_per_call: 100,
-            ..with_redis_db(&stack.redis, index).expect("url")
+        let (redis, store) = if stack.redis_is_cluster() {
+            cluster_redis(&stack).await
+        } else {
+            redis_database(&stack).await
         };
-        let redis_admin = RedisArgs {
-            order_memory: redis.order_memory,
-            ..with_redis_db(&stack.redis_admin, index).expect("url")
-        };
-        let store = RedisStore::connect(&redis_admin).await.expect("redis");
-        let _: () = redis::cmd("FLUSHDB")
-            .query_async(&mut store.connection())
-            .await
-            .expect("flushdb");
 
         TestEnv {
             id,

@@ -24,7 +24,7 @@ async fn requests(env: &TestEnv, request_id: &str) -> i64 {
 
 async fn redis_marker(env: &TestEnv, request_id: &str) -> Option<String> {
     env.store
-        .request_marker(request_id)
+        .request_marker(request_id, 0) // one Redis: the product is not part of the key
         .await
         .expect("get marker")
 }

@@ -45,6 +45,7 @@ fn refused(product: i64) -> OrderRecord {
     OrderRecord::Refused {
         reason: Reason::InsufficientStock,
         product_id: Some(product),
+        claim: None,
     }
 }
 

@@ -298,7 +298,7 @@ impl Worker {
                 // it decided before.
                 Input::Reserve(req) => match reserved.next() {
                     Some(ReserveOutcome::Decided { record, .. }) => {
-                        let cmd = deduct_command(&req.order_id, record);
+                        let cmd = deduct_command(&req.order_id, record)?;
                         out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
                         summary.deducts += 1;
                     }
@@ -372,8 +372,8 @@ impl Worker {
 
 /// The deduct command that carries an order's recorded decision to the consumer: a
 /// pre-deduction (with its token), or a refusal.
-fn deduct_command(order_id: &str, record: OrderRecord) -> DeductCommand {
-    match record {
+fn deduct_command(order_id: &str, record: OrderRecord) -> Result<DeductCommand, StoreError> {
+    Ok(match record {
         OrderRecord::Held { token, items } | OrderRecord::Returned { token, items } => {
             DeductCommand::Reserve {
                 v: INTERNAL_VERSION,
@@ -382,13 +382,20 @@ fn deduct_command(order_id: &str, record: OrderRecord) -> DeductCommand {
                 token: Some(token),
             }
         }
-        OrderRecord::Refused { reason, product_id } => DeductCommand::Refuse {
+        OrderRecord::Refused {
+            reason, product_id, ..
+        } => DeductCommand::Refuse {
             v: INTERNAL_VERSION,
             order_id: order_id.to_owned(),
             reason,
             product_id,
         },
-    }
+        OrderRecord::Pending(_) => {
+            return Err(StoreError::Protocol(format!(
+                "order {order_id}: an undecided claim reached publishing"
+            )))
+        }
+    })
 }
 
 impl batch_loop::BatchStep for Worker {

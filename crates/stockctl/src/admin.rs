@@ -286,7 +286,7 @@ pub async fn restock(
     }
     let memory = store.record_ttl_secs();
     // A set that gave up Redis stock under this id and did not finish owns it.
-    if let Some(m) = store.request_marker(request_id).await? {
+    if let Some(m) = store.request_marker(request_id, product_id).await? {
         if find_request(pool, request_id, memory).await?.is_none() {
             return Err(AdminError::RequestReused {
                 request_id: request_id.to_owned(),
@@ -407,7 +407,7 @@ pub async fn set_stock_with_request(
     let memory = store.record_ttl_secs();
     let done = if let Some(req) = find_request(pool, request_id, memory).await? {
         set_again(pool, store, product_id, request_id, &req).await?
-    } else if let Some((product, taken)) = store.pending_request(request_id).await? {
+    } else if let Some((product, taken)) = store.pending_request(request_id, product_id).await? {
         set_finish_pending(pool, store, product_id, request_id, product, taken).await?
     } else {
         set_afresh(pool, store, product_id, stock, force, request_id).await?
@@ -686,7 +686,7 @@ async fn finish_decrease_answer(
                 // Unloaded: Redis lost its data; the rebuild loads `available`, which never
                 // had this decrease.
                 Ok(AdjustOutcome::Applied | AdjustOutcome::Already | AdjustOutcome::Unloaded) => {
-                    store.forget_request(request_id).await.is_ok()
+                    store.forget_request(request_id, product_id).await.is_ok()
                 }
                 _ => false,
             };

@@ -9,6 +9,7 @@
 -- then, for each order: its record, then stock:{product_id} of each item in item order
 -- ARGV[1]     record lifetime in seconds
 -- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
+-- ARGV[3]     on a cluster, the hash slot of these keys (tokens: see token_seq), or ""
 -- then, for each order:
 --   n         number of items
 --   items     the order's items in canonical form "42:2,7:1"
@@ -49,7 +50,7 @@ local function token()
     last_seq = redis.call('INCRBY', KEYS[3], 100)
     next_seq = last_seq - 99
   end
-  local t = marker .. '.' .. next_seq
+  local t = marker .. '.' .. token_seq(next_seq, ARGV[3])
   next_seq = next_seq + 1
   return t
 end
@@ -70,7 +71,7 @@ local function zero(pid)
 end
 local out = {}
 local k = 4
-local a = 3
+local a = 4
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
   local items = ARGV[a + 1]

@@ -1,0 +1,77 @@
+-- Cross-slot protocol, step 2: takes one claimed pre-deduction's share of stock in one
+-- slot (its items whose stock keys live here), all of them or none, at most once per token.
+--
+-- KEYS[1]     the loaded marker of this slot
+-- then, per order: its hold key in this slot (order id and token), then stock:{p} of each
+--             of its items here
+-- ARGV[1]     hold lifetime in seconds (the order records')
+-- then, per order: token, n, the items here in canonical form, n quantities, n product ids
+--
+-- Returns {'unloaded'} (nothing done), or per order a kind and a detail:
+--   'held' ''           taken now or before under this token
+--   'freed' ''          taken before and given back: the order was refused; never again
+--   'stale' ''          the token names another generation than this slot's (a rebuild
+--                       ran since the claim): nothing done, claim again
+--   'short' <pid>       not enough stock of pid (nothing taken)
+--   'unknown' <pid>     no stock key for pid (nothing taken)
+--   'corrupt' <key>     a stock key that does not hold an integer (nothing taken)
+local marker = redis.call('GET', KEYS[1])
+if not marker then
+  return {'unloaded'}
+end
+local function integer(raw)
+  local digits = string.match(raw, '^%-?(%d+)$')
+  if not digits or string.len(digits) > 18 then
+    return nil
+  end
+  return tonumber(raw)
+end
+local out = {}
+local k = 2
+local a = 2
+while a <= #ARGV do
+  local token = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  local items = ARGV[a + 2]
+  local qty = a + 2
+  local pid = a + 2 + n
+  local hold_key = KEYS[k]
+  local kind, detail = nil, ''
+  if string.match(token, '^([^.]*)') ~= marker then
+    kind = 'stale'
+  else
+    local h = redis.call('GET', hold_key)
+    if h then
+      kind = (string.sub(h, 1, 1) == 'H') and 'held' or 'freed'
+    else
+      for i = 1, n do
+        local raw = redis.call('GET', KEYS[k + i])
+        if not raw then
+          kind, detail = 'unknown', ARGV[pid + i]
+          break
+        end
+        local have = integer(raw)
+        if not have then
+          kind, detail = 'corrupt', KEYS[k + i]
+          break
+        end
+        if have < tonumber(ARGV[qty + i]) then
+          kind, detail = 'short', ARGV[pid + i]
+          break
+        end
+      end
+      if not kind then
+        for i = 1, n do
+          redis.call('DECRBY', KEYS[k + i], ARGV[qty + i])
+        end
+        redis.call('SET', hold_key, 'H|' .. items, 'EX', ARGV[1])
+        kind = 'held'
+      end
+    end
+  end
+  out[#out + 1] = kind
+  out[#out + 1] = detail
+  k = k + 1 + n
+  a = a + 3 + 2 * n
+end
+return out

@@ -1,0 +1,45 @@
+-- Cross-slot protocol: gives back one pre-deduction's share of stock in one slot, at most
+-- once (its hold goes from 'H' to 'F' and is never taken again).
+--
+-- KEYS[1]     the loaded marker of this slot
+-- KEYS[2]     the stock epoch counter of this slot (stock comes back: see reserve.lua)
+-- then, per order: its hold key here, then stock:{p} of each of its items here
+-- then, per order: the generation the give-back belongs to ('' : any), n, n quantities
+--
+-- Returns {'unloaded'} (nothing done), or per order 'released', 'already' (given back
+-- before), 'none' (no hold: never taken here, or forgotten) or 'stale' (Redis was rebuilt
+-- since that generation: the rebuild's snapshot holds it).
+local marker = redis.call('GET', KEYS[1])
+if not marker then
+  return {'unloaded'}
+end
+local out = {}
+local k = 3
+local a = 1
+while a <= #ARGV do
+  local gen = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  local hold_key = KEYS[k]
+  local kind
+  if gen ~= '' and gen ~= marker then
+    kind = 'stale'
+  else
+    local h = redis.call('GET', hold_key)
+    if not h then
+      kind = 'none'
+    elseif string.sub(h, 1, 1) ~= 'H' then
+      kind = 'already'
+    else
+      for i = 1, n do
+        redis.call('INCRBY', KEYS[k + i], ARGV[a + 1 + i])
+      end
+      redis.call('INCR', KEYS[2])
+      redis.call('SET', hold_key, 'F' .. string.sub(h, 2), 'KEEPTTL')
+      kind = 'released'
+    end
+  end
+  out[#out + 1] = kind
+  k = k + 1 + n
+  a = a + 2 + n
+end
+return out

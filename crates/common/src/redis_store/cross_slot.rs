@@ -1,0 +1,766 @@
+//! Orders on a Redis Cluster: one script call per slot for orders whose keys share a
+//! slot, and the cross-slot protocol for the others (DESIGN.md, "Orders across hash
+//! slots").
+//!
+//! The protocol, for an order whose record (`stockpipe:order:<id>`, found from the order id
+//! alone) and stock keys live in different slots. Every step is idempotent and keyed by the
+//! claim's token, so a crash anywhere leaves a state the redelivered batch finishes:
+//! 1. **claim** (`lua/claim.lua`, record's slot): the record becomes `P|<token>|<items>`,
+//!    or an existing record is returned. A redelivery, even with other items, resumes the
+//!    claim it finds with the claim's items.
+//! 2. **hold** (`lua/hold.lua`, each stock slot): the claim's items there, all or none,
+//!    once per token (`stockpipe:hold:{<slot tag>}:<id>:<token>` = `H|<items>`); a hold that
+//!    was given back (`F`) is never taken again.
+//! 3. **decide** (`lua/swap.lua`, record's slot): `P|<token>|` becomes `R|<token>|<items>`
+//!    if every slot held, else `X|<reason>|<pid>|<token>|<items>`. The first decision
+//!    wins; a later one finds it.
+//! 4. **release** (`lua/release.lua`, each stock slot): unless the record says `R` with
+//!    this token, the token's holds are given back (`H` to `F`). A refusal keeps its claim
+//!    in the record, so a redelivery after a crash before this step releases them.
+//!
+//! A give-back of a held order across slots releases its holds first, then turns `R` into
+//! `C`: a crash between the two leaves `R`, and the redelivered give-back finds the holds
+//! already released and writes `C`.
+
+use super::{
+    encode_items, order_key, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
+    ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
+    PIPELINE_CHUNK,
+};
+use redis::Script;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("../lua/token.lua"),
+            include_str!("../lua/claim.lua"),
+        ]
+        .concat(),
+    )
+});
+static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/hold.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../lua/release.lua")));
+static SWAP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/swap.lua")));
+
+/// The key of one pre-deduction's hold in slot `slot`.
+fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
+    format!(
+        "stockpipe:hold:{{{}}}:{order_id}:{token}",
+        super::slots::tag(slot)
+    )
+}
+
+fn slot_of_stock(product_id: i64) -> u16 {
+    super::slots::slot(&stock_key(product_id))
+}
+
+fn slot_of_record(order_id: &str) -> u16 {
+    super::slots::slot(&order_key(order_id))
+}
+
+/// The items of `items` per stock slot, in item order within each slot.
+fn by_slot(items: &[Item]) -> BTreeMap<u16, Vec<Item>> {
+    let mut out: BTreeMap<u16, Vec<Item>> = BTreeMap::new();
+    for it in items {
+        out.entry(slot_of_stock(it.product_id))
+            .or_default()
+            .push(*it);
+    }
+    out
+}
+
+/// Whether an order's record and every stock key share one slot (one script call).
+fn in_one_slot(order_id: &str, items: &[Item]) -> bool {
+    let r = slot_of_record(order_id);
+    items.iter().all(|it| slot_of_stock(it.product_id) == r)
+}
+
+/// What one slot's hold answered for one order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    Held,
+    Freed,
+    Stale,
+    Short(i64),
+    Unknown(i64),
+    Corrupt(String),
+}
+
+/// The state of one order through the protocol.
+enum Step {
+    Done(ReserveOutcome),
+    /// Claimed (now or before): the claim to hold and decide.
+    Claimed(Claim),
+}
+
+fn bad(what: &str) -> StoreError {
+    StoreError::Protocol(format!("cross-slot {what}: reply of the wrong shape"))
+}
+
+/// Runs one script per slot group, each group's calls in one pipeline (with SCRIPT LOAD,
+/// so a promoted replica never answers NOSCRIPT), every slot at once. `calls` holds the
+/// invocations of each slot; returns each call's reply in the same shape.
+async fn run_per_slot<T: redis::FromRedisValue>(
+    store: &RedisStore,
+    script: &Script,
+    calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>>,
+) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
+    let trips = calls.into_iter().map(|(slot, invs)| {
+        let mut conn = store.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.load_script(script).ignore();
+        for inv in &invs {
+            pipe.invoke_script(inv);
+        }
+        async move {
+            let replies: Vec<T> = pipe.query_async(&mut conn).await?;
+            if replies.len() != invs.len() {
+                return Err(bad("pipeline"));
+            }
+            Ok::<_, StoreError>((slot, replies))
+        }
+    });
+    Ok(futures::future::try_join_all(trips)
+        .await?
+        .into_iter()
+        .collect())
+}
+
+impl RedisStore {
+    /// The hold keys and values of a held order across slots (for a load); none for an
+    /// order in one slot or on one Redis.
+    pub(super) fn holds_of(
+        &self,
+        order_id: &str,
+        token: &str,
+        items: &[Item],
+    ) -> Vec<(String, String)> {
+        if !self.cluster || in_one_slot(order_id, items) {
+            return Vec::new();
+        }
+        by_slot(items)
+            .into_iter()
+            .map(|(slot, part)| {
+                (
+                    hold_key(slot, order_id, token),
+                    format!("H|{}", encode_items(&part)),
+                )
+            })
+            .collect()
+    }
+
+    /// [`RedisStore::reserve_many`] on a cluster: orders in one slot by `lua/reserve.lua`,
+    /// per slot in parallel; the others by the cross-slot protocol.
+    pub(super) async fn reserve_on_cluster(
+        &self,
+        reqs: &[ReserveRequest],
+    ) -> Result<ReserveReply, StoreError> {
+        let mut outcomes: Vec<Option<ReserveOutcome>> = vec![None; reqs.len()];
+        let mut single: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let mut across: Vec<usize> = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if r.forced.is_some() || in_one_slot(&r.order_id, &r.items) {
+                single
+                    .entry(slot_of_record(&r.order_id))
+                    .or_default()
+                    .push(i);
+            } else {
+                across.push(i);
+            }
+        }
+        let trips = single.iter().flat_map(|(slot, idx)| {
+            idx.chunks(PIPELINE_CHUNK).map(move |chunk| {
+                let group: Vec<ReserveRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
+                async move {
+                    let (calls, sizes) = self
+                        .reserve_chunk(Shard::Slot(*slot), &group, "", &[])
+                        .await?;
+                    let mut reply = ReserveReply::default();
+                    for (call, n) in calls.into_iter().zip(sizes) {
+                        reply.absorb(call, n)?;
+                    }
+                    Ok::<_, StoreError>((chunk, reply.outcomes))
+                }
+            })
+        });
+        for (chunk, got) in futures::future::try_join_all(trips).await? {
+            if got.len() != chunk.len() {
+                return Err(bad("reserve"));
+            }
+            for (&i, o) in chunk.iter().zip(got) {
+                match o {
+                    // Claimed across slots by an earlier delivery with other items.
+                    ReserveOutcome::Decided {
+                        record: OrderRecord::Pending(_),
+                        ..
+                    } => across.push(i),
+                    o => outcomes[i] = Some(o),
+                }
+            }
+        }
+        if !across.is_empty() {
+            let group: Vec<&ReserveRequest> = across.iter().map(|&i| &reqs[i]).collect();
+            for (i, o) in across.iter().zip(self.decide_across(&group).await?) {
+                outcomes[*i] = Some(o);
+            }
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| bad("reserve")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ReserveReply {
+            outcomes,
+            zeros: Vec::new(),
+        })
+    }
+
+    /// The cross-slot protocol for `reqs` (module docs), one outcome per request.
+    async fn decide_across(
+        &self,
+        reqs: &[&ReserveRequest],
+    ) -> Result<Vec<ReserveOutcome>, StoreError> {
+        let mut steps = self.claim(reqs).await?;
+        crate::failpoint!("producer.xslot.after_claim");
+        // Refusals decided before whose holds may not have been given back yet.
+        let mut release: Vec<(String, Claim)> = Vec::new();
+        for (r, s) in reqs.iter().zip(&steps) {
+            if let Step::Done(ReserveOutcome::Decided {
+                record: OrderRecord::Refused { claim: Some(c), .. },
+                ..
+            }) = s
+            {
+                release.push((r.order_id.clone(), c.clone()));
+            }
+        }
+        let claimed: Vec<(usize, &Claim)> = steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Step::Claimed(c) => Some((i, c)),
+                Step::Done(_) => None,
+            })
+            .collect();
+        let holds = self.hold(reqs, &claimed).await?;
+        crate::failpoint!("producer.xslot.after_hold");
+        // What each claimed order's holds say: a decision, or nothing decided.
+        let mut decisions: Vec<(usize, Claim, Result<OrderRecord, ReserveOutcome>)> = Vec::new();
+        for ((i, claim), answers) in claimed.into_iter().zip(holds) {
+            let mut refusal: Option<(Reason, i64)> = None;
+            let mut undecided: Option<ReserveOutcome> = None;
+            for (item_pid, h) in answers {
+                match h {
+                    Hold::Held => {}
+                    Hold::Stale => {
+                        return Err(StoreError::Retry(format!(
+                            "order {}: a rebuild ran since its claim",
+                            reqs[i].order_id
+                        )))
+                    }
+                    Hold::Corrupt(key) => undecided = Some(ReserveOutcome::Corrupt(key)),
+                    Hold::Short(p) => {
+                        refusal.get_or_insert((Reason::InsufficientStock, p));
+                    }
+                    Hold::Unknown(p) => {
+                        refusal.get_or_insert((Reason::UnknownProduct, p));
+                    }
+                    // Refused before (its decision is written); the reason is the record's.
+                    Hold::Freed => {
+                        refusal.get_or_insert((Reason::InsufficientStock, item_pid));
+                    }
+                }
+            }
+            let c = claim.clone();
+            let decision = match (undecided, refusal) {
+                (Some(o), _) => Err(o),
+                (None, Some((reason, p))) => Ok(OrderRecord::Refused {
+                    reason,
+                    product_id: Some(p),
+                    claim: Some(c.clone()),
+                }),
+                (None, None) => Ok(OrderRecord::Held {
+                    token: c.token.clone(),
+                    items: c.items.clone(),
+                }),
+            };
+            decisions.push((i, c, decision));
+        }
+        let to_write: Vec<(usize, &Claim, &OrderRecord)> = decisions
+            .iter()
+            .filter_map(|(i, c, d)| d.as_ref().ok().map(|rec| (*i, c, rec)))
+            .collect();
+        let written = self.decide(reqs, &to_write).await?;
+        crate::failpoint!("producer.xslot.after_decide");
+        for ((i, claim, _), (fresh, record)) in to_write.iter().zip(written) {
+            let ours = matches!(&record, OrderRecord::Held { token, .. } if *token == claim.token);
+            if !ours {
+                release.push((reqs[*i].order_id.clone(), (*claim).clone()));
+            }
+            steps[*i] = Step::Done(ReserveOutcome::Decided { record, fresh });
+        }
+        for (i, claim, d) in decisions {
+            if let Err(o) = d {
+                // Nothing decided (a corrupt stock key): what it held goes back.
+                release.push((reqs[i].order_id.clone(), claim));
+                steps[i] = Step::Done(o);
+            }
+        }
+        self.release(&release, None).await?;
+        steps
+            .into_iter()
+            .map(|s| match s {
+                Step::Done(o) => Ok(o),
+                Step::Claimed(_) => Err(bad("decide")),
+            })
+            .collect()
+    }
+
+    /// Step 1: claims every order in its record's slot.
+    async fn claim(&self, reqs: &[&ReserveRequest]) -> Result<Vec<Step>, StoreError> {
+        let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, r) in reqs.iter().enumerate() {
+            groups
+                .entry(slot_of_record(&r.order_id))
+                .or_default()
+                .push(i);
+        }
+        let mut calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>> = BTreeMap::new();
+        let mut members: BTreeMap<u16, Vec<Vec<usize>>> = BTreeMap::new();
+        for (slot, idx) in &groups {
+            let shard = Shard::Slot(*slot);
+            for chunk in idx.chunks(self.orders_per_call) {
+                let mut inv = CLAIM.key(shard.loaded_key());
+                inv.key(shard.seq_key())
+                    .arg(self.record_ttl_secs)
+                    .arg(shard.token_arg());
+                for &i in chunk {
+                    inv.key(order_key(&reqs[i].order_id));
+                }
+                for &i in chunk {
+                    inv.arg(encode_items(&reqs[i].items));
+                }
+                calls.entry(*slot).or_default().push(inv);
+                members.entry(*slot).or_default().push(chunk.to_vec());
+            }
+        }
+        let replies: BTreeMap<u16, Vec<Vec<String>>> = run_per_slot(self, &CLAIM, calls).await?;
+        let mut steps: Vec<Option<Step>> = (0..reqs.len()).map(|_| None).collect();
+        for (slot, per_call) in replies {
+            let calls = members.get(&slot).ok_or_else(|| bad("claim"))?;
+            for (reply, idx) in per_call.into_iter().zip(calls) {
+                if reply.first().map(String::as_str) == Some("unloaded") {
+                    for &i in idx {
+                        steps[i] = Some(Step::Done(ReserveOutcome::Unloaded));
+                    }
+                    continue;
+                }
+                if reply.len() != 2 * idx.len() {
+                    return Err(bad("claim"));
+                }
+                for (&i, pair) in idx.iter().zip(reply.chunks(2)) {
+                    let record = OrderRecord::decode(&pair[1])
+                        .ok_or_else(|| StoreError::Protocol(format!("bad record {:?}", pair[1])))?;
+                    steps[i] = Some(match (pair[0].as_str(), record) {
+                        (_, OrderRecord::Pending(c)) => Step::Claimed(c),
+                        ("seen", record) => Step::Done(ReserveOutcome::Decided {
+                            record,
+                            fresh: false,
+                        }),
+                        _ => return Err(bad("claim")),
+                    });
+                }
+            }
+        }
+        steps
+            .into_iter()
+            .map(|s| s.ok_or_else(|| bad("claim")))
+            .collect()
+    }
+
+    /// Step 2: holds each claim's items in each of their slots. Per claimed order, the
+    /// answer of each slot with the first product asked there.
+    async fn hold(
+        &self,
+        reqs: &[&ReserveRequest],
+        claimed: &[(usize, &Claim)],
+    ) -> Result<Vec<Vec<(i64, Hold)>>, StoreError> {
+        // Per slot: (claimed order, its items there).
+        let mut groups: BTreeMap<u16, Vec<(usize, Vec<Item>)>> = BTreeMap::new();
+        for (n, (_, claim)) in claimed.iter().enumerate() {
+            for (slot, part) in by_slot(&claim.items) {
+                groups.entry(slot).or_default().push((n, part));
+            }
+        }
+        let mut calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>> = BTreeMap::new();
+        let mut members: BTreeMap<u16, Vec<Vec<(usize, i64)>>> = BTreeMap::new();
+        for (slot, orders) in &groups {
+            let shard = Shard::Slot(*slot);
+            for chunk in orders.chunks(self.orders_per_call) {
+                let mut inv = HOLD.key(shard.loaded_key());
+                inv.arg(self.record_ttl_secs);
+                let mut who = Vec::with_capacity(chunk.len());
+                for (n, part) in chunk {
+                    let (i, claim) = claimed[*n];
+                    inv.key(hold_key(*slot, &reqs[i].order_id, &claim.token));
+                    for it in part {
+                        inv.key(stock_key(it.product_id));
+                    }
+                    inv.arg(&claim.token)
+                        .arg(part.len())
+                        .arg(encode_items(part));
+                    for it in part {
+                        inv.arg(it.quantity);
+                    }
+                    for it in part {
+                        inv.arg(it.product_id);
+                    }
+                    who.push((*n, part.first().map_or(0, |it| it.product_id)));
+                }
+                calls.entry(*slot).or_default().push(inv);
+                members.entry(*slot).or_default().push(who);
+            }
+        }
+        let replies: BTreeMap<u16, Vec<Vec<String>>> = run_per_slot(self, &HOLD, calls).await?;
+        let mut out: Vec<Vec<(i64, Hold)>> = vec![Vec::new(); claimed.len()];
+        for (slot, per_call) in replies {
+            let calls = members.get(&slot).ok_or_else(|| bad("hold"))?;
+            for (reply, who) in per_call.into_iter().zip(calls) {
+                if reply.first().map(String::as_str) == Some("unloaded") {
+                    // Not loaded: the order cannot be decided now; the batch waits.
+                    return Err(StoreError::Retry(format!("slot {slot} is not loaded")));
+                }
+                if reply.len() != 2 * who.len() {
+                    return Err(bad("hold"));
+                }
+                for (&(n, first), pair) in who.iter().zip(reply.chunks(2)) {
+                    let pid = || pair[1].parse::<i64>().map_err(|_| bad("hold"));
+                    let h = match pair[0].as_str() {
+                        "held" => Hold::Held,
+                        "freed" => Hold::Freed,
+                        "stale" => Hold::Stale,
+                        "short" => Hold::Short(pid()?),
+                        "unknown" => Hold::Unknown(pid()?),
+                        "corrupt" => Hold::Corrupt(pair[1].clone()),
+                        _ => return Err(bad("hold")),
+                    };
+                    out[n].push((first, h));
+                }
+            }
+        }
+        // Slots answer in slot order; a refusal names the first item that failed in the
+        // order's own item order.
+        for ((_, claim), answers) in claimed.iter().zip(out.iter_mut()) {
+            answers.sort_by_key(|(pid, _)| {
+                claim
+                    .items
+                    .iter()
+                    .position(|it| it.product_id == *pid)
+                    .unwrap_or(usize::MAX)
+            });
+        }
+        Ok(out)
+    }
+
+    /// Step 3: writes each decision over its claim (`P|<token>|`) unless another decision
+    /// is there. Per order: whether written now, and the order's one decision.
+    async fn decide(
+        &self,
+        reqs: &[&ReserveRequest],
+        decisions: &[(usize, &Claim, &OrderRecord)],
+    ) -> Result<Vec<(bool, OrderRecord)>, StoreError> {
+        let swaps: Vec<(String, String, String)> = decisions
+            .iter()
+            .map(|(i, claim, rec)| {
+                (
+                    order_key(&reqs[*i].order_id),
+                    format!("P|{}|", claim.token),
+                    rec.encode(),
+                )
+            })
+            .collect();
+        let answers = self.swap(&swaps).await?;
+        answers
+            .into_iter()
+            .map(|a| match a {
+                Swap::New(rec) | Swap::Seen(rec) if matches!(rec, OrderRecord::Pending(_)) => Err(
+                    StoreError::Retry("a claim changed under its decision".into()),
+                ),
+                Swap::New(rec) => Ok((true, rec)),
+                Swap::Seen(rec) => Ok((false, rec)),
+                Swap::Lost => Err(StoreError::Retry(
+                    "an order's claim is gone (a rebuild dropped it)".into(),
+                )),
+                Swap::Unloaded => Err(StoreError::Retry("a record slot is not loaded".into())),
+            })
+            .collect()
+    }
+
+    /// Runs `lua/swap.lua` for each (record key, expected prefix, new record).
+    async fn swap(&self, swaps: &[(String, String, String)]) -> Result<Vec<Swap>, StoreError> {
+        let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, (key, _, _)) in swaps.iter().enumerate() {
+            groups.entry(super::slots::slot(key)).or_default().push(i);
+        }
+        let mut calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>> = BTreeMap::new();
+        let mut members: BTreeMap<u16, Vec<Vec<usize>>> = BTreeMap::new();
+        for (slot, idx) in &groups {
+            for chunk in idx.chunks(self.orders_per_call) {
+                let mut inv = SWAP.key(Shard::Slot(*slot).loaded_key());
+                for &i in chunk {
+                    inv.key(&swaps[i].0);
+                }
+                for &i in chunk {
+                    inv.arg(&swaps[i].1).arg(&swaps[i].2);
+                }
+                calls.entry(*slot).or_default().push(inv);
+                members.entry(*slot).or_default().push(chunk.to_vec());
+            }
+        }
+        let replies: BTreeMap<u16, Vec<Vec<String>>> = run_per_slot(self, &SWAP, calls).await?;
+        let mut out: Vec<Option<Swap>> = (0..swaps.len()).map(|_| None).collect();
+        for (slot, per_call) in replies {
+            let calls = members.get(&slot).ok_or_else(|| bad("swap"))?;
+            for (reply, idx) in per_call.into_iter().zip(calls) {
+                if reply.first().map(String::as_str) == Some("unloaded") {
+                    for &i in idx {
+                        out[i] = Some(Swap::Unloaded);
+                    }
+                    continue;
+                }
+                if reply.len() != 2 * idx.len() {
+                    return Err(bad("swap"));
+                }
+                for (&i, pair) in idx.iter().zip(reply.chunks(2)) {
+                    let rec = || {
+                        OrderRecord::decode(&pair[1]).ok_or_else(|| {
+                            StoreError::Protocol(format!("bad record {:?}", pair[1]))
+                        })
+                    };
+                    out[i] = Some(match pair[0].as_str() {
+                        "new" => Swap::New(rec()?),
+                        "seen" => Swap::Seen(rec()?),
+                        "lost" => Swap::Lost,
+                        _ => return Err(bad("swap")),
+                    });
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| bad("swap")))
+            .collect()
+    }
+
+    /// Step 4 (and a give-back's first step): gives back each claim's holds in every slot
+    /// of its items, in generation `gen` (None: any). Per claim, each slot's answer.
+    async fn release(
+        &self,
+        claims: &[(String, Claim)],
+        gen: Option<&[Option<i64>]>,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
+        let mut groups: BTreeMap<u16, Vec<(usize, Vec<Item>)>> = BTreeMap::new();
+        for (n, (_, claim)) in claims.iter().enumerate() {
+            for (slot, part) in by_slot(&claim.items) {
+                groups.entry(slot).or_default().push((n, part));
+            }
+        }
+        let mut calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>> = BTreeMap::new();
+        let mut members: BTreeMap<u16, Vec<Vec<usize>>> = BTreeMap::new();
+        for (slot, orders) in &groups {
+            let shard = Shard::Slot(*slot);
+            for chunk in orders.chunks(self.orders_per_call) {
+                let mut inv = RELEASE.key(shard.loaded_key());
+                inv.key(shard.epoch_key());
+                let mut who = Vec::with_capacity(chunk.len());
+                for (n, part) in chunk {
+                    let (order_id, claim) = &claims[*n];
+                    inv.key(hold_key(*slot, order_id, &claim.token));
+                    for it in part {
+                        inv.key(stock_key(it.product_id));
+                    }
+                    let g = gen
+                        .and_then(|g| g.get(*n).copied().flatten())
+                        .map(|g| g.to_string())
+                        .unwrap_or_default();
+                    inv.arg(g).arg(part.len());
+                    for it in part {
+                        inv.arg(it.quantity);
+                    }
+                    who.push(*n);
+                }
+                calls.entry(*slot).or_default().push(inv);
+                members.entry(*slot).or_default().push(who);
+            }
+        }
+        let replies: BTreeMap<u16, Vec<Vec<String>>> = run_per_slot(self, &RELEASE, calls).await?;
+        let mut out: Vec<Vec<String>> = vec![Vec::new(); claims.len()];
+        for (slot, per_call) in replies {
+            let calls = members.get(&slot).ok_or_else(|| bad("release"))?;
+            for (reply, who) in per_call.into_iter().zip(calls) {
+                if reply.first().map(String::as_str) == Some("unloaded") {
+                    return Err(StoreError::Retry(format!("slot {slot} is not loaded")));
+                }
+                if reply.len() != who.len() {
+                    return Err(bad("release"));
+                }
+                for (&n, kind) in who.iter().zip(reply) {
+                    out[n].push(kind);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`RedisStore::restore_many`] on a cluster: orders in one slot by `lua/restore.lua`;
+    /// held orders across slots release their holds, then their record becomes `C`.
+    pub(super) async fn restore_on_cluster(
+        &self,
+        reqs: &[Compensation],
+    ) -> Result<Vec<RestoreOutcome>, StoreError> {
+        let mut out: Vec<Option<RestoreOutcome>> = vec![None; reqs.len()];
+        let mut single: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let mut across: Vec<usize> = Vec::new();
+        for (i, c) in reqs.iter().enumerate() {
+            if in_one_slot(&c.order_id, &c.items) {
+                single
+                    .entry(slot_of_record(&c.order_id))
+                    .or_default()
+                    .push(i);
+            } else {
+                across.push(i);
+            }
+        }
+        let trips = single.iter().flat_map(|(slot, idx)| {
+            idx.chunks(PIPELINE_CHUNK).map(move |chunk| {
+                let group: Vec<Compensation> = chunk.iter().map(|&i| reqs[i].clone()).collect();
+                async move {
+                    let got = self.restore_chunk(Shard::Slot(*slot), &group).await?;
+                    Ok::<_, StoreError>((chunk, got))
+                }
+            })
+        });
+        for (chunk, got) in futures::future::try_join_all(trips).await? {
+            for (&i, o) in chunk.iter().zip(got) {
+                out[i] = Some(o);
+            }
+        }
+        if !across.is_empty() {
+            let group: Vec<&Compensation> = across.iter().map(|&i| &reqs[i]).collect();
+            for (i, o) in across.iter().zip(self.restore_across(&group).await?) {
+                out[*i] = Some(o);
+            }
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| bad("restore")))
+            .collect()
+    }
+
+    async fn restore_across(
+        &self,
+        reqs: &[&Compensation],
+    ) -> Result<Vec<RestoreOutcome>, StoreError> {
+        // Read each record with its slot's marker (one slot: one pipeline each).
+        let reads = reqs.iter().map(|c| {
+            let shard = Shard::Slot(slot_of_record(&c.order_id));
+            let mut pipe = redis::pipe();
+            pipe.get(shard.loaded_key()).get(order_key(&c.order_id));
+            let mut conn = self.conn.clone();
+            async move {
+                let (marker, rec): (Option<String>, Option<String>) =
+                    pipe.query_async(&mut conn).await?;
+                Ok::<_, StoreError>((marker, rec))
+            }
+        });
+        let read = futures::future::try_join_all(reads).await?;
+        let mut out: Vec<Option<RestoreOutcome>> = vec![None; reqs.len()];
+        let mut to_release: Vec<(usize, String, Vec<Item>)> = Vec::new();
+        for (i, (c, (marker, rec))) in reqs.iter().zip(read).enumerate() {
+            let Some(marker) = marker else {
+                out[i] = Some(RestoreOutcome::Unloaded);
+                continue;
+            };
+            if c.gen.is_some_and(|g| g.to_string() != marker) {
+                out[i] = Some(RestoreOutcome::Stale);
+                continue;
+            }
+            let Some(rec) = rec else {
+                out[i] = Some(RestoreOutcome::Unknown);
+                continue;
+            };
+            let record = OrderRecord::decode(&rec)
+                .ok_or_else(|| StoreError::Protocol(format!("bad record {rec:?}")))?;
+            out[i] = Some(match record {
+                OrderRecord::Held { token, .. } | OrderRecord::Returned { token, .. }
+                    if c.token.as_ref().is_some_and(|t| *t != token) =>
+                {
+                    RestoreOutcome::Other
+                }
+                OrderRecord::Returned { .. } => RestoreOutcome::Already,
+                OrderRecord::Held { items, .. }
+                    if encode_items(&items) != encode_items(&c.items) =>
+                {
+                    RestoreOutcome::Mismatch
+                }
+                OrderRecord::Held { token, items } => {
+                    to_release.push((i, token, items));
+                    continue;
+                }
+                OrderRecord::Refused { .. } | OrderRecord::Pending(_) => RestoreOutcome::NotHeld,
+            });
+        }
+        let claims: Vec<(String, Claim)> = to_release
+            .iter()
+            .map(|(i, token, items)| {
+                (
+                    reqs[*i].order_id.clone(),
+                    Claim {
+                        token: token.clone(),
+                        items: items.clone(),
+                    },
+                )
+            })
+            .collect();
+        let gens: Vec<Option<i64>> = to_release.iter().map(|(i, ..)| reqs[*i].gen).collect();
+        let released = self.release(&claims, Some(&gens)).await?;
+        crate::failpoint!("producer.xslot.restore_after_release");
+        let swaps: Vec<(String, String, String)> = claims
+            .iter()
+            .map(|(id, c)| {
+                (
+                    order_key(id),
+                    format!("R|{}|", c.token),
+                    OrderRecord::Returned {
+                        token: c.token.clone(),
+                        items: c.items.clone(),
+                    }
+                    .encode(),
+                )
+            })
+            .collect();
+        let swapped = self.swap(&swaps).await?;
+        for (((i, ..), kinds), s) in to_release.iter().zip(released).zip(swapped) {
+            out[*i] = Some(if kinds.iter().any(|k| k == "stale") {
+                RestoreOutcome::Stale
+            } else {
+                match s {
+                    Swap::Unloaded => RestoreOutcome::Unloaded,
+                    Swap::Lost => RestoreOutcome::Unknown,
+                    _ if kinds.iter().any(|k| k == "released") => RestoreOutcome::Restored,
+                    _ => RestoreOutcome::Already,
+                }
+            });
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| bad("restore")))
+            .collect()
+    }
+}
+
+/// What `lua/swap.lua` answered for one record.
+enum Swap {
+    New(OrderRecord),
+    Seen(OrderRecord),
+    Lost,
+    Unloaded,
+}

@@ -1,0 +1,318 @@
+//! The producer on the cluster layout's Redis Cluster (3 masters, 3 replicas) and Kafka
+//! (3 brokers), issue 11 item 2: orders whose items live on three masters are all-or-nothing
+//! and decided once, with the process killed at each point of the cross-slot protocol
+//! (`FAILPOINTS=<point>=1*return`, an abort like `kill -9` there) and restarted.
+//!
+//! After each run, once idle: every order has exactly one outcome, the ledger holds one
+//! reservation per reserved result, stock is conserved and `stock:{p}` equals `available`
+//! on every product (a hold left taken or given back twice would show), no order record is
+//! left claimed (`P`) and no hold is left taken (`H`) for an order that is not reserved.
+//!
+//! The Redis Cluster has one database: these tests empty it and take turns
+//! ([`stock_e2e::CLUSTER_LOCK`]).
+
+use redis::AsyncCommands;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use stock_common::events::{Item, Status};
+use stock_common::redis_store::slots::slot;
+use stock_common::redis_store::{stock_key, RedisStore};
+use stock_e2e::harness::{self, cancelled, created, created_outcomes};
+use stock_e2e::{wait_until, Stack, TestEnv, WorkerProcess, CLUSTER_LOCK};
+
+/// Three products whose stock keys live in the three masters' slot ranges of
+/// `redis-cli --cluster create` (0-5460, 5461-10922, 10923-16383).
+fn three_masters() -> [i64; 3] {
+    let mut found = [None; 3];
+    for p in 1..10_000i64 {
+        let s = slot(&stock_key(p));
+        let m = match s {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        };
+        found[m].get_or_insert(p);
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    found.map(|p| p.expect("a product per master"))
+}
+
+async fn cluster_env() -> TestEnv {
+    let stack =
+        Stack::cluster().expect("the cluster layout: STACK_LAYOUT=cluster bash deploy/stack-up.sh");
+    TestEnv::on_with(stack, 4).await
+}
+
+/// The load: `n` orders of one unit of each of the three products (every fourth also
+/// takes a second unit of the scarce one), and `singles` orders of the scarce product
+/// alone, interleaved.
+fn load(products: [i64; 3], n: usize, singles: usize) -> Vec<(String, Vec<u8>)> {
+    let [a, b, c] = products;
+    let mut msgs = Vec::new();
+    for i in 0..n.max(singles) {
+        if i < n {
+            let id = format!("x-{i}");
+            let mut items = vec![
+                Item {
+                    product_id: a,
+                    quantity: 1,
+                },
+                Item {
+                    product_id: b,
+                    quantity: 1,
+                },
+                Item {
+                    product_id: c,
+                    quantity: 1 + i64::from(i % 4 == 0),
+                },
+            ];
+            items.rotate_left(i % 3);
+            msgs.push((id.clone(), created(&id, &items)));
+        }
+        if i < singles {
+            let id = format!("s-{i}");
+            let items = [Item {
+                product_id: c,
+                quantity: 1,
+            }];
+            msgs.push((id.clone(), created(&id, &items)));
+        }
+    }
+    msgs
+}
+
+/// Every key of `pattern` on the cluster, with its value.
+async fn keys_like(store: &RedisStore, pattern: &str) -> HashMap<String, String> {
+    let masters: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut store.connection())
+        .await
+        .expect("cluster slots");
+    let mut conn = store.connection();
+    let mut out = HashMap::new();
+    for r in masters {
+        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
+        let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
+        let host: String = redis::from_redis_value(node[0].clone()).expect("host");
+        let port: u16 = redis::from_redis_value(node[1].clone()).expect("port");
+        let client = redis::Client::open(format!("redis://{host}:{port}")).expect("client");
+        let mut node_conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("master");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut node_conn)
+            .await
+            .expect("keys");
+        for k in keys {
+            if let Some(v) = conn.get::<_, Option<String>>(&k).await.expect("get") {
+                out.insert(k, v);
+            }
+        }
+    }
+    out
+}
+
+/// The checks of the module docs, once every order of `ids` has its outcome.
+async fn check_idle(
+    env: &TestEnv,
+    ids: &HashSet<String>,
+    products: &[i64],
+    outcomes: &harness::Outcomes,
+) {
+    let bad = harness::conflicting(outcomes);
+    assert!(bad.is_empty(), "orders with two outcomes: {bad:?}");
+    let reserved = ids
+        .iter()
+        .filter(|id| {
+            created_outcomes(&outcomes[*id])
+                .iter()
+                .any(|r| r.status == Status::Reserved)
+        })
+        .count();
+    let in_ledger: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_ledger WHERE status <> 'rejected'")
+            .fetch_one(&env.pool)
+            .await
+            .expect("count");
+    assert_eq!(
+        reserved as i64, in_ledger,
+        "every reserved result is one reservation in PostgreSQL (some since released)"
+    );
+    env.assert_invariants(products).await;
+    let records = keys_like(&env.store, "stockpipe:order:*").await;
+    let claimed: Vec<&String> = records
+        .iter()
+        .filter(|(_, v)| v.starts_with("P|"))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(claimed.is_empty(), "orders left claimed: {claimed:?}");
+    let holds = keys_like(&env.store, "stockpipe:hold:*").await;
+    let reserved_ids: HashSet<&str> = ids
+        .iter()
+        .filter(|id| outcomes[*id].iter().any(|r| r.status == Status::Reserved))
+        .map(String::as_str)
+        .collect();
+    for (k, v) in &holds {
+        if v.starts_with("H|") {
+            // stockpipe:hold:{tag}:<order id>:<token>
+            let id = k
+                .splitn(3, ':')
+                .nth(2)
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, rest)| rest);
+            let id = id
+                .and_then(|r| r.rsplit_once(':'))
+                .map(|(id, _)| id)
+                .unwrap_or("");
+            assert!(
+                reserved_ids.contains(id),
+                "hold {k} = {v} taken for an order that is not reserved"
+            );
+        }
+    }
+    tracing::info!(reserved, holds = holds.len(), "cluster checks passed");
+}
+
+/// Runs the load through a producer (killed at `failpoint` first, unless empty) and a
+/// consumer on the cluster; `cancel` cancels the first reserved orders across slots once
+/// answered (their give-backs cross slots too).
+async fn run(failpoint: &str, cancel: usize) {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 60), (b, 60), (c, 40)]).await;
+    let collector = env.collector();
+    // The whole load waits before the producer starts: its first batch holds all of it,
+    // refusals included, so the crash at a point of the protocol hits every kind of order.
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let msgs = load(products, 60, 30);
+    let ids: HashSet<String> = msgs.iter().map(|(id, _)| id.clone()).collect();
+    harness::publish(&kafka, &env.topics.orders, msgs)
+        .await
+        .expect("publish");
+    let armed = if failpoint.is_empty() || failpoint.starts_with("producer.xslot.restore") {
+        String::new()
+    } else {
+        format!("{failpoint}=1*return")
+    };
+    let mut producer =
+        WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", &armed)]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    if !armed.is_empty() {
+        let code = producer.wait_exit(Duration::from_secs(60));
+        assert!(code.is_some(), "the producer reaches {failpoint}");
+        assert!(
+            producer
+                .log_text()
+                .contains(&format!("failpoint {failpoint}: crash")),
+            "died at {failpoint}: {}",
+            producer.log.display()
+        );
+        producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    }
+    assert!(
+        collector.wait_for(&ids, 1, Duration::from_secs(120)).await,
+        "every order gets an outcome"
+    );
+    if cancel > 0 {
+        let snapshot = collector.snapshot();
+        let mut to_cancel: Vec<String> = ids
+            .iter()
+            .filter(|id| id.starts_with("x-"))
+            .filter(|id| {
+                created_outcomes(&snapshot[*id])
+                    .iter()
+                    .any(|r| r.status == Status::Reserved)
+            })
+            .cloned()
+            .collect();
+        to_cancel.sort();
+        to_cancel.truncate(cancel);
+        if failpoint.starts_with("producer.xslot.restore") {
+            // Armed now: the cancels' give-backs are its next cross-slot work.
+            assert!(producer.terminate(), "producer exits cleanly");
+            producer = WorkerProcess::spawn(
+                &env.process_flags("producer"),
+                &[("FAILPOINTS", &format!("{failpoint}=1*return"))],
+            );
+        }
+        assert!(
+            !to_cancel.is_empty(),
+            "some orders across slots were reserved"
+        );
+        let msgs: Vec<_> = to_cancel
+            .iter()
+            .map(|id| (id.clone(), cancelled(id)))
+            .collect();
+        harness::publish(&kafka, &env.topics.orders, msgs)
+            .await
+            .expect("publish cancels");
+        if failpoint.starts_with("producer.xslot.restore") {
+            let code = producer.wait_exit(Duration::from_secs(60));
+            assert!(code.is_some(), "the producer reaches {failpoint}");
+            assert!(
+                producer
+                    .log_text()
+                    .contains(&format!("failpoint {failpoint}: crash")),
+                "died at {failpoint}"
+            );
+            producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+        }
+        let n = to_cancel.len();
+        assert!(
+            wait_until(|| {
+                let snap = collector.snapshot();
+                let to_cancel = &to_cancel;
+                async move {
+                    to_cancel
+                        .iter()
+                        .filter(|id| snap[*id].iter().any(|r| r.status == Status::Released))
+                        .count()
+                        == n
+                }
+            })
+            .await,
+            "every cancel is answered"
+        );
+    }
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    // Idle: every compensation applied.
+    check_idle(&env, &ids, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_across_three_masters_are_all_or_nothing() {
+    run("", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_claim() {
+    run("producer.xslot.after_claim", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_hold() {
+    run("producer.xslot.after_hold", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_decide() {
+    run("producer.xslot.after_decide", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_in_a_give_back_after_release() {
+    run("producer.xslot.restore_after_release", 10).await;
+}
