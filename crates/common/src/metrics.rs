@@ -52,6 +52,9 @@ pub struct Metrics {
     /// Batches whose database step failed and is being retried, by `cause` (`transient`,
     /// `permanent`): a decided order is never dropped, the consumer stalls and says why.
     pub stalled: IntCounterVec,
+    /// Producer batches on a Redis Cluster published before every master's replica
+    /// confirmed their writes (`WAIT` timed out: a replica down or far behind).
+    pub unreplicated: IntCounter,
 }
 
 impl Metrics {
@@ -105,8 +108,13 @@ impl Metrics {
             ),
             &["cause"],
         )?;
+        let unreplicated = IntCounter::new(
+            "redis_unreplicated_batches_total",
+            "Batches published before every Redis master's replica confirmed their writes",
+        )?;
         for c in [
             Box::new(outcomes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(unreplicated.clone()),
             Box::new(batch_size.clone()),
             Box::new(apply_seconds.clone()),
             Box::new(redis_seconds.clone()),
@@ -140,6 +148,7 @@ impl Metrics {
             expired,
             corrupt_stock,
             stalled,
+            unreplicated,
         })
     }
 

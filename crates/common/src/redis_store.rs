@@ -47,6 +47,9 @@ use redis::{AsyncCommands, Script};
 use slots::Shard;
 use std::sync::LazyLock;
 
+/// The longest a producer waits for a cluster master's replica to confirm a batch's writes.
+pub const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Most scripts sent in one pipelined round trip.
 pub const PIPELINE_CHUNK: usize = 500;
 
@@ -905,6 +908,23 @@ impl RedisStore {
         ];
         let _: i64 = self.conn.clone().del(&keys[..]).await?;
         Ok(())
+    }
+
+    /// On a cluster, waits until every master's replica holds this connection's writes so
+    /// far (`WAIT 1`, at most [`REPLICA_WAIT`]); a failover then promotes a replica that has
+    /// every decision published after this. Returns false if some master's replica did not
+    /// confirm in time (none connected, or far behind): the caller goes on (a lone master
+    /// cannot fail over) and counts it. True at once on one Redis.
+    pub async fn wait_replicated(&self) -> Result<bool, StoreError> {
+        if !self.cluster {
+            return Ok(true);
+        }
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(REPLICA_WAIT.as_millis() as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(acked >= 1)
     }
 
     /// Whether stock has been loaded (the marker exists; on a cluster, every slot's).

@@ -274,6 +274,11 @@ impl Worker {
         if reserved.contains(&ReserveOutcome::Unloaded) {
             return Err(StepError::Unloaded);
         }
+        // Published decisions must survive a failover (replication is asynchronous).
+        if !self.redis.wait_replicated().await? {
+            self.metrics.unreplicated.inc();
+            tracing::warn!("a redis master's replica did not confirm this batch's writes in time");
+        }
         Ok((restored, reserved))
     }
 
