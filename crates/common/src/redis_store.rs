@@ -575,7 +575,10 @@ pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient,
 /// The one writer of Redis: its scripts, loads and operators' changes.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: RedisConn,
+    /// Replaced by [`RedisStore::recover`] when a cluster connection stops answering.
+    conn: std::sync::Arc<std::sync::RwLock<RedisConn>>,
+    /// The cluster client, to make a fresh connection (None on one Redis).
+    cluster_client: Option<redis::cluster::ClusterClient>,
     /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
     cluster: bool,
     record_ttl_secs: u64,
@@ -585,18 +588,19 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
-        let (conn, cluster) = if args.cluster_nodes.is_empty() {
-            (RedisConn::Single(Self::connect_single(args).await?), false)
+        let (conn, cluster_client) = if args.cluster_nodes.is_empty() {
+            (RedisConn::Single(Self::connect_single(args).await?), None)
         } else {
             let client = cluster_client(args)?;
             (
                 RedisConn::Cluster(client.get_async_connection().await?),
-                true,
+                Some(client),
             )
         };
         Ok(RedisStore {
-            conn,
-            cluster,
+            conn: std::sync::Arc::new(std::sync::RwLock::new(conn)),
+            cluster: cluster_client.is_some(),
+            cluster_client,
             record_ttl_secs: args.order_memory.as_secs().max(1),
             orders_per_call: usize::from(args.orders_per_call).max(1),
         })
@@ -622,7 +626,41 @@ impl RedisStore {
     /// The raw connection, for tests and benchmarks that must act around this module (a
     /// drift, a corrupt key, a lost Redis). The workers and `stockctl` use the methods.
     pub fn connection(&self) -> RedisConn {
-        self.conn.clone()
+        self.conn()
+    }
+
+    /// The current connection (cheap: a multiplexed handle).
+    fn conn(&self) -> RedisConn {
+        match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After `e`, on a cluster: a request that timed out or lost its connection replaces
+    /// the cluster connection with a fresh one. redis-rs 1.8's cluster connection can stay
+    /// wedged after a master is killed: a slot refresh started before the failover never
+    /// completes, and every later request times out (seen in
+    /// `tests/redis_cluster.rs::a_master_killed_during_load_loses_no_decision`). Requests
+    /// in flight on the old connection still finish or fail; the caller re-runs its batch.
+    pub async fn recover(&self, e: &StoreError) {
+        let (Some(client), StoreError::Redis(err)) = (&self.cluster_client, e) else {
+            return;
+        };
+        if !(err.is_timeout() || err.is_io_error() || err.is_connection_dropped()) {
+            return;
+        }
+        match client.get_async_connection().await {
+            Ok(fresh) => {
+                if let Ok(mut c) = self.conn.write() {
+                    *c = RedisConn::Cluster(fresh);
+                }
+                tracing::warn!(error = %err, "redis cluster: connection replaced after an error");
+            }
+            Err(again) => {
+                tracing::warn!(error = %again, "redis cluster: cannot connect yet");
+            }
+        }
     }
 
     /// Whether Redis is a cluster.
@@ -737,7 +775,7 @@ impl RedisStore {
             pipe.invoke_script(&inv);
             sizes.push(call.len());
         }
-        let calls: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let calls: Vec<Vec<String>> = pipe.query_async(&mut self.conn()).await?;
         crate::failpoint!("producer.mid_redis");
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
@@ -787,7 +825,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&inv);
         }
-        let replies: Vec<String> = pipe.query_async(&mut self.conn.clone()).await?;
+        let replies: Vec<String> = pipe.query_async(&mut self.conn()).await?;
         replies
             .into_iter()
             .map(|r| {
@@ -825,7 +863,7 @@ impl RedisStore {
             .arg(self.record_ttl_secs)
             .arg(gen.map(|g| g.to_string()).unwrap_or_default())
             .arg(product_id)
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn())
             .await?;
         Ok(match reply.as_str() {
             "applied" => AdjustOutcome::Applied,
@@ -860,8 +898,7 @@ impl RedisStore {
         product_id: i64,
     ) -> Result<Option<String>, StoreError> {
         Ok(self
-            .conn
-            .clone()
+            .conn()
             .get(self.request_key_for(request_id, product_id))
             .await?)
     }
@@ -874,7 +911,7 @@ impl RedisStore {
         request_id: &str,
         product_id: i64,
     ) -> Result<Option<(i64, i64)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let keys = [
             self.request_key_for(request_id, product_id),
             self.request_key_for(&undo_request_id(request_id), product_id),
@@ -906,7 +943,7 @@ impl RedisStore {
             self.request_key_for(request_id, product_id),
             self.request_key_for(&undo_request_id(request_id), product_id),
         ];
-        let _: i64 = self.conn.clone().del(&keys[..]).await?;
+        let _: i64 = self.conn().del(&keys[..]).await?;
         Ok(())
     }
 
@@ -922,7 +959,7 @@ impl RedisStore {
         let acked: i64 = redis::cmd("WAIT")
             .arg(1)
             .arg(REPLICA_WAIT.as_millis() as u64)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         Ok(acked >= 1)
     }
@@ -949,7 +986,7 @@ impl RedisStore {
         let mut values: Vec<Option<String>> = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(4096) {
             // A cluster splits MGET by slot and sends each node its part.
-            let part: Vec<Option<String>> = self.conn.clone().mget(chunk).await?;
+            let part: Vec<Option<String>> = self.conn().mget(chunk).await?;
             values.extend(part);
         }
         Ok(shards.into_iter().zip(values).collect())
@@ -974,7 +1011,7 @@ impl RedisStore {
     pub async fn stop_selling(&self) -> Result<(), StoreError> {
         let keys: Vec<String> = self.shards().iter().map(|s| s.loaded_key()).collect();
         for chunk in keys.chunks(4096) {
-            let _: () = self.conn.clone().del(chunk).await?;
+            let _: () = self.conn().del(chunk).await?;
         }
         Ok(())
     }
@@ -982,9 +1019,8 @@ impl RedisStore {
     /// The keys matching `pattern` on every node that holds data (each master of a cluster).
     async fn scan_all(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
         let mut keys = Vec::new();
-        match &self.conn {
-            RedisConn::Single(c) => {
-                let mut c = c.clone();
+        match self.conn() {
+            RedisConn::Single(mut c) => {
                 let mut iter: redis::AsyncIter<String> = c.scan_match(pattern).await?;
                 while let Some(k) = iter.next_item().await {
                     keys.push(k?);
@@ -1023,7 +1059,7 @@ impl RedisStore {
     async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
             .arg("SLOTS")
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await?;
         let mut out: Vec<(String, u16)> = Vec::new();
         for r in ranges {
@@ -1056,7 +1092,7 @@ impl RedisStore {
         stock: &[(i64, i64)],
         held: &[(String, String, Vec<Item>)],
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         for pattern in FORGOTTEN_ON_LOAD {
             let keys = self.scan_all(pattern).await?;
             for chunk in keys.chunks(1000) {
@@ -1118,7 +1154,7 @@ impl RedisStore {
                 .ignore();
         }
         futures::future::try_join_all(by_shard.into_values().map(|pipe| {
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             async move { pipe.query_async::<()>(&mut conn).await }
         }))
         .await?;
@@ -1130,7 +1166,7 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let raw: Vec<Option<String>> = self.conn.clone().mget(keys).await?;
+        let raw: Vec<Option<String>> = self.conn().mget(keys).await?;
         Ok(keys
             .iter()
             .zip(raw)
@@ -1146,7 +1182,7 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = products.iter().map(|p| stock_key(*p)).collect();
-        Ok(self.conn.clone().mget(keys).await?)
+        Ok(self.conn().mget(keys).await?)
     }
 
     /// `stock:{p}` for each product (None where the key is missing).
@@ -1155,12 +1191,12 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = products.iter().map(|p| stock_key(*p)).collect();
-        Ok(self.conn.clone().mget(keys).await?)
+        Ok(self.conn().mget(keys).await?)
     }
 
     /// The producer's record of an order, if it has one.
     pub async fn order_record(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let raw: Option<String> = self.conn.clone().get(order_key(order_id)).await?;
+        let raw: Option<String> = self.conn().get(order_key(order_id)).await?;
         Ok(raw.as_deref().and_then(OrderRecord::decode))
     }
 

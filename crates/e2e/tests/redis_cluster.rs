@@ -19,6 +19,7 @@ use stock_common::redis_store::slots::slot;
 use stock_common::redis_store::{stock_key, RedisStore};
 use stock_e2e::harness::{self, cancelled, created, created_outcomes};
 use stock_e2e::{wait_until, Stack, TestEnv, WorkerProcess, CLUSTER_LOCK};
+use stockctl::admin;
 
 /// Three products whose stock keys live in the three masters' slot ranges of
 /// `redis-cli --cluster create` (0-5460, 5461-10922, 10923-16383).
@@ -315,4 +316,109 @@ async fn crash_after_decide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_in_a_give_back_after_release() {
     run("producer.xslot.restore_after_release", 10).await;
+}
+
+/// `deploy/cluster-fault.sh ARGS` (waits for its own outcome).
+async fn fault(args: &[&str]) {
+    let deploy = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy"));
+    if let Err(e) = stock_e2e::nemesis::faults::cluster_fault(&deploy, args).await {
+        panic!("{e}");
+    }
+}
+
+/// The port of the master that serves `product`'s stock key now.
+async fn master_of(store: &RedisStore, product: i64) -> u16 {
+    let s = slot(&stock_key(product));
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut store.connection())
+        .await
+        .expect("cluster slots");
+    for r in ranges {
+        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
+        let lo: u16 = redis::from_redis_value(parts[0].clone()).expect("start");
+        let hi: u16 = redis::from_redis_value(parts[1].clone()).expect("end");
+        if (lo..=hi).contains(&s) {
+            let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
+            return redis::from_redis_value(node[1].clone()).expect("port");
+        }
+    }
+    panic!("slot {s} has no master");
+}
+
+/// A master killed (`kill -9`) while orders across all three masters flow: its replica
+/// takes over (the producer retries its batch meanwhile), the old master comes back as a
+/// replica. Every order gets one outcome and the ledger agrees. Decisions were published
+/// only once on a replica (`WAIT`), so the failover loses none; what it can lose is
+/// unpublished work, whose orphaned holds would leave Redis *below* PostgreSQL (never
+/// above): the drift check may find only that, and its repair restores equality.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_during_load_loses_no_decision() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 5_000), (b, 5_000), (c, 2_000)]).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let all = load(products, 1_500, 600);
+    let ids: HashSet<String> = all.iter().map(|(id, _)| id.clone()).collect();
+    let victim = master_of(&env.store, b).await;
+    let port = victim.to_string();
+    let mut chunks = all.chunks(150);
+    for (n, chunk) in chunks.by_ref().enumerate() {
+        harness::publish(&kafka, &env.topics.orders, chunk.to_vec())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if n == 3 {
+            break;
+        }
+    }
+    fault(&["kill-redis-master", &port]).await;
+    for (n, chunk) in chunks.by_ref().enumerate() {
+        harness::publish(&kafka, &env.topics.orders, chunk.to_vec())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if n == 3 {
+            break;
+        }
+    }
+    fault(&["start-redis", &port]).await;
+    for chunk in chunks {
+        harness::publish(&kafka, &env.topics.orders, chunk.to_vec())
+            .await
+            .expect("publish");
+    }
+    assert_ne!(
+        master_of(&env.store, b).await,
+        victim,
+        "a replica took over"
+    );
+    assert!(
+        collector.wait_for(&ids, 1, Duration::from_secs(180)).await,
+        "every order gets an outcome"
+    );
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let report = admin::check_drift(&env.pool, &env.store, true)
+        .await
+        .expect("drift check");
+    for d in &report.drift {
+        assert!(
+            d.redis.is_some_and(|r| r <= d.postgres),
+            "Redis above PostgreSQL after a failover: {d:?}"
+        );
+    }
+    tracing::info!(drift = ?report.drift, "drift after the failover (repaired)");
+    check_idle(&env, &ids, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
 }

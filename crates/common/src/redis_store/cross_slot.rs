@@ -109,7 +109,7 @@ async fn run_per_slot<T: redis::FromRedisValue>(
     calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>>,
 ) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
     let trips = calls.into_iter().map(|(slot, invs)| {
-        let mut conn = store.conn.clone();
+        let mut conn = store.conn();
         let mut pipe = redis::pipe();
         pipe.load_script(script).ignore();
         for inv in &invs {
@@ -665,7 +665,7 @@ impl RedisStore {
             let shard = Shard::Slot(slot_of_record(&c.order_id));
             let mut pipe = redis::pipe();
             pipe.get(shard.loaded_key()).get(order_key(&c.order_id));
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn();
             async move {
                 let (marker, rec): (Option<String>, Option<String>) =
                     pipe.query_async(&mut conn).await?;
