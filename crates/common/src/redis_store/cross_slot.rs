@@ -223,6 +223,11 @@ impl RedisStore {
         reqs: &[&ReserveRequest],
     ) -> Result<Vec<ReserveOutcome>, StoreError> {
         let mut steps = self.claim(reqs).await?;
+        // The claims reach the replicas before any stock is held for them: a failover
+        // that lost a claim with holds taken would leave those holds to no one.
+        if steps.iter().any(|s| matches!(s, Step::Claimed(_))) {
+            self.wait_replicated().await?;
+        }
         crate::failpoint!("producer.xslot.after_claim");
         // Refusals decided before whose holds may not have been given back yet.
         let mut release: Vec<(String, Claim)> = Vec::new();
