@@ -477,7 +477,72 @@ pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(std::sync::Arc<ClusterHandle>),
+}
+
+/// A cluster connection that is replaced when it stops answering. redis-rs 1.8's cluster
+/// connection can stay wedged after a node is killed or restarted: a slot refresh (or a
+/// reconnect to the initial nodes) begun while the node is down never completes, and
+/// every later request times out (seen with a master killed under load in
+/// `tests/redis_cluster.rs` and with a master restarted empty in the cluster nemesis). A
+/// request that times out or loses its connection therefore replaces the connection (at
+/// most once a second); requests in flight on the old one finish or fail, and their
+/// callers retry as after any Redis error.
+pub struct ClusterHandle {
+    client: redis::cluster::ClusterClient,
+    conn: std::sync::RwLock<redis::cluster_async::ClusterConnection>,
+    renewed: tokio::sync::Mutex<std::time::Instant>,
+}
+
+impl ClusterHandle {
+    async fn connect(client: redis::cluster::ClusterClient) -> Result<Self, StoreError> {
+        let conn = client.get_async_connection().await?;
+        Ok(ClusterHandle {
+            client,
+            conn: std::sync::RwLock::new(conn),
+            renewed: tokio::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    fn current(&self) -> redis::cluster_async::ClusterConnection {
+        match self.conn.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// After `err`: a fresh connection if the request timed out or lost its connection.
+    async fn after(&self, err: &redis::RedisError) {
+        if !(err.is_timeout() || err.is_io_error() || err.is_connection_dropped()) {
+            return;
+        }
+        let mut last = self.renewed.lock().await;
+        if last.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        *last = std::time::Instant::now();
+        match self.client.get_async_connection().await {
+            Ok(fresh) => {
+                if let Ok(mut c) = self.conn.write() {
+                    *c = fresh;
+                }
+                tracing::warn!(error = %err, "redis cluster: connection replaced after an error");
+            }
+            Err(again) => tracing::warn!(error = %again, "redis cluster: cannot connect yet"),
+        }
+    }
+
+    async fn route_command(
+        &self,
+        cmd: redis::Cmd,
+        route: redis::cluster_routing::RoutingInfo,
+    ) -> redis::RedisResult<redis::Value> {
+        let r = self.current().route_command(cmd, route).await;
+        if let Err(e) = &r {
+            self.after(e).await;
+        }
+        r
+    }
 }
 
 impl redis::aio::ConnectionLike for RedisConn {
@@ -487,7 +552,13 @@ impl redis::aio::ConnectionLike for RedisConn {
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(h) => Box::pin(async move {
+                let r = h.current().req_packed_command(cmd).await;
+                if let Err(e) = &r {
+                    h.after(e).await;
+                }
+                r
+            }),
         }
     }
 
@@ -499,14 +570,23 @@ impl redis::aio::ConnectionLike for RedisConn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(h) => Box::pin(async move {
+                let r = h
+                    .current()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                if let Err(e) = &r {
+                    h.after(e).await;
+                }
+                r
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster(_) => 0,
         }
     }
 }
@@ -575,10 +655,7 @@ pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient,
 /// The one writer of Redis: its scripts, loads and operators' changes.
 #[derive(Clone)]
 pub struct RedisStore {
-    /// Replaced by [`RedisStore::recover`] when a cluster connection stops answering.
-    conn: std::sync::Arc<std::sync::RwLock<RedisConn>>,
-    /// The cluster client, to make a fresh connection (None on one Redis).
-    cluster_client: Option<redis::cluster::ClusterClient>,
+    conn: RedisConn,
     /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
     cluster: bool,
     record_ttl_secs: u64,
@@ -588,19 +665,15 @@ pub struct RedisStore {
 
 impl RedisStore {
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
-        let (conn, cluster_client) = if args.cluster_nodes.is_empty() {
-            (RedisConn::Single(Self::connect_single(args).await?), None)
+        let conn = if args.cluster_nodes.is_empty() {
+            RedisConn::Single(Self::connect_single(args).await?)
         } else {
-            let client = cluster_client(args)?;
-            (
-                RedisConn::Cluster(client.get_async_connection().await?),
-                Some(client),
-            )
+            let handle = ClusterHandle::connect(cluster_client(args)?).await?;
+            RedisConn::Cluster(std::sync::Arc::new(handle))
         };
         Ok(RedisStore {
-            conn: std::sync::Arc::new(std::sync::RwLock::new(conn)),
-            cluster: cluster_client.is_some(),
-            cluster_client,
+            cluster: matches!(conn, RedisConn::Cluster(_)),
+            conn,
             record_ttl_secs: args.order_memory.as_secs().max(1),
             orders_per_call: usize::from(args.orders_per_call).max(1),
         })
@@ -629,38 +702,9 @@ impl RedisStore {
         self.conn()
     }
 
-    /// The current connection (cheap: a multiplexed handle).
+    /// The connection (cheap: a multiplexed handle).
     fn conn(&self) -> RedisConn {
-        match self.conn.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// After `e`, on a cluster: a request that timed out or lost its connection replaces
-    /// the cluster connection with a fresh one. redis-rs 1.8's cluster connection can stay
-    /// wedged after a master is killed: a slot refresh started before the failover never
-    /// completes, and every later request times out (seen in
-    /// `tests/redis_cluster.rs::a_master_killed_during_load_loses_no_decision`). Requests
-    /// in flight on the old connection still finish or fail; the caller re-runs its batch.
-    pub async fn recover(&self, e: &StoreError) {
-        let (Some(client), StoreError::Redis(err)) = (&self.cluster_client, e) else {
-            return;
-        };
-        if !(err.is_timeout() || err.is_io_error() || err.is_connection_dropped()) {
-            return;
-        }
-        match client.get_async_connection().await {
-            Ok(fresh) => {
-                if let Ok(mut c) = self.conn.write() {
-                    *c = RedisConn::Cluster(fresh);
-                }
-                tracing::warn!(error = %err, "redis cluster: connection replaced after an error");
-            }
-            Err(again) => {
-                tracing::warn!(error = %again, "redis cluster: cannot connect yet");
-            }
-        }
+        self.conn.clone()
     }
 
     /// Whether Redis is a cluster.
@@ -1041,7 +1085,7 @@ impl RedisStore {
                             host: host.clone(),
                             port,
                         });
-                        let v = c.clone().route_command(cmd, route).await?;
+                        let v = c.route_command(cmd, route).await?;
                         let (next, batch): (u64, Vec<String>) = parse_value(v)?;
                         keys.extend(batch);
                         cursor = next;
@@ -1056,7 +1100,7 @@ impl RedisStore {
     }
 
     /// The address of each master of the cluster (`CLUSTER SLOTS`).
-    async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
+    pub async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
             .arg("SLOTS")
             .query_async(&mut self.conn())

@@ -88,6 +88,9 @@ pub struct NemesisConfig {
     /// Run over the cluster layout's three Kafka brokers (`Stack::kafka_cluster`, 12
     /// partitions) instead of the environment's broker.
     pub kafka_cluster: bool,
+    /// Run over the whole cluster layout (`Stack::cluster`: three brokers and the Redis
+    /// Cluster, 12 partitions).
+    pub redis_cluster: bool,
 }
 
 impl NemesisConfig {
@@ -115,6 +118,7 @@ impl NemesisConfig {
             keep_on_failure: true,
             keep: false,
             kafka_cluster: false,
+            redis_cluster: false,
         }
     }
 
@@ -138,6 +142,18 @@ impl NemesisConfig {
             kinds: FaultKind::CLUSTER_KAFKA.to_vec(),
             faults: FaultKind::CLUSTER_KAFKA.len(),
             kafka_cluster: true,
+            ..NemesisConfig::reduced(seed)
+        }
+    }
+
+    /// The reduced run over the whole cluster layout: 10,000 orders, each kind of
+    /// [`FaultKind::CLUSTER`] once (a Redis master killed, slots resharded, a master
+    /// emptied, a broker killed among them).
+    pub fn reduced_cluster(seed: u64) -> NemesisConfig {
+        NemesisConfig {
+            kinds: FaultKind::CLUSTER.to_vec(),
+            faults: FaultKind::CLUSTER.len(),
+            redis_cluster: true,
             ..NemesisConfig::reduced(seed)
         }
     }
@@ -318,7 +334,10 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let producer_bin = procs::find_binary("producer").map_err(anyhow::Error::msg)?;
     let consumer_bin = procs::find_binary("consumer").map_err(anyhow::Error::msg)?;
-    let env = if cfg.kafka_cluster {
+    let env = if cfg.redis_cluster {
+        let stack = crate::Stack::cluster().map_err(anyhow::Error::msg)?;
+        TestEnv::on_with(stack, 12).await
+    } else if cfg.kafka_cluster {
         let stack = crate::Stack::kafka_cluster().map_err(anyhow::Error::msg)?;
         TestEnv::on_with(stack, 12).await
     } else {
@@ -410,7 +429,7 @@ fn stack_control(cfg: &NemesisConfig, env: &TestEnv) -> anyhow::Result<Option<St
         &cfg.deploy_dir,
         &env.kafka.brokers,
         env.db.url.expose(),
-        env.redis.url.expose(),
+        (!env.stack.redis_is_cluster()).then(|| env.redis.url.expose()),
     )
     .map_err(anyhow::Error::msg)?;
     Ok(Some(stack))
@@ -838,7 +857,26 @@ async fn observe(
     }
     obs.stock = stockctl::admin::stock_rows(&env.pool, &[]).await?;
     let products: Vec<i64> = plan.stock.keys().copied().collect();
-    obs.invariants = stockctl::admin::check_invariants(&env.pool, &env.store, &products).await?;
-    obs.redis_loaded = env.store.is_loaded().await?;
+    // A read can time out once after a Redis Cluster node was killed (the connection is
+    // then replaced): retried, as an operator would.
+    let mut attempt = 0;
+    let (invariants, loaded) = loop {
+        attempt += 1;
+        let read = async {
+            let v = stockctl::admin::check_invariants(&env.pool, &env.store, &products).await?;
+            let loaded = env.store.is_loaded().await?;
+            Ok::<_, anyhow::Error>((v, loaded))
+        };
+        match read.await {
+            Ok(r) => break r,
+            Err(e) if attempt < 5 => {
+                tracing::warn!(attempt, error = %e, "reading the stores failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    obs.invariants = invariants;
+    obs.redis_loaded = loaded;
     Ok(obs)
 }

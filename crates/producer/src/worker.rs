@@ -183,9 +183,6 @@ impl Worker {
                 Err(StepError::Kafka(e)) => return Err(e),
                 Err(e) => e,
             };
-            if let StepError::Redis(e) = &err {
-                self.redis.recover(e).await;
-            }
             let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
             let cause = match err {
                 StepError::Unloaded => "redis_unloaded",

@@ -83,6 +83,11 @@ struct Args {
     /// deploy/stack-up.sh`; 12 partitions), with the plaintext layout's PostgreSQL and Redis.
     #[arg(long)]
     kafka_cluster: bool,
+    /// Run over the whole cluster layout: three Kafka brokers and the Redis Cluster (3
+    /// masters, 3 replicas), with Redis master kills, live reshards and a master emptied
+    /// among the faults.
+    #[arg(long, conflicts_with = "kafka_cluster")]
+    cluster: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -121,6 +126,10 @@ async fn main() -> ExitCode {
     if args.kafka_cluster {
         cfg.kafka_cluster = true;
         cfg.kinds = FaultKind::CLUSTER_KAFKA.to_vec();
+    }
+    if args.cluster {
+        cfg.redis_cluster = true;
+        cfg.kinds = FaultKind::CLUSTER.to_vec();
     }
     if let Some(d) = args.deploy_dir {
         cfg.deploy_dir = d;

@@ -36,6 +36,16 @@ pub enum FaultKind {
     /// One of the cluster layout's three Kafka brokers, drawn at random, killed (`kill -9`)
     /// and started again (`deploy/cluster-fault.sh`); the run's brokers must be those.
     KafkaBrokerKill,
+    /// A Redis Cluster master, drawn at random, killed (`kill -9`): its replica takes over;
+    /// after the outage the old master comes back as the new master's replica.
+    RedisMasterKill,
+    /// Slots moved live from one Redis Cluster master to another (`redis-cli --cluster
+    /// reshard`): `ASK`/`MOVED` and `TRYAGAIN` while keys migrate.
+    RedisReshard,
+    /// A Redis Cluster master restarted at once without its data (no failover: it serves its
+    /// slots again, empty, and its replica resyncs empty): those slots' markers are gone,
+    /// checked, then `stockctl rebuild`.
+    RedisMasterEmpty,
 }
 
 impl FaultKind {
@@ -58,6 +68,18 @@ impl FaultKind {
         FaultKind::RedisFlush,
     ];
 
+    /// The kinds of a run over the whole cluster layout (three brokers, the Redis Cluster,
+    /// PostgreSQL): a master killed, slots resharded and a master emptied besides.
+    pub const CLUSTER: [FaultKind; 7] = [
+        FaultKind::Kill9,
+        FaultKind::Pause,
+        FaultKind::KafkaBrokerKill,
+        FaultKind::PostgresRestart,
+        FaultKind::RedisMasterKill,
+        FaultKind::RedisReshard,
+        FaultKind::RedisMasterEmpty,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             FaultKind::Kill9 => "kill-9",
@@ -67,6 +89,9 @@ impl FaultKind {
             FaultKind::RedisRestart => "redis-restart",
             FaultKind::RedisFlush => "redis-flush",
             FaultKind::KafkaBrokerKill => "kafka-broker-kill",
+            FaultKind::RedisMasterKill => "redis-master-kill",
+            FaultKind::RedisReshard => "redis-reshard",
+            FaultKind::RedisMasterEmpty => "redis-master-empty",
         }
     }
 
@@ -74,6 +99,7 @@ impl FaultKind {
         FaultKind::ALL
             .into_iter()
             .chain(FaultKind::CLUSTER_KAFKA)
+            .chain(FaultKind::CLUSTER)
             .find(|k| k.label() == s.trim())
     }
 
@@ -85,6 +111,9 @@ impl FaultKind {
                 | FaultKind::PostgresRestart
                 | FaultKind::RedisRestart
                 | FaultKind::KafkaBrokerKill
+                | FaultKind::RedisMasterKill
+                | FaultKind::RedisReshard
+                | FaultKind::RedisMasterEmpty
         )
     }
 }
@@ -124,7 +153,8 @@ pub struct StackControl {
     stack_dir: PathBuf,
     env: Vec<(String, String)>,
     pg_port: u16,
-    redis_port: u16,
+    /// The single Redis's port; `None` when the run's Redis is the cluster layout's.
+    redis_port: Option<u16>,
     /// The single broker's port; `None` when the run's brokers are several (the cluster
     /// layout's, controlled by `deploy/cluster-fault.sh`).
     kafka_port: Option<u16>,
@@ -170,7 +200,7 @@ impl StackControl {
         deploy_dir: &Path,
         kafka_brokers: &str,
         database_url: &str,
-        redis_url: &str,
+        redis_url: Option<&str>,
     ) -> Result<StackControl, String> {
         let stack_dir = PathBuf::from(
             std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into()),
@@ -179,14 +209,18 @@ impl StackControl {
         let first = brokers.first().copied().unwrap_or_default();
         let kafka_port = url_port(&format!("kafka://{first}"), 9092, "KAFKA_BROKERS")?;
         let pg_port = url_port(database_url, 5432, "DATABASE_URL")?;
-        let redis_port = url_port(redis_url, 6379, "REDIS_URL")?;
+        let redis_port = redis_url
+            .map(|u| url_port(u, 6379, "REDIS_URL"))
+            .transpose()?;
         let kafka_port = if brokers.len() > 1 {
             None
         } else {
             Some(stack_port("KAFKA_PORT", kafka_port)?)
         };
         let pg_port = stack_port("PGPORT_STACK", pg_port)?;
-        let redis_port = stack_port("REDIS_PORT", redis_port)?;
+        let redis_port = redis_port
+            .map(|p| stack_port("REDIS_PORT", p))
+            .transpose()?;
         let controller = match std::env::var("KAFKA_CONTROLLER_PORT") {
             Ok(v) => v,
             Err(_) => controller_port(&stack_dir).unwrap_or_else(|| "9093".into()),
@@ -194,12 +228,14 @@ impl StackControl {
         let mut env = vec![
             ("STACK_DIR".into(), stack_dir.display().to_string()),
             ("PGPORT_STACK".into(), pg_port.to_string()),
-            ("REDIS_PORT".into(), redis_port.to_string()),
             ("KAFKA_CONTROLLER_PORT".into(), controller),
             ("SKIP_TOPICS".into(), "1".into()),
         ];
         if let Some(p) = kafka_port {
             env.push(("KAFKA_PORT".into(), p.to_string()));
+        }
+        if let Some(p) = redis_port {
+            env.push(("REDIS_PORT".into(), p.to_string()));
         }
         let ctl = StackControl {
             deploy_dir: deploy_dir.to_path_buf(),
@@ -222,10 +258,10 @@ impl StackControl {
             }
         }
         let d = &self.stack_dir;
-        let mut checks = vec![
-            ("pg", d.join("pg/data/postmaster.pid"), self.pg_port),
-            ("redis", d.join("redis/redis.pid"), self.redis_port),
-        ];
+        let mut checks = vec![("pg", d.join("pg/data/postmaster.pid"), self.pg_port)];
+        if let Some(port) = self.redis_port {
+            checks.push(("redis", d.join("redis/redis.pid"), port));
+        }
         if let Some(port) = self.kafka_port {
             checks.push(("kafka", d.join("kafka/kafka.pid"), port));
         }
@@ -268,6 +304,34 @@ impl StackControl {
         tokio::time::sleep(outage).await;
         cluster_fault(&self.deploy_dir, &["start-broker", &id]).await?;
         Ok(format!("broker {id} killed and back"))
+    }
+
+    /// `deploy/cluster-fault.sh kill-redis-master PORT` (waits for the failover),
+    /// `outage`, then `start-redis PORT` (it comes back as the new master's replica).
+    pub async fn kill_redis_master(&self, port: u16, outage: Duration) -> Result<String, String> {
+        let port = port.to_string();
+        cluster_fault(&self.deploy_dir, &["kill-redis-master", &port]).await?;
+        tokio::time::sleep(outage).await;
+        cluster_fault(&self.deploy_dir, &["start-redis", &port]).await?;
+        Ok(format!(
+            "master {port} killed, its replica took over; back as a replica"
+        ))
+    }
+
+    /// `deploy/cluster-fault.sh reshard FROM TO SLOTS`, live.
+    pub async fn reshard(&self, from: u16, to: u16, slots: u64) -> Result<String, String> {
+        let (f, t, n) = (from.to_string(), to.to_string(), slots.to_string());
+        cluster_fault(&self.deploy_dir, &["reshard", &f, &t, &n]).await?;
+        Ok(format!("{slots} slots moved from {from} to {to}"))
+    }
+
+    /// `deploy/cluster-fault.sh restart-redis-empty PORT`.
+    pub async fn restart_redis_empty(&self, port: u16) -> Result<(), String> {
+        cluster_fault(
+            &self.deploy_dir,
+            &["restart-redis-empty", &port.to_string()],
+        )
+        .await
     }
 
     /// Stops `svc`, waits `outage`, starts it again (retrying the start a few times).
@@ -438,6 +502,31 @@ impl FaultCtx<'_> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?;
                 (format!("kafka broker {id}"), note)
             }
+            FaultKind::RedisMasterKill | FaultKind::RedisReshard | FaultKind::RedisMasterEmpty => {
+                let stack = self
+                    .stack
+                    .ok_or_else(|| anyhow::anyhow!("no stack control for {}", kind.label()))?;
+                let masters = self.env.store.masters().await?;
+                anyhow::ensure!(masters.len() >= 2, "a Redis Cluster of several masters");
+                let i = rng.range(0, masters.len() as u64) as usize;
+                let port = masters[i].1;
+                let note = match kind {
+                    FaultKind::RedisMasterKill => stack
+                        .kill_redis_master(port, self.outage)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?,
+                    FaultKind::RedisReshard => {
+                        let to = masters[(i + 1) % masters.len()].1;
+                        let n = rng.range(50, 400);
+                        stack
+                            .reshard(port, to, n)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?
+                    }
+                    _ => self.empty_master_and_rebuild(stack, port).await?,
+                };
+                (format!("redis {port}"), note)
+            }
             FaultKind::RedisFlush => {
                 // How long Redis stays empty before the rebuild starts varies, so that the
                 // rebuild meets the pipeline in different states (reservations expiring,
@@ -476,6 +565,42 @@ impl FaultCtx<'_> {
             }
         }
         tracing::warn!("could not read the marker after the Redis restart");
+    }
+
+    /// Restarts a master empty; its slots must then be unloaded (the loss is noticed: G6)
+    /// until the rebuild, which follows.
+    async fn empty_master_and_rebuild(
+        &self,
+        stack: &StackControl,
+        port: u16,
+    ) -> anyhow::Result<String> {
+        stack
+            .restart_redis_empty(port)
+            .await
+            .map_err(|e| anyhow::anyhow!("redis-master-empty: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let unloaded = loop {
+            match self.env.store.unloaded_shards().await {
+                Ok(s) => break s.len(),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "cannot read the loaded markers yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => anyhow::bail!("redis-master-empty: the markers cannot be read: {e}"),
+            }
+        };
+        if unloaded == 0 {
+            self.violation(
+                "G6.loss_not_noticed",
+                format!("master {port} restarted empty, yet every slot's loaded marker is there"),
+            );
+        }
+        tokio::time::sleep(self.outage).await;
+        let report = self.rebuild_retrying().await?;
+        Ok(format!(
+            "{unloaded} slots unloaded; rebuilt: generation {}, {} products, {} held, stopped {} ms",
+            report.generation, report.products, report.held, report.stopped_ms
+        ))
     }
 
     async fn flush_and_rebuild(&self, empty: Duration) -> anyhow::Result<String> {
