@@ -38,6 +38,7 @@ trap 'rm -f "$runs"' EXIT
 for round in $(seq 1 "$rounds"); do
   for layout in $layouts; do
     # A shell of its own per layout: env.sh keeps values already set.
+    # shellcheck disable=SC2016 # $0 and $@ are the inner shell's
     run=(env -u DATABASE_URL -u REDIS_URL -u REDIS_CLUSTER_NODES -u KAFKA_BROKERS
       STACK_LAYOUT="$layout" RUST_LOG=warn
       bash -c '. deploy/env.sh && exec "$0" e2e "$@"' "$bench" "$@")
