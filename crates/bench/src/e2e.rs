@@ -970,7 +970,9 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
             .unwrap_or_else(|| "-".into())
     });
     if figures.iter().any(|f| f.cluster.is_some()) {
-        cluster_rows(&mut metric);
+        for (name, cell) in cluster_rows() {
+            metric(name, &cell);
+        }
     }
     metric("reserved / rejected", &|f| {
         format!("{} / {}", f.reserved, f.rejected)
@@ -1026,43 +1028,48 @@ fn masters(f: &E2eFigures) -> Option<&[MasterShare]> {
 /// The cluster layout's rows: what was emptied, each master's share of the Redis commands,
 /// and CPU µs per order of each node of the layout (Redis by port with its role, Kafka
 /// brokers by port).
-fn cluster_rows(metric: &mut dyn FnMut(&str, &dyn Fn(&E2eFigures) -> String)) {
-    metric("Redis Cluster (database 0)", &|f| match &f.cluster {
-        Some(c) if c.emptied => "emptied (FLUSHALL) before and after".into(),
-        Some(_) => "not emptied".into(),
-        None => "-".into(),
-    });
-    metric(
-        "Redis calls per master (evalsha+eval+other)",
-        &|f| match masters(f) {
-            Some(ms) => ms
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{} {}+{}+{} ({:.0}%)",
-                        m.port,
-                        m.evalsha_calls,
-                        m.eval_calls,
-                        m.other_calls,
-                        100.0 * m.calls_share
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" / "),
+/// A row of the table: its name and how each mode's figures fill its cell.
+type Row = (&'static str, fn(&E2eFigures) -> String);
+
+fn cluster_rows() -> [Row; 4] {
+    [
+        ("Redis Cluster (database 0)", |f| match &f.cluster {
+            Some(c) if c.emptied => "emptied (FLUSHALL) before and after".into(),
+            Some(_) => "not emptied".into(),
             None => "-".into(),
-        },
-    );
-    metric("Redis usec per master (share)", &|f| match masters(f) {
-        Some(ms) => cluster::describe_shares(ms, true),
-        None => "-".into(),
-    });
-    metric("CPU us/order per node (M master, R replica)", &|f| {
-        node_cpu(f)
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    });
+        }),
+        (
+            "Redis calls per master (evalsha+eval+other)",
+            |f| match masters(f) {
+                Some(ms) => ms
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {}+{}+{} ({:.0}%)",
+                            m.port,
+                            m.evalsha_calls,
+                            m.eval_calls,
+                            m.other_calls,
+                            100.0 * m.calls_share
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                None => "-".into(),
+            },
+        ),
+        ("Redis usec per master (share)", |f| match masters(f) {
+            Some(ms) => cluster::describe_shares(ms, true),
+            None => "-".into(),
+        }),
+        ("CPU us/order per node (M master, R replica)", |f| {
+            node_cpu(f)
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
+    ]
 }
 
 /// CPU µs per order of each node of the cluster layout under test, labelled
