@@ -571,6 +571,11 @@ async fn drive(
         Mode::Stream => {
             workers.start_producers(env, batch, np).await?;
             workers.start_consumers(env, batch, nc).await?;
+            // Every instance in its group before the warm-up: a member joining later would
+            // rebalance the group inside the measured span (and replay what was in flight).
+            if !wait_groups(env, np, nc).await? {
+                tracing::warn!("the worker groups are not stable after 60 s; measuring anyway");
+            }
             harness::publish(&producer, &topic, messages(warmup)).await?;
             let warm_ids: Vec<String> = warmup.iter().map(|o| o.id.clone()).collect();
             if !collector.wait_for(&warm_ids, Duration::from_secs(60)).await {
@@ -732,6 +737,16 @@ async fn wait_outcomes(
             return Ok(false);
         }
     }
+}
+
+/// Waits (up to 60 s) until both worker groups are stable with all their instances.
+async fn wait_groups(env: &PipelineEnv, producers: usize, consumers: usize) -> Result<bool> {
+    let probe = Probe::new(&env.kafka, None, env.partitions())?;
+    let (pg, cg) = (workers::producer_group(env), workers::consumer_group(env));
+    probe::poll_until(Duration::from_millis(100), Duration::from_secs(60), || {
+        Ok(probe.group_stable(&pg, producers)? && probe.group_stable(&cg, consumers)?)
+    })
+    .await
 }
 
 /// Waits (up to 60 s) until both groups committed everything on their topics: no
