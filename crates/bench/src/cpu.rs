@@ -3,6 +3,12 @@
 //! `postgres` (every backend and helper), `redis-server`, and this process (the workers,
 //! the load generator and the result collector). A PostgreSQL backend that exits during
 //! the span takes its CPU time with it; the pools keep theirs open, so this is small.
+//!
+//! Each Redis server and Kafka broker is also counted on its own, by the port it serves
+//! (`redis:7001`, `kafka:9292`): a Redis server's port from its process title
+//! (`redis-server 127.0.0.1:7001 [cluster]`), a broker's from the `server.properties` named
+//! on its command line (its advertised client listener). Every layout's nodes that run
+//! are counted, in the groups too (an idle layout's nodes add their small idle CPU).
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -16,6 +22,7 @@ const TICKS: f64 = 100.0;
 pub struct CpuSample {
     at: Instant,
     secs: BTreeMap<&'static str, f64>,
+    nodes: BTreeMap<String, f64>,
 }
 
 /// CPU seconds each group used over a span, and that as a share of every core's time.
@@ -24,6 +31,8 @@ pub struct CpuUse {
     pub span_secs: f64,
     pub cores: usize,
     pub secs: BTreeMap<&'static str, f64>,
+    /// CPU seconds of each Redis server and Kafka broker (`redis:<port>`, `kafka:<port>`).
+    pub nodes: BTreeMap<String, f64>,
 }
 
 impl CpuUse {
@@ -54,6 +63,63 @@ fn group(comm: &str, pid: u32, me: u32) -> Option<&'static str> {
     }
 }
 
+/// The node a process of `group` is, from its command line (NULs between arguments) and,
+/// for a Kafka broker, the text of the properties file it names (`props`).
+fn node_key(group: &str, cmdline: &str, props: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+    let args: Vec<&str> = cmdline
+        .split(['\0', ' '])
+        .filter(|a| !a.is_empty())
+        .collect();
+    match group {
+        "redis" => {
+            // The process title: `redis-server 127.0.0.1:6379`, `redis-server *:7001 [cluster]`.
+            let port = args
+                .iter()
+                .skip(1)
+                .find_map(|a| a.rsplit_once(':')?.1.parse::<u16>().ok())?;
+            Some(format!("redis:{port}"))
+        }
+        "kafka" if args.contains(&"kafka.Kafka") => {
+            let path = args.iter().rev().find(|a| a.ends_with(".properties"))?;
+            let port = kafka_port(&props(path)?)?;
+            Some(format!("kafka:{port}"))
+        }
+        _ => None,
+    }
+}
+
+/// The client port of a broker's `server.properties`: the first advertised listener (or
+/// the first listener that is not a controller's).
+fn kafka_port(props: &str) -> Option<u16> {
+    let get = |key: &str| {
+        props.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
+    };
+    let controllers = get("controller.listener.names").unwrap_or_default();
+    let controllers: Vec<&str> = controllers.split(',').map(str::trim).collect();
+    let listeners = get("advertised.listeners")
+        .filter(|v| !v.is_empty())
+        .or_else(|| get("listeners"))?;
+    listeners.split(',').find_map(|l| {
+        let (name, addr) = l.trim().split_once("://")?;
+        if controllers.contains(&name) {
+            return None;
+        }
+        addr.rsplit_once(':')?.1.parse().ok()
+    })
+}
+
+/// Sums each node's seconds: `(node, seconds)` of every process counted as a node.
+fn by_node(procs: impl IntoIterator<Item = (String, f64)>) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for (k, s) in procs {
+        *out.entry(k).or_default() += s;
+    }
+    out
+}
+
 /// utime + stime of one `/proc/<pid>/stat` line, in ticks.
 fn ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces: skip past it.
@@ -66,6 +132,8 @@ fn ticks(stat: &str) -> Option<u64> {
 pub fn sample() -> CpuSample {
     let me = std::process::id();
     let mut secs: BTreeMap<&'static str, f64> = BTreeMap::new();
+    let mut nodes = Vec::new();
+    let props = |p: &str| std::fs::read_to_string(p).ok();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -76,14 +144,23 @@ pub fn sample() -> CpuSample {
                 continue;
             };
             let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            if let Some(t) = ticks(&stat) {
-                *secs.entry(g).or_default() += t as f64 / TICKS;
+            let Some(t) = ticks(&stat) else {
+                continue;
+            };
+            let s = t as f64 / TICKS;
+            *secs.entry(g).or_default() += s;
+            if g == "redis" || g == "kafka" {
+                let cmdline = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
+                if let Some(k) = node_key(g, &cmdline, &props) {
+                    nodes.push((k, s));
+                }
             }
         }
     }
     CpuSample {
         at: Instant::now(),
         secs,
+        nodes: by_node(nodes),
     }
 }
 
@@ -99,10 +176,21 @@ pub fn between(before: &CpuSample, after: &CpuSample) -> CpuUse {
             )
         })
         .collect();
+    let nodes = after
+        .nodes
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - before.nodes.get(k).copied().unwrap_or(0.0)).max(0.0),
+            )
+        })
+        .collect();
     CpuUse {
         span_secs: after.at.duration_since(before.at).as_secs_f64(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         secs,
+        nodes,
     }
 }
 
@@ -115,6 +203,67 @@ mod tests {
         let stat = "42 (my proc) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
         assert_eq!(ticks(stat), Some(300));
         assert_eq!(ticks("garbage"), None);
+    }
+
+    #[test]
+    fn redis_servers_by_port() {
+        let none = |_: &str| None;
+        let key = |c: &str| node_key("redis", c, &none);
+        assert_eq!(
+            key("redis-server 127.0.0.1:7001 [cluster]\0\0\0\0").as_deref(),
+            Some("redis:7001")
+        );
+        assert_eq!(key("redis-server *:6379").as_deref(), Some("redis:6379"));
+        assert_eq!(
+            key("/usr/bin/redis-server\0/etc/redis.conf\0").as_deref(),
+            None,
+            "no port in the title"
+        );
+        assert_eq!(node_key("postgres", "postgres: walwriter", &none), None);
+    }
+
+    const PROPS: &str = "\
+# generated
+node.id=2
+controller.listener.names=CONTROLLER
+listeners=CONTROLLER://127.0.0.1:9394,PLAINTEXT://127.0.0.1:9293
+advertised.listeners=PLAINTEXT://127.0.0.1:9293
+";
+
+    #[test]
+    fn kafka_brokers_by_port() {
+        assert_eq!(kafka_port(PROPS), Some(9293));
+        let no_adv = PROPS.replace("advertised.listeners=PLAINTEXT://127.0.0.1:9293\n", "");
+        assert_eq!(
+            kafka_port(&no_adv),
+            Some(9293),
+            "controller listener skipped"
+        );
+        assert_eq!(kafka_port("node.id=1\n"), None);
+        let props =
+            |p: &str| (p == "/s/cluster/kafka/2/server.properties").then(|| PROPS.to_owned());
+        let java = "java\0-Xmx384m\0-cp\0/s/kafka/libs/*\0kafka.Kafka\0/s/cluster/kafka/2/server.properties\0";
+        assert_eq!(
+            node_key("kafka", java, &props).as_deref(),
+            Some("kafka:9293")
+        );
+        // A Java tool is not a broker; a broker whose file cannot be read is not counted.
+        let tool = "java\0-cp\0x\0org.apache.kafka.tools.TopicCommand\0--describe\0";
+        assert_eq!(node_key("kafka", tool, &props), None);
+        let other = java.replace("/2/", "/3/");
+        assert_eq!(node_key("kafka", &other, &props), None);
+    }
+
+    #[test]
+    fn pids_of_one_node_are_summed() {
+        let n = by_node([
+            ("redis:7001".to_owned(), 1.5),
+            ("kafka:9292".to_owned(), 2.0),
+            ("redis:7001".to_owned(), 0.5),
+        ]);
+        assert_eq!(n.get("redis:7001"), Some(&2.0));
+        assert_eq!(n.get("kafka:9292"), Some(&2.0));
+        assert_eq!(n.len(), 2);
     }
 
     #[test]

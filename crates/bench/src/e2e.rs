@@ -17,6 +17,7 @@
 //! one distinct outcome, the stock invariants hold (`stockctl::admin::check_invariants`),
 //! and PostgreSQL's reserved units equal the units of the orders reported reserved.
 
+use crate::cluster::{self, ClusterFigures, ClusterProbe, MasterShare};
 use crate::collector::{self, Collected, Collector};
 use crate::cpu;
 use crate::env::{PipelineEnv, Stack};
@@ -75,6 +76,12 @@ pub struct E2eArgs {
     /// Producer workers and consumer workers (each kind in one group).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Producer workers (one group); default `--workers`.
+    #[arg(long)]
+    pub producers: Option<usize>,
+    /// Consumer workers (one group); default `--workers`.
+    #[arg(long)]
+    pub consumers: Option<usize>,
     /// Longest wait for all outcomes.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -97,6 +104,18 @@ pub enum Mode {
     Staged,
 }
 
+impl E2eArgs {
+    /// Producer workers: `--producers`, else `--workers`.
+    pub fn producers(&self) -> usize {
+        self.producers.unwrap_or(self.workers)
+    }
+
+    /// Consumer workers: `--consumers`, else `--workers`.
+    pub fn consumers(&self) -> usize {
+        self.consumers.unwrap_or(self.workers)
+    }
+}
+
 fn parse_share(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (0.0..=1.0).contains(&v) {
@@ -117,7 +136,11 @@ pub struct E2eFigures {
     pub partitions: i32,
     pub batch_size: usize,
     pub linger_ms: u128,
+    /// Workers of each kind when both kinds have as many, else the larger count (see
+    /// `producers` and `consumers`).
     pub workers: usize,
+    pub producers: usize,
+    pub consumers: usize,
     /// stream: the offered load in orders/s (0: all at once).
     pub offered_rate: u64,
     /// stream: per order, its publish to its first outcome, in ms.
@@ -152,6 +175,10 @@ pub struct E2eFigures {
     /// CPU of Kafka, PostgreSQL, Redis and this process over the measured span.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<cpu::CpuUse>,
+    /// On a Redis Cluster: the emptied cluster's nodes and each master's share of the
+    /// Redis commands of the measured span (stream and preload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterFigures>,
     /// Outcomes per second from the start of the measured span.
     pub per_second: Vec<usize>,
     pub complete: bool,
@@ -214,6 +241,8 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     ensure!(args.partitions > 0, "--partitions must be at least 1");
     ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     ensure!(args.workers > 0, "--workers must be at least 1");
+    ensure!(args.producers() > 0, "--producers must be at least 1");
+    ensure!(args.consumers() > 0, "--consumers must be at least 1");
     ensure!(args.max_quantity > 0, "--max-quantity must be at least 1");
     let modes = if args.preload {
         vec![Mode::Preload]
@@ -235,7 +264,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     let wanted: i64 = demand.values().sum();
     println!(
         "e2e: {} orders over {} products (hot share {:.2}, quantity 1-{}), {} units in stock for {} ordered ({:.0}%); \
-         {} partitions, batch {} / linger {:?}, {} worker(s) of each kind",
+         {} partitions, batch {} / linger {:?}, {}",
         args.orders,
         args.products,
         args.hot_share,
@@ -246,14 +275,31 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         args.partitions,
         args.batch_size,
         args.linger,
-        args.workers
+        if args.producers() == args.consumers() {
+            format!("{} worker(s) of each kind", args.producers())
+        } else {
+            format!(
+                "{} producer worker(s), {} consumer worker(s)",
+                args.producers(),
+                args.consumers()
+            )
+        }
     );
+    if !stack.redis.cluster_nodes.is_empty() {
+        println!(
+            "e2e: Redis Cluster ({}): database 0; EVERY MASTER IS EMPTIED (FLUSHALL) before each mode and after it",
+            stack.redis.cluster_nodes.join(",")
+        );
+    }
 
     let mut figures = Vec::new();
     for mode in modes {
         eprintln!("bench e2e: running mode {mode:?}");
         let env = PipelineEnv::create(stack, args.partitions).await?;
-        let measured = measure(&env, args, mode, &orders, &stock).await;
+        if env.redis.is_cluster() {
+            eprintln!("bench e2e: {}", env.redis.describe());
+        }
+        let measured = measure(&env, stack, args, mode, &orders, &stock).await;
         env.cleanup().await;
         let f = measured.with_context(|| format!("mode {mode:?}"))?;
         eprintln!(
@@ -321,6 +367,8 @@ struct Timing {
     sent_at: HashMap<String, Instant>,
     /// CPU of each part of the stack over the measured span.
     cpu: Option<cpu::CpuUse>,
+    /// On a cluster: each master's share of the Redis commands over the measured span.
+    masters: Option<Vec<MasterShare>>,
 }
 
 impl Timing {
@@ -335,6 +383,7 @@ impl Timing {
             consumer_metrics: None,
             sent_at: HashMap::new(),
             cpu: None,
+            masters: None,
         }
     }
 }
@@ -363,8 +412,54 @@ fn delta(
     Some((after? - before?, span))
 }
 
+/// The start of a measured span: CPU, and on a cluster each master's command counters.
+struct SpanStart {
+    cpu: cpu::CpuSample,
+    stats: Option<cluster::StatsSample>,
+}
+
+/// Samples the start of a span (the command counters first, so that reading them is not
+/// in the CPU figures).
+async fn span_start(probe: Option<&ClusterProbe>) -> SpanStart {
+    let stats = match probe {
+        Some(p) => cluster_stats(p).await,
+        None => None,
+    };
+    SpanStart {
+        cpu: cpu::sample(),
+        stats,
+    }
+}
+
+/// CPU and (cluster) each master's share from `start` to now.
+async fn span_end(
+    start: &SpanStart,
+    probe: Option<&ClusterProbe>,
+) -> (cpu::CpuUse, Option<Vec<MasterShare>>) {
+    let cpu = cpu::between(&start.cpu, &cpu::sample());
+    let masters = match (probe, &start.stats) {
+        (Some(p), Some(before)) => cluster_stats(p)
+            .await
+            .map(|after| cluster::between(before, &after)),
+        _ => None,
+    };
+    (cpu, masters)
+}
+
+/// The masters' command counters, or None (logged): an extra, not a reason to fail.
+async fn cluster_stats(probe: &ClusterProbe) -> Option<cluster::StatsSample> {
+    match probe.sample().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "INFO commandstats unavailable");
+            None
+        }
+    }
+}
+
 async fn measure(
     env: &PipelineEnv,
+    stack: &Stack,
     args: &E2eArgs,
     mode: Mode,
     orders: &[Order],
@@ -393,6 +488,18 @@ async fn measure(
         pipeline_depth: 2,
     };
 
+    // On a cluster: its nodes now (after the load), to read each master's counters.
+    let probe = if env.redis.is_cluster() {
+        match ClusterProbe::connect(&stack.admin()?.redis).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the Redis Cluster's nodes: no per-master figures");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let run = Run {
         env,
         args,
@@ -400,6 +507,7 @@ async fn measure(
         collector: &collector,
         batch,
         warmup: &warmup,
+        probe: probe.as_ref(),
     };
     let mut workers = Workers::default();
     let timed = drive(&run, &mut workers, msgs).await;
@@ -415,9 +523,16 @@ async fn measure(
 
     let all_products: Vec<i64> = all_stock.keys().copied().collect();
     let checks = check(env, orders, &warmup, &collected, &all_products, idle).await?;
-    Ok(figures(
-        args, mode, orders, &warmup, &timing, &collected, &checks,
-    ))
+    let mut f = figures(args, mode, orders, &warmup, &timing, &collected, &checks);
+    if env.redis.is_cluster() {
+        f.cluster = Some(ClusterFigures {
+            emptied: true,
+            redis_nodes: probe.as_ref().map(ClusterProbe::roles).unwrap_or_default(),
+            kafka_ports: cluster::broker_ports(&env.kafka.brokers),
+            masters: timing.masters.clone().unwrap_or_default(),
+        });
+    }
+    Ok(f)
 }
 
 /// What one mode runs with.
@@ -428,6 +543,8 @@ struct Run<'a> {
     collector: &'a Collector,
     batch: BatchArgs,
     warmup: &'a [Order],
+    /// A cluster's nodes (per-master command counters), when Redis is one.
+    probe: Option<&'a ClusterProbe>,
 }
 
 /// Runs the mode's workers and publishes `msgs`; returns once every order has an outcome
@@ -443,16 +560,22 @@ async fn drive(
         mode,
         collector,
         warmup,
+        probe,
         ..
     } = *run;
     let batch = &run.batch;
     let producer = stock_common::kafka::producer(&env.kafka).context("kafka producer")?;
     let topic = env.topics().orders.clone();
-    let n = args.workers;
+    let (np, nc) = (args.producers(), args.consumers());
     match mode {
         Mode::Stream => {
-            workers.start_producers(env, batch, n).await?;
-            workers.start_consumers(env, batch, n).await?;
+            workers.start_producers(env, batch, np).await?;
+            workers.start_consumers(env, batch, nc).await?;
+            // Every instance in its group before the warm-up: a member joining later would
+            // rebalance the group inside the measured span (and replay what was in flight).
+            if !wait_groups(env, np, nc).await? {
+                tracing::warn!("the worker groups are not stable after 60 s; measuring anyway");
+            }
             harness::publish(&producer, &topic, messages(warmup)).await?;
             let warm_ids: Vec<String> = warmup.iter().map(|o| o.id.clone()).collect();
             if !collector.wait_for(&warm_ids, Duration::from_secs(60)).await {
@@ -460,14 +583,14 @@ async fn drive(
             }
             let p0 = sampled("producer", workers.producer_sample()).await;
             let c0 = sampled("consumer", workers.consumer_sample()).await;
-            let cpu0 = cpu::sample();
+            let span0 = span_start(probe).await;
             let start = Instant::now();
             let rate = args.rate;
             let publisher =
                 tokio::spawn(async move { publish_paced(&producer, &topic, msgs, rate).await });
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
-            let cpu = cpu::between(&cpu0, &cpu::sample());
+            let (cpu, masters) = span_end(&span0, probe).await;
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             let (published, sent_at) = publisher.await.context("publisher task")??;
@@ -476,24 +599,26 @@ async fn drive(
                 consumer_metrics: delta(c0, c1, span),
                 sent_at,
                 cpu: Some(cpu),
+                masters,
                 ..Timing::new(start, published - start, complete)
             })
         }
         Mode::Preload => {
             let publish = publish_timed(&producer, &topic, msgs).await?;
-            let cpu0 = cpu::sample();
+            let span0 = span_start(probe).await;
             let start = Instant::now();
-            workers.start_producers(env, batch, n).await?;
-            workers.start_consumers(env, batch, n).await?;
+            workers.start_producers(env, batch, np).await?;
+            workers.start_consumers(env, batch, nc).await?;
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
-            let cpu = Some(cpu::between(&cpu0, &cpu::sample()));
+            let (cpu, masters) = span_end(&span0, probe).await;
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             Ok(Timing {
                 producer_metrics: delta(Some(Sample::default()), p1, span),
                 consumer_metrics: delta(Some(Sample::default()), c1, span),
-                cpu,
+                cpu: Some(cpu),
+                masters,
                 ..Timing::new(start, publish, complete)
             })
         }
@@ -503,7 +628,7 @@ async fn drive(
             let probe = Probe::new(&env.kafka, None, env.partitions())?;
             let deduct = env.topics().deduct.clone();
             let start = Instant::now();
-            workers.start_producers(env, batch, n).await?;
+            workers.start_producers(env, batch, np).await?;
             // Done when every order is either forwarded (a deduct command) or rejected
             // (a result: only the producer writes results in this stage).
             let done = probe::poll_until(Duration::from_millis(20), args.timeout, || {
@@ -522,7 +647,7 @@ async fn drive(
                 return Ok(producer_part);
             }
             let consumer_start = Instant::now();
-            workers.start_consumers(env, batch, n).await?;
+            workers.start_consumers(env, batch, nc).await?;
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let consumer_stage = consumer_start.elapsed();
             let c1 = sampled("consumer", workers.consumer_sample()).await;
@@ -612,6 +737,16 @@ async fn wait_outcomes(
             return Ok(false);
         }
     }
+}
+
+/// Waits (up to 60 s) until both worker groups are stable with all their instances.
+async fn wait_groups(env: &PipelineEnv, producers: usize, consumers: usize) -> Result<bool> {
+    let probe = Probe::new(&env.kafka, None, env.partitions())?;
+    let (pg, cg) = (workers::producer_group(env), workers::consumer_group(env));
+    probe::poll_until(Duration::from_millis(100), Duration::from_secs(60), || {
+        Ok(probe.group_stable(&pg, producers)? && probe.group_stable(&cg, consumers)?)
+    })
+    .await
 }
 
 /// Waits (up to 60 s) until both groups committed everything on their topics: no
@@ -757,7 +892,9 @@ fn figures(
         partitions: args.partitions,
         batch_size: args.batch_size,
         linger_ms: args.linger.as_millis(),
-        workers: args.workers,
+        workers: args.producers().max(args.consumers()),
+        producers: args.producers(),
+        consumers: args.consumers(),
         offered_rate: if mode == Mode::Stream { args.rate } else { 0 },
         latency_ms: (!t.sent_at.is_empty()).then(|| {
             report::Latency::of(
@@ -784,11 +921,12 @@ fn figures(
         consumer_stage_rate: t.consumer_stage.map(|d| rate(deducts, d)),
         producer_cycle: t
             .producer_metrics
-            .and_then(|(s, span)| Breakdown::of(s, span, args.workers, s.redis_secs)),
+            .and_then(|(s, span)| Breakdown::of(s, span, args.producers(), s.redis_secs)),
         consumer_cycle: t
             .consumer_metrics
-            .and_then(|(s, span)| Breakdown::of(s, span, args.workers, s.apply_secs)),
+            .and_then(|(s, span)| Breakdown::of(s, span, args.consumers(), s.apply_secs)),
         cpu: t.cpu.clone(),
+        cluster: None,
         per_second: collector::per_second(&arrivals, t.start),
         complete: t.complete,
         missing: c.missing,
@@ -846,6 +984,11 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
             .map(cpu::CpuUse::describe)
             .unwrap_or_else(|| "-".into())
     });
+    if figures.iter().any(|f| f.cluster.is_some()) {
+        for (name, cell) in cluster_rows() {
+            metric(name, &cell);
+        }
+    }
     metric("reserved / rejected", &|f| {
         format!("{} / {}", f.reserved, f.rejected)
     });
@@ -887,4 +1030,79 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
         json_line(f)?;
     }
     Ok(())
+}
+
+/// A cluster run's per-master shares, when any was read.
+fn masters(f: &E2eFigures) -> Option<&[MasterShare]> {
+    f.cluster
+        .as_ref()
+        .map(|c| c.masters.as_slice())
+        .filter(|m| !m.is_empty())
+}
+
+/// The cluster layout's rows: what was emptied, each master's share of the Redis commands,
+/// and CPU µs per order of each node of the layout (Redis by port with its role, Kafka
+/// brokers by port).
+/// A row of the table: its name and how each mode's figures fill its cell.
+type Row = (&'static str, fn(&E2eFigures) -> String);
+
+fn cluster_rows() -> [Row; 4] {
+    [
+        ("Redis Cluster (database 0)", |f| match &f.cluster {
+            Some(c) if c.emptied => "emptied (FLUSHALL) before and after".into(),
+            Some(_) => "not emptied".into(),
+            None => "-".into(),
+        }),
+        (
+            "Redis calls per master (evalsha+eval+other)",
+            |f| match masters(f) {
+                Some(ms) => ms
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{} {}+{}+{} ({:.0}%)",
+                            m.port,
+                            m.evalsha_calls,
+                            m.eval_calls,
+                            m.other_calls,
+                            100.0 * m.calls_share
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                None => "-".into(),
+            },
+        ),
+        ("Redis usec per master (share)", |f| match masters(f) {
+            Some(ms) => cluster::describe_shares(ms, true),
+            None => "-".into(),
+        }),
+        ("CPU us/order per node (M master, R replica)", |f| {
+            node_cpu(f)
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }),
+    ]
+}
+
+/// CPU µs per order of each node of the cluster layout under test, labelled
+/// `redis:7001 M`, `kafka:9292`.
+pub fn node_cpu(f: &E2eFigures) -> Vec<(String, f64)> {
+    let (Some(c), Some(cpu)) = (&f.cluster, &f.cpu) else {
+        return Vec::new();
+    };
+    let per_order =
+        |k: &str| 1e6 * cpu.nodes.get(k).copied().unwrap_or(0.0) / f.orders.max(1) as f64;
+    let redis = c.redis_nodes.iter().map(|(port, role)| {
+        let k = format!("redis:{port}");
+        let r = if *role == "master" { "M" } else { "R" };
+        (format!("{k} {r}"), per_order(&k))
+    });
+    let kafka = c.kafka_ports.iter().map(|port| {
+        let k = format!("kafka:{port}");
+        (k.clone(), per_order(&k))
+    });
+    redis.chain(kafka).collect()
 }

@@ -3,6 +3,11 @@
 //! [`REDIS_FIRST_DB`]`..` (flushed), topics prefixed `bench-<id>.`. Each part is removed by
 //! its `cleanup`, which only logs what it could not undo, so that a run's own error is
 //! the one reported.
+//!
+//! On a Redis Cluster (`REDIS_CLUSTER_NODES` set) there is one database, 0: the run takes
+//! the whole cluster, empties every master (`FLUSHALL`) before it and again after it. Two
+//! runs (or a run and the tests) on one cluster must take turns: run them under
+//! `flock /tmp/stockpipe-cluster.lock`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -156,20 +161,85 @@ fn claim_key(index: u32) -> String {
 }
 
 /// A Redis database of the run's own: claimed (a key in the base database, so that two
-/// concurrent runs never share one), flushed, released by [`RedisSlot::cleanup`].
+/// concurrent runs never share one), flushed, released by [`RedisSlot::cleanup`]. On a
+/// cluster ([`RedisSlot::cluster`]): database 0 of the whole cluster, emptied.
 pub struct RedisSlot {
     /// The producer's settings for the run's database.
     pub args: RedisArgs,
     /// The administrator's store on it.
     pub store: RedisStore,
     pub index: u32,
-    base: redis::aio::MultiplexedConnection,
+    /// The connection holding the claim (one Redis); None on a cluster.
+    base: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl RedisSlot {
+    /// The run's Redis: a claimed database of one Redis ([`RedisSlot::claim`]), or the
+    /// whole cluster when `base` names cluster nodes ([`RedisSlot::cluster`]).
+    pub async fn for_run(workers: &RedisArgs, base: &RedisArgs, id: &str) -> Result<Self> {
+        if base.cluster_nodes.is_empty() {
+            Self::claim(workers, base, id).await
+        } else {
+            Self::cluster(workers, base).await
+        }
+    }
+
+    /// Whether this is a Redis Cluster (database 0, emptied for the run).
+    pub fn is_cluster(&self) -> bool {
+        self.base.is_none()
+    }
+
+    /// What the run uses, for its output: the database, or the emptied cluster.
+    pub fn describe(&self) -> String {
+        if self.is_cluster() {
+            format!(
+                "Redis Cluster ({} seed nodes), database 0: EMPTIED, FLUSHALL on every master before the run and after it",
+                self.args.cluster_nodes.len()
+            )
+        } else {
+            format!("Redis database {} (claimed, flushed)", self.index)
+        }
+    }
+
+    /// The whole cluster of `base.cluster_nodes`, database 0, emptied: `FLUSHALL` on every
+    /// master (the cluster client sends it to each), checked by `DBSIZE` (summed over the
+    /// masters) being 0. `workers` are the producer's settings (the same cluster).
+    pub async fn cluster(workers: &RedisArgs, base: &RedisArgs) -> Result<Self> {
+        let store = RedisStore::connect(base).await.with_context(|| {
+            format!(
+                "connecting to the Redis Cluster {} (is the cluster layout up? STACK_LAYOUT=cluster bash deploy/stack-status.sh)",
+                base.cluster_nodes.join(",")
+            )
+        })?;
+        let slot = RedisSlot {
+            args: workers.clone(),
+            store,
+            index: 0,
+            base: None,
+        };
+        slot.flush()
+            .await
+            .context("emptying the Redis Cluster (FLUSHALL)")?;
+        let keys: i64 = redis::cmd("DBSIZE")
+            .query_async(&mut slot.store.connection())
+            .await
+            .context("DBSIZE of the Redis Cluster")?;
+        if keys != 0 {
+            bail!("the Redis Cluster still holds {keys} keys after FLUSHALL (another run or test writing to it? take /tmp/stockpipe-cluster.lock)");
+        }
+        eprintln!(
+            "bench: Redis Cluster {}: every master emptied (FLUSHALL)",
+            base.cluster_nodes.join(",")
+        );
+        Ok(slot)
+    }
+
     /// Claims a database with the administrator's settings `base`; `workers` are the
-    /// producer's.
+    /// producer's. One Redis only: on a cluster, see [`RedisSlot::cluster`].
     pub async fn claim(workers: &RedisArgs, base: &RedisArgs, id: &str) -> Result<Self> {
+        if !base.cluster_nodes.is_empty() {
+            bail!("this bench runs on one Redis, not on a Redis Cluster: unset REDIS_CLUSTER_NODES (the plain layout: . deploy/env.sh)");
+        }
         let client = stock_common::redis_store::client(base).context("Redis settings")?;
         let mut conn = client
             .get_multiplexed_async_connection()
@@ -214,7 +284,7 @@ impl RedisSlot {
             args,
             store,
             index,
-            base: conn,
+            base: Some(conn),
         };
         if let Err(e) = slot.flush().await {
             slot.cleanup().await;
@@ -225,21 +295,30 @@ impl RedisSlot {
 
     /// `FLUSHDB ASYNC`: the database is empty at once and freed in the background (a
     /// synchronous flush of a run's 100k order records can outlast the client's timeout).
+    /// On a cluster `FLUSHALL ASYNC`, sent to every master.
     pub async fn flush(&self) -> Result<(), redis::RedisError> {
-        redis::cmd("FLUSHDB")
+        let cmd = if self.is_cluster() {
+            "FLUSHALL"
+        } else {
+            "FLUSHDB"
+        };
+        redis::cmd(cmd)
             .arg("ASYNC")
             .query_async::<()>(&mut self.store.connection())
             .await
     }
 
-    /// Flushes the database and releases the claim.
-    pub async fn cleanup(mut self) {
+    /// Flushes the database and releases the claim (on a cluster: empties it).
+    pub async fn cleanup(self) {
         if let Err(e) = self.flush().await {
             tracing::warn!(index = self.index, error = %e, "could not flush the bench Redis database");
         }
+        let Some(mut base) = self.base else {
+            return;
+        };
         let released: Result<(), _> = redis::cmd("DEL")
             .arg(claim_key(self.index))
-            .query_async(&mut self.base)
+            .query_async(&mut base)
             .await;
         if let Err(e) = released {
             tracing::warn!(index = self.index, error = %e, "could not release the Redis database claim");
@@ -300,7 +379,7 @@ impl PipelineEnv {
                 return Err(e);
             }
         };
-        let redis = match RedisSlot::claim(&stack.redis, &admin.redis, &id).await {
+        let redis = match RedisSlot::for_run(&stack.redis, &admin.redis, &id).await {
             Ok(r) => r,
             Err(e) => {
                 topics.cleanup().await;

@@ -31,7 +31,10 @@
 //!   that goes with it.
 //! * [`driver`]: the closed-loop driver of per-order measurements (a connection per task,
 //!   a shared queue, per-order latency).
-//! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span.
+//! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span,
+//!   and of each Redis server and Kafka broker by port.
+//! * [`cluster`]: on the cluster layout, the Redis Cluster's nodes and each master's share
+//!   of the Redis commands of a span (`INFO commandstats`).
 //! * [`collector`]: reads `stock.results` with arrival times; wakes a client waiting for
 //!   one order's result.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
@@ -43,6 +46,7 @@
 
 pub mod apply;
 pub mod chart;
+pub mod cluster;
 pub mod collector;
 pub mod cpu;
 pub mod driver;

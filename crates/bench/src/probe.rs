@@ -33,6 +33,20 @@ impl Probe {
         })
     }
 
+    /// Whether consumer group `group` is `Stable` with exactly `members` members (every
+    /// member joined and the partitions are assigned; no rebalance under way).
+    pub fn group_stable(&self, group: &str, members: usize) -> Result<bool> {
+        tokio::task::block_in_place(|| {
+            let list = self
+                .consumer
+                .fetch_group_list(Some(group), BROKER_TIMEOUT)
+                .with_context(|| format!("describing group {group}"))?;
+            Ok(list.groups().iter().any(|g| {
+                g.name() == group && g.state() == "Stable" && g.members().len() == members
+            }))
+        })
+    }
+
     /// Messages ever written to `topic` (sum of high watermarks).
     pub fn written(&self, topic: &str) -> Result<i64> {
         tokio::task::block_in_place(|| {
