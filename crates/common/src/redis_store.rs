@@ -106,7 +106,12 @@ pub fn is_stock_integer(raw: &str) -> bool {
     (1..=18).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The key of the producer's record of one order.
+/// On a Redis Cluster, the order records live in this many hash slots (a bucket drawn from
+/// the order id), not in one slot per order id: a batch's claims and decisions then share
+/// script calls, as a batch's orders share them on one Redis.
+pub const RECORD_BUCKETS: u16 = 256;
+
+/// The key of the producer's record of one order on one Redis.
 pub fn order_key(order_id: &str) -> String {
     format!("stockpipe:order:{order_id}")
 }
@@ -712,6 +717,16 @@ impl RedisStore {
         self.cluster
     }
 
+    /// The key of the producer's record of an order, found from the order id alone: on a
+    /// cluster `stockpipe:order:{o<bucket>}:<id>` ([`RECORD_BUCKETS`]).
+    pub fn record_key(&self, order_id: &str) -> String {
+        if self.cluster {
+            cross_slot::record_key(order_id)
+        } else {
+            order_key(order_id)
+        }
+    }
+
     /// The shard that holds `key`: the whole Redis, or the key's slot on a cluster.
     pub fn shard_of(&self, key: &str) -> Shard {
         if self.cluster {
@@ -792,7 +807,7 @@ impl RedisStore {
                 .arg(epoch)
                 .arg(shard.token_arg());
             for (j, r) in call.iter().enumerate() {
-                inv.key(order_key(&r.order_id));
+                inv.key(self.record_key(&r.order_id));
                 for it in &r.items {
                     inv.key(stock_key(it.product_id));
                 }
@@ -857,7 +872,7 @@ impl RedisStore {
         for c in reqs {
             let items = &c.items;
             let mut inv = RESTORE.key(shard.loaded_key());
-            inv.key(shard.epoch_key()).key(order_key(&c.order_id));
+            inv.key(shard.epoch_key()).key(self.record_key(&c.order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
             }
@@ -1169,7 +1184,7 @@ impl RedisStore {
                     token: token.clone(),
                     items: items.clone(),
                 };
-                writes.push((order_key(id), rec.encode()));
+                writes.push((self.record_key(id), rec.encode()));
                 writes.extend(self.holds_of(id, token, items));
             }
             self.set_all(&writes).await?;
@@ -1240,7 +1255,7 @@ impl RedisStore {
 
     /// The producer's record of an order, if it has one.
     pub async fn order_record(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let raw: Option<String> = self.conn().get(order_key(order_id)).await?;
+        let raw: Option<String> = self.conn().get(self.record_key(order_id)).await?;
         Ok(raw.as_deref().and_then(OrderRecord::decode))
     }
 

@@ -23,7 +23,7 @@
 //! already released and writes `C`.
 
 use super::{
-    encode_items, order_key, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
+    encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
     ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
     PIPELINE_CHUNK,
 };
@@ -57,8 +57,15 @@ fn slot_of_stock(product_id: i64) -> u16 {
     super::slots::slot(&stock_key(product_id))
 }
 
+/// The record of an order on a cluster: in one of [`super::RECORD_BUCKETS`] slots, the
+/// bucket drawn from the order id (CRC16, as slots are).
+pub(super) fn record_key(order_id: &str) -> String {
+    let bucket = super::slots::slot(order_id) % super::RECORD_BUCKETS;
+    format!("stockpipe:order:{{o{bucket}}}:{order_id}")
+}
+
 fn slot_of_record(order_id: &str) -> u16 {
-    super::slots::slot(&order_key(order_id))
+    super::slots::slot(&record_key(order_id))
 }
 
 /// The items of `items` per stock slot, in item order within each slot.
@@ -341,7 +348,7 @@ impl RedisStore {
                     .arg(self.record_ttl_secs)
                     .arg(shard.token_arg());
                 for &i in chunk {
-                    inv.key(order_key(&reqs[i].order_id));
+                    inv.key(record_key(&reqs[i].order_id));
                 }
                 for &i in chunk {
                     inv.arg(encode_items(&reqs[i].items));
@@ -479,7 +486,7 @@ impl RedisStore {
             .iter()
             .map(|(i, claim, rec)| {
                 (
-                    order_key(&reqs[*i].order_id),
+                    record_key(&reqs[*i].order_id),
                     format!("P|{}|", claim.token),
                     rec.encode(),
                 )
@@ -669,7 +676,7 @@ impl RedisStore {
         let reads = reqs.iter().map(|c| {
             let shard = Shard::Slot(slot_of_record(&c.order_id));
             let mut pipe = redis::pipe();
-            pipe.get(shard.loaded_key()).get(order_key(&c.order_id));
+            pipe.get(shard.loaded_key()).get(record_key(&c.order_id));
             let mut conn = self.conn();
             async move {
                 let (marker, rec): (Option<String>, Option<String>) =
@@ -733,7 +740,7 @@ impl RedisStore {
             .iter()
             .map(|(id, c)| {
                 (
-                    order_key(id),
+                    record_key(id),
                     format!("R|{}|", c.token),
                     OrderRecord::Returned {
                         token: c.token.clone(),
