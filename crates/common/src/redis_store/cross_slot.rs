@@ -31,19 +31,42 @@ use redis::Script;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
+/// A script with its source, so that it can be loaded on every master when one answers
+/// NOSCRIPT.
+struct Lua {
+    source: String,
+    script: Script,
+}
+
+impl Lua {
+    fn new(source: String) -> Lua {
+        Lua {
+            script: Script::new(&source),
+            source,
+        }
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+    fn deref(&self) -> &Script {
+        &self.script
+    }
+}
+
+static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
             include_str!("../lua/token.lua"),
             include_str!("../lua/claim.lua"),
         ]
         .concat(),
     )
 });
-static HOLD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/hold.lua")));
-static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../lua/release.lua")));
-static SWAP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/swap.lua")));
+static HOLD: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/hold.lua").into()));
+static RELEASE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("../lua/release.lua").into()));
+static SWAP: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/swap.lua").into()));
 
 /// The key of one pre-deduction's hold in slot `slot`.
 fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
@@ -107,19 +130,38 @@ fn bad(what: &str) -> StoreError {
     StoreError::Protocol(format!("cross-slot {what}: reply of the wrong shape"))
 }
 
-/// Runs one script per slot group, each group's calls in one pipeline (with SCRIPT LOAD,
-/// so a promoted replica never answers NOSCRIPT), every slot at once. `calls` holds the
-/// invocations of each slot; returns each call's reply in the same shape.
+/// Runs one script per slot group, each group's calls in one pipeline, every slot at
+/// once. `calls` holds the invocations of each slot; returns each call's reply in the same
+/// shape. The pipelines carry no SCRIPT LOAD (hashing the source per pipeline cost more
+/// than the calls of a small slot group): a master that answers NOSCRIPT (never loaded
+/// it, or a replica promoted since) ran none of its pipeline's calls, so the script is
+/// loaded on every node and the pipelines run again (the others' calls are idempotent).
 async fn run_per_slot<T: redis::FromRedisValue>(
     store: &RedisStore,
-    script: &Script,
+    script: &Lua,
     calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>>,
 ) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
-    let trips = calls.into_iter().map(|(slot, invs)| {
+    match pipelines(store, &calls).await {
+        Err(StoreError::Redis(e)) if e.code() == Some("NOSCRIPT") => {
+            let _: redis::Value = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(&script.source)
+                .query_async(&mut store.conn())
+                .await?;
+            pipelines(store, &calls).await
+        }
+        other => other,
+    }
+}
+
+async fn pipelines<T: redis::FromRedisValue>(
+    store: &RedisStore,
+    calls: &BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>>,
+) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
+    let trips = calls.iter().map(|(slot, invs)| {
         let mut conn = store.conn();
         let mut pipe = redis::pipe();
-        pipe.load_script(script).ignore();
-        for inv in &invs {
+        for inv in invs {
             pipe.invoke_script(inv);
         }
         async move {
@@ -127,7 +169,7 @@ async fn run_per_slot<T: redis::FromRedisValue>(
             if replies.len() != invs.len() {
                 return Err(bad("pipeline"));
             }
-            Ok::<_, StoreError>((slot, replies))
+            Ok::<_, StoreError>((*slot, replies))
         }
     });
     Ok(futures::future::try_join_all(trips)
