@@ -420,3 +420,45 @@ async fn a_master_killed_during_load_loses_no_decision() {
     collector.stop().await;
     env.cleanup().await;
 }
+
+/// Slots that lost their data are named by the producer's `/readyz` (how many of the
+/// 16,384), and it is ready again once they are rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_counts_the_slots_that_are_not_loaded() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    env.load_stock(&products.map(|p| (p, 10))).await;
+    let port = stock_e2e::free_port();
+    let producer = WorkerProcess::spawn(
+        &env.process_flags("producer")
+            .set("--metrics-addr", format!("127.0.0.1:{port}")),
+        &[("FAILPOINTS", "")],
+    );
+    let ready = |want: u16| async move {
+        stock_e2e::http_get(port, "/readyz")
+            .await
+            .is_some_and(|(c, _)| c == want)
+    };
+    assert!(wait_until(|| ready(200)).await, "ready once loaded");
+    // Three slots lose their marker, as when their master comes back empty.
+    for s in [0u16, 8000, 16383] {
+        let key = stock_common::redis_store::slots::Shard::Slot(s).loaded_key();
+        let _: i64 = env.store.connection().del(key).await.expect("del");
+    }
+    assert!(
+        wait_until(|| ready(503)).await,
+        "not ready with slots unloaded"
+    );
+    let (_, body) = stock_e2e::http_get(port, "/readyz").await.expect("readyz");
+    assert!(body.contains("3 of 16384 slots are not loaded"), "{body}");
+    stockctl::rebuild::rebuild(&env.pool, &env.store)
+        .await
+        .expect("rebuild");
+    assert!(
+        wait_until(|| ready(200)).await,
+        "ready again after the rebuild"
+    );
+    assert!(producer.terminate(), "producer exits cleanly");
+    env.cleanup().await;
+}

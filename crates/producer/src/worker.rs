@@ -105,9 +105,17 @@ impl Worker {
         let ready: ReadinessCheck = Arc::new(move || {
             let (redis, corrupt) = (redis.clone(), corrupt.clone());
             Box::pin(async move {
-                match redis.is_loaded().await {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match redis.unloaded_shards().await {
+                    Ok(lost) if lost.is_empty() => {}
+                    Ok(lost) if redis.is_cluster() => {
+                        return Err(format!(
+                            "redis: {} of {} slots are not loaded: selling their products \
+                             stopped until `stockctl rebuild`",
+                            lost.len(),
+                            stock_common::redis_store::slots::SLOTS
+                        ))
+                    }
+                    Ok(_) => {
                         return Err(
                             "redis is not loaded: selling stopped until `stockctl rebuild`"
                                 .to_owned(),
