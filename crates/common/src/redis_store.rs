@@ -68,6 +68,7 @@ pub const SEQ_KEY: &str = "stockpipe:seq";
 pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
     [
         include_str!("lua/token.lua"),
+        include_str!("lua/integer.lua"),
         include_str!("lua/reserve.lua"),
     ]
     .concat()
@@ -457,6 +458,11 @@ pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
     if !tls.any() {
         return Ok(redis::Client::open(info)?);
     }
+    Ok(redis::Client::build_with_tls(info, certificates(&tls)?)?)
+}
+
+/// The CA and client certificate of the TLS settings, read from their files.
+fn certificates(tls: &TlsFiles) -> Result<redis::TlsCertificates, StoreError> {
     let client_tls = match tls.client_pair("redis")? {
         Some((cert, key)) => Some(redis::ClientTlsConfig {
             client_cert: TlsFiles::read("redis", "the client certificate", cert)?,
@@ -468,13 +474,10 @@ pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
         Some(ca) => Some(TlsFiles::read("redis", "the CA file", ca)?),
         None => None,
     };
-    Ok(redis::Client::build_with_tls(
-        info,
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )?)
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }
 
 /// A connection to one Redis (self-reconnecting) or to a cluster (following its slots:
@@ -638,21 +641,7 @@ pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient,
         }
     } else {
         tls.check("redis")?;
-        let client_tls = match tls.client_pair("redis")? {
-            Some((cert, key)) => Some(redis::ClientTlsConfig {
-                client_cert: TlsFiles::read("redis", "the client certificate", cert)?,
-                client_key: TlsFiles::read("redis", "the client key", key)?,
-            }),
-            None => None,
-        };
-        let root_cert = match &tls.ca {
-            Some(ca) => Some(TlsFiles::read("redis", "the CA file", ca)?),
-            None => None,
-        };
-        b = b.tls(redis::TlsMode::Secure).certs(redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        });
+        b = b.tls(redis::TlsMode::Secure).certs(certificates(&tls)?);
     }
     Ok(b.build()?)
 }

@@ -15,8 +15,6 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
-local next_seq = nil
-local last_seq = 0
 local out = {}
 for i = 3, #KEYS do
   local rec = redis.call('GET', KEYS[i])
@@ -24,12 +22,7 @@ for i = 3, #KEYS do
     out[#out + 1] = 'seen'
     out[#out + 1] = rec
   else
-    if not next_seq or next_seq > last_seq then
-      last_seq = redis.call('INCRBY', KEYS[2], 100)
-      next_seq = last_seq - 99
-    end
-    local claim = 'P|' .. marker .. '.' .. token_seq(next_seq, ARGV[2]) .. '|' .. ARGV[i]
-    next_seq = next_seq + 1
+    local claim = 'P|' .. new_token(marker, KEYS[2], ARGV[2]) .. '|' .. ARGV[i]
     redis.call('SET', KEYS[i], claim, 'EX', ARGV[1])
     out[#out + 1] = 'claimed'
     out[#out + 1] = claim

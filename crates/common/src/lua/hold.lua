@@ -19,13 +19,6 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
-local function integer(raw)
-  local digits = string.match(raw, '^%-?(%d+)$')
-  if not digits or string.len(digits) > 18 then
-    return nil
-  end
-  return tonumber(raw)
-end
 local out = {}
 local k = 2
 local a = 2

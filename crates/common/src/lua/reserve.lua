@@ -33,8 +33,7 @@
 -- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
 -- pre-deduction, so that PostgreSQL can tell a redelivery of it from a second one.
 --
--- A stock value is an integer only if it is written as one: optional '-', 1 to 18 digits
--- (tonumber would take ' 5', '1e5' or '0x10', which DECRBY then refuses mid-script).
+-- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua.
 local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
@@ -42,25 +41,6 @@ end
 local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
 local marker_valid = ARGV[2] ~= '' and ARGV[2] == epoch
-local next_seq = nil
-local last_seq = 0
-local function token()
-  if not next_seq or next_seq > last_seq then
-    -- one INCRBY per call names every order it can reserve
-    last_seq = redis.call('INCRBY', KEYS[3], 100)
-    next_seq = last_seq - 99
-  end
-  local t = marker .. '.' .. token_seq(next_seq, ARGV[3])
-  next_seq = next_seq + 1
-  return t
-end
-local function integer(raw)
-  local digits = string.match(raw, '^%-?(%d+)$')
-  if not digits or string.len(digits) > 18 then
-    return nil
-  end
-  return tonumber(raw)
-end
 local zeros = {}
 local zero_seen = {}
 local function zero(pid)
@@ -120,7 +100,7 @@ while a <= #ARGV do
             zero(ARGV[pid + i])
           end
         end
-        decision = 'R|' .. token() .. '|' .. items
+        decision = 'R|' .. new_token(marker, KEYS[3], ARGV[3]) .. '|' .. items
       end
       redis.call('SET', rec_key, decision, 'EX', ttl)
     end

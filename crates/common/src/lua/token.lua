@@ -9,3 +9,17 @@ local function token_seq(seq, slot)
   end
   return string.format('%.0f', seq * 16384 + tonumber(slot))
 end
+
+-- Names one more pre-deduction of generation `marker` from the counter `seq_key`: one
+-- INCRBY per 100 tokens of a call.
+local next_seq = nil
+local last_seq = 0
+local function new_token(marker, seq_key, slot)
+  if not next_seq or next_seq > last_seq then
+    last_seq = redis.call('INCRBY', seq_key, 100)
+    next_seq = last_seq - 99
+  end
+  local t = marker .. '.' .. token_seq(next_seq, slot)
+  next_seq = next_seq + 1
+  return t
+end

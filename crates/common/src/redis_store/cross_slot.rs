@@ -63,7 +63,15 @@ static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
         .concat(),
     )
 });
-static HOLD: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/hold.lua").into()));
+static HOLD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
+            include_str!("../lua/integer.lua"),
+            include_str!("../lua/hold.lua"),
+        ]
+        .concat(),
+    )
+});
 static RELEASE: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("../lua/release.lua").into()));
 static SWAP: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/swap.lua").into()));
@@ -106,6 +114,23 @@ fn by_slot(items: &[Item]) -> BTreeMap<u16, Vec<Item>> {
 fn in_one_slot(order_id: &str, items: &[Item]) -> bool {
     let r = slot_of_record(order_id);
     items.iter().all(|it| slot_of_stock(it.product_id) == r)
+}
+
+/// The indices of `orders` (order id, items, whether only its record is touched) whose keys
+/// all live in their record's slot, per slot, and the indices of the others.
+fn split_by_slot<'a>(
+    orders: impl Iterator<Item = (&'a str, &'a [Item], bool)>,
+) -> (BTreeMap<u16, Vec<usize>>, Vec<usize>) {
+    let mut single: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    let mut across = Vec::new();
+    for (i, (order_id, items, record_only)) in orders.enumerate() {
+        if record_only || in_one_slot(order_id, items) {
+            single.entry(slot_of_record(order_id)).or_default().push(i);
+        } else {
+            across.push(i);
+        }
+    }
+    (single, across)
 }
 
 /// What one slot's hold answered for one order.
@@ -208,18 +233,11 @@ impl RedisStore {
         reqs: &[ReserveRequest],
     ) -> Result<ReserveReply, StoreError> {
         let mut outcomes: Vec<Option<ReserveOutcome>> = vec![None; reqs.len()];
-        let mut single: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        let mut across: Vec<usize> = Vec::new();
-        for (i, r) in reqs.iter().enumerate() {
-            if r.forced.is_some() || in_one_slot(&r.order_id, &r.items) {
-                single
-                    .entry(slot_of_record(&r.order_id))
-                    .or_default()
-                    .push(i);
-            } else {
-                across.push(i);
-            }
-        }
+        // A forced refusal touches only its record.
+        let (single, mut across) = split_by_slot(
+            reqs.iter()
+                .map(|r| (r.order_id.as_str(), r.items.as_slice(), r.forced.is_some())),
+        );
         let trips = single.iter().flat_map(|(slot, idx)| {
             idx.chunks(PIPELINE_CHUNK).map(move |chunk| {
                 let group: Vec<ReserveRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
@@ -673,18 +691,10 @@ impl RedisStore {
         reqs: &[Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         let mut out: Vec<Option<RestoreOutcome>> = vec![None; reqs.len()];
-        let mut single: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        let mut across: Vec<usize> = Vec::new();
-        for (i, c) in reqs.iter().enumerate() {
-            if in_one_slot(&c.order_id, &c.items) {
-                single
-                    .entry(slot_of_record(&c.order_id))
-                    .or_default()
-                    .push(i);
-            } else {
-                across.push(i);
-            }
-        }
+        let (single, across) = split_by_slot(
+            reqs.iter()
+                .map(|c| (c.order_id.as_str(), c.items.as_slice(), false)),
+        );
         let trips = single.iter().flat_map(|(slot, idx)| {
             idx.chunks(PIPELINE_CHUNK).map(move |chunk| {
                 let group: Vec<Compensation> = chunk.iter().map(|&i| reqs[i].clone()).collect();
