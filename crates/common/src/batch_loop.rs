@@ -16,7 +16,7 @@
 //! `<worker>.after_step`, `<worker>.after_publish`, `<worker>.after_store`.
 
 use crate::config::BatchArgs;
-use crate::kafka::{enqueue_all, flush, Delivery, KafkaStepError, OutMessage};
+use crate::kafka::{enqueue_all, flush, Delivery, KafkaStepError, OutMessage, StallWatch};
 use crate::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -34,6 +34,8 @@ pub struct Clients<'a> {
     pub consumer: &'a Arc<StreamConsumer>,
     pub producer: &'a FutureProducer,
     pub batch: &'a BatchArgs,
+    /// Watches the wait for delivery reports (`--kafka-stall-timeout`).
+    pub stall: &'a StallWatch,
 }
 
 /// A worker's `/metrics`, `/healthz` and `/readyz` endpoints.
@@ -47,9 +49,10 @@ pub struct Endpoints<'a> {
 
 /// Runs a worker until `shutdown`: starts its endpoints, runs the batch loop
 /// ([`run_pipeline`]) with `worker`'s step and, alongside, `companion` (the consumer's
-/// expiry sweeper; `|_| async {}` for none), which gets a token cancelled at shutdown or
-/// when the loop ends on its own (an error). Then commits the stored offsets
-/// synchronously and flushes the producer. Returns the loop's result.
+/// expiry sweeper; `|_| async { Ok(()) }` for none), which gets a token cancelled at
+/// shutdown or when the loop ends on its own (an error). A companion that fails (a stalled
+/// Kafka client) stops the loop as shutdown would. Then commits the stored offsets
+/// synchronously and flushes the producer. Returns the first error of either.
 pub async fn serve<C, F>(
     worker: &impl BatchStep,
     clients: Clients<'_>,
@@ -59,7 +62,7 @@ pub async fn serve<C, F>(
 ) -> Result<(), KafkaStepError>
 where
     C: FnOnce(CancellationToken) -> F,
-    F: Future<Output = ()>,
+    F: Future<Output = Result<(), KafkaStepError>>,
 {
     let background = shutdown.child_token();
     crate::metrics::spawn(
@@ -71,24 +74,25 @@ where
         &background,
     );
     let companion_stop = shutdown.child_token();
+    let loop_stop = shutdown.child_token();
     let batches = async {
-        let r = run_pipeline(
-            clients.consumer,
-            clients.producer,
-            clients.batch,
-            shutdown,
-            worker,
-        )
-        .await;
+        let r = run_pipeline(&clients, &loop_stop, worker).await;
         companion_stop.cancel();
         r
     };
-    let (result, ()) = tokio::join!(batches, companion(companion_stop.clone()));
+    let beside = async {
+        let r = companion(companion_stop.clone()).await;
+        if r.is_err() {
+            loop_stop.cancel();
+        }
+        r
+    };
+    let (result, beside) = tokio::join!(batches, beside);
     background.cancel();
     commit_final(clients.consumer);
     flush(clients.producer);
     tracing::info!("{} stopped", worker.name());
-    result
+    result.and(beside)
 }
 
 /// A worker's work on one batch: its effects, and what to publish.
@@ -109,23 +113,26 @@ pub trait BatchStep: Sync {
 /// reports ([`InFlight`], overlapping the next batch's step). `step` returns what to
 /// publish; it is enqueued in batch order, and offsets are stored in batch order once
 /// delivered. Returns on shutdown, after the enqueued batches got their reports (30 s at
-/// most), or with the first fatal error.
+/// most), or with the first fatal error (a stalled client among them: [`StallWatch`]).
 ///
 /// Failpoints (see [`crate::failpoint`]) at the crash windows of `docs/DESIGN.md`, named
 /// after [`BatchStep::name`]: `<name>.after_step` (effects durable, nothing published),
 /// `<name>.after_publish` (a batch's delivery reports all in, offsets not stored) and
 /// `<name>.after_store` (offsets stored, not committed).
 pub async fn run_pipeline(
-    consumer: &StreamConsumer,
-    producer: &FutureProducer,
-    batch: &BatchArgs,
+    clients: &Clients<'_>,
     shutdown: &CancellationToken,
     worker: &impl BatchStep,
 ) -> Result<(), KafkaStepError> {
-    let mut inflight = InFlight::new(batch.pipeline_depth, worker.name());
+    let (consumer, producer, batch) = (clients.consumer, clients.producer, clients.batch);
+    let mut inflight = InFlight::new(batch.pipeline_depth, worker.name(), clients.stall.clone());
     let idle = Some(Duration::from_millis(100));
     loop {
-        inflight.settle(consumer).await?;
+        // Kafka down: the wait for reports ends at shutdown too (settle is cancel-safe).
+        tokio::select! {
+            r = inflight.settle(consumer) => r?,
+            _ = shutdown.cancelled() => break,
+        }
         let Some(msgs) = next_batch(consumer, batch, idle, shutdown).await else {
             break;
         };
@@ -159,31 +166,48 @@ pub async fn run_pipeline(
 /// Waits for every delivery report of one batch.
 type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
 
+/// A batch whose output is enqueued: its messages (for their offsets), the wait for its
+/// delivery reports, and when it was enqueued.
+struct Pending {
+    msgs: Vec<OwnedMessage>,
+    waiter: DeliveryWaiter,
+    since: tokio::time::Instant,
+}
+
 /// Batches whose messages are enqueued but not all acknowledged yet, oldest first. The
 /// worker goes on with the next batch meanwhile (its Redis or PostgreSQL step overlaps
 /// the wait); offsets are stored strictly in batch order, each batch's only once all its
 /// delivery reports are in. A failed delivery (permanent with `message.timeout.ms=0`) is
 /// fatal: nothing of that batch or later ones is stored, and a restart redelivers them.
+/// So is a stalled client ([`StallWatch`]).
 pub struct InFlight {
     depth: usize,
-    queue: std::collections::VecDeque<(Vec<OwnedMessage>, DeliveryWaiter)>,
+    queue: std::collections::VecDeque<Pending>,
     /// The worker's name, for its failpoints.
     worker: &'static str,
+    stall: StallWatch,
+    /// When the brokers were last asked about a stall (at most once per stall timeout).
+    asked: Option<tokio::time::Instant>,
 }
 
 impl InFlight {
     /// At most `depth` batches waiting for delivery reports (1 = no overlap), of `worker`.
-    pub fn new(depth: usize, worker: &'static str) -> Self {
+    pub fn new(depth: usize, worker: &'static str, stall: StallWatch) -> Self {
         InFlight {
             depth: depth.max(1),
             queue: Default::default(),
             worker,
+            stall,
+            asked: None,
         }
     }
 
     /// Adds a batch whose output is enqueued.
     pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<Delivery>) {
+        let worker = self.worker;
         let waiter = tokio::spawn(async move {
+            // Armed with `return`: the reports never come, as from a stalled client.
+            crate::failpoint_hang!(format!("{worker}.delivery_hang"));
             for d in deliveries {
                 match d.await {
                     Ok(Ok(_)) => {}
@@ -200,14 +224,28 @@ impl InFlight {
             }
             Ok(())
         });
-        self.queue.push_back((msgs, waiter));
+        self.queue.push_back(Pending {
+            msgs,
+            waiter,
+            since: tokio::time::Instant::now(),
+        });
     }
 
     /// Stores the offsets of every finished batch at the front; waits for the oldest ones
-    /// while more than `depth - 1` are pending, so that there is room for the next.
+    /// while more than `depth - 1` are pending, so that there is room for the next. An
+    /// oldest batch that is not needed yet but has waited past the stall timeout has the
+    /// brokers asked about it ([`StallWatch::check`]) once per timeout.
     pub async fn settle(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
-        while let Some((_, waiter)) = self.queue.front() {
-            if !waiter.is_finished() && self.queue.len() < self.depth {
+        while let Some(front) = self.queue.front() {
+            if !front.waiter.is_finished() && self.queue.len() < self.depth {
+                let since = front.since;
+                let due = self
+                    .asked
+                    .is_none_or(|at| at.elapsed() >= self.stall.after());
+                if due && since.elapsed() >= self.stall.after() {
+                    self.asked = Some(tokio::time::Instant::now());
+                    self.stall.check("a batch's output", since).await?;
+                }
                 break;
             }
             self.complete_front(consumer).await?;
@@ -223,11 +261,17 @@ impl InFlight {
         Ok(())
     }
 
+    /// Waits for the oldest batch's reports and stores its offsets. Cancel-safe: the batch
+    /// leaves the queue only once its reports are in, so a later batch's offsets are never
+    /// stored before it.
     async fn complete_front(&mut self, consumer: &StreamConsumer) -> Result<(), KafkaStepError> {
-        if let Some((msgs, waiter)) = self.queue.pop_front() {
-            waiter
-                .await
-                .map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
+        if let Some(front) = self.queue.front_mut() {
+            let (since, waiter) = (front.since, &mut front.waiter);
+            let reports = self.stall.watch("a batch's output", since, waiter).await?;
+            let Some(Pending { msgs, .. }) = self.queue.pop_front() else {
+                return Ok(());
+            };
+            reports.map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
             crate::failpoint!(format!("{}.after_publish", self.worker));
             store_offsets(consumer, &msgs);
             crate::failpoint!(format!("{}.after_store", self.worker));

@@ -371,6 +371,19 @@ pub struct KafkaArgs {
         hide_env_values = true
     )]
     pub options: Vec<String>,
+    /// How long a worker waits for delivery reports before asking a new client whether
+    /// the brokers answer: if they do, its own client is stalled (a librdkafka client that
+    /// never reconnects after a broker restart, see DESIGN) and the worker exits so that
+    /// its supervisor restarts it; if they do not, Kafka is down and it goes on waiting.
+    /// Keep it above `socket.timeout.ms` (60 s) plus the reconnect backoff (10 s), which
+    /// librdkafka needs to heal on its own.
+    #[arg(
+        long = "kafka-stall-timeout",
+        env = "KAFKA_STALL_TIMEOUT",
+        default_value = "120s",
+        value_parser = parse_duration
+    )]
+    pub stall_timeout: Duration,
 }
 
 /// The TLS files and the password of a service's settings (fields `ca_file`, `cert_file`,
@@ -423,6 +436,7 @@ impl KafkaArgs {
             cert_file: None,
             key_file: None,
             options: Vec::new(),
+            stall_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -34,6 +34,7 @@
 //! | `consumer.expiry.before_commit` | the sweeper's release done, not committed |
 //! | `rebuild.after_stop` | `stockctl rebuild`: loaded marker deleted, generation not advanced |
 //! | `rebuild.after_fence` | `stockctl rebuild`: generation advanced (`loading`), Redis not loaded |
+//! | `<worker>.delivery_hang` | a batch's output enqueued; with `return` its delivery reports never come (a stalled client: the worker must exit on `--kafka-stall-timeout`) |
 //!
 //! `<worker>` is `producer` or `consumer` ([`crate::batch_loop::BatchStep::name`]).
 
@@ -61,6 +62,38 @@ macro_rules! failpoint {
     ($name:expr) => {{
         let _ = || $name;
     }};
+}
+
+/// Marks a point where a test makes the task hang for ever (a wait that never ends) with
+/// `return`: `<worker>.delivery_hang`, the delivery reports of a stalled Kafka client.
+/// Without the `failpoints` feature, no code. Expands to an `.await`.
+#[cfg(feature = "failpoints")]
+#[macro_export]
+macro_rules! failpoint_hang {
+    ($name:expr) => {
+        $crate::failpoint::hang(&$name).await
+    };
+}
+
+/// Marks a point where a test makes the task hang for ever (a wait that never ends) with
+/// `return`: `<worker>.delivery_hang`, the delivery reports of a stalled Kafka client.
+/// Without the `failpoints` feature, no code. Expands to an `.await`.
+#[cfg(not(feature = "failpoints"))]
+#[macro_export]
+macro_rules! failpoint_hang {
+    ($name:expr) => {{
+        let _ = || $name;
+    }};
+}
+
+/// Evaluates failpoint `name` as a hang: armed with `return`, never returns (the task
+/// stays pending); other actions are the fail crate's. Called through [`failpoint_hang!`].
+#[cfg(feature = "failpoints")]
+pub async fn hang(name: &str) {
+    if fail::eval(name, |_| ()).is_some() {
+        tracing::warn!(failpoint = name, "hanging here for ever");
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Evaluates failpoint `name`: `return` crashes the process, other actions are the fail

@@ -20,6 +20,7 @@ use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,145 @@ pub enum KafkaStepError {
     /// A client could not be created from the settings: stop.
     #[error("kafka client setup: {0}")]
     Setup(#[from] KafkaError),
+    /// No delivery report came for `--kafka-stall-timeout` while the brokers answer a new
+    /// client ([`StallWatch`]): this process's client will not recover. Stop; nothing of
+    /// the pending batches was acknowledged, so the restarted worker redoes them.
+    #[error("kafka client stalled: {0}")]
+    Stalled(String),
+}
+
+/// Watches the wait for delivery reports. librdkafka clients were seen never to reconnect
+/// after a broker restart or a broker that stopped answering for a while (DESIGN, "Kafka,
+/// PostgreSQL, Redis restarts"): the broker answered again, yet no report came for minutes
+/// and the worker stood still. Once a batch's reports have been awaited for
+/// `--kafka-stall-timeout`, and again each time that passes, a new client asks the brokers
+/// for metadata. If they answer, the worker's own client is stalled:
+/// [`KafkaStepError::Stalled`], the worker exits with that cause and its supervisor starts
+/// it afresh (nothing of the pending batches was acknowledged, so they are redone). If
+/// they do not, Kafka is down, and waiting is right; and once it answers again, the client
+/// gets a whole timeout more to heal before it is called stalled.
+///
+/// The timeout must leave librdkafka time to heal on its own once the brokers are back:
+/// requests stuck on a dead connection end after `socket.timeout.ms` (60 s), and
+/// reconnection backs off up to `reconnect.backoff.max.ms` (10 s). Hence 120 s by default;
+/// an early restart costs a restart, never an effect.
+#[derive(Clone)]
+pub struct StallWatch {
+    /// `None`: never asks (tools and tests that wait on their own terms).
+    args: Option<KafkaArgs>,
+    after: Duration,
+    /// When the brokers last did not answer (shared by the clones: one client's waits).
+    silent_at: Arc<Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl StallWatch {
+    /// A watch with `args`'s brokers and `--kafka-stall-timeout`.
+    pub fn new(args: &KafkaArgs) -> Self {
+        StallWatch {
+            args: Some(args.clone()),
+            after: args.stall_timeout.max(Duration::from_millis(100)),
+            silent_at: Arc::default(),
+        }
+    }
+
+    /// A watch that waits for ever.
+    pub fn off() -> Self {
+        StallWatch {
+            args: None,
+            after: Duration::MAX,
+            silent_at: Arc::default(),
+        }
+    }
+
+    /// Awaits `fut` (delivery reports awaited since `since`; `what` names them for the
+    /// logs); see [`StallWatch`]. Cancel-safe: `fut` is borrowed, and may be awaited again.
+    pub async fn watch<F: Future + Unpin>(
+        &self,
+        what: &str,
+        since: tokio::time::Instant,
+        fut: &mut F,
+    ) -> Result<F::Output, KafkaStepError> {
+        if self.args.is_none() {
+            return Ok(fut.await);
+        }
+        let mut deadline = since + self.after;
+        loop {
+            if let Ok(out) = tokio::time::timeout_at(deadline, &mut *fut).await {
+                return Ok(out);
+            }
+            self.ask(what, since).await?;
+            deadline = tokio::time::Instant::now() + self.after;
+        }
+    }
+
+    /// Asks the brokers, as [`StallWatch::watch`] does, when reports for `what` have
+    /// been awaited since `since` for the timeout or longer; does nothing before that.
+    /// Returns when they do not answer (Kafka down: keep waiting).
+    pub async fn check(
+        &self,
+        what: &str,
+        since: tokio::time::Instant,
+    ) -> Result<(), KafkaStepError> {
+        if self.args.is_none() || since.elapsed() < self.after {
+            return Ok(());
+        }
+        self.ask(what, since).await
+    }
+
+    /// The stall timeout (`--kafka-stall-timeout`).
+    pub fn after(&self) -> Duration {
+        self.after
+    }
+
+    async fn ask(&self, what: &str, since: tokio::time::Instant) -> Result<(), KafkaStepError> {
+        let Some(args) = &self.args else {
+            return Ok(());
+        };
+        let waited = since.elapsed();
+        let answer = brokers_answer(args).await;
+        let mut silent_at = self.silent_at.lock().unwrap_or_else(|e| e.into_inner());
+        match answer {
+            Ok(()) if silent_at.is_some_and(|t| t.elapsed() < self.after) => {
+                tracing::info!(
+                    waited = ?waited,
+                    "waiting for delivery reports of {what}: kafka answers again; giving the \
+                     client time to reconnect"
+                );
+                Ok(())
+            }
+            Ok(()) => Err(KafkaStepError::Stalled(format!(
+                "no delivery report for {what} in {:.0?}, while the brokers answer a new \
+                 client; exiting so that a restart gets a fresh one (nothing of the \
+                 pending batches was acknowledged)",
+                waited
+            ))),
+            Err(why) => {
+                *silent_at = Some(tokio::time::Instant::now());
+                tracing::warn!(
+                    waited = ?waited, error = %why,
+                    "waiting for delivery reports of {what}: kafka does not answer"
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Whether a new client gets the cluster's metadata within a few seconds.
+async fn brokers_answer(args: &KafkaArgs) -> Result<(), String> {
+    let client: rdkafka::producer::BaseProducer = client_config(args)
+        .map_err(|e| e.to_string())?
+        .create()
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        match client.client().fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(m) if !m.brokers().is_empty() => Ok(()),
+            Ok(_) => Err("metadata names no broker".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+    .map_err(|e| format!("metadata probe: {e}"))?
 }
 
 /// Settings common to every client: the brokers, security and the user's `--kafka-option`s.
@@ -439,10 +579,11 @@ impl OutMessage {
 /// exponential backoff: 100 ms doubling to 5 s, for as long as it takes, each retry logged.
 /// A dead letter too large to be sent whole is sent cut to fit instead ([`enqueue`]).
 /// Returns only when all are acknowledged, on shutdown ([`KafkaStepError::Interrupted`]),
-/// or on a fatal producer error.
+/// on a fatal producer error, or when `stall` finds the client stalled.
 pub async fn publish_all(
     producer: &FutureProducer,
     msgs: &[OutMessage],
+    stall: &StallWatch,
     shutdown: &CancellationToken,
 ) -> Result<(), KafkaStepError> {
     let mut pending: Vec<usize> = (0..msgs.len()).collect();
@@ -453,8 +594,9 @@ pub async fn publish_all(
             futures.push((i, enqueue(producer, &msgs[i], shutdown).await?));
         }
         let mut failed = Vec::new();
-        for (i, fut) in futures {
-            match fut.await {
+        let since = tokio::time::Instant::now();
+        for (i, mut fut) in futures {
+            match stall.watch("published messages", since, &mut fut).await? {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     tracing::warn!(topic = %msgs[i].topic, error = %e, "delivery failed; will resend");

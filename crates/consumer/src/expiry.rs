@@ -25,7 +25,7 @@ use stock_common::config::Topics;
 use stock_common::events::{
     Compensation, CompensationCause, Reason, Status, StockResult, INTERNAL_VERSION,
 };
-use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::kafka::{self, KafkaStepError, OutMessage, StallWatch};
 use stock_common::pg_store;
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,7 @@ pub async fn mark_announced(pool: &PgPool, ids: &[&str]) -> Result<(), ApplyErro
 /// many releases were announced.
 pub async fn sweep(
     pool: &PgPool,
-    producer: &FutureProducer,
+    (producer, stall): (&FutureProducer, &StallWatch),
     topics: &Topics,
     shutdown: &CancellationToken,
 ) -> Result<usize, SweepError> {
@@ -114,7 +114,7 @@ pub async fn sweep(
             };
             out.push(OutMessage::json(&topics.compensate, id, &comp));
         }
-        kafka::publish_all(producer, &out, shutdown).await?;
+        kafka::publish_all(producer, &out, stall, shutdown).await?;
         stock_common::failpoint!("consumer.expiry.after_announce");
         let ids: Vec<&str> = pending.iter().map(|u| u.order_id.as_str()).collect();
         mark_announced(pool, &ids).await?;

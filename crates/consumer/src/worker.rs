@@ -15,7 +15,7 @@ use std::time::Duration;
 use stock_common::batch_loop::{self, Clients, Endpoints};
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{DeductCommand, INTERNAL_VERSION};
-use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::kafka::{self, KafkaStepError, OutMessage, StallWatch};
 use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,8 @@ pub struct BatchSummary {
 pub struct Worker {
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
+    /// Watches the producer's delivery reports (`--kafka-stall-timeout`).
+    stall: StallWatch,
     pool: PgPool,
     topics: Topics,
     batch: BatchArgs,
@@ -66,6 +68,7 @@ impl Worker {
             metrics: Metrics::new("consumer").context("metrics")?,
             metrics_args: args.metrics.clone(),
             producer,
+            stall: StallWatch::new(&args.kafka),
             pool,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
@@ -100,6 +103,7 @@ impl Worker {
             consumer: &self.consumer,
             producer: &self.producer,
             batch: &self.batch,
+            stall: &self.stall,
         };
         let endpoints = Endpoints {
             args: &self.metrics_args,
@@ -115,14 +119,16 @@ impl Worker {
     }
 
     /// Runs the expiry sweeper every `--expiry-interval` until shutdown. A failed sweep is
-    /// logged and simply tried again at the next tick.
-    async fn sweep_loop(&self, shutdown: &CancellationToken) {
+    /// logged and simply tried again at the next tick; a stalled Kafka client stops the
+    /// worker (see [`kafka::StallWatch`]).
+    async fn sweep_loop(&self, shutdown: &CancellationToken) -> Result<(), KafkaStepError> {
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(self.expiry_interval) => {}
             }
-            match crate::expiry::sweep(&self.pool, &self.producer, &self.topics, shutdown).await {
+            let publish = (&self.producer, &self.stall);
+            match crate::expiry::sweep(&self.pool, publish, &self.topics, shutdown).await {
                 Ok(0) => {}
                 Ok(n) => {
                     self.metrics.expired.inc_by(n as u64);
@@ -131,6 +137,9 @@ impl Worker {
                         .with_label_values(&["released", "expired"])
                         .inc_by(n as u64);
                     tracing::info!(released = n, "reservations expired")
+                }
+                Err(crate::expiry::SweepError::Kafka(e @ KafkaStepError::Stalled(_))) => {
+                    return Err(e)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "expiry sweep failed; retrying at the next tick")
@@ -146,7 +155,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<BatchSummary, KafkaStepError> {
         let (summary, out) = self.prepare(msgs, shutdown).await?;
-        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        kafka::publish_all(&self.producer, &out, &self.stall, shutdown).await?;
         Ok(summary)
     }
 

@@ -46,7 +46,13 @@ pub async fn publish(
         .map(|(key, payload)| OutMessage::keyed(topic, key, payload))
         .collect();
     for chunk in out.chunks(20_000) {
-        kafka::publish_all(producer, chunk, &CancellationToken::new()).await?;
+        kafka::publish_all(
+            producer,
+            chunk,
+            &kafka::StallWatch::off(),
+            &CancellationToken::new(),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -112,6 +112,7 @@ impl WorkerFlags {
         if !k.options.is_empty() {
             f = f.set("--kafka-option", k.options.join(","));
         }
+        f = f.set("--kafka-stall-timeout", duration(k.stall_timeout));
         let t = wiring.topics;
         f = f
             .set("--topic-orders", &t.orders)

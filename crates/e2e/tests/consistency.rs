@@ -170,9 +170,14 @@ async fn rebuild_fences_out_decisions_taken_before_it() {
 
     // ... then its deliveries land, and the refused order is sent once more.
     let kp = kafka::producer(&env.kafka).expect("producer");
-    kafka::publish_all(&kp, &out, &CancellationToken::new())
-        .await
-        .expect("publish");
+    kafka::publish_all(
+        &kp,
+        &out,
+        &kafka::StallWatch::off(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("publish");
     let collector = env.collector();
     let workers = stock_e2e::Workers::start_with(&pargs, &cargs).await;
     env.send_orders(vec![("late-x".into(), created("late-x", &[item(6, 1)]))])
@@ -252,9 +257,14 @@ async fn repair_racing_a_give_back_counts_it_once() {
     let (_, out): (_, Vec<OutMessage>) = producer.prepare(&msgs).await.expect("prepare");
     drop(producer);
     let kp = kafka::producer(&env.kafka).expect("producer");
-    kafka::publish_all(&kp, &out, &CancellationToken::new())
-        .await
-        .expect("publish");
+    kafka::publish_all(
+        &kp,
+        &out,
+        &kafka::StallWatch::off(),
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("publish");
     assert_eq!(env.redis_stock(9).await, Some(8));
 
     // Only the consumer runs: it reserves, the reservation expires, and its give-back

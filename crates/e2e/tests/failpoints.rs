@@ -10,7 +10,9 @@
 //! batch of three round trips, a batch of guarded sold-out refusals, compensations read
 //! but not applied. Once the worker has died at the point, it is restarted without
 //! failpoints; when every order has its outcomes and the pipeline is idle, the test checks:
-//! * the process died by the failpoint's abort (SIGABRT, and its log names the point);
+//! * the process died by the failpoint's abort (SIGABRT, and its log names the point), or,
+//!   for `<worker>.delivery_hang` (its delivery reports never come), exited on its own
+//!   naming a stalled Kafka client (`--kafka-stall-timeout`);
 //! * every `order_created` has exactly one distinct outcome, and every result that came
 //!   more than once came with the same content;
 //! * the results agree with the PostgreSQL ledger (reserved ⇔ in the ledger, confirmed or
@@ -185,6 +187,18 @@ struct Case {
     sold_out_first: bool,
     /// What the test checks once the victim died, before restarting it.
     at_crash: AtCrash,
+    /// How the victim ends.
+    dies: Death,
+}
+
+/// How the victim's first run ends.
+#[derive(Clone, Copy, PartialEq)]
+enum Death {
+    /// Aborted by the failpoint (`return`: SIGABRT), its log naming the point.
+    Abort,
+    /// Exited on its own with an error naming a stalled Kafka client (the point hangs the
+    /// delivery reports; the worker's `--kafka-stall-timeout` must notice).
+    Stalled,
 }
 
 /// What must hold at the moment of the crash, which tells that the crash hit the window.
@@ -215,6 +229,7 @@ impl Case {
             sent_first: false,
             sold_out_first: false,
             at_crash: AtCrash::Abort,
+            dies: Death::Abort,
         }
     }
 }
@@ -413,17 +428,34 @@ async fn crash(case: Case) {
         );
     };
     let log = crashing.log_text();
-    assert_eq!(
-        status.signal(),
-        Some(SIGABRT),
-        "{victim} aborted (SIGABRT) at {failpoint}, exit status {status:?}; log: {}",
-        crashing.log.display()
-    );
-    assert!(
-        log.contains(&format!("failpoint {failpoint}: crash")),
-        "{victim}'s log names the failpoint: {}",
-        crashing.log.display()
-    );
+    match case.dies {
+        Death::Abort => {
+            assert_eq!(
+                status.signal(),
+                Some(SIGABRT),
+                "{victim} aborted (SIGABRT) at {failpoint}, exit status {status:?}; log: {}",
+                crashing.log.display()
+            );
+            assert!(
+                log.contains(&format!("failpoint {failpoint}: crash")),
+                "{victim}'s log names the failpoint: {}",
+                crashing.log.display()
+            );
+        }
+        Death::Stalled => {
+            assert_eq!(
+                status.code(),
+                Some(1),
+                "{victim} exited with an error, status {status:?}; log: {}",
+                crashing.log.display()
+            );
+            assert!(
+                log.contains("kafka client stalled: no delivery report"),
+                "{victim}'s log gives the stalled client as the cause: {}",
+                crashing.log.display()
+            );
+        }
+    }
     let seen_at_crash = collector.snapshot();
     match case.at_crash {
         AtCrash::Abort => {}
@@ -840,6 +872,29 @@ async fn compensation_not_applied() {
         ..Case::new("producer", "producer.before_step", Load::Compensations)
     })
     .await;
+}
+
+/// A Kafka client that stops getting delivery reports while the broker answers (seen
+/// after broker restarts): `<worker>.delivery_hang=return` keeps every batch's reports
+/// from coming. With `--kafka-stall-timeout 2s` the worker must see that a new client
+/// reaches the broker, exit with that cause, and once restarted redo what was pending.
+fn stalled_client(victim: &'static str, failpoint: &'static str) -> Case {
+    Case {
+        actions: "return",
+        victim_flags: &[("--kafka-stall-timeout", "2s")],
+        dies: Death::Stalled,
+        ..Case::new(victim, failpoint, Load::PayAndCancel)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_stalled_kafka_client() {
+    crash(stalled_client("producer", "producer.delivery_hang")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_stalled_kafka_client() {
+    crash(stalled_client("consumer", "consumer.delivery_hang")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

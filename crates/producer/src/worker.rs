@@ -17,7 +17,7 @@ use std::time::Duration;
 use stock_common::batch_loop::{self, Clients, Endpoints};
 use stock_common::config::{BatchArgs, Topics};
 use stock_common::events::{Compensation, DeductCommand, StockResult, INTERNAL_VERSION};
-use stock_common::kafka::{self, KafkaStepError, OutMessage};
+use stock_common::kafka::{self, KafkaStepError, OutMessage, StallWatch};
 use stock_common::metrics::{Metrics, MetricsArgs, ReadinessCheck};
 use stock_common::redis_store::{
     Guards, OrderRecord, RedisStore, ReserveOutcome, RestoreOutcome, SoldOutMarker, StoreError,
@@ -53,6 +53,8 @@ pub struct BatchSummary {
 pub struct Worker {
     consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
+    /// Watches the producer's delivery reports (`--kafka-stall-timeout`).
+    stall: StallWatch,
     redis: RedisStore,
     topics: Topics,
     batch: BatchArgs,
@@ -84,6 +86,7 @@ impl Worker {
         Ok(Worker {
             consumer: Arc::new(consumer),
             producer,
+            stall: StallWatch::new(&args.kafka),
             redis,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
@@ -149,6 +152,7 @@ impl Worker {
             consumer: &self.consumer,
             producer: &self.producer,
             batch: &self.batch,
+            stall: &self.stall,
         };
         let endpoints = Endpoints {
             args: &self.metrics_args,
@@ -156,7 +160,7 @@ impl Worker {
             metrics: &self.metrics,
             ready,
         };
-        batch_loop::serve(&self, clients, endpoints, |_| async {}, &shutdown).await?;
+        batch_loop::serve(&self, clients, endpoints, |_| async { Ok(()) }, &shutdown).await?;
         Ok(())
     }
 
@@ -168,7 +172,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Result<BatchSummary, KafkaStepError> {
         let (summary, out) = self.prepare_retrying(msgs, shutdown).await?;
-        kafka::publish_all(&self.producer, &out, shutdown).await?;
+        kafka::publish_all(&self.producer, &out, &self.stall, shutdown).await?;
         Ok(summary)
     }
 
