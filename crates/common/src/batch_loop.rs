@@ -105,7 +105,44 @@ pub trait BatchStep: Sync {
         &'a self,
         msgs: &'a [OwnedMessage],
         shutdown: &'a CancellationToken,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>>;
+    ) -> futures::future::BoxFuture<'a, Result<Stepped, KafkaStepError>>;
+
+    /// Whether the worker holds messages back that a step should try again even when no
+    /// new message came (then the loop steps with an empty batch at every idle tick).
+    fn has_waiting(&self) -> bool {
+        false
+    }
+}
+
+/// What a step produced.
+pub struct Stepped {
+    /// What to publish, in order.
+    pub out: Vec<OutMessage>,
+    /// The offsets to store once `out` is delivered: `None` for those after the batch's
+    /// messages; a worker that holds messages back (the producer's orders waiting for a
+    /// Redis Cluster slot) gives its own, never past a message it holds.
+    pub offsets: Option<Offsets>,
+}
+
+/// Offsets to store: (topic, partition, the next offset to read).
+pub type Offsets = Vec<(String, i32, i64)>;
+
+impl From<Vec<OutMessage>> for Stepped {
+    fn from(out: Vec<OutMessage>) -> Self {
+        Stepped { out, offsets: None }
+    }
+}
+
+/// For every partition in `msgs`, the offset after its last message.
+pub fn offsets_after<'a>(msgs: impl IntoIterator<Item = &'a OwnedMessage>) -> Offsets {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in msgs {
+        let e = next.entry((m.topic(), m.partition())).or_insert(0);
+        *e = (*e).max(m.offset() + 1);
+    }
+    next.into_iter()
+        .map(|((t, p), o)| (t.to_owned(), p, o))
+        .collect()
 }
 
 /// The loop both workers run. Batches flow through two stages: `step` (the Redis scripts
@@ -136,17 +173,18 @@ pub async fn run_pipeline(
         let Some(msgs) = next_batch(consumer, batch, idle, shutdown).await else {
             break;
         };
-        if msgs.is_empty() {
+        if msgs.is_empty() && !worker.has_waiting() {
             continue;
         }
-        let out = match worker.step(&msgs, shutdown).await {
-            Ok(out) => out,
+        let stepped = match worker.step(&msgs, shutdown).await {
+            Ok(s) => s,
             Err(KafkaStepError::Interrupted) => break,
             Err(e) => return Err(e),
         };
         crate::failpoint!(format!("{}.after_step", worker.name()));
-        match enqueue_all(producer, &out, shutdown).await {
-            Ok(deliveries) => inflight.push(msgs, deliveries),
+        let offsets = stepped.offsets.unwrap_or_else(|| offsets_after(&msgs));
+        match enqueue_all(producer, &stepped.out, shutdown).await {
+            Ok(deliveries) => inflight.push(offsets, deliveries),
             Err(KafkaStepError::Interrupted) => break,
             Err(e) => return Err(e),
         }
@@ -166,10 +204,10 @@ pub async fn run_pipeline(
 /// Waits for every delivery report of one batch.
 type DeliveryWaiter = tokio::task::JoinHandle<Result<(), KafkaStepError>>;
 
-/// A batch whose output is enqueued: its messages (for their offsets), the wait for its
+/// A batch whose output is enqueued: the offsets to store after it, the wait for its
 /// delivery reports, and when it was enqueued.
 struct Pending {
-    msgs: Vec<OwnedMessage>,
+    offsets: Offsets,
     waiter: DeliveryWaiter,
     since: tokio::time::Instant,
 }
@@ -203,7 +241,7 @@ impl InFlight {
     }
 
     /// Adds a batch whose output is enqueued.
-    pub fn push(&mut self, msgs: Vec<OwnedMessage>, deliveries: Vec<Delivery>) {
+    pub fn push(&mut self, offsets: Offsets, deliveries: Vec<Delivery>) {
         let worker = self.worker;
         let waiter = tokio::spawn(async move {
             // Armed with `return`: the reports never come, as from a stalled client.
@@ -225,7 +263,7 @@ impl InFlight {
             Ok(())
         });
         self.queue.push_back(Pending {
-            msgs,
+            offsets,
             waiter,
             since: tokio::time::Instant::now(),
         });
@@ -268,12 +306,12 @@ impl InFlight {
         if let Some(front) = self.queue.front_mut() {
             let (since, waiter) = (front.since, &mut front.waiter);
             let reports = self.stall.watch("a batch's output", since, waiter).await?;
-            let Some(Pending { msgs, .. }) = self.queue.pop_front() else {
+            let Some(Pending { offsets, .. }) = self.queue.pop_front() else {
                 return Ok(());
             };
             reports.map_err(|e| KafkaStepError::Fatal(format!("delivery waiter: {e}")))??;
             crate::failpoint!(format!("{}.after_publish", self.worker));
-            store_offsets(consumer, &msgs);
+            store_offsets(consumer, &offsets);
             crate::failpoint!(format!("{}.after_store", self.worker));
         }
         Ok(())
@@ -327,23 +365,17 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Stores, for every partition in `msgs`, the offset after its last message. A partition
-/// revoked meanwhile refuses the store: that batch is simply redelivered to its new owner,
-/// which the idempotent handlers make harmless.
-pub fn store_offsets<'a>(
-    consumer: &StreamConsumer,
-    msgs: impl IntoIterator<Item = &'a OwnedMessage>,
-) {
-    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for m in msgs {
-        let e = next.entry((m.topic(), m.partition())).or_insert(0);
-        *e = (*e).max(m.offset() + 1);
-    }
-    let mut tpl = TopicPartitionList::with_capacity(next.len());
-    for ((topic, partition), offset) in next {
-        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+/// Stores `offsets`. A partition revoked meanwhile refuses the store: that batch is simply
+/// redelivered to its new owner, which the idempotent handlers make harmless.
+pub fn store_offsets(consumer: &StreamConsumer, offsets: &Offsets) {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (topic, partition, offset) in offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
             tracing::warn!(%topic, partition, error = %e, "cannot add offset to the list");
         }
+    }
+    if tpl.count() == 0 {
+        return;
     }
     if let Err(e) = consumer.store_offsets(&tpl) {
         tracing::info!(error = %e, "offsets not stored (partition revoked?); the batch will be redelivered");

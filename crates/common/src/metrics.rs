@@ -55,6 +55,9 @@ pub struct Metrics {
     /// Producer batches on a Redis Cluster published before every master's replica
     /// confirmed their writes (`WAIT` timed out: a replica down or far behind).
     pub unreplicated: IntCounter,
+    /// Producer messages waiting for a Redis Cluster slot that lost its data (orders and
+    /// compensations that touch it, and the later events of those orders).
+    pub waiting: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -112,9 +115,14 @@ impl Metrics {
             "redis_unreplicated_batches_total",
             "Batches published before every Redis master's replica confirmed their writes",
         )?;
+        let waiting = prometheus::IntGauge::new(
+            "redis_waiting_messages",
+            "Messages waiting for a Redis Cluster slot to be rebuilt while the others go on",
+        )?;
         for c in [
             Box::new(outcomes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(unreplicated.clone()),
+            Box::new(waiting.clone()),
             Box::new(batch_size.clone()),
             Box::new(apply_seconds.clone()),
             Box::new(redis_seconds.clone()),
@@ -149,6 +157,7 @@ impl Metrics {
             corrupt_stock,
             stalled,
             unreplicated,
+            waiting,
         })
     }
 

@@ -290,12 +290,12 @@ impl batch_loop::BatchStep for Worker {
         &'a self,
         msgs: &'a [OwnedMessage],
         shutdown: &'a CancellationToken,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>> {
+    ) -> futures::future::BoxFuture<'a, Result<batch_loop::Stepped, KafkaStepError>> {
         Box::pin(async move {
             self.metrics.batch_size.observe(msgs.len() as f64);
             let (summary, out) = self.prepare(msgs, shutdown).await?;
             tracing::debug!(?summary, "batch applied");
-            Ok(out)
+            Ok(out.into())
         })
     }
 }

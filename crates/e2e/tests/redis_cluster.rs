@@ -462,3 +462,151 @@ async fn readiness_counts_the_slots_that_are_not_loaded() {
     assert!(producer.terminate(), "producer exits cleanly");
     env.cleanup().await;
 }
+
+/// The port of the master that serves hash slot `s` now.
+async fn master_of_slot(store: &RedisStore, s: u16) -> u16 {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut store.connection())
+        .await
+        .expect("cluster slots");
+    for r in ranges {
+        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
+        let lo: u16 = redis::from_redis_value(parts[0].clone()).expect("start");
+        let hi: u16 = redis::from_redis_value(parts[1].clone()).expect("end");
+        if (lo..=hi).contains(&s) {
+            let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
+            return redis::from_redis_value(node[1].clone()).expect("port");
+        }
+    }
+    panic!("slot {s} has no master");
+}
+
+/// A master restarted empty (its slots lost their data and their loaded markers) while
+/// orders flow: an order touching those slots (its product's stock, or its record's
+/// bucket) waits, with the later events of the same order, and every other order is
+/// decided meanwhile. After `stockctl rebuild` the waiting ones are decided too: every
+/// order has one outcome, and Redis equals PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 1_000), (b, 1_000), (c, 1_000)]).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let single = |prefix: &str, n: usize| -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| {
+                let id = format!("{prefix}-{i}");
+                let item = Item {
+                    product_id: products[i % 3],
+                    quantity: 1,
+                };
+                (id.clone(), created(&id, &[item]))
+            })
+            .collect()
+    };
+    let before = single("e0", 150);
+    let before_ids: HashSet<String> = before.iter().map(|(id, _)| id.clone()).collect();
+    harness::publish(&kafka, &env.topics.orders, before)
+        .await
+        .expect("publish");
+    assert!(
+        collector
+            .wait_for(&before_ids, 1, Duration::from_secs(60))
+            .await,
+        "orders answered before the fault"
+    );
+
+    let victim = master_of(&env.store, b).await;
+    fault(&["restart-redis-empty", &victim.to_string()]).await;
+    let during = single("e1", 300);
+    // Which orders touch the emptied master: their product's stock or their record.
+    let mut touching = HashSet::new();
+    for (i, (id, _)) in during.iter().enumerate() {
+        let keys = [stock_key(products[i % 3]), env.store.record_key(id)];
+        for k in keys {
+            if master_of_slot(&env.store, slot(&k)).await == victim {
+                touching.insert(id.clone());
+            }
+        }
+    }
+    let others: HashSet<String> = during
+        .iter()
+        .map(|(id, _)| id.clone())
+        .filter(|id| !touching.contains(id))
+        .collect();
+    assert!(!touching.is_empty() && !others.is_empty(), "both kinds");
+    // A cancel for every waiting order: it must wait behind its order.
+    let cancels: Vec<(String, Vec<u8>)> = touching
+        .iter()
+        .map(|id| (id.clone(), cancelled(id)))
+        .collect();
+    harness::publish(&kafka, &env.topics.orders, during.clone())
+        .await
+        .expect("publish");
+    harness::publish(&kafka, &env.topics.orders, cancels)
+        .await
+        .expect("publish");
+    assert!(
+        collector
+            .wait_for(&others, 1, Duration::from_secs(90))
+            .await,
+        "every order away from the emptied master is decided while it is not rebuilt"
+    );
+    // Time for the waiting ones to have been retried a few times.
+    let _ = collector
+        .wait_for(&touching, 1, Duration::from_secs(3))
+        .await;
+    let seen = collector.snapshot();
+    let answered: Vec<&String> = touching
+        .iter()
+        .filter(|id| seen.contains_key(*id))
+        .collect();
+    assert!(
+        answered.is_empty(),
+        "orders touching the emptied master wait for the rebuild: {answered:?}"
+    );
+
+    stockctl::rebuild::rebuild(&env.pool, &env.store)
+        .await
+        .expect("rebuild");
+    let all: HashSet<String> = before_ids
+        .iter()
+        .cloned()
+        .chain(during.iter().map(|(id, _)| id.clone()))
+        .collect();
+    assert!(
+        collector.wait_for(&all, 1, Duration::from_secs(90)).await,
+        "every order decided after the rebuild"
+    );
+    // Each waiting order's cancel came after its order: reserved, then released.
+    let released = wait_until(|| async {
+        let o = collector.snapshot();
+        touching.iter().all(|id| {
+            o[id].iter().all(|r| r.status != Status::Reserved)
+                || o[id].iter().any(|r| r.status == Status::Released)
+        })
+    });
+    assert!(
+        released.await,
+        "every waiting order's cancel applied after it"
+    );
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let report = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("drift check");
+    assert!(report.drift.is_empty(), "drift: {:?}", report.drift);
+    check_idle(&env, &all, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}

@@ -7,6 +7,9 @@
 //!   batch, then the deduct commands / results / dead letters to publish) and its
 //!   readiness check; the loop itself (publish, wait for delivery, store offsets) and the
 //!   run path are `stock_common::batch_loop`'s.
+//! * [`parking`]: on a Redis Cluster, the messages that wait for a slot that lost its data
+//!   (until `stockctl rebuild`) while every other order is decided, and the offsets that
+//!   never pass them.
 //!
 //! The scripts themselves and the Redis keys live in `stock_common::redis_store`.
 //! See `docs/DESIGN.md` for the crash windows.
@@ -16,6 +19,7 @@ use stock_common::config::{BatchArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
 use stock_common::metrics::MetricsArgs;
 
 pub mod classify;
+pub mod parking;
 pub mod worker;
 
 /// Settings of the producer binary.

@@ -6,12 +6,15 @@
 //! the step is retried with backoff and no offset moves until a rebuild sets the marker.
 
 use crate::classify::{classify, Input};
+use crate::parking::Parking;
 use crate::ProducerArgs;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
+use rdkafka::consumer::Consumer;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use stock_common::batch_loop::{self, Clients, Endpoints};
@@ -65,6 +68,20 @@ pub struct Worker {
     /// Stock keys found holding something other than an integer; `/readyz` reports them
     /// until they read as integers again.
     corrupt_keys: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// On a Redis Cluster: what waits for a slot to be rebuilt ([`Parking`]).
+    parking: Parking,
+}
+
+/// What one run of the scripts over a batch gives.
+pub struct Decided {
+    pub summary: BatchSummary,
+    /// What to publish, in message order.
+    pub out: Vec<OutMessage>,
+    /// The messages that wait (their index in the batch, and the order each is about):
+    /// an order or compensation touching a Redis Cluster slot that lost its data, and the
+    /// later pays and cancels of such orders. Always empty on one Redis, where an
+    /// unloaded Redis stops the whole batch ([`StepError::Unloaded`]).
+    pub waiting: Vec<(usize, Option<String>)>,
 }
 
 impl Worker {
@@ -96,6 +113,7 @@ impl Worker {
                 .sold_out_marker
                 .then(|| std::sync::Mutex::new(SoldOutMarker::default())),
             corrupt_keys: Arc::default(),
+            parking: Parking::default(),
         })
     }
 
@@ -165,24 +183,31 @@ impl Worker {
     }
 
     /// One step, for tests and tools: [`Worker::prepare`] with its retries, then publish
-    /// and wait for every delivery report. Does not store offsets.
+    /// and wait for every delivery report. Does not store offsets, and nothing waits: an
+    /// unloaded slot stops the whole batch.
     pub async fn process(
         &self,
         msgs: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> Result<BatchSummary, KafkaStepError> {
-        let (summary, out) = self.prepare_retrying(msgs, shutdown).await?;
-        kafka::publish_all(&self.producer, &out, &self.stall, shutdown).await?;
-        Ok(summary)
+        let d = self
+            .decide_retrying(msgs, &HashSet::new(), false, shutdown)
+            .await?;
+        kafka::publish_all(&self.producer, &d.out, &self.stall, shutdown).await?;
+        Ok(d.summary)
     }
 
-    /// [`Worker::prepare`] with retries: Redis errors and an unloaded Redis are retried with capped exponential backoff (100 ms doubling to 5 s, until shutdown),
-    /// each retry logged with its cause.
-    pub async fn prepare_retrying(
+    /// [`Worker::decide`] with retries: Redis errors, an unloaded Redis (and, with `park`,
+    /// more waiting messages than [`crate::parking::MAX_WAITING`]) are retried with capped
+    /// exponential backoff (100 ms doubling to 5 s, until shutdown), each retry logged
+    /// with its cause.
+    pub async fn decide_retrying(
         &self,
         msgs: &[OwnedMessage],
+        waiting_ids: &HashSet<String>,
+        park: bool,
         shutdown: &CancellationToken,
-    ) -> Result<(BatchSummary, Vec<OutMessage>), KafkaStepError> {
+    ) -> Result<Decided, KafkaStepError> {
         let mut backoff = ExponentialBackoff {
             initial_interval: Duration::from_millis(100),
             max_interval: Duration::from_secs(5),
@@ -190,8 +215,9 @@ impl Worker {
             ..Default::default()
         };
         loop {
-            let err = match self.prepare(msgs).await {
-                Ok(s) => return Ok(s),
+            let err = match self.decide(msgs, waiting_ids, park).await {
+                Ok(d) if !park || self.parking.has_room(d.waiting.len()) => return Ok(d),
+                Ok(_) => StepError::Unloaded,
                 Err(StepError::Kafka(e)) => return Err(e),
                 Err(e) => e,
             };
@@ -217,13 +243,27 @@ impl Worker {
     }
 
     /// Runs the batch's Redis scripts and returns what to publish, in message order (so
-    /// that an order's events keep their order). Safe to repeat: every script is
-    /// idempotent by order id. In three steps: [`classify`] each message, run the scripts
-    /// ([`Worker::run_scripts`]), turn their answers into messages ([`Worker::assemble`]).
+    /// that an order's events keep their order); nothing waits. Safe to repeat: every
+    /// script is idempotent by order id.
     pub async fn prepare(
         &self,
         msgs: &[OwnedMessage],
     ) -> Result<(BatchSummary, Vec<OutMessage>), StepError> {
+        let d = self.decide(msgs, &HashSet::new(), false).await?;
+        Ok((d.summary, d.out))
+    }
+
+    /// Runs the batch's Redis scripts and returns what to publish, in message order. In
+    /// three steps: [`classify`] each message, run the scripts ([`Worker::run_scripts`]),
+    /// turn their answers into messages ([`Worker::assemble`]). With `park`, what touches
+    /// a slot that is not loaded waits ([`Decided::waiting`]) instead of stopping the
+    /// batch, and so do the pays and cancels of `waiting_ids` and of orders that wait.
+    pub async fn decide(
+        &self,
+        msgs: &[OwnedMessage],
+        waiting_ids: &HashSet<String>,
+        park: bool,
+    ) -> Result<Decided, StepError> {
         stock_common::failpoint!("producer.before_step");
         let inputs: Vec<Input> = msgs
             .iter()
@@ -237,19 +277,25 @@ impl Worker {
                 )
             })
             .collect();
-        let (restored, reserved) = self.run_scripts(&inputs).await?;
-        let (summary, out, results) = self.assemble(msgs, inputs, restored, reserved)?;
-        self.metrics
-            .batch_published(&results, summary.dead_letters, "restored", summary.restored);
-        Ok((summary, out))
+        let (restored, reserved) = self.run_scripts(&inputs, park).await?;
+        let (d, results) = self.assemble(msgs, inputs, restored, reserved, waiting_ids)?;
+        self.metrics.batch_published(
+            &results,
+            d.summary.dead_letters,
+            "restored",
+            d.summary.restored,
+        );
+        Ok(d)
     }
 
     /// One Redis round for the batch: the restore script for every compensation, then the
     /// reserve script for every order (guarded by the sold-out marker, which learns from
-    /// the answer). [`StepError::Unloaded`] if Redis answered that it is not loaded.
+    /// the answer). [`StepError::Unloaded`] if Redis answered that it is not loaded,
+    /// unless `park` (then those outcomes are returned, to wait).
     async fn run_scripts(
         &self,
         inputs: &[Input],
+        park: bool,
     ) -> Result<(Vec<RestoreOutcome>, Vec<ReserveOutcome>), StepError> {
         // Stock coming back first, so that this batch's orders can use it.
         let restores: Vec<Compensation> = inputs
@@ -261,7 +307,7 @@ impl Worker {
             .collect();
         let timer = self.metrics.redis_seconds.start_timer();
         let restored = self.redis.restore_many(&restores).await?;
-        if restored.contains(&RestoreOutcome::Unloaded) {
+        if !park && restored.contains(&RestoreOutcome::Unloaded) {
             return Err(StepError::Unloaded);
         }
         let reserves: Vec<_> = inputs
@@ -283,7 +329,7 @@ impl Worker {
             }
         }
         let reserved = reply.outcomes;
-        if reserved.contains(&ReserveOutcome::Unloaded) {
+        if !park && reserved.contains(&ReserveOutcome::Unloaded) {
             return Err(StepError::Unloaded);
         }
         // Published decisions must survive a failover (replication is asynchronous).
@@ -303,17 +349,24 @@ impl Worker {
         inputs: Vec<Input>,
         restored: Vec<RestoreOutcome>,
         reserved: Vec<ReserveOutcome>,
-    ) -> Result<(BatchSummary, Vec<OutMessage>, Vec<StockResult>), StepError> {
+        waiting_ids: &HashSet<String>,
+    ) -> Result<(Decided, Vec<StockResult>), StepError> {
         let mut summary = BatchSummary::default();
         let mut out = Vec::with_capacity(msgs.len());
         let mut results: Vec<StockResult> = Vec::new();
+        let mut waiting: Vec<(usize, Option<String>)> = Vec::new();
+        let mut waits: HashSet<String> = HashSet::new();
         let (mut reserved, mut restored) = (reserved.into_iter(), restored.into_iter());
-        for (m, input) in msgs.iter().zip(inputs) {
+        for (n, (m, input)) in msgs.iter().zip(inputs).enumerate() {
             match input {
                 // Every decision goes to the consumer: PostgreSQL's ledger publishes the
                 // order's one outcome, and gives back a second pre-deduction of an order
                 // it decided before.
                 Input::Reserve(req) => match reserved.next() {
+                    Some(ReserveOutcome::Unloaded) => {
+                        waits.insert(req.order_id.clone());
+                        waiting.push((n, Some(req.order_id)));
+                    }
                     Some(ReserveOutcome::Decided { record, .. }) => {
                         let cmd = deduct_command(&req.order_id, record)?;
                         out.push(OutMessage::json(&self.topics.deduct, &req.order_id, &cmd));
@@ -330,6 +383,12 @@ impl Worker {
                         .into())
                     }
                 },
+                Input::Forward(cmd)
+                    if waits.contains(cmd.order_id()) || waiting_ids.contains(cmd.order_id()) =>
+                {
+                    // After its order, which waits.
+                    waiting.push((n, Some(cmd.order_id().to_owned())));
+                }
                 Input::Forward(cmd) => {
                     out.push(OutMessage::json(&self.topics.deduct, cmd.order_id(), &cmd));
                     summary.deducts += 1;
@@ -340,6 +399,7 @@ impl Worker {
                 }
                 Input::Restore(c) => match restored.next() {
                     Some(RestoreOutcome::Restored) => summary.restored += 1,
+                    Some(RestoreOutcome::Unloaded) => waiting.push((n, None)),
                     Some(o) if o.is_settled() => {}
                     other => {
                         let reason = format!("compensation not applied: {other:?}");
@@ -366,7 +426,14 @@ impl Worker {
             }
         }
         summary.results = results.len();
-        Ok((summary, out, results))
+        Ok((
+            Decided {
+                summary,
+                out,
+                waiting,
+            },
+            results,
+        ))
     }
 
     /// The dead letter of an order whose stock key `key` does not hold an integer. Only
@@ -420,16 +487,62 @@ impl batch_loop::BatchStep for Worker {
         WORKER
     }
 
+    fn has_waiting(&self) -> bool {
+        !self.parking.is_empty()
+    }
+
     fn step<'a>(
         &'a self,
         msgs: &'a [OwnedMessage],
         shutdown: &'a CancellationToken,
-    ) -> futures::future::BoxFuture<'a, Result<Vec<OutMessage>, KafkaStepError>> {
+    ) -> futures::future::BoxFuture<'a, Result<batch_loop::Stepped, KafkaStepError>> {
         Box::pin(async move {
-            self.metrics.batch_size.observe(msgs.len() as f64);
-            let (summary, out) = self.prepare_retrying(msgs, shutdown).await?;
-            tracing::debug!(?summary, "batch decided");
-            Ok(out)
+            if !msgs.is_empty() {
+                self.metrics.batch_size.observe(msgs.len() as f64);
+            }
+            if !self.redis.is_cluster() {
+                let d = self
+                    .decide_retrying(msgs, &HashSet::new(), false, shutdown)
+                    .await?;
+                tracing::debug!(summary = ?d.summary, "batch decided");
+                return Ok(d.out.into());
+            }
+            // On a cluster, what touches a slot that lost its data waits; the rest goes on.
+            let assignment = self.consumer.assignment().ok();
+            let assigned = |topic: &str, partition: i32| {
+                assignment
+                    .as_ref()
+                    .is_none_or(|a| a.find_partition(topic, partition).is_some())
+            };
+            let c = self.parking.candidates(msgs, assigned);
+            if c.msgs.is_empty() {
+                return Ok(batch_loop::Stepped {
+                    out: Vec::new(),
+                    offsets: Some(self.parking.offsets(&[])),
+                });
+            }
+            let d = self
+                .decide_retrying(&c.msgs, &c.waiting_ids, true, shutdown)
+                .await?;
+            let waits: Vec<(OwnedMessage, Option<String>)> = d
+                .waiting
+                .into_iter()
+                .filter_map(|(n, id)| c.msgs.get(n).map(|m| (m.clone(), id)))
+                .collect();
+            if !waits.is_empty() {
+                tracing::warn!(
+                    waiting = waits.len(),
+                    "messages wait for redis slots that are not loaded (`stockctl rebuild`); \
+                     the others go on"
+                );
+            }
+            self.parking.park(waits);
+            self.metrics.waiting.set(self.parking.len() as i64);
+            tracing::debug!(summary = ?d.summary, "batch decided");
+            Ok(batch_loop::Stepped {
+                out: d.out,
+                offsets: Some(self.parking.offsets(&c.msgs)),
+            })
         })
     }
 }

@@ -142,6 +142,8 @@ enum Hold {
     Short(i64),
     Unknown(i64),
     Corrupt(String),
+    /// The slot is not loaded (its master lost its data): the order waits for a rebuild.
+    Unloaded,
 }
 
 /// The state of one order through the protocol.
@@ -319,12 +321,21 @@ impl RedisStore {
         crate::failpoint!("producer.xslot.after_hold");
         // What each claimed order's holds say: a decision, or nothing decided.
         let mut decisions: Vec<(usize, Claim, Result<OrderRecord, ReserveOutcome>)> = Vec::new();
+        let mut waiting: Vec<usize> = Vec::new();
         for ((i, claim), answers) in claimed.into_iter().zip(holds) {
+            if answers.iter().any(|(_, h)| *h == Hold::Unloaded) {
+                // A stock slot lost its data: undecided, the claim and the holds taken
+                // elsewhere kept for the next delivery (a rebuild drops them all).
+                waiting.push(i);
+                continue;
+            }
             let mut refusal: Option<(Reason, i64)> = None;
             let mut undecided: Option<ReserveOutcome> = None;
             for (item_pid, h) in answers {
                 match h {
                     Hold::Held => {}
+                    // Orders with an unloaded slot are waiting (above).
+                    Hold::Unloaded => {}
                     Hold::Stale => {
                         return Err(StoreError::Retry(format!(
                             "order {}: a rebuild ran since its claim",
@@ -363,9 +374,17 @@ impl RedisStore {
             .iter()
             .filter_map(|(i, c, d)| d.as_ref().ok().map(|rec| (*i, c, rec)))
             .collect();
+        for i in waiting {
+            steps[i] = Step::Done(ReserveOutcome::Unloaded);
+        }
         let written = self.decide(reqs, &to_write).await?;
         crate::failpoint!("producer.xslot.after_decide");
-        for ((i, claim, _), (fresh, record)) in to_write.iter().zip(written) {
+        for ((i, claim, _), written) in to_write.iter().zip(written) {
+            let Some((fresh, record)) = written else {
+                // The record's slot lost its data since the claim: undecided.
+                steps[*i] = Step::Done(ReserveOutcome::Unloaded);
+                continue;
+            };
             let ours = matches!(&record, OrderRecord::Held { token, .. } if *token == claim.token);
             if !ours {
                 release.push((reqs[*i].order_id.clone(), (*claim).clone()));
@@ -500,8 +519,11 @@ impl RedisStore {
             let calls = members.get(&slot).ok_or_else(|| bad("hold"))?;
             for (reply, who) in per_call.into_iter().zip(calls) {
                 if reply.first().map(String::as_str) == Some("unloaded") {
-                    // Not loaded: the order cannot be decided now; the batch waits.
-                    return Err(StoreError::Retry(format!("slot {slot} is not loaded")));
+                    // Not loaded: these orders cannot be decided until a rebuild.
+                    for &(n, first) in who {
+                        out[n].push((first, Hold::Unloaded));
+                    }
+                    continue;
                 }
                 if reply.len() != 2 * who.len() {
                     return Err(bad("hold"));
@@ -541,7 +563,7 @@ impl RedisStore {
         &self,
         reqs: &[&ReserveRequest],
         decisions: &[(usize, &Claim, &OrderRecord)],
-    ) -> Result<Vec<(bool, OrderRecord)>, StoreError> {
+    ) -> Result<Vec<Option<(bool, OrderRecord)>>, StoreError> {
         let swaps: Vec<(String, String, String)> = decisions
             .iter()
             .map(|(i, claim, rec)| {
@@ -559,12 +581,12 @@ impl RedisStore {
                 Swap::New(rec) | Swap::Seen(rec) if matches!(rec, OrderRecord::Pending(_)) => Err(
                     StoreError::Retry("a claim changed under its decision".into()),
                 ),
-                Swap::New(rec) => Ok((true, rec)),
-                Swap::Seen(rec) => Ok((false, rec)),
+                Swap::New(rec) => Ok(Some((true, rec))),
+                Swap::Seen(rec) => Ok(Some((false, rec))),
                 Swap::Lost => Err(StoreError::Retry(
                     "an order's claim is gone (a rebuild dropped it)".into(),
                 )),
-                Swap::Unloaded => Err(StoreError::Retry("a record slot is not loaded".into())),
+                Swap::Unloaded => Ok(None),
             })
             .collect()
     }
@@ -625,7 +647,8 @@ impl RedisStore {
     }
 
     /// Step 4 (and a give-back's first step): gives back each claim's holds in every slot
-    /// of its items, in generation `gen` (None: any). Per claim, each slot's answer.
+    /// of its items, in generation `gen` (None: any). Per claim, each slot's answer
+    /// (`unloaded` for a slot that lost its data).
     async fn release(
         &self,
         claims: &[(String, Claim)],
@@ -671,7 +694,12 @@ impl RedisStore {
             let calls = members.get(&slot).ok_or_else(|| bad("release"))?;
             for (reply, who) in per_call.into_iter().zip(calls) {
                 if reply.first().map(String::as_str) == Some("unloaded") {
-                    return Err(StoreError::Retry(format!("slot {slot} is not loaded")));
+                    // The slot lost its data, holds with it: nothing to give back there
+                    // (a rebuild loads its stock from PostgreSQL).
+                    for &n in who {
+                        out[n].push("unloaded".to_owned());
+                    }
+                    continue;
                 }
                 if reply.len() != who.len() {
                     return Err(bad("release"));
@@ -788,9 +816,15 @@ impl RedisStore {
         let gens: Vec<Option<i64>> = to_release.iter().map(|(i, ..)| reqs[*i].gen).collect();
         let released = self.release(&claims, Some(&gens)).await?;
         crate::failpoint!("producer.xslot.restore_after_release");
-        let swaps: Vec<(String, String, String)> = claims
+        // A slot that lost its data leaves the give-back undone (the record stays `H`): it
+        // is redone after the rebuild, where it is stale.
+        let complete: Vec<usize> = (0..claims.len())
+            .filter(|&n| !released[n].iter().any(|k| k == "unloaded"))
+            .collect();
+        let swaps: Vec<(String, String, String)> = complete
             .iter()
-            .map(|(id, c)| {
+            .map(|&n| {
+                let (id, c) = &claims[n];
                 (
                     record_key(id),
                     format!("R|{}|", c.token),
@@ -802,14 +836,17 @@ impl RedisStore {
                 )
             })
             .collect();
-        let swapped = self.swap(&swaps).await?;
+        let mut swapped: Vec<Option<Swap>> = (0..claims.len()).map(|_| None).collect();
+        for (&n, sw) in complete.iter().zip(self.swap(&swaps).await?) {
+            swapped[n] = Some(sw);
+        }
         for (((i, ..), kinds), s) in to_release.iter().zip(released).zip(swapped) {
             out[*i] = Some(if kinds.iter().any(|k| k == "stale") {
                 RestoreOutcome::Stale
             } else {
                 match s {
-                    Swap::Unloaded => RestoreOutcome::Unloaded,
-                    Swap::Lost => RestoreOutcome::Unknown,
+                    None | Some(Swap::Unloaded) => RestoreOutcome::Unloaded,
+                    Some(Swap::Lost) => RestoreOutcome::Unknown,
                     _ if kinds.iter().any(|k| k == "released") => RestoreOutcome::Restored,
                     _ => RestoreOutcome::Already,
                 }
