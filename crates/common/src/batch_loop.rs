@@ -34,8 +34,11 @@ pub struct Clients<'a> {
     pub consumer: &'a Arc<StreamConsumer>,
     pub producer: &'a FutureProducer,
     pub batch: &'a BatchArgs,
-    /// Watches the wait for delivery reports (`--kafka-stall-timeout`).
+    /// Watches the wait for delivery reports and the consumer's group membership
+    /// (`--kafka-stall-timeout`).
     pub stall: &'a StallWatch,
+    /// The consumer's group.
+    pub group: &'a str,
 }
 
 /// A worker's `/metrics`, `/healthz` and `/readyz` endpoints.
@@ -87,13 +90,68 @@ where
         }
         r
     };
-    let (result, beside) = tokio::join!(batches, beside);
+    let membership = async {
+        let r = watch_membership(&clients, &companion_stop).await;
+        if r.is_err() {
+            loop_stop.cancel();
+        }
+        r
+    };
+    let (result, beside, membership) = tokio::join!(batches, beside, membership);
     background.cancel();
     commit_final(clients.consumer);
     flush(clients.producer);
     tracing::info!("{} stopped", worker.name());
-    result.and(beside)
+    result.and(beside).and(membership)
 }
+
+/// Until `stop`: once the consumer has had no partition for the stall timeout (at least
+/// [`MEMBERSHIP_PATIENCE`]: a rebalance that waits for a departed member's session to
+/// expire takes some seconds), asks whether it is outside its group
+/// ([`StallWatch::outside_group`]); if so the worker ends with [`KafkaStepError::Stalled`]
+/// (its supervisor starts it afresh, and it joins anew).
+async fn watch_membership(
+    clients: &Clients<'_>,
+    stop: &CancellationToken,
+) -> Result<(), KafkaStepError> {
+    let patience = clients
+        .stall
+        .after()
+        .clamp(MEMBERSHIP_PATIENCE, Duration::from_secs(3600));
+    let mut empty_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let assigned = clients
+            .consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false);
+        if assigned {
+            empty_since = None;
+            continue;
+        }
+        let since = *empty_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < patience {
+            continue;
+        }
+        if clients.stall.outside_group(clients.group).await? {
+            return Err(KafkaStepError::Stalled(format!(
+                "the consumer has had no partition for {:.0?} and is outside group {} \
+                 while the brokers answer a new client; exiting so that a restart joins \
+                 afresh",
+                since.elapsed(),
+                clients.group
+            )));
+        }
+        empty_since = Some(tokio::time::Instant::now());
+    }
+}
+
+/// The shortest wait without partitions before a consumer's membership is checked.
+pub const MEMBERSHIP_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A worker's work on one batch: its effects, and what to publish.
 pub trait BatchStep: Sync {

@@ -129,11 +129,64 @@ impl StallWatch {
         self.after
     }
 
+    /// Asks a new client whether this process's consumer (`client.id`
+    /// [`member_client_id`]) looks stuck outside `group`; call it when the consumer has had
+    /// no partition for a while. librdkafka consumers were seen to lose their session while
+    /// a broker did not answer and never get back in, although the coordinator counted
+    /// them as members with partitions, or had no member left. `Ok(true)`: the brokers
+    /// answer and the group is empty, or stable without this consumer, with partitions
+    /// assigned to it, or with no partition assigned to anyone. `Ok(false)`: a
+    /// member without partitions (more instances than partitions), a group in a
+    /// rebalance, or Kafka not answering (logged).
+    pub async fn outside_group(&self, group: &str) -> Result<bool, KafkaStepError> {
+        let Some(args) = &self.args else {
+            return Ok(false);
+        };
+        if args
+            .options
+            .iter()
+            .any(|o| o.trim_start().starts_with("client.id="))
+        {
+            return Ok(false);
+        }
+        let me = member_client_id(group);
+        match group_members(args, group).await {
+            Ok((state, members)) => {
+                let mine = members.iter().find(|(id, _)| *id == me).map(|(_, n)| *n);
+                // Outside: a group with no member at all, a stable group without this
+                // consumer, one that counts partitions for it which it does not have, or
+                // one where no member has any partition (nobody consumes).
+                let total: usize = members.iter().map(|(_, n)| n).sum();
+                let outside = matches!(state.as_str(), "Empty" | "Dead")
+                    || (state == "Stable" && (mine.is_none_or(|n| n > 0) || total == 0));
+                if outside {
+                    tracing::warn!(
+                        %group, %state, members = members.len(), assigned_here = ?mine, assigned_in_group = total,
+                        "the consumer has had no partition for a while, yet its group is \
+                         empty, or stable without it, with partitions for it, or with none \
+                         for anyone"
+                    );
+                } else if state != "Stable" {
+                    tracing::info!(%group, %state, "the consumer has no partition: its group is rebalancing");
+                }
+                Ok(outside)
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "checking the consumer's group: kafka does not answer");
+                Ok(false)
+            }
+        }
+    }
+
     async fn ask(&self, what: &str, since: tokio::time::Instant) -> Result<(), KafkaStepError> {
         let Some(args) = &self.args else {
             return Ok(());
         };
         let waited = since.elapsed();
+        tracing::info!(
+            waited = ?waited,
+            "delivery reports of {what} awaited past --kafka-stall-timeout: asking the brokers"
+        );
         let answer = brokers_answer(args).await;
         let mut silent_at = self.silent_at.lock().unwrap_or_else(|e| e.into_inner());
         match answer {
@@ -163,21 +216,110 @@ impl StallWatch {
     }
 }
 
-/// Whether a new client gets the cluster's metadata within a few seconds.
+/// Whether a new client gets the cluster's metadata within a few seconds. The probe runs
+/// on a thread of its own and answers before its client is destroyed: destroying a
+/// librdkafka client can wait on its broker threads, and the answer must not.
 async fn brokers_answer(args: &KafkaArgs) -> Result<(), String> {
-    let client: rdkafka::producer::BaseProducer = client_config(args)
-        .map_err(|e| e.to_string())?
-        .create()
-        .map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(move || {
-        match client.client().fetch_metadata(None, Duration::from_secs(5)) {
-            Ok(m) if !m.brokers().is_empty() => Ok(()),
-            Ok(_) => Err("metadata names no broker".to_owned()),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .await
-    .map_err(|e| format!("metadata probe: {e}"))?
+    const PATIENCE: Duration = Duration::from_secs(5);
+    let cfg = client_config(args).map_err(|e| e.to_string())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kafka-probe".into())
+        .spawn(move || {
+            let answer = match cfg.create::<rdkafka::producer::BaseProducer>() {
+                Ok(client) => {
+                    let answer = match client.client().fetch_metadata(None, PATIENCE) {
+                        Ok(m) if !m.brokers().is_empty() => Ok(()),
+                        Ok(_) => Err("metadata names no broker".to_owned()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tx.send(answer);
+                    drop(client);
+                    return;
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = tx.send(answer);
+        })
+        .map_err(|e| format!("metadata probe: {e}"))?;
+    match tokio::time::timeout(PATIENCE * 2, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err("metadata probe ended without an answer".to_owned()),
+        Err(_) => Err(format!("metadata probe: no answer in {:?}", PATIENCE * 2)),
+    }
+}
+
+/// How many partitions a consumer-protocol assignment (a group member's, as the
+/// coordinator holds it) names: version (i16), topics (i32 count; each a name of i16 length
+/// and an i32 count of i32 partitions), user data. `None` if it does not parse.
+fn assigned_partitions(bytes: &[u8]) -> Option<usize> {
+    let mut at = 2usize;
+    let i32_at = |at: usize| -> Option<i32> {
+        Some(i32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let topics = i32_at(at)?;
+    at += 4;
+    let mut total = 0usize;
+    for _ in 0..topics.max(0) {
+        let len = i16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?);
+        at += 2 + usize::try_from(len.max(0)).ok()?;
+        let n = i32_at(at)?;
+        at += 4 + 4 * usize::try_from(n.max(0)).ok()?;
+        total += usize::try_from(n.max(0)).ok()?;
+    }
+    Some(total)
+}
+
+/// The state of `group` and its members' client ids, asked by a new client (on a thread
+/// of its own, like [`brokers_answer`]).
+async fn group_members(
+    args: &KafkaArgs,
+    group: &str,
+) -> Result<(String, Vec<(String, usize)>), String> {
+    const PATIENCE: Duration = Duration::from_secs(5);
+    let cfg = client_config(args).map_err(|e| e.to_string())?;
+    let group = group.to_owned();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kafka-probe".into())
+        .spawn(move || {
+            let client = match cfg.create::<rdkafka::producer::BaseProducer>() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let answer = client
+                .client()
+                .fetch_group_list(Some(&group), PATIENCE)
+                .map_err(|e| e.to_string())
+                .and_then(|list| {
+                    let g = list
+                        .groups()
+                        .iter()
+                        .find(|g| g.name() == group)
+                        .ok_or_else(|| format!("group {group} not found"))?;
+                    Ok((
+                        g.state().to_owned(),
+                        g.members()
+                            .iter()
+                            .map(|m| {
+                                let n = m.assignment().and_then(assigned_partitions).unwrap_or(0);
+                                (m.client_id().to_owned(), n)
+                            })
+                            .collect(),
+                    ))
+                });
+            let _ = tx.send(answer);
+            drop(client);
+        })
+        .map_err(|e| format!("group probe: {e}"))?;
+    match tokio::time::timeout(PATIENCE * 2, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err("group probe ended without an answer".to_owned()),
+        Err(_) => Err(format!("group probe: no answer in {:?}", PATIENCE * 2)),
+    }
 }
 
 /// Settings common to every client: the brokers, security and the user's `--kafka-option`s.
@@ -379,10 +521,24 @@ pub fn consumer(
         .set("max.poll.interval.ms", "300000")
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "20000");
+    cfg.set("client.id", member_client_id(group));
     apply_user_settings(&mut cfg, args)?;
     let consumer: StreamConsumer = cfg.create()?;
     consumer.subscribe(topics)?;
     Ok(consumer)
+}
+
+/// The `client.id` of this process's consumer in `group`: unique to the process, so that a
+/// new client can tell whether that consumer is still a member ([`StallWatch::outside_group`]).
+pub fn member_client_id(group: &str) -> String {
+    static TAG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{}-{nanos:x}", std::process::id())
+    });
+    format!("{group}.{}", *TAG)
 }
 
 /// An idempotent producer (`acks=all`, no duplicates or reordering from its own retries).
@@ -940,6 +1096,17 @@ mod tests {
         assert!(36 + cut.key.len() + cut.payload.len() + headers <= 1_000_000);
         assert!(budget > 999_000, "{budget}");
         assert_eq!(dl.payload_budget(100), 0);
+    }
+
+    #[test]
+    fn a_member_assignment_is_counted() {
+        // version 1; 2 topics: "ab" [0, 3], "c" []; no user data.
+        let mut b = vec![0, 1, 0, 0, 0, 2, 0, 2, b'a', b'b', 0, 0, 0, 2];
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 3]);
+        b.extend_from_slice(&[0, 1, b'c', 0, 0, 0, 0, 255, 255, 255, 255]);
+        assert_eq!(assigned_partitions(&b), Some(2));
+        assert_eq!(assigned_partitions(&[0, 1, 0, 0, 0, 0]), Some(0));
+        assert_eq!(assigned_partitions(&[0, 1, 0, 0, 0, 1, 0]), None);
     }
 
     #[test]

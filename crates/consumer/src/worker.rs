@@ -35,6 +35,8 @@ pub struct Worker {
     producer: FutureProducer,
     /// Watches the producer's delivery reports (`--kafka-stall-timeout`).
     stall: StallWatch,
+    /// The consumer group.
+    group: String,
     pool: PgPool,
     topics: Topics,
     batch: BatchArgs,
@@ -69,6 +71,7 @@ impl Worker {
             metrics_args: args.metrics.clone(),
             producer,
             stall: StallWatch::new(&args.kafka),
+            group: args.group.clone(),
             pool,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
@@ -104,6 +107,7 @@ impl Worker {
             producer: &self.producer,
             batch: &self.batch,
             stall: &self.stall,
+            group: &self.group,
         };
         let endpoints = Endpoints {
             args: &self.metrics_args,

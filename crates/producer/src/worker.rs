@@ -58,6 +58,8 @@ pub struct Worker {
     producer: FutureProducer,
     /// Watches the producer's delivery reports (`--kafka-stall-timeout`).
     stall: StallWatch,
+    /// The consumer group.
+    group: String,
     redis: RedisStore,
     topics: Topics,
     batch: BatchArgs,
@@ -104,6 +106,7 @@ impl Worker {
             consumer: Arc::new(consumer),
             producer,
             stall: StallWatch::new(&args.kafka),
+            group: args.group.clone(),
             redis,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
@@ -171,6 +174,7 @@ impl Worker {
             producer: &self.producer,
             batch: &self.batch,
             stall: &self.stall,
+            group: &self.group,
         };
         let endpoints = Endpoints {
             args: &self.metrics_args,
