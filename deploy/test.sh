@@ -32,7 +32,8 @@ cargo build --workspace --bins --quiet
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# Every test binary runs even after one fails, so that one failure hides no other.
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The core end-to-end tests again on the secure layout (TLS, SCRAM, ACL users, the
 # consumer's least-privilege role), in a shell of their own: env.sh keeps values already set.
 secure_tests=(--test pipeline --test crash)

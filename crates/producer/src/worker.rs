@@ -533,15 +533,21 @@ impl batch_loop::BatchStep for Worker {
                 .into_iter()
                 .filter_map(|(n, id)| c.msgs.get(n).map(|m| (m.clone(), id)))
                 .collect();
-            if !waits.is_empty() {
-                tracing::warn!(
-                    waiting = waits.len(),
-                    "messages wait for redis slots that are not loaded (`stockctl rebuild`); \
-                     the others go on"
-                );
-            }
             self.parking.park(waits);
-            self.metrics.waiting.set(self.parking.len() as i64);
+            let waiting = self.parking.len();
+            // Logged when the number changes, not at every retry.
+            if self.metrics.waiting.get() != waiting as i64 {
+                if waiting > 0 {
+                    tracing::warn!(
+                        waiting,
+                        "messages wait for redis slots that are not loaded (`stockctl \
+                         rebuild`); the others go on"
+                    );
+                } else {
+                    tracing::info!("no message waits for a redis slot any more");
+                }
+            }
+            self.metrics.waiting.set(waiting as i64);
             tracing::debug!(summary = ?d.summary, "batch decided");
             Ok(batch_loop::Stepped {
                 out: d.out,
