@@ -527,14 +527,25 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     let during = single("e1", 300);
     // Which orders touch the emptied master: their product's stock or their record.
     let mut touching = HashSet::new();
+    // Orders whose record is on the emptied master: each gets a second `order_created`
+    // with other items (product a) right after the rebuild, when the first still waits.
+    let mut resent = Vec::new();
     for (i, (id, _)) in during.iter().enumerate() {
-        let keys = [stock_key(products[i % 3]), env.store.record_key(id)];
-        for k in keys {
-            if master_of_slot(&env.store, slot(&k)).await == victim {
-                touching.insert(id.clone());
-            }
+        let record = slot(&env.store.record_key(id));
+        let record_here = master_of_slot(&env.store, record).await == victim;
+        let stock = slot(&stock_key(products[i % 3]));
+        let stock_here = master_of_slot(&env.store, stock).await == victim;
+        if record_here || stock_here {
+            touching.insert(id.clone());
+        }
+        if record_here && products[i % 3] != a && resent.len() < 20 {
+            resent.push((id.clone(), products[i % 3]));
         }
     }
+    assert!(
+        !resent.is_empty(),
+        "orders with their record on the emptied master"
+    );
     let others: HashSet<String> = during
         .iter()
         .map(|(id, _)| id.clone())
@@ -575,6 +586,19 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     stockctl::rebuild::rebuild(&env.pool, &env.store)
         .await
         .expect("rebuild");
+    let other_items: Vec<(String, Vec<u8>)> = resent
+        .iter()
+        .map(|(id, _)| {
+            let item = Item {
+                product_id: a,
+                quantity: 2,
+            };
+            (id.clone(), created(id, &[item]))
+        })
+        .collect();
+    harness::publish(&kafka, &env.topics.orders, other_items)
+        .await
+        .expect("publish");
     let all: HashSet<String> = before_ids
         .iter()
         .cloned()
@@ -596,6 +620,21 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
         released.await,
         "every waiting order's cancel applied after it"
     );
+    // The first event's items decide an order, also when a later one (same id, other
+    // items) came while it waited.
+    for (id, first) in &resent {
+        let items: String =
+            sqlx::query_scalar("SELECT items::text FROM order_ledger WHERE order_id = $1")
+                .bind(id)
+                .fetch_one(&env.pool)
+                .await
+                .expect("ledger row");
+        let items: Vec<Item> = serde_json::from_str(&items).expect("items");
+        assert!(
+            items.iter().all(|it| it.product_id == *first),
+            "{id}: the ledger holds {items:?}, not the first event's product {first}"
+        );
+    }
     assert!(
         env.wait_idle("producer", "consumer").await,
         "pipeline goes idle"

@@ -23,6 +23,9 @@ pub enum Input {
     Restore(Compensation),
     /// Not processable: dead-letter with this reason.
     Dead(String),
+    /// An order or pay/cancel of an order that waits for a Redis Cluster slot (set by the
+    /// worker, never by [`classify`]): no script runs for it, it waits behind its order.
+    Waiting(String),
 }
 
 /// The id of an `orders` message, carried by forwarded pays and cancels.

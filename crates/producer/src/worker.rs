@@ -281,8 +281,23 @@ impl Worker {
                 )
             })
             .collect();
+        // A later event of an order that waits (a duplicate, the same id with other
+        // items, a pay or cancel) waits behind it, without running a script: the first
+        // event's items decide an order.
+        let inputs: Vec<Input> = inputs
+            .into_iter()
+            .map(|i| match &i {
+                Input::Reserve(r) if waiting_ids.contains(&r.order_id) => {
+                    Input::Waiting(r.order_id.clone())
+                }
+                Input::Forward(c) if waiting_ids.contains(c.order_id()) => {
+                    Input::Waiting(c.order_id().to_owned())
+                }
+                _ => i,
+            })
+            .collect();
         let (restored, reserved) = self.run_scripts(&inputs, park).await?;
-        let (d, results) = self.assemble(msgs, inputs, restored, reserved, waiting_ids)?;
+        let (d, results) = self.assemble(msgs, inputs, restored, reserved)?;
         self.metrics.batch_published(
             &results,
             d.summary.dead_letters,
@@ -353,7 +368,6 @@ impl Worker {
         inputs: Vec<Input>,
         restored: Vec<RestoreOutcome>,
         reserved: Vec<ReserveOutcome>,
-        waiting_ids: &HashSet<String>,
     ) -> Result<(Decided, Vec<StockResult>), StepError> {
         let mut summary = BatchSummary::default();
         let mut out = Vec::with_capacity(msgs.len());
@@ -387,12 +401,11 @@ impl Worker {
                         .into())
                     }
                 },
-                Input::Forward(cmd)
-                    if waits.contains(cmd.order_id()) || waiting_ids.contains(cmd.order_id()) =>
-                {
+                Input::Forward(cmd) if waits.contains(cmd.order_id()) => {
                     // After its order, which waits.
                     waiting.push((n, Some(cmd.order_id().to_owned())));
                 }
+                Input::Waiting(order_id) => waiting.push((n, Some(order_id))),
                 Input::Forward(cmd) => {
                     out.push(OutMessage::json(&self.topics.deduct, cmd.order_id(), &cmd));
                     summary.deducts += 1;
