@@ -216,37 +216,50 @@ impl StallWatch {
     }
 }
 
-/// Whether a new client gets the cluster's metadata within a few seconds. The probe runs
-/// on a thread of its own and answers before its client is destroyed: destroying a
-/// librdkafka client can wait on its broker threads, and the answer must not.
-async fn brokers_answer(args: &KafkaArgs) -> Result<(), String> {
-    const PATIENCE: Duration = Duration::from_secs(5);
+/// How long a probe's client waits for the brokers (twice that for the whole probe).
+const PROBE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Runs `ask` with a new client of `args`, on a thread of its own, and returns its answer
+/// before the client is destroyed: destroying a librdkafka client can wait on its broker
+/// threads, and the answer must not. `what` names the probe in its errors.
+async fn probe<T: Send + 'static>(
+    args: &KafkaArgs,
+    what: &'static str,
+    ask: impl FnOnce(&rdkafka::producer::BaseProducer) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
     let cfg = client_config(args).map_err(|e| e.to_string())?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("kafka-probe".into())
-        .spawn(move || {
-            let answer = match cfg.create::<rdkafka::producer::BaseProducer>() {
+        .spawn(
+            move || match cfg.create::<rdkafka::producer::BaseProducer>() {
                 Ok(client) => {
-                    let answer = match client.client().fetch_metadata(None, PATIENCE) {
-                        Ok(m) if !m.brokers().is_empty() => Ok(()),
-                        Ok(_) => Err("metadata names no broker".to_owned()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let _ = tx.send(answer);
+                    let _ = tx.send(ask(&client));
                     drop(client);
-                    return;
                 }
-                Err(e) => Err(e.to_string()),
-            };
-            let _ = tx.send(answer);
-        })
-        .map_err(|e| format!("metadata probe: {e}"))?;
-    match tokio::time::timeout(PATIENCE * 2, rx).await {
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            },
+        )
+        .map_err(|e| format!("{what}: {e}"))?;
+    match tokio::time::timeout(PROBE_PATIENCE * 2, rx).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err("metadata probe ended without an answer".to_owned()),
-        Err(_) => Err(format!("metadata probe: no answer in {:?}", PATIENCE * 2)),
+        Ok(Err(_)) => Err(format!("{what} ended without an answer")),
+        Err(_) => Err(format!("{what}: no answer in {:?}", PROBE_PATIENCE * 2)),
     }
+}
+
+/// Whether a new client gets the cluster's metadata within a few seconds ([`probe`]).
+async fn brokers_answer(args: &KafkaArgs) -> Result<(), String> {
+    probe(args, "metadata probe", |client| {
+        match client.client().fetch_metadata(None, PROBE_PATIENCE) {
+            Ok(m) if !m.brokers().is_empty() => Ok(()),
+            Ok(_) => Err("metadata names no broker".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
 }
 
 /// How many partitions a consumer-protocol assignment (a group member's, as the
@@ -270,56 +283,35 @@ fn assigned_partitions(bytes: &[u8]) -> Option<usize> {
     Some(total)
 }
 
-/// The state of `group` and its members' client ids, asked by a new client (on a thread
-/// of its own, like [`brokers_answer`]).
+/// The state of `group` and, per member, its client id and how many partitions the
+/// coordinator assigns it, asked by a new client ([`probe`]).
 async fn group_members(
     args: &KafkaArgs,
     group: &str,
 ) -> Result<(String, Vec<(String, usize)>), String> {
-    const PATIENCE: Duration = Duration::from_secs(5);
-    let cfg = client_config(args).map_err(|e| e.to_string())?;
     let group = group.to_owned();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("kafka-probe".into())
-        .spawn(move || {
-            let client = match cfg.create::<rdkafka::producer::BaseProducer>() {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let answer = client
-                .client()
-                .fetch_group_list(Some(&group), PATIENCE)
-                .map_err(|e| e.to_string())
-                .and_then(|list| {
-                    let g = list
-                        .groups()
-                        .iter()
-                        .find(|g| g.name() == group)
-                        .ok_or_else(|| format!("group {group} not found"))?;
-                    Ok((
-                        g.state().to_owned(),
-                        g.members()
-                            .iter()
-                            .map(|m| {
-                                let n = m.assignment().and_then(assigned_partitions).unwrap_or(0);
-                                (m.client_id().to_owned(), n)
-                            })
-                            .collect(),
-                    ))
-                });
-            let _ = tx.send(answer);
-            drop(client);
-        })
-        .map_err(|e| format!("group probe: {e}"))?;
-    match tokio::time::timeout(PATIENCE * 2, rx).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err("group probe ended without an answer".to_owned()),
-        Err(_) => Err(format!("group probe: no answer in {:?}", PATIENCE * 2)),
-    }
+    probe(args, "group probe", move |client| {
+        let list = client
+            .client()
+            .fetch_group_list(Some(&group), PROBE_PATIENCE)
+            .map_err(|e| e.to_string())?;
+        let g = list
+            .groups()
+            .iter()
+            .find(|g| g.name() == group)
+            .ok_or_else(|| format!("group {group} not found"))?;
+        Ok((
+            g.state().to_owned(),
+            g.members()
+                .iter()
+                .map(|m| {
+                    let n = m.assignment().and_then(assigned_partitions).unwrap_or(0);
+                    (m.client_id().to_owned(), n)
+                })
+                .collect(),
+        ))
+    })
+    .await
 }
 
 /// Settings common to every client: the brokers, security and the user's `--kafka-option`s.

@@ -328,22 +328,7 @@ async fn fault(args: &[&str]) {
 
 /// The port of the master that serves `product`'s stock key now.
 async fn master_of(store: &RedisStore, product: i64) -> u16 {
-    let s = slot(&stock_key(product));
-    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut store.connection())
-        .await
-        .expect("cluster slots");
-    for r in ranges {
-        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
-        let lo: u16 = redis::from_redis_value(parts[0].clone()).expect("start");
-        let hi: u16 = redis::from_redis_value(parts[1].clone()).expect("end");
-        if (lo..=hi).contains(&s) {
-            let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
-            return redis::from_redis_value(node[1].clone()).expect("port");
-        }
-    }
-    panic!("slot {s} has no master");
+    master_of_slot(store, slot(&stock_key(product))).await
 }
 
 /// A master killed (`kill -9`) while orders across all three masters flow: its replica
