@@ -32,9 +32,20 @@ pub fn options(args: &DatabaseArgs) -> Result<PgConnectOptions, sqlx::Error> {
     // A worker frozen inside a transaction (SIGSTOP, a long GC-like pause) must not hold
     // its stock row locks forever: PostgreSQL ends such a session after 10 s, its
     // transaction rolls back, and the worker's retry finds the ledger to be the judge.
+    //
+    // No sequential scan where an index can answer: a statement's plan is cached on its
+    // connection (sqlx prepares every statement), and one made while a table was small or
+    // had no statistics scanned the whole ledger once per batch for as long as the
+    // connection lived (issue 12). Every statement run per batch has an index path
+    // (`pg_store::sql`, checked by stock-e2e's `tests/batch_plans.rs`), so its cost does not
+    // grow with the tables, whatever the planner believed. Reads of whole tables (reports,
+    // the rebuild's snapshot) still scan when no index serves them.
     let mut opts = PgConnectOptions::from_str(url)?
         .application_name("stockpipe")
-        .options([("idle_in_transaction_session_timeout", "10000")]);
+        .options([
+            ("idle_in_transaction_session_timeout", "10000"),
+            ("enable_seqscan", "off"),
+        ]);
     let mode_given = std::env::var_os("PGSSLMODE").is_some()
         || url::Url::parse(url).is_ok_and(|u| {
             u.query_pairs()

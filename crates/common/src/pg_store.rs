@@ -31,6 +31,7 @@
 //! new generation). See `docs/DESIGN.md`, "Generations".
 
 use crate::events::{Item, Reason, StockResult};
+use sql::*;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -211,9 +212,7 @@ pub type DueOrder = (String, Vec<Item>);
 /// The Redis generation PostgreSQL answers to; call it first in a transaction whose effect
 /// must reach Redis (module docs: the generation fence).
 pub async fn read_gen(tx: &mut Transaction<'_, Postgres>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT gen FROM redis_generation")
-        .fetch_one(&mut **tx)
-        .await
+    sqlx::query_scalar(READ_GEN).fetch_one(&mut **tx).await
 }
 
 /// The `redis_generation` row, outside any transaction.
@@ -294,12 +293,10 @@ pub async fn lock_stock(
         return Ok(HashMap::new());
     }
     let ids: Vec<i64> = products.iter().copied().collect();
-    let rows = sqlx::query(
-        "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = sqlx::query(LOCK_STOCK)
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
     rows.iter()
         .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
         .collect()
@@ -311,22 +308,16 @@ pub async fn create_and_lock_product(
     tx: &mut Transaction<'_, Postgres>,
     product_id: i64,
 ) -> Result<(StockRow, bool), sqlx::Error> {
-    let created = sqlx::query(
-        "INSERT INTO stock (product_id, available, reserved, sold, total_added)
-         VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING",
-    )
-    .bind(product_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
+    let created = sqlx::query(CREATE_PRODUCT)
+        .bind(product_id)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
         == 1;
-    let row = sqlx::query(
-        "SELECT product_id, available, reserved, sold, total_added FROM stock
-         WHERE product_id = $1 FOR UPDATE",
-    )
-    .bind(product_id)
-    .fetch_one(&mut **tx)
-    .await?;
+    let row = sqlx::query(LOCK_PRODUCT)
+        .bind(product_id)
+        .fetch_one(&mut **tx)
+        .await?;
     Ok((StockRow::from_row(&row)?, created))
 }
 
@@ -337,12 +328,10 @@ pub async fn stock_rows(pool: &PgPool, products: &[i64]) -> Result<Vec<StockRow>
             .fetch_all(pool)
             .await?
     } else {
-        sqlx::query(
-            "SELECT product_id, available, reserved, sold, total_added FROM stock WHERE product_id = ANY($1) ORDER BY product_id",
-        )
-        .bind(products)
-        .fetch_all(pool)
-        .await?
+        sqlx::query(STOCK_ROWS_OF)
+            .bind(products)
+            .fetch_all(pool)
+            .await?
     };
     rows.iter().map(StockRow::from_row).collect()
 }
@@ -359,18 +348,13 @@ pub async fn apply_deltas(
     let a: Vec<i64> = deltas.values().map(|d| d.available).collect();
     let r: Vec<i64> = deltas.values().map(|d| d.reserved).collect();
     let s: Vec<i64> = deltas.values().map(|d| d.sold).collect();
-    sqlx::query(
-        "UPDATE stock s
-         SET available = s.available + t.da, reserved = s.reserved + t.dr, sold = s.sold + t.ds, updated_at = now()
-         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(p, da, dr, ds)
-         WHERE s.product_id = t.p",
-    )
-    .bind(&p)
-    .bind(&a)
-    .bind(&r)
-    .bind(&s)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(APPLY_DELTAS)
+        .bind(&p)
+        .bind(&a)
+        .bind(&r)
+        .bind(&s)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -389,19 +373,16 @@ pub async fn insert_movements(
     let a: Vec<i64> = movements.iter().map(|m| m.delta.available).collect();
     let r: Vec<i64> = movements.iter().map(|m| m.delta.reserved).collect();
     let s: Vec<i64> = movements.iter().map(|m| m.delta.sold).collect();
-    sqlx::query(
-        "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta)
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])",
-    )
-    .bind(&p)
-    .bind(&k)
-    .bind(&o)
-    .bind(&q)
-    .bind(&a)
-    .bind(&r)
-    .bind(&s)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(INSERT_MOVEMENTS)
+        .bind(&p)
+        .bind(&k)
+        .bind(&o)
+        .bind(&q)
+        .bind(&a)
+        .bind(&r)
+        .bind(&s)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -415,14 +396,11 @@ pub async fn find_request<'e, E: sqlx::PgExecutor<'e>>(
     request_id: &str,
     memory_secs: u64,
 ) -> Result<Option<FoundRequest>, PgStoreError> {
-    let row = sqlx::query(
-        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
-         FROM stock_request WHERE request_id = $1",
-    )
-    .bind(request_id)
-    .bind(memory_secs as f64)
-    .fetch_optional(ex)
-    .await?;
+    let row = sqlx::query(FIND_REQUEST)
+        .bind(request_id)
+        .bind(memory_secs as f64)
+        .fetch_optional(ex)
+        .await?;
     let Some(r) = row else {
         return Ok(None);
     };
@@ -450,31 +428,25 @@ pub async fn apply_request(
     tx: &mut Transaction<'_, Postgres>,
     req: &StockRequest,
 ) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO stock_request (request_id, product_id, kind, available_delta, gen)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
-    )
-    .bind(&req.request_id)
-    .bind(req.product_id)
-    .bind(req.kind)
-    .bind(req.available_delta)
-    .bind(req.gen)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
+    let inserted = sqlx::query(INSERT_REQUEST)
+        .bind(&req.request_id)
+        .bind(req.product_id)
+        .bind(req.kind)
+        .bind(req.available_delta)
+        .bind(req.gen)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
         == 1;
     if !inserted {
         return Ok(false);
     }
-    let updated = sqlx::query(
-        "UPDATE stock SET available = available + $2, total_added = total_added + $2, updated_at = now()
-         WHERE product_id = $1",
-    )
-    .bind(req.product_id)
-    .bind(req.available_delta)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    let updated = sqlx::query(APPLY_REQUEST)
+        .bind(req.product_id)
+        .bind(req.available_delta)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
     if updated != 1 {
         return Err(sqlx::Error::RowNotFound);
     }
@@ -501,14 +473,10 @@ pub async fn fetch_ledger(
     tx: &mut Transaction<'_, Postgres>,
     ids: &[String],
 ) -> Result<HashMap<String, LedgerRow>, PgStoreError> {
-    let rows = sqlx::query(
-        "SELECT order_id, status, reject_reason, reject_product, release_reason, settled_by, items::text,
-                token, comp_gen
-         FROM order_ledger WHERE order_id = ANY($1)",
-    )
-    .bind(ids)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = sqlx::query(FETCH_LEDGER)
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
     let mut out = HashMap::with_capacity(rows.len());
     for r in rows {
         let id: String = r.try_get(0)?;
@@ -572,32 +540,20 @@ pub async fn insert_orders(
         settled_by.push(r.settled_by.as_deref());
         items.push(serde_json::to_string(&r.items).unwrap_or_else(|_| "[]".into()));
     }
-    let inserted = sqlx::query(
-        "INSERT INTO order_ledger
-             (order_id, status, reject_reason, reject_product, release_reason, settled_by, items,
-              reserved_until, settled_at, token, comp_gen)
-         SELECT o, s, rr, rp, rel, sb, i::jsonb,
-                CASE WHEN s = 'reserved' THEN now() + make_interval(secs => $8) END,
-                CASE WHEN s IN ('confirmed', 'released') THEN now() END,
-                tk, cg
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
-                     $9::text[], $10::bigint[])
-              AS t(o, s, rr, rp, rel, sb, i, tk, cg)
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&status)
-    .bind(&rej_reason)
-    .bind(&rej_product)
-    .bind(&rel_reason)
-    .bind(&settled_by)
-    .bind(&items)
-    .bind(reservation_ttl.as_secs_f64())
-    .bind(&tokens)
-    .bind(&comp_gens)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(INSERT_ORDERS)
+        .bind(&ids)
+        .bind(&status)
+        .bind(&rej_reason)
+        .bind(&rej_product)
+        .bind(&rel_reason)
+        .bind(&settled_by)
+        .bind(&items)
+        .bind(reservation_ttl.as_secs_f64())
+        .bind(&tokens)
+        .bind(&comp_gens)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
     if inserted != rows.len() as u64 {
         return Err(PgStoreError::Conflict(
             "an order was recorded by another instance",
@@ -623,19 +579,14 @@ pub async fn update_orders(
         .collect();
     let by: Vec<Option<&str>> = rows.iter().map(|(_, r)| r.settled_by.as_deref()).collect();
     let cg: Vec<Option<i64>> = rows.iter().map(|(_, r)| r.comp_gen).collect();
-    sqlx::query(
-        "UPDATE order_ledger l
-         SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now(), comp_gen = t.cg
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS t(o, s, rel, sb, cg)
-         WHERE l.order_id = t.o",
-    )
-    .bind(&ids)
-    .bind(&status)
-    .bind(&rel)
-    .bind(&by)
-    .bind(&cg)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(UPDATE_ORDERS)
+        .bind(&ids)
+        .bind(&status)
+        .bind(&rel)
+        .bind(&by)
+        .bind(&cg)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -645,14 +596,10 @@ pub async fn due_reservations(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
 ) -> Result<Vec<DueOrder>, PgStoreError> {
-    let rows = sqlx::query(
-        "SELECT order_id, items::text FROM order_ledger
-         WHERE status = 'reserved' AND reserved_until <= now()
-         ORDER BY reserved_until LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = sqlx::query(DUE_RESERVATIONS)
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
     decode_due(&rows)
 }
 
@@ -661,13 +608,10 @@ pub async fn due_among(
     tx: &mut Transaction<'_, Postgres>,
     ids: &[&str],
 ) -> Result<Vec<DueOrder>, PgStoreError> {
-    let rows = sqlx::query(
-        "SELECT order_id, items::text FROM order_ledger
-         WHERE order_id = ANY($1) AND status = 'reserved' AND reserved_until <= now()",
-    )
-    .bind(ids)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = sqlx::query(DUE_AMONG)
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
     decode_due(&rows)
 }
 
@@ -678,16 +622,11 @@ pub async fn release_expired(
     ids: &[&str],
     gen: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE order_ledger
-         SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(),
-             announced = false, comp_gen = $2
-         WHERE order_id = ANY($1)",
-    )
-    .bind(ids)
-    .bind(gen)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(RELEASE_EXPIRED)
+        .bind(ids)
+        .bind(gen)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -702,12 +641,7 @@ pub struct Unannounced {
 
 /// Up to `limit` releases that are committed but not yet announced.
 pub async fn unannounced(pool: &PgPool, limit: i64) -> Result<Vec<Unannounced>, PgStoreError> {
-    let rows = sqlx::query(
-        "SELECT order_id, items::text, token, comp_gen FROM order_ledger WHERE NOT announced LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(UNANNOUNCED).bind(limit).fetch_all(pool).await?;
     let items = decode_due(&rows)?;
     rows.iter()
         .zip(items)
@@ -724,10 +658,7 @@ pub async fn unannounced(pool: &PgPool, limit: i64) -> Result<Vec<Unannounced>, 
 
 /// The releases of `ids` were announced (their result and compensation delivered).
 pub async fn mark_announced(pool: &PgPool, ids: &[&str]) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE order_ledger SET announced = true WHERE order_id = ANY($1)")
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    sqlx::query(MARK_ANNOUNCED).bind(ids).execute(pool).await?;
     Ok(())
 }
 
@@ -745,4 +676,93 @@ fn decode_due(rows: &[PgRow]) -> Result<Vec<DueOrder>, PgStoreError> {
 fn decode_items(r: &PgRow, col: usize, order_id: &str) -> Result<Vec<Item>, PgStoreError> {
     serde_json::from_str(r.try_get::<&str, _>(col)?)
         .map_err(|_| PgStoreError::BadRow(order_id.to_owned()))
+}
+
+// ---------------------------------------------------------------------------------------
+// The statements
+// ---------------------------------------------------------------------------------------
+
+/// Every statement run per batch, per sweep or per operator request, in one place so that
+/// `tests/batch_plans.rs` (stock-e2e) can check the plan PostgreSQL caches for each: none
+/// may scan a table that grows (the ledger, the history, the requests, the stock), on a
+/// fresh database with no statistics as on a grown one. The workers' sessions forbid
+/// sequential scans where an index can answer ([`crate::db::options`]: `enable_seqscan =
+/// off`), so the plan does not depend on what the planner believed when it cached it.
+/// Reads of whole tables (the rebuild's snapshot, `stockctl`'s reports) are not here.
+pub mod sql {
+    pub const READ_GEN: &str = "SELECT gen FROM redis_generation";
+    pub const LOCK_STOCK: &str = "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE";
+    pub const CREATE_PRODUCT: &str =
+        "INSERT INTO stock (product_id, available, reserved, sold, total_added)
+         VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING";
+    pub const LOCK_PRODUCT: &str =
+        "SELECT product_id, available, reserved, sold, total_added FROM stock
+         WHERE product_id = $1 FOR UPDATE";
+    pub const STOCK_ROWS_OF: &str = "SELECT product_id, available, reserved, sold, total_added FROM stock WHERE product_id = ANY($1) ORDER BY product_id";
+    pub const APPLY_DELTAS: &str = "UPDATE stock s
+         SET available = s.available + t.da, reserved = s.reserved + t.dr, sold = s.sold + t.ds, updated_at = now()
+         FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(p, da, dr, ds)
+         WHERE s.product_id = t.p";
+    pub const INSERT_MOVEMENTS: &str = "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta)
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])";
+    pub const FIND_REQUEST: &str =
+        "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
+         FROM stock_request WHERE request_id = $1";
+    pub const INSERT_REQUEST: &str =
+        "INSERT INTO stock_request (request_id, product_id, kind, available_delta, gen)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING";
+    pub const APPLY_REQUEST: &str = "UPDATE stock SET available = available + $2, total_added = total_added + $2, updated_at = now()
+         WHERE product_id = $1";
+    pub const FETCH_LEDGER: &str = "SELECT order_id, status, reject_reason, reject_product, release_reason, settled_by, items::text,
+                token, comp_gen
+         FROM order_ledger WHERE order_id = ANY($1)";
+    pub const INSERT_ORDERS: &str = "INSERT INTO order_ledger
+             (order_id, status, reject_reason, reject_product, release_reason, settled_by, items,
+              reserved_until, settled_at, token, comp_gen)
+         SELECT o, s, rr, rp, rel, sb, i::jsonb,
+                CASE WHEN s = 'reserved' THEN now() + make_interval(secs => $8) END,
+                CASE WHEN s IN ('confirmed', 'released') THEN now() END,
+                tk, cg
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+                     $9::text[], $10::bigint[])
+              AS t(o, s, rr, rp, rel, sb, i, tk, cg)
+         ON CONFLICT (order_id) DO NOTHING";
+    pub const UPDATE_ORDERS: &str = "UPDATE order_ledger l
+         SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now(), comp_gen = t.cg
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS t(o, s, rel, sb, cg)
+         WHERE l.order_id = t.o";
+    pub const DUE_RESERVATIONS: &str = "SELECT order_id, items::text FROM order_ledger
+         WHERE status = 'reserved' AND reserved_until <= now()
+         ORDER BY reserved_until LIMIT $1";
+    pub const DUE_AMONG: &str = "SELECT order_id, items::text FROM order_ledger
+         WHERE order_id = ANY($1) AND status = 'reserved' AND reserved_until <= now()";
+    pub const RELEASE_EXPIRED: &str = "UPDATE order_ledger
+         SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(),
+             announced = false, comp_gen = $2
+         WHERE order_id = ANY($1)";
+    pub const UNANNOUNCED: &str = "SELECT order_id, items::text, token, comp_gen FROM order_ledger WHERE NOT announced LIMIT $1";
+    pub const MARK_ANNOUNCED: &str =
+        "UPDATE order_ledger SET announced = true WHERE order_id = ANY($1)";
+
+    /// (name, statement) of every statement above.
+    pub const ALL: &[(&str, &str)] = &[
+        ("READ_GEN", READ_GEN),
+        ("LOCK_STOCK", LOCK_STOCK),
+        ("CREATE_PRODUCT", CREATE_PRODUCT),
+        ("LOCK_PRODUCT", LOCK_PRODUCT),
+        ("STOCK_ROWS_OF", STOCK_ROWS_OF),
+        ("APPLY_DELTAS", APPLY_DELTAS),
+        ("INSERT_MOVEMENTS", INSERT_MOVEMENTS),
+        ("FIND_REQUEST", FIND_REQUEST),
+        ("INSERT_REQUEST", INSERT_REQUEST),
+        ("APPLY_REQUEST", APPLY_REQUEST),
+        ("FETCH_LEDGER", FETCH_LEDGER),
+        ("INSERT_ORDERS", INSERT_ORDERS),
+        ("UPDATE_ORDERS", UPDATE_ORDERS),
+        ("DUE_RESERVATIONS", DUE_RESERVATIONS),
+        ("DUE_AMONG", DUE_AMONG),
+        ("RELEASE_EXPIRED", RELEASE_EXPIRED),
+        ("UNANNOUNCED", UNANNOUNCED),
+        ("MARK_ANNOUNCED", MARK_ANNOUNCED),
+    ];
 }
