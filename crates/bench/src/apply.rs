@@ -18,6 +18,11 @@
 //! * `batched`: the consumer's `stock_consumer::store::apply_batch`, batches of
 //!   `--batch-size` reserve commands applied one after the other from one task (the
 //!   consumer applies one batch at a time).
+//! * `bare-sql` (the limit of the batched shape): the same statements in the same
+//!   transaction (`stock_common::pg_store`: the generation fence, the row lock, the ledger
+//!   re-read, the ledger insert, the aggregated UPDATE, the history), with every row built
+//!   before the clock starts: what PostgreSQL and the driver cost without the worker's
+//!   decisions. `batched / bare-sql` is the share of that limit the consumer reaches.
 //!
 //! To add a strategy (pessimistic `SELECT … FOR UPDATE`, optimistic version check, Redis
 //! Lua alone, Redis `SET NX` lock): add a [`Strategy`] variant and either a [`PerOrder`]
@@ -60,7 +65,7 @@ pub struct ApplyArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "autocommit,ledger-txn,batched"
+        default_value = "autocommit,ledger-txn,batched,bare-sql"
     )]
     pub strategies: Vec<Strategy>,
     /// Measure every strategy this many times, interleaved (medians in the summary).
@@ -75,6 +80,7 @@ pub enum Strategy {
     Autocommit,
     LedgerTxn,
     Batched,
+    BareSql,
 }
 
 impl Strategy {
@@ -83,6 +89,7 @@ impl Strategy {
             Strategy::Autocommit => "autocommit",
             Strategy::LedgerTxn => "ledger-txn",
             Strategy::Batched => "batched",
+            Strategy::BareSql => "bare-sql",
         }
     }
 
@@ -91,7 +98,7 @@ impl Strategy {
         match self {
             Strategy::Autocommit => Some(PerOrder::Autocommit),
             Strategy::LedgerTxn => Some(PerOrder::LedgerTxn),
-            Strategy::Batched => None,
+            Strategy::Batched | Strategy::BareSql => None,
         }
     }
 
@@ -181,6 +188,8 @@ pub struct ApplyFigures {
     pub vs_autocommit: Option<f64>,
     /// This rate over the best `ledger-txn` rate of the same round.
     pub vs_ledger_txn: Option<f64>,
+    /// This rate over the best `bare-sql` rate of the same round.
+    pub vs_bare_sql: Option<f64>,
     pub refused: usize,
     pub available: i64,
     pub reserved: i64,
@@ -284,7 +293,11 @@ async fn measure_one(
             (elapsed, refused, args.orders as f64 / concurrency as f64)
         }
         None => {
-            let (elapsed, refused) = run_batched(pool, product, &ids, args.batch_size).await?;
+            let (elapsed, refused) = if strategy == Strategy::BareSql {
+                run_bare_sql(pool, product, &ids, args.batch_size).await?
+            } else {
+                run_batched(pool, product, &ids, args.batch_size).await?
+            };
             (
                 elapsed,
                 refused,
@@ -316,13 +329,14 @@ async fn measure_one(
         round,
         strategy,
         concurrency,
-        batch_size: (strategy == Strategy::Batched).then_some(args.batch_size),
+        batch_size: strategy.per_order().is_none().then_some(args.batch_size),
         orders: args.orders,
         secs: elapsed.as_secs_f64(),
         rate: rate(args.orders, elapsed),
         ms_per_op: elapsed.as_secs_f64() * 1000.0 / ops,
         vs_autocommit: None,
         vs_ledger_txn: None,
+        vs_bare_sql: None,
         refused,
         available: row.available,
         reserved: row.reserved,
@@ -404,7 +418,95 @@ async fn run_batched(
     Ok((start.elapsed(), refused))
 }
 
-/// Fills `vs_autocommit` / `vs_ledger_txn` against the best baseline rate of each round.
+/// The statements of `apply_batch` for reservations of `product`, every row built before
+/// the clock starts: per batch one transaction of the generation fence, the row lock, the
+/// ledger re-read, the ledger insert, the aggregated UPDATE and the history rows.
+async fn run_bare_sql(
+    pool: &PgPool,
+    product: i64,
+    ids: &[String],
+    batch_size: usize,
+) -> Result<(Duration, usize)> {
+    use stock_common::pg_store::{self, Delta, LedgerRow, Movement, OrderStatus};
+    let item = Item {
+        product_id: product,
+        quantity: QUANTITY,
+    };
+    let batches: Vec<_> = ids
+        .chunks(batch_size)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let ids: Vec<String> = chunk.to_vec();
+            let rows: Vec<(String, LedgerRow)> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let row = LedgerRow {
+                        status: OrderStatus::Reserved,
+                        reject: None,
+                        release_reason: None,
+                        settled_by: None,
+                        items: vec![item],
+                        token: Some(format!("0.{}", b * batch_size + i)),
+                        comp_gen: None,
+                    };
+                    (id.clone(), row)
+                })
+                .collect();
+            let n = chunk.len() as i64 * QUANTITY;
+            let deltas = std::collections::BTreeMap::from([(
+                product,
+                Delta {
+                    available: -n,
+                    reserved: n,
+                    sold: 0,
+                },
+            )]);
+            let movements: Vec<Movement> = chunk
+                .iter()
+                .map(|id| Movement {
+                    product_id: product,
+                    kind: "reserve",
+                    reference: id.clone(),
+                    quantity: QUANTITY,
+                    delta: Delta {
+                        available: -QUANTITY,
+                        reserved: QUANTITY,
+                        sold: 0,
+                    },
+                })
+                .collect();
+            (ids, rows, deltas, movements)
+        })
+        .collect();
+    let products = std::collections::BTreeSet::from([product]);
+    drop(pool.acquire().await.context("opening a connection")?);
+    let start = Instant::now();
+    for (ids, rows, deltas, movements) in &batches {
+        let mut tx = pool.begin().await.context("BEGIN")?;
+        pg_store::read_gen(&mut tx).await.context("generation")?;
+        pg_store::lock_stock(&mut tx, &products)
+            .await
+            .context("lock")?;
+        let known = pg_store::fetch_ledger(&mut tx, ids)
+            .await
+            .context("ledger")?;
+        ensure!(known.is_empty(), "bare-sql: orders already in the ledger");
+        pg_store::insert_orders(&mut tx, rows, RESERVATION_TTL)
+            .await
+            .context("insert")?;
+        pg_store::apply_deltas(&mut tx, deltas)
+            .await
+            .context("update")?;
+        pg_store::insert_movements(&mut tx, movements)
+            .await
+            .context("history")?;
+        tx.commit().await.context("COMMIT")?;
+    }
+    Ok((start.elapsed(), 0))
+}
+
+/// Fills `vs_autocommit` / `vs_ledger_txn` / `vs_bare_sql` against the best baseline rate of each round.
 fn add_ratios(figures: &mut [ApplyFigures]) {
     let best = |figs: &[ApplyFigures], round: usize, s: Strategy| {
         figs.iter()
@@ -418,6 +520,8 @@ fn add_ratios(figures: &mut [ApplyFigures]) {
             best(&snapshot, f.round, Strategy::Autocommit).and_then(|b| report::ratio(f.rate, b));
         f.vs_ledger_txn =
             best(&snapshot, f.round, Strategy::LedgerTxn).and_then(|b| report::ratio(f.rate, b));
+        f.vs_bare_sql =
+            best(&snapshot, f.round, Strategy::BareSql).and_then(|b| report::ratio(f.rate, b));
     }
 }
 
@@ -431,6 +535,9 @@ struct ApplySummary {
     ledger_txn_rate: Option<f64>,
     batched_vs_autocommit: Option<f64>,
     batched_vs_ledger_txn: Option<f64>,
+    bare_sql_rate: Option<f64>,
+    /// The share of its own shape's limit the consumer reaches (issue 12: at least 0.7).
+    batched_vs_bare_sql: Option<f64>,
 }
 
 fn print_report(figures: &[ApplyFigures]) -> Result<()> {
@@ -444,6 +551,7 @@ fn print_report(figures: &[ApplyFigures]) -> Result<()> {
         "ms/op",
         "vs autocommit",
         "vs ledger-txn",
+        "vs bare-sql",
         "available+reserved",
         "check",
     ]);
@@ -458,13 +566,16 @@ fn print_report(figures: &[ApplyFigures]) -> Result<()> {
             format!("{:.2}", f.ms_per_op),
             fmt_ratio(f.vs_autocommit),
             fmt_ratio(f.vs_ledger_txn),
+            fmt_ratio(f.vs_bare_sql),
             format!("{}+{}", f.available, f.reserved),
             report::yes_no(f.ok).to_owned(),
         ]);
     }
     println!();
     t.print();
-    println!("(ms/op: one order per connection for per-order strategies, one batch for batched)");
+    println!(
+        "(ms/op: one order per connection for per-order strategies, one batch for batched and bare-sql)"
+    );
 
     let rounds = figures.iter().map(|f| f.round).max().unwrap_or(0);
     let median_of = |pick: &dyn Fn(&ApplyFigures) -> Option<f64>, s: Strategy| {
@@ -488,6 +599,8 @@ fn print_report(figures: &[ApplyFigures]) -> Result<()> {
         ledger_txn_rate: median_of(&|f| Some(f.rate), Strategy::LedgerTxn),
         batched_vs_autocommit: median_of(&|f| f.vs_autocommit, Strategy::Batched),
         batched_vs_ledger_txn: median_of(&|f| f.vs_ledger_txn, Strategy::Batched),
+        bare_sql_rate: median_of(&|f| Some(f.rate), Strategy::BareSql),
+        batched_vs_bare_sql: median_of(&|f| f.vs_bare_sql, Strategy::Batched),
     };
     println!();
     println!(
@@ -499,6 +612,11 @@ fn print_report(figures: &[ApplyFigures]) -> Result<()> {
         "batched / ledger-txn (best per round{}): {}",
         if rounds > 1 { ", median" } else { "" },
         fmt_ratio(summary.batched_vs_ledger_txn)
+    );
+    println!(
+        "batched / bare-sql, the same statements without the worker (best per round{}): {}",
+        if rounds > 1 { ", median" } else { "" },
+        fmt_ratio(summary.batched_vs_bare_sql)
     );
     println!();
     for f in figures {

@@ -3,7 +3,8 @@
 //! Tables, each with its row type here:
 //! * `stock` ([`StockRow`]; a change of its columns is a [`Delta`]): the contract's columns
 //!   plus `total_added`, whose `CHECK`s enforce guarantee 1.
-//! * `stock_movement` ([`Movement`]): the history of every change of `stock`.
+//! * `stock_movement` ([`Movement`]): the history of every change of `stock`, one row per
+//!   product and kind per transaction ([`insert_movements`] sums a batch's orders).
 //! * `order_ledger` ([`LedgerRow`]): one row per decided order, the permanent judge.
 //! * `stock_request` ([`StockRequest`]): an operator's restock or set, once per request id.
 //! * `redis_generation` ([`Generation`]): the Redis generation PostgreSQL answers to.
@@ -99,7 +100,8 @@ pub struct Delta {
     pub sold: i64,
 }
 
-/// One row of `stock_movement`, as written.
+/// One change of a product by one order or request. [`insert_movements`] writes a
+/// transaction's movements as one `stock_movement` row per product and kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Movement {
     pub product_id: i64,
@@ -358,7 +360,10 @@ pub async fn apply_deltas(
     Ok(())
 }
 
-/// The history rows, in one statement.
+/// The history of a transaction's changes, in one statement: one row per product and kind,
+/// summing its movements (`quantity` and the deltas added up, `orders` counted, `ref` the
+/// first one's). A row per order and item was as costly as the ledger row itself (issue 12);
+/// each order's own story is its ledger row.
 pub async fn insert_movements(
     tx: &mut Transaction<'_, Postgres>,
     movements: &[Movement],
@@ -366,13 +371,49 @@ pub async fn insert_movements(
     if movements.is_empty() {
         return Ok(());
     }
-    let p: Vec<i64> = movements.iter().map(|m| m.product_id).collect();
-    let k: Vec<&str> = movements.iter().map(|m| m.kind).collect();
-    let o: Vec<&str> = movements.iter().map(|m| m.reference.as_str()).collect();
-    let q: Vec<i64> = movements.iter().map(|m| m.quantity).collect();
-    let a: Vec<i64> = movements.iter().map(|m| m.delta.available).collect();
-    let r: Vec<i64> = movements.iter().map(|m| m.delta.reserved).collect();
-    let s: Vec<i64> = movements.iter().map(|m| m.delta.sold).collect();
+    struct Sum<'a> {
+        reference: &'a str,
+        quantity: i64,
+        delta: Delta,
+        orders: i32,
+    }
+    let mut sums: BTreeMap<(i64, &str), Sum> = BTreeMap::new();
+    for m in movements {
+        let s = sums.entry((m.product_id, m.kind)).or_insert(Sum {
+            reference: &m.reference,
+            quantity: 0,
+            delta: Delta::default(),
+            orders: 0,
+        });
+        s.quantity += m.quantity;
+        s.delta.available += m.delta.available;
+        s.delta.reserved += m.delta.reserved;
+        s.delta.sold += m.delta.sold;
+        s.orders += 1;
+    }
+    let n = sums.len();
+    let (mut p, mut k, mut o, mut q) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut a, mut r, mut s, mut c) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((product, kind), sum) in &sums {
+        p.push(*product);
+        k.push(*kind);
+        o.push(sum.reference);
+        q.push(sum.quantity);
+        a.push(sum.delta.available);
+        r.push(sum.delta.reserved);
+        s.push(sum.delta.sold);
+        c.push(sum.orders);
+    }
     sqlx::query(INSERT_MOVEMENTS)
         .bind(&p)
         .bind(&k)
@@ -381,6 +422,7 @@ pub async fn insert_movements(
         .bind(&a)
         .bind(&r)
         .bind(&s)
+        .bind(&c)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -703,8 +745,10 @@ pub mod sql {
          SET available = s.available + t.da, reserved = s.reserved + t.dr, sold = s.sold + t.ds, updated_at = now()
          FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(p, da, dr, ds)
          WHERE s.product_id = t.p";
-    pub const INSERT_MOVEMENTS: &str = "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta)
-         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])";
+    pub const INSERT_MOVEMENTS: &str = "INSERT INTO stock_movement
+             (product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, orders)
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                              $7::bigint[], $8::int[])";
     pub const FIND_REQUEST: &str =
         "SELECT product_id, kind, available_delta, at < now() - make_interval(secs => $2), gen
          FROM stock_request WHERE request_id = $1";

@@ -840,7 +840,8 @@ async fn observe(
         );
     }
     let rows = sqlx::query(
-        "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta FROM stock_movement",
+        "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, orders::bigint
+         FROM stock_movement",
     )
     .fetch_all(&env.pool)
     .await?;
@@ -853,6 +854,7 @@ async fn observe(
             available: r.try_get(4)?,
             reserved: r.try_get(5)?,
             sold: r.try_get(6)?,
+            orders: r.try_get(7)?,
         });
     }
     obs.stock = stockctl::admin::stock_rows(&env.pool, &[]).await?;

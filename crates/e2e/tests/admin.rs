@@ -576,3 +576,115 @@ async fn check_finds_drift_and_repair_fixes_it() {
     env.assert_invariants(&[31, 32, 33]).await;
     env.cleanup().await;
 }
+
+/// The history holds one row per product and kind per batch, summing its orders (issue 12:
+/// a row per order and item cost as much as the ledger row); each order's own story comes
+/// from the ledger (`stockctl history --order`), and `show` counts open reservations there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_sums_each_batch_and_the_ledger_tells_each_order() {
+    use std::time::Duration;
+    use stock_common::events::{DeductCommand, Item, INTERNAL_VERSION};
+    use stock_consumer::store::apply_batch;
+    let env = TestEnv::new().await;
+    env.load_stock(&[(61, 100)]).await;
+    let pool = &env.pool;
+    let reserve = |id: String, quantity| DeductCommand::Reserve {
+        v: INTERNAL_VERSION,
+        order_id: id,
+        items: vec![Item {
+            product_id: 61,
+            quantity,
+        }],
+        token: None,
+    };
+    let mut first: Vec<DeductCommand> = (0..50).map(|i| reserve(format!("o-{i}"), 1)).collect();
+    first.push(reserve("o-big".into(), 1000)); // refused by PostgreSQL: a compensation
+    apply_batch(pool, &first, Duration::from_secs(900))
+        .await
+        .expect("first batch");
+    let mut second = Vec::new();
+    for i in 0..10 {
+        second.push(DeductCommand::Pay {
+            v: INTERNAL_VERSION,
+            order_id: format!("o-{i}"),
+            event: format!("p0@{i}"),
+        });
+    }
+    for i in 10..15 {
+        second.push(DeductCommand::Cancel {
+            v: INTERNAL_VERSION,
+            order_id: format!("o-{i}"),
+            event: format!("p0@{i}"),
+        });
+    }
+    apply_batch(pool, &second, Duration::from_secs(900))
+        .await
+        .expect("second batch");
+
+    let h = admin::history(pool, 61, 10).await.expect("history");
+    let rows: Vec<(&str, i64, i64, (i64, i64, i64))> = h
+        .iter()
+        .map(|m| {
+            (
+                m.kind.as_str(),
+                m.orders,
+                m.quantity,
+                (m.available_delta, m.reserved_delta, m.sold_delta),
+            )
+        })
+        .collect();
+    assert_eq!(
+        &rows[..4],
+        [
+            ("release_cancelled", 5, 5, (5, -5, 0)),
+            ("confirm", 10, 10, (0, -10, 10)),
+            ("reserve", 50, 50, (-50, 50, 0)),
+            ("compensation", 1, 1000, (0, 0, 0)),
+        ],
+        "newest first: {h:?}"
+    );
+    assert_eq!(h[2].reference, "o-0", "a batch's row names its first order");
+    let row = env.stock_row(61).await;
+    assert_eq!((row.available, row.reserved, row.sold), (55, 35, 10));
+
+    let paid = admin::order_story(pool, "o-3")
+        .await
+        .expect("story")
+        .expect("o-3 is in the ledger");
+    assert_eq!(
+        (paid.status.as_str(), paid.settled_by.as_deref()),
+        ("confirmed", Some("p0@3"))
+    );
+    assert_eq!(
+        paid.items,
+        serde_json::json!([{"product_id": 61, "quantity": 1}])
+    );
+    assert!(paid.settled_at.is_some());
+    let refused = admin::order_story(pool, "o-big")
+        .await
+        .expect("story")
+        .expect("o-big is in the ledger");
+    assert_eq!(
+        (
+            refused.status.as_str(),
+            refused.reject_reason.as_deref(),
+            refused.reject_product
+        ),
+        ("rejected", Some("insufficient_stock"), Some(61))
+    );
+    assert_eq!(
+        admin::order_story(pool, "never").await.expect("story"),
+        None
+    );
+
+    let shown = admin::show(pool, &env.store, 61, 2).await.expect("show");
+    assert_eq!(
+        (
+            shown.open_reservations.orders,
+            shown.open_reservations.quantity
+        ),
+        (35, 35)
+    );
+    assert_eq!(shown.open_reservations.first.len(), 2);
+    env.cleanup().await;
+}

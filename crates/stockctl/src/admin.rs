@@ -736,7 +736,7 @@ pub struct OpenReservation {
     pub reserved_until: Option<DateTime<Utc>>,
 }
 
-/// Orders in state `reserved` holding a product, by their `reserve` movement.
+/// Orders in state `reserved` holding a product, from the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OpenReservations {
     pub orders: i64,
@@ -775,16 +775,21 @@ pub async fn show(
         _ => (None, None),
     };
     let redis_loaded = store.is_loaded().await?;
-    const OPEN: &str = "FROM stock_movement m JOIN order_ledger l ON l.order_id = m.ref
-        WHERE m.product_id = $1 AND m.kind = 'reserve' AND l.status = 'reserved'";
+    // From the ledger's live reservations (the partial index of due reservations holds
+    // exactly those), each with its item of this product.
+    const OPEN: &str = "FROM order_ledger l, jsonb_array_elements(l.items) e
+        WHERE l.status = 'reserved'
+          AND l.items @> jsonb_build_array(jsonb_build_object('product_id', $1::bigint))
+          AND (e->>'product_id')::bigint = $1";
     let totals = sqlx::query(&format!(
-        "SELECT count(*), coalesce(sum(m.quantity), 0)::bigint {OPEN}"
+        "SELECT count(*), coalesce(sum((e->>'quantity')::bigint), 0)::bigint {OPEN}"
     ))
     .bind(product_id)
     .fetch_one(pool)
     .await?;
     let first = sqlx::query(&format!(
-        "SELECT m.ref, m.quantity, l.reserved_until {OPEN} ORDER BY m.id LIMIT $2"
+        "SELECT l.order_id, (e->>'quantity')::bigint, l.reserved_until {OPEN}
+         ORDER BY l.reserved_until, l.order_id LIMIT $2"
     ))
     .bind(product_id)
     .bind(list.max(0))
@@ -813,14 +818,17 @@ pub async fn show(
     })
 }
 
-/// One row of `stock_movement`.
+/// One row of `stock_movement`: the sum of one transaction's changes of one kind to the
+/// product (a consumer batch, an expiry sweep, an operator's request).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Movement {
     pub id: i64,
     pub kind: String,
-    /// The order id, or the request id of a restock or set.
+    /// The first order the row sums, or the request id of a restock or set.
     #[serde(rename = "ref")]
     pub reference: String,
+    /// How many orders the row sums (1 for a restock or set).
+    pub orders: i64,
     pub quantity: i64,
     pub available_delta: i64,
     pub reserved_delta: i64,
@@ -836,7 +844,7 @@ pub async fn history(
 ) -> Result<Vec<Movement>, AdminError> {
     validate_product(product_id)?;
     let rows = sqlx::query(
-        "SELECT id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, at
+        "SELECT id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, at, orders::bigint
          FROM stock_movement WHERE product_id = $1 ORDER BY id DESC LIMIT $2",
     )
     .bind(product_id)
@@ -855,9 +863,61 @@ pub async fn history(
                 reserved_delta: r.try_get(5)?,
                 sold_delta: r.try_get(6)?,
                 at: r.try_get(7)?,
+                orders: r.try_get(8)?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// One order's story, from its ledger row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OrderStory {
+    pub order_id: String,
+    /// `reserved`, `rejected`, `confirmed` or `released`.
+    pub status: String,
+    pub items: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reject_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reject_product: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_reason: Option<String>,
+    /// The event that confirmed or released it (`p<partition>@<offset>` or `expiry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_by: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_until: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<DateTime<Utc>>,
+}
+
+/// What the ledger holds of `order_id` (`None`: never decided).
+pub async fn order_story(pool: &PgPool, order_id: &str) -> Result<Option<OrderStory>, AdminError> {
+    let row = sqlx::query(
+        "SELECT status, items::text, reject_reason, reject_product, release_reason, settled_by,
+                created_at, reserved_until, settled_at
+         FROM order_ledger WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    let items: &str = r.try_get(1)?;
+    Ok(Some(OrderStory {
+        order_id: order_id.to_owned(),
+        status: r.try_get(0)?,
+        items: serde_json::from_str(items).unwrap_or(serde_json::Value::Null),
+        reject_reason: r.try_get(2)?,
+        reject_product: r.try_get(3)?,
+        release_reason: r.try_get(4)?,
+        settled_by: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        reserved_until: r.try_get(7)?,
+        settled_at: r.try_get(8)?,
+    }))
 }
 
 /// One product's disagreement with the contract's guarantees.

@@ -81,10 +81,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// A product's stock movements, newest first.
+    /// A product's stock movements, newest first (one row per product and kind per batch,
+    /// summing its orders), or with `--order` one order's story from the ledger.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["product", "order"]))]
     History {
         #[arg(long)]
-        product: i64,
+        product: Option<i64>,
+        #[arg(long)]
+        order: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
         #[arg(long)]
@@ -182,11 +186,19 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Cmd::History {
             product,
+            order,
             limit,
             json,
         } => {
-            let h = admin::history(&pool()?, *product, *limit).await?;
-            print_history(*product, &h, *json)?;
+            if let Some(order) = order {
+                let story = admin::order_story(&pool()?, order).await?;
+                print_story(order, story.as_ref(), *json)?;
+                return Ok(story.is_some());
+            }
+            if let Some(product) = product {
+                let h = admin::history(&pool()?, *product, *limit).await?;
+                print_history(*product, &h, *json)?;
+            }
         }
         Cmd::Rebuild => {
             let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?).await?;
@@ -267,20 +279,55 @@ fn print_history(product: i64, h: &[admin::Movement], json: bool) -> anyhow::Res
         println!("product {product}: no stock movements");
     } else {
         println!(
-            "{:<32} {:<18} {:>9} {:>9} {:>9} {:>9}  ref",
-            "at", "kind", "quantity", "avail", "reserved", "sold"
+            "{:<32} {:<18} {:>7} {:>9} {:>9} {:>9} {:>9}  ref (first order or request)",
+            "at", "kind", "orders", "quantity", "avail", "reserved", "sold"
         );
         for m in h {
             println!(
-                "{:<32} {:<18} {:>9} {:>+9} {:>+9} {:>+9}  {}",
+                "{:<32} {:<18} {:>7} {:>9} {:>+9} {:>+9} {:>+9}  {}",
                 m.at.to_rfc3339(),
                 m.kind,
+                m.orders,
                 m.quantity,
                 m.available_delta,
                 m.reserved_delta,
                 m.sold_delta,
                 m.reference
             );
+        }
+    }
+    Ok(())
+}
+
+fn print_story(order: &str, story: Option<&admin::OrderStory>, json: bool) -> anyhow::Result<()> {
+    match (story, json) {
+        (Some(s), true) => println!("{}", serde_json::to_string(s)?),
+        (None, true) => println!("null"),
+        (None, false) => println!("order {order:?}: not in the ledger (never decided)"),
+        (Some(s), false) => {
+            println!("order {:?}: {}", s.order_id, s.status);
+            println!("  items: {}", s.items);
+            println!("  decided at: {}", s.created_at.to_rfc3339());
+            if let Some(r) = &s.reject_reason {
+                match s.reject_product {
+                    Some(p) => println!("  rejected: {r} (product {p})"),
+                    None => println!("  rejected: {r}"),
+                }
+            }
+            if let Some(until) = s.reserved_until {
+                println!("  reserved until: {}", until.to_rfc3339());
+            }
+            if let Some(at) = s.settled_at {
+                println!(
+                    "  settled at: {} by {}{}",
+                    at.to_rfc3339(),
+                    s.settled_by.as_deref().unwrap_or("?"),
+                    s.release_reason
+                        .as_deref()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! guarantees, `L.…` for the order lifecycle) and the evidence.
 
 use super::workload::{Expect, Fate, Plan, HOT};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use stock_common::events::{Item, Reason, Status, StockResult};
 use stockctl::admin::{StockRow, Violation as InvariantViolation};
 
@@ -27,12 +27,13 @@ pub struct LedgerRec {
     pub announced: bool,
 }
 
-/// A `stock_movement` row.
+/// A `stock_movement` row: one product, one kind, summing `orders` orders of a batch.
 #[derive(Debug, Clone)]
 pub struct Mov {
     pub product_id: i64,
     pub kind: String,
     pub reference: String,
+    pub orders: i64,
     pub quantity: i64,
     pub available: i64,
     pub reserved: i64,
@@ -127,10 +128,6 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
     let mut out = Out { v: Vec::new() };
     let mut f = Findings::default();
     let stock: HashMap<i64, &StockRow> = obs.stock.iter().map(|r| (r.product_id, r)).collect();
-    let mut movs: HashMap<&str, Vec<&Mov>> = HashMap::new();
-    for m in &obs.movements {
-        movs.entry(m.reference.as_str()).or_default().push(m);
-    }
     let empty: Vec<StockResult> = Vec::new();
 
     for o in &plan.orders {
@@ -145,7 +142,6 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
         }
         check_created(o, &distinct, ledger, &stock, &mut out);
         check_lifecycle(o, &distinct, ledger, &mut out, &mut f);
-        check_movements(&o.id, ledger, movs.get(o.id.as_str()), &mut out);
     }
 
     // Results, ledger rows and movements of ids the workload never sent.
@@ -174,17 +170,7 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
             out.add("G2.ledger_row_for_unknown_order", id.clone());
         }
     }
-    for (id, ms) in &movs {
-        if plan.order(id).is_none()
-            && !matches!(ms.first().map(|m| m.kind.as_str()), Some("set" | "restock"))
-        {
-            out.add(
-                "G2.movement_for_unknown_order",
-                format!("{id}: {} rows", ms.len()),
-            );
-        }
-    }
-
+    check_movements(obs, &mut out);
     check_products(plan, obs, &mut out);
     check_dlq(plan, obs, &mut out);
     f.violations = out.v;
@@ -468,11 +454,13 @@ fn check_lifecycle(
     }
 }
 
-/// Guarantee 2 per order: each item reserved at most once, at most one settlement
-/// movement, matching the ledger.
-fn check_movements(id: &str, ledger: Option<&LedgerRec>, movs: Option<&Vec<&Mov>>, out: &mut Out) {
-    let movs: &[&Mov] = movs.map(Vec::as_slice).unwrap_or(&[]);
-    for m in movs {
+/// Guarantee 2 in the history: every row's deltas are its kind's, and per product and
+/// kind the rows sum exactly the ledger's orders — each order that was reserved counted
+/// once in `reserve`, each settled one once in its settlement, each refusal PostgreSQL
+/// made (a pre-deduction given back) once in `compensation`. An order applied twice, or a
+/// movement of an order the ledger does not hold, makes a count or a sum differ.
+fn check_movements(obs: &Observed, out: &mut Out) {
+    for m in &obs.movements {
         let q = m.quantity;
         let expected = match m.kind.as_str() {
             "reserve" => (-q, q, 0),
@@ -481,94 +469,63 @@ fn check_movements(id: &str, ledger: Option<&LedgerRec>, movs: Option<&Vec<&Mov>
             "compensation" => (0, 0, 0),
             _ => (m.available, m.reserved, m.sold),
         };
-        if (m.available, m.reserved, m.sold) != expected {
-            out.add("G2.movement_delta_wrong", format!("{id}: {m:?}"));
+        if (m.available, m.reserved, m.sold) != expected || m.orders < 1 {
+            out.add("G2.movement_delta_wrong", format!("{m:?}"));
         }
     }
-    let Some(l) = ledger else {
-        if !movs.is_empty() {
-            out.add(
-                "G2.movement_without_ledger_row",
-                format!("{id}: {} movements", movs.len()),
-            );
+    // (product, kind) -> (orders, units), from the history and from the ledger.
+    let mut moved: BTreeMap<(i64, &str), (i64, i64)> = BTreeMap::new();
+    for m in &obs.movements {
+        if matches!(m.kind.as_str(), "set" | "restock") {
+            continue;
         }
-        return;
-    };
-    let count = |kind: &str, p: i64| {
-        movs.iter()
-            .filter(|m| m.kind == kind && m.product_id == p)
-            .count()
-    };
-    if l.status == "rejected" {
-        if let Some(m) = movs.iter().find(|m| m.kind != "compensation") {
-            out.add("G2.rejected_order_moved_stock", format!("{id}: {m:?}"));
+        let e = moved.entry((m.product_id, m.kind.as_str())).or_default();
+        e.0 += m.orders;
+        e.1 += m.quantity;
+    }
+    let mut held: BTreeMap<(i64, &str), (i64, i64)> = BTreeMap::new();
+    for l in obs.ledger.values() {
+        let mut kinds: Vec<&str> = Vec::new();
+        match (l.status.as_str(), l.release_reason.as_deref()) {
+            // A refusal by PostgreSQL keeps its items (its pre-deduction is given back); a
+            // refusal by Redis or an invalid order has none.
+            ("rejected", _) => kinds.push("compensation"),
+            ("reserved", _) => kinds.push("reserve"),
+            ("confirmed", _) => kinds.extend(["reserve", "confirm"]),
+            ("released", Some("cancelled")) => kinds.extend(["reserve", "release_cancelled"]),
+            ("released", Some("expired")) => kinds.extend(["reserve", "release_expired"]),
+            _ => {}
         }
         for it in &l.items {
-            if count("compensation", it.product_id) > 1 {
-                out.add(
-                    "G2.refusal_recorded_twice",
-                    format!("{id}: product {}", it.product_id),
-                );
+            for kind in &kinds {
+                let e = held.entry((it.product_id, kind)).or_default();
+                e.0 += 1;
+                e.1 += it.quantity;
             }
         }
-        return;
     }
-    let settle = match (l.status.as_str(), l.release_reason.as_deref()) {
-        ("confirmed", _) => Some("confirm"),
-        ("released", Some("cancelled")) => Some("release_cancelled"),
-        ("released", Some("expired")) => Some("release_expired"),
-        _ => None,
-    };
-    for it in &l.items {
-        let p = it.product_id;
-        let reserves: Vec<&&Mov> = movs
-            .iter()
-            .filter(|m| m.kind == "reserve" && m.product_id == p)
-            .collect();
-        if reserves.len() != 1 || reserves[0].quantity != it.quantity {
-            out.add(
-                if reserves.len() > 1 {
-                    "G2.reserved_twice"
-                } else {
-                    "G2.reserve_movement_missing"
-                },
-                format!("{id}: item {it:?}, reserve movements {reserves:?}"),
-            );
+    let keys: BTreeSet<(i64, &str)> = moved.keys().chain(held.keys()).copied().collect();
+    for key @ (p, kind) in keys {
+        let got = moved.get(&key).copied().unwrap_or_default();
+        let want = held.get(&key).copied().unwrap_or_default();
+        if got == want {
+            continue;
         }
-        let settles: Vec<&str> = movs
-            .iter()
-            .filter(|m| {
-                m.product_id == p && (m.kind == "confirm" || m.kind.starts_with("release_"))
-            })
-            .map(|m| m.kind.as_str())
-            .collect();
-        let ok = match settle {
-            Some(k) => settles == [k],
-            None => settles.is_empty(),
+        let what = match kind {
+            "reserve" if got.0 > want.0 => "G2.reserved_twice",
+            "reserve" => "G2.reserve_movement_missing",
+            "compensation" if got.0 > want.0 => "G2.refusal_recorded_twice",
+            "compensation" => "G2.compensation_disagrees",
+            _ if got.0 > want.0 => "G2.settled_twice",
+            _ => "G2.settle_movement_disagrees",
         };
-        if !ok {
-            out.add(
-                if settles.len() > 1 {
-                    "G2.settled_twice"
-                } else {
-                    "G2.settle_movement_disagrees"
-                },
-                format!(
-                    "{id}: ledger {}, product {p} settle movements {settles:?}",
-                    ledger_key(l)
-                ),
-            );
-        }
-        if count("compensation", p) > 0 {
-            out.add(
-                "G2.compensation_for_held_order",
-                format!("{id}: ledger {}, product {p}", ledger_key(l)),
-            );
-        }
-    }
-    let products: HashSet<i64> = l.items.iter().map(|i| i.product_id).collect();
-    if let Some(m) = movs.iter().find(|m| !products.contains(&m.product_id)) {
-        out.add("G2.movement_of_other_product", format!("{id}: {m:?}"));
+        out.add(
+            what,
+            format!(
+                "product {p}, {kind}: the history sums {} orders ({} units), the ledger holds {} ({} units)",
+                got.0, got.1, want.0, want.1
+            ),
+        );
     }
 }
 
@@ -770,6 +727,7 @@ mod tests {
             product_id: p,
             kind: kind.into(),
             reference: r.into(),
+            orders: 1,
             quantity: q,
             available: d.0,
             reserved: d.1,
