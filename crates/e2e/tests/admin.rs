@@ -622,7 +622,8 @@ async fn history_sums_each_batch_and_the_ledger_tells_each_order() {
         .expect("second batch");
 
     let h = admin::history(pool, 61, 10).await.expect("history");
-    let rows: Vec<(&str, i64, i64, (i64, i64, i64))> = h
+    type Row<'a> = (&'a str, i64, i64, (i64, i64, i64));
+    let rows: Vec<Row> = h
         .iter()
         .map(|m| {
             (
