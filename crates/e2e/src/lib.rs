@@ -265,6 +265,18 @@ impl TestEnv {
         assert!(v.is_empty(), "invariant violations: {v:?}");
     }
 
+    /// Guarantee 2 in the history: per product and kind, the `stock_movement` rows sum
+    /// exactly the ledger's orders (each reserved order once in `reserve`, each settled one
+    /// once in its settlement); panics with the disagreements
+    /// ([`nemesis::check::history_disagreements`]).
+    pub async fn assert_history_matches_ledger(&self) {
+        let (ledger, movements) = nemesis::read_ledger_and_history(&self.pool)
+            .await
+            .expect("read the ledger and the history");
+        let v = nemesis::check::history_disagreements(&movements, &ledger);
+        assert!(v.is_empty(), "the history disagrees with the ledger: {v:?}");
+    }
+
     /// Where this test's workers connect.
     pub fn wiring(&self) -> Wiring<'_> {
         Wiring {

@@ -819,44 +819,7 @@ async fn observe(
     .await?;
     obs.dlq = dlq;
 
-    let rows = sqlx::query(
-        "SELECT order_id, status, reject_reason, reject_product, release_reason, items::text, announced FROM order_ledger",
-    )
-    .fetch_all(&env.pool)
-    .await?;
-    for r in rows {
-        let id: String = r.try_get(0)?;
-        let items: Vec<Item> = serde_json::from_str(r.try_get::<&str, _>(5)?)?;
-        obs.ledger.insert(
-            id,
-            LedgerRec {
-                status: r.try_get(1)?,
-                reject_reason: r.try_get(2)?,
-                reject_product: r.try_get(3)?,
-                release_reason: r.try_get(4)?,
-                items,
-                announced: r.try_get(6)?,
-            },
-        );
-    }
-    let rows = sqlx::query(
-        "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, orders::bigint
-         FROM stock_movement",
-    )
-    .fetch_all(&env.pool)
-    .await?;
-    for r in rows {
-        obs.movements.push(Mov {
-            product_id: r.try_get(0)?,
-            kind: r.try_get(1)?,
-            reference: r.try_get(2)?,
-            quantity: r.try_get(3)?,
-            available: r.try_get(4)?,
-            reserved: r.try_get(5)?,
-            sold: r.try_get(6)?,
-            orders: r.try_get(7)?,
-        });
-    }
+    (obs.ledger, obs.movements) = read_ledger_and_history(&env.pool).await?;
     obs.stock = stockctl::admin::stock_rows(&env.pool, &[]).await?;
     let products: Vec<i64> = plan.stock.keys().copied().collect();
     // A read can time out once after a Redis Cluster node was killed (the connection is
@@ -881,4 +844,51 @@ async fn observe(
     obs.invariants = invariants;
     obs.redis_loaded = loaded;
     Ok(obs)
+}
+
+/// Every `order_ledger` row and every `stock_movement` row of the database.
+pub async fn read_ledger_and_history(
+    pool: &sqlx::PgPool,
+) -> anyhow::Result<(HashMap<String, LedgerRec>, Vec<Mov>)> {
+    let mut ledger = HashMap::new();
+    let mut movements = Vec::new();
+    let rows = sqlx::query(
+        "SELECT order_id, status, reject_reason, reject_product, release_reason, items::text, announced FROM order_ledger",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in rows {
+        let id: String = r.try_get(0)?;
+        let items: Vec<Item> = serde_json::from_str(r.try_get::<&str, _>(5)?)?;
+        ledger.insert(
+            id,
+            LedgerRec {
+                status: r.try_get(1)?,
+                reject_reason: r.try_get(2)?,
+                reject_product: r.try_get(3)?,
+                release_reason: r.try_get(4)?,
+                items,
+                announced: r.try_get(6)?,
+            },
+        );
+    }
+    let rows = sqlx::query(
+        "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, orders::bigint
+         FROM stock_movement",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in rows {
+        movements.push(Mov {
+            product_id: r.try_get(0)?,
+            kind: r.try_get(1)?,
+            reference: r.try_get(2)?,
+            quantity: r.try_get(3)?,
+            available: r.try_get(4)?,
+            reserved: r.try_get(5)?,
+            sold: r.try_get(6)?,
+            orders: r.try_get(7)?,
+        });
+    }
+    Ok((ledger, movements))
 }

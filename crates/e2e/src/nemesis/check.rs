@@ -170,7 +170,8 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
             out.add("G2.ledger_row_for_unknown_order", id.clone());
         }
     }
-    check_movements(obs, &mut out);
+    out.v
+        .extend(history_disagreements(&obs.movements, &obs.ledger));
     check_products(plan, obs, &mut out);
     check_dlq(plan, obs, &mut out);
     f.violations = out.v;
@@ -459,8 +460,12 @@ fn check_lifecycle(
 /// once in `reserve`, each settled one once in its settlement, each refusal PostgreSQL
 /// made (a pre-deduction given back) once in `compensation`. An order applied twice, or a
 /// movement of an order the ledger does not hold, makes a count or a sum differ.
-fn check_movements(obs: &Observed, out: &mut Out) {
-    for m in &obs.movements {
+pub fn history_disagreements(
+    movements: &[Mov],
+    ledger: &HashMap<String, LedgerRec>,
+) -> Vec<Violation> {
+    let mut out = Out { v: Vec::new() };
+    for m in movements {
         let q = m.quantity;
         let expected = match m.kind.as_str() {
             "reserve" => (-q, q, 0),
@@ -475,7 +480,7 @@ fn check_movements(obs: &Observed, out: &mut Out) {
     }
     // (product, kind) -> (orders, units), from the history and from the ledger.
     let mut moved: BTreeMap<(i64, &str), (i64, i64)> = BTreeMap::new();
-    for m in &obs.movements {
+    for m in movements {
         if matches!(m.kind.as_str(), "set" | "restock") {
             continue;
         }
@@ -484,7 +489,7 @@ fn check_movements(obs: &Observed, out: &mut Out) {
         e.1 += m.quantity;
     }
     let mut held: BTreeMap<(i64, &str), (i64, i64)> = BTreeMap::new();
-    for l in obs.ledger.values() {
+    for l in ledger.values() {
         let mut kinds: Vec<&str> = Vec::new();
         match (l.status.as_str(), l.release_reason.as_deref()) {
             // A refusal by PostgreSQL keeps its items (its pre-deduction is given back); a
@@ -527,6 +532,7 @@ fn check_movements(obs: &Observed, out: &mut Out) {
             ),
         );
     }
+    out.v
 }
 
 /// Guarantees 1 to 3 per product: conservation and no negatives (PostgreSQL and Redis),
