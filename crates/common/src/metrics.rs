@@ -58,6 +58,10 @@ pub struct Metrics {
     /// Producer messages waiting for a Redis Cluster slot that lost its data (orders and
     /// compensations that touch it, and the later events of those orders).
     pub waiting: prometheus::IntGauge,
+    /// The producer's view of Redis memory: used over budget on the fullest node.
+    pub redis_memory_ratio: prometheus::Gauge,
+    /// The producer's memory guard: 0 normal, 1 shorter order memory, 2 shedding load.
+    pub redis_memory_pressure: prometheus::IntGauge,
 }
 
 impl Metrics {
@@ -119,8 +123,18 @@ impl Metrics {
             "redis_waiting_messages",
             "Messages waiting for a Redis Cluster slot to be rebuilt while the others go on",
         )?;
+        let redis_memory_ratio = prometheus::Gauge::new(
+            "redis_memory_ratio",
+            "Redis used memory over its budget, on the fullest node (producer)",
+        )?;
+        let redis_memory_pressure = prometheus::IntGauge::new(
+            "redis_memory_pressure",
+            "The producer's memory guard: 0 normal, 1 shorter order memory, 2 shedding load",
+        )?;
         for c in [
             Box::new(outcomes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_memory_ratio.clone()),
+            Box::new(redis_memory_pressure.clone()),
             Box::new(unreplicated.clone()),
             Box::new(waiting.clone()),
             Box::new(batch_size.clone()),
@@ -137,7 +151,13 @@ impl Metrics {
             registry.register(c)?;
         }
         // Known label values start at zero, so dashboards see them before the first event.
-        for cause in ["redis", "redis_unloaded", "database", "conflict"] {
+        for cause in [
+            "redis",
+            "redis_unloaded",
+            "redis_memory",
+            "database",
+            "conflict",
+        ] {
             retries.with_label_values(&[cause]);
         }
         for stage in ["issued", "restored"] {
@@ -158,6 +178,8 @@ impl Metrics {
             stalled,
             unreplicated,
             waiting,
+            redis_memory_ratio,
+            redis_memory_pressure,
         })
     }
 

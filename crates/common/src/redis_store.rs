@@ -646,13 +646,51 @@ pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient,
     Ok(b.build()?)
 }
 
+/// One Redis node's memory (`INFO memory`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMemory {
+    /// `redis` on one Redis, `host:port` of a cluster's master.
+    pub node: String,
+    /// `used_memory`, bytes.
+    pub used: u64,
+    /// `maxmemory`, bytes (0: none).
+    pub maxmemory: u64,
+    /// `maxmemory_policy`.
+    pub policy: String,
+}
+
+impl NodeMemory {
+    /// From the text of `INFO memory`.
+    pub fn parse(node: &str, info: &str) -> Result<Self, StoreError> {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+                .map(str::to_owned)
+        };
+        let number = |name: &str| -> Result<u64, StoreError> {
+            field(name)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| StoreError::Protocol(format!("INFO memory of {node}: no {name}")))
+        };
+        Ok(NodeMemory {
+            node: node.to_owned(),
+            used: number("used_memory")?,
+            maxmemory: number("maxmemory")?,
+            policy: field("maxmemory_policy").unwrap_or_default(),
+        })
+    }
+}
+
 /// The one writer of Redis: its scripts, loads and operators' changes.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
     /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
     cluster: bool,
-    record_ttl_secs: u64,
+    /// The lifetime given to new order records, in seconds: `--order-memory`, shortened
+    /// by the producer's memory guard while Redis is close to its memory budget
+    /// ([`RedisStore::set_record_ttl_secs`]); shared by every clone.
+    record_ttl_secs: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Orders per reserve script call (`--orders-per-call`).
     orders_per_call: usize,
 }
@@ -668,7 +706,9 @@ impl RedisStore {
         Ok(RedisStore {
             cluster: matches!(conn, RedisConn::Cluster(_)),
             conn,
-            record_ttl_secs: args.order_memory.as_secs().max(1),
+            record_ttl_secs: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+                args.order_memory.as_secs().max(1),
+            )),
             orders_per_call: usize::from(args.orders_per_call).max(1),
         })
     }
@@ -792,7 +832,7 @@ impl RedisStore {
             let mut inv = RESERVE.key(shard.loaded_key());
             inv.key(shard.epoch_key())
                 .key(shard.seq_key())
-                .arg(self.record_ttl_secs)
+                .arg(self.record_ttl_secs())
                 .arg(epoch)
                 .arg(shard.token_arg());
             for (j, r) in call.iter().enumerate() {
@@ -908,7 +948,7 @@ impl RedisStore {
             .key(self.request_key_for(request_id, product_id))
             .key(shard.epoch_key())
             .arg(delta)
-            .arg(self.record_ttl_secs)
+            .arg(self.record_ttl_secs())
             .arg(gen.map(|g| g.to_string()).unwrap_or_default())
             .arg(product_id)
             .invoke_async(&mut self.conn())
@@ -1198,7 +1238,7 @@ impl RedisStore {
             by_shard
                 .entry(self.shard_of(k))
                 .or_default()
-                .set_ex(k, v, self.record_ttl_secs)
+                .set_ex(k, v, self.record_ttl_secs())
                 .ignore();
         }
         futures::future::try_join_all(by_shard.into_values().map(|pipe| {
@@ -1248,9 +1288,43 @@ impl RedisStore {
         Ok(raw.as_deref().and_then(OrderRecord::decode))
     }
 
-    /// The lifetime given to order records, in seconds.
+    /// The lifetime given to new order records, in seconds.
     pub fn record_ttl_secs(&self) -> u64 {
         self.record_ttl_secs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives new order records `secs` of life from now on (this store and its clones).
+    pub fn set_record_ttl_secs(&self, secs: u64) {
+        self.record_ttl_secs
+            .store(secs.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The memory of each node that holds data (each master of a cluster), from `INFO
+    /// memory`.
+    pub async fn memory(&self) -> Result<Vec<NodeMemory>, StoreError> {
+        let mut info = redis::cmd("INFO");
+        info.arg("memory");
+        match self.conn() {
+            RedisConn::Single(mut c) => {
+                let text: String = info.query_async(&mut c).await?;
+                Ok(vec![NodeMemory::parse("redis", &text)?])
+            }
+            RedisConn::Cluster(c) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let mut out = Vec::new();
+                for (host, port) in self.masters().await? {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port,
+                    });
+                    let v = c.route_command(info.clone(), route).await?;
+                    let text: String = parse_value(v)?;
+                    out.push(NodeMemory::parse(&format!("{host}:{port}"), &text)?);
+                }
+                Ok(out)
+            }
+        }
     }
 }
 

@@ -7,6 +7,8 @@
 //!   batch, then the deduct commands / results / dead letters to publish) and its
 //!   readiness check; the loop itself (publish, wait for delivery, store offsets) and the
 //!   run path are `stock_common::batch_loop`'s.
+//! * [`memory`]: the Redis memory budget: shorter order memory, then back-pressure, as
+//!   Redis nears it.
 //! * [`parking`]: on a Redis Cluster, the messages that wait for a slot that lost its data
 //!   (until `stockctl rebuild`) while every other order is decided, and the offsets that
 //!   never pass them.
@@ -19,6 +21,7 @@ use stock_common::config::{BatchArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
 use stock_common::metrics::MetricsArgs;
 
 pub mod classify;
+pub mod memory;
 pub mod parking;
 pub mod worker;
 
@@ -42,6 +45,8 @@ pub struct ProducerArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub memory: memory::MemoryArgs,
     /// Consumer group of `orders` and `stock.compensate`.
     #[arg(
         long = "group",

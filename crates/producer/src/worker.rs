@@ -6,6 +6,7 @@
 //! the step is retried with backoff and no offset moves until a rebuild sets the marker.
 
 use crate::classify::{classify, Input};
+use crate::memory::{MemoryGuard, Pressure};
 use crate::parking::Parking;
 use crate::ProducerArgs;
 use backoff::backoff::Backoff;
@@ -36,6 +37,10 @@ pub enum StepError {
     /// nothing, storing no offset.
     #[error("redis is not loaded; waiting for `stockctl rebuild`")]
     Unloaded,
+    /// Redis is at its memory budget: wait and retry, deciding nothing, storing no offset
+    /// ([`crate::memory`]).
+    #[error("{0}: deciding no order until records expire")]
+    MemoryFull(crate::memory::Fullest),
     /// Redis unreachable or failing: retry with backoff.
     #[error(transparent)]
     Redis(#[from] StoreError),
@@ -72,6 +77,8 @@ pub struct Worker {
     corrupt_keys: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// On a Redis Cluster: what waits for a slot to be rebuilt ([`Parking`]).
     parking: Parking,
+    /// Redis memory against its budget ([`MemoryGuard`]).
+    memory: Arc<MemoryGuard>,
 }
 
 /// What one run of the scripts over a batch gives.
@@ -102,6 +109,9 @@ impl Worker {
         )
         .context("kafka consumer")?;
         let producer = kafka::producer(&args.kafka).context("kafka producer")?;
+        let metrics = Metrics::new("producer").context("metrics")?;
+        let memory = MemoryGuard::new(args.memory.clone(), redis.clone(), metrics.clone());
+        memory.check_settings().await?;
         Ok(Worker {
             consumer: Arc::new(consumer),
             producer,
@@ -110,13 +120,14 @@ impl Worker {
             redis,
             topics: args.topics.clone(),
             batch: args.batch.clone(),
-            metrics: Metrics::new("producer").context("metrics")?,
+            metrics,
             metrics_args: args.metrics.clone(),
             sold_out: args
                 .sold_out_marker
                 .then(|| std::sync::Mutex::new(SoldOutMarker::default())),
             corrupt_keys: Arc::default(),
             parking: Parking::default(),
+            memory: Arc::new(memory),
         })
     }
 
@@ -126,9 +137,14 @@ impl Worker {
         tracing::info!(orders = %self.topics.orders, compensate = %self.topics.compensate, "producer started");
         let redis = self.redis.clone();
         let corrupt = self.corrupt_keys.clone();
+        let memory = self.memory.clone();
         let ready: ReadinessCheck = Arc::new(move || {
             let (redis, corrupt) = (redis.clone(), corrupt.clone());
+            let memory_full = memory.not_ready();
             Box::pin(async move {
+                if let Some(why) = memory_full {
+                    return Err(why);
+                }
                 match redis.unloaded_shards().await {
                     Ok(lost) if lost.is_empty() => {}
                     Ok(lost) if redis.is_cluster() => {
@@ -219,20 +235,25 @@ impl Worker {
             ..Default::default()
         };
         loop {
-            let err = match self.decide(msgs, waiting_ids, park).await {
-                Ok(d) if !park || self.parking.has_room(d.waiting.len()) => return Ok(d),
-                Ok(_) => StepError::Unloaded,
-                Err(StepError::Kafka(e)) => return Err(e),
-                Err(e) => e,
+            let err = if let Pressure::Shedding(f) = self.memory.check().await {
+                StepError::MemoryFull(f)
+            } else {
+                match self.decide(msgs, waiting_ids, park).await {
+                    Ok(d) if !park || self.parking.has_room(d.waiting.len()) => return Ok(d),
+                    Ok(_) => StepError::Unloaded,
+                    Err(StepError::Kafka(e)) => return Err(e),
+                    Err(e) => e,
+                }
             };
             let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
             let cause = match err {
                 StepError::Unloaded => "redis_unloaded",
+                StepError::MemoryFull(_) => "redis_memory",
                 _ => "redis",
             };
             self.metrics.retries.with_label_values(&[cause]).inc();
             match err {
-                StepError::Unloaded => {
+                StepError::Unloaded | StepError::MemoryFull(_) => {
                     tracing::error!(error = %err, retry_in = ?wait, "not selling")
                 }
                 _ => {

@@ -424,7 +424,7 @@ impl RedisStore {
             for chunk in idx.chunks(self.orders_per_call) {
                 let mut inv = CLAIM.key(shard.loaded_key());
                 inv.key(shard.seq_key())
-                    .arg(self.record_ttl_secs)
+                    .arg(self.record_ttl_secs())
                     .arg(shard.token_arg());
                 for &i in chunk {
                     inv.key(record_key(&reqs[i].order_id));
@@ -490,7 +490,7 @@ impl RedisStore {
             let shard = Shard::Slot(*slot);
             for chunk in orders.chunks(self.orders_per_call) {
                 let mut inv = HOLD.key(shard.loaded_key());
-                inv.arg(self.record_ttl_secs);
+                inv.arg(self.record_ttl_secs());
                 let mut who = Vec::with_capacity(chunk.len());
                 for (n, part) in chunk {
                     let (i, claim) = claimed[*n];
