@@ -20,7 +20,8 @@
 //!   consumer applies one batch at a time).
 //! * `bare-sql` (the limit of the batched shape): the same statements in the same
 //!   transaction (`stock_common::pg_store`: the generation fence, the row lock, the ledger
-//!   re-read, the ledger insert, the aggregated UPDATE, the history), with every row built
+//!   insert, the aggregated UPDATE, the history: a batch of new orders does not read the
+//!   ledger first), with every row built
 //!   before the clock starts: what PostgreSQL and the driver cost without the worker's
 //!   decisions. `batched / bare-sql` is the share of that limit the consumer reaches.
 //!
@@ -420,7 +421,7 @@ async fn run_batched(
 
 /// The statements of `apply_batch` for reservations of `product`, every row built before
 /// the clock starts: per batch one transaction of the generation fence, the row lock, the
-/// ledger re-read, the ledger insert, the aggregated UPDATE and the history rows.
+/// ledger insert, the aggregated UPDATE and the history rows.
 async fn run_bare_sql(
     pool: &PgPool,
     product: i64,
@@ -436,7 +437,6 @@ async fn run_bare_sql(
         .chunks(batch_size)
         .enumerate()
         .map(|(b, chunk)| {
-            let ids: Vec<String> = chunk.to_vec();
             let rows: Vec<(String, LedgerRow)> = chunk
                 .iter()
                 .enumerate()
@@ -476,22 +476,18 @@ async fn run_bare_sql(
                     },
                 })
                 .collect();
-            (ids, rows, deltas, movements)
+            (rows, deltas, movements)
         })
         .collect();
     let products = std::collections::BTreeSet::from([product]);
     drop(pool.acquire().await.context("opening a connection")?);
     let start = Instant::now();
-    for (ids, rows, deltas, movements) in &batches {
+    for (rows, deltas, movements) in &batches {
         let mut tx = pool.begin().await.context("BEGIN")?;
         pg_store::read_gen(&mut tx).await.context("generation")?;
         pg_store::lock_stock(&mut tx, &products)
             .await
             .context("lock")?;
-        let known = pg_store::fetch_ledger(&mut tx, ids)
-            .await
-            .context("ledger")?;
-        ensure!(known.is_empty(), "bare-sql: orders already in the ledger");
         pg_store::insert_orders(&mut tx, rows, RESERVATION_TTL)
             .await
             .context("insert")?;

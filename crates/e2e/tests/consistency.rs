@@ -433,3 +433,73 @@ async fn large_stock_is_exact_and_a_request_id_keeps_its_product() {
     env.assert_invariants(&[12, 13]).await;
     env.cleanup().await;
 }
+
+/// The consumer decides a batch of decisions without reading the ledger first, and falls
+/// back to reading it when the insert shows an order it already holds (issue 12): a
+/// redelivered batch, a batch half old and half new, and a pre-deduction of a replaced
+/// generation for an order the ledger holds each get the recorded outcome, change nothing
+/// of what was applied, and never ask for the order to be decided again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_seen_before_are_answered_from_the_ledger() {
+    use stock_common::events::{CompensationCause, DeductCommand, INTERNAL_VERSION};
+    use stock_consumer::store::apply_batch;
+    let env = TestEnv::new().await;
+    env.load_stock(&[(71, 1000)]).await;
+    let pool = &env.pool;
+    let gen = stock_common::pg_store::generation(pool)
+        .await
+        .expect("generation")
+        .gen;
+    let reserve = |id: &str, token: String| DeductCommand::Reserve {
+        v: INTERNAL_VERSION,
+        order_id: id.to_owned(),
+        items: vec![item(71, 2)],
+        token: Some(token),
+    };
+    let ttl = Duration::from_secs(900);
+    let first: Vec<DeductCommand> = (0..100)
+        .map(|i| reserve(&format!("s-{i}"), format!("{gen}.{i}")))
+        .collect();
+    let once = apply_batch(pool, &first, ttl).await.expect("first batch");
+    assert_eq!(once.inserts.len(), 100);
+    let row = env.stock_row(71).await;
+    assert_eq!((row.available, row.reserved), (800, 200));
+
+    // The same batch again: the recorded outcomes, nothing applied.
+    let again = apply_batch(pool, &first, ttl).await.expect("redelivery");
+    assert_eq!(again.results, once.results);
+    assert!(again.inserts.is_empty() && again.compensations.is_empty());
+    assert_eq!(env.stock_row(71).await, row);
+
+    // Half old, half new: only the new half is applied.
+    let mixed: Vec<DeductCommand> = (50..150)
+        .map(|i| reserve(&format!("s-{i}"), format!("{gen}.{i}")))
+        .collect();
+    let plan = apply_batch(pool, &mixed, ttl).await.expect("mixed");
+    assert_eq!(plan.inserts.len(), 50);
+    assert_eq!(&plan.results[..50], &once.results[50..]);
+    let row = env.stock_row(71).await;
+    assert_eq!((row.available, row.reserved), (700, 300));
+
+    // A pre-deduction of an older generation for an order the ledger holds: its recorded
+    // outcome, not a request to decide it again.
+    let stale = vec![reserve("s-7", format!("{}.999", gen - 1))];
+    let plan = apply_batch(pool, &stale, ttl).await.expect("stale");
+    assert_eq!(plan.results, vec![StockResult::reserved("s-7")]);
+    assert!(
+        !plan
+            .compensations
+            .iter()
+            .any(|c| c.cause == CompensationCause::Redecide),
+        "{:?}",
+        plan.compensations
+    );
+    assert_eq!(env.stock_row(71).await, row);
+    let ledger: i64 = sqlx::query_scalar("SELECT count(*) FROM order_ledger")
+        .fetch_one(pool)
+        .await
+        .expect("count");
+    assert_eq!(ledger, 150);
+    env.assert_history_matches_ledger().await;
+    env.cleanup().await;
+}
