@@ -5,7 +5,8 @@
 //! per line, starting with `{`), so that `grep '^{'` yields machine-readable results.
 //!
 //! # What each module measures
-//! * [`e2e`]: the whole pipeline, producer and consumer workers running in this process.
+//! * [`e2e`]: the whole pipeline, producer and consumer workers as processes of their own
+//!   (`--in-process`: tasks of this process), with CPU µs per order of each process.
 //!   Orders per second from the first publish to the last outcome on `stock.results`
 //!   (`stream`), the drain rate of a backlog published before the workers start
 //!   (`preload`), and each stage on its own (`staged`: producer first, then consumer);
@@ -32,13 +33,15 @@
 //! * [`driver`]: the closed-loop driver of per-order measurements (a connection per task,
 //!   a shared queue, per-order latency).
 //! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span,
-//!   and of each Redis server and Kafka broker by port.
+//!   of each worker process by PID, and of each Redis server and Kafka broker by port;
+//!   resident memory of a process.
 //! * [`cluster`]: on the cluster layout, the Redis Cluster's nodes and each master's share
 //!   of the Redis commands of a span (`INFO commandstats`).
 //! * [`collector`]: reads `stock.results` with arrival times; wakes a client waiting for
 //!   one order's result.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
-//! * [`workers`]: producer and consumer workers as tasks of this process.
+//! * [`workers`]: producer and consumer workers as processes of the release binaries, or
+//!   as tasks of this process.
 //! * [`worker_metrics`]: the workers' own metrics (Redis and PostgreSQL time per batch),
 //!   which split each worker's batch cycle into stages.
 //! * [`report`]: tables (text and Markdown), CSV lines, JSON lines, rates.

@@ -15,7 +15,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The whole pipeline in this process: end-to-end and drain rates, with checks.
+    /// The whole pipeline: end-to-end and drain rates, CPU per order of each process, with
+    /// checks. The workers run as processes of the `producer` and `consumer` binaries next
+    /// to the bench (build them with it), or in the bench with --in-process.
     E2e(e2e::E2eArgs),
     /// PostgreSQL apply rate on one hot SKU: batched apply against per-order baselines.
     Apply(apply::ApplyArgs),
@@ -29,11 +31,19 @@ enum Cmd {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let outcome = match &cli.cmd {
-        Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
-        Cmd::Apply(args) => apply::run(&cli.stack, args).await,
-        Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
-        Cmd::Survey(args) => survey::run(&cli.stack, args).await,
+    let run = async {
+        match &cli.cmd {
+            Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
+            Cmd::Apply(args) => apply::run(&cli.stack, args).await,
+            Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
+            Cmd::Survey(args) => survey::run(&cli.stack, args).await,
+        }
+    };
+    // On SIGINT or SIGTERM the run is dropped: the worker processes it started are killed
+    // and reaped on the way (`workers::Workers` on drop), so that none outlives the bench.
+    let outcome = tokio::select! {
+        r = run => r,
+        s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}: the run's database, Redis database and topics are left behind")),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -44,6 +54,22 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("bench: error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The first SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
         }
     }
 }
