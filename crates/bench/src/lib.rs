@@ -12,6 +12,10 @@
 //!   (`preload`), and each stage on its own (`staged`: producer first, then consumer);
 //!   with checks that every order got exactly one outcome and that the stock invariants
 //!   hold afterwards.
+//! * [`soak`]: the whole pipeline under a steady paced load for a long time (e.g. 60 min),
+//!   with figures per window (rate, p50/p99, CPU per order of each process, each worker's
+//!   RSS, PostgreSQL table sizes and autovacuum runs, Redis memory), the first and last
+//!   window compared, a Markdown file and an SVG chart; `bench e2e`'s checks at the end.
 //! * [`apply`]: PostgreSQL alone, on one hot SKU: the consumer's batched `apply_batch`
 //!   against per-order baselines (autocommit conditional UPDATE; ledger INSERT + UPDATE per
 //!   transaction), with the ratio batched/baseline. New strategies are variants of
@@ -59,6 +63,7 @@ pub mod load;
 pub mod probe;
 pub mod redis_stage;
 pub mod report;
+pub mod soak;
 pub mod survey;
 pub mod worker_metrics;
 pub mod workers;

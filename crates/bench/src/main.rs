@@ -1,6 +1,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use stock_bench::{apply, e2e, env::Stack, redis_stage, survey};
+use stock_bench::{apply, e2e, env::Stack, redis_stage, soak, survey};
 
 /// Benchmarks of the stock pipeline against the local stack (`deploy/stack-up.sh`).
 /// Logs go to stderr (`RUST_LOG`, default `warn,sqlx=error`); tables and JSON lines to stdout.
@@ -19,6 +19,11 @@ enum Cmd {
     /// checks. The workers run as processes of the `producer` and `consumer` binaries next
     /// to the bench (build them with it), or in the bench with --in-process.
     E2e(e2e::E2eArgs),
+    /// The whole pipeline at a steady rate for a long time, e.g. `--duration 60m --rate
+    /// 5000 --window 10m`: per window rate, p50/p99, CPU per order of each process, RSS,
+    /// PostgreSQL sizes and autovacuum runs, Redis memory; first and last window compared
+    /// (within ±25%); a Markdown file and an SVG chart in --out; the e2e checks at the end.
+    Soak(soak::SoakArgs),
     /// PostgreSQL apply rate on one hot SKU: batched apply against per-order baselines.
     Apply(apply::ApplyArgs),
     /// The producer's Redis stage alone, against redis-benchmark on the same script.
@@ -37,6 +42,7 @@ async fn main() -> ExitCode {
             Cmd::Apply(args) => apply::run(&cli.stack, args).await,
             Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
             Cmd::Survey(args) => survey::run(&cli.stack, args).await,
+            Cmd::Soak(args) => soak::run(&cli.stack, args).await,
         }
     };
     // On SIGINT or SIGTERM the run is dropped: the worker processes it started are killed
