@@ -340,7 +340,10 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
             None => Ok(Workers::default()),
         };
         let measured = match workers {
-            Ok(w) => measure(&env, stack, args, mode, &orders, &stock, w).await,
+            Ok(w) => tokio::select! {
+                r = measure(&env, stack, args, mode, &orders, &stock, w) => r,
+                e = workers::interrupted() => e,
+            },
             Err(e) => Err(e),
         };
         env.cleanup().await;

@@ -36,20 +36,14 @@ enum Cmd {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let run = async {
-        match &cli.cmd {
-            Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
-            Cmd::Apply(args) => apply::run(&cli.stack, args).await,
-            Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
-            Cmd::Survey(args) => survey::run(&cli.stack, args).await,
-            Cmd::Soak(args) => soak::run(&cli.stack, args).await,
-        }
-    };
-    // On SIGINT or SIGTERM the run is dropped: the worker processes it started are killed
-    // and reaped on the way (`workers::Workers` on drop), so that none outlives the bench.
-    let outcome = tokio::select! {
-        r = run => r,
-        s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}: the run's database, Redis database and topics are left behind")),
+    // e2e and soak stop on SIGINT or SIGTERM while measuring: the worker processes are
+    // killed, the run's environment removed (`workers::interrupted`).
+    let outcome = match &cli.cmd {
+        Cmd::E2e(args) => e2e::run(&cli.stack, args).await,
+        Cmd::Apply(args) => apply::run(&cli.stack, args).await,
+        Cmd::Redis(args) => redis_stage::run(&cli.stack, args).await,
+        Cmd::Survey(args) => survey::run(&cli.stack, args).await,
+        Cmd::Soak(args) => soak::run(&cli.stack, args).await,
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -60,22 +54,6 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("bench: error: {e:#}");
             ExitCode::from(2)
-        }
-    }
-}
-
-/// The first SIGINT or SIGTERM.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
         }
     }
 }

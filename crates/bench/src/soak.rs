@@ -32,7 +32,7 @@ use crate::e2e;
 use crate::env::{PipelineEnv, Stack};
 use crate::load::{Order, HOT_PRODUCT};
 use crate::report::{self, json_line, thousands, yes_no, LatencyMs, Table};
-use crate::workers::Workers;
+use crate::workers::{self, Workers};
 use anyhow::{bail, ensure, Context, Result};
 use rdkafka::producer::FutureProducer;
 use serde::Serialize;
@@ -642,7 +642,10 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         worker_args::duration(ttl),
     );
     let env = PipelineEnv::create(stack, args.partitions).await?;
-    let measured = measure(&env, args, shape, total, &stock, workers).await;
+    let measured = tokio::select! {
+        r = measure(&env, args, shape, total, &stock, workers) => r,
+        e = workers::interrupted() => e,
+    };
     env.cleanup().await;
     let (windows, summary) = measured?;
     report(args, &out, &windows, &summary)?;
@@ -671,6 +674,8 @@ async fn measure(
     let consumer = stock_common::kafka::consumer(&env.kafka, &group, &[&env.topics().results])
         .context("result reader")?;
     let stop = CancellationToken::new();
+    // Stopped when the measurement ends or is dropped (interrupted).
+    let _stop_reader = stop.clone().drop_guard();
     let reader = tokio::spawn(read_results(consumer, tracker.clone(), stop.clone()));
     let batch = BatchArgs {
         batch_size: args.batch_size,
@@ -774,6 +779,8 @@ async fn drive(
         tracker.clone(),
         sent.clone(),
     ));
+    // Aborted when the measurement is dropped (an error, an interruption).
+    let _abort = AbortOnDrop(publisher.abort_handle());
     lock(tracker).take_window();
     let count = args.duration.as_nanos().div_ceil(args.window.as_nanos()) as usize;
     let mut windows = Vec::with_capacity(count);
@@ -862,6 +869,15 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok((windows, complete, drain))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

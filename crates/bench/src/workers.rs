@@ -11,8 +11,8 @@
 //!   [`WorkerFlags::command`]), each with its output in a log file of its own, counted on
 //!   its own by [`crate::cpu`]. A process is ready once its metrics endpoint answers.
 //!   [`Workers::stop`] sends SIGTERM, waits up to [`STOP_TIMEOUT`], then kills; dropping
-//!   [`Workers`] (an error, a panic, an interrupted run) kills and reaps every process
-//!   still running, so none is left behind.
+//!   [`Workers`] (an error, a panic, a run dropped by [`interrupted`]) kills and reaps
+//!   every process still running, so none is left behind.
 
 use crate::cpu;
 use crate::env::PipelineEnv;
@@ -448,6 +448,26 @@ impl Drop for Procs {
             kill(&mut p.child);
         }
     }
+}
+
+/// The first SIGINT or SIGTERM to this process, as an error. A run races its measurement
+/// against it, then removes its environment: the measurement is dropped, and with it the
+/// worker processes (killed and reaped).
+pub async fn interrupted<T>() -> Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let which = match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    };
+    eprintln!("bench: {which}: stopping the workers and removing the run's environment");
+    bail!("interrupted by {which}")
 }
 
 /// SIGTERM to `pid` (a child not reaped yet, so the PID cannot be another process's).
