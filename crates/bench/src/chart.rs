@@ -1,5 +1,6 @@
 //! Line charts as SVG files (plotters' SVG backend only: no font or system library, the
-//! SVG viewer draws the text).
+//! SVG viewer draws the text): [`LogXChart`] against a log2 x axis (clients, batch
+//! sizes), [`TimeChart`] as panels stacked over one linear x axis (time).
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
@@ -112,6 +113,101 @@ impl LogXChart<'_> {
     }
 }
 
+/// One panel of a [`TimeChart`]: its y axis and lines.
+pub struct Panel<'a> {
+    pub y_label: &'a str,
+    pub series: &'a [Series],
+}
+
+/// Panels stacked vertically, each with its own y axis from 0, over one linear x axis from
+/// 0 (e.g. minutes since the start of a run).
+pub struct TimeChart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub panels: &'a [Panel<'a>],
+}
+
+impl TimeChart<'_> {
+    /// Writes the chart to `path` (SVG).
+    pub fn write_svg(&self, path: &Path) -> Result<()> {
+        let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+        let x_max = self
+            .panels
+            .iter()
+            .flat_map(|p| p.series.iter())
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .fold(0.0f64, f64::max);
+        let x_max = if x_max > 0.0 { x_max } else { 1.0 };
+        let height = 40 + 300 * self.panels.len().max(1) as u32;
+        let root = SVGBackend::new(path, (960, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let root = root
+            .titled(self.title, ("sans-serif", 22))
+            .map_err(|e| err(&e))?;
+        let areas = root.split_evenly((self.panels.len().max(1), 1));
+        for (panel, area) in self.panels.iter().zip(&areas) {
+            let y_max = panel
+                .series
+                .iter()
+                .flat_map(|s| s.points.iter().map(|p| p.1))
+                .fold(0.0f64, f64::max);
+            let y_max = if y_max > 0.0 { y_max * 1.12 } else { 1.0 };
+            let mut chart = ChartBuilder::on(area)
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(80)
+                .build_cartesian_2d(0.0..x_max, 0.0..y_max)
+                .map_err(|e| err(&e))?;
+            let y_fmt = |v: &f64| {
+                if y_max < 10.0 {
+                    format!("{v:.1}")
+                } else {
+                    crate::report::thousands(*v)
+                }
+            };
+            let x_fmt = |v: &f64| {
+                if x_max < 10.0 {
+                    format!("{v:.1}")
+                } else {
+                    format!("{v:.0}")
+                }
+            };
+            chart
+                .configure_mesh()
+                .x_desc(self.x_label)
+                .y_desc(panel.y_label)
+                .x_label_formatter(&x_fmt)
+                .y_label_formatter(&y_fmt)
+                .light_line_style(WHITE.mix(0.0))
+                .draw()
+                .map_err(|e| err(&e))?;
+            for (i, s) in panel.series.iter().enumerate() {
+                let (r, g, b) = PALETTE[i % PALETTE.len()];
+                let color = RGBColor(r, g, b);
+                chart
+                    .draw_series(
+                        LineSeries::new(s.points.iter().copied(), color.stroke_width(2))
+                            .point_size(3),
+                    )
+                    .map_err(|e| err(&e))?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +247,42 @@ mod tests {
             assert!(texts.contains(&text), "no {text} in the SVG");
         }
         assert!(!texts.contains(&"512") && !texts.contains(&"0.5"));
+    }
+
+    #[test]
+    fn writes_panels_over_time() {
+        let dir = std::env::temp_dir().join(format!("chart-time-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.svg");
+        let rate = [Series {
+            name: "orders/s".into(),
+            points: vec![(1.0, 5000.0), (2.0, 4900.0)],
+        }];
+        let p99 = [Series {
+            name: "p99".into(),
+            points: vec![(1.0, 12.0), (2.0, 15.0)],
+        }];
+        TimeChart {
+            title: "soak",
+            x_label: "minutes",
+            panels: &[
+                Panel {
+                    y_label: "rate",
+                    series: &rate,
+                },
+                Panel {
+                    y_label: "ms",
+                    series: &p99,
+                },
+            ],
+        }
+        .write_svg(&path)
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        for text in ["soak", "minutes", "rate", "ms", "orders/s", "p99"] {
+            assert!(texts.contains(&text), "no {text} in the SVG");
+        }
     }
 }

@@ -1,8 +1,14 @@
 //! CPU time of each part of the stack over a measured span, from `/proc` (Linux): where the
 //! box's cores go during a benchmark. Processes are grouped by name: `java` (Kafka),
-//! `postgres` (every backend and helper), `redis-server`, and this process (the workers,
-//! the load generator and the result collector). A PostgreSQL backend that exits during
-//! the span takes its CPU time with it; the pools keep theirs open, so this is small.
+//! `postgres` (every backend and helper), `redis-server`, and this process (the load
+//! generator and the result collector, and the workers when they run in this process).
+//! Worker processes this bench spawned are counted by PID ([`Proc`]), each on its own and
+//! summed per kind (`producer`, `consumer`): never by name, so that another run's workers
+//! on the box are not counted. A PostgreSQL backend that exits during the span takes its
+//! CPU time with it; the pools keep theirs open, so this is small.
+//!
+//! [`PerOrder`] turns a span's seconds into CPU µs per order, with the pipeline's total:
+//! Kafka + PostgreSQL + Redis + the worker processes, this process excluded.
 //!
 //! Each Redis server and Kafka broker is also counted on its own, by the port it serves
 //! (`redis:7001`, `kafka:9292`): a Redis server's port from its process title
@@ -17,12 +23,22 @@ use tokio::time::Instant;
 /// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
 
+/// A worker process to count on its own: its kind (`producer`, `consumer`), its name
+/// (`producer-1`) and PID.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub kind: &'static str,
+    pub name: String,
+    pub pid: u32,
+}
+
 /// CPU seconds used so far by each group, at one instant.
 #[derive(Debug, Clone)]
 pub struct CpuSample {
     at: Instant,
     secs: BTreeMap<&'static str, f64>,
     nodes: BTreeMap<String, f64>,
+    procs: BTreeMap<String, f64>,
 }
 
 /// CPU seconds each group used over a span, and that as a share of every core's time.
@@ -33,6 +49,9 @@ pub struct CpuUse {
     pub secs: BTreeMap<&'static str, f64>,
     /// CPU seconds of each Redis server and Kafka broker (`redis:<port>`, `kafka:<port>`).
     pub nodes: BTreeMap<String, f64>,
+    /// CPU seconds of each worker process (`producer-1`, `consumer-1`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub procs: BTreeMap<String, f64>,
 }
 
 impl CpuUse {
@@ -48,6 +67,114 @@ impl CpuUse {
         parts.push(format!("all {:.0}%", 100.0 * used / total.max(1e-9)));
         parts.join(", ")
     }
+
+    /// CPU µs per order of each part, `orders` being the orders of the span.
+    pub fn per_order(&self, orders: usize) -> PerOrder {
+        PerOrder::of(&self.secs, &self.procs, orders)
+    }
+}
+
+/// CPU µs per order of each part of the stack over a span (one JSON object).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PerOrder {
+    /// The producer processes, summed; None when the workers ran in the bench process.
+    pub producers: Option<f64>,
+    /// The consumer processes, summed; None when the workers ran in the bench process.
+    pub consumers: Option<f64>,
+    /// This process: the load generator and the result collector (and the workers when
+    /// they ran in it).
+    pub bench: f64,
+    pub postgres: f64,
+    pub redis: f64,
+    pub kafka: f64,
+    /// Kafka + PostgreSQL + Redis + producers + consumers, the bench process excluded;
+    /// None when the workers ran in the bench process (they cannot be told apart from it).
+    pub pipeline: Option<f64>,
+    /// Each worker process (`producer-1`, …).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_process: BTreeMap<String, f64>,
+}
+
+impl PerOrder {
+    /// From CPU seconds per group and per worker process, over `orders` orders.
+    pub fn of(
+        secs: &BTreeMap<&'static str, f64>,
+        procs: &BTreeMap<String, f64>,
+        orders: usize,
+    ) -> PerOrder {
+        let us = |s: f64| 1e6 * s / orders.max(1) as f64;
+        let get = |k: &str| us(secs.get(k).copied().unwrap_or(0.0));
+        let workers = |k: &str| secs.get(k).map(|s| us(*s));
+        let (producers, consumers) = (workers("producer"), workers("consumer"));
+        let services = get("kafka") + get("postgres") + get("redis");
+        PerOrder {
+            producers,
+            consumers,
+            bench: get("bench"),
+            postgres: get("postgres"),
+            redis: get("redis"),
+            kafka: get("kafka"),
+            pipeline: match (producers, consumers) {
+                (Some(p), Some(c)) => Some(services + p + c),
+                _ => None,
+            },
+            per_process: procs.iter().map(|(k, s)| (k.clone(), us(*s))).collect(),
+        }
+    }
+
+    /// "producer 12.3 / consumer 45.6 / bench 7.8", "-" for a figure not measured.
+    pub fn describe_workers(&self) -> String {
+        format!(
+            "{} / {} / {:.1}",
+            opt(self.producers),
+            opt(self.consumers),
+            self.bench
+        )
+    }
+
+    pub fn describe_services(&self) -> String {
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            self.postgres, self.redis, self.kafka
+        )
+    }
+
+    pub fn describe_pipeline(&self) -> String {
+        match self.pipeline {
+            Some(p) => format!("{p:.1}"),
+            None => "- (workers in bench)".into(),
+        }
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1}"))
+}
+
+/// Resident memory (VmRSS) of process `pid`, in bytes; None when it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    vm_rss(&status)
+}
+
+/// VmRSS of a `/proc/<pid>/status` text, in bytes.
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Whether process `pid` has ended (gone, or a zombie not reaped yet).
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => state(&stat).is_none_or(|c| c == 'Z' || c == 'X'),
+        Err(_) => true,
+    }
+}
+
+/// The state letter (field 3) of a `/proc/<pid>/stat` line.
+fn state(stat: &str) -> Option<char> {
+    stat.get(stat.rfind(')')? + 2..)?.chars().next()
 }
 
 /// Which group a process belongs to, by its command name.
@@ -129,9 +256,23 @@ fn ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// CPU seconds so far of every group (no worker process counted on its own).
 pub fn sample() -> CpuSample {
+    sample_with(&[])
+}
+
+/// CPU seconds so far of every group, and of each of `workers` (by PID) in its kind.
+pub fn sample_with(workers: &[Proc]) -> CpuSample {
     let me = std::process::id();
     let mut secs: BTreeMap<&'static str, f64> = BTreeMap::new();
+    let mut procs = BTreeMap::new();
+    for w in workers {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.pid)).unwrap_or_default();
+        // A worker gone already counts as nothing (its kind is still shown).
+        let s = ticks(&stat).map_or(0.0, |t| t as f64 / TICKS);
+        *secs.entry(w.kind).or_default() += s;
+        procs.insert(w.name.clone(), s);
+    }
     let mut nodes = Vec::new();
     let props = |p: &str| std::fs::read_to_string(p).ok();
     if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -139,6 +280,9 @@ pub fn sample() -> CpuSample {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
+            if workers.iter().any(|w| w.pid == pid) {
+                continue;
+            }
             let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
             let Some(g) = group(comm.trim(), pid, me) else {
                 continue;
@@ -161,6 +305,7 @@ pub fn sample() -> CpuSample {
         at: Instant::now(),
         secs,
         nodes: by_node(nodes),
+        procs,
     }
 }
 
@@ -176,21 +321,17 @@ pub fn between(before: &CpuSample, after: &CpuSample) -> CpuUse {
             )
         })
         .collect();
-    let nodes = after
-        .nodes
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                (v - before.nodes.get(k).copied().unwrap_or(0.0)).max(0.0),
-            )
-        })
-        .collect();
+    let diff = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+        a.iter()
+            .map(|(k, v)| (k.clone(), (v - b.get(k).copied().unwrap_or(0.0)).max(0.0)))
+            .collect()
+    };
     CpuUse {
         span_secs: after.at.duration_since(before.at).as_secs_f64(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         secs,
-        nodes,
+        nodes: diff(&after.nodes, &before.nodes),
+        procs: diff(&after.procs, &before.procs),
     }
 }
 
@@ -264,6 +405,42 @@ advertised.listeners=PLAINTEXT://127.0.0.1:9293
         assert_eq!(n.get("redis:7001"), Some(&2.0));
         assert_eq!(n.get("kafka:9292"), Some(&2.0));
         assert_eq!(n.len(), 2);
+    }
+
+    #[test]
+    fn per_order_pipeline_excludes_the_bench() {
+        let secs: BTreeMap<&'static str, f64> = [
+            ("bench", 5.0),
+            ("postgres", 2.0),
+            ("redis", 1.0),
+            ("kafka", 1.0),
+            ("producer", 0.5),
+            ("consumer", 1.5),
+        ]
+        .into();
+        let procs: BTreeMap<String, f64> = [("producer-1".to_owned(), 0.5)].into();
+        let p = PerOrder::of(&secs, &procs, 1_000_000);
+        assert_eq!(p.pipeline, Some(6.0));
+        assert_eq!(
+            (p.producers, p.consumers, p.bench),
+            (Some(0.5), Some(1.5), 5.0)
+        );
+        assert_eq!(p.per_process.get("producer-1"), Some(&0.5));
+        // Workers inside the bench: no pipeline total.
+        let in_bench: BTreeMap<&'static str, f64> = [("bench", 7.0), ("postgres", 2.0)].into();
+        let p = PerOrder::of(&in_bench, &BTreeMap::new(), 1_000_000);
+        assert_eq!((p.producers, p.pipeline), (None, None));
+        assert_eq!(p.describe_pipeline(), "- (workers in bench)");
+    }
+
+    #[test]
+    fn reads_rss_and_state() {
+        let status = "Name:\tproducer\nVmPeak:\t  9000 kB\nVmRSS:\t   1234 kB\nThreads: 9\n";
+        assert_eq!(vm_rss(status), Some(1234 * 1024));
+        assert_eq!(vm_rss("Name: x\n"), None);
+        assert_eq!(state("42 (a b) Z 1 2"), Some('Z'));
+        assert!(!exited(std::process::id()));
+        assert!(rss_bytes(std::process::id()).is_some_and(|b| b > 0));
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! `bench e2e`: the whole pipeline (producer and consumer workers in this process, release
-//! build) on the real stack, one fresh environment per mode:
+//! `bench e2e`: the whole pipeline (release build) on the real stack, one fresh environment
+//! per mode. The producer and consumer workers are processes of their own (the `producer`
+//! and `consumer` binaries next to the bench, [`Workers::processes`]; their logs in a run
+//! directory printed at the start), so that the CPU of each worker is told apart from the
+//! bench's load generator and result collector; `--in-process` runs them as tasks of the
+//! bench instead ([`Workers::default`]). The modes:
 //!
 //! * `stream`: workers started and warmed up (a few orders on a product of their own, so
 //!   that every partition is assigned and flowing), then the orders are published while
@@ -16,6 +20,10 @@
 //! the workers are stopped, and the run is checked: every order has a result and exactly
 //! one distinct outcome, the stock invariants hold (`stockctl::admin::check_invariants`),
 //! and PostgreSQL's reserved units equal the units of the orders reported reserved.
+//!
+//! CPU µs per order over the measured span (stream, preload) is reported for each part:
+//! producers, consumers, the bench process, PostgreSQL, Redis, Kafka, and the pipeline
+//! (Kafka + PostgreSQL + Redis + workers, the bench excluded; see [`cpu::PerOrder`]).
 
 use crate::cluster::{self, ClusterFigures, ClusterProbe, MasterShare};
 use crate::collector::{self, Collected, Collector};
@@ -34,6 +42,7 @@ use stock_common::config::{parse_duration, BatchArgs};
 use stock_common::events::{Item, Reason, Status};
 use stock_common::kafka::OutMessage;
 use stock_devkit::harness;
+use stock_devkit::worker_args::Worker;
 use stockctl::admin;
 use tokio::time::Instant;
 
@@ -93,6 +102,10 @@ pub struct E2eArgs {
     /// 0: as fast as possible.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// Run the workers as tasks of the bench process instead of as processes of the
+    /// `producer` and `consumer` binaries: their CPU is then counted with the bench's.
+    #[arg(long)]
+    pub in_process: bool,
 }
 
 /// How the orders meet the pipeline; see the module documentation.
@@ -172,9 +185,15 @@ pub struct E2eFigures {
     /// The consumer's batch cycle; `step` is its PostgreSQL batch transaction.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consumer_cycle: Option<Breakdown>,
-    /// CPU of Kafka, PostgreSQL, Redis and this process over the measured span.
+    /// `processes` (each worker a process of its own) or `in-process`.
+    pub workers_placement: &'static str,
+    /// CPU of Kafka, PostgreSQL, Redis, this process and each worker process over the
+    /// measured span.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<cpu::CpuUse>,
+    /// The same per order, in µs, with the pipeline's total (the bench excluded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_order: Option<cpu::PerOrder>,
     /// On a Redis Cluster: the emptied cluster's nodes and each master's share of the
     /// Redis commands of the measured span (stream and preload).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,8 +302,25 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
                 args.producers(),
                 args.consumers()
             )
-        }
+        },
     );
+    let log_dir = (!args.in_process).then(|| {
+        std::env::temp_dir().join(format!("stockpipe-bench-e2e-{}", crate::env::run_id()))
+    });
+    match &log_dir {
+        Some(dir) => {
+            // Fail before any environment is created when a binary is missing.
+            let p = workers::binary(Worker::Producer)?;
+            let c = workers::binary(Worker::Consumer)?;
+            println!(
+                "e2e: workers as processes ({} and {}); their logs in {}",
+                p.display(),
+                c.display(),
+                dir.display()
+            );
+        }
+        None => println!("e2e: workers in the bench process (--in-process)"),
+    }
     if !stack.redis.cluster_nodes.is_empty() {
         println!(
             "e2e: Redis Cluster ({}): database 0; EVERY MASTER IS EMPTIED (FLUSHALL) before each mode and after it",
@@ -299,7 +335,17 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         if env.redis.is_cluster() {
             eprintln!("bench e2e: {}", env.redis.describe());
         }
-        let measured = measure(&env, stack, args, mode, &orders, &stock).await;
+        let workers = match &log_dir {
+            Some(dir) => Workers::processes(dir, &format!("{mode:?}-").to_lowercase()),
+            None => Ok(Workers::default()),
+        };
+        let measured = match workers {
+            Ok(w) => tokio::select! {
+                r = measure(&env, stack, args, mode, &orders, &stock, w) => r,
+                e = workers::interrupted() => e,
+            },
+            Err(e) => Err(e),
+        };
         env.cleanup().await;
         let f = measured.with_context(|| format!("mode {mode:?}"))?;
         eprintln!(
@@ -419,24 +465,26 @@ struct SpanStart {
 }
 
 /// Samples the start of a span (the command counters first, so that reading them is not
-/// in the CPU figures).
-async fn span_start(probe: Option<&ClusterProbe>) -> SpanStart {
+/// in the CPU figures); `procs`: the worker processes running (none yet in preload).
+async fn span_start(probe: Option<&ClusterProbe>, procs: &[cpu::Proc]) -> SpanStart {
     let stats = match probe {
         Some(p) => cluster_stats(p).await,
         None => None,
     };
     SpanStart {
-        cpu: cpu::sample(),
+        cpu: cpu::sample_with(procs),
         stats,
     }
 }
 
-/// CPU and (cluster) each master's share from `start` to now.
+/// CPU and (cluster) each master's share from `start` to now; `procs`: the worker
+/// processes now (one started within the span counts from its start).
 async fn span_end(
     start: &SpanStart,
     probe: Option<&ClusterProbe>,
+    procs: &[cpu::Proc],
 ) -> (cpu::CpuUse, Option<Vec<MasterShare>>) {
-    let cpu = cpu::between(&start.cpu, &cpu::sample());
+    let cpu = cpu::between(&start.cpu, &cpu::sample_with(procs));
     let masters = match (probe, &start.stats) {
         (Some(p), Some(before)) => cluster_stats(p)
             .await
@@ -464,6 +512,7 @@ async fn measure(
     mode: Mode,
     orders: &[Order],
     stock: &BTreeMap<i64, i64>,
+    mut workers: Workers,
 ) -> Result<E2eFigures> {
     let warm_product = args.products + 1;
     let warmup = if mode == Mode::Stream {
@@ -509,7 +558,7 @@ async fn measure(
         warmup: &warmup,
         probe: probe.as_ref(),
     };
-    let mut workers = Workers::default();
+    let separate = workers.separate();
     let timed = drive(&run, &mut workers, msgs).await;
     let idle = match &timed {
         Ok(_) => wait_idle(env).await,
@@ -524,6 +573,7 @@ async fn measure(
     let all_products: Vec<i64> = all_stock.keys().copied().collect();
     let checks = check(env, orders, &warmup, &collected, &all_products, idle).await?;
     let mut f = figures(args, mode, orders, &warmup, &timing, &collected, &checks);
+    f.workers_placement = if separate { "processes" } else { "in-process" };
     if env.redis.is_cluster() {
         f.cluster = Some(ClusterFigures {
             emptied: true,
@@ -583,14 +633,14 @@ async fn drive(
             }
             let p0 = sampled("producer", workers.producer_sample()).await;
             let c0 = sampled("consumer", workers.consumer_sample()).await;
-            let span0 = span_start(probe).await;
+            let span0 = span_start(probe, &workers.pids()).await;
             let start = Instant::now();
             let rate = args.rate;
             let publisher =
                 tokio::spawn(async move { publish_paced(&producer, &topic, msgs, rate).await });
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
-            let (cpu, masters) = span_end(&span0, probe).await;
+            let (cpu, masters) = span_end(&span0, probe, &workers.pids()).await;
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             let (published, sent_at) = publisher.await.context("publisher task")??;
@@ -605,13 +655,13 @@ async fn drive(
         }
         Mode::Preload => {
             let publish = publish_timed(&producer, &topic, msgs).await?;
-            let span0 = span_start(probe).await;
+            let span0 = span_start(probe, &workers.pids()).await;
             let start = Instant::now();
             workers.start_producers(env, batch, np).await?;
             workers.start_consumers(env, batch, nc).await?;
             let complete = wait_outcomes(collector, workers, args.timeout).await?;
             let span = start.elapsed();
-            let (cpu, masters) = span_end(&span0, probe).await;
+            let (cpu, masters) = span_end(&span0, probe, &workers.pids()).await;
             let p1 = sampled("producer", workers.producer_sample()).await;
             let c1 = sampled("consumer", workers.consumer_sample()).await;
             Ok(Timing {
@@ -632,7 +682,11 @@ async fn drive(
             // Done when every order is either forwarded (a deduct command) or rejected
             // (a result: only the producer writes results in this stage).
             let done = probe::poll_until(Duration::from_millis(20), args.timeout, || {
-                ensure!(!workers.any_finished(), "a producer worker stopped early");
+                ensure!(
+                    !workers.any_finished(),
+                    "a producer worker stopped early: {}",
+                    workers.finished()
+                );
                 Ok(collector.received() as i64 + probe.written(&deduct)? >= total)
             })
             .await?;
@@ -732,7 +786,11 @@ async fn wait_outcomes(
         if collector.wait_all(Duration::from_millis(200)).await {
             return Ok(true);
         }
-        ensure!(!workers.any_finished(), "a worker stopped early");
+        ensure!(
+            !workers.any_finished(),
+            "a worker stopped early: {}",
+            workers.finished()
+        );
         if Instant::now() >= deadline {
             return Ok(false);
         }
@@ -740,7 +798,11 @@ async fn wait_outcomes(
 }
 
 /// Waits (up to 60 s) until both worker groups are stable with all their instances.
-async fn wait_groups(env: &PipelineEnv, producers: usize, consumers: usize) -> Result<bool> {
+pub(crate) async fn wait_groups(
+    env: &PipelineEnv,
+    producers: usize,
+    consumers: usize,
+) -> Result<bool> {
     let probe = Probe::new(&env.kafka, None, env.partitions())?;
     let (pg, cg) = (workers::producer_group(env), workers::consumer_group(env));
     probe::poll_until(Duration::from_millis(100), Duration::from_secs(60), || {
@@ -925,7 +987,9 @@ fn figures(
         consumer_cycle: t
             .consumer_metrics
             .and_then(|(s, span)| Breakdown::of(s, span, args.consumers(), s.apply_secs)),
+        workers_placement: "in-process",
         cpu: t.cpu.clone(),
+        cpu_us_per_order: t.cpu.as_ref().map(|c| c.per_order(n)),
         cluster: None,
         per_second: collector::per_second(&arrivals, t.start),
         complete: t.complete,
@@ -983,6 +1047,22 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
             .as_ref()
             .map(cpu::CpuUse::describe)
             .unwrap_or_else(|| "-".into())
+    });
+    metric("workers", &|f| f.workers_placement.to_owned());
+    metric("CPU us/order: producers / consumers / bench", &|f| {
+        f.cpu_us_per_order
+            .as_ref()
+            .map_or_else(|| "-".into(), cpu::PerOrder::describe_workers)
+    });
+    metric("CPU us/order: postgres / redis / kafka", &|f| {
+        f.cpu_us_per_order
+            .as_ref()
+            .map_or_else(|| "-".into(), cpu::PerOrder::describe_services)
+    });
+    metric("CPU us/order: PIPELINE (kafka+pg+redis+workers)", &|f| {
+        f.cpu_us_per_order
+            .as_ref()
+            .map_or_else(|| "-".into(), cpu::PerOrder::describe_pipeline)
     });
     if figures.iter().any(|f| f.cluster.is_some()) {
         for (name, cell) in cluster_rows() {

@@ -5,12 +5,17 @@
 //! per line, starting with `{`), so that `grep '^{'` yields machine-readable results.
 //!
 //! # What each module measures
-//! * [`e2e`]: the whole pipeline, producer and consumer workers running in this process.
+//! * [`e2e`]: the whole pipeline, producer and consumer workers as processes of their own
+//!   (`--in-process`: tasks of this process), with CPU µs per order of each process.
 //!   Orders per second from the first publish to the last outcome on `stock.results`
 //!   (`stream`), the drain rate of a backlog published before the workers start
 //!   (`preload`), and each stage on its own (`staged`: producer first, then consumer);
 //!   with checks that every order got exactly one outcome and that the stock invariants
 //!   hold afterwards.
+//! * [`soak`]: the whole pipeline under a steady paced load for a long time (e.g. 60 min),
+//!   with figures per window (rate, p50/p99, CPU per order of each process, each worker's
+//!   RSS, PostgreSQL table sizes and autovacuum runs, Redis memory), the first and last
+//!   window compared, a Markdown file and an SVG chart; `bench e2e`'s checks at the end.
 //! * [`apply`]: PostgreSQL alone, on one hot SKU: the consumer's batched `apply_batch`
 //!   against per-order baselines (autocommit conditional UPDATE; ledger INSERT + UPDATE per
 //!   transaction), with the ratio batched/baseline. New strategies are variants of
@@ -32,13 +37,15 @@
 //! * [`driver`]: the closed-loop driver of per-order measurements (a connection per task,
 //!   a shared queue, per-order latency).
 //! * [`cpu`]: CPU seconds of Kafka, PostgreSQL, Redis and the bench process over a span,
-//!   and of each Redis server and Kafka broker by port.
+//!   of each worker process by PID, and of each Redis server and Kafka broker by port;
+//!   resident memory of a process.
 //! * [`cluster`]: on the cluster layout, the Redis Cluster's nodes and each master's share
 //!   of the Redis commands of a span (`INFO commandstats`).
 //! * [`collector`]: reads `stock.results` with arrival times; wakes a client waiting for
 //!   one order's result.
 //! * [`probe`]: Kafka watermarks and committed offsets (stage progress, idleness).
-//! * [`workers`]: producer and consumer workers as tasks of this process.
+//! * [`workers`]: producer and consumer workers as processes of the release binaries, or
+//!   as tasks of this process.
 //! * [`worker_metrics`]: the workers' own metrics (Redis and PostgreSQL time per batch),
 //!   which split each worker's batch cycle into stages.
 //! * [`report`]: tables (text and Markdown), CSV lines, JSON lines, rates.
@@ -56,6 +63,7 @@ pub mod load;
 pub mod probe;
 pub mod redis_stage;
 pub mod report;
+pub mod soak;
 pub mod survey;
 pub mod worker_metrics;
 pub mod workers;

@@ -1,0 +1,1319 @@
+//! `bench soak`: the whole pipeline under a steady paced load for a long time (`--duration`,
+//! e.g. 60m, at `--rate` orders/s, open loop in 10 ms ticks), with figures per window
+//! (`--window`, default 10m): orders/s offered and achieved, p50/p99 publish-to-outcome
+//! latency, CPU µs per order of each process ([`cpu::PerOrder`]), each worker's and the
+//! bench's resident memory (VmRSS), PostgreSQL's `order_ledger` and `stock_movement` sizes
+//! (`pg_total_relation_size`), autovacuum and autoanalyze runs (deltas of
+//! `pg_stat_user_tables`, every table of the run's database) and Redis `used_memory`.
+//! Whether the pipeline holds steady: the first and the last window compared (PostgreSQL
+//! CPU per order, p99, each worker's RSS), within ±25% ([`TOLERANCE`]).
+//!
+//! The workers run as processes (as in `bench e2e`; `--in-process` for tasks), their logs
+//! in `<out>/logs`. Output: the windows as a Markdown table and JSON lines on stdout, and
+//! `<out>/soak.md` and `<out>/soak.svg` (rate, latency and CPU per order over time).
+//!
+//! The load is generated as it is sent (order `s-<n>` is a pure function of the seed and
+//! n), and the results are tracked in one byte per order (its first outcome, whether it
+//! came twice or conflicting), plus the send time of each 10 ms tick and the latencies of
+//! the current window: unlike `bench e2e`'s collector (every result, every arrival time
+//! and every order id kept), memory grows by about one byte per order. The end-of-run
+//! checks are `bench e2e`'s: every order exactly one outcome, the stock invariants, and
+//! PostgreSQL's reserved units equal to those of the orders reported reserved.
+//!
+//! Stock: by default `--fill` 1.2 of the expected demand of each product over the whole
+//! run, so that no product sells out and the load is the same in the last window as in
+//! the first. Reservations are not released within the run (the consumers'
+//! `--reservation-ttl` is set beyond it) unless `--reservation-ttl` says otherwise; a
+//! release is then a second result allowed after `reserved`.
+
+use crate::chart::{Panel, Series, TimeChart};
+use crate::cpu::{self, CpuSample, CpuUse, PerOrder};
+use crate::e2e;
+use crate::env::{PipelineEnv, Stack};
+use crate::load::{Order, HOT_PRODUCT};
+use crate::report::{self, json_line, thousands, yes_no, LatencyMs, Table};
+use crate::workers::{self, Workers};
+use anyhow::{bail, ensure, Context, Result};
+use rdkafka::producer::FutureProducer;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use stock_common::config::{parse_duration, BatchArgs};
+use stock_common::events::{Item, Reason, Status, StockResult};
+use stock_common::kafka::OutMessage;
+use stock_devkit::harness;
+use stock_devkit::rng::Rng;
+use stock_devkit::worker_args::{self, Worker};
+use stockctl::admin;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The first and last window are "steady" when each compared figure is within this share.
+pub const TOLERANCE: f64 = 0.25;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SoakArgs {
+    /// How long to publish, e.g. 60m.
+    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Orders per second, published open loop in 10 ms ticks.
+    #[arg(long, default_value_t = 5000)]
+    pub rate: u64,
+    /// Length of each reported window (the last one may be shorter), e.g. 10m; 1m for a
+    /// short run (`--duration 3m --window 1m`).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Directory for soak.md, soak.svg and the workers' logs; default
+    /// bench-out/soak-<timestamp>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Products on sale, ids 1 to N; product 1 is the hot SKU.
+    #[arg(long, default_value_t = 1000)]
+    pub products: i64,
+    /// Share of orders (0 to 1) for the hot SKU; the others spread evenly over the rest.
+    #[arg(long, default_value_t = 0.1)]
+    pub hot_share: f64,
+    /// Initial units of every product. Default: `--fill` of each product's expected demand.
+    #[arg(long)]
+    pub stock: Option<i64>,
+    /// Without `--stock`: stock as a share of each product's expected demand over the run
+    /// (above 1: nothing sells out, the load stays the same).
+    #[arg(long, default_value_t = 1.2)]
+    pub fill: f64,
+    /// Quantities are drawn evenly from 1 to this.
+    #[arg(long, default_value_t = 3)]
+    pub max_quantity: i64,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Batch size of both workers.
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Batch linger of both workers.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub linger: Duration,
+    /// Producer workers and consumer workers (each kind in one group).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Longest wait for the last outcomes once publishing stopped.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Seed of the order load.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The consumers' reservation TTL; default: beyond the run (no reservation expires).
+    #[arg(long, value_parser = parse_duration)]
+    pub reservation_ttl: Option<Duration>,
+    /// Run the workers as tasks of the bench process (their CPU counted with the bench's).
+    #[arg(long)]
+    pub in_process: bool,
+}
+
+/// The shape of the load: order `n` is a pure function of it and `n`.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    seed: u64,
+    products: i64,
+    hot_share: f64,
+    max_quantity: i64,
+}
+
+impl Shape {
+    /// Product and quantity of order `n`.
+    fn item(&self, n: usize) -> Item {
+        let mut rng = Rng::new(self.seed).fork(n as u64);
+        let product_id = if self.products <= 1 || rng.unit() < self.hot_share {
+            HOT_PRODUCT
+        } else {
+            rng.range(2, self.products as u64 + 1) as i64
+        };
+        Item {
+            product_id,
+            quantity: rng.range(1, self.max_quantity.max(1) as u64 + 1) as i64,
+        }
+    }
+
+    /// The stock of each product: `fill` of its expected demand over `orders` orders.
+    fn stock(&self, orders: f64, fill: f64) -> BTreeMap<i64, i64> {
+        let mean_q = (1.0 + self.max_quantity.max(1) as f64) / 2.0;
+        (1..=self.products)
+            .map(|p| {
+                let share = if self.products <= 1 {
+                    1.0
+                } else if p == HOT_PRODUCT {
+                    self.hot_share
+                } else {
+                    (1.0 - self.hot_share) / (self.products - 1) as f64
+                };
+                (p, (orders * share * mean_q * fill).ceil().max(1.0) as i64)
+            })
+            .collect()
+    }
+}
+
+/// One order's results, in a byte: its first outcome and what came after.
+mod bits {
+    pub const NONE: u8 = 0;
+    pub const RESERVED: u8 = 1;
+    pub const REJECTED: u8 = 2;
+    /// Any other first result (unexpected: counted as a conflict).
+    pub const OTHER: u8 = 3;
+    pub const STATUS: u8 = 0b11;
+    pub const DUPLICATE: u8 = 0b100;
+    pub const CONFLICT: u8 = 0b1000;
+    pub const RELEASED: u8 = 0b1_0000;
+}
+
+/// What the result reader keeps: bounded by one byte per order, the ticks' send times and
+/// the current window's latencies.
+#[derive(Default)]
+struct Tracker {
+    /// Per order `s-<n>` published so far.
+    main: Vec<u8>,
+    /// Per warm-up order `warmup-<n>`.
+    warm: Vec<u8>,
+    /// (first order of a tick, when the tick handed it to the Kafka client), ascending.
+    ticks: Vec<(usize, Instant)>,
+    /// First outcomes of main orders read so far.
+    firsts: usize,
+    /// Latencies (µs) of the first outcomes read since the last [`Tracker::take_window`].
+    window_us: Vec<u32>,
+    unparsed: usize,
+    unexpected: usize,
+}
+
+impl Tracker {
+    /// When order `n` was sent (its tick).
+    fn sent_at(&self, n: usize) -> Option<Instant> {
+        let i = self.ticks.partition_point(|(first, _)| *first <= n);
+        Some(self.ticks.get(i.checked_sub(1)?)?.1)
+    }
+
+    fn record(&mut self, r: &StockResult, now: Instant) {
+        let (slot, main) = if let Some(n) = r.order_id.strip_prefix("s-") {
+            (n.parse::<usize>().ok(), true)
+        } else if let Some(n) = r.order_id.strip_prefix("warmup-") {
+            (n.parse::<usize>().ok(), false)
+        } else {
+            (None, false)
+        };
+        let states = if main { &mut self.main } else { &mut self.warm };
+        let Some(state) = slot.and_then(|n| states.get_mut(n)) else {
+            self.unexpected += 1;
+            return;
+        };
+        let status = match (r.status, r.reason) {
+            (Status::Reserved, _) => bits::RESERVED,
+            (Status::Rejected, Some(Reason::InsufficientStock)) => bits::REJECTED,
+            _ => bits::OTHER,
+        };
+        let first = *state & bits::STATUS;
+        if first == bits::NONE {
+            *state |= status;
+            if main {
+                self.firsts += 1;
+                let sent = slot.and_then(|n| self.sent_at(n));
+                if let Some(sent) = sent {
+                    let us = now.saturating_duration_since(sent).as_micros();
+                    self.window_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                }
+            }
+        } else if r.status == Status::Released && first == bits::RESERVED {
+            *state |= bits::RELEASED;
+        } else if status == first {
+            *state |= bits::DUPLICATE;
+        } else {
+            *state |= bits::CONFLICT;
+        }
+    }
+
+    /// The latencies of the window that ends now.
+    fn take_window(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.window_us)
+    }
+}
+
+type Shared = Arc<Mutex<Tracker>>;
+
+fn lock(t: &Shared) -> MutexGuard<'_, Tracker> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads `stock.results` into the tracker until `stop`.
+async fn read_results(
+    consumer: rdkafka::consumer::StreamConsumer,
+    tracker: Shared,
+    stop: CancellationToken,
+) {
+    use rdkafka::message::Message;
+    loop {
+        let m = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let now = Instant::now();
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "soak result reader");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let parsed = m.payload().map(serde_json::from_slice::<StockResult>);
+        let mut t = lock(&tracker);
+        match parsed {
+            Some(Ok(r)) => t.record(&r, now),
+            _ => t.unparsed += 1,
+        }
+    }
+}
+
+/// Publishing's counters, shared with the delivery-report tasks.
+#[derive(Default)]
+struct Sent {
+    published: AtomicUsize,
+    delivered: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+/// Publishes `total` orders at `rate` orders/s from `start`, in 10 ms ticks, each tick's
+/// send time in the tracker; delivery reports are checked by a task per tick.
+async fn publish(
+    producer: FutureProducer,
+    topic: String,
+    shape: Shape,
+    rate: u64,
+    total: usize,
+    tracker: Shared,
+    sent: Arc<Sent>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let never = CancellationToken::new();
+    let mut next = 0usize;
+    while next < total {
+        tick.tick().await;
+        let now = Instant::now();
+        let due = ((now - start).as_secs_f64() * rate as f64) as usize;
+        let end = due.min(total);
+        if end <= next {
+            continue;
+        }
+        {
+            let mut t = lock(&tracker);
+            t.main.resize(end, bits::NONE);
+            t.ticks.push((next, now));
+        }
+        let out: Vec<OutMessage> = (next..end)
+            .map(|n| {
+                let id = format!("s-{n}");
+                let payload = harness::created(&id, &[shape.item(n)]);
+                OutMessage::keyed(&topic, id, payload)
+            })
+            .collect();
+        sent.published.store(end, Ordering::Relaxed);
+        next = end;
+        let deliveries = stock_common::kafka::enqueue_all(&producer, &out, &never)
+            .await
+            .context("publishing orders")?;
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for d in deliveries {
+                match d.await {
+                    Ok(Ok(_)) => sent.delivered.fetch_add(1, Ordering::Relaxed),
+                    _ => sent.failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    Ok(())
+}
+
+/// PostgreSQL's figures at one instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PgStats {
+    /// `pg_total_relation_size` of `order_ledger` and `stock_movement`, bytes.
+    pub sizes: BTreeMap<String, i64>,
+    /// `autovacuum_count` and `autoanalyze_count` summed over the database's tables.
+    pub autovacuum: i64,
+    pub autoanalyze: i64,
+}
+
+async fn pg_stats(pool: &sqlx::PgPool) -> Result<PgStats> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, pg_total_relation_size(relid), autovacuum_count, autoanalyze_count
+         FROM pg_stat_user_tables",
+    )
+    .fetch_all(pool)
+    .await
+    .context("reading pg_stat_user_tables")?;
+    let mut s = PgStats::default();
+    for (name, size, av, aa) in rows {
+        if name == "order_ledger" || name == "stock_movement" {
+            s.sizes.insert(name, size);
+        }
+        s.autovacuum += av;
+        s.autoanalyze += aa;
+    }
+    Ok(s)
+}
+
+/// Redis `used_memory` (INFO memory), bytes.
+async fn redis_used_memory(env: &PipelineEnv) -> Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut env.redis.store.connection())
+        .await
+        .context("Redis INFO memory")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+        .context("no used_memory in INFO memory")
+}
+
+/// Everything read at a window's boundary.
+struct Snapshot {
+    at: Instant,
+    cpu: CpuSample,
+    published: usize,
+    firsts: usize,
+    pg: PgStats,
+}
+
+/// The figures of one window (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub bench: &'static str,
+    pub window: usize,
+    /// Seconds from the start of publishing.
+    pub from_s: f64,
+    pub to_s: f64,
+    pub published: usize,
+    /// First outcomes of orders read in the window.
+    pub outcomes: usize,
+    pub offered_rate: f64,
+    pub rate: f64,
+    /// Publish to first outcome of the outcomes read in the window.
+    pub latency_ms: LatencyMs,
+    pub cpu_us_per_order: PerOrder,
+    /// VmRSS at the window's end of each worker process and of the bench, MiB.
+    pub rss_mib: BTreeMap<String, f64>,
+    /// `order_ledger` and `stock_movement` at the window's end, MiB.
+    pub pg_mib: BTreeMap<String, f64>,
+    pub autovacuum: i64,
+    pub autoanalyze: i64,
+    pub redis_used_mib: f64,
+}
+
+/// A window's counters, before they are turned into [`Window`].
+pub struct WindowInput {
+    pub index: usize,
+    pub from_s: f64,
+    pub to_s: f64,
+    pub published: usize,
+    pub outcomes: usize,
+    pub latencies_us: Vec<u32>,
+    pub cpu: CpuUse,
+    pub rss: BTreeMap<String, u64>,
+    pub pg_before: PgStats,
+    pub pg_after: PgStats,
+    pub redis_used: u64,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The p50, p99 and max of latencies in µs, in ms.
+pub fn latency_of(us: Vec<u32>) -> LatencyMs {
+    report::Latency::of(
+        us.into_iter()
+            .map(|u| Duration::from_micros(u64::from(u)))
+            .collect(),
+    )
+    .ms()
+}
+
+impl Window {
+    pub fn of(w: WindowInput) -> Window {
+        let secs = (w.to_s - w.from_s).max(1e-9);
+        Window {
+            bench: "soak",
+            window: w.index,
+            from_s: w.from_s,
+            to_s: w.to_s,
+            published: w.published,
+            outcomes: w.outcomes,
+            offered_rate: w.published as f64 / secs,
+            rate: w.outcomes as f64 / secs,
+            latency_ms: latency_of(w.latencies_us),
+            cpu_us_per_order: w.cpu.per_order(w.outcomes),
+            rss_mib: w
+                .rss
+                .iter()
+                .map(|(k, b)| (k.clone(), *b as f64 / MIB))
+                .collect(),
+            pg_mib: w
+                .pg_after
+                .sizes
+                .iter()
+                .map(|(k, b)| (k.clone(), *b as f64 / MIB))
+                .collect(),
+            autovacuum: w.pg_after.autovacuum - w.pg_before.autovacuum,
+            autoanalyze: w.pg_after.autoanalyze - w.pg_before.autoanalyze,
+            redis_used_mib: w.redis_used as f64 / MIB,
+        }
+    }
+}
+
+/// The last window against the first (one JSON line): each ratio last / first.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Comparison {
+    pub bench: &'static str,
+    pub first: usize,
+    pub last: usize,
+    pub pg_cpu_per_order: Option<f64>,
+    pub p99: Option<f64>,
+    /// Each worker process and the bench; the bench's own is shown, not judged (it holds
+    /// the result tracker, which grows by a byte per order).
+    pub rss: BTreeMap<String, Option<f64>>,
+    pub tolerance: f64,
+    /// Every ratio within 1 ± tolerance (a missing ratio is not), the bench's RSS aside.
+    pub steady: bool,
+}
+
+impl Comparison {
+    pub fn of(first: &Window, last: &Window) -> Comparison {
+        let pg = report::ratio(
+            last.cpu_us_per_order.postgres,
+            first.cpu_us_per_order.postgres,
+        );
+        let p99 = report::ratio(last.latency_ms.p99, first.latency_ms.p99);
+        let rss: BTreeMap<String, Option<f64>> = first
+            .rss_mib
+            .iter()
+            .map(|(k, f)| {
+                let l = last.rss_mib.get(k).copied().unwrap_or(0.0);
+                (k.clone(), report::ratio(l, *f))
+            })
+            .collect();
+        let within = |r: &Option<f64>| r.is_some_and(|r| (r - 1.0).abs() <= TOLERANCE);
+        let steady = within(&pg)
+            && within(&p99)
+            && rss
+                .iter()
+                .filter(|(k, _)| *k != "bench")
+                .all(|(_, r)| within(r));
+        Comparison {
+            bench: "soak-compare",
+            first: first.window,
+            last: last.window,
+            pg_cpu_per_order: pg,
+            p99,
+            rss,
+            tolerance: TOLERANCE,
+            steady,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let mut parts = vec![
+            format!("PG CPU/order {}", report::fmt_ratio(self.pg_cpu_per_order)),
+            format!("p99 {}", report::fmt_ratio(self.p99)),
+        ];
+        parts.extend(
+            self.rss
+                .iter()
+                .map(|(k, r)| format!("RSS {k} {}", report::fmt_ratio(*r))),
+        );
+        format!(
+            "window {} / window {}: {}; within ±{:.0}% (bench RSS aside): {}",
+            self.last,
+            self.first,
+            parts.join(", "),
+            100.0 * self.tolerance,
+            if self.steady { "yes" } else { "NO" }
+        )
+    }
+}
+
+/// The end-of-run checks and counts (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub bench: &'static str,
+    pub workers_placement: &'static str,
+    pub rate: u64,
+    pub duration_s: f64,
+    pub published: usize,
+    pub delivery_failures: usize,
+    pub reserved: usize,
+    pub rejected: usize,
+    pub released: usize,
+    pub missing: usize,
+    pub duplicates: usize,
+    pub conflicts: usize,
+    pub unexpected: usize,
+    pub unparsed: usize,
+    pub violations: usize,
+    pub reserved_units_match: bool,
+    pub complete: bool,
+    pub idle: bool,
+    /// After the last publish, until the last outcome.
+    pub drain_s: f64,
+    /// The bytes kept per order by the result tracker, at the end.
+    pub tracker_bytes: usize,
+    pub ok: bool,
+}
+
+pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
+    ensure!(args.rate > 0, "--rate must be at least 1");
+    ensure!(
+        args.duration >= Duration::from_secs(1),
+        "--duration must be at least 1s"
+    );
+    ensure!(
+        args.window >= Duration::from_secs(1),
+        "--window must be at least 1s"
+    );
+    ensure!(args.products > 0, "--products must be at least 1");
+    ensure!(args.workers > 0, "--workers must be at least 1");
+    ensure!(args.max_quantity > 0, "--max-quantity must be at least 1");
+    ensure!(
+        (0.0..=1.0).contains(&args.hot_share),
+        "--hot-share must be between 0 and 1"
+    );
+    let out = match &args.out {
+        Some(d) => d.clone(),
+        None => PathBuf::from("bench-out").join(format!(
+            "soak-{}",
+            chrono::Local::now().format("%Y%m%d-%H%M%S")
+        )),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let logs = out.join("logs");
+    let total = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
+    let shape = Shape {
+        seed: args.seed,
+        products: args.products,
+        hot_share: args.hot_share,
+        max_quantity: args.max_quantity,
+    };
+    let stock = match args.stock {
+        Some(n) => (1..=args.products).map(|p| (p, n)).collect(),
+        None => shape.stock(total as f64, args.fill),
+    };
+    let ttl = args
+        .reservation_ttl
+        .unwrap_or(args.duration + args.timeout + Duration::from_secs(3600));
+    println!(
+        "soak: {} orders/s for {:?} ({} orders) over {} products (hot share {:.2}), {} units in stock \
+         (fill {:.2}), windows of {:?}; {} partitions, batch {} / linger {:?}, {} worker(s) of each kind, \
+         reservation TTL {:?}",
+        args.rate,
+        args.duration,
+        thousands(total as f64),
+        args.products,
+        args.hot_share,
+        thousands(stock.values().sum::<i64>() as f64),
+        args.fill,
+        args.window,
+        args.partitions,
+        args.batch_size,
+        args.linger,
+        args.workers,
+        ttl,
+    );
+    let workers = if args.in_process {
+        println!("soak: workers in the bench process (--in-process)");
+        Workers::default()
+    } else {
+        let w = Workers::processes(&logs, "")?;
+        println!(
+            "soak: workers as processes; their logs in {}",
+            logs.display()
+        );
+        w
+    };
+    let workers = workers.with_flag(
+        Worker::Consumer,
+        "--reservation-ttl",
+        worker_args::duration(ttl),
+    );
+    let env = PipelineEnv::create(stack, args.partitions).await?;
+    let measured = tokio::select! {
+        r = measure(&env, args, shape, total, &stock, workers) => r,
+        e = workers::interrupted() => e,
+    };
+    env.cleanup().await;
+    let (windows, summary) = measured?;
+    report(args, &out, &windows, &summary)?;
+    Ok(summary.ok)
+}
+
+async fn measure(
+    env: &PipelineEnv,
+    args: &SoakArgs,
+    shape: Shape,
+    total: usize,
+    stock: &BTreeMap<i64, i64>,
+    mut workers: Workers,
+) -> Result<(Vec<Window>, Summary)> {
+    let warm_product = args.products + 1;
+    let warmup = e2e::warmup_orders(warm_product, env.partitions());
+    let mut all_stock = stock.clone();
+    all_stock.insert(warm_product, warmup.len() as i64);
+    e2e::load_stock(env, &all_stock).await?;
+
+    let tracker: Shared = Arc::new(Mutex::new(Tracker {
+        warm: vec![bits::NONE; warmup.len()],
+        ..Tracker::default()
+    }));
+    let group = format!("bench-soak-collector-{}", uuid::Uuid::new_v4().simple());
+    let consumer = stock_common::kafka::consumer(&env.kafka, &group, &[&env.topics().results])
+        .context("result reader")?;
+    let stop = CancellationToken::new();
+    // Stopped when the measurement ends or is dropped (interrupted).
+    let _stop_reader = stop.clone().drop_guard();
+    let reader = tokio::spawn(read_results(consumer, tracker.clone(), stop.clone()));
+    let batch = BatchArgs {
+        batch_size: args.batch_size,
+        linger: args.linger,
+        pipeline_depth: 2,
+    };
+    let sent = Arc::new(Sent::default());
+    let run = drive(
+        env,
+        args,
+        shape,
+        total,
+        &warmup,
+        &tracker,
+        &sent,
+        &mut workers,
+        &batch,
+    )
+    .await;
+    let idle = match &run {
+        Ok(_) => e2e::wait_idle(env).await,
+        Err(_) => Ok(false),
+    };
+    let stopped = workers.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    if let Err(e) = reader.await {
+        tracing::warn!(error = %e, "soak result reader failed");
+    }
+    let (windows, complete, drain) = run?;
+    stopped?;
+    let idle = idle?;
+    let summary = check(
+        env, args, shape, &tracker, &sent, &all_stock, idle, complete, drain,
+    )
+    .await?;
+    Ok((windows, summary))
+}
+
+/// Starts the workers, warms up, publishes for the run's duration while closing a window
+/// at every boundary, then waits for the last outcomes: the windows, whether every order
+/// got an outcome, and how long that took after the last publish.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    env: &PipelineEnv,
+    args: &SoakArgs,
+    shape: Shape,
+    total: usize,
+    warmup: &[Order],
+    tracker: &Shared,
+    sent: &Arc<Sent>,
+    workers: &mut Workers,
+    batch: &BatchArgs,
+) -> Result<(Vec<Window>, bool, Duration)> {
+    let (n, w) = (args.workers, args.workers);
+    workers.start_producers(env, batch, n).await?;
+    workers.start_consumers(env, batch, w).await?;
+    if !e2e::wait_groups(env, n, w).await? {
+        tracing::warn!("the worker groups are not stable after 60 s; measuring anyway");
+    }
+    let producer = stock_common::kafka::producer(&env.kafka).context("kafka producer")?;
+    let topic = env.topics().orders.clone();
+    harness::publish(&producer, &topic, e2e::messages(warmup))
+        .await
+        .context("publishing the warm-up orders")?;
+    let warm_deadline = Instant::now() + Duration::from_secs(60);
+    while lock(tracker).warm.contains(&bits::NONE) {
+        ensure!(
+            Instant::now() < warm_deadline,
+            "the warm-up orders got no outcome within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let procs = workers.pids();
+    let snapshot = || {
+        let procs = &procs;
+        async move {
+            let (published, firsts) = {
+                let t = lock(tracker);
+                (t.main.len(), t.firsts)
+            };
+            let pg = pg_stats(&env.db.pool).await?;
+            anyhow::Ok(Snapshot {
+                at: Instant::now(),
+                cpu: cpu::sample_with(procs),
+                published,
+                firsts,
+                pg,
+            })
+        }
+    };
+    let mut prev = snapshot().await?;
+    let start = prev.at;
+    let publisher = tokio::spawn(publish(
+        producer,
+        topic,
+        shape,
+        args.rate,
+        total,
+        tracker.clone(),
+        sent.clone(),
+    ));
+    // Aborted when the measurement is dropped (an error, an interruption).
+    let _abort = AbortOnDrop(publisher.abort_handle());
+    lock(tracker).take_window();
+    let count = args.duration.as_nanos().div_ceil(args.window.as_nanos()) as usize;
+    let mut windows = Vec::with_capacity(count);
+    for index in 1..=count {
+        let boundary = start + (args.window * index as u32).min(args.duration);
+        while Instant::now() < boundary {
+            tokio::time::sleep_until(boundary.min(Instant::now() + Duration::from_secs(1))).await;
+            ensure!(
+                !workers.any_finished(),
+                "a worker stopped early: {}",
+                workers.finished()
+            );
+            if publisher.is_finished() && Instant::now() + Duration::from_secs(1) < boundary {
+                // Only an error ends it early.
+                break;
+            }
+        }
+        let latencies_us = lock(tracker).take_window();
+        let cur = snapshot().await?;
+        let mut rss: BTreeMap<String, u64> = procs
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), cpu::rss_bytes(p.pid)?)))
+            .collect();
+        if let Some(b) = cpu::rss_bytes(std::process::id()) {
+            rss.insert("bench".into(), b);
+        }
+        let redis_used = redis_used_memory(env).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "Redis used_memory unavailable");
+            0
+        });
+        let win = Window::of(WindowInput {
+            index,
+            from_s: (prev.at - start).as_secs_f64(),
+            to_s: (cur.at - start).as_secs_f64(),
+            published: cur.published - prev.published,
+            outcomes: cur.firsts - prev.firsts,
+            latencies_us,
+            cpu: cpu::between(&prev.cpu, &cur.cpu),
+            rss,
+            pg_before: prev.pg.clone(),
+            pg_after: cur.pg.clone(),
+            redis_used,
+        });
+        eprintln!(
+            "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms, pipeline {} us/order",
+            thousands(win.rate),
+            win.latency_ms.p99,
+            win.cpu_us_per_order
+                .pipeline
+                .map_or_else(|| "-".into(), |p| format!("{p:.1}"))
+        );
+        windows.push(win);
+        prev = cur;
+        if publisher.is_finished() && index < count {
+            break;
+        }
+    }
+    publisher.await.context("publisher task")??;
+    let published_at = Instant::now();
+    let deadline = published_at + args.timeout;
+    let complete = loop {
+        let pending = {
+            let t = lock(tracker);
+            t.main.len() - t.firsts
+        };
+        if pending == 0 {
+            break true;
+        }
+        ensure!(
+            !workers.any_finished(),
+            "a worker stopped early: {}",
+            workers.finished()
+        );
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let drain = published_at.elapsed();
+    // Every delivery report in (or failed) before the checks.
+    let reports_deadline = Instant::now() + Duration::from_secs(60);
+    while sent.delivered.load(Ordering::Relaxed) + sent.failed.load(Ordering::Relaxed)
+        < sent.published.load(Ordering::Relaxed)
+        && Instant::now() < reports_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((windows, complete, drain))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check(
+    env: &PipelineEnv,
+    args: &SoakArgs,
+    shape: Shape,
+    tracker: &Shared,
+    sent: &Sent,
+    all_stock: &BTreeMap<i64, i64>,
+    idle: bool,
+    complete: bool,
+    drain: Duration,
+) -> Result<Summary> {
+    let (mut s, units) = {
+        let t = lock(tracker);
+        let mut s = Summary {
+            bench: "soak-checks",
+            workers_placement: if args.in_process {
+                "in-process"
+            } else {
+                "processes"
+            },
+            rate: args.rate,
+            duration_s: args.duration.as_secs_f64(),
+            published: t.main.len(),
+            delivery_failures: sent.failed.load(Ordering::Relaxed),
+            reserved: 0,
+            rejected: 0,
+            released: 0,
+            missing: 0,
+            duplicates: 0,
+            conflicts: 0,
+            unexpected: t.unexpected,
+            unparsed: t.unparsed,
+            violations: 0,
+            reserved_units_match: false,
+            complete,
+            idle,
+            drain_s: drain.as_secs_f64(),
+            tracker_bytes: t.main.capacity()
+                + t.warm.capacity()
+                + t.ticks.capacity() * std::mem::size_of::<(usize, Instant)>(),
+            ok: false,
+        };
+        let mut units = 0i64;
+        let states = t.main.iter().enumerate().map(|(n, b)| (Some(n), *b));
+        let warm = t.warm.iter().map(|b| (None, *b));
+        for (n, b) in states.chain(warm) {
+            let q = n.map_or(1, |n| shape.item(n).quantity);
+            s.duplicates += usize::from(b & bits::DUPLICATE != 0);
+            s.conflicts += usize::from(b & bits::CONFLICT != 0);
+            match b & bits::STATUS {
+                bits::NONE => s.missing += 1,
+                bits::RESERVED if b & bits::RELEASED != 0 => s.released += usize::from(n.is_some()),
+                bits::RESERVED => {
+                    units += q;
+                    s.reserved += usize::from(n.is_some());
+                }
+                bits::REJECTED => s.rejected += usize::from(n.is_some()),
+                _ => s.conflicts += 1,
+            }
+        }
+        (s, units)
+    };
+    let products: Vec<i64> = all_stock.keys().copied().collect();
+    let violations = admin::check_invariants(&env.db.pool, &env.redis.store, &products)
+        .await
+        .context("checking invariants")?;
+    for v in violations.iter().take(5) {
+        eprintln!(
+            "bench soak: invariant violation on product {}: {}",
+            v.product_id, v.what
+        );
+    }
+    s.violations = violations.len();
+    let rows = admin::stock_rows(&env.db.pool, &products)
+        .await
+        .context("reading stock rows")?;
+    let pg_reserved: i64 = rows.iter().map(|r| r.reserved).sum();
+    let pg_sold: i64 = rows.iter().map(|r| r.sold).sum();
+    s.reserved_units_match = pg_reserved == units && pg_sold == 0;
+    if !s.reserved_units_match {
+        eprintln!(
+            "bench soak: PostgreSQL holds {pg_reserved} reserved and {pg_sold} sold units; the results say {units} reserved"
+        );
+    }
+    s.ok = s.complete
+        && s.idle
+        && s.missing == 0
+        && s.conflicts == 0
+        && s.unexpected == 0
+        && s.unparsed == 0
+        && s.violations == 0
+        && s.delivery_failures == 0
+        && s.reserved_units_match;
+    Ok(s)
+}
+
+/// The windows as a table (text and Markdown share it).
+fn windows_table(windows: &[Window]) -> Table {
+    let rss_keys: Vec<String> = windows
+        .iter()
+        .flat_map(|w| w.rss_mib.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut headers: Vec<String> = [
+        "window (min)",
+        "offered/s",
+        "orders/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU us/order prod",
+        "cons",
+        "bench",
+        "pg",
+        "redis",
+        "kafka",
+        "PIPELINE",
+    ]
+    .map(str::to_owned)
+    .into();
+    headers.extend(rss_keys.iter().map(|k| format!("RSS MiB {k}")));
+    headers.extend(
+        [
+            "order_ledger MiB",
+            "stock_movement MiB",
+            "autovacuum",
+            "autoanalyze",
+            "Redis MiB",
+        ]
+        .map(str::to_owned),
+    );
+    let mut t = Table::new(headers);
+    let f1 = |v: f64| format!("{v:.1}");
+    let opt = |v: Option<f64>| v.map_or_else(|| "-".into(), f1);
+    for w in windows {
+        let c = &w.cpu_us_per_order;
+        let mut row = vec![
+            format!("{} {:.1}-{:.1}", w.window, w.from_s / 60.0, w.to_s / 60.0),
+            thousands(w.offered_rate),
+            thousands(w.rate),
+            f1(w.latency_ms.p50),
+            f1(w.latency_ms.p99),
+            opt(c.producers),
+            opt(c.consumers),
+            f1(c.bench),
+            f1(c.postgres),
+            f1(c.redis),
+            f1(c.kafka),
+            opt(c.pipeline),
+        ];
+        row.extend(rss_keys.iter().map(|k| opt(w.rss_mib.get(k).copied())));
+        row.extend([
+            opt(w.pg_mib.get("order_ledger").copied()),
+            opt(w.pg_mib.get("stock_movement").copied()),
+            w.autovacuum.to_string(),
+            w.autoanalyze.to_string(),
+            f1(w.redis_used_mib),
+        ]);
+        t.row(row);
+    }
+    t
+}
+
+fn checks_table(s: &Summary) -> Table {
+    let mut t = Table::new(["check", ""]);
+    t.row(["workers".to_owned(), s.workers_placement.to_owned()]);
+    t.row([
+        "published / delivery failures".to_owned(),
+        format!("{} / {}", s.published, s.delivery_failures),
+    ]);
+    t.row([
+        "reserved / rejected / released".to_owned(),
+        format!("{} / {} / {}", s.reserved, s.rejected, s.released),
+    ]);
+    t.row([
+        "missing / duplicated / conflicting".to_owned(),
+        format!("{} / {} / {}", s.missing, s.duplicates, s.conflicts),
+    ]);
+    t.row([
+        "unexpected / unparsed results".to_owned(),
+        format!("{} / {}", s.unexpected, s.unparsed),
+    ]);
+    t.row([
+        "invariants, reserved units, idle".to_owned(),
+        format!(
+            "{} {} {}",
+            yes_no(s.violations == 0),
+            yes_no(s.reserved_units_match),
+            yes_no(s.idle)
+        ),
+    ]);
+    t.row([
+        "last publish to last outcome, s".to_owned(),
+        format!("{:.2}", s.drain_s),
+    ]);
+    t.row([
+        "result tracker, bytes".to_owned(),
+        thousands(s.tracker_bytes as f64),
+    ]);
+    t.row(["CHECKS".to_owned(), yes_no(s.ok).to_owned()]);
+    t
+}
+
+/// The chart: orders/s, latency and CPU per order against minutes (each window at its end).
+fn chart(windows: &[Window], path: &Path) -> Result<()> {
+    let line = |name: &str, f: &dyn Fn(&Window) -> Option<f64>| Series {
+        name: name.to_owned(),
+        points: windows
+            .iter()
+            .filter_map(|w| Some((w.to_s / 60.0, f(w)?)))
+            .collect(),
+    };
+    let rate = [
+        line("offered", &|w| Some(w.offered_rate)),
+        line("achieved", &|w| Some(w.rate)),
+    ];
+    let latency = [
+        line("p50", &|w| Some(w.latency_ms.p50)),
+        line("p99", &|w| Some(w.latency_ms.p99)),
+    ];
+    let cpu: Vec<Series> = [
+        line("pipeline", &|w| w.cpu_us_per_order.pipeline),
+        line("postgres", &|w| Some(w.cpu_us_per_order.postgres)),
+        line("kafka", &|w| Some(w.cpu_us_per_order.kafka)),
+        line("redis", &|w| Some(w.cpu_us_per_order.redis)),
+        line("producers", &|w| w.cpu_us_per_order.producers),
+        line("consumers", &|w| w.cpu_us_per_order.consumers),
+        line("bench", &|w| Some(w.cpu_us_per_order.bench)),
+    ]
+    .into_iter()
+    .filter(|s| !s.points.is_empty())
+    .collect();
+    TimeChart {
+        title: "bench soak: per window",
+        x_label: "minutes since the first publish (window end)",
+        panels: &[
+            Panel {
+                y_label: "orders/s",
+                series: &rate,
+            },
+            Panel {
+                y_label: "latency ms",
+                series: &latency,
+            },
+            Panel {
+                y_label: "CPU us/order",
+                series: &cpu,
+            },
+        ],
+    }
+    .write_svg(path)
+}
+
+fn report(args: &SoakArgs, out: &Path, windows: &[Window], summary: &Summary) -> Result<()> {
+    if windows.is_empty() {
+        bail!("no window was measured");
+    }
+    let table = windows_table(windows);
+    let comparison =
+        (windows.len() >= 2).then(|| Comparison::of(&windows[0], &windows[windows.len() - 1]));
+    let compare_line = match &comparison {
+        Some(c) => format!("first / last: {}", c.describe()),
+        None => "first / last: one window only, nothing to compare".into(),
+    };
+    let checks = checks_table(summary);
+    println!();
+    println!("{}", table.markdown());
+    println!();
+    println!("{compare_line}");
+    println!();
+    checks.print();
+    println!();
+    for w in windows {
+        json_line(w)?;
+    }
+    if let Some(c) = &comparison {
+        json_line(c)?;
+    }
+    json_line(summary)?;
+
+    let md = out.join("soak.md");
+    let svg = out.join("soak.svg");
+    chart(windows, &svg)?;
+    let text = format!(
+        "# bench soak\n\n{} orders/s for {:?}, windows of {:?}, {} worker(s) of each kind ({}), \
+         batch {} / linger {:?}, {} partitions, {} products (hot share {:.2})\n\n{}\n\n{}\n\n\
+         ![per window](soak.svg)\n\n## Checks\n\n{}\n",
+        args.rate,
+        args.duration,
+        args.window,
+        args.workers,
+        summary.workers_placement,
+        args.batch_size,
+        args.linger,
+        args.partitions,
+        args.products,
+        args.hot_share,
+        table.markdown(),
+        compare_line,
+        checks.markdown(),
+    );
+    std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    println!("soak: wrote {} and {}", md.display(), svg.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(index: usize, from: f64, to: f64) -> WindowInput {
+        WindowInput {
+            index,
+            from_s: from,
+            to_s: to,
+            published: 6000,
+            outcomes: 5000,
+            latencies_us: (1..=100).map(|ms| ms * 1000).collect(),
+            cpu: CpuUse {
+                span_secs: to - from,
+                cores: 2,
+                secs: [
+                    ("postgres", 0.5),
+                    ("bench", 0.1),
+                    ("producer", 0.2),
+                    ("consumer", 0.2),
+                ]
+                .into(),
+                nodes: BTreeMap::new(),
+                procs: BTreeMap::new(),
+            },
+            rss: [
+                ("producer-1".to_owned(), 100 * 1024 * 1024),
+                ("bench".to_owned(), 100 * 1024 * 1024),
+            ]
+            .into(),
+            pg_before: PgStats {
+                sizes: BTreeMap::new(),
+                autovacuum: 3,
+                autoanalyze: 1,
+            },
+            pg_after: PgStats {
+                sizes: [("order_ledger".to_owned(), 2 * 1024 * 1024)].into(),
+                autovacuum: 5,
+                autoanalyze: 4,
+            },
+            redis_used: 1024 * 1024,
+        }
+    }
+
+    #[test]
+    fn a_window_from_its_counters() {
+        let w = Window::of(input(1, 10.0, 20.0));
+        assert_eq!((w.offered_rate, w.rate), (600.0, 500.0));
+        assert_eq!(
+            (w.latency_ms.p50, w.latency_ms.p99, w.latency_ms.max),
+            (50.0, 99.0, 100.0)
+        );
+        assert_eq!(w.cpu_us_per_order.postgres, 100.0);
+        assert_eq!(w.cpu_us_per_order.pipeline, Some(180.0));
+        assert_eq!((w.autovacuum, w.autoanalyze), (2, 3));
+        assert_eq!(w.rss_mib.get("producer-1"), Some(&100.0));
+        assert_eq!(w.pg_mib.get("order_ledger"), Some(&2.0));
+        assert_eq!(w.redis_used_mib, 1.0);
+        let empty = latency_of(Vec::new());
+        assert_eq!((empty.p50, empty.p99), (0.0, 0.0));
+    }
+
+    #[test]
+    fn first_and_last_windows_compared() {
+        let first = Window::of(input(1, 0.0, 60.0));
+        let mut last_in = input(3, 120.0, 180.0);
+        last_in.cpu.secs.insert("postgres", 0.6); // +20%
+        last_in.rss.insert("producer-1".into(), 120 * 1024 * 1024); // +20%
+        last_in.rss.insert("bench".into(), 1); // not judged
+        let last = Window::of(last_in);
+        let c = Comparison::of(&first, &last);
+        assert!((c.pg_cpu_per_order.unwrap() - 1.2).abs() < 1e-9);
+        assert_eq!(c.p99, Some(1.0));
+        assert!(c.steady, "{c:?}");
+        let mut worse = input(3, 120.0, 180.0);
+        worse.latencies_us = (1..=100).map(|ms| ms * 2000).collect();
+        let c = Comparison::of(&first, &Window::of(worse));
+        assert_eq!(c.p99, Some(2.0));
+        assert!(!c.steady);
+        assert!(c.describe().ends_with("NO"), "{}", c.describe());
+    }
+
+    #[test]
+    fn tracker_counts_first_outcomes_duplicates_and_conflicts() {
+        let t0 = Instant::now();
+        let mut t = Tracker {
+            main: vec![bits::NONE; 4],
+            warm: vec![bits::NONE; 1],
+            ticks: vec![(0, t0), (2, t0 + Duration::from_millis(10))],
+            ..Tracker::default()
+        };
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let rejected = StockResult::rejected("s-1", Reason::InsufficientStock, Some(1));
+        t.record(&StockResult::reserved("s-0"), at(5));
+        t.record(&StockResult::reserved("s-0"), at(6));
+        t.record(&rejected, at(7));
+        t.record(&StockResult::reserved("s-1"), at(8));
+        t.record(&StockResult::reserved("s-3"), at(30));
+        t.record(&StockResult::reserved("warmup-0"), at(1));
+        t.record(&StockResult::reserved("s-9"), at(1));
+        t.record(&StockResult::reserved("other"), at(1));
+        assert_eq!(t.main[0], bits::RESERVED | bits::DUPLICATE);
+        assert_eq!(t.main[1], bits::REJECTED | bits::CONFLICT);
+        assert_eq!(t.main[2], bits::NONE);
+        assert_eq!(t.warm[0], bits::RESERVED);
+        assert_eq!((t.firsts, t.unexpected), (3, 2));
+        // Order 3 was sent in the tick at 10 ms: 20 ms.
+        assert_eq!(t.take_window(), vec![5000, 7000, 20000]);
+        assert!(t.take_window().is_empty());
+    }
+
+    #[test]
+    fn load_is_a_function_of_the_order_number() {
+        let shape = Shape {
+            seed: 7,
+            products: 10,
+            hot_share: 0.5,
+            max_quantity: 3,
+        };
+        assert_eq!(shape.item(12345), shape.item(12345));
+        let items: Vec<Item> = (0..10_000).map(|n| shape.item(n)).collect();
+        let hot = items.iter().filter(|i| i.product_id == HOT_PRODUCT).count();
+        assert!((4500..5500).contains(&hot), "{hot}");
+        assert!(items.iter().all(|i| (1..=10).contains(&i.product_id)));
+        assert!(items.iter().all(|i| (1..=3).contains(&i.quantity)));
+        let stock = shape.stock(1000.0, 1.0);
+        assert_eq!(stock.get(&1), Some(&1000)); // 1000 x 0.5 x mean 2
+        assert_eq!(stock.get(&2), Some(&112)); // ceil(1000 x 0.5/9 x 2)
+    }
+}
