@@ -40,11 +40,17 @@ pub fn options(args: &DatabaseArgs) -> Result<PgConnectOptions, sqlx::Error> {
     // (`pg_store::sql`, checked by stock-e2e's `tests/batch_plans.rs`), so its cost does not
     // grow with the tables, whatever the planner believed. Reads of whole tables (reports,
     // the rebuild's snapshot) still scan when no index serves them.
+    //
+    // No JIT: a plan that still scans (its cost raised by `enable_seqscan = off` past
+    // `jit_above_cost`) was compiled by LLVM at every run, 5 ms each and 100 ms the first
+    // time, on a one-row table (found by `bench apply --batch-size 2`). Short OLTP
+    // statements never gain from JIT.
     let mut opts = PgConnectOptions::from_str(url)?
         .application_name("stockpipe")
         .options([
             ("idle_in_transaction_session_timeout", "10000"),
             ("enable_seqscan", "off"),
+            ("jit", "off"),
         ]);
     let mode_given = std::env::var_os("PGSSLMODE").is_some()
         || url::Url::parse(url).is_ok_and(|u| {

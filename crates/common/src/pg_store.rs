@@ -219,9 +219,10 @@ pub async fn read_gen(tx: &mut Transaction<'_, Postgres>) -> Result<i64, sqlx::E
 
 /// The `redis_generation` row, outside any transaction.
 pub async fn generation(pool: &PgPool) -> Result<Generation, sqlx::Error> {
-    let (gen, loading): (i64, bool) = sqlx::query_as("SELECT gen, loading FROM redis_generation")
-        .fetch_one(pool)
-        .await?;
+    let (gen, loading): (i64, bool) =
+        sqlx::query_as("SELECT gen, loading FROM redis_generation WHERE id")
+            .fetch_one(pool)
+            .await?;
     Ok(Generation { gen, loading })
 }
 
@@ -248,7 +249,7 @@ pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, PgStoreError>
         .execute(&mut *tx)
         .await?;
     let gen: i64 = sqlx::query_scalar(
-        "UPDATE redis_generation SET gen = gen + 1, loading = true RETURNING gen",
+        "UPDATE redis_generation SET gen = gen + 1, loading = true WHERE id RETURNING gen",
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -275,7 +276,7 @@ pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, PgStoreError>
 
 /// The load of generation `gen` reached Redis: `loading = false`.
 pub async fn finish_loading(pool: &PgPool, gen: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE redis_generation SET loading = false WHERE gen = $1")
+    sqlx::query("UPDATE redis_generation SET loading = false WHERE id AND gen = $1")
         .bind(gen)
         .execute(pool)
         .await?;
@@ -732,7 +733,7 @@ fn decode_items(r: &PgRow, col: usize, order_id: &str) -> Result<Vec<Item>, PgSt
 /// off`), so the plan does not depend on what the planner believed when it cached it.
 /// Reads of whole tables (the rebuild's snapshot, `stockctl`'s reports) are not here.
 pub mod sql {
-    pub const READ_GEN: &str = "SELECT gen FROM redis_generation";
+    pub const READ_GEN: &str = "SELECT gen FROM redis_generation WHERE id";
     pub const LOCK_STOCK: &str = "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE";
     pub const CREATE_PRODUCT: &str =
         "INSERT INTO stock (product_id, available, reserved, sold, total_added)
