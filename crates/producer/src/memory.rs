@@ -242,13 +242,18 @@ impl MemoryGuard {
     }
 
     /// At start: refuses an eviction policy that may evict stock, warns of one that may
-    /// evict records, and of a budget that cannot act.
+    /// evict records, and of a budget that cannot act. Redis not answering is not a
+    /// refusal (warned; the producer waits for Redis as it always does).
     pub async fn check_settings(&self) -> anyhow::Result<()> {
-        let nodes = self
-            .store
-            .memory()
-            .await
-            .map_err(|e| anyhow::anyhow!("redis: cannot read INFO memory: {e}"))?;
+        // A node down at start (a master failing over) must not stop the producer: the
+        // guard reads the nodes again at every batch.
+        let nodes = match self.store.memory().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: cannot read INFO memory at start; the memory guard checks again with the first batch");
+                return Ok(());
+            }
+        };
         if let Some(why) = refuse_policy(&nodes) {
             anyhow::bail!(why);
         }
