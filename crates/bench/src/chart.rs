@@ -3,6 +3,7 @@
 //! sizes), [`TimeChart`] as panels stacked over one linear x axis (time).
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -24,6 +25,57 @@ const PALETTE: [(u8, u8, u8); 10] = [
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+}
+
+/// The axes of a chart: descriptions, tick label formats and, when not plotters' default,
+/// how many x labels.
+struct Axes<'f> {
+    x_desc: &'f str,
+    y_desc: &'f str,
+    x_labels: Option<usize>,
+    x_fmt: &'f dyn Fn(&f64) -> String,
+    y_fmt: &'f dyn Fn(&f64) -> String,
+}
+
+/// Draws the mesh with `axes`, then each of `series` as a line of its own colour (its points
+/// mapped by `points`) with its name in a legend at `legend`.
+fn draw_lines<'a, 'b: 'a>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    axes: Axes<'_>,
+    series: &[Series],
+    points: impl Fn(&Series) -> Vec<(f64, f64)>,
+    legend: SeriesLabelPosition,
+    err: &dyn Fn(&dyn std::fmt::Display) -> anyhow::Error,
+) -> Result<()> {
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(axes.x_desc).y_desc(axes.y_desc);
+    if let Some(n) = axes.x_labels {
+        mesh.x_labels(n);
+    }
+    mesh.x_label_formatter(axes.x_fmt)
+        .y_label_formatter(axes.y_fmt)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, s) in series.iter().enumerate() {
+        let (r, g, b) = PALETTE[i % PALETTE.len()];
+        let color = RGBColor(r, g, b);
+        chart
+            .draw_series(LineSeries::new(points(s), color.stroke_width(2)).point_size(3))
+            .map_err(|e| err(&e))?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    Ok(())
 }
 
 /// A chart of `series` against an x axis on a log2 scale (ticks at powers of two, covering
@@ -74,40 +126,26 @@ impl LogXChart<'_> {
             }
         };
         let y_fmt = |v: &f64| crate::report::thousands(*v);
-        chart
-            .configure_mesh()
-            .x_desc(self.x_label)
-            .y_desc(self.y_label)
-            .x_labels((hi - lo) as usize + 1)
-            .x_label_formatter(&tick)
-            .y_label_formatter(&y_fmt)
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(|e| err(&e))?;
-        for (i, s) in self.series.iter().enumerate() {
-            let (r, g, b) = PALETTE[i % PALETTE.len()];
-            let color = RGBColor(r, g, b);
-            let points: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .filter(|(x, _)| *x > 0.0)
-                .map(|(x, y)| (x.log2(), *y))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
-                .map_err(|e| err(&e))?
-                .label(s.name.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_lines(
+            &mut chart,
+            Axes {
+                x_desc: self.x_label,
+                y_desc: self.y_label,
+                x_labels: Some((hi - lo) as usize + 1),
+                x_fmt: &tick,
+                y_fmt: &y_fmt,
+            },
+            self.series,
+            |s| {
+                s.points
+                    .iter()
+                    .filter(|(x, _)| *x > 0.0)
+                    .map(|(x, y)| (x.log2(), *y))
+                    .collect()
+            },
+            SeriesLabelPosition::UpperLeft,
+            &err,
+        )?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
     }
@@ -172,36 +210,20 @@ impl TimeChart<'_> {
                     format!("{v:.0}")
                 }
             };
-            chart
-                .configure_mesh()
-                .x_desc(self.x_label)
-                .y_desc(panel.y_label)
-                .x_label_formatter(&x_fmt)
-                .y_label_formatter(&y_fmt)
-                .light_line_style(WHITE.mix(0.0))
-                .draw()
-                .map_err(|e| err(&e))?;
-            for (i, s) in panel.series.iter().enumerate() {
-                let (r, g, b) = PALETTE[i % PALETTE.len()];
-                let color = RGBColor(r, g, b);
-                chart
-                    .draw_series(
-                        LineSeries::new(s.points.iter().copied(), color.stroke_width(2))
-                            .point_size(3),
-                    )
-                    .map_err(|e| err(&e))?
-                    .label(s.name.as_str())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                    });
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| err(&e))?;
+            draw_lines(
+                &mut chart,
+                Axes {
+                    x_desc: self.x_label,
+                    y_desc: panel.y_label,
+                    x_labels: None,
+                    x_fmt: &x_fmt,
+                    y_fmt: &y_fmt,
+                },
+                panel.series,
+                |s| s.points.clone(),
+                SeriesLabelPosition::LowerRight,
+                &err,
+            )?;
         }
         root.present().map_err(|e| err(&e))?;
         Ok(())

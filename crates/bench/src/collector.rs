@@ -160,7 +160,15 @@ impl Collector {
     }
 }
 
-async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationToken) {
+/// Reads `consumer` until `stop`, handing `on_result` each message's payload parsed as a
+/// [`StockResult`] (`None`: no payload) and when it was received. A receive error is logged
+/// as `what` and the read retried 100 ms later.
+pub(crate) async fn receive_results(
+    consumer: &StreamConsumer,
+    stop: &CancellationToken,
+    what: &str,
+    mut on_result: impl FnMut(Option<serde_json::Result<StockResult>>, Instant),
+) {
     loop {
         let m = tokio::select! {
             _ = stop.cancelled() => break,
@@ -170,17 +178,22 @@ async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationT
         let m = match m {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "result collector");
+                tracing::warn!(error = %e, "{what}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let parsed = m.payload().map(serde_json::from_slice::<StockResult>);
+        on_result(m.payload().map(serde_json::from_slice::<StockResult>), now);
+    }
+}
+
+async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationToken) {
+    receive_results(&consumer, &stop, "result collector", |parsed, now| {
         let mut s = shared.lock();
         s.arrivals.push(now);
         let Some(Ok(r)) = parsed else {
             s.unparsed += 1;
-            continue;
+            return;
         };
         let expected = s.expected.contains(&r.order_id);
         let r_id = r.order_id.clone();
@@ -201,7 +214,8 @@ async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationT
                 shared.all_in.notify_waiters();
             }
         }
-    }
+    })
+    .await;
     consumer.unsubscribe();
 }
 

@@ -46,6 +46,24 @@ use stock_devkit::worker_args::Worker;
 use stockctl::admin;
 use tokio::time::Instant;
 
+/// The arguments `bench e2e` and `bench soak` share (same flags, help and defaults): the
+/// orders' quantities, the topics' partitions and the workers' batching.
+#[derive(clap::Args, Clone, Debug)]
+pub struct PipelineArgs {
+    /// Quantities are drawn evenly from 1 to this.
+    #[arg(long, default_value_t = 3)]
+    pub max_quantity: i64,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: i32,
+    /// Batch size of both workers.
+    #[arg(long, default_value_t = 2000)]
+    pub batch_size: usize,
+    /// Batch linger of both workers.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub linger: Duration,
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct E2eArgs {
     /// Orders to send (single-item `order_created` events).
@@ -64,18 +82,8 @@ pub struct E2eArgs {
     /// share of orders is reserved, the rest rejected).
     #[arg(long, default_value_t = 0.7, value_parser = parse_share)]
     pub fill: f64,
-    /// Quantities are drawn evenly from 1 to this.
-    #[arg(long, default_value_t = 3)]
-    pub max_quantity: i64,
-    /// Partitions of every topic.
-    #[arg(long, default_value_t = 4)]
-    pub partitions: i32,
-    /// Batch size of both workers.
-    #[arg(long, default_value_t = 2000)]
-    pub batch_size: usize,
-    /// Batch linger of both workers.
-    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
-    pub linger: Duration,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// Modes to run, comma separated: stream, preload, staged (each in a fresh environment).
     #[arg(long, value_delimiter = ',', default_value = "stream,preload")]
     pub mode: Vec<Mode>,
@@ -257,12 +265,21 @@ impl Breakdown {
 pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     ensure!(args.products > 0, "--products must be at least 1");
-    ensure!(args.partitions > 0, "--partitions must be at least 1");
-    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    ensure!(
+        args.pipeline.partitions > 0,
+        "--partitions must be at least 1"
+    );
+    ensure!(
+        args.pipeline.batch_size > 0,
+        "--batch-size must be at least 1"
+    );
     ensure!(args.workers > 0, "--workers must be at least 1");
     ensure!(args.producers() > 0, "--producers must be at least 1");
     ensure!(args.consumers() > 0, "--consumers must be at least 1");
-    ensure!(args.max_quantity > 0, "--max-quantity must be at least 1");
+    ensure!(
+        args.pipeline.max_quantity > 0,
+        "--max-quantity must be at least 1"
+    );
     let modes = if args.preload {
         vec![Mode::Preload]
     } else {
@@ -273,7 +290,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         products: args.products,
         hot_share: args.hot_share,
         items_per_order: 1,
-        max_quantity: args.max_quantity,
+        max_quantity: args.pipeline.max_quantity,
         seed: args.seed,
     };
     let orders = load::generate(&spec, "o-");
@@ -287,13 +304,13 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         args.orders,
         args.products,
         args.hot_share,
-        args.max_quantity,
+        args.pipeline.max_quantity,
         units,
         wanted,
         100.0 * units as f64 / wanted.max(1) as f64,
-        args.partitions,
-        args.batch_size,
-        args.linger,
+        args.pipeline.partitions,
+        args.pipeline.batch_size,
+        args.pipeline.linger,
         if args.producers() == args.consumers() {
             format!("{} worker(s) of each kind", args.producers())
         } else {
@@ -331,7 +348,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     let mut figures = Vec::new();
     for mode in modes {
         eprintln!("bench e2e: running mode {mode:?}");
-        let env = PipelineEnv::create(stack, args.partitions).await?;
+        let env = PipelineEnv::create(stack, args.pipeline.partitions).await?;
         if env.redis.is_cluster() {
             eprintln!("bench e2e: {}", env.redis.describe());
         }
@@ -532,8 +549,8 @@ async fn measure(
     let collector = Collector::start(&env.kafka, &env.topics().results, expected)?;
     let msgs = messages(orders);
     let batch = BatchArgs {
-        batch_size: args.batch_size,
-        linger: args.linger,
+        batch_size: args.pipeline.batch_size,
+        linger: args.pipeline.linger,
         pipeline_depth: 2,
     };
 
@@ -900,12 +917,26 @@ async fn check(
             }
         }
     }
-    c.violations = admin::check_invariants(&env.db.pool, &env.redis.store, products)
+    (c.violations, c.reserved_units_match) =
+        check_stock(env, products, reserved_units, "bench e2e").await?;
+    Ok(c)
+}
+
+/// The end-of-run checks of the stores (`bench` names the bench in what is printed): the
+/// stock invariants of `products` (the first five violations printed), and whether
+/// PostgreSQL holds the `reserved_units` the results reported reserved and none sold.
+pub(crate) async fn check_stock(
+    env: &PipelineEnv,
+    products: &[i64],
+    reserved_units: i64,
+    bench: &str,
+) -> Result<(Vec<admin::Violation>, bool)> {
+    let violations = admin::check_invariants(&env.db.pool, &env.redis.store, products)
         .await
         .context("checking invariants")?;
-    for v in c.violations.iter().take(5) {
+    for v in violations.iter().take(5) {
         eprintln!(
-            "bench e2e: invariant violation on product {}: {}",
+            "{bench}: invariant violation on product {}: {}",
             v.product_id, v.what
         );
     }
@@ -914,13 +945,13 @@ async fn check(
         .context("reading stock rows")?;
     let pg_reserved: i64 = rows.iter().map(|r| r.reserved).sum();
     let pg_sold: i64 = rows.iter().map(|r| r.sold).sum();
-    c.reserved_units_match = pg_reserved == reserved_units && pg_sold == 0;
-    if !c.reserved_units_match {
+    let units_match = pg_reserved == reserved_units && pg_sold == 0;
+    if !units_match {
         eprintln!(
-            "bench e2e: PostgreSQL holds {pg_reserved} reserved and {pg_sold} sold units; the results say {reserved_units} reserved"
+            "{bench}: PostgreSQL holds {pg_reserved} reserved and {pg_sold} sold units; the results say {reserved_units} reserved"
         );
     }
-    Ok(c)
+    Ok((violations, units_match))
 }
 
 fn figures(
@@ -951,9 +982,9 @@ fn figures(
         orders: n,
         products: args.products,
         hot_share: args.hot_share,
-        partitions: args.partitions,
-        batch_size: args.batch_size,
-        linger_ms: args.linger.as_millis(),
+        partitions: args.pipeline.partitions,
+        batch_size: args.pipeline.batch_size,
+        linger_ms: args.pipeline.linger.as_millis(),
         workers: args.producers().max(args.consumers()),
         producers: args.producers(),
         consumers: args.consumers(),

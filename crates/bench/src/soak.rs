@@ -27,6 +27,7 @@
 //! release is then a second result allowed after `reserved`.
 
 use crate::chart::{Panel, Series, TimeChart};
+use crate::collector;
 use crate::cpu::{self, CpuSample, CpuUse, PerOrder};
 use crate::e2e;
 use crate::env::{PipelineEnv, Stack};
@@ -47,7 +48,6 @@ use stock_common::kafka::OutMessage;
 use stock_devkit::harness;
 use stock_devkit::rng::Rng;
 use stock_devkit::worker_args::{self, Worker};
-use stockctl::admin;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -83,18 +83,8 @@ pub struct SoakArgs {
     /// (above 1: nothing sells out, the load stays the same).
     #[arg(long, default_value_t = 1.2)]
     pub fill: f64,
-    /// Quantities are drawn evenly from 1 to this.
-    #[arg(long, default_value_t = 3)]
-    pub max_quantity: i64,
-    /// Partitions of every topic.
-    #[arg(long, default_value_t = 4)]
-    pub partitions: i32,
-    /// Batch size of both workers.
-    #[arg(long, default_value_t = 2000)]
-    pub batch_size: usize,
-    /// Batch linger of both workers.
-    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
-    pub linger: Duration,
+    #[command(flatten)]
+    pub pipeline: e2e::PipelineArgs,
     /// Producer workers and consumer workers (each kind in one group).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -248,28 +238,14 @@ async fn read_results(
     tracker: Shared,
     stop: CancellationToken,
 ) {
-    use rdkafka::message::Message;
-    loop {
-        let m = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = consumer.recv() => m,
-        };
-        let now = Instant::now();
-        let m = match m {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "soak result reader");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let parsed = m.payload().map(serde_json::from_slice::<StockResult>);
+    collector::receive_results(&consumer, &stop, "soak result reader", |parsed, now| {
         let mut t = lock(&tracker);
         match parsed {
             Some(Ok(r)) => t.record(&r, now),
             _ => t.unparsed += 1,
         }
-    }
+    })
+    .await;
 }
 
 /// Publishing's counters, shared with the delivery-report tasks.
@@ -579,7 +555,10 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
     );
     ensure!(args.products > 0, "--products must be at least 1");
     ensure!(args.workers > 0, "--workers must be at least 1");
-    ensure!(args.max_quantity > 0, "--max-quantity must be at least 1");
+    ensure!(
+        args.pipeline.max_quantity > 0,
+        "--max-quantity must be at least 1"
+    );
     ensure!(
         (0.0..=1.0).contains(&args.hot_share),
         "--hot-share must be between 0 and 1"
@@ -598,7 +577,7 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         seed: args.seed,
         products: args.products,
         hot_share: args.hot_share,
-        max_quantity: args.max_quantity,
+        max_quantity: args.pipeline.max_quantity,
     };
     let stock = match args.stock {
         Some(n) => (1..=args.products).map(|p| (p, n)).collect(),
@@ -619,9 +598,9 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         thousands(stock.values().sum::<i64>() as f64),
         args.fill,
         args.window,
-        args.partitions,
-        args.batch_size,
-        args.linger,
+        args.pipeline.partitions,
+        args.pipeline.batch_size,
+        args.pipeline.linger,
         args.workers,
         ttl,
     );
@@ -641,7 +620,7 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         "--reservation-ttl",
         worker_args::duration(ttl),
     );
-    let env = PipelineEnv::create(stack, args.partitions).await?;
+    let env = PipelineEnv::create(stack, args.pipeline.partitions).await?;
     let measured = tokio::select! {
         r = measure(&env, args, shape, total, &stock, workers) => r,
         e = workers::interrupted() => e,
@@ -678,8 +657,8 @@ async fn measure(
     let _stop_reader = stop.clone().drop_guard();
     let reader = tokio::spawn(read_results(consumer, tracker.clone(), stop.clone()));
     let batch = BatchArgs {
-        batch_size: args.batch_size,
-        linger: args.linger,
+        batch_size: args.pipeline.batch_size,
+        linger: args.pipeline.linger,
         pipeline_depth: 2,
     };
     let sent = Arc::new(Sent::default());
@@ -944,27 +923,9 @@ async fn check(
         (s, units)
     };
     let products: Vec<i64> = all_stock.keys().copied().collect();
-    let violations = admin::check_invariants(&env.db.pool, &env.redis.store, &products)
-        .await
-        .context("checking invariants")?;
-    for v in violations.iter().take(5) {
-        eprintln!(
-            "bench soak: invariant violation on product {}: {}",
-            v.product_id, v.what
-        );
-    }
+    let (violations, units_match) = e2e::check_stock(env, &products, units, "bench soak").await?;
     s.violations = violations.len();
-    let rows = admin::stock_rows(&env.db.pool, &products)
-        .await
-        .context("reading stock rows")?;
-    let pg_reserved: i64 = rows.iter().map(|r| r.reserved).sum();
-    let pg_sold: i64 = rows.iter().map(|r| r.sold).sum();
-    s.reserved_units_match = pg_reserved == units && pg_sold == 0;
-    if !s.reserved_units_match {
-        eprintln!(
-            "bench soak: PostgreSQL holds {pg_reserved} reserved and {pg_sold} sold units; the results say {units} reserved"
-        );
-    }
+    s.reserved_units_match = units_match;
     s.ok = s.complete
         && s.idle
         && s.missing == 0
@@ -1173,9 +1134,9 @@ fn report(args: &SoakArgs, out: &Path, windows: &[Window], summary: &Summary) ->
         args.window,
         args.workers,
         summary.workers_placement,
-        args.batch_size,
-        args.linger,
-        args.partitions,
+        args.pipeline.batch_size,
+        args.pipeline.linger,
+        args.pipeline.partitions,
         args.products,
         args.hot_share,
         table.markdown(),
