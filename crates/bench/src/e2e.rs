@@ -64,6 +64,16 @@ pub struct PipelineArgs {
     pub linger: Duration,
 }
 
+impl PipelineArgs {
+    /// Refuses values the run cannot use.
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.partitions > 0, "--partitions must be at least 1");
+        ensure!(self.batch_size > 0, "--batch-size must be at least 1");
+        ensure!(self.max_quantity > 0, "--max-quantity must be at least 1");
+        Ok(())
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct E2eArgs {
     /// Orders to send (single-item `order_created` events).
@@ -265,21 +275,10 @@ impl Breakdown {
 pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     ensure!(args.products > 0, "--products must be at least 1");
-    ensure!(
-        args.pipeline.partitions > 0,
-        "--partitions must be at least 1"
-    );
-    ensure!(
-        args.pipeline.batch_size > 0,
-        "--batch-size must be at least 1"
-    );
+    args.pipeline.check()?;
     ensure!(args.workers > 0, "--workers must be at least 1");
     ensure!(args.producers() > 0, "--producers must be at least 1");
     ensure!(args.consumers() > 0, "--consumers must be at least 1");
-    ensure!(
-        args.pipeline.max_quantity > 0,
-        "--max-quantity must be at least 1"
-    );
     let modes = if args.preload {
         vec![Mode::Preload]
     } else {

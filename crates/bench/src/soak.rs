@@ -555,10 +555,7 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
     );
     ensure!(args.products > 0, "--products must be at least 1");
     ensure!(args.workers > 0, "--workers must be at least 1");
-    ensure!(
-        args.pipeline.max_quantity > 0,
-        "--max-quantity must be at least 1"
-    );
+    args.pipeline.check()?;
     ensure!(
         (0.0..=1.0).contains(&args.hot_share),
         "--hot-share must be between 0 and 1"

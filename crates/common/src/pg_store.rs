@@ -100,6 +100,14 @@ pub struct Delta {
     pub sold: i64,
 }
 
+impl std::ops::AddAssign for Delta {
+    fn add_assign(&mut self, d: Delta) {
+        self.available += d.available;
+        self.reserved += d.reserved;
+        self.sold += d.sold;
+    }
+}
+
 /// One change of a product by one order or request. [`insert_movements`] writes a
 /// transaction's movements as one `stock_movement` row per product and kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,9 +395,7 @@ pub async fn insert_movements(
             orders: 0,
         });
         s.quantity += m.quantity;
-        s.delta.available += m.delta.available;
-        s.delta.reserved += m.delta.reserved;
-        s.delta.sold += m.delta.sold;
+        s.delta += m.delta;
         s.orders += 1;
     }
     let n = sums.len();

@@ -387,10 +387,7 @@ pub fn record(
     it: &Item,
     delta: Delta,
 ) {
-    let d = deltas.entry(it.product_id).or_default();
-    d.available += delta.available;
-    d.reserved += delta.reserved;
-    d.sold += delta.sold;
+    *deltas.entry(it.product_id).or_default() += delta;
     movements.push(Movement {
         product_id: it.product_id,
         kind,

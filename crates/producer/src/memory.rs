@@ -180,16 +180,24 @@ fn budget_of(budget: Budget, node: &NodeMemory) -> Option<u64> {
 
 /// The pressure `nodes` are under with `args`: the fullest node's against the thresholds.
 pub fn pressure(args: &MemoryArgs, nodes: &[NodeMemory]) -> Pressure {
-    let fullest = nodes
+    pressure_of(args, fullest(args.budget, nodes))
+}
+
+/// The node with a budget that is fullest against it.
+fn fullest(budget: Budget, nodes: &[NodeMemory]) -> Option<Fullest> {
+    nodes
         .iter()
         .filter_map(|n| {
-            budget_of(args.budget, n).map(|budget| Fullest {
+            budget_of(budget, n).map(|budget| Fullest {
                 node: n.node.clone(),
                 used: n.used,
                 budget,
             })
         })
-        .max_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+        .max_by(|a, b| a.ratio().total_cmp(&b.ratio()))
+}
+
+fn pressure_of(args: &MemoryArgs, fullest: Option<Fullest>) -> Pressure {
     match fullest {
         Some(f) if f.ratio() >= args.shed_at => Pressure::Shedding(f),
         Some(f) if f.ratio() >= args.shorten_at => Pressure::Shortened(f),
@@ -290,20 +298,16 @@ impl MemoryGuard {
                 return st.pressure.clone();
             }
         };
-        let now = pressure(&self.args, &nodes);
+        let full = fullest(self.args.budget, &nodes);
+        let now = pressure_of(&self.args, full.clone());
         let ttl = match now {
             Pressure::Normal => self.normal_ttl,
             _ => self.normal_ttl.min(self.args.order_memory_min.as_secs()),
         };
         self.store.set_record_ttl_secs(ttl);
-        let ratio = match &now {
-            Pressure::Normal => nodes
-                .iter()
-                .filter_map(|n| budget_of(self.args.budget, n).map(|b| n.used as f64 / b as f64))
-                .fold(0.0, f64::max),
-            Pressure::Shortened(f) | Pressure::Shedding(f) => f.ratio(),
-        };
-        self.metrics.redis_memory_ratio.set(ratio);
+        self.metrics
+            .redis_memory_ratio
+            .set(full.as_ref().map_or(0.0, Fullest::ratio));
         self.metrics.redis_memory_pressure.set(now.level());
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.pressure.level() != now.level() {
