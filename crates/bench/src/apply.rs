@@ -400,6 +400,7 @@ async fn run_batched(
                 quantity: QUANTITY,
             }],
             token: None,
+            customer: None,
         })
         .collect();
     // Open the connection before the clock starts, as for the per-order strategies.

@@ -165,6 +165,7 @@ async fn drive(
                 quantity: 1,
             }],
             forced: None,
+            customer: None,
         })
         .collect();
     let mut marker = SoldOutMarker::default();

@@ -33,7 +33,13 @@ pub struct Item {
 /// A valid event of the `orders` topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderEvent {
-    Created { order_id: String, items: Vec<Item> },
+    /// `customer_id` (contract "Per-customer limits"): whose limits the order counts
+    /// against; an order without one cannot buy a limited product.
+    Created {
+        order_id: String,
+        items: Vec<Item>,
+        customer_id: Option<String>,
+    },
     Paid { order_id: String },
     Cancelled { order_id: String },
 }
@@ -135,26 +141,58 @@ pub fn parse_order_event(bytes: &[u8]) -> Parsed {
     match kind {
         EventType::Paid => Parsed::Valid(OrderEvent::Paid { order_id }),
         EventType::Cancelled => Parsed::Valid(OrderEvent::Cancelled { order_id }),
-        EventType::Created => match parse_items(field("items")) {
-            Ok(items) => Parsed::Valid(OrderEvent::Created { order_id, items }),
-            Err(detail) => invalid(detail),
-        },
+        EventType::Created => {
+            match parse_items(field("items")).and_then(|items| {
+                Ok((items, parse_customer(field("customer_id"))?))
+            }) {
+                Ok((items, customer_id)) => Parsed::Valid(OrderEvent::Created {
+                    order_id,
+                    items,
+                    customer_id,
+                }),
+                Err(detail) => invalid(detail),
+            }
+        }
+    }
+}
+
+/// The optional `customer_id` of an `order_created`: absent (or `null`) is none; present,
+/// it follows the rules of `order_id` (contract).
+fn parse_customer(raw: Option<&str>) -> Result<Option<String>, String> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    if raw.trim() == "null" {
+        return Ok(None);
+    }
+    match json::string(raw) {
+        Ok(Some(s)) => {
+            validate_id("customer_id", &s)?;
+            Ok(Some(s.into_owned()))
+        }
+        Ok(None) => Err("customer_id is not a string".into()),
+        Err(e) => Err(format!("customer_id: {e}")),
     }
 }
 
 /// Contract: 1 to 128 characters of `A-Z a-z 0-9 - _ . :`.
 pub fn validate_order_id(id: &str) -> Result<(), String> {
+    validate_id("order_id", id)
+}
+
+/// The rule of `order_id` and `customer_id` (contract), for the field `name`.
+fn validate_id(name: &str, id: &str) -> Result<(), String> {
     let len = id.chars().count();
     if len == 0 || len > MAX_ORDER_ID_LEN {
         return Err(format!(
-            "order_id has {len} characters, allowed 1 to {MAX_ORDER_ID_LEN}"
+            "{name} has {len} characters, allowed 1 to {MAX_ORDER_ID_LEN}"
         ));
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!("order_id contains {c:?}"));
+        return Err(format!("{name} contains {c:?}"));
     }
     Ok(())
 }
@@ -552,6 +590,8 @@ pub enum Reason {
     InsufficientStock,
     UnknownProduct,
     InvalidOrder,
+    /// The order would take its customer over a product's per-customer limit.
+    LimitExceeded,
     Cancelled,
     Expired,
     NotReserved,
@@ -565,6 +605,7 @@ impl Reason {
             Reason::InsufficientStock => "insufficient_stock",
             Reason::UnknownProduct => "unknown_product",
             Reason::InvalidOrder => "invalid_order",
+            Reason::LimitExceeded => "limit_exceeded",
             Reason::Cancelled => "cancelled",
             Reason::Expired => "expired",
             Reason::NotReserved => "not_reserved",
@@ -578,6 +619,7 @@ impl Reason {
             "insufficient_stock" => Reason::InsufficientStock,
             "unknown_product" => Reason::UnknownProduct,
             "invalid_order" => Reason::InvalidOrder,
+            "limit_exceeded" => Reason::LimitExceeded,
             "cancelled" => Reason::Cancelled,
             "expired" => Reason::Expired,
             "not_reserved" => Reason::NotReserved,
@@ -648,6 +690,10 @@ pub enum DeductCommand {
         items: Vec<Item>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// The order's `customer_id`, whose units of limited products this pre-deduction
+        /// counted in Redis (as first decided: from the order's Redis record).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        customer: Option<String>,
     },
     /// Redis refused the order (or it was invalid): PostgreSQL records the refusal, so that
     /// the order id keeps this one outcome for good, and the consumer publishes it.
@@ -756,6 +802,11 @@ pub struct Compensation {
     /// other generation, Redis was loaded from a snapshot that already holds the change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gen: Option<i64>,
+    /// The order's customer: for [`CompensationCause::Redecide`], so that the order is
+    /// decided again against its customer's limits. (A give-back finds the customer in
+    /// the order's Redis record, which it must match anyway.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
 }
 
 /// The canonical text form of an order's items, `"42:2,7:1"`, as kept in Redis so that a
@@ -815,7 +866,8 @@ mod tests {
                         product_id: 7,
                         quantity: 1
                     }
-                ]
+                ],
+                customer_id: None,
             })
         );
         assert_eq!(
@@ -943,7 +995,8 @@ mod tests {
                 items: vec![Item {
                     product_id: 1,
                     quantity: 2
-                }]
+                }],
+                customer_id: None,
             })
         );
         let paid = format!(r#"{{"type":"order_paid","order_id":"A1","x":{deep}}}"#);
@@ -1094,6 +1147,41 @@ mod tests {
     }
 
     #[test]
+    fn customer_id_follows_the_order_id_rules() {
+        let created = |customer: &str| {
+            parse_order_event(
+                format!(
+                    r#"{{"type":"order_created","order_id":"A1","items":[{{"product_id":1,"quantity":1}}]{customer}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let customer_of = |p: Parsed| match p {
+            Parsed::Valid(OrderEvent::Created { customer_id, .. }) => customer_id,
+            other => panic!("expected a valid order, got {other:?}"),
+        };
+        assert_eq!(customer_of(created("")), None);
+        assert_eq!(customer_of(created(r#","customer_id":null"#)), None);
+        assert_eq!(
+            customer_of(created(r#","customer_id":"c-1.x:y_z""#)),
+            Some("c-1.x:y_z".into())
+        );
+        for bad in [
+            r#","customer_id":"""#,
+            r#","customer_id":"a b""#,
+            r#","customer_id":"a|b""#,
+            r#","customer_id":7"#,
+        ] {
+            assert!(
+                matches!(created(bad), Parsed::Invalid { kind: EventType::Created, .. }),
+                "{bad}"
+            );
+        }
+        let long = format!(r#","customer_id":"{}""#, "c".repeat(129));
+        assert!(matches!(created(&long), Parsed::Invalid { .. }));
+    }
+
+    #[test]
     fn deduct_command_wire_format() {
         let cmd = DeductCommand::Reserve {
             v: 1,
@@ -1103,6 +1191,7 @@ mod tests {
                 quantity: 2,
             }],
             token: None,
+            customer: None,
         };
         let json = serde_json::to_string(&cmd).unwrap();
         assert_eq!(

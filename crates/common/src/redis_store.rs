@@ -121,10 +121,19 @@ pub fn order_key(order_id: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrderRecord {
     /// Pre-deducted here by the pre-deduction `token`; the stock is held until PostgreSQL
-    /// refuses it or the reservation ends (`R|<token>|<items>`).
-    Held { token: String, items: Vec<Item> },
-    /// Pre-deducted, then given back (`C|<token>|<items>`).
-    Returned { token: String, items: Vec<Item> },
+    /// refuses it or the reservation ends (`R|<token>|<items>`, or `R|<token>|<items>|
+    /// <customer>` for an order with a customer: whose limit counts it gives back).
+    Held {
+        token: String,
+        items: Vec<Item>,
+        customer: Option<String>,
+    },
+    /// Pre-deducted, then given back (`C|<token>|<items>[|<customer>]`).
+    Returned {
+        token: String,
+        items: Vec<Item>,
+        customer: Option<String>,
+    },
     /// Refused here; never reached PostgreSQL (`X|<reason>|<product_id>`). On a cluster,
     /// a refusal of an order across slots keeps its claim (`X|<reason>|<product_id>|<token>|
     /// <items>`), so that a redelivery can still give back what the claim held.
@@ -148,10 +157,16 @@ pub struct Claim {
 impl OrderRecord {
     pub fn encode(&self) -> String {
         match self {
-            OrderRecord::Held { token, items } => format!("R|{token}|{}", encode_items(items)),
-            OrderRecord::Returned { token, items } => {
-                format!("C|{token}|{}", encode_items(items))
-            }
+            OrderRecord::Held {
+                token,
+                items,
+                customer,
+            } => held_record('R', token, items, customer.as_deref()),
+            OrderRecord::Returned {
+                token,
+                items,
+                customer,
+            } => held_record('C', token, items, customer.as_deref()),
             OrderRecord::Refused {
                 reason,
                 product_id,
@@ -171,12 +186,21 @@ impl OrderRecord {
         let (tag, rest) = s.split_once('|')?;
         match tag {
             "R" | "C" => {
-                let (token, items) = rest.split_once('|')?;
-                let (token, items) = (token.to_owned(), decode_items(items)?);
+                let mut parts = rest.splitn(3, '|');
+                let (token, items) = (parts.next()?.to_owned(), decode_items(parts.next()?)?);
+                let customer = parts.next().map(str::to_owned);
                 Some(if tag == "R" {
-                    OrderRecord::Held { token, items }
+                    OrderRecord::Held {
+                        token,
+                        items,
+                        customer,
+                    }
                 } else {
-                    OrderRecord::Returned { token, items }
+                    OrderRecord::Returned {
+                        token,
+                        items,
+                        customer,
+                    }
                 })
             }
             "X" => {
@@ -212,13 +236,23 @@ impl OrderRecord {
     }
 }
 
+/// The text of a held (`R`) or given-back (`C`) record.
+fn held_record(tag: char, token: &str, items: &[Item], customer: Option<&str>) -> String {
+    match customer {
+        None => format!("{tag}|{token}|{}", encode_items(items)),
+        Some(c) => format!("{tag}|{token}|{}|{c}", encode_items(items)),
+    }
+}
+
 /// One `order_created` to decide. `forced` is a refusal decided without looking at stock
-/// (an invalid order), recorded so that the order id keeps that one outcome.
+/// (an invalid order), recorded so that the order id keeps that one outcome. `customer`
+/// is the order's `customer_id`, counted against each limited product's limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveRequest {
     pub order_id: String,
     pub items: Vec<Item>,
     pub forced: Option<Reason>,
+    pub customer: Option<String>,
 }
 
 /// What the reserve script said.
@@ -1212,6 +1246,7 @@ impl RedisStore {
                 let rec = OrderRecord::Held {
                     token: token.clone(),
                     items: items.clone(),
+                    customer: None,
                 };
                 writes.push((self.record_key(id), rec.encode()));
                 writes.extend(self.holds_of(id, token, items));
@@ -1347,6 +1382,7 @@ mod tests {
                 })
                 .collect(),
             forced,
+            customer: None,
         }
     }
 
@@ -1432,10 +1468,22 @@ mod tests {
             OrderRecord::Held {
                 token: "3.17".into(),
                 items: items.clone(),
+                customer: None,
+            },
+            OrderRecord::Held {
+                token: "3.18".into(),
+                items: items.clone(),
+                customer: Some("c-1:x.y_z".into()),
             },
             OrderRecord::Returned {
                 token: String::new(),
+                items: items.clone(),
+                customer: None,
+            },
+            OrderRecord::Returned {
+                token: "3.19".into(),
                 items,
+                customer: Some("c".into()),
             },
             OrderRecord::Refused {
                 reason: Reason::InsufficientStock,
@@ -1474,7 +1522,8 @@ mod tests {
                 items: vec![Item {
                     product_id: 42,
                     quantity: 2
-                }]
+                }],
+                customer: None,
             }
             .encode(),
             "R|3.17|42:2"

@@ -132,6 +132,7 @@ impl Planner<'_> {
             cause,
             token: token.map(str::to_owned),
             gen,
+            customer: None,
         };
         if let Some(e) = self.ledger.get(order_id) {
             self.plan.results.push(e.row.created_outcome(order_id));
@@ -412,6 +413,7 @@ pub fn compensation(
         cause,
         token: row.token.clone(),
         gen: row.comp_gen,
+        customer: None,
     }
 }
 

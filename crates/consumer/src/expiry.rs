@@ -111,6 +111,7 @@ pub async fn sweep(
                 cause: CompensationCause::Expired,
                 token: u.token.clone(),
                 gen: u.comp_gen,
+                customer: None,
             };
             out.push(OutMessage::json(&topics.compensate, id, &comp));
         }

@@ -455,6 +455,7 @@ async fn batches_seen_before_are_answered_from_the_ledger() {
         order_id: id.to_owned(),
         items: vec![item(71, 2)],
         token: Some(token),
+        customer: None,
     };
     let ttl = Duration::from_secs(900);
     let first: Vec<DeductCommand> = (0..100)

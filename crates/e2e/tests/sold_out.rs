@@ -23,6 +23,7 @@ fn order(id: &str, product_id: i64) -> ReserveRequest {
             quantity: 1,
         }],
         forced: None,
+        customer: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn record(outcome: &ReserveOutcome) -> OrderRecord {
         } => OrderRecord::Held {
             token: String::new(),
             items: items.clone(),
+            customer: None,
         },
         ReserveOutcome::Decided { record, .. } => record.clone(),
         other => panic!("not decided: {other:?}"),
@@ -56,6 +58,7 @@ fn held(product: i64) -> OrderRecord {
             product_id: product,
             quantity: 1,
         }],
+        customer: None,
     }
 }
 

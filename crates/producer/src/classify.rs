@@ -50,6 +50,7 @@ pub fn classify(
                     order_id: c.order_id,
                     items: c.items,
                     forced: None,
+                    customer: c.customer,
                 })
             }
             Ok(c) if c.v == INTERNAL_VERSION && !c.items.is_empty() => Input::Restore(c),
@@ -65,10 +66,15 @@ pub fn classify(
         return Input::Dead(format!("message from unexpected topic {topic}"));
     }
     match parse_order_event(bytes) {
-        Parsed::Valid(OrderEvent::Created { order_id, items }) => Input::Reserve(ReserveRequest {
+        Parsed::Valid(OrderEvent::Created {
+            order_id,
+            items,
+            customer_id,
+        }) => Input::Reserve(ReserveRequest {
             order_id,
             items,
             forced: None,
+            customer: customer_id,
         }),
         Parsed::Valid(OrderEvent::Paid { order_id }) => Input::Forward(DeductCommand::Pay {
             v: INTERNAL_VERSION,
@@ -100,6 +106,7 @@ pub fn classify(
                 order_id,
                 items: Vec::new(),
                 forced: Some(Reason::InvalidOrder),
+                customer: None,
             })
         }
         Parsed::Invalid {
@@ -138,7 +145,8 @@ mod tests {
                     product_id: 1,
                     quantity: 2
                 }],
-                forced: None
+                forced: None,
+                customer: None,
             })
         );
         let paid = br#"{"type":"order_paid","order_id":"A"}"#;

@@ -496,14 +496,22 @@ impl Worker {
 /// pre-deduction (with its token), or a refusal.
 fn deduct_command(order_id: &str, record: OrderRecord) -> Result<DeductCommand, StoreError> {
     Ok(match record {
-        OrderRecord::Held { token, items } | OrderRecord::Returned { token, items } => {
-            DeductCommand::Reserve {
-                v: INTERNAL_VERSION,
-                order_id: order_id.to_owned(),
-                items,
-                token: Some(token),
-            }
+        OrderRecord::Held {
+            token,
+            items,
+            customer,
         }
+        | OrderRecord::Returned {
+            token,
+            items,
+            customer,
+        } => DeductCommand::Reserve {
+            v: INTERNAL_VERSION,
+            order_id: order_id.to_owned(),
+            items,
+            token: Some(token),
+            customer,
+        },
         OrderRecord::Refused {
             reason, product_id, ..
         } => DeductCommand::Refuse {

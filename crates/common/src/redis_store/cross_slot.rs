@@ -366,6 +366,7 @@ impl RedisStore {
                 (None, None) => Ok(OrderRecord::Held {
                     token: c.token.clone(),
                     items: c.items.clone(),
+                    customer: reqs[i].customer.clone(),
                 }),
             };
             decisions.push((i, c, decision));
@@ -766,7 +767,8 @@ impl RedisStore {
         });
         let read = futures::future::try_join_all(reads).await?;
         let mut out: Vec<Option<RestoreOutcome>> = vec![None; reqs.len()];
-        let mut to_release: Vec<(usize, String, Vec<Item>)> = Vec::new();
+        type Release = (usize, String, Vec<Item>, Option<String>);
+        let mut to_release: Vec<Release> = Vec::new();
         for (i, (c, (marker, rec))) in reqs.iter().zip(read).enumerate() {
             let Some(marker) = marker else {
                 out[i] = Some(RestoreOutcome::Unloaded);
@@ -794,8 +796,12 @@ impl RedisStore {
                 {
                     RestoreOutcome::Mismatch
                 }
-                OrderRecord::Held { token, items } => {
-                    to_release.push((i, token, items));
+                OrderRecord::Held {
+                    token,
+                    items,
+                    customer,
+                } => {
+                    to_release.push((i, token, items, customer));
                     continue;
                 }
                 OrderRecord::Refused { .. } | OrderRecord::Pending(_) => RestoreOutcome::NotHeld,
@@ -803,7 +809,7 @@ impl RedisStore {
         }
         let claims: Vec<(String, Claim)> = to_release
             .iter()
-            .map(|(i, token, items)| {
+            .map(|(i, token, items, _)| {
                 (
                     reqs[*i].order_id.clone(),
                     Claim {
@@ -831,6 +837,7 @@ impl RedisStore {
                     OrderRecord::Returned {
                         token: c.token.clone(),
                         items: c.items.clone(),
+                        customer: to_release[n].3.clone(),
                     }
                     .encode(),
                 )
