@@ -121,6 +121,7 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
             cause: CompensationCause::Cancelled,
             token: None,
             gen: None,
+            customer: None,
         }])
         .await
         .expect("restore");
