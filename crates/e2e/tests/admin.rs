@@ -596,6 +596,7 @@ async fn history_sums_each_batch_and_the_ledger_tells_each_order() {
             quantity,
         }],
         token: None,
+        customer: None,
     };
     let mut first: Vec<DeductCommand> = (0..50).map(|i| reserve(format!("o-{i}"), 1)).collect();
     first.push(reserve("o-big".into(), 1000)); // refused by PostgreSQL: a compensation
