@@ -442,6 +442,7 @@ mod tests {
                 })
                 .collect(),
             token: None,
+            customer: None,
         }
     }
     fn reserve_t(id: &str, items: &[(i64, i64)], token: &str) -> DeductCommand {
@@ -453,6 +454,7 @@ mod tests {
                 order_id,
                 items,
                 token: Some(token.into()),
+                customer: None,
             },
             other => other,
         }
