@@ -20,6 +20,7 @@ use stock_common::events::Item;
 use stock_common::redis_store::{
     stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker, EPOCH_KEY,
     LOADED_KEY, RESERVE_LUA, SEQ_KEY,
+    buyers_key,
 };
 use tokio::time::Instant;
 
@@ -226,15 +227,17 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
             "1000000000000",
             "-q",
         ])
-        .args(["EVALSHA", &sha, "5", LOADED_KEY, EPOCH_KEY, SEQ_KEY])
+        .args(["EVALSHA", &sha, "6", LOADED_KEY, EPOCH_KEY, SEQ_KEY])
         .arg("stockpipe:order:rbench-__rand_int__")
         .arg(&stock)
+        .arg(buyers_key(PRODUCT))
         .args([
             "3600",
             "",
             "",
             "1",
             &item,
+            "",
             "",
             "",
             "1",

@@ -77,11 +77,25 @@ pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
+static LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/limit.lua")));
 
 /// `stock:{42}` (contract).
 pub fn stock_key(product_id: i64) -> String {
     format!("stock:{{{product_id}}}")
 }
+
+/// `stockpipe:buyers:{42}`: product 42's per-customer limit and the units each customer
+/// holds of it (DESIGN.md "Per-customer limits"), in the product's hash slot. The hash
+/// exists only while the product has a limit: fields [`LIMIT_FIELD`], [`VERSION_FIELD`],
+/// and one per customer holding units (removed at 0).
+pub fn buyers_key(product_id: i64) -> String {
+    format!("stockpipe:buyers:{{{product_id}}}")
+}
+
+/// The field of a buyers hash that holds the limit ('#' is in no customer id).
+pub const LIMIT_FIELD: &str = "#limit";
+/// The field of a buyers hash that holds the version of the change that set the limit.
+pub const VERSION_FIELD: &str = "#version";
 
 /// The marker of an operator's stock request applied to Redis (on one Redis).
 pub fn request_key(request_id: &str) -> String {
@@ -89,10 +103,11 @@ pub fn request_key(request_id: &str) -> String {
 }
 
 /// Key patterns a load drops (with every slot's on a cluster).
-const FORGOTTEN_ON_LOAD: [&str; 3] = [
+const FORGOTTEN_ON_LOAD: [&str; 4] = [
     "stockpipe:order:*",
     "stockpipe:request:*",
     "stockpipe:hold:*",
+    "stockpipe:buyers:*",
 ];
 
 /// The request id under which an operator's change is undone in Redis.
@@ -392,6 +407,57 @@ pub enum AdjustOutcome {
     Corrupt,
     /// The request id was applied to another product or amount: nothing done.
     Reused,
+}
+
+/// What the limit script said ([`RedisStore::set_limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitOutcome {
+    Applied,
+    /// This change or a newer one is here already, or there was no limit to remove.
+    Already,
+    /// The product has no limit in Redis: only a load adds one (with its counts).
+    Absent,
+    Unloaded,
+    /// Redis was rebuilt since the change's generation: the load holds it.
+    Stale,
+}
+
+/// A product's limit and its customers' held units as Redis holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buyers {
+    pub per_customer: i64,
+    pub version: i64,
+    /// (customer, units held), units > 0, sorted by customer.
+    pub units: Vec<(String, i64)>,
+}
+
+/// A buyers hash's fields read as [`Buyers`]; a field that does not read is a protocol
+/// error (something other than the scripts wrote the hash).
+fn read_buyers(product_id: i64, fields: Vec<(String, String)>) -> Result<Option<Buyers>, StoreError> {
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let bad = |f: &str, v: &str| {
+        StoreError::Protocol(format!("{}: field {f:?} holds {v:?}", buyers_key(product_id)))
+    };
+    let (mut per_customer, mut version, mut units) = (None, None, Vec::new());
+    for (f, v) in fields {
+        let n: i64 = v.parse().map_err(|_| bad(&f, &v))?;
+        match f.as_str() {
+            LIMIT_FIELD => per_customer = Some(n),
+            VERSION_FIELD => version = Some(n),
+            _ => units.push((f, n)),
+        }
+    }
+    units.sort();
+    match (per_customer, version) {
+        (Some(per_customer), Some(version)) => Ok(Some(Buyers {
+            per_customer,
+            version,
+            units,
+        })),
+        _ => Err(bad(LIMIT_FIELD, "nothing")),
+    }
 }
 
 /// What the restore script said.
@@ -874,6 +940,9 @@ impl RedisStore {
                 for it in &r.items {
                     inv.key(stock_key(it.product_id));
                 }
+                for it in &r.items {
+                    inv.key(buyers_key(it.product_id));
+                }
                 let forced = r.forced.map_or(String::new(), |reason| {
                     OrderRecord::Refused {
                         reason,
@@ -886,7 +955,8 @@ impl RedisStore {
                 inv.arg(r.items.len())
                     .arg(encode_items(&r.items))
                     .arg(forced)
-                    .arg(if guarded { "1" } else { "" });
+                    .arg(if guarded { "1" } else { "" })
+                    .arg(r.customer.as_deref().unwrap_or(""));
                 for it in &r.items {
                     inv.arg(it.quantity);
                 }
@@ -938,6 +1008,9 @@ impl RedisStore {
             inv.key(shard.epoch_key()).key(self.record_key(&c.order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
+            }
+            for it in items {
+                inv.key(buyers_key(it.product_id));
             }
             inv.arg(c.token.as_deref().unwrap_or(""))
                 .arg(c.gen.map(|g| g.to_string()).unwrap_or_default())
@@ -997,6 +1070,59 @@ impl RedisStore {
             "reused" => AdjustOutcome::Reused,
             other => return Err(StoreError::Protocol(format!("adjust said {other:?}"))),
         })
+    }
+
+    /// Sets product `product_id`'s per-customer limit to `per_customer` (None: removes it
+    /// and every customer's count), as PostgreSQL's change `version` of generation `gen`
+    /// (None: whichever is current) made it: `lua/limit.lua`. A product without a limit
+    /// here answers [`LimitOutcome::Absent`] to a new limit: only a load adds one.
+    pub async fn set_limit(
+        &self,
+        product_id: i64,
+        per_customer: Option<i64>,
+        version: i64,
+        gen: Option<i64>,
+    ) -> Result<LimitOutcome, StoreError> {
+        let shard = self.shard_of(&stock_key(product_id));
+        let reply: String = LIMIT
+            .key(shard.loaded_key())
+            .key(buyers_key(product_id))
+            .arg(gen.map(|g| g.to_string()).unwrap_or_default())
+            .arg(version)
+            .arg(per_customer.map(|n| n.to_string()).unwrap_or_default())
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(match reply.as_str() {
+            "applied" => LimitOutcome::Applied,
+            "already" => LimitOutcome::Already,
+            "absent" => LimitOutcome::Absent,
+            "unloaded" => LimitOutcome::Unloaded,
+            "stale" => LimitOutcome::Stale,
+            other => return Err(StoreError::Protocol(format!("limit said {other:?}"))),
+        })
+    }
+
+    /// Product `product_id`'s limit and held units as Redis holds them (None: no limit).
+    pub async fn buyers(&self, product_id: i64) -> Result<Option<Buyers>, StoreError> {
+        let fields: Vec<(String, String)> = self.conn().hgetall(buyers_key(product_id)).await?;
+        read_buyers(product_id, fields)
+    }
+
+    /// Every product that has a limit in Redis.
+    pub async fn limited_products(&self) -> Result<Vec<i64>, StoreError> {
+        let mut products: Vec<i64> = self
+            .scan_all("stockpipe:buyers:*")
+            .await?
+            .iter()
+            .filter_map(|k| {
+                k.strip_prefix("stockpipe:buyers:{")
+                    .and_then(|r| r.strip_suffix('}'))
+                    .and_then(|p| p.parse().ok())
+            })
+            .collect();
+        products.sort_unstable();
+        products.dedup();
+        Ok(products)
     }
 
     /// Gives back, in whatever generation is current, what [`Self::adjust`] took under

@@ -3,9 +3,15 @@
 --
 -- KEYS[1]     the loaded marker of this slot
 -- then, per order: its hold key in this slot (order id and token), then stock:{p} of each
---             of its items here
+--             of its items here, then stockpipe:buyers:{p} of each (limits and counts)
 -- ARGV[1]     hold lifetime in seconds (the order records')
--- then, per order: token, n, the items here in canonical form, n quantities, n product ids
+-- then, per order: token, n, the items here in canonical form, the customer or '',
+--             n quantities, n product ids
+--
+-- The items here are judged by the rule of reserve.lua (DESIGN.md "Per-customer limits"):
+-- no customer with a limited item is invalid; then item by item unknown, short, over the
+-- limit. A hold takes the stock and counts the customer's units of each limited product;
+-- it keeps the customer ('H|<items>|<customer>') for release.lua to give them back.
 --
 -- Returns {'unloaded'} (nothing done), or per order a kind and a detail:
 --   'held' ''           taken now or before under this token
@@ -15,6 +21,8 @@
 --   'short' <pid>       not enough stock of pid (nothing taken)
 --   'unknown' <pid>     no stock key for pid (nothing taken)
 --   'corrupt' <key>     a stock key that does not hold an integer (nothing taken)
+--   'limit' <pid>       the customer would hold more of pid than its limit (nothing taken)
+--   'invalid' ''        no customer, and an item here has a limit (nothing taken)
 local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
@@ -26,9 +34,11 @@ while a <= #ARGV do
   local token = ARGV[a]
   local n = tonumber(ARGV[a + 1])
   local items = ARGV[a + 2]
-  local qty = a + 2
-  local pid = a + 2 + n
+  local customer = ARGV[a + 3]
+  local qty = a + 3
+  local pid = a + 3 + n
   local hold_key = KEYS[k]
+  local buyers = k + n
   local kind, detail = nil, ''
   if string.match(token, '^([^.]*)') ~= marker then
     kind = 'stale'
@@ -37,34 +47,63 @@ while a <= #ARGV do
     if h then
       kind = (string.sub(h, 1, 1) == 'H') and 'held' or 'freed'
     else
-      for i = 1, n do
-        local raw = redis.call('GET', KEYS[k + i])
-        if not raw then
-          kind, detail = 'unknown', ARGV[pid + i]
-          break
+      local limited = {}
+      if customer == '' then
+        for i = 1, n do
+          if redis.call('EXISTS', KEYS[buyers + i]) == 1 then
+            kind = 'invalid'
+            break
+          end
         end
-        local have = integer(raw)
-        if not have then
-          kind, detail = 'corrupt', KEYS[k + i]
-          break
-        end
-        if have < tonumber(ARGV[qty + i]) then
-          kind, detail = 'short', ARGV[pid + i]
-          break
+      end
+      if not kind then
+        for i = 1, n do
+          local raw = redis.call('GET', KEYS[k + i])
+          if not raw then
+            kind, detail = 'unknown', ARGV[pid + i]
+            break
+          end
+          local have = integer(raw)
+          if not have then
+            kind, detail = 'corrupt', KEYS[k + i]
+            break
+          end
+          local q = tonumber(ARGV[qty + i])
+          if have < q then
+            kind, detail = 'short', ARGV[pid + i]
+            break
+          end
+          if customer ~= '' then
+            local lim = redis.call('HMGET', KEYS[buyers + i], '#limit', customer)
+            if lim[1] then
+              if (tonumber(lim[2]) or 0) + q > tonumber(lim[1]) then
+                kind, detail = 'limit', ARGV[pid + i]
+                break
+              end
+              limited[i] = true
+            end
+          end
         end
       end
       if not kind then
         for i = 1, n do
           redis.call('DECRBY', KEYS[k + i], ARGV[qty + i])
+          if limited[i] then
+            redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
+          end
         end
-        redis.call('SET', hold_key, 'H|' .. items, 'EX', ARGV[1])
+        local held = 'H|' .. items
+        if customer ~= '' then
+          held = held .. '|' .. customer
+        end
+        redis.call('SET', hold_key, held, 'EX', ARGV[1])
         kind = 'held'
       end
     end
   end
   out[#out + 1] = kind
   out[#out + 1] = detail
-  k = k + 1 + n
-  a = a + 3 + 2 * n
+  k = k + 1 + 2 * n
+  a = a + 4 + 2 * n
 end
 return out

@@ -3,8 +3,12 @@
 --
 -- KEYS[1]     the loaded marker of this slot
 -- KEYS[2]     the stock epoch counter of this slot (stock comes back: see reserve.lua)
--- then, per order: its hold key here, then stock:{p} of each of its items here
+-- then, per order: its hold key here, then stock:{p} of each of its items here, then
+--             stockpipe:buyers:{p} of each
 -- then, per order: the generation the give-back belongs to ('' : any), n, n quantities
+--
+-- The hold's customer ('H|<items>|<customer>') gets back its units of each product that
+-- still has a limit (as restore.lua does).
 --
 -- Returns {'unloaded'} (nothing done), or per order 'released', 'already' (given back
 -- before), 'none' (no hold: never taken here, or forgotten) or 'stale' (Redis was rebuilt
@@ -30,8 +34,15 @@ while a <= #ARGV do
     elseif string.sub(h, 1, 1) ~= 'H' then
       kind = 'already'
     else
+      local customer = string.match(h, '^H|[^|]*|(.*)$') or ''
       for i = 1, n do
         redis.call('INCRBY', KEYS[k + i], ARGV[a + 1 + i])
+        local buyers = KEYS[k + n + i]
+        if customer ~= '' and redis.call('HEXISTS', buyers, '#limit') == 1 then
+          if redis.call('HINCRBY', buyers, customer, -tonumber(ARGV[a + 1 + i])) <= 0 then
+            redis.call('HDEL', buyers, customer)
+          end
+        end
       end
       redis.call('INCR', KEYS[2])
       redis.call('SET', hold_key, 'F' .. string.sub(h, 2), 'KEEPTTL')
@@ -39,7 +50,7 @@ while a <= #ARGV do
     end
   end
   out[#out + 1] = kind
-  k = k + 1 + n
+  k = k + 1 + 2 * n
   a = a + 2 + n
 end
 return out

@@ -6,7 +6,9 @@
 --             its value is the Redis generation (advanced by every rebuild)
 -- KEYS[2]     the stock epoch counter (see below)
 -- KEYS[3]     the sequence counter that names pre-deductions
--- then, for each order: its record, then stock:{product_id} of each item in item order
+-- then, for each order: its record, then stock:{product_id} of each item in item order,
+--             then stockpipe:buyers:{product_id} of each item (the product's limit and its
+--             customers' held units; absent: no limit)
 -- ARGV[1]     record lifetime in seconds
 -- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
 -- ARGV[3]     on a cluster, the hash slot of these keys (tokens: see token_seq), or ""
@@ -17,7 +19,14 @@
 --   sold_out  "1": the first item's product was at 0 in ARGV[2]'s epoch; if the epoch is
 --             still that one, refuse for it without reading stock (otherwise the marker
 --             went stale and stock decides); "" otherwise
+--   customer  the order's customer_id, or ""
 --   n quantities, then n product ids
+--
+-- The rule of a decision (DESIGN.md "Per-customer limits"; the consumer applies the same):
+-- an order without a customer that has an item of a limited product is invalid; then item
+-- by item the first that fails decides: unknown product, stock short, the customer's held
+-- units plus the quantity above the product's limit. A reservation takes every item's
+-- stock and adds the quantity to the customer's units of each limited product.
 --
 -- The epoch is "<loaded marker>#<counter>". Everything that can add stock to a key outside
 -- this script (restore, adjust, a load or rebuild, a repair) changes it in the same atomic
@@ -29,7 +38,8 @@
 -- products seen at 0 stock by this call; per order kind is 'new' (decided now), 'seen'
 -- (decided before; rec is the first decision, nothing changed) or 'corrupt' (rec names a
 -- stock key that does not hold an integer; nothing done for this order). Records:
--- 'R|<token>|<items>' stock held, 'C|<token>|<items>' held then given back,
+-- 'R|<token>|<items>[|<customer>]' stock held, 'C|<token>|<items>[|<customer>]' held then
+-- given back,
 -- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
 -- pre-deduction, so that PostgreSQL can tell a redelivery of it from a second one.
 --
@@ -56,12 +66,12 @@ while a <= #ARGV do
   local n = tonumber(ARGV[a])
   local items = ARGV[a + 1]
   local decision = ARGV[a + 2]
-  local qty = a + 3
-  local pid = a + 3 + n
+  local guarded = ARGV[a + 3] == '1'
+  local customer = ARGV[a + 4]
+  local qty = a + 4
+  local pid = a + 4 + n
   local rec_key = KEYS[k]
-  if decision == '' and marker_valid and ARGV[a + 3] == '1' then
-    decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
-  end
+  local buyers = k + n
   local rec = redis.call('GET', rec_key)
   local kind = 'new'
   if rec then
@@ -69,6 +79,18 @@ while a <= #ARGV do
     decision = rec
   else
     local corrupt = nil
+    local limited = {}
+    if decision == '' and customer == '' then
+      for i = 1, n do
+        if redis.call('EXISTS', KEYS[buyers + i]) == 1 then
+          decision = 'X|invalid_order|'
+          break
+        end
+      end
+    end
+    if decision == '' and guarded and marker_valid then
+      decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
+    end
     if decision == '' then
       for i = 1, n do
         local raw = redis.call('GET', KEYS[k + i])
@@ -81,12 +103,23 @@ while a <= #ARGV do
           corrupt = KEYS[k + i]
           break
         end
-        if have < tonumber(ARGV[qty + i]) then
+        local q = tonumber(ARGV[qty + i])
+        if have < q then
           if have == 0 then
             zero(ARGV[pid + i])
           end
           decision = 'X|insufficient_stock|' .. ARGV[pid + i]
           break
+        end
+        if customer ~= '' then
+          local lim = redis.call('HMGET', KEYS[buyers + i], '#limit', customer)
+          if lim[1] then
+            if (tonumber(lim[2]) or 0) + q > tonumber(lim[1]) then
+              decision = 'X|limit_exceeded|' .. ARGV[pid + i]
+              break
+            end
+            limited[i] = true
+          end
         end
       end
     end
@@ -99,16 +132,22 @@ while a <= #ARGV do
           if redis.call('DECRBY', KEYS[k + i], ARGV[qty + i]) == 0 then
             zero(ARGV[pid + i])
           end
+          if limited[i] then
+            redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
+          end
         end
         decision = 'R|' .. new_token(marker, KEYS[3], ARGV[3]) .. '|' .. items
+        if customer ~= '' then
+          decision = decision .. '|' .. customer
+        end
       end
       redis.call('SET', rec_key, decision, 'EX', ttl)
     end
   end
   out[#out + 1] = kind
   out[#out + 1] = decision
-  k = k + 1 + n
-  a = a + 4 + 2 * n
+  k = k + 1 + 2 * n
+  a = a + 5 + 2 * n
 end
 local reply = {'ok', epoch, tostring(#zeros)}
 for _, z in ipairs(zeros) do

@@ -3,11 +3,16 @@
 -- KEYS[1]     the "loaded" marker (its value is the Redis generation)
 -- KEYS[2]     the stock epoch counter, incremented when stock comes back (see reserve.lua)
 -- KEYS[3]     the order's record
--- KEYS[4..]   stock:{product_id} of each item
+-- KEYS[4..]   stock:{product_id} of each item, then stockpipe:buyers:{product_id} of each
 -- ARGV[1]     the pre-deduction's token ('' for a compensation from before tokens: any)
 -- ARGV[2]     the generation of the PostgreSQL change behind the compensation ('' : any)
 -- ARGV[3]     the order's items in canonical form, as the record must hold them
 -- ARGV[4..]   quantity of each item
+--
+-- The record's customer (if any) gets back the units it holds of each product that still
+-- has a limit: whether a product counts is fixed within a generation, and removing a limit
+-- drops its counts (DESIGN.md "Per-customer limits"), so this undoes exactly what the
+-- reservation counted.
 --
 -- Returns 'restored', 'already' (given back before), 'unloaded' (nothing done), 'stale'
 -- (Redis was rebuilt since that change: the rebuild's snapshot already holds it),
@@ -25,7 +30,7 @@ local rec = redis.call('GET', KEYS[3])
 if not rec then
   return 'unknown'
 end
-local state, token, items = string.match(rec, '^(%u)|([^|]*)|(.*)$')
+local state, token, items, rest = string.match(rec, '^(%u)|([^|]*)|([^|]*)(.*)$')
 if state ~= 'R' and state ~= 'C' then
   return 'not_held'
 end
@@ -38,9 +43,16 @@ end
 if items ~= ARGV[3] then
   return 'mismatch'
 end
-for i = 4, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[i])
+local n = #ARGV - 3
+local customer = string.sub(rest, 2)
+for i = 1, n do
+  redis.call('INCRBY', KEYS[3 + i], ARGV[3 + i])
+  if customer ~= '' and redis.call('HEXISTS', KEYS[3 + n + i], '#limit') == 1 then
+    if redis.call('HINCRBY', KEYS[3 + n + i], customer, -tonumber(ARGV[3 + i])) <= 0 then
+      redis.call('HDEL', KEYS[3 + n + i], customer)
+    end
+  end
 end
 redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[3], 'C|' .. token .. '|' .. ARGV[3], 'KEEPTTL')
+redis.call('SET', KEYS[3], 'C|' .. token .. '|' .. ARGV[3] .. rest, 'KEEPTTL')
 return 'restored'

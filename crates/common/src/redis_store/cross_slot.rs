@@ -23,7 +23,7 @@
 //! already released and writes `C`.
 
 use super::{
-    encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
+    buyers_key, encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
     ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
     PIPELINE_CHUNK,
 };
@@ -142,6 +142,10 @@ enum Hold {
     Short(i64),
     Unknown(i64),
     Corrupt(String),
+    /// The customer would go over the product's limit.
+    Limit(i64),
+    /// No customer, and a product here has a limit.
+    Invalid,
     /// The slot is not loaded (its master lost its data): the order waits for a rebuild.
     Unloaded,
 }
@@ -329,7 +333,22 @@ impl RedisStore {
                 waiting.push(i);
                 continue;
             }
-            let mut refusal: Option<(Reason, i64)> = None;
+            // Each slot answers for the first of its items that fails; the order's refusal
+            // is the first of those in the order's own item order (an order without a
+            // customer for a limited product before any).
+            let mut refusal: Option<(usize, Reason, Option<i64>)> = None;
+            let mut refuse = |reason, p: Option<i64>| {
+                let at = p.map_or(0, |p| {
+                    1 + claim
+                        .items
+                        .iter()
+                        .position(|it| it.product_id == p)
+                        .unwrap_or(claim.items.len())
+                });
+                if refusal.as_ref().is_none_or(|(first, ..)| at < *first) {
+                    refusal = Some((at, reason, p));
+                }
+            };
             let mut undecided: Option<ReserveOutcome> = None;
             for (item_pid, h) in answers {
                 match h {
@@ -343,24 +362,21 @@ impl RedisStore {
                         )))
                     }
                     Hold::Corrupt(key) => undecided = Some(ReserveOutcome::Corrupt(key)),
-                    Hold::Short(p) => {
-                        refusal.get_or_insert((Reason::InsufficientStock, p));
-                    }
-                    Hold::Unknown(p) => {
-                        refusal.get_or_insert((Reason::UnknownProduct, p));
-                    }
+                    Hold::Short(p) => refuse(Reason::InsufficientStock, Some(p)),
+                    Hold::Unknown(p) => refuse(Reason::UnknownProduct, Some(p)),
+                    Hold::Limit(p) => refuse(Reason::LimitExceeded, Some(p)),
+                    Hold::Invalid => refuse(Reason::InvalidOrder, None),
                     // Refused before (its decision is written); the reason is the record's.
-                    Hold::Freed => {
-                        refusal.get_or_insert((Reason::InsufficientStock, item_pid));
-                    }
+                    Hold::Freed => refuse(Reason::InsufficientStock, Some(item_pid)),
                 }
             }
+            let refusal = refusal.map(|(_, reason, p)| (reason, p));
             let c = claim.clone();
             let decision = match (undecided, refusal) {
                 (Some(o), _) => Err(o),
                 (None, Some((reason, p))) => Ok(OrderRecord::Refused {
                     reason,
-                    product_id: Some(p),
+                    product_id: p,
                     claim: Some(c.clone()),
                 }),
                 (None, None) => Ok(OrderRecord::Held {
@@ -499,9 +515,13 @@ impl RedisStore {
                     for it in part {
                         inv.key(stock_key(it.product_id));
                     }
+                    for it in part {
+                        inv.key(buyers_key(it.product_id));
+                    }
                     inv.arg(&claim.token)
                         .arg(part.len())
-                        .arg(encode_items(part));
+                        .arg(encode_items(part))
+                        .arg(reqs[i].customer.as_deref().unwrap_or(""));
                     for it in part {
                         inv.arg(it.quantity);
                     }
@@ -538,6 +558,8 @@ impl RedisStore {
                         "short" => Hold::Short(pid()?),
                         "unknown" => Hold::Unknown(pid()?),
                         "corrupt" => Hold::Corrupt(pair[1].clone()),
+                        "limit" => Hold::Limit(pid()?),
+                        "invalid" => Hold::Invalid,
                         _ => return Err(bad("hold")),
                     };
                     out[n].push((first, h));
@@ -674,6 +696,9 @@ impl RedisStore {
                     inv.key(hold_key(*slot, order_id, &claim.token));
                     for it in part {
                         inv.key(stock_key(it.product_id));
+                    }
+                    for it in part {
+                        inv.key(buyers_key(it.product_id));
                     }
                     let g = gen
                         .and_then(|g| g.get(*n).copied().flatten())
