@@ -42,6 +42,7 @@ pub mod slots;
 
 use crate::config::{ConfigError, RedisArgs, TlsFiles};
 use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
+use crate::pg_store::{HeldOrder, ProductLimit};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use slots::Shard;
@@ -1338,7 +1339,8 @@ impl RedisStore {
         &self,
         gen: i64,
         stock: &[(i64, i64)],
-        held: &[(String, String, Vec<Item>)],
+        held: &[HeldOrder],
+        limits: &[ProductLimit],
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         for pattern in FORGOTTEN_ON_LOAD {
@@ -1366,16 +1368,38 @@ impl RedisStore {
                 let _: () = pipe.query_async(&mut conn).await?;
             }
         }
+        // Each limited product's hash whole, in one atomic step (its slot's).
+        for l in limits {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .hset_multiple(
+                    buyers_key(l.product_id),
+                    &[
+                        (LIMIT_FIELD, l.per_customer.to_string()),
+                        (VERSION_FIELD, l.version.to_string()),
+                    ],
+                )
+                .ignore();
+            for chunk in l.units.chunks(1000) {
+                pipe.hset_multiple(buyers_key(l.product_id), chunk).ignore();
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+        }
         for chunk in held.chunks(5000) {
             let mut writes: Vec<(String, String)> = Vec::with_capacity(chunk.len());
-            for (id, token, items) in chunk {
+            for h in chunk {
                 let rec = OrderRecord::Held {
-                    token: token.clone(),
-                    items: items.clone(),
-                    customer: None,
+                    token: h.token.clone(),
+                    items: h.items.clone(),
+                    customer: h.customer.clone(),
                 };
-                writes.push((self.record_key(id), rec.encode()));
-                writes.extend(self.holds_of(id, token, items));
+                writes.push((self.record_key(&h.order_id), rec.encode()));
+                writes.extend(self.holds_of(
+                    &h.order_id,
+                    &h.token,
+                    &h.items,
+                    h.customer.as_deref(),
+                ));
             }
             self.set_all(&writes).await?;
         }

@@ -21,6 +21,13 @@ pub fn created(order_id: &str, items: &[Item]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The JSON of an `order_created` by `customer_id` (contract "Per-customer limits").
+pub fn created_by(order_id: &str, customer_id: &str, items: &[Item]) -> Vec<u8> {
+    json!({"type": "order_created", "order_id": order_id, "customer_id": customer_id, "items": items})
+        .to_string()
+        .into_bytes()
+}
+
 /// The JSON of an `order_paid`.
 pub fn paid(order_id: &str) -> Vec<u8> {
     json!({"type": "order_paid", "order_id": order_id})

@@ -153,7 +153,7 @@ pub fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn validate_request_id(id: &str) -> Result<(), AdminError> {
+pub(crate) fn validate_request_id(id: &str) -> Result<(), AdminError> {
     let ok = (1..=128).contains(&id.len())
         && id
             .bytes()
@@ -167,7 +167,7 @@ fn validate_request_id(id: &str) -> Result<(), AdminError> {
     }
 }
 
-fn validate_product(product_id: i64) -> Result<(), AdminError> {
+pub(crate) fn validate_product(product_id: i64) -> Result<(), AdminError> {
     if product_id < 1 {
         return Err(AdminError::Invalid(format!(
             "product id {product_id}: must be >= 1"
@@ -757,6 +757,8 @@ pub struct ProductReport {
     pub redis_corrupt: Option<String>,
     pub redis_loaded: bool,
     pub open_reservations: OpenReservations,
+    /// The per-customer limit, with the customers nearest it (the first `list`).
+    pub limit: crate::limits::LimitReport,
 }
 
 /// PostgreSQL's columns, Redis' `stock:{p}` and the open reservations of `product_id`
@@ -804,12 +806,14 @@ pub async fn show(
         })
     })
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let limit = crate::limits::report(pool, store, product_id, list).await?;
     Ok(ProductReport {
         product_id,
         postgres,
         redis,
         redis_corrupt,
         redis_loaded,
+        limit,
         open_reservations: OpenReservations {
             orders: totals.try_get(0)?,
             quantity: totals.try_get(1)?,
@@ -1050,12 +1054,20 @@ pub struct DriftReport {
     pub repaired: Vec<Drift>,
     /// Guarantee 1 broken in PostgreSQL (negatives, conservation); never repaired here.
     pub violations: Vec<Violation>,
+    /// Limits or customers' counts that differ between the stores; repaired by the same
+    /// rebuild as stock.
+    pub limits: Vec<crate::limits::LimitDrift>,
+    /// Whether the limit differences were repaired (by a rebuild).
+    pub limits_repaired: bool,
 }
 
 impl DriftReport {
     /// Nothing left to fix: loaded, every difference repaired, no violation.
     pub fn clean(&self) -> bool {
-        self.redis_loaded && self.drift.len() == self.repaired.len() && self.violations.is_empty()
+        self.redis_loaded
+            && self.drift.len() == self.repaired.len()
+            && self.violations.is_empty()
+            && (self.limits.is_empty() || self.limits_repaired)
     }
 }
 
@@ -1087,12 +1099,15 @@ pub async fn check_drift(
             });
         }
     }
+    let limits = crate::limits::drift(pool, store).await?;
     let mut repaired = Vec::new();
     let mut redis_loaded = redis_loaded;
-    if repair && !drift.is_empty() {
+    let mut limits_repaired = false;
+    if repair && (!drift.is_empty() || !limits.is_empty()) {
         crate::rebuild::rebuild(pool, store).await?;
         redis_loaded = true;
         repaired = drift.clone();
+        limits_repaired = true;
     }
     Ok(DriftReport {
         products: rows.len(),
@@ -1100,5 +1115,7 @@ pub async fn check_drift(
         drift,
         repaired,
         violations,
+        limits,
+        limits_repaired,
     })
 }

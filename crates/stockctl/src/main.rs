@@ -71,11 +71,34 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// A product's stock in PostgreSQL and Redis, and the orders holding reservations of it.
+    /// Set, change or remove a product's per-customer limit: the most units one customer
+    /// may hold in reserved and confirmed orders. PostgreSQL, then Redis; once per request
+    /// id. Adding a limit to a product without one reloads Redis (`stockctl rebuild`:
+    /// selling pauses for the load) so that every customer's count comes with it; lowering
+    /// it never takes back what a customer holds.
+    #[command(group = clap::ArgGroup::new("to").required(true).args(["per_customer", "none"]))]
+    Limit {
+        #[arg(long)]
+        product: i64,
+        /// The most units one customer may hold (0 refuses every order).
+        #[arg(long)]
+        per_customer: Option<i64>,
+        /// Remove the limit (and every customer's count).
+        #[arg(long)]
+        none: bool,
+        /// Retry a change with the id it printed: it is applied once in both stores.
+        /// A new UUID when not given.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A product's stock in PostgreSQL and Redis, the orders holding reservations of it,
+    /// and its per-customer limit with the customers nearest it.
     Show {
         #[arg(long)]
         product: i64,
-        /// How many open reservations to list.
+        /// How many open reservations (and customers nearest the limit) to list.
         #[arg(long, default_value_t = 20)]
         orders: i64,
         #[arg(long)]
@@ -175,6 +198,18 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 admin::set_stock_with_request(&pool, &store, *product, *stock, *force, &id).await?;
             print_change(&c, *json)?;
         }
+        Cmd::Limit {
+            product,
+            per_customer,
+            none: _,
+            request_id,
+            json,
+        } => {
+            let id = request_id_or_new(request_id.as_deref());
+            let (pool, store) = (pool()?, redis().await?);
+            let c = stockctl::limits::set_limit(&pool, &store, *product, *per_customer, &id).await?;
+            print_limit(&c, *json)?;
+        }
         Cmd::Show {
             product,
             orders,
@@ -268,6 +303,30 @@ fn print_change(c: &admin::StockChange, json: bool) -> anyhow::Result<()> {
              alone. Run `stockctl check` when the pipeline is idle"
         ),
         _ => {}
+    }
+    Ok(())
+}
+
+fn print_limit(c: &stockctl::limits::LimitChange, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(c)?);
+        return Ok(());
+    }
+    let show = |n: Option<i64>| n.map_or("none".to_owned(), |n| format!("{n} per customer"));
+    println!(
+        "product {}: limit {} -> {} (request {}): postgres {}, redis {}",
+        c.product_id,
+        show(c.previous),
+        show(c.per_customer),
+        c.request_id,
+        step(c.postgres),
+        step(c.redis)
+    );
+    if c.redis == admin::Step::Unloaded {
+        eprintln!(
+            "note: Redis is not loaded; PostgreSQL has the change and the next \
+             `stockctl rebuild` loads it"
+        );
     }
     Ok(())
 }
@@ -377,6 +436,22 @@ fn print_show(r: &admin::ProductReport, json: bool) -> anyhow::Result<()> {
     if o.orders > o.first.len() as i64 {
         println!("    … {} more", o.orders - o.first.len() as i64);
     }
+    let l = &r.limit;
+    match (l.per_customer, l.redis) {
+        (None, None) => println!("  limit: none"),
+        (pg, redis) => {
+            let show = |n: Option<i64>| n.map_or("none".to_owned(), |n| n.to_string());
+            println!(
+                "  limit per customer: postgres {}, redis {}; {} customers hold units",
+                show(pg),
+                show(redis),
+                l.customers
+            );
+            for (customer, units) in &l.nearest {
+                println!("    {customer}  {units}");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -406,6 +481,14 @@ fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Resu
     for v in &r.violations {
         println!("product {}: {}", v.product_id, v.what);
     }
+    for d in &r.limits {
+        let fixed = if r.limits_repaired {
+            " (repaired from postgres)"
+        } else {
+            ""
+        };
+        println!("product {}: {}{fixed}", d.product_id, d.what);
+    }
     if !r.redis_loaded {
         println!("redis not loaded: run `stockctl rebuild` (nothing repaired)");
     } else if repair && r.repaired.len() < r.drift.len() {
@@ -415,9 +498,10 @@ fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Resu
         );
     }
     if r.clean() {
-        if r.drift.is_empty() {
+        if r.drift.is_empty() && r.limits.is_empty() {
             println!(
-                "ok: {} products, redis equals available, every product conserved",
+                "ok: {} products, redis equals available, every product conserved, \
+                 limits and customers' counts equal",
                 r.products
             );
         } else {

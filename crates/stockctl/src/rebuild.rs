@@ -59,7 +59,7 @@ pub async fn load(
     started: Instant,
 ) -> Result<RebuildReport, AdminError> {
     redis
-        .load_generation(snap.gen, &snap.stock, &snap.held)
+        .load_generation(snap.gen, &snap.stock, &snap.held, &snap.limits)
         .await?;
     pg_store::finish_loading(pool, snap.gen).await?;
     let report = RebuildReport {

@@ -217,16 +217,18 @@ impl RedisStore {
         order_id: &str,
         token: &str,
         items: &[Item],
+        customer: Option<&str>,
     ) -> Vec<(String, String)> {
         if !self.cluster || in_one_slot(order_id, items) {
             return Vec::new();
         }
+        let customer = customer.map(|c| format!("|{c}")).unwrap_or_default();
         by_slot(items)
             .into_iter()
             .map(|(slot, part)| {
                 (
                     hold_key(slot, order_id, token),
-                    format!("H|{}", encode_items(&part)),
+                    format!("H|{}{customer}", encode_items(&part)),
                 )
             })
             .collect()
