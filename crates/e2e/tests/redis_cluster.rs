@@ -634,3 +634,111 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     collector.stop().await;
     env.cleanup().await;
 }
+
+/// Per-customer limits on the cluster (issue 13): a customer's count lives in the limited
+/// product's slot, and orders across slots hold and count it there (`hold.lua`), give it
+/// back on refusal and cancel (`release.lua`). 60 customers send 4 orders each, half of
+/// them across three masters, for a product limited to 2: each customer ends with at most
+/// 2 units in the results, and both stores count exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_across_slots() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let [a, b, c] = three_masters();
+    env.load_stock(&[(a, 1000), (b, 1000), (c, 1000)]).await;
+    stockctl::limits::set_limit(&env.pool, &env.store, c, Some(2), "limit-c")
+        .await
+        .expect("limit");
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let mut msgs = Vec::new();
+    let mut customer_of = HashMap::new();
+    let item = |product_id, quantity| Item {
+        product_id,
+        quantity,
+    };
+    for n in 0..4 {
+        for k in 0..60 {
+            let (id, customer) = (format!("o-{k}-{n}"), format!("c-{k}"));
+            let items = if n % 2 == 0 {
+                vec![item(c, 1)]
+            } else {
+                vec![item(a, 1), item(b, 1), item(c, 1)]
+            };
+            msgs.push((id.clone(), harness::created_by(&id, &customer, &items)));
+            customer_of.insert(id, customer);
+        }
+    }
+    // Without a customer, an order for the limited product is invalid, across slots too.
+    let items = [item(a, 1), item(c, 1)];
+    msgs.push(("anonymous".into(), created("anonymous", &items)));
+    let ids: HashSet<String> = msgs.iter().map(|(id, _)| id.clone()).collect();
+    env.send_orders(msgs).await;
+    assert!(collector.wait_for(&ids, 1, Duration::from_secs(120)).await);
+    // Every customer cancels its first reserved order: the units come back.
+    let snap = collector.snapshot();
+    let mut cancels = Vec::new();
+    for k in 0..60 {
+        let first = (0..4)
+            .map(|n| format!("o-{k}-{n}"))
+            .find(|id| snap[id].iter().any(|r| r.status == Status::Reserved));
+        if let Some(id) = first {
+            cancels.push((id.clone(), cancelled(&id)));
+        }
+    }
+    let cancelled_ids: HashSet<String> = cancels.iter().map(|(id, _)| id.clone()).collect();
+    env.send_orders(cancels).await;
+    assert!(collector.wait_for(&cancelled_ids, 2, Duration::from_secs(120)).await);
+    assert!(env.wait_idle("producer", "consumer").await);
+    let o = collector.snapshot();
+    assert_eq!(
+        o["anonymous"][0],
+        stock_common::events::StockResult::rejected(
+            "anonymous",
+            stock_common::events::Reason::InvalidOrder,
+            None
+        )
+    );
+    let mut held: std::collections::BTreeMap<String, i64> = Default::default();
+    for (id, customer) in &customer_of {
+        let rs = &o[id];
+        assert_eq!(created_outcomes(rs).len(), 1, "{id}: {rs:?}");
+        let r = &rs[0];
+        assert!(
+            r.status == Status::Reserved
+                || r.reason == Some(stock_common::events::Reason::LimitExceeded)
+                    && r.product_id == Some(c),
+            "{r:?}"
+        );
+        if rs.last().is_some_and(|r| r.status == Status::Reserved) {
+            *held.entry(customer.clone()).or_default() += 1;
+        }
+    }
+    assert!(held.values().all(|&n| n <= 2), "nobody above the limit");
+    let pg: std::collections::BTreeMap<String, i64> =
+        stock_common::pg_store::top_customers(&env.pool, c, i64::MAX)
+            .await
+            .expect("units")
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .collect();
+    let redis: std::collections::BTreeMap<String, i64> = env
+        .store
+        .buyers(c)
+        .await
+        .expect("buyers")
+        .map(|b| b.units.into_iter().collect())
+        .unwrap_or_default();
+    assert_eq!(pg, held, "PostgreSQL counts what the results say");
+    assert_eq!(redis, held, "Redis counts what the results say");
+    let report = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("check");
+    assert!(report.clean() && report.limits.is_empty(), "{report:?}");
+    env.assert_invariants(&[a, b, c]).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}
