@@ -58,9 +58,14 @@ pub async fn load(
     snap: &Snapshot,
     started: Instant,
 ) -> Result<RebuildReport, AdminError> {
-    redis
-        .load_generation(snap.gen, &snap.stock, &snap.held)
-        .await?;
+    // The Redis side (issue 13) will take the held orders' customers and the limits; until
+    // then it is loaded as before.
+    let held: Vec<_> = snap
+        .held
+        .iter()
+        .map(|h| (h.order_id.clone(), h.token.clone(), h.items.clone()))
+        .collect();
+    redis.load_generation(snap.gen, &snap.stock, &held).await?;
     pg_store::finish_loading(pool, snap.gen).await?;
     let report = RebuildReport {
         generation: snap.gen,
