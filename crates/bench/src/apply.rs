@@ -450,6 +450,7 @@ async fn run_bare_sql(
                         items: vec![item],
                         token: Some(format!("0.{}", b * batch_size + i)),
                         comp_gen: None,
+                        customer: None,
                     };
                     (id.clone(), row)
                 })

@@ -40,8 +40,12 @@ pub enum OrderEvent {
         items: Vec<Item>,
         customer_id: Option<String>,
     },
-    Paid { order_id: String },
-    Cancelled { order_id: String },
+    Paid {
+        order_id: String,
+    },
+    Cancelled {
+        order_id: String,
+    },
 }
 
 impl OrderEvent {
@@ -142,9 +146,9 @@ pub fn parse_order_event(bytes: &[u8]) -> Parsed {
         EventType::Paid => Parsed::Valid(OrderEvent::Paid { order_id }),
         EventType::Cancelled => Parsed::Valid(OrderEvent::Cancelled { order_id }),
         EventType::Created => {
-            match parse_items(field("items")).and_then(|items| {
-                Ok((items, parse_customer(field("customer_id"))?))
-            }) {
+            match parse_items(field("items"))
+                .and_then(|items| Ok((items, parse_customer(field("customer_id"))?)))
+            {
                 Ok((items, customer_id)) => Parsed::Valid(OrderEvent::Created {
                     order_id,
                     items,
@@ -1173,7 +1177,13 @@ mod tests {
             r#","customer_id":7"#,
         ] {
             assert!(
-                matches!(created(bad), Parsed::Invalid { kind: EventType::Created, .. }),
+                matches!(
+                    created(bad),
+                    Parsed::Invalid {
+                        kind: EventType::Created,
+                        ..
+                    }
+                ),
                 "{bad}"
             );
         }

@@ -8,6 +8,12 @@
 //! * `order_ledger` ([`LedgerRow`]): one row per decided order, the permanent judge.
 //! * `stock_request` ([`StockRequest`]): an operator's restock or set, once per request id.
 //! * `redis_generation` ([`Generation`]): the Redis generation PostgreSQL answers to.
+//! * `product_limit` ([`ProductLimit`]): the per-customer limit of a product, with the
+//!   version of the change that set it (mirrored on `stock.limit_version`).
+//! * `customer_units`: per limited product and customer, the units of that customer's
+//!   `reserved` and `confirmed` orders ([`customer_units`], [`apply_unit_deltas`]).
+//! * `limit_request` ([`LimitChange`]): an operator's limit change, once per request id
+//!   ([`set_limit`]).
 //!
 //! The consumer's batch and expiry sweep and `stockctl`'s restock, set and rebuild build
 //! their transactions from the functions here; nothing else writes these tables (the
@@ -21,6 +27,16 @@
 //! never deadlock. An order whose products have no row (unknown product) is protected by
 //! the ledger's primary key instead: [`insert_orders`] fails with
 //! [`PgStoreError::Conflict`] when it inserted fewer rows than planned.
+//!
+//! `product_limit` and `customer_units` follow the same lock: every writer of
+//! `customer_units` (the consumer's batch, the expiry sweep, [`set_limit`]) holds the
+//! product's `stock` row lock first, and only [`set_limit`] writes `product_limit`, under
+//! that lock. So while a transaction holds a product's stock row, its limit and its
+//! customers' counts cannot move under it. [`lock_stock`] reads the limits with the lock, in
+//! the same statement; because PostgreSQL rechecks only the locked row of a statement that
+//! waited for a lock (the joined limit is the one of the statement's snapshot),
+//! [`set_limit`] also writes the limit's version on the stock row (`limit_version`), and a
+//! lock whose row and limit disagree is [`PgStoreError::Conflict`] (start again).
 //!
 //! # Generation fence
 //!
@@ -54,6 +70,13 @@ pub enum PgStoreError {
     /// A `stock_request` row this code cannot read: permanent.
     #[error("bad stock_request row for {0}")]
     BadRequestRow(String),
+    /// An operator named a product that has no `stock` row: permanent.
+    #[error("unknown product {0}")]
+    UnknownProduct(i64),
+    /// A limit request id already recorded for another change: permanent (the operator
+    /// must pick a new request id).
+    #[error("request id {request_id} was already used for {was}")]
+    LimitRequestReused { request_id: String, was: String },
 }
 
 impl PgStoreError {
@@ -61,7 +84,10 @@ impl PgStoreError {
         match self {
             PgStoreError::Conflict(_) => true,
             PgStoreError::Db(e) => crate::db::is_transient(e),
-            PgStoreError::BadRow(_) | PgStoreError::BadRequestRow(_) => false,
+            PgStoreError::BadRow(_)
+            | PgStoreError::BadRequestRow(_)
+            | PgStoreError::UnknownProduct(_)
+            | PgStoreError::LimitRequestReused { .. } => false,
         }
     }
 }
@@ -167,6 +193,8 @@ pub struct LedgerRow {
     /// The generation of the PostgreSQL change that gives the order's stock back to Redis
     /// (a refusal here, a cancel, an expiry); None while nothing is to be given back.
     pub comp_gen: Option<i64>,
+    /// The order's `customer_id`, as first decided (None: the order named none).
+    pub customer: Option<String>,
 }
 
 impl LedgerRow {
@@ -212,8 +240,64 @@ pub struct Generation {
     pub loading: bool,
 }
 
-/// An order still `reserved` that released its items: (order id, items).
-pub type DueOrder = (String, Vec<Item>);
+/// An order still `reserved` past its deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueOrder {
+    pub order_id: String,
+    pub items: Vec<Item>,
+    /// Whose units of limited products its release gives back.
+    pub customer: Option<String>,
+}
+
+/// A product's per-customer limit and the units its customers hold (`units > 0` only, by
+/// customer id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProductLimit {
+    pub product_id: i64,
+    pub per_customer: i64,
+    /// The `limit_request` version that set it.
+    pub version: i64,
+    /// (customer, units), by customer id.
+    pub units: Vec<(String, i64)>,
+}
+
+/// What [`set_limit`] did (or, `fresh == false`, had done under the same request id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LimitChange {
+    /// The Redis generation the change was committed in: its Redis half applies to that
+    /// generation only.
+    pub gen: i64,
+    /// The change's version (increasing per change, from the `limit_version` sequence).
+    pub version: i64,
+    /// The limit before the change (None: there was none).
+    pub previous: Option<i64>,
+    /// The limit after it (None: removed, or still none).
+    pub per_customer: Option<i64>,
+    /// false: the request id was applied before; its recorded values are returned.
+    pub fresh: bool,
+}
+
+/// The stock rows [`lock_stock`] locked, and what a decision needs of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockedStock {
+    /// `available` of every product that has a row.
+    pub available: HashMap<i64, i64>,
+    /// The per-customer limit of every locked product that has one.
+    pub limits: HashMap<i64, i64>,
+}
+
+/// One (product, customer) count of `customer_units`.
+pub type UnitKey = (i64, String);
+
+/// An order held in the rebuild's snapshot: its Redis record is loaded from this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldOrder {
+    pub order_id: String,
+    /// The pre-deduction its ledger row applied (empty: a row from before tokens).
+    pub token: String,
+    pub items: Vec<Item>,
+    pub customer: Option<String>,
+}
 
 // ---------------------------------------------------------------------------------------
 // redis_generation: the fence
@@ -239,8 +323,10 @@ pub struct Snapshot {
     pub gen: i64,
     /// (product, available)
     pub stock: Vec<(i64, i64)>,
-    /// (order id, token, items) of every order still `reserved`.
-    pub held: Vec<(String, String, Vec<Item>)>,
+    /// Every order still `reserved`.
+    pub held: Vec<HeldOrder>,
+    /// Every product with a limit, and its customers' units (`> 0`).
+    pub limits: Vec<ProductLimit>,
 }
 
 /// The rebuild's fence: advances `redis_generation` (`gen + 1`, `loading = true`) and reads
@@ -268,18 +354,30 @@ pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, PgStoreError>
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<Vec<(i64, i64)>, sqlx::Error>>()?;
     let rows = sqlx::query(
-        "SELECT order_id, coalesce(token, ''), items::text FROM order_ledger WHERE status = 'reserved'",
+        "SELECT order_id, coalesce(token, ''), items::text, customer_id FROM order_ledger
+         WHERE status = 'reserved'",
     )
     .fetch_all(&mut *tx)
     .await?;
+    let limits = read_limits(&mut tx).await?;
     tx.commit().await?;
     let mut held = Vec::with_capacity(rows.len());
     for r in rows {
-        let id: String = r.try_get(0)?;
-        let items = decode_items(&r, 2, &id)?;
-        held.push((id, r.try_get(1)?, items));
+        let order_id: String = r.try_get(0)?;
+        let items = decode_items(&r, 2, &order_id)?;
+        held.push(HeldOrder {
+            token: r.try_get(1)?,
+            customer: r.try_get(3)?,
+            order_id,
+            items,
+        });
     }
-    Ok(Snapshot { gen, stock, held })
+    Ok(Snapshot {
+        gen,
+        stock,
+        held,
+        limits,
+    })
 }
 
 /// The load of generation `gen` reached Redis: `loading = false`.
@@ -295,22 +393,39 @@ pub async fn finish_loading(pool: &PgPool, gen: i64) -> Result<(), sqlx::Error> 
 // stock and stock_movement
 // ---------------------------------------------------------------------------------------
 
-/// `SELECT … FOR UPDATE` of the stock rows, in product-id order; returns `available`.
+/// `SELECT … FOR UPDATE` of the stock rows, in product-id order; returns `available` and
+/// the products' limits, read in the same statement. [`PgStoreError::Conflict`] when a
+/// limit changed while this statement waited for a row (module docs): start the
+/// transaction again.
 pub async fn lock_stock(
     tx: &mut Transaction<'_, Postgres>,
     products: &BTreeSet<i64>,
-) -> Result<HashMap<i64, i64>, sqlx::Error> {
+) -> Result<LockedStock, PgStoreError> {
+    let mut locked = LockedStock::default();
     if products.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(locked);
     }
     let ids: Vec<i64> = products.iter().copied().collect();
     let rows = sqlx::query(LOCK_STOCK)
         .bind(&ids)
         .fetch_all(&mut **tx)
         .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?)))
-        .collect()
+    for r in &rows {
+        let product: i64 = r.try_get(0)?;
+        let row_version: Option<i64> = r.try_get(2)?;
+        let limit: Option<i64> = r.try_get(3)?;
+        let limit_version: Option<i64> = r.try_get(4)?;
+        if row_version != limit_version {
+            return Err(PgStoreError::Conflict(
+                "a product's limit changed while its stock row was awaited",
+            ));
+        }
+        locked.available.insert(product, r.try_get(1)?);
+        if let Some(limit) = limit {
+            locked.limits.insert(product, limit);
+        }
+    }
+    Ok(locked)
 }
 
 /// Locks one product's row (`FOR UPDATE`) and returns it, creating it with all zeros
@@ -436,6 +551,254 @@ pub async fn insert_movements(
 }
 
 // ---------------------------------------------------------------------------------------
+// product_limit, customer_units, limit_request: per-customer limits
+// ---------------------------------------------------------------------------------------
+
+/// The units the customers of `pairs` hold of the products (which the caller has locked
+/// and knows to be limited): one statement. Pairs without a row hold 0 and are absent.
+pub async fn customer_units(
+    tx: &mut Transaction<'_, Postgres>,
+    pairs: &BTreeSet<UnitKey>,
+) -> Result<HashMap<UnitKey, i64>, sqlx::Error> {
+    if pairs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (p, c): (Vec<i64>, Vec<&str>) = pairs.iter().map(|(p, c)| (*p, c.as_str())).unzip();
+    let rows = sqlx::query(READ_UNITS)
+        .bind(&p)
+        .bind(&c)
+        .fetch_all(&mut **tx)
+        .await?;
+    rows.iter()
+        .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?)))
+        .collect()
+}
+
+/// Adds a transaction's unit changes, one per (product, customer) summed by the caller, in
+/// one statement: an increase is an upsert, a decrease an update, and a count that reaches
+/// 0 is deleted (a row exists only while units are held). The caller holds the products'
+/// stock row locks. A decrease that finds no row, or more units taken than held, means the
+/// counts drifted from the ledger (a bug or an outside write): it is logged and the count
+/// stays at 0 rather than stopping the batch, which holds decided orders (DESIGN rule 9).
+pub async fn apply_unit_deltas(
+    tx: &mut Transaction<'_, Postgres>,
+    deltas: &BTreeMap<UnitKey, i64>,
+) -> Result<(), sqlx::Error> {
+    let changes: Vec<(&UnitKey, i64)> = deltas
+        .iter()
+        .filter(|(_, d)| **d != 0)
+        .map(|(k, d)| (k, *d))
+        .collect();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let p: Vec<i64> = changes.iter().map(|((p, _), _)| *p).collect();
+    let c: Vec<&str> = changes.iter().map(|((_, c), _)| c.as_str()).collect();
+    let d: Vec<i64> = changes.iter().map(|(_, d)| *d).collect();
+    let (touched, below): (i64, i64) = sqlx::query_as(APPLY_UNITS)
+        .bind(&p)
+        .bind(&c)
+        .bind(&d)
+        .fetch_one(&mut **tx)
+        .await?;
+    if touched != changes.len() as i64 || below != 0 {
+        tracing::warn!(
+            changes = changes.len(),
+            touched,
+            below_zero = below,
+            "customer_units drifted from the ledger: a decrease found fewer units than it gives back"
+        );
+    }
+    Ok(())
+}
+
+/// The limit of `product_id`: (per customer, version), None when it has none.
+pub async fn product_limit(
+    pool: &PgPool,
+    product_id: i64,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as(PRODUCT_LIMIT)
+        .bind(product_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The `n` customers holding the most units of `product_id` (highest first, then by id).
+pub async fn top_customers(
+    pool: &PgPool,
+    product_id: i64,
+    n: i64,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT customer_id, units FROM customer_units WHERE product_id = $1 AND units > 0
+         ORDER BY units DESC, customer_id LIMIT $2",
+    )
+    .bind(product_id)
+    .bind(n)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every limited product with its customers' units (`> 0`), by product id: what Redis
+/// must mirror (the drift check).
+pub async fn all_limits(pool: &PgPool) -> Result<Vec<ProductLimit>, PgStoreError> {
+    let mut conn = pool.acquire().await?;
+    read_limits(&mut conn).await
+}
+
+/// Every limit and its units, in one statement (one snapshot).
+async fn read_limits(conn: &mut sqlx::PgConnection) -> Result<Vec<ProductLimit>, PgStoreError> {
+    let rows = sqlx::query(
+        "SELECT l.product_id, l.per_customer, l.version, u.customer_id, u.units
+         FROM product_limit l
+         LEFT JOIN customer_units u ON u.product_id = l.product_id AND u.units > 0
+         ORDER BY l.product_id, u.customer_id",
+    )
+    .fetch_all(conn)
+    .await?;
+    let mut out: Vec<ProductLimit> = Vec::new();
+    for r in &rows {
+        let product_id: i64 = r.try_get(0)?;
+        if out.last().map(|l| l.product_id) != Some(product_id) {
+            out.push(ProductLimit {
+                product_id,
+                per_customer: r.try_get(1)?,
+                version: r.try_get(2)?,
+                units: Vec::new(),
+            });
+        }
+        let customer: Option<String> = r.try_get(3)?;
+        let units: Option<i64> = r.try_get(4)?;
+        if let (Some(customer), Some(units), Some(limit)) = (customer, units, out.last_mut()) {
+            limit.units.push((customer, units));
+        }
+    }
+    Ok(out)
+}
+
+/// Sets (`Some`), changes or removes (`None`) the per-customer limit of `product_id`, once
+/// per `request_id`, in one transaction:
+/// 1. the generation fence ([`read_gen`]) first: the change belongs to that generation;
+/// 2. the product's stock row `FOR UPDATE` ([`PgStoreError::UnknownProduct`] without one),
+///    which every writer of `customer_units` holds first: counts cannot move meanwhile;
+/// 3. the request id: recorded before for the same product and limit, its recorded change
+///    is returned (`fresh: false`, nothing done); for another one,
+///    [`PgStoreError::LimitRequestReused`];
+/// 4. the previous limit; none → N: `customer_units` of the product computed from the
+///    ledger (the `reserved` and `confirmed` orders with a customer; **a scan of the whole
+///    ledger**, [`sql::COMPUTE_UNITS`], acceptable for an operator's rare change, and
+///    exact because it runs under the stock row lock); N → M: the limit updated, counts
+///    kept (lowering takes nothing back); N → none: the limit and the product's counts
+///    deleted;
+/// 5. `stock.limit_version` written (module docs: a waiting writer notices the change) and
+///    the `limit_request` row inserted with a new version.
+///
+/// The Redis half is the caller's, in `gen` only; when `redis_generation` says `loading`
+/// for `gen` (a rebuild fenced before this change and is loading a snapshot without it),
+/// the caller waits for that load before applying it, as for a restock (`stockctl`'s
+/// `give_to_redis`).
+pub async fn set_limit(
+    pool: &PgPool,
+    request_id: &str,
+    product_id: i64,
+    per_customer: Option<i64>,
+) -> Result<LimitChange, PgStoreError> {
+    let mut tx = pool.begin().await?;
+    let gen = read_gen(&mut tx).await?;
+    let locked = sqlx::query(LOCK_PRODUCT)
+        .bind(product_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if locked.is_none() {
+        return Err(PgStoreError::UnknownProduct(product_id));
+    }
+    // After the lock: a concurrent change of the same product under this id has committed.
+    /// (product, per customer, previous, version, generation)
+    type Recorded = (i64, Option<i64>, Option<i64>, i64, i64);
+    let found: Option<Recorded> = sqlx::query_as(FIND_LIMIT_REQUEST)
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some((product, limit, previous, version, gen)) = found {
+        if product != product_id || limit != per_customer {
+            let what = limit.map_or("no limit".to_owned(), |n| format!("a limit of {n}"));
+            return Err(PgStoreError::LimitRequestReused {
+                request_id: request_id.to_owned(),
+                was: format!("{what} on product {product}"),
+            });
+        }
+        return Ok(LimitChange {
+            gen,
+            version,
+            previous,
+            per_customer: limit,
+            fresh: false,
+        });
+    }
+    // A statement after the lock: it sees every change committed before it.
+    let previous: Option<i64> = sqlx::query_as::<_, (i64, i64)>(PRODUCT_LIMIT)
+        .bind(product_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|(n, _)| n);
+    let version: i64 = sqlx::query_scalar(NEXT_LIMIT_VERSION)
+        .fetch_one(&mut *tx)
+        .await?;
+    match (previous, per_customer) {
+        (_, Some(n)) => {
+            sqlx::query(UPSERT_LIMIT)
+                .bind(product_id)
+                .bind(n)
+                .bind(version)
+                .execute(&mut *tx)
+                .await?;
+            if previous.is_none() {
+                sqlx::query(DELETE_UNITS_OF)
+                    .bind(product_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(sql::COMPUTE_UNITS)
+                    .bind(product_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        (_, None) => {
+            sqlx::query(DELETE_LIMIT)
+                .bind(product_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(DELETE_UNITS_OF)
+                .bind(product_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    sqlx::query(MARK_LIMIT_VERSION)
+        .bind(product_id)
+        .bind(per_customer.map(|_| version))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(INSERT_LIMIT_REQUEST)
+        .bind(request_id)
+        .bind(product_id)
+        .bind(per_customer)
+        .bind(previous)
+        .bind(version)
+        .bind(gen)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(LimitChange {
+        gen,
+        version,
+        previous,
+        per_customer,
+        fresh: true,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // stock_request: operators' changes, once per request id
 // ---------------------------------------------------------------------------------------
 
@@ -555,6 +918,7 @@ fn decode_ledger_row(r: &PgRow) -> Option<LedgerRow> {
         items,
         token: r.try_get(7).ok()?,
         comp_gen: r.try_get(8).ok()?,
+        customer: r.try_get(9).ok()?,
     })
 }
 
@@ -578,7 +942,9 @@ pub async fn insert_orders(
     let mut items = Vec::with_capacity(rows.len());
     let mut tokens: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     let mut comp_gens: Vec<Option<i64>> = Vec::with_capacity(rows.len());
+    let mut customers: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     for (id, r) in rows {
+        customers.push(r.customer.as_deref());
         tokens.push(r.token.as_deref());
         comp_gens.push(r.comp_gen);
         ids.push(id.as_str());
@@ -600,6 +966,7 @@ pub async fn insert_orders(
         .bind(reservation_ttl.as_secs_f64())
         .bind(&tokens)
         .bind(&comp_gens)
+        .bind(&customers)
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -691,13 +1058,12 @@ pub struct Unannounced {
 /// Up to `limit` releases that are committed but not yet announced.
 pub async fn unannounced(pool: &PgPool, limit: i64) -> Result<Vec<Unannounced>, PgStoreError> {
     let rows = sqlx::query(UNANNOUNCED).bind(limit).fetch_all(pool).await?;
-    let items = decode_due(&rows)?;
     rows.iter()
-        .zip(items)
-        .map(|(r, (order_id, items))| {
+        .map(|r| {
+            let order_id: String = r.try_get(0)?;
             Ok(Unannounced {
+                items: decode_items(r, 1, &order_id)?,
                 order_id,
-                items,
                 token: r.try_get(2)?,
                 comp_gen: r.try_get(3)?,
             })
@@ -711,13 +1077,16 @@ pub async fn mark_announced(pool: &PgPool, ids: &[&str]) -> Result<(), sqlx::Err
     Ok(())
 }
 
-/// (order id, items) of rows whose first column is the order id and second `items::text`.
+/// Rows of (order id, `items::text`, customer id).
 fn decode_due(rows: &[PgRow]) -> Result<Vec<DueOrder>, PgStoreError> {
     rows.iter()
         .map(|r| {
-            let id: String = r.try_get(0)?;
-            let items = decode_items(r, 1, &id)?;
-            Ok((id, items))
+            let order_id: String = r.try_get(0)?;
+            Ok(DueOrder {
+                items: decode_items(r, 1, &order_id)?,
+                customer: r.try_get(2)?,
+                order_id,
+            })
         })
         .collect()
 }
@@ -740,7 +1109,12 @@ fn decode_items(r: &PgRow, col: usize, order_id: &str) -> Result<Vec<Item>, PgSt
 /// Reads of whole tables (the rebuild's snapshot, `stockctl`'s reports) are not here.
 pub mod sql {
     pub const READ_GEN: &str = "SELECT gen FROM redis_generation WHERE id";
-    pub const LOCK_STOCK: &str = "SELECT product_id, available FROM stock WHERE product_id = ANY($1) ORDER BY product_id FOR UPDATE";
+    /// The stock rows and their limits (`limit_version` of the locked row version against
+    /// the limit's own: see the module docs).
+    pub const LOCK_STOCK: &str =
+        "SELECT s.product_id, s.available, s.limit_version, l.per_customer, l.version
+         FROM stock s LEFT JOIN product_limit l ON l.product_id = s.product_id
+         WHERE s.product_id = ANY($1) ORDER BY s.product_id FOR UPDATE OF s";
     pub const CREATE_PRODUCT: &str =
         "INSERT INTO stock (product_id, available, reserved, sold, total_added)
          VALUES ($1, 0, 0, 0, 0) ON CONFLICT (product_id) DO NOTHING";
@@ -765,27 +1139,27 @@ pub mod sql {
     pub const APPLY_REQUEST: &str = "UPDATE stock SET available = available + $2, total_added = total_added + $2, updated_at = now()
          WHERE product_id = $1";
     pub const FETCH_LEDGER: &str = "SELECT order_id, status, reject_reason, reject_product, release_reason, settled_by, items::text,
-                token, comp_gen
+                token, comp_gen, customer_id
          FROM order_ledger WHERE order_id = ANY($1)";
     pub const INSERT_ORDERS: &str = "INSERT INTO order_ledger
              (order_id, status, reject_reason, reject_product, release_reason, settled_by, items,
-              reserved_until, settled_at, token, comp_gen)
+              reserved_until, settled_at, token, comp_gen, customer_id)
          SELECT o, s, rr, rp, rel, sb, i::jsonb,
                 CASE WHEN s = 'reserved' THEN now() + make_interval(secs => $8) END,
                 CASE WHEN s IN ('confirmed', 'released') THEN now() END,
-                tk, cg
+                tk, cg, cu
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
-                     $9::text[], $10::bigint[])
-              AS t(o, s, rr, rp, rel, sb, i, tk, cg)
+                     $9::text[], $10::bigint[], $11::text[])
+              AS t(o, s, rr, rp, rel, sb, i, tk, cg, cu)
          ON CONFLICT (order_id) DO NOTHING";
     pub const UPDATE_ORDERS: &str = "UPDATE order_ledger l
          SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now(), comp_gen = t.cg
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS t(o, s, rel, sb, cg)
          WHERE l.order_id = t.o";
-    pub const DUE_RESERVATIONS: &str = "SELECT order_id, items::text FROM order_ledger
+    pub const DUE_RESERVATIONS: &str = "SELECT order_id, items::text, customer_id FROM order_ledger
          WHERE status = 'reserved' AND reserved_until <= now()
          ORDER BY reserved_until LIMIT $1";
-    pub const DUE_AMONG: &str = "SELECT order_id, items::text FROM order_ledger
+    pub const DUE_AMONG: &str = "SELECT order_id, items::text, customer_id FROM order_ledger
          WHERE order_id = ANY($1) AND status = 'reserved' AND reserved_until <= now()";
     pub const RELEASE_EXPIRED: &str = "UPDATE order_ledger
          SET status = 'released', release_reason = 'expired', settled_by = 'expiry', settled_at = now(),
@@ -794,6 +1168,53 @@ pub mod sql {
     pub const UNANNOUNCED: &str = "SELECT order_id, items::text, token, comp_gen FROM order_ledger WHERE NOT announced LIMIT $1";
     pub const MARK_ANNOUNCED: &str =
         "UPDATE order_ledger SET announced = true WHERE order_id = ANY($1)";
+    /// The counts of (product, customer) pairs, by the primary key.
+    pub const READ_UNITS: &str = "SELECT u.product_id, u.customer_id, u.units
+         FROM UNNEST($1::bigint[], $2::text[]) AS t(p, c)
+         JOIN customer_units u ON u.product_id = t.p AND u.customer_id = t.c";
+    /// One change per (product, customer): each row is touched by one of the three parts
+    /// (a count reaching 0 or below is deleted, a decrease updated, an increase upserted).
+    /// Returns the rows touched and how many decreases took more than was held.
+    pub const APPLY_UNITS: &str = "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[]) AS t(p, c, d)),
+         gone AS (DELETE FROM customer_units u USING t
+                  WHERE t.d < 0 AND u.product_id = t.p AND u.customer_id = t.c AND u.units + t.d <= 0
+                  RETURNING u.units + t.d AS rest),
+         down AS (UPDATE customer_units u SET units = u.units + t.d FROM t
+                  WHERE t.d < 0 AND u.product_id = t.p AND u.customer_id = t.c AND u.units + t.d > 0
+                  RETURNING 1),
+         up AS (INSERT INTO customer_units (product_id, customer_id, units)
+                SELECT p, c, d FROM t WHERE d > 0
+                ON CONFLICT (product_id, customer_id) DO UPDATE SET units = customer_units.units + EXCLUDED.units
+                RETURNING 1)
+         SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM down) + (SELECT count(*) FROM up),
+                (SELECT count(*) FROM gone WHERE rest < 0)";
+    pub const PRODUCT_LIMIT: &str =
+        "SELECT per_customer, version FROM product_limit WHERE product_id = $1";
+    /// `set_limit`'s statements (its ledger scan, [`COMPUTE_UNITS`], is not here).
+    pub const FIND_LIMIT_REQUEST: &str =
+        "SELECT product_id, per_customer, previous, version, gen FROM limit_request WHERE request_id = $1";
+    pub const NEXT_LIMIT_VERSION: &str = "SELECT nextval('limit_version')";
+    pub const UPSERT_LIMIT: &str = "INSERT INTO product_limit (product_id, per_customer, version) VALUES ($1, $2, $3)
+         ON CONFLICT (product_id) DO UPDATE SET per_customer = EXCLUDED.per_customer, version = EXCLUDED.version";
+    pub const DELETE_LIMIT: &str = "DELETE FROM product_limit WHERE product_id = $1";
+    pub const DELETE_UNITS_OF: &str = "DELETE FROM customer_units WHERE product_id = $1";
+    pub const MARK_LIMIT_VERSION: &str =
+        "UPDATE stock SET limit_version = $2, updated_at = now() WHERE product_id = $1";
+    pub const INSERT_LIMIT_REQUEST: &str =
+        "INSERT INTO limit_request (request_id, product_id, per_customer, previous, version, gen)
+         VALUES ($1, $2, $3, $4, $5, $6)";
+
+    /// Not in [`ALL`]: the counts of a product that gets a limit, computed from the whole
+    /// ledger (every `reserved` and `confirmed` order with a customer, summing its item of
+    /// that product). A sequential scan of `order_ledger`, run only by `set_limit` when a
+    /// limit is first set (an operator's rare change), never per batch.
+    pub const COMPUTE_UNITS: &str = "INSERT INTO customer_units (product_id, customer_id, units)
+         SELECT $1, l.customer_id, sum((i ->> 'quantity')::bigint)
+         FROM order_ledger l CROSS JOIN LATERAL jsonb_array_elements(l.items) AS i
+         WHERE l.status IN ('reserved', 'confirmed') AND l.customer_id IS NOT NULL
+           AND (i ->> 'product_id')::bigint = $1
+         GROUP BY l.customer_id
+         HAVING sum((i ->> 'quantity')::bigint) > 0";
 
     /// (name, statement) of every statement above.
     pub const ALL: &[(&str, &str)] = &[
@@ -815,5 +1236,15 @@ pub mod sql {
         ("RELEASE_EXPIRED", RELEASE_EXPIRED),
         ("UNANNOUNCED", UNANNOUNCED),
         ("MARK_ANNOUNCED", MARK_ANNOUNCED),
+        ("READ_UNITS", READ_UNITS),
+        ("APPLY_UNITS", APPLY_UNITS),
+        ("PRODUCT_LIMIT", PRODUCT_LIMIT),
+        ("FIND_LIMIT_REQUEST", FIND_LIMIT_REQUEST),
+        ("NEXT_LIMIT_VERSION", NEXT_LIMIT_VERSION),
+        ("UPSERT_LIMIT", UPSERT_LIMIT),
+        ("DELETE_LIMIT", DELETE_LIMIT),
+        ("DELETE_UNITS_OF", DELETE_UNITS_OF),
+        ("MARK_LIMIT_VERSION", MARK_LIMIT_VERSION),
+        ("INSERT_LIMIT_REQUEST", INSERT_LIMIT_REQUEST),
     ];
 }

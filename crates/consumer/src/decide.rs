@@ -18,13 +18,62 @@
 //!   stock goes back to Redis by a compensation.
 //! * A pay or cancel that finds the order settled is `ignored` with the reason, unless it
 //!   is the very event that settled it (a redelivery): then its own result comes again.
+//!
+//! Per-customer limits (docs/DESIGN.md, "Per-customer limits": the same rule as Redis'):
+//! * `reserve` of an order never seen: an order without customer that has an item of a
+//!   limited product is `rejected`/`invalid_order` (no product named); then item by item,
+//!   the first that fails decides: unknown product, stock short (`insufficient_stock`),
+//!   the customer's units (held plus this batch's changes) plus the quantity above the
+//!   limit (`limit_exceeded`, naming it). A refusal gives the pre-deduction back to Redis
+//!   as a stock refusal does. A reservation adds its units to the customer's count of each
+//!   limited product.
+//! * `cancel` of a reserved order takes its units off its customer's count of each of its
+//!   products limited now; `pay` moves no count (`reserved` and `confirmed` both count).
+//! * The ledger row keeps the customer of the first decision; a redelivery changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use stock_common::events::{
     Compensation, CompensationCause, DeductCommand, Item, Reason, Status, StockResult, Token,
     INTERNAL_VERSION,
 };
-pub use stock_common::pg_store::{Delta, LedgerRow, Movement, OrderStatus};
+pub use stock_common::pg_store::{Delta, LedgerRow, Movement, OrderStatus, UnitKey};
+
+/// What [`plan`] knows of per-customer limits, read under the batch's stock row locks.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// The per-customer limit of each locked product that has one.
+    pub per_customer: HashMap<i64, i64>,
+    /// The units held by the (product, customer) pairs the batch's reservations need
+    /// (limited products only; a pair absent holds 0).
+    pub units: HashMap<UnitKey, i64>,
+}
+
+impl Limits {
+    /// The (limited product, customer) pairs whose counts a batch's reservations need:
+    /// what to read before [`plan`]. Empty when no reservation has a limited item with a
+    /// customer.
+    pub fn pairs_needed(
+        ops: &[DeductCommand],
+        per_customer: &HashMap<i64, i64>,
+    ) -> std::collections::BTreeSet<UnitKey> {
+        ops.iter()
+            .filter_map(|o| match o {
+                DeductCommand::Reserve {
+                    items,
+                    customer: Some(c),
+                    ..
+                } => Some(
+                    items
+                        .iter()
+                        .filter(|it| per_customer.contains_key(&it.product_id))
+                        .map(move |it| (it.product_id, c.clone())),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+}
 
 /// Everything a batch does.
 #[derive(Debug, Default)]
@@ -40,6 +89,8 @@ pub struct Plan {
     pub updates: Vec<(String, LedgerRow)>,
     /// Per product, only where something changed.
     pub deltas: BTreeMap<i64, Delta>,
+    /// Changes of `customer_units`, per (limited product, customer), only where not 0.
+    pub units: BTreeMap<UnitKey, i64>,
 }
 
 struct Entry {
@@ -51,11 +102,13 @@ struct Entry {
 /// Decides a batch. `known` holds the ledger rows of the batch's orders (read while the
 /// stock rows of those orders are locked); `available` the `available` column of every
 /// existing product the batch touches; `gen` the Redis generation PostgreSQL answers to
-/// (`redis_generation`, read first in the same transaction).
+/// (`redis_generation`, read first in the same transaction); `limits` the limits of those
+/// products and the counts [`Limits::pairs_needed`] names.
 pub fn plan(
     ops: &[DeductCommand],
     known: HashMap<String, LedgerRow>,
     available: &HashMap<i64, i64>,
+    limits: &Limits,
     gen: i64,
 ) -> Plan {
     let mut p = Planner {
@@ -73,6 +126,7 @@ pub fn plan(
         plan: Plan::default(),
         first_insert_order: Vec::new(),
         available,
+        limits,
         gen,
     };
     for op in ops {
@@ -81,8 +135,9 @@ pub fn plan(
                 order_id,
                 items,
                 token,
+                customer,
                 ..
-            } => p.reserve(order_id, items, token.as_deref()),
+            } => p.reserve(order_id, items, token.as_deref(), customer.as_deref()),
             DeductCommand::Refuse {
                 order_id,
                 reason,
@@ -98,7 +153,7 @@ pub fn plan(
                     order_id,
                     event,
                     Settle::Pay,
-                    gen,
+                    (gen, &limits.per_customer),
                 );
                 p.plan.results.push(result);
             }
@@ -117,22 +172,33 @@ struct Planner<'a> {
     /// Orders first seen in this batch, in the order they were seen.
     first_insert_order: Vec<String>,
     available: &'a HashMap<i64, i64>,
+    limits: &'a Limits,
     gen: i64,
 }
 
 impl Planner<'_> {
     /// A pre-deduction of `order_id` named `token` (module docs: `reserve`).
-    fn reserve(&mut self, order_id: &str, items: &[Item], token: Option<&str>) {
+    fn reserve(
+        &mut self,
+        order_id: &str,
+        items: &[Item],
+        token: Option<&str>,
+        customer: Option<&str>,
+    ) {
         let gen = self.gen;
         let token_gen = token.and_then(Token::parse).map(|t| t.gen);
-        let give_back = |cause, token: Option<&str>, gen| Compensation {
+        let give_back = |cause: CompensationCause, token: Option<&str>, gen| Compensation {
             v: INTERNAL_VERSION,
             order_id: order_id.to_owned(),
             items: items.to_vec(),
             cause,
             token: token.map(str::to_owned),
             gen,
-            customer: None,
+            // Only a decision taken again needs the customer; a give-back finds it in the
+            // order's Redis record.
+            customer: (cause == CompensationCause::Redecide)
+                .then(|| customer.map(str::to_owned))
+                .flatten(),
         };
         if let Some(e) = self.ledger.get(order_id) {
             self.plan.results.push(e.row.created_outcome(order_id));
@@ -158,7 +224,7 @@ impl Planner<'_> {
             self.plan.compensations.push(c);
             return;
         }
-        let row = match shortfall(items, self.available, &self.plan.deltas) {
+        let row = match self.refusal(items, customer) {
             Some(reject) => {
                 let row = LedgerRow {
                     status: OrderStatus::Rejected,
@@ -168,6 +234,7 @@ impl Planner<'_> {
                     items: items.to_vec(),
                     token: token.map(str::to_owned),
                     comp_gen: Some(gen),
+                    customer: customer.map(str::to_owned),
                 };
                 let c = compensation(order_id, items, CompensationCause::Rejected, &row);
                 self.plan.compensations.push(c);
@@ -180,6 +247,9 @@ impl Planner<'_> {
                     reserved: it.quantity,
                     sold: 0,
                 });
+                if let Some(c) = customer {
+                    count_units(&mut self.plan.units, &self.limits.per_customer, items, c, 1);
+                }
                 LedgerRow {
                     status: OrderStatus::Reserved,
                     reject: None,
@@ -188,6 +258,7 @@ impl Planner<'_> {
                     items: items.to_vec(),
                     token: token.map(str::to_owned),
                     comp_gen: None,
+                    customer: customer.map(str::to_owned),
                 }
             }
         };
@@ -208,8 +279,36 @@ impl Planner<'_> {
             items: Vec::new(),
             token: None,
             comp_gen: None,
+            customer: None,
         };
         self.insert(order_id, row);
+    }
+
+    /// Why an order first seen cannot be reserved (module docs: the one rule of a
+    /// decision), against the stock and counts as this batch has changed them so far.
+    fn refusal(&self, items: &[Item], customer: Option<&str>) -> Option<(Reason, Option<i64>)> {
+        let limits = &self.limits.per_customer;
+        if customer.is_none() && items.iter().any(|it| limits.contains_key(&it.product_id)) {
+            return Some((Reason::InvalidOrder, None));
+        }
+        let deltas = &self.plan.deltas;
+        items.iter().find_map(|it| {
+            let p = it.product_id;
+            let Some(base) = self.available.get(&p) else {
+                return Some((Reason::UnknownProduct, Some(p)));
+            };
+            let now = base + deltas.get(&p).map_or(0, |d| d.available);
+            if now < it.quantity {
+                return Some((Reason::InsufficientStock, Some(p)));
+            }
+            let (Some(limit), Some(c)) = (limits.get(&p), customer) else {
+                return None;
+            };
+            let key = (p, c.to_owned());
+            let held = self.limits.units.get(&key).copied().unwrap_or(0)
+                + self.plan.units.get(&key).copied().unwrap_or(0);
+            (held + it.quantity > *limit).then_some((Reason::LimitExceeded, Some(p)))
+        })
     }
 
     fn cancel(&mut self, order_id: &str, event: &str) {
@@ -219,7 +318,7 @@ impl Planner<'_> {
             order_id,
             event,
             Settle::Cancel,
-            self.gen,
+            (self.gen, &self.limits.per_customer),
         );
         if result.status == Status::Released {
             if let Some(e) = self.ledger.get(order_id) {
@@ -277,25 +376,28 @@ impl Planner<'_> {
         updates.sort_by(|a, b| a.0.cmp(&b.0));
         self.plan.updates = updates;
         self.plan.deltas.retain(|_, d| *d != Delta::default());
+        self.plan.units.retain(|_, d| *d != 0);
         self.plan
     }
 }
 
-/// The first item that cannot be served, as the rejection it causes.
-fn shortfall(
+/// Adds `sign` × each item's quantity to `customer`'s count of each of the items' products
+/// that is limited (`per_customer`): a reservation (+1), a release (−1).
+pub fn count_units(
+    units: &mut BTreeMap<UnitKey, i64>,
+    per_customer: &HashMap<i64, i64>,
     items: &[Item],
-    available: &HashMap<i64, i64>,
-    deltas: &BTreeMap<i64, Delta>,
-) -> Option<(Reason, Option<i64>)> {
-    items
+    customer: &str,
+    sign: i64,
+) {
+    for it in items
         .iter()
-        .find_map(|it| match available.get(&it.product_id) {
-            None => Some((Reason::UnknownProduct, Some(it.product_id))),
-            Some(base) => {
-                let now = base + deltas.get(&it.product_id).map_or(0, |d| d.available);
-                (now < it.quantity).then_some((Reason::InsufficientStock, Some(it.product_id)))
-            }
-        })
+        .filter(|it| per_customer.contains_key(&it.product_id))
+    {
+        *units
+            .entry((it.product_id, customer.to_owned()))
+            .or_default() += sign * it.quantity;
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -310,7 +412,7 @@ fn settle(
     order_id: &str,
     event: &str,
     how: Settle,
-    gen: i64,
+    (gen, limits): (i64, &HashMap<i64, i64>),
 ) -> StockResult {
     let ignored = |reason| StockResult::new(order_id, Status::Ignored, Some(reason), None);
     let Some(e) = ledger.get_mut(order_id) else {
@@ -351,6 +453,9 @@ fn settle(
                     it,
                     delta,
                 );
+            }
+            if let Some(c) = &e.row.customer {
+                count_units(&mut plan.units, limits, &e.row.items, c, -1);
             }
             e.row.status = OrderStatus::Released;
             e.row.release_reason = Some(Reason::Cancelled);
@@ -427,7 +532,7 @@ mod tests {
         known: HashMap<String, LedgerRow>,
         available: &HashMap<i64, i64>,
     ) -> Plan {
-        super::plan(ops, known, available, 0)
+        super::plan(ops, known, available, &Limits::default(), 0)
     }
 
     fn reserve(id: &str, items: &[(i64, i64)]) -> DeductCommand {
@@ -466,6 +571,7 @@ mod tests {
             &[reserve_t("a", &[(1, 2)], "4.10")],
             HashMap::new(),
             &stock(&[(1, 5)]),
+            &Limits::default(),
             4,
         );
         let known: HashMap<_, _> = first.inserts.into_iter().collect();
@@ -474,6 +580,7 @@ mod tests {
             &[reserve_t("a", &[(1, 2)], "4.10")],
             known.clone(),
             &stock(&[(1, 3)]),
+            &Limits::default(),
             4,
         );
         assert_eq!(again.results, first.results);
@@ -483,6 +590,7 @@ mod tests {
             &[reserve_t("a", &[(1, 2)], "4.99")],
             known.clone(),
             &stock(&[(1, 3)]),
+            &Limits::default(),
             4,
         );
         assert_eq!(dup.results, first.results);
@@ -498,6 +606,7 @@ mod tests {
             &[reserve_t("a", &[(1, 2)], "3.7")],
             known,
             &stock(&[(1, 3)]),
+            &Limits::default(),
             4,
         );
         assert_eq!(old.results, first.results);
@@ -510,6 +619,7 @@ mod tests {
             &[reserve_t("a", &[(1, 2)], "3.7")],
             HashMap::new(),
             &stock(&[(1, 5)]),
+            &Limits::default(),
             4,
         );
         assert!(p.results.is_empty() && p.inserts.is_empty() && p.deltas.is_empty());
@@ -529,6 +639,7 @@ mod tests {
             &[refuse("r"), reserve_t("r", &[(1, 1)], "4.3")],
             HashMap::new(),
             &stock(&[(1, 5)]),
+            &Limits::default(),
             4,
         );
         let rejected = StockResult::rejected("r", Reason::InsufficientStock, Some(1));
@@ -718,6 +829,7 @@ mod tests {
             }],
             token: None,
             comp_gen: None,
+            customer: None,
         };
         let known = HashMap::from([("a".to_owned(), row)]);
         let p = plan(
@@ -771,6 +883,7 @@ mod tests {
             }],
             token: None,
             comp_gen: None,
+            customer: None,
         };
         let p = plan(
             &[cancel("a", "e")],
@@ -787,5 +900,353 @@ mod tests {
                 sold: 0
             }
         );
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Per-customer limits
+    // -----------------------------------------------------------------------------------
+
+    fn reserve_c(id: &str, items: &[(i64, i64)], customer: Option<&str>) -> DeductCommand {
+        match reserve(id, items) {
+            DeductCommand::Reserve {
+                v, order_id, items, ..
+            } => DeductCommand::Reserve {
+                v,
+                order_id,
+                items,
+                token: None,
+                customer: customer.map(str::to_owned),
+            },
+            other => other,
+        }
+    }
+
+    /// Limits `(product, per customer)` and counts `(product, customer, units)`.
+    fn limits(per: &[(i64, i64)], held: &[(i64, &str, i64)]) -> Limits {
+        Limits {
+            per_customer: per.iter().copied().collect(),
+            units: held
+                .iter()
+                .map(|&(p, c, n)| ((p, c.to_owned()), n))
+                .collect(),
+        }
+    }
+
+    fn plan_l(
+        ops: &[DeductCommand],
+        known: HashMap<String, LedgerRow>,
+        st: &[(i64, i64)],
+        l: &Limits,
+    ) -> Plan {
+        super::plan(ops, known, &stock(st), l, 0)
+    }
+
+    fn units(pairs: &[(i64, &str, i64)]) -> BTreeMap<UnitKey, i64> {
+        pairs
+            .iter()
+            .map(|&(p, c, n)| ((p, c.to_owned()), n))
+            .collect()
+    }
+
+    #[test]
+    fn an_order_without_customer_for_a_limited_product_is_invalid() {
+        let l = limits(&[(2, 5)], &[]);
+        // the limited product is the second item, the first one unknown: rule 1 comes first
+        let p = plan_l(
+            &[reserve_c("a", &[(9, 1), (2, 1)], None)],
+            HashMap::new(),
+            &[(2, 10)],
+            &l,
+        );
+        assert_eq!(
+            p.results,
+            vec![StockResult::rejected("a", Reason::InvalidOrder, None)]
+        );
+        assert!(p.deltas.is_empty() && p.units.is_empty());
+        assert_eq!(p.compensations.len(), 1);
+        assert_eq!(p.compensations[0].cause, CompensationCause::Rejected);
+        assert_eq!(p.inserts[0].1.reject, Some((Reason::InvalidOrder, None)));
+        // without customer on unlimited products: as before
+        let p = plan_l(
+            &[reserve_c("b", &[(1, 1)], None)],
+            HashMap::new(),
+            &[(1, 1), (2, 1)],
+            &l,
+        );
+        assert_eq!(p.results, vec![StockResult::reserved("b")]);
+        assert!(p.units.is_empty());
+    }
+
+    #[test]
+    fn a_customer_reserves_up_to_the_limit_within_a_batch() {
+        let l = limits(&[(1, 2)], &[]);
+        let ops = [
+            reserve_c("a1", &[(1, 1)], Some("ann")),
+            reserve_c("b1", &[(1, 2)], Some("bob")),
+            reserve_c("a2", &[(1, 1)], Some("ann")),
+            reserve_c("a3", &[(1, 1)], Some("ann")),
+            reserve_c("b2", &[(1, 1)], Some("bob")),
+            reserve_c("c1", &[(1, 3)], Some("cid")),
+        ];
+        let p = plan_l(&ops, HashMap::new(), &[(1, 100)], &l);
+        assert_eq!(
+            statuses(&p),
+            vec![
+                (Status::Reserved, None),
+                (Status::Reserved, None),
+                (Status::Reserved, None),
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+            ]
+        );
+        assert_eq!(p.results[3].product_id, Some(1));
+        assert_eq!(p.units, units(&[(1, "ann", 2), (1, "bob", 2)]));
+        assert_eq!(p.deltas[&1].reserved, 4);
+        // every refusal gives its pre-deduction back, as a stock refusal does
+        assert_eq!(p.compensations.len(), 3);
+        assert!(p
+            .compensations
+            .iter()
+            .all(|c| c.cause == CompensationCause::Rejected && c.customer.is_none()));
+        assert_eq!(p.inserts[0].1.customer.as_deref(), Some("ann"));
+        assert_eq!(p.inserts[3].1.customer.as_deref(), Some("ann"));
+    }
+
+    #[test]
+    fn held_units_count_and_a_lowered_limit_refuses_the_next_order() {
+        // ann holds 3, the limit is now 2: refused, nothing taken back
+        let l = limits(&[(1, 2)], &[(1, "ann", 3), (1, "bob", 1)]);
+        let p = plan_l(
+            &[
+                reserve_c("a", &[(1, 1)], Some("ann")),
+                reserve_c("b", &[(1, 1)], Some("bob")),
+                reserve_c("b2", &[(1, 1)], Some("bob")),
+            ],
+            HashMap::new(),
+            &[(1, 10)],
+            &l,
+        );
+        assert_eq!(
+            statuses(&p),
+            vec![
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+                (Status::Reserved, None),
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+            ]
+        );
+        assert_eq!(p.units, units(&[(1, "bob", 1)]));
+    }
+
+    #[test]
+    fn a_limit_of_zero_refuses_every_order() {
+        let l = limits(&[(1, 0)], &[]);
+        let p = plan_l(
+            &[reserve_c("a", &[(1, 1)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10)],
+            &l,
+        );
+        assert_eq!(
+            p.results,
+            vec![StockResult::rejected("a", Reason::LimitExceeded, Some(1))]
+        );
+        assert!(p.units.is_empty() && p.deltas.is_empty());
+    }
+
+    #[test]
+    fn the_first_item_that_fails_decides_stock_before_limit() {
+        let l = limits(&[(1, 1), (2, 1)], &[]);
+        // item 1 over its limit comes before item 2 short
+        let p = plan_l(
+            &[reserve_c("a", &[(1, 2), (2, 5)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10), (2, 1)],
+            &l,
+        );
+        assert_eq!(
+            p.results[0],
+            StockResult::rejected("a", Reason::LimitExceeded, Some(1))
+        );
+        // on the same item, stock short comes first
+        let p = plan_l(
+            &[reserve_c("a", &[(1, 2)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 1)],
+            &l,
+        );
+        assert_eq!(
+            p.results[0],
+            StockResult::rejected("a", Reason::InsufficientStock, Some(1))
+        );
+        // an unknown product before a later limited item
+        let p = plan_l(
+            &[reserve_c("a", &[(9, 1), (1, 2)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10)],
+            &l,
+        );
+        assert_eq!(
+            p.results[0],
+            StockResult::rejected("a", Reason::UnknownProduct, Some(9))
+        );
+    }
+
+    #[test]
+    fn a_multi_item_order_over_a_limit_reserves_nothing() {
+        let l = limits(&[(2, 1)], &[]);
+        let p = plan_l(
+            &[reserve_c("a", &[(1, 3), (2, 2)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10), (2, 10)],
+            &l,
+        );
+        assert_eq!(
+            p.results[0],
+            StockResult::rejected("a", Reason::LimitExceeded, Some(2))
+        );
+        assert!(p.deltas.is_empty() && p.units.is_empty());
+        assert_eq!(p.compensations[0].items.len(), 2);
+        // within the limit: both reserved, only the limited product counted
+        let p = plan_l(
+            &[reserve_c("b", &[(1, 3), (2, 1)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10), (2, 10)],
+            &l,
+        );
+        assert_eq!(p.results[0], StockResult::reserved("b"));
+        assert_eq!(p.units, units(&[(2, "ann", 1)]));
+    }
+
+    #[test]
+    fn cancel_gives_units_back_and_pay_keeps_them() {
+        let row = |customer: &str| LedgerRow {
+            status: OrderStatus::Reserved,
+            reject: None,
+            release_reason: None,
+            settled_by: None,
+            items: vec![
+                Item {
+                    product_id: 1,
+                    quantity: 2,
+                },
+                Item {
+                    product_id: 3,
+                    quantity: 1,
+                },
+            ],
+            token: None,
+            comp_gen: None,
+            customer: Some(customer.to_owned()),
+        };
+        let known = HashMap::from([("c".to_owned(), row("ann")), ("p".to_owned(), row("bob"))]);
+        let l = limits(&[(1, 2)], &[(1, "ann", 2), (1, "bob", 2)]);
+        let p = plan_l(
+            &[
+                cancel("c", "e1"),
+                pay("p", "e2"),
+                // ann's units are back within the batch: her next order is reserved
+                reserve_c("n", &[(1, 2)], Some("ann")),
+                reserve_c("m", &[(1, 1)], Some("bob")),
+            ],
+            known,
+            &[(1, 10), (3, 10)],
+            &l,
+        );
+        assert_eq!(
+            statuses(&p),
+            vec![
+                (Status::Released, Some(Reason::Cancelled)),
+                (Status::Confirmed, None),
+                (Status::Reserved, None),
+                (Status::Rejected, Some(Reason::LimitExceeded)),
+            ]
+        );
+        // ann −2 + 2: no change to write; bob's payment moved nothing
+        assert!(p.units.is_empty(), "{:?}", p.units);
+        // the cancel alone
+        let known = HashMap::from([("c".to_owned(), row("ann"))]);
+        let p = plan_l(&[cancel("c", "e1")], known.clone(), &[(1, 10), (3, 10)], &l);
+        assert_eq!(p.units, units(&[(1, "ann", -2)]));
+        // a product no longer limited: nothing to give back
+        let p = plan_l(
+            &[cancel("c", "e1")],
+            known,
+            &[(1, 10), (3, 10)],
+            &Limits::default(),
+        );
+        assert!(p.units.is_empty());
+    }
+
+    #[test]
+    fn a_redelivery_keeps_the_first_customer_and_counts_nothing() {
+        let l = limits(&[(1, 5)], &[]);
+        let first = plan_l(
+            &[reserve_c("a", &[(1, 2)], Some("ann"))],
+            HashMap::new(),
+            &[(1, 10)],
+            &l,
+        );
+        let known: HashMap<_, _> = first.inserts.into_iter().collect();
+        let l = limits(&[(1, 5)], &[(1, "ann", 2)]);
+        let again = plan_l(
+            &[reserve_c("a", &[(1, 2)], Some("bob"))],
+            known.clone(),
+            &[(1, 8)],
+            &l,
+        );
+        assert_eq!(again.results, first.results);
+        assert!(again.units.is_empty() && again.inserts.is_empty() && again.deltas.is_empty());
+        assert_eq!(known["a"].customer.as_deref(), Some("ann"));
+    }
+
+    #[test]
+    fn redecide_carries_the_customer_and_a_duplicate_does_not() {
+        let cmd = |token: &str| match reserve_c("a", &[(1, 1)], Some("ann")) {
+            DeductCommand::Reserve {
+                v,
+                order_id,
+                items,
+                customer,
+                ..
+            } => DeductCommand::Reserve {
+                v,
+                order_id,
+                items,
+                token: Some(token.into()),
+                customer,
+            },
+            other => other,
+        };
+        let l = limits(&[(1, 5)], &[]);
+        let p = super::plan(&[cmd("3.1")], HashMap::new(), &stock(&[(1, 5)]), &l, 4);
+        assert_eq!(p.compensations.len(), 1);
+        assert_eq!(p.compensations[0].cause, CompensationCause::Redecide);
+        assert_eq!(p.compensations[0].customer.as_deref(), Some("ann"));
+        assert!(p.units.is_empty());
+        let first = super::plan(&[cmd("4.1")], HashMap::new(), &stock(&[(1, 5)]), &l, 4);
+        assert_eq!(first.units, units(&[(1, "ann", 1)]));
+        let known: HashMap<_, _> = first.inserts.into_iter().collect();
+        let dup = super::plan(&[cmd("4.2")], known, &stock(&[(1, 4)]), &l, 4);
+        assert_eq!(dup.compensations[0].cause, CompensationCause::Duplicate);
+        assert_eq!(dup.compensations[0].customer, None);
+        assert!(dup.units.is_empty());
+    }
+
+    #[test]
+    fn only_limited_items_with_a_customer_need_their_counts_read() {
+        let per = HashMap::from([(1, 2)]);
+        let ops = [
+            reserve_c("a", &[(1, 1), (2, 1)], Some("ann")),
+            reserve_c("b", &[(1, 1)], None),
+            reserve_c("c", &[(2, 1)], Some("cid")),
+            cancel("d", "e"),
+        ];
+        let pairs = Limits::pairs_needed(&ops, &per);
+        assert_eq!(
+            pairs.into_iter().collect::<Vec<_>>(),
+            vec![(1, "ann".to_owned())]
+        );
+        assert!(Limits::pairs_needed(&ops, &HashMap::new()).is_empty());
     }
 }

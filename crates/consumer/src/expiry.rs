@@ -15,6 +15,9 @@
 //! and compensation are delivered, `announced` becomes true. Every sweep first re-announces
 //! whatever is still unannounced (after a crash, or from another instance: duplicates carry
 //! the same content, and Redis restores once per order).
+//!
+//! A release gives its customer's units back for each of its products limited now (the
+//! limits come with the stock row locks), in the same transaction.
 
 use crate::decide;
 use crate::store::ApplyError;
@@ -43,15 +46,24 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
     }
     let products: BTreeSet<i64> = candidates
         .iter()
-        .flat_map(|(_, items)| items.iter().map(|i| i.product_id))
+        .flat_map(|o| o.items.iter().map(|i| i.product_id))
         .collect();
-    pg_store::lock_stock(&mut tx, &products).await?;
+    let locked = pg_store::lock_stock(&mut tx, &products).await?;
     // Under the locks: only those still reserved and due (a payment may have won).
-    let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
+    let ids: Vec<&str> = candidates.iter().map(|o| o.order_id.as_str()).collect();
     let due = pg_store::due_among(&mut tx, &ids).await?;
     let mut deltas = BTreeMap::new();
     let mut movements = Vec::new();
-    for (id, items) in &due {
+    let mut units = BTreeMap::new();
+    for pg_store::DueOrder {
+        order_id: id,
+        items,
+        customer,
+    } in &due
+    {
+        if let Some(c) = customer {
+            decide::count_units(&mut units, &locked.limits, items, c, -1);
+        }
         for it in items {
             decide::record(
                 &mut deltas,
@@ -63,9 +75,10 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, ApplyError> {
             );
         }
     }
-    let due_ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
+    let due_ids: Vec<&str> = due.iter().map(|o| o.order_id.as_str()).collect();
     pg_store::release_expired(&mut tx, &due_ids, gen).await?;
     pg_store::apply_deltas(&mut tx, &deltas).await?;
+    pg_store::apply_unit_deltas(&mut tx, &units).await?;
     pg_store::insert_movements(&mut tx, &movements).await?;
     stock_common::failpoint!("consumer.expiry.before_commit");
     tx.commit().await?;

@@ -13,6 +13,13 @@
 //! generation under ACCESS EXCLUSIVE in the transaction that takes the snapshot Redis is
 //! loaded from, so each batch is wholly before that snapshot (and in it) or wholly after
 //! (and sees the new generation).
+//!
+//! Per-customer limits: the limits of the batch's products come with their row locks
+//! (`pg_store::lock_stock`); the counts the batch's reservations need are read after the
+//! locks, in the same transaction (one statement, skipped when no reservation has a
+//! limited item with a customer), and the batch's count changes are written with its
+//! stock changes. Every writer of `customer_units` holds the product's stock row lock, so
+//! the counts read stay true until commit.
 
 use crate::decide;
 use sqlx::PgPool;
@@ -20,8 +27,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 use stock_common::events::DeductCommand;
 use stock_common::pg_store::{
-    apply_deltas, fetch_ledger, insert_movements, insert_orders, lock_stock, read_gen,
-    update_orders,
+    apply_deltas, apply_unit_deltas, customer_units, fetch_ledger, insert_movements, insert_orders,
+    lock_stock, read_gen, update_orders,
 };
 
 /// Errors of applying a batch, and what the loop does with each: `Conflict` (another
@@ -101,7 +108,7 @@ async fn apply(
             products.extend(row.items.iter().map(|i| i.product_id));
         }
     }
-    let available = lock_stock(&mut tx, &products).await?;
+    let locked = lock_stock(&mut tx, &products).await?;
     let known = match ledger {
         Ledger::Read => fetch_ledger(&mut tx, &ids).await?,
         Ledger::AssumeUnknown => Default::default(),
@@ -117,7 +124,13 @@ async fn apply(
         ));
     }
 
-    let plan = decide::plan(ops, known, &available, gen);
+    // Under the locks (the fast path included): the counts the reservations need.
+    let pairs = decide::Limits::pairs_needed(ops, &locked.limits);
+    let limits = decide::Limits {
+        units: customer_units(&mut tx, &pairs).await?,
+        per_customer: locked.limits,
+    };
+    let plan = decide::plan(ops, known, &locked.available, &limits, gen);
     if ledger == Ledger::AssumeUnknown && plan.inserts.len() != ids.len() {
         // An order not recorded now (a pre-deduction of a replaced generation, sent to be
         // decided again) may be one the ledger knows: only the ledger can tell.
@@ -128,6 +141,7 @@ async fn apply(
     insert_orders(&mut tx, &plan.inserts, reservation_ttl).await?;
     update_orders(&mut tx, &plan.updates).await?;
     apply_deltas(&mut tx, &plan.deltas).await?;
+    apply_unit_deltas(&mut tx, &plan.units).await?;
     insert_movements(&mut tx, &plan.movements).await?;
     stock_common::failpoint!("consumer.before_commit");
     tx.commit().await?;
