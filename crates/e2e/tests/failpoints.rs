@@ -576,6 +576,17 @@ async fn settle_and_check(
 /// `stockctl rebuild` run as a process with `failpoints` armed: how it ended, and its
 /// stdout and stderr.
 async fn stockctl_rebuild(env: &TestEnv, failpoints: &str) -> (std::process::ExitStatus, String) {
+    stockctl(env, &["rebuild"], failpoints).await
+}
+
+/// `stockctl <args>` run as a process with `failpoints` armed: how it ended, and its
+/// stdout and stderr.
+async fn stockctl(
+    env: &TestEnv,
+    args: &[&str],
+    failpoints: &str,
+) -> (std::process::ExitStatus, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let vars: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), env.db.url.expose().to_owned()),
         ("REDIS_URL".into(), env.redis.url.expose().to_owned()),
@@ -585,7 +596,7 @@ async fn stockctl_rebuild(env: &TestEnv, failpoints: &str) -> (std::process::Exi
     ];
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(binary("stockctl"))
-            .arg("rebuild")
+            .args(args)
             .envs(vars)
             .stdin(std::process::Stdio::null())
             .output()
@@ -1005,5 +1016,89 @@ async fn producer_stalled_across_rebuild() {
         "each of the {held} stalled pre-deductions was sent back to be decided again \
          ({redecided} redecides)"
     );
+    env.cleanup().await;
+}
+
+/// `stockctl limit` dies between its PostgreSQL half and its Redis half
+/// (`limit.after_postgres`) while the workers run: PostgreSQL already judges by the new
+/// limit (it refuses what Redis, without it, lets through, and gives the pre-deduction
+/// back), and the retry with the same request id loads Redis with the limit and every
+/// customer's count. Once idle both stores count the same and nothing drifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_after_postgres() {
+    let _slot = SLOTS.acquire().await.expect("semaphore never closed");
+    let env = TestEnv::new().await;
+    env.load_stock(&[(1, 100)]).await;
+    let producer = spawn(&env, "producer", "", &[]);
+    let consumer = spawn(&env, "consumer", "", &[]);
+    let collector = env.collector();
+    let args = [
+        "limit",
+        "--product",
+        "1",
+        "--per-customer",
+        "1",
+        "--request-id",
+        "limit-1",
+    ];
+    let (status, text) = stockctl(&env, &args, "limit.after_postgres=1*return").await;
+    assert_eq!(status.signal(), Some(SIGABRT), "died at the failpoint: {text}");
+    assert!(text.contains("failpoint limit.after_postgres: crash"), "{text}");
+    assert_eq!(
+        stock_common::pg_store::product_limit(&env.pool, 1)
+            .await
+            .expect("limit")
+            .map(|l| l.0),
+        Some(1),
+        "PostgreSQL has the limit"
+    );
+    assert_eq!(env.store.buyers(1).await.expect("buyers"), None, "Redis has not");
+
+    // Redis lets both through; PostgreSQL reserves one and refuses the other (same key:
+    // one partition, in order).
+    let one = |id: &str, c: &str| {
+        let item = Item {
+            product_id: 1,
+            quantity: 1,
+        };
+        let body = stock_e2e::harness::created_by(id, c, &[item]);
+        ("k".to_owned(), body)
+    };
+    env.send_orders(vec![one("a", "c"), one("b", "c")]).await;
+    let ab: HashSet<String> = ["a".to_owned(), "b".to_owned()].into();
+    assert!(collector.wait_for(&ab, 1, CRASH_DEADLINE).await);
+    assert!(env.wait_idle("producer", "consumer").await);
+    let o = collector.snapshot();
+    assert_eq!(o["a"], vec![StockResult::reserved("a")]);
+    assert_eq!(
+        o["b"],
+        vec![StockResult::rejected("b", Reason::LimitExceeded, Some(1))]
+    );
+    assert_eq!(env.redis_stock(1).await, Some(99), "b's pre-deduction given back");
+
+    let (status, text) = stockctl(&env, &args, "").await;
+    assert!(status.success(), "{text}");
+    assert!(text.contains("redis loaded by a rebuild"), "{text}");
+    env.send_orders(vec![one("d", "c"), one("e", "e")]).await;
+    let de: HashSet<String> = ["d".to_owned(), "e".to_owned()].into();
+    assert!(collector.wait_for(&de, 1, CRASH_DEADLINE).await);
+    assert!(env.wait_idle("producer", "consumer").await);
+    let o = collector.snapshot();
+    assert_eq!(
+        o["d"],
+        vec![StockResult::rejected("d", Reason::LimitExceeded, Some(1))]
+    );
+    assert_eq!(o["e"], vec![StockResult::reserved("e")]);
+    let units = env.store.buyers(1).await.expect("buyers").expect("a limit").units;
+    assert_eq!(units, vec![("c".to_owned(), 1), ("e".to_owned(), 1)]);
+    let drift = stockctl::admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("check");
+    assert!(drift.clean() && drift.limits.is_empty(), "{drift:?}");
+    env.assert_invariants(&[1]).await;
+    for p in [producer, consumer] {
+        assert!(p.terminate(), "exits cleanly on SIGTERM");
+    }
+    collector.stop().await;
     env.cleanup().await;
 }
