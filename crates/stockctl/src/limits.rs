@@ -49,20 +49,7 @@ pub async fn set_limit(
     let c = pg_store::set_limit(pool, request_id, product_id, per_customer).await?;
     stock_common::failpoint!("limit.after_postgres");
     let postgres = if c.fresh { Step::Applied } else { Step::Already };
-    let redis = match store
-        .set_limit(product_id, c.per_customer, c.version, Some(c.gen))
-        .await?
-    {
-        LimitOutcome::Applied => Step::Applied,
-        LimitOutcome::Already => Step::Already,
-        LimitOutcome::Stale => Step::Loaded,
-        LimitOutcome::Unloaded => Step::Unloaded,
-        LimitOutcome::Absent => {
-            // A new limit: Redis gets it, with every count, by a load.
-            crate::rebuild::rebuild(pool, store).await?;
-            Step::Loaded
-        }
-    };
+    let redis = to_redis(pool, store, product_id, &c).await?;
     Ok(LimitChange {
         request_id: request_id.to_owned(),
         product_id,
@@ -71,6 +58,46 @@ pub async fn set_limit(
         postgres,
         redis,
     })
+}
+
+/// The Redis half of a change PostgreSQL committed: in place in the change's generation;
+/// a new limit by a load. A load of that very generation under way is waited for (up to
+/// [`crate::admin::LOAD_WAIT`]): its snapshot came before the commit, so it lacks the
+/// change. Otherwise an unloaded Redis gets it from the next rebuild's snapshot.
+async fn to_redis(
+    pool: &PgPool,
+    store: &RedisStore,
+    product_id: i64,
+    c: &pg_store::LimitChange,
+) -> Result<Step, AdminError> {
+    let deadline = tokio::time::Instant::now() + crate::admin::LOAD_WAIT;
+    let mut last_try = false;
+    loop {
+        return Ok(
+            match store
+                .set_limit(product_id, c.per_customer, c.version, Some(c.gen))
+                .await?
+            {
+                LimitOutcome::Applied => Step::Applied,
+                LimitOutcome::Already => Step::Already,
+                LimitOutcome::Stale => Step::Loaded,
+                LimitOutcome::Unloaded if !last_try && tokio::time::Instant::now() < deadline => {
+                    if crate::rebuild::loading(pool, c.gen).await? {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    } else {
+                        last_try = true;
+                    }
+                    continue;
+                }
+                LimitOutcome::Unloaded => Step::Unloaded,
+                LimitOutcome::Absent => {
+                    // A new limit: Redis gets it, with every count, by a load.
+                    crate::rebuild::rebuild(pool, store).await?;
+                    Step::Loaded
+                }
+            },
+        );
+    }
 }
 
 /// A product's limit as `stockctl show` tells it.

@@ -117,11 +117,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Stop selling, load Redis from PostgreSQL (stock, the records of held reservations) in a
-    /// new generation, resume selling. Safe while the workers run; waits for nothing.
+    /// Stop selling, load Redis from PostgreSQL (stock, the records of held reservations,
+    /// limits and customers' counts) in a new generation, resume selling. Safe while the
+    /// workers run; waits for nothing.
     Rebuild,
-    /// Drift check (pipeline idle): every `stock:{p}` against `available`, and conservation.
-    /// Exit 1 when a difference is left unrepaired.
+    /// Drift check (pipeline idle): every `stock:{p}` against `available`, every limit and
+    /// customer's count against PostgreSQL's, and conservation. Exit 1 when a difference is
+    /// left unrepaired.
     Check {
         /// On any difference, rebuild Redis from PostgreSQL (the truth).
         #[arg(long)]

@@ -12,7 +12,9 @@
 //!    effect must reach Redis reads the generation first, under ACCESS SHARE, so each one
 //!    committed wholly before this snapshot (its effect is in it) or carries the new
 //!    generation;
-//! 3. load Redis from the snapshot and set the marker to the new generation ([`load`]).
+//! 3. load Redis from the snapshot and set the marker to the new generation ([`load`]):
+//!    stock, the records of held reservations (with their customers), and each limited
+//!    product's limit with its customers' counts (DESIGN.md "Per-customer limits").
 //!
 //! What was in flight is fenced by its generation where it lands: a pre-deduction of the
 //! old generation that PostgreSQL had not applied is not applied, the producer decides the
