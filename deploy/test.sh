@@ -36,7 +36,7 @@ status=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The core end-to-end tests again on the secure layout (TLS, SCRAM, ACL users, the
 # consumer's least-privilege role), in a shell of their own: env.sh keeps values already set.
-secure_tests=(--test pipeline --test crash)
+secure_tests=(--test pipeline --test crash --test limits)
 env -u DATABASE_URL -u REDIS_URL -u KAFKA_BROKERS STACK_LAYOUT=secure \
   bash -c '. deploy/env.sh && exec cargo test -p stock-e2e "$@"' secure "${secure_tests[@]}" "$@" \
   2>&1 | tee -a "$log" || status=$?
