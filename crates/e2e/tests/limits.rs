@@ -411,6 +411,13 @@ async fn lowering_and_removing_a_limit_never_takes_back() {
     assert_eq!(again.postgres, admin::Step::Already);
     let want: BTreeMap<String, i64> = [("c".to_owned(), 4), ("d".to_owned(), 1)].into();
     assert_eq!(counts(&env, 1).await, (want.clone(), want), "counted from the ledger");
+    // `stockctl show` tells the limit in both stores and the customers nearest it.
+    let shown = admin::show(&env.pool, &env.store, 1, 1).await.expect("show");
+    assert_eq!(
+        (shown.limit.per_customer, shown.limit.redis, shown.limit.customers),
+        (Some(4), Some(4), 2)
+    );
+    assert_eq!(shown.limit.nearest, vec![("c".to_owned(), 4)]);
     run(vec![("c6", "c")]).await;
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;
