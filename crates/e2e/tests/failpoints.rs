@@ -1042,8 +1042,15 @@ async fn limit_after_postgres() {
         "limit-1",
     ];
     let (status, text) = stockctl(&env, &args, "limit.after_postgres=1*return").await;
-    assert_eq!(status.signal(), Some(SIGABRT), "died at the failpoint: {text}");
-    assert!(text.contains("failpoint limit.after_postgres: crash"), "{text}");
+    assert_eq!(
+        status.signal(),
+        Some(SIGABRT),
+        "died at the failpoint: {text}"
+    );
+    assert!(
+        text.contains("failpoint limit.after_postgres: crash"),
+        "{text}"
+    );
     assert_eq!(
         stock_common::pg_store::product_limit(&env.pool, 1)
             .await
@@ -1052,7 +1059,11 @@ async fn limit_after_postgres() {
         Some(1),
         "PostgreSQL has the limit"
     );
-    assert_eq!(env.store.buyers(1).await.expect("buyers"), None, "Redis has not");
+    assert_eq!(
+        env.store.buyers(1).await.expect("buyers"),
+        None,
+        "Redis has not"
+    );
 
     // Redis lets both through; PostgreSQL reserves one and refuses the other (same key:
     // one partition, in order).
@@ -1074,7 +1085,11 @@ async fn limit_after_postgres() {
         o["b"],
         vec![StockResult::rejected("b", Reason::LimitExceeded, Some(1))]
     );
-    assert_eq!(env.redis_stock(1).await, Some(99), "b's pre-deduction given back");
+    assert_eq!(
+        env.redis_stock(1).await,
+        Some(99),
+        "b's pre-deduction given back"
+    );
 
     let (status, text) = stockctl(&env, &args, "").await;
     assert!(status.success(), "{text}");
@@ -1089,7 +1104,13 @@ async fn limit_after_postgres() {
         vec![StockResult::rejected("d", Reason::LimitExceeded, Some(1))]
     );
     assert_eq!(o["e"], vec![StockResult::reserved("e")]);
-    let units = env.store.buyers(1).await.expect("buyers").expect("a limit").units;
+    let units = env
+        .store
+        .buyers(1)
+        .await
+        .expect("buyers")
+        .expect("a limit")
+        .units;
     assert_eq!(units, vec![("c".to_owned(), 1), ("e".to_owned(), 1)]);
     let drift = stockctl::admin::check_drift(&env.pool, &env.store, false)
         .await

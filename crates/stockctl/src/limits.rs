@@ -48,7 +48,11 @@ pub async fn set_limit(
     }
     let c = pg_store::set_limit(pool, request_id, product_id, per_customer).await?;
     stock_common::failpoint!("limit.after_postgres");
-    let postgres = if c.fresh { Step::Applied } else { Step::Already };
+    let postgres = if c.fresh {
+        Step::Applied
+    } else {
+        Step::Already
+    };
     let redis = to_redis(pool, store, product_id, &c).await?;
     Ok(LimitChange {
         request_id: request_id.to_owned(),
