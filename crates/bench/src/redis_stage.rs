@@ -18,9 +18,8 @@ use redis::AsyncCommands;
 use serde::Serialize;
 use stock_common::events::Item;
 use stock_common::redis_store::{
-    stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker, EPOCH_KEY,
-    LOADED_KEY, RESERVE_LUA, SEQ_KEY,
-    buyers_key,
+    buyers_key, stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker,
+    EPOCH_KEY, LOADED_KEY, RESERVE_LUA, SEQ_KEY,
 };
 use tokio::time::Instant;
 

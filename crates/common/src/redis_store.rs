@@ -434,12 +434,18 @@ pub struct Buyers {
 
 /// A buyers hash's fields read as [`Buyers`]; a field that does not read is a protocol
 /// error (something other than the scripts wrote the hash).
-fn read_buyers(product_id: i64, fields: Vec<(String, String)>) -> Result<Option<Buyers>, StoreError> {
+fn read_buyers(
+    product_id: i64,
+    fields: Vec<(String, String)>,
+) -> Result<Option<Buyers>, StoreError> {
     if fields.is_empty() {
         return Ok(None);
     }
     let bad = |f: &str, v: &str| {
-        StoreError::Protocol(format!("{}: field {f:?} holds {v:?}", buyers_key(product_id)))
+        StoreError::Protocol(format!(
+            "{}: field {f:?} holds {v:?}",
+            buyers_key(product_id)
+        ))
     };
     let (mut per_customer, mut version, mut units) = (None, None, Vec::new());
     for (f, v) in fields {

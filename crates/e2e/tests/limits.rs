@@ -180,7 +180,10 @@ async fn an_order_over_one_limit_reserves_nothing() {
     assert_eq!(o["f"], vec![limit_exceeded("f", 3)]);
     assert_eq!(o["g"], vec![StockResult::reserved("g")]);
     let row2 = env.stock_row(2).await;
-    assert_eq!(row2.reserved, 3, "e and g only: b took nothing of product 2");
+    assert_eq!(
+        row2.reserved, 3,
+        "e and g only: b took nothing of product 2"
+    );
     assert_eq!(env.redis_stock(2).await, Some(97));
     let (pg, redis) = counts(&env, 1).await;
     let want: BTreeMap<String, i64> = [("c".to_owned(), 1), ("other".to_owned(), 1)].into();
@@ -248,7 +251,11 @@ async fn cancel_and_expiry_give_the_quota_back() {
         o["a"],
         vec![StockResult::reserved("a"), released("a", Reason::Cancelled)]
     );
-    assert_eq!(o["d"][0], StockResult::reserved("d"), "the cancel gave one back");
+    assert_eq!(
+        o["d"][0],
+        StockResult::reserved("d"),
+        "the cancel gave one back"
+    );
     assert_eq!(o["b"][1], released("b", Reason::Expired));
     assert_eq!(o["d"][1], released("d", Reason::Expired));
     assert_eq!(o["e"], vec![StockResult::reserved("e"), confirmed("e")]);
@@ -319,7 +326,11 @@ async fn replay_duplicates_and_rebuild_keep_every_count() {
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;
     let replayed = collector.snapshot();
-    assert!(conflicting(&replayed).is_empty(), "{:?}", conflicting(&replayed));
+    assert!(
+        conflicting(&replayed).is_empty(),
+        "{:?}",
+        conflicting(&replayed)
+    );
     assert_eq!(counts(&env, 1).await, before, "the replay changed a count");
     assert_eq!(
         (env.stock_row(1).await, env.stock_row(2).await),
@@ -339,14 +350,24 @@ async fn replay_duplicates_and_rebuild_keep_every_count() {
     assert_no_drift(&env).await;
 
     // And the limit holds after it: a customer at 2 is refused, one at 1 is served.
-    let at_two = before.1.iter().find(|(_, n)| **n == 2).map(|(c, _)| c.clone());
+    let at_two = before
+        .1
+        .iter()
+        .find(|(_, n)| **n == 2)
+        .map(|(c, _)| c.clone());
     let at_two = at_two.expect("a customer at 2");
     assert_eq!(before.1.get("solo"), Some(&1));
     let at_one = "solo".to_owned();
     let workers = Workers::start_with(&pargs, &cargs).await;
     env.send_orders(vec![
-        ("late-1".into(), created_by("late-1", &at_two, &[item(1, 1)])),
-        ("late-2".into(), created_by("late-2", &at_one, &[item(1, 1)])),
+        (
+            "late-1".into(),
+            created_by("late-1", &at_two, &[item(1, 1)]),
+        ),
+        (
+            "late-2".into(),
+            created_by("late-2", &at_one, &[item(1, 1)]),
+        ),
     ])
     .await;
     let late: HashSet<String> = ["late-1".to_owned(), "late-2".to_owned()].into();
@@ -388,11 +409,19 @@ async fn lowering_and_removing_a_limit_never_takes_back() {
     let change = limits::set_limit(&env.pool, &env.store, 1, Some(1), "limit-b")
         .await
         .expect("lower");
-    assert_eq!(change.redis, admin::Step::Applied, "a change applies in place");
+    assert_eq!(
+        change.redis,
+        admin::Step::Applied,
+        "a change applies in place"
+    );
     run(vec![("c4", "c"), ("d1", "d")]).await;
     run(vec![("d2", "d")]).await;
     let want: BTreeMap<String, i64> = [("c".to_owned(), 3), ("d".to_owned(), 1)].into();
-    assert_eq!(counts(&env, 1).await, (want.clone(), want), "nothing taken back");
+    assert_eq!(
+        counts(&env, 1).await,
+        (want.clone(), want),
+        "nothing taken back"
+    );
 
     let removed = limits::set_limit(&env.pool, &env.store, 1, None, "limit-c")
         .await
@@ -403,14 +432,22 @@ async fn lowering_and_removing_a_limit_never_takes_back() {
     let added = limits::set_limit(&env.pool, &env.store, 1, Some(4), "limit-d")
         .await
         .expect("add back");
-    assert_eq!(added.redis, admin::Step::Loaded, "a new limit comes by a load");
+    assert_eq!(
+        added.redis,
+        admin::Step::Loaded,
+        "a new limit comes by a load"
+    );
     // Retried with the same request id: nothing more.
     let again = limits::set_limit(&env.pool, &env.store, 1, Some(4), "limit-d")
         .await
         .expect("retry");
     assert_eq!(again.postgres, admin::Step::Already);
     let want: BTreeMap<String, i64> = [("c".to_owned(), 4), ("d".to_owned(), 1)].into();
-    assert_eq!(counts(&env, 1).await, (want.clone(), want), "counted from the ledger");
+    assert_eq!(
+        counts(&env, 1).await,
+        (want.clone(), want),
+        "counted from the ledger"
+    );
     run(vec![("c6", "c")]).await;
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;

@@ -689,7 +689,11 @@ async fn limits_hold_across_slots() {
     }
     let cancelled_ids: HashSet<String> = cancels.iter().map(|(id, _)| id.clone()).collect();
     env.send_orders(cancels).await;
-    assert!(collector.wait_for(&cancelled_ids, 2, Duration::from_secs(120)).await);
+    assert!(
+        collector
+            .wait_for(&cancelled_ids, 2, Duration::from_secs(120))
+            .await
+    );
     assert!(env.wait_idle("producer", "consumer").await);
     let o = collector.snapshot();
     assert_eq!(

@@ -47,7 +47,11 @@ pub async fn set_limit(
         )));
     }
     let c = pg_store::set_limit(pool, request_id, product_id, per_customer).await?;
-    let postgres = if c.fresh { Step::Applied } else { Step::Already };
+    let postgres = if c.fresh {
+        Step::Applied
+    } else {
+        Step::Already
+    };
     let redis = match store
         .set_limit(product_id, c.per_customer, c.version, Some(c.gen))
         .await?

@@ -207,7 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             let id = request_id_or_new(request_id.as_deref());
             let (pool, store) = (pool()?, redis().await?);
-            let c = stockctl::limits::set_limit(&pool, &store, *product, *per_customer, &id).await?;
+            let c =
+                stockctl::limits::set_limit(&pool, &store, *product, *per_customer, &id).await?;
             print_limit(&c, *json)?;
         }
         Cmd::Show {

@@ -23,8 +23,8 @@
 //! already released and writes `C`.
 
 use super::{
-    buyers_key, encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason, RedisStore,
-    ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
+    buyers_key, encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason,
+    RedisStore, ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
     PIPELINE_CHUNK,
 };
 use redis::Script;
