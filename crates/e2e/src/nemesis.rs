@@ -114,7 +114,9 @@ impl NemesisConfig {
             orders,
             products: 200,
             hot_share: 0.3,
-            hot_stock_share: 0.3,
+            // Half the share of the runs without limits: the limit keeps the busiest
+            // customers from buying, and the hot SKU must still sell out.
+            hot_stock_share: 0.15,
             multi_share: 0.25,
             customers: 2_000,
             no_customer_share: 0.03,

@@ -45,7 +45,7 @@ struct Args {
     /// Share of orders that include the hot SKU [default: 0.3].
     #[arg(long)]
     hot_share: Option<f64>,
-    /// Stock of the hot SKU as a share of its demand [default: 0.3].
+    /// Stock of the hot SKU as a share of its demand [default: 0.15].
     #[arg(long)]
     hot_stock_share: Option<f64>,
     /// Customers the orders are drawn from (a fifth of them send four fifths of the

@@ -381,7 +381,10 @@ fn check_created(
         }
     }
     if let Some(l) = ledger {
-        if l.customer_id != o.customer {
+        // A refusal Redis decided is recorded without items and without customer; every
+        // order PostgreSQL decided keeps the customer it was sent with.
+        let decided_by_pg = !l.items.is_empty();
+        if (decided_by_pg || l.customer_id.is_some()) && l.customer_id != o.customer {
             out.add(
                 "LIM.ledger_customer_differs",
                 format!(
