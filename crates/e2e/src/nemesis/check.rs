@@ -81,6 +81,9 @@ pub struct Observed {
 /// A (product, customer) pair.
 pub type Buyer = (i64, String);
 
+/// A buyers hash as read from Redis: (limit, customer -> units).
+pub type RedisBuyers = (i64, BTreeMap<String, i64>);
+
 /// The limits and the customers' counts of both stores.
 #[derive(Debug, Default, Clone)]
 pub struct LimitsObserved {
@@ -90,7 +93,7 @@ pub struct LimitsObserved {
     pub pg_units: BTreeMap<Buyer, i64>,
     /// Per product of the plan's limits, its buyers hash in Redis: (limit, customer ->
     /// units), `None` when the hash is missing.
-    pub redis: BTreeMap<i64, Option<(i64, BTreeMap<String, i64>)>>,
+    pub redis: BTreeMap<i64, Option<RedisBuyers>>,
     /// What `stockctl`'s limit drift check reported (PostgreSQL against Redis).
     pub drift: Vec<String>,
     pub sampled: Sampled,
