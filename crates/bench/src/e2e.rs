@@ -21,6 +21,14 @@
 //! one distinct outcome, the stock invariants hold (`stockctl::admin::check_invariants`),
 //! and PostgreSQL's reserved units equal the units of the orders reported reserved.
 //!
+//! Per-customer limits (issue 13): `--customers N` gives every order a customer drawn
+//! from a skewed population of N (a fifth of them send four fifths of the orders), and
+//! `--hot-limit L` limits the hot SKU to L units per customer (`stockctl::limits::set_limit`
+//! before the load). An order the limit refuses is `limit_exceeded`; the checks then also
+//! require every customer's units, from the results, to be within the limit and equal to
+//! PostgreSQL's count, and `stockctl`'s limit drift check (PostgreSQL against Redis) to
+//! find nothing.
+//!
 //! CPU µs per order over the measured span (stream, preload) is reported for each part:
 //! producers, consumers, the bench process, PostgreSQL, Redis, Kafka, and the pipeline
 //! (Kafka + PostgreSQL + Redis + workers, the bench excluded; see [`cpu::PerOrder`]).
@@ -124,6 +132,14 @@ pub struct E2eArgs {
     /// `producer` and `consumer` binaries: their CPU is then counted with the bench's.
     #[arg(long)]
     pub in_process: bool,
+    /// Customers the orders come from, drawn skewed (a fifth of them send four fifths of
+    /// the orders); 0: orders carry no `customer_id`.
+    #[arg(long, default_value_t = 0)]
+    pub customers: usize,
+    /// Per-customer limit of the hot SKU (product 1), set before the load; needs
+    /// `--customers` (an order without customer for a limited product is invalid).
+    #[arg(long)]
+    pub hot_limit: Option<i64>,
 }
 
 /// How the orders meet the pipeline; see the module documentation.
@@ -174,11 +190,21 @@ pub struct E2eFigures {
     pub consumers: usize,
     /// stream: the offered load in orders/s (0: all at once).
     pub offered_rate: u64,
+    /// Customers of the load (0: none) and the hot SKU's per-customer limit.
+    pub customers: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hot_limit: Option<i64>,
     /// stream: per order, its publish to its first outcome, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<report::LatencyMs>,
     pub reserved: usize,
     pub rejected: usize,
+    /// Refused `limit_exceeded` (counted apart from `rejected`).
+    pub limit_exceeded: usize,
+    /// With `--hot-limit`: every customer within the limit, PostgreSQL's counts equal to
+    /// the results', no limit drift between PostgreSQL and Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits_match: Option<bool>,
     /// Publishing every order to `orders`, delivery reports included.
     pub publish_secs: f64,
     pub publish_rate: f64,
@@ -279,6 +305,14 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
     ensure!(args.workers > 0, "--workers must be at least 1");
     ensure!(args.producers() > 0, "--producers must be at least 1");
     ensure!(args.consumers() > 0, "--consumers must be at least 1");
+    ensure!(
+        args.hot_limit.is_none_or(|l| l >= 0),
+        "--hot-limit must be at least 0"
+    );
+    ensure!(
+        args.hot_limit.is_none() || args.customers > 0,
+        "--hot-limit needs --customers (without a customer, an order for a limited product is invalid)"
+    );
     let modes = if args.preload {
         vec![Mode::Preload]
     } else {
@@ -291,12 +325,21 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         items_per_order: 1,
         max_quantity: args.pipeline.max_quantity,
         seed: args.seed,
+        customers: args.customers,
     };
     let orders = load::generate(&spec, "o-");
     let demand = load::demand(&orders);
     let stock = load::stock(args.products, &demand, args.stock, args.fill);
     let units: i64 = stock.values().sum();
     let wanted: i64 = demand.values().sum();
+    if args.customers > 0 {
+        println!(
+            "e2e: customers: {} (skewed: a fifth of them send four fifths of the orders); hot SKU limit per customer: {}",
+            args.customers,
+            args.hot_limit
+                .map_or_else(|| "none".to_owned(), |l| l.to_string())
+        );
+    }
     println!(
         "e2e: {} orders over {} products (hot share {:.2}, quantity 1-{}), {} units in stock for {} ordered ({:.0}%); \
          {} partitions, batch {} / linger {:?}, {}",
@@ -383,6 +426,7 @@ pub(crate) fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
                 product_id: product,
                 quantity: 1,
             }],
+            customer: None,
         })
         .collect()
 }
@@ -390,7 +434,13 @@ pub(crate) fn warmup_orders(product: i64, partitions: i32) -> Vec<Order> {
 pub(crate) fn messages(orders: &[Order]) -> Vec<(String, Vec<u8>)> {
     orders
         .iter()
-        .map(|o| (o.id.clone(), harness::created(&o.id, &o.items)))
+        .map(|o| {
+            let json = match &o.customer {
+                Some(c) => harness::created_by(&o.id, c, &o.items),
+                None => harness::created(&o.id, &o.items),
+            };
+            (o.id.clone(), json)
+        })
         .collect()
 }
 
@@ -539,6 +589,17 @@ async fn measure(
     let mut all_stock = stock.clone();
     all_stock.insert(warm_product, warmup.len() as i64);
     load_stock(env, &all_stock).await?;
+    if let Some(limit) = args.hot_limit {
+        stockctl::limits::set_limit(
+            &env.db.pool,
+            &env.redis.store,
+            load::HOT_PRODUCT,
+            Some(limit),
+            "bench-hot-limit",
+        )
+        .await
+        .context("setting the hot SKU's limit")?;
+    }
 
     let expected: HashSet<String> = orders.iter().chain(&warmup).map(|o| o.id.clone()).collect();
     ensure!(
@@ -587,7 +648,7 @@ async fn measure(
     let idle = idle?;
 
     let all_products: Vec<i64> = all_stock.keys().copied().collect();
-    let checks = check(env, orders, &warmup, &collected, &all_products, idle).await?;
+    let checks = check(env, args, orders, &warmup, &collected, &all_products, idle).await?;
     let mut f = figures(args, mode, orders, &warmup, &timing, &collected, &checks);
     f.workers_placement = if separate { "processes" } else { "in-process" };
     if env.redis.is_cluster() {
@@ -850,6 +911,8 @@ pub(crate) async fn wait_idle(env: &PipelineEnv) -> Result<bool> {
 struct Checks {
     reserved: usize,
     rejected: usize,
+    limit_exceeded: usize,
+    limits_match: Option<bool>,
     missing: usize,
     duplicates: usize,
     conflicts: usize,
@@ -869,11 +932,13 @@ impl Checks {
             && self.idle
             && self.unparsed == 0
             && self.unexpected == 0
+            && self.limits_match != Some(false)
     }
 }
 
 async fn check(
     env: &PipelineEnv,
+    args: &E2eArgs,
     orders: &[Order],
     warmup: &[Order],
     got: &Collected,
@@ -883,6 +948,8 @@ async fn check(
     let mut c = Checks {
         reserved: 0,
         rejected: 0,
+        limit_exceeded: 0,
+        limits_match: None,
         missing: 0,
         duplicates: 0,
         conflicts: harness::conflicting(&got.outcomes).len(),
@@ -893,6 +960,8 @@ async fn check(
         unexpected: got.unexpected,
     };
     let mut reserved_units = 0i64;
+    // Units of the hot SKU each customer holds, by the results.
+    let mut held: BTreeMap<String, i64> = BTreeMap::new();
     for (i, o) in orders.iter().chain(warmup).enumerate() {
         let main = i < orders.len();
         let Some(rs) = got.outcomes.get(&o.id).filter(|rs| !rs.is_empty()) else {
@@ -906,9 +975,25 @@ async fn check(
             Status::Reserved => {
                 reserved_units += o.items.iter().map(|it| it.quantity).sum::<i64>();
                 c.reserved += usize::from(main);
+                if let (Some(_), Some(customer)) = (args.hot_limit, &o.customer) {
+                    let hot = o
+                        .items
+                        .iter()
+                        .filter(|it| it.product_id == load::HOT_PRODUCT);
+                    for it in hot {
+                        *held.entry(customer.clone()).or_insert(0) += it.quantity;
+                    }
+                }
             }
             Status::Rejected if rs[0].reason == Some(Reason::InsufficientStock) => {
                 c.rejected += usize::from(main);
+            }
+            Status::Rejected
+                if rs[0].reason == Some(Reason::LimitExceeded)
+                    && args.hot_limit.is_some()
+                    && rs[0].product_id == Some(load::HOT_PRODUCT) =>
+            {
+                c.limit_exceeded += usize::from(main);
             }
             other => {
                 tracing::warn!(order_id = %o.id, status = ?other, reason = ?rs[0].reason, "unexpected outcome");
@@ -918,7 +1003,47 @@ async fn check(
     }
     (c.violations, c.reserved_units_match) =
         check_stock(env, products, reserved_units, "bench e2e").await?;
+    if let Some(limit) = args.hot_limit {
+        c.limits_match = Some(check_limits(env, limit, &held).await?);
+    }
     Ok(c)
+}
+
+/// With a limit on the hot SKU: every customer within it by the results, PostgreSQL's
+/// counts equal to the results', and no limit drift between PostgreSQL and Redis (what is
+/// wrong is printed).
+async fn check_limits(env: &PipelineEnv, limit: i64, held: &BTreeMap<String, i64>) -> Result<bool> {
+    let over = held.values().filter(|&&n| n > limit).count();
+    let pg: BTreeMap<String, i64> =
+        stock_common::pg_store::top_customers(&env.db.pool, load::HOT_PRODUCT, i64::MAX)
+            .await
+            .context("reading customer_units")?
+            .into_iter()
+            .collect();
+    let drift = stockctl::limits::drift(&env.db.pool, &env.redis.store)
+        .await
+        .context("checking the limits' drift")?;
+    let at_limit = held.values().filter(|&&n| n == limit).count();
+    println!(
+        "bench e2e: limit {limit} on the hot SKU: {} customers hold units, {at_limit} at the limit, {over} above it",
+        held.len()
+    );
+    if pg != *held {
+        eprintln!(
+            "bench e2e: PostgreSQL counts {} customers of the hot SKU ({} units), the results {} ({} units)",
+            pg.len(),
+            pg.values().sum::<i64>(),
+            held.len(),
+            held.values().sum::<i64>()
+        );
+    }
+    for d in drift.iter().take(5) {
+        eprintln!(
+            "bench e2e: limit drift on product {}: {}",
+            d.product_id, d.what
+        );
+    }
+    Ok(over == 0 && pg == *held && drift.is_empty())
 }
 
 /// The end-of-run checks of the stores (`bench` names the bench in what is printed): the
@@ -988,6 +1113,8 @@ fn figures(
         producers: args.producers(),
         consumers: args.consumers(),
         offered_rate: if mode == Mode::Stream { args.rate } else { 0 },
+        customers: args.customers,
+        hot_limit: args.hot_limit,
         latency_ms: (!t.sent_at.is_empty()).then(|| {
             report::Latency::of(
                 orders
@@ -1002,6 +1129,8 @@ fn figures(
         }),
         reserved: c.reserved,
         rejected: c.rejected,
+        limit_exceeded: c.limit_exceeded,
+        limits_match: c.limits_match,
         publish_secs: t.publish.as_secs_f64(),
         publish_rate: rate(n, t.publish),
         e2e_secs: e2e.as_secs_f64(),
@@ -1099,9 +1228,18 @@ fn print_report(figures: &[E2eFigures]) -> Result<()> {
             metric(name, &cell);
         }
     }
-    metric("reserved / rejected", &|f| {
-        format!("{} / {}", f.reserved, f.rejected)
+    metric("reserved / rejected / limit_exceeded", &|f| {
+        format!("{} / {} / {}", f.reserved, f.rejected, f.limit_exceeded)
     });
+    if figures.iter().any(|f| f.limits_match.is_some()) {
+        metric(
+            "customers' counts within the limit, equal, no drift",
+            &|f| {
+                f.limits_match
+                    .map_or_else(|| "-".into(), |ok| report::yes_no(ok).to_owned())
+            },
+        );
+    }
     metric("missing / duplicated / conflicting", &|f| {
         format!("{} / {} / {}", f.missing, f.duplicates, f.conflicts)
     });

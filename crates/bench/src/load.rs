@@ -1,6 +1,8 @@
 //! The order load: deterministic (same seed, same orders), orders of one or more items, a
 //! share of the items on one hot SKU (product 1) and the rest spread evenly over the other
-//! products; and the stock that makes a chosen share of the demand sellable.
+//! products; and the stock that makes a chosen share of the demand sellable. Orders may
+//! name a customer drawn from a skewed population ([`Rng::skewed`]: a fifth of the
+//! customers send four fifths of the orders), for per-customer limits (issue 13).
 
 use std::collections::BTreeMap;
 use stock_common::events::Item;
@@ -24,6 +26,8 @@ pub struct LoadSpec {
     /// Quantities are drawn evenly from `1..=max_quantity`.
     pub max_quantity: i64,
     pub seed: u64,
+    /// Customers `c-0` to `c-<n-1>`, one per order (skewed); 0: orders name no customer.
+    pub customers: usize,
 }
 
 /// One `order_created`.
@@ -31,12 +35,16 @@ pub struct LoadSpec {
 pub struct Order {
     pub id: String,
     pub items: Vec<Item>,
+    /// Its `customer_id`, if any.
+    pub customer: Option<String>,
 }
 
 /// The orders of `spec`, with ids `<prefix><n>`. Single-item loads are the same for a seed
-/// whatever the version that added multi-item orders.
+/// whatever the version that added multi-item orders; the customers come from a stream of
+/// their own, so the items are the same with or without them.
 pub fn generate(spec: &LoadSpec, prefix: &str) -> Vec<Order> {
     let mut rng = Rng::new(spec.seed);
+    let mut customers = Rng::new(spec.seed ^ 0xC057_0E45_0000_0013);
     let per_order = spec.items_per_order.clamp(
         1,
         usize::try_from(spec.products.max(1)).unwrap_or(usize::MAX),
@@ -69,6 +77,8 @@ pub fn generate(spec: &LoadSpec, prefix: &str) -> Vec<Order> {
             Order {
                 id: format!("{prefix}{n}"),
                 items,
+                customer: (spec.customers > 0)
+                    .then(|| format!("c-{}", customers.skewed(spec.customers as u64))),
             }
         })
         .collect()
@@ -114,7 +124,34 @@ mod tests {
             items_per_order: 1,
             max_quantity: 3,
             seed: 7,
+            customers: 0,
         }
+    }
+
+    #[test]
+    fn customers_are_skewed_and_leave_the_items_alone() {
+        let plain = generate(&spec(0.3), "");
+        let with = generate(
+            &LoadSpec {
+                customers: 1000,
+                ..spec(0.3)
+            },
+            "",
+        );
+        assert!(plain.iter().all(|o| o.customer.is_none()));
+        assert!(plain.iter().zip(&with).all(|(a, b)| a.items == b.items));
+        let heavy = with
+            .iter()
+            .filter_map(|o| {
+                o.customer
+                    .as_deref()?
+                    .strip_prefix("c-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|&c| c < 200)
+            .count();
+        assert!((7_700..8_300).contains(&heavy), "{heavy}");
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl Workload {
             items_per_order: args.items_per_order,
             max_quantity: args.max_quantity,
             seed: args.seed,
+            customers: 0,
         };
         let orders = load::generate(&spec, "o-");
         let demand = load::demand(&orders);

@@ -46,6 +46,19 @@ impl Rng {
         &xs[self.range(0, xs.len() as u64) as usize]
     }
 
+    /// A skewed draw from `0..n` (`0` when `n` is 0), "20 % of the population sends 80 % of
+    /// the traffic": with probability 0.8 uniform among the first fifth (at least one),
+    /// else uniform among the others. Every member of each part equally likely, so the
+    /// busiest are a known share (`0.8 / (n / 5)` each) rather than a single giant.
+    pub fn skewed(&mut self, n: u64) -> u64 {
+        let heavy = (n / 5).max(1).min(n);
+        if heavy == n || self.chance(0.8) {
+            self.range(0, heavy)
+        } else {
+            self.range(heavy, n)
+        }
+    }
+
     pub fn shuffle<T>(&mut self, xs: &mut [T]) {
         for i in (1..xs.len()).rev() {
             let j = self.range(0, i as u64 + 1) as usize;
@@ -70,5 +83,17 @@ mod tests {
             assert!((0.0..1.0).contains(&u));
         }
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
+    }
+
+    #[test]
+    fn skewed_sends_four_fifths_to_one_fifth() {
+        let mut r = Rng::new(3);
+        let n = 1000;
+        let draws: Vec<u64> = (0..100_000).map(|_| r.skewed(n)).collect();
+        assert!(draws.iter().all(|&d| d < n));
+        let heavy = draws.iter().filter(|&&d| d < n / 5).count();
+        assert!((79_000..81_000).contains(&heavy), "{heavy}");
+        assert_eq!(Rng::new(1).skewed(0), 0);
+        assert_eq!(Rng::new(1).skewed(1), 0);
     }
 }

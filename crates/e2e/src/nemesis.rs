@@ -4,13 +4,17 @@
 //! of products, starts **two producer and two consumer processes** (same groups; any that
 //! dies is restarted), and plays a mixed workload over time (see [`workload`]): single and
 //! multi-item orders, pays and cancels — some racing the short reservation TTL, some
-//! after it —, duplicated events, invalid orders and unparseable bytes. Meanwhile it
+//! after it —, duplicated events, invalid orders and unparseable bytes; every order from a
+//! customer of a skewed population (a few without any), with a per-customer limit on the
+//! hot SKU set before the workers start ([`NemesisConfig::hot_limit`]). Meanwhile it
 //! injects faults from a seeded schedule (every kind once, then at random; see
 //! [`faults`]): `kill -9` of a worker, SIGSTOP of a worker for longer than the group
 //! session timeout, restarts of Kafka, PostgreSQL and Redis (data kept), and Redis emptied
 //! followed by `stockctl rebuild`. Once the faults are over it waits until the pipeline is
 //! idle and every reservation is settled and announced, then [`check`] compares
-//! everything observable with the contract's six guarantees and the order lifecycle.
+//! everything observable with the contract's six guarantees, the order lifecycle and the
+//! per-customer limits (whose counts are also sampled in both stores all along:
+//! [`sample_limits`]).
 //!
 //! The environment comes from `KAFKA_BROKERS`, `DATABASE_URL` and `REDIS_URL`; services
 //! are restarted with `deploy/stack-{down,up}.sh` and the stack settings of the
@@ -24,6 +28,7 @@ pub mod procs;
 pub mod workload;
 
 use crate::TestEnv;
+use anyhow::Context;
 use check::{DlqMsg, LedgerRec, Mov, Observed, Violation};
 use faults::{FaultCtx, FaultKind, FaultRecord, StackControl};
 use procs::Supervisor;
@@ -55,6 +60,15 @@ pub struct NemesisConfig {
     pub hot_stock_share: f64,
     /// Share of orders with 2 to 4 items.
     pub multi_share: f64,
+    /// Customers the orders are drawn from (skewed: a fifth of them send four fifths of
+    /// the orders); 0: no order names a customer.
+    pub customers: usize,
+    /// Share of orders sent without `customer_id` (for the limited hot SKU:
+    /// `invalid_order`).
+    pub no_customer_share: f64,
+    /// Per-customer limit of the hot SKU, set with `stockctl::limits::set_limit` before
+    /// the workers start (`None`: no limit).
+    pub hot_limit: Option<i64>,
     /// Reservation TTL of the consumers (short, so that reservations expire during the run).
     pub ttl: Duration,
     /// Expiry sweep interval of the consumers.
@@ -100,8 +114,13 @@ impl NemesisConfig {
             orders,
             products: 200,
             hot_share: 0.3,
-            hot_stock_share: 0.3,
+            // Half the share of the runs without limits: the limit keeps the busiest
+            // customers from buying, and the hot SKU must still sell out.
+            hot_stock_share: 0.15,
             multi_share: 0.25,
+            customers: 2_000,
+            no_customer_share: 0.03,
+            hot_limit: Some(2),
             ttl: Duration::from_secs(4),
             expiry_interval: Duration::from_millis(500),
             duration: None,
@@ -193,6 +212,9 @@ pub struct Report {
     pub ledger: BTreeMap<String, usize>,
     /// What became of the valid orders, by what the workload did with them.
     pub lifecycle: BTreeMap<String, usize>,
+    /// Per-customer limits: what was set, refused, held and sampled.
+    pub limits: check::LimitFigures,
+    pub customers: usize,
     pub faults: BTreeMap<String, usize>,
     pub fault_log: Vec<FaultRecord>,
     pub worker_starts: usize,
@@ -263,6 +285,36 @@ impl fmt::Display for Report {
         )?;
         for (k, n) in &self.lifecycle {
             writeln!(f, "  {k:<58} {n:>8}")?;
+        }
+        let l = &self.limits;
+        if l.limits.is_empty() {
+            writeln!(f, "limits: none")?;
+        } else {
+            writeln!(
+                f,
+                "limits {:?} (product: units per customer), {} customers (skewed 80/20): \
+                 {} orders limit_exceeded; {} orders without customer_id, {} of them for a \
+                 limited product (invalid_order)",
+                l.limits,
+                self.customers,
+                l.limit_exceeded,
+                l.without_customer,
+                l.without_customer_limited
+            )?;
+            writeln!(
+                f,
+                "  at the end: {} customers hold units, {} at the limit; sampled during the run \
+                 {} times in PostgreSQL, {} in Redis ({} samples failed): highest count {} / {}, \
+                 {} customers seen at the limit",
+                l.customers_holding,
+                l.customers_at_limit,
+                l.samples_pg,
+                l.samples_redis,
+                l.samples_failed,
+                l.max_sampled_pg,
+                l.max_sampled_redis,
+                l.customers_seen_at_limit
+            )?;
         }
         let kinds: Vec<String> = self
             .faults
@@ -354,6 +406,18 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
     );
     let stock: Vec<(i64, i64)> = plan.stock.iter().map(|(p, n)| (*p, *n)).collect();
     env.load_stock(&stock).await;
+    for (&product, &limit) in &plan.limits {
+        // A new limit: PostgreSQL, then Redis by a load, before any worker runs.
+        stockctl::limits::set_limit(
+            &env.pool,
+            &env.store,
+            product,
+            Some(limit),
+            &format!("nemesis-limit-{product}"),
+        )
+        .await
+        .with_context(|| format!("setting the limit of product {product}"))?;
+    }
     let slots = worker_slots(&env, cfg, &producer_bin, &consumer_bin)?;
     let workers = Mutex::new(Supervisor::start(slots, &env.id)?);
     let collector = env.collector();
@@ -369,23 +433,32 @@ pub async fn run(cfg: &NemesisConfig) -> anyhow::Result<Report> {
         violations: &violations,
         start: Instant::now(),
     };
-    let played = play(cfg, &ctx, &plan, &schedule, &mut fault_rng, &collector).await?;
-
-    // Idle: every input consumed, every reservation settled and announced.
-    let drain_start = Instant::now();
-    if let Err(state) = wait_idle(&env, &workers, cfg.idle_timeout).await {
-        lock(&violations).push(Violation {
-            kind: "pipeline_not_idle".into(),
-            detail: format!("not idle {:?} after the faults: {state}", cfg.idle_timeout),
-        });
-    }
-    let drain_s = drain_start.elapsed().as_secs_f64();
+    let sampling = CancellationToken::new();
+    let run_and_drain = async {
+        let played = play(cfg, &ctx, &plan, &schedule, &mut fault_rng, &collector).await;
+        // Idle: every input consumed, every reservation settled and announced.
+        let drain_start = Instant::now();
+        if played.is_ok() {
+            if let Err(state) = wait_idle(&env, &workers, cfg.idle_timeout).await {
+                lock(&violations).push(Violation {
+                    kind: "pipeline_not_idle".into(),
+                    detail: format!("not idle {:?} after the faults: {state}", cfg.idle_timeout),
+                });
+            }
+        }
+        sampling.cancel();
+        (played, drain_start.elapsed().as_secs_f64())
+    };
+    let ((played, drain_s), sampled) =
+        tokio::join!(run_and_drain, sample_limits(&env, &plan.limits, &sampling));
+    let played = played?;
     let end_to_end = ctx.start.elapsed();
     let mut sup = workers.into_inner().unwrap_or_else(|e| e.into_inner());
     let (clean, unclean) = sup.terminate_all(Duration::from_secs(30)).await;
 
     let check_start = Instant::now();
-    let obs = observe(&env, &plan, junk_positions(&plan, &played.positions)).await?;
+    let mut obs = observe(&env, &plan, junk_positions(&plan, &played.positions)).await?;
+    obs.limits.sampled = sampled;
     let mut findings = check::check(&plan, &obs);
     let check_s = check_start.elapsed().as_secs_f64();
 
@@ -447,6 +520,9 @@ fn plan(cfg: &NemesisConfig) -> (workload::Plan, Vec<FaultKind>, Rng) {
         multi_share: cfg.multi_share,
         ttl: cfg.ttl,
         duration: cfg.workload_duration(),
+        customers: cfg.customers,
+        no_customer_share: cfg.no_customer_share,
+        hot_limit: cfg.hot_limit,
     };
     let plan = workload::generate(&shape, &mut rng.fork(1));
     let schedule = faults::schedule(&cfg.kinds, cfg.faults, &mut rng.fork(2));
@@ -681,6 +757,8 @@ fn report(
         dead_letters: obs.dlq.len(),
         ledger: findings.ledger,
         lifecycle: findings.lifecycle,
+        limits: findings.limits,
+        customers: cfg.customers,
         faults: fault_counts,
         fault_log: r.fault_log,
         worker_starts: r.worker_starts,
@@ -843,7 +921,104 @@ async fn observe(
     };
     obs.invariants = invariants;
     obs.redis_loaded = loaded;
+    obs.limits = observe_limits(env, &plan.limits).await?;
     Ok(obs)
+}
+
+/// The limits and counts of both stores once idle, and `stockctl`'s limit drift check.
+async fn observe_limits(
+    env: &TestEnv,
+    limits: &BTreeMap<i64, i64>,
+) -> anyhow::Result<check::LimitsObserved> {
+    let mut out = check::LimitsObserved {
+        pg_limits: stock_common::pg_store::all_limits(&env.pool)
+            .await?
+            .into_iter()
+            .map(|l| (l.product_id, l.per_customer))
+            .collect(),
+        pg_units: customer_units(&env.pool).await?,
+        ..Default::default()
+    };
+    for &p in limits.keys() {
+        let b = env.store.buyers(p).await?;
+        out.redis.insert(
+            p,
+            b.map(|b| (b.per_customer, b.units.into_iter().collect())),
+        );
+    }
+    out.drift = stockctl::limits::drift(&env.pool, &env.store)
+        .await?
+        .into_iter()
+        .map(|d| format!("product {}: {}", d.product_id, d.what))
+        .collect();
+    Ok(out)
+}
+
+/// Every `customer_units` row above 0.
+async fn customer_units(pool: &sqlx::PgPool) -> Result<BTreeMap<check::Buyer, i64>, sqlx::Error> {
+    let rows: Vec<(i64, String, i64)> =
+        sqlx::query_as("SELECT product_id, customer_id, units FROM customer_units WHERE units > 0")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().map(|(p, c, n)| ((p, c), n)).collect())
+}
+
+/// Samples every customer's count of the limited products, in PostgreSQL
+/// (`customer_units`) and in Redis (each product's buyers hash), once a second until
+/// `stop`, keeping the highest count each customer reached; a sample a fault prevents
+/// (a store down) is counted as failed and skipped.
+///
+/// Why sampling the stores is the right observation: a count above a limit can only be
+/// one that a decision put there, and both stores change a count only where the decision
+/// is made, atomically with it. PostgreSQL's counts change only in the transaction that
+/// changes the orders (the consumer's batch, the expiry sweep), under the product's
+/// `stock` row lock, after the rule was checked under that lock; a reader sees committed
+/// states only. Redis' change only inside the scripts that take or give stock
+/// (reserve/hold check the limit and increment in the same script; restore/release
+/// decrement), each atomic. Neither has an intermediate state between the check and the
+/// count, so every sample is a state the rule produced, and an overshoot, once there,
+/// stays until a release gives the units back (a cancel, the TTL: seconds), long enough for
+/// samples a second apart to catch a systematic one; the final state catches what is
+/// still held at the end.
+async fn sample_limits(
+    env: &TestEnv,
+    limits: &BTreeMap<i64, i64>,
+    stop: &CancellationToken,
+) -> check::Sampled {
+    let mut s = check::Sampled::default();
+    if limits.is_empty() {
+        return s;
+    }
+    let timeout = Duration::from_secs(2);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        match tokio::time::timeout(timeout, customer_units(&env.pool)).await {
+            Ok(Ok(rows)) => {
+                s.pg_samples += 1;
+                check::Sampled::record(&mut s.pg_max, rows);
+            }
+            _ => s.failed += 1,
+        }
+        for &p in limits.keys() {
+            match tokio::time::timeout(timeout, env.store.buyers(p)).await {
+                Ok(Ok(b)) => {
+                    s.redis_samples += 1;
+                    let units = b.map(|b| b.units).unwrap_or_default();
+                    check::Sampled::record(
+                        &mut s.redis_max,
+                        units.into_iter().map(|(c, n)| ((p, c), n)),
+                    );
+                }
+                _ => s.failed += 1,
+            }
+        }
+    }
+    s
 }
 
 /// Every `order_ledger` row and every `stock_movement` row of the database.
@@ -853,7 +1028,8 @@ pub async fn read_ledger_and_history(
     let mut ledger = HashMap::new();
     let mut movements = Vec::new();
     let rows = sqlx::query(
-        "SELECT order_id, status, reject_reason, reject_product, release_reason, items::text, announced FROM order_ledger",
+        "SELECT order_id, status, reject_reason, reject_product, release_reason, items::text, announced, customer_id
+         FROM order_ledger",
     )
     .fetch_all(pool)
     .await?;
@@ -869,6 +1045,7 @@ pub async fn read_ledger_and_history(
                 release_reason: r.try_get(4)?,
                 items,
                 announced: r.try_get(6)?,
+                customer_id: r.try_get(7)?,
             },
         );
     }

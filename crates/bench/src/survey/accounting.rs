@@ -82,6 +82,7 @@ mod tests {
     fn order(items: &[(i64, i64)]) -> Order {
         Order {
             id: String::new(),
+            customer: None,
             items: items
                 .iter()
                 .map(|&(product_id, quantity)| Item {

@@ -45,9 +45,17 @@ struct Args {
     /// Share of orders that include the hot SKU [default: 0.3].
     #[arg(long)]
     hot_share: Option<f64>,
-    /// Stock of the hot SKU as a share of its demand [default: 0.3].
+    /// Stock of the hot SKU as a share of its demand [default: 0.15].
     #[arg(long)]
     hot_stock_share: Option<f64>,
+    /// Customers the orders are drawn from (a fifth of them send four fifths of the
+    /// orders); 0: no customer_id [default: 2000].
+    #[arg(long)]
+    customers: Option<usize>,
+    /// Per-customer limit of the hot SKU, set before the workers start, or `none`
+    /// [default: 2].
+    #[arg(long)]
+    hot_limit: Option<String>,
     /// Over how long the orders are spread [default: 12 s per fault, at least 20 s; 60 s
     /// with --reduced].
     #[arg(long, value_parser = parse_duration)]
@@ -119,6 +127,18 @@ async fn main() -> ExitCode {
     cfg.hot_share = args.hot_share.unwrap_or(cfg.hot_share);
     cfg.hot_stock_share = args.hot_stock_share.unwrap_or(cfg.hot_stock_share);
     cfg.duration = args.duration.or(cfg.duration);
+    cfg.customers = args.customers.unwrap_or(cfg.customers);
+    match args.hot_limit.as_deref() {
+        None => {}
+        Some("none") => cfg.hot_limit = None,
+        Some(n) => match n.parse::<i64>() {
+            Ok(n) if n >= 0 => cfg.hot_limit = Some(n),
+            _ => {
+                eprintln!("nemesis: --hot-limit {n:?}: a number >= 0, or none");
+                return ExitCode::from(2);
+            }
+        },
+    }
     cfg.outage = args.outage.unwrap_or(cfg.outage);
     cfg.pause = args.pause.unwrap_or(cfg.pause);
     cfg.idle_timeout = args.idle_timeout.unwrap_or(cfg.idle_timeout);

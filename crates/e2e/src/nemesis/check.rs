@@ -2,7 +2,15 @@
 //! dead-letter topic, `order_ledger`, `stock`, `stock_movement` and Redis — is compared
 //! with what the workload sent and with the contract's six guarantees, per order and per
 //! product. Every disagreement is a [`Violation`] with a kind (`G1.…` to `G6.…` for the
-//! guarantees, `L.…` for the order lifecycle) and the evidence.
+//! guarantees, `L.…` for the order lifecycle, `LIM.…` for per-customer limits) and the
+//! evidence.
+//!
+//! Per-customer limits (contract "Per-customer limits", [`check_limits`]) are checked three
+//! ways: the final state (no customer above a limit in the ledger, PostgreSQL's
+//! `customer_units` and Redis' buyers hash equal to the ledger's sums), the counts sampled
+//! in both stores during the run ([`Sampled`]: never above a limit), and the results
+//! (`limit_exceeded` only for a limited product of the order, with a customer; no
+//! customer on a limited product is `invalid_order`).
 
 use super::workload::{Expect, Fate, Plan, HOT};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,6 +33,8 @@ pub struct LedgerRec {
     pub release_reason: Option<String>,
     pub items: Vec<Item>,
     pub announced: bool,
+    /// The customer of the first decision.
+    pub customer_id: Option<String>,
 }
 
 /// A `stock_movement` row: one product, one kind, summing `orders` orders of a batch.
@@ -64,6 +74,76 @@ pub struct Observed {
     pub orders_topic: String,
     /// Where each junk message of the plan was written (partition, offset).
     pub junk_positions: Vec<Option<(i32, i64)>>,
+    /// Per-customer limits and counts, once idle, and as sampled during the run.
+    pub limits: LimitsObserved,
+}
+
+/// A (product, customer) pair.
+pub type Buyer = (i64, String);
+
+/// A buyers hash as read from Redis: (limit, customer -> units).
+pub type RedisBuyers = (i64, BTreeMap<String, i64>);
+
+/// The limits and the customers' counts of both stores.
+#[derive(Debug, Default, Clone)]
+pub struct LimitsObserved {
+    /// `product_limit`: product -> per-customer limit.
+    pub pg_limits: BTreeMap<i64, i64>,
+    /// `customer_units` (rows above 0).
+    pub pg_units: BTreeMap<Buyer, i64>,
+    /// Per product of the plan's limits, its buyers hash in Redis: (limit, customer ->
+    /// units), `None` when the hash is missing.
+    pub redis: BTreeMap<i64, Option<RedisBuyers>>,
+    /// What `stockctl`'s limit drift check reported (PostgreSQL against Redis).
+    pub drift: Vec<String>,
+    pub sampled: Sampled,
+}
+
+/// The counts sampled in both stores while the run went on (about once a second, from the
+/// start of the workload to the idle pipeline): the highest each customer reached.
+#[derive(Debug, Default, Clone)]
+pub struct Sampled {
+    pub pg_samples: usize,
+    pub redis_samples: usize,
+    /// Samples that could not be taken (a store down during a fault).
+    pub failed: usize,
+    pub pg_max: BTreeMap<Buyer, i64>,
+    pub redis_max: BTreeMap<Buyer, i64>,
+}
+
+impl Sampled {
+    /// Keeps the highest count seen of each buyer.
+    pub fn record(max: &mut BTreeMap<Buyer, i64>, rows: impl IntoIterator<Item = (Buyer, i64)>) {
+        for (k, n) in rows {
+            let e = max.entry(k).or_insert(n);
+            *e = (*e).max(n);
+        }
+    }
+}
+
+/// The figures of the limits in a run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LimitFigures {
+    /// product -> per-customer limit.
+    pub limits: BTreeMap<i64, i64>,
+    /// Orders refused `limit_exceeded`.
+    pub limit_exceeded: usize,
+    /// Valid orders sent without `customer_id`; of those, for a limited product (each must
+    /// be `invalid_order`).
+    pub without_customer: usize,
+    pub without_customer_limited: usize,
+    /// Customers holding units of a limited product at the end, and at its limit.
+    pub customers_holding: usize,
+    pub customers_at_limit: usize,
+    /// Samples taken during the run (PostgreSQL, Redis, failed).
+    pub samples_pg: usize,
+    pub samples_redis: usize,
+    pub samples_failed: usize,
+    /// The highest count sampled, in PostgreSQL and in Redis.
+    pub max_sampled_pg: i64,
+    pub max_sampled_redis: i64,
+    /// Customers seen at their limit in some sample (PostgreSQL).
+    pub customers_seen_at_limit: usize,
 }
 
 /// The checker's verdict and the figures of the run.
@@ -76,6 +156,7 @@ pub struct Findings {
     pub ledger: BTreeMap<String, usize>,
     /// What became of the valid orders, by what the workload did with them.
     pub lifecycle: BTreeMap<String, usize>,
+    pub limits: LimitFigures,
 }
 
 fn status_str(s: Status) -> &'static str {
@@ -140,7 +221,7 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
         if let Some(l) = ledger {
             *f.ledger.entry(ledger_key(l)).or_insert(0) += 1;
         }
-        check_created(o, &distinct, ledger, &stock, &mut out);
+        check_created(o, &distinct, ledger, &stock, &plan.limits, &mut out);
         check_lifecycle(o, &distinct, ledger, &mut out, &mut f);
     }
 
@@ -174,6 +255,7 @@ pub fn check(plan: &Plan, obs: &Observed) -> Findings {
         .extend(history_disagreements(&obs.movements, &obs.ledger));
     check_products(plan, obs, &mut out);
     check_dlq(plan, obs, &mut out);
+    check_limits(plan, obs, &mut out, &mut f);
     f.violations = out.v;
     f
 }
@@ -185,6 +267,7 @@ fn check_created(
     distinct: &HashSet<&StockResult>,
     ledger: Option<&LedgerRec>,
     stock: &HashMap<i64, &StockRow>,
+    limits: &BTreeMap<i64, i64>,
     out: &mut Out,
 ) {
     let created: Vec<&StockResult> = distinct
@@ -253,6 +336,21 @@ fn check_created(
                         );
                     }
                 }
+                (Status::Rejected, Some(Reason::LimitExceeded)) => {
+                    // Only for a limited product of the order, and only for an order with a
+                    // customer (without one, the order is invalid_order).
+                    let named = c.product_id.filter(|p| limits.contains_key(p));
+                    let in_order = named.is_some_and(|p| o.items.iter().any(|i| i.product_id == p));
+                    if !(in_order && o.customer.is_some()) {
+                        out.add(
+                            "LIM.wrong_limit_exceeded",
+                            format!(
+                                "{id} {:?} (customer {:?}): limit_exceeded naming {:?}, limits {limits:?}",
+                                o.items, o.customer, c.product_id
+                            ),
+                        );
+                    }
+                }
                 (Status::Rejected, Some(Reason::UnknownProduct)) => {
                     let exists = c.product_id.is_some_and(|p| stock.contains_key(&p));
                     out.add(
@@ -283,6 +381,20 @@ fn check_created(
                     );
                 }
             }
+        }
+    }
+    if let Some(l) = ledger {
+        // A refusal Redis decided is recorded without items and without customer; every
+        // order PostgreSQL decided keeps the customer it was sent with.
+        let decided_by_pg = !l.items.is_empty();
+        if (decided_by_pg || l.customer_id.is_some()) && l.customer_id != o.customer {
+            out.add(
+                "LIM.ledger_customer_differs",
+                format!(
+                    "{id}: sent customer {:?}, ledger {:?}",
+                    o.customer, l.customer_id
+                ),
+            );
         }
     }
     if o.expect != Expect::Valid {
@@ -628,6 +740,183 @@ fn check_products(plan: &Plan, obs: &Observed, out: &mut Out) {
     }
 }
 
+/// Per-customer limits (contract "Per-customer limits"): the final state, the samples of
+/// the run, and the figures.
+///
+/// * Final state: per limited product and customer, the units of its `reserved` and
+///   `confirmed` orders in the ledger are at most the limit; PostgreSQL's `customer_units`
+///   and Redis' buyers hash (with the limit) equal those sums exactly; a held order of a
+///   limited product has a customer; no held order asks more than the limit on its own;
+///   `stockctl`'s limit drift check finds nothing.
+/// * During the run: no sampled count above the limit, in either store.
+fn check_limits(plan: &Plan, obs: &Observed, out: &mut Out, f: &mut Findings) {
+    let lim = &obs.limits;
+    let mut held: BTreeMap<Buyer, i64> = BTreeMap::new();
+    let mut ids: Vec<&String> = obs.ledger.keys().collect();
+    ids.sort();
+    for id in ids {
+        let l = &obs.ledger[id];
+        if !matches!(l.status.as_str(), "reserved" | "confirmed") {
+            continue;
+        }
+        for it in &l.items {
+            let Some(&limit) = plan.limits.get(&it.product_id) else {
+                continue;
+            };
+            if it.quantity > limit {
+                out.add(
+                    "LIM.held_order_above_limit_alone",
+                    format!(
+                        "{id}: {} units of product {} (limit {limit})",
+                        it.quantity, it.product_id
+                    ),
+                );
+            }
+            match &l.customer_id {
+                Some(c) => *held.entry((it.product_id, c.clone())).or_insert(0) += it.quantity,
+                None => out.add(
+                    "LIM.held_without_customer",
+                    format!(
+                        "{id}: {} holds product {} without a customer",
+                        l.status, it.product_id
+                    ),
+                ),
+            }
+        }
+    }
+    for ((p, c), n) in &held {
+        let limit = plan.limits.get(p).copied().unwrap_or(i64::MAX);
+        if *n > limit {
+            out.add(
+                "LIM.ledger_above_limit",
+                format!("customer {c} holds {n} units of product {p} (limit {limit})"),
+            );
+        }
+    }
+    if lim.pg_limits != plan.limits {
+        out.add(
+            "LIM.limit_differs",
+            format!(
+                "set {:?}, product_limit holds {:?}",
+                plan.limits, lim.pg_limits
+            ),
+        );
+    }
+    let pg: BTreeMap<Buyer, i64> = lim
+        .pg_units
+        .iter()
+        .filter(|(_, n)| **n != 0)
+        .map(|(k, n)| (k.clone(), *n))
+        .collect();
+    for (k, a, b) in differences(&held, &pg) {
+        out.add(
+            "LIM.pg_counts_differ_from_ledger",
+            format!(
+                "product {}, customer {}: the ledger holds {a}, customer_units {b}",
+                k.0, k.1
+            ),
+        );
+    }
+    for (&p, &limit) in &plan.limits {
+        match lim.redis.get(&p) {
+            Some(Some((per_customer, units))) => {
+                if *per_customer != limit {
+                    out.add(
+                        "LIM.redis_limit_differs",
+                        format!("product {p}: limit {limit}, Redis {per_customer}"),
+                    );
+                }
+                let want: BTreeMap<Buyer, i64> = held
+                    .range((p, String::new())..)
+                    .take_while(|((q, _), _)| *q == p)
+                    .map(|(k, n)| (k.clone(), *n))
+                    .collect();
+                let got: BTreeMap<Buyer, i64> = units
+                    .iter()
+                    .filter(|(_, n)| **n != 0)
+                    .map(|(c, n)| ((p, c.clone()), *n))
+                    .collect();
+                for (k, a, b) in differences(&want, &got) {
+                    out.add(
+                        "LIM.redis_counts_differ_from_ledger",
+                        format!(
+                            "product {p}, customer {}: the ledger holds {a}, Redis {b}",
+                            k.1
+                        ),
+                    );
+                }
+            }
+            _ => out.add(
+                "LIM.redis_limit_missing",
+                format!("product {p}: no buyers hash in Redis once idle"),
+            ),
+        }
+    }
+    for d in &lim.drift {
+        out.add("LIM.drift", d.clone());
+    }
+    let s = &lim.sampled;
+    for (kind, max) in [
+        ("LIM.sampled_above_limit_pg", &s.pg_max),
+        ("LIM.sampled_above_limit_redis", &s.redis_max),
+    ] {
+        for ((p, c), n) in max {
+            let limit = plan.limits.get(p).copied();
+            if limit.is_none_or(|l| *n > l) {
+                out.add(
+                    kind,
+                    format!(
+                        "customer {c} was seen holding {n} units of product {p} (limit {limit:?})"
+                    ),
+                );
+            }
+        }
+    }
+    let at_limit = |(&(p, _), n): (&Buyer, &i64)| plan.limits.get(&p) == Some(n);
+    let limited = |o: &super::workload::PlannedOrder| {
+        o.items
+            .iter()
+            .any(|i| plan.limits.contains_key(&i.product_id))
+    };
+    let without: Vec<_> = plan
+        .orders
+        .iter()
+        .filter(|o| o.id.starts_with("o-") && o.customer.is_none())
+        .collect();
+    f.limits = LimitFigures {
+        limits: plan.limits.clone(),
+        limit_exceeded: f
+            .outcomes
+            .get(&format!("rejected/{}", Reason::LimitExceeded.as_str()))
+            .copied()
+            .unwrap_or(0),
+        without_customer: without.len(),
+        without_customer_limited: without.iter().filter(|o| limited(o)).count(),
+        customers_holding: held.len(),
+        customers_at_limit: held.iter().filter(|e| at_limit(*e)).count(),
+        samples_pg: s.pg_samples,
+        samples_redis: s.redis_samples,
+        samples_failed: s.failed,
+        max_sampled_pg: s.pg_max.values().copied().max().unwrap_or(0),
+        max_sampled_redis: s.redis_max.values().copied().max().unwrap_or(0),
+        customers_seen_at_limit: s.pg_max.iter().filter(|e| at_limit(*e)).count(),
+    };
+}
+
+/// The keys where two counts differ (a missing key counts 0): (key, a's, b's).
+fn differences(a: &BTreeMap<Buyer, i64>, b: &BTreeMap<Buyer, i64>) -> Vec<(Buyer, i64, i64)> {
+    let keys: BTreeSet<&Buyer> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (
+                a.get(k).copied().unwrap_or(0),
+                b.get(k).copied().unwrap_or(0),
+            );
+            (x != y).then(|| (k.clone(), x, y))
+        })
+        .collect()
+}
+
 /// Guarantee 5: every unparseable message in the dead-letter topic, bytes unchanged, with
 /// its reason and origin; nothing else in it.
 fn check_dlq(plan: &Plan, obs: &Observed, out: &mut Out) {
@@ -715,9 +1004,10 @@ mod tests {
         }
     }
 
-    fn order(id: &str, items: Vec<Item>, fate: Fate, pays: u32) -> PlannedOrder {
+    fn order(id: &str, customer: &str, items: Vec<Item>, fate: Fate, pays: u32) -> PlannedOrder {
         PlannedOrder {
             id: id.into(),
+            customer: Some(customer.into()),
             items,
             expect: Expect::Valid,
             fate,
@@ -741,7 +1031,7 @@ mod tests {
         }
     }
 
-    fn rec(status: &str, release: Option<&str>, items: Vec<Item>) -> LedgerRec {
+    fn rec(status: &str, release: Option<&str>, items: Vec<Item>, customer: &str) -> LedgerRec {
         LedgerRec {
             status: status.into(),
             reject_reason: None,
@@ -749,7 +1039,14 @@ mod tests {
             release_reason: release.map(Into::into),
             items,
             announced: true,
+            customer_id: Some(customer.into()),
         }
+    }
+
+    fn buyers(rows: &[(&str, i64)]) -> BTreeMap<Buyer, i64> {
+        rows.iter()
+            .map(|(c, n)| ((HOT, (*c).to_owned()), *n))
+            .collect()
     }
 
     fn row(p: i64, a: i64, r: i64, s: i64) -> StockRow {
@@ -762,12 +1059,17 @@ mod tests {
         }
     }
 
-    /// a: paid; b: expired; c: refused by Redis (hot SKU sold out); one junk message.
+    /// a: paid (customer c1, at the hot SKU's limit of 2); b: expired; c: refused by Redis
+    /// (hot SKU sold out); e: no customer for the limited hot SKU, `invalid_order`; one
+    /// junk message.
     fn consistent() -> (Plan, Observed) {
+        let mut e = order("e", "-", vec![item(HOT, 1)], Fate::Abandoned, 0);
+        (e.customer, e.expect) = (None, Expect::Invalid);
         let orders = vec![
-            order("a", vec![item(HOT, 2)], Fate::PayQuick, 1),
-            order("b", vec![item(2, 1)], Fate::Abandoned, 0),
-            order("c", vec![item(HOT, 1)], Fate::Abandoned, 0),
+            order("a", "c1", vec![item(HOT, 2)], Fate::PayQuick, 1),
+            order("b", "c2", vec![item(2, 1)], Fate::Abandoned, 0),
+            order("c", "c3", vec![item(HOT, 1)], Fate::Abandoned, 0),
+            e,
         ];
         let plan = Plan {
             index: orders
@@ -783,6 +1085,7 @@ mod tests {
             }],
             events: Vec::new(),
             stock: [(HOT, 2), (2, 5)].into_iter().collect(),
+            limits: [(HOT, 2)].into_iter().collect(),
         };
         let res = |id: &str, s, r, p| StockResult::new(id, s, r, p);
         let outcomes: HashMap<String, Vec<StockResult>> = [
@@ -808,6 +1111,10 @@ mod tests {
                     Some(HOT),
                 )],
             ),
+            (
+                "e",
+                vec![StockResult::rejected("e", Reason::InvalidOrder, None)],
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -817,10 +1124,21 @@ mod tests {
             result_messages: 5,
             unparsed_results: 0,
             ledger: [
-                ("a".to_owned(), rec("confirmed", None, vec![item(HOT, 2)])),
+                (
+                    "a".to_owned(),
+                    rec("confirmed", None, vec![item(HOT, 2)], "c1"),
+                ),
                 (
                     "b".to_owned(),
-                    rec("released", Some("expired"), vec![item(2, 1)]),
+                    rec("released", Some("expired"), vec![item(2, 1)], "c2"),
+                ),
+                (
+                    "e".to_owned(),
+                    LedgerRec {
+                        reject_reason: Some("invalid_order".into()),
+                        customer_id: None,
+                        ..rec("rejected", None, Vec::new(), "-")
+                    },
                 ),
             ]
             .into_iter()
@@ -852,6 +1170,21 @@ mod tests {
             }],
             orders_topic: "orders".into(),
             junk_positions: vec![Some((0, 5))],
+            limits: LimitsObserved {
+                pg_limits: [(HOT, 2)].into_iter().collect(),
+                pg_units: buyers(&[("c1", 2)]),
+                redis: [(HOT, Some((2, [("c1".to_owned(), 2)].into_iter().collect())))]
+                    .into_iter()
+                    .collect(),
+                drift: Vec::new(),
+                sampled: Sampled {
+                    pg_samples: 3,
+                    redis_samples: 3,
+                    failed: 0,
+                    pg_max: buyers(&[("c1", 2), ("c3", 1)]),
+                    redis_max: buyers(&[("c1", 2)]),
+                },
+            },
         };
         (plan, obs)
     }
@@ -871,6 +1204,19 @@ mod tests {
     fn a_consistent_run_has_no_violation() {
         let (plan, obs) = consistent();
         assert_eq!(kinds(&plan, &obs), Vec::<String>::new());
+        let f = check(&plan, &obs).limits;
+        assert_eq!(
+            (
+                f.customers_holding,
+                f.customers_at_limit,
+                f.customers_seen_at_limit
+            ),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            (f.max_sampled_pg, f.max_sampled_redis, f.limit_exceeded),
+            (2, 2, 0)
+        );
     }
 
     #[test]
@@ -931,7 +1277,7 @@ mod tests {
                 "L.never_settled",
                 Box::new(|o| {
                     o.ledger
-                        .insert("b".into(), rec("reserved", None, vec![item(2, 1)]));
+                        .insert("b".into(), rec("reserved", None, vec![item(2, 1)], "c2"));
                 }),
             ),
             (
@@ -960,6 +1306,70 @@ mod tests {
                     ));
                 }),
             ),
+            // Per-customer limits.
+            (
+                // c1 holds 2 (order a) and 1 more: above the limit in the ledger.
+                "LIM.ledger_above_limit",
+                Box::new(|o| {
+                    let b = rec("confirmed", None, vec![item(HOT, 1)], "c1");
+                    o.ledger.insert("b".into(), b);
+                }),
+            ),
+            (
+                "LIM.pg_counts_differ_from_ledger",
+                Box::new(|o| o.limits.pg_units = buyers(&[("c1", 1)])),
+            ),
+            (
+                "LIM.pg_counts_differ_from_ledger",
+                Box::new(|o| o.limits.pg_units = buyers(&[("c1", 2), ("c2", 1)])),
+            ),
+            (
+                "LIM.redis_counts_differ_from_ledger",
+                Box::new(|o| {
+                    let units = [("c1".to_owned(), 1)].into_iter().collect();
+                    o.limits.redis.insert(HOT, Some((2, units)));
+                }),
+            ),
+            (
+                "LIM.redis_limit_missing",
+                Box::new(|o| {
+                    o.limits.redis.insert(HOT, None);
+                }),
+            ),
+            (
+                "LIM.sampled_above_limit_pg",
+                Box::new(|o| o.limits.sampled.pg_max = buyers(&[("c7", 3)])),
+            ),
+            (
+                "LIM.sampled_above_limit_redis",
+                Box::new(|o| o.limits.sampled.redis_max = buyers(&[("c1", 3)])),
+            ),
+            (
+                "LIM.wrong_limit_exceeded",
+                Box::new(|o| {
+                    let r = StockResult::rejected("c", Reason::LimitExceeded, Some(2));
+                    o.outcomes.insert("c".into(), vec![r]);
+                }),
+            ),
+            (
+                "LIM.ledger_customer_differs",
+                Box::new(|o| {
+                    let a = rec("confirmed", None, vec![item(HOT, 2)], "c2");
+                    o.ledger.insert("a".into(), a);
+                }),
+            ),
+            (
+                // Without a customer, an order for the limited product is refused.
+                "G4.wrong_outcome",
+                Box::new(|o| {
+                    o.outcomes
+                        .insert("e".into(), vec![StockResult::reserved("e")]);
+                }),
+            ),
+            (
+                "LIM.drift",
+                Box::new(|o| o.limits.drift.push("product 1: redis c1 3".into())),
+            ),
         ];
         for (want, mutate) in cases {
             let mut obs = Observed {
@@ -972,6 +1382,7 @@ mod tests {
                 junk_positions: base.junk_positions.clone(),
                 orders_topic: base.orders_topic.clone(),
                 redis_loaded: true,
+                limits: base.limits.clone(),
                 ..Default::default()
             };
             mutate(&mut obs);

@@ -4,6 +4,13 @@
 //! product that does not exist, and bytes that are no event at all), and the publisher
 //! that plays it onto the `orders` topic in real time.
 //!
+//! Every valid order names a customer drawn from a skewed population ([`Rng::skewed`]:
+//! a fifth of the customers send four fifths of the orders), except a few percent that
+//! carry no `customer_id` at all; the hot SKU may carry a per-customer limit
+//! ([`WorkloadShape::hot_limit`], contract "Per-customer limits"), so that the busiest
+//! customers run into it and an order for the hot SKU without a customer is
+//! `rejected`/`invalid_order`.
+//!
 //! The stock is sized from the plan: the hot SKU gets a fraction of its demand (it sells
 //! out, and cancellations and expiries put stock back for later orders), every tail
 //! product more than all the orders that name it could ever take. So a refusal that names
@@ -30,7 +37,7 @@ pub const MISSING_PRODUCT: i64 = 900_000_001;
 pub enum Expect {
     /// `reserved`, or `rejected`/`insufficient_stock` naming the hot SKU.
     Valid,
-    /// `rejected`/`invalid_order`.
+    /// `rejected`/`invalid_order` (a broken rule, or no customer for a limited product).
     Invalid,
     /// `rejected`/`unknown_product` naming this product.
     UnknownProduct(i64),
@@ -57,6 +64,8 @@ pub enum Fate {
 #[derive(Debug, Clone)]
 pub struct PlannedOrder {
     pub id: String,
+    /// The `customer_id` of its `order_created` events (`None`: none sent).
+    pub customer: Option<String>,
     /// The items of its first `order_created` (empty for an invalid order).
     pub items: Vec<Item>,
     pub expect: Expect,
@@ -132,6 +141,13 @@ pub struct WorkloadShape {
     pub ttl: Duration,
     /// Over how long the `order_created` events are spread.
     pub duration: Duration,
+    /// Customers, `c-0` to `c-<n-1>`, drawn skewed ([`Rng::skewed`]); 0: no valid order
+    /// names a customer.
+    pub customers: usize,
+    /// Share of valid orders sent without `customer_id`.
+    pub no_customer_share: f64,
+    /// Per-customer limit of the hot SKU, set before the workers start (`None`: none).
+    pub hot_limit: Option<i64>,
 }
 
 /// The whole workload.
@@ -144,6 +160,8 @@ pub struct Plan {
     pub events: Vec<Event>,
     /// Initial stock per product.
     pub stock: BTreeMap<i64, i64>,
+    /// Per-customer limits (product -> units), set before the workers start.
+    pub limits: BTreeMap<i64, i64>,
 }
 
 impl Plan {
@@ -165,8 +183,11 @@ impl Plan {
     }
 }
 
-fn created_json(id: &str, items: &[Item]) -> Vec<u8> {
-    crate::harness::created(id, items)
+fn created_json(id: &str, customer: Option<&str>, items: &[Item]) -> Vec<u8> {
+    match customer {
+        Some(c) => crate::harness::created_by(id, c, items),
+        None => crate::harness::created(id, items),
+    }
 }
 
 fn ms(d: u64) -> Duration {
@@ -242,6 +263,7 @@ impl Builder<'_> {
 fn planned(id: String, items: Vec<Item>, expect: Expect) -> PlannedOrder {
     PlannedOrder {
         id,
+        customer: None,
         items,
         expect,
         fate: Fate::Abandoned,
@@ -262,20 +284,42 @@ struct Grid {
 }
 
 impl Builder<'_> {
+    /// The customer of a valid order: skewed over the population, or none (a few percent).
+    fn customer(&mut self) -> Option<String> {
+        if self.shape.customers == 0 || self.rng.chance(self.shape.no_customer_share) {
+            return None;
+        }
+        Some(format!(
+            "c-{}",
+            self.rng.skewed(self.shape.customers as u64)
+        ))
+    }
+
     /// Valid order `i`: its `order_created` (sometimes twice, sometimes again with other
-    /// items), then what its [`Fate`] makes of it.
+    /// items; always with the same customer), then what its [`Fate`] makes of it. Without
+    /// a customer, an order for a limited product is `invalid_order`.
     fn valid_order(&mut self, i: usize, g: &Grid) -> PlannedOrder {
         let id = format!("o-{i}");
         let t = ms(g.span * i as u64 / g.n + self.rng.range(0, g.slot));
+        let customer = self.customer();
         let items = self.items();
-        self.push(t, &id, created_json(&id, &items), EventKind::Created);
-        let mut o = planned(id.clone(), items.clone(), Expect::Valid);
+        let c = customer.as_deref();
+        self.push(t, &id, created_json(&id, c, &items), EventKind::Created);
+        let limited = self.shape.hot_limit.is_some() && items.iter().any(|it| it.product_id == HOT);
+        let expect = if customer.is_none() && limited {
+            Expect::Invalid
+        } else {
+            Expect::Valid
+        };
+        let mut o = planned(id.clone(), items.clone(), expect);
+        o.customer = customer.clone();
+        let c = customer.as_deref();
         if self.rng.chance(0.03) {
             let at = t + ms(self.rng.range(1, 400));
             self.push(
                 at,
                 &id,
-                created_json(&id, &items),
+                created_json(&id, c, &items),
                 EventKind::DuplicateCreated,
             );
             o.created += 1;
@@ -286,7 +330,7 @@ impl Builder<'_> {
             self.push(
                 at,
                 &id,
-                created_json(&id, &other),
+                created_json(&id, c, &other),
                 EventKind::VariantCreated,
             );
             o.created += 1;
@@ -404,7 +448,12 @@ impl Builder<'_> {
             product_id: MISSING_PRODUCT,
             quantity: 1,
         });
-        self.push(t, &id, created_json(&id, &items), EventKind::UnknownProduct);
+        self.push(
+            t,
+            &id,
+            created_json(&id, None, &items),
+            EventKind::UnknownProduct,
+        );
         planned(id, items, Expect::UnknownProduct(MISSING_PRODUCT))
     }
 
@@ -496,12 +545,14 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
         .enumerate()
         .map(|(i, o)| (o.id.clone(), i))
         .collect();
+    let limits = shape.hot_limit.map(|l| (HOT, l)).into_iter().collect();
     Plan {
         orders,
         index,
         junk,
         events,
         stock,
+        limits,
     }
 }
 
@@ -609,6 +660,9 @@ mod tests {
             multi_share: 0.25,
             ttl: Duration::from_secs(4),
             duration: Duration::from_secs(20),
+            customers: 300,
+            no_customer_share: 0.03,
+            hot_limit: Some(2),
         }
     }
 
@@ -634,8 +688,15 @@ mod tests {
                 e.kind,
                 EventKind::Created | EventKind::Invalid | EventKind::UnknownProduct
             ));
-            if o.expect == Expect::Valid {
-                assert_eq!(e.payload, created_json(&o.id, &o.items));
+            if o.id.starts_with("o-") {
+                assert_eq!(
+                    e.payload,
+                    created_json(&o.id, o.customer.as_deref(), &o.items)
+                );
+                // Without a customer, an order for the limited hot SKU is invalid.
+                let hot = o.items.iter().any(|it| it.product_id == HOT);
+                let invalid = o.customer.is_none() && hot;
+                assert_eq!(o.expect == Expect::Invalid, invalid, "{}", o.id);
             }
         }
         // Tail stock covers every order that names the product.
@@ -665,6 +726,28 @@ mod tests {
             }
         }
         assert!(a.junk.len() >= 7);
+        assert_eq!(a.limits, [(HOT, 2)].into_iter().collect());
+        let valid = a.orders.iter().filter(|o| o.id.starts_with("o-"));
+        let without = valid.clone().filter(|o| o.customer.is_none()).count();
+        assert!(
+            (20..120).contains(&without),
+            "{without} orders without customer"
+        );
+        // Skewed: the first fifth of the customers sends about four fifths of the orders.
+        let heavy = valid
+            .filter_map(|o| {
+                o.customer
+                    .as_deref()?
+                    .strip_prefix("c-")?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&c| c < 60)
+            .count();
+        assert!(
+            (1450..1650).contains(&heavy),
+            "{heavy} orders of the busiest fifth"
+        );
         assert!(a.stock[&HOT] >= 10);
     }
 }
