@@ -70,13 +70,16 @@ pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
     [
         include_str!("lua/token.lua"),
         include_str!("lua/integer.lua"),
+        include_str!("lua/buyers.lua"),
         include_str!("lua/reserve.lua"),
     ]
     .concat()
 });
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
-static RESTORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/restore.lua")));
+static RESTORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&[include_str!("lua/buyers.lua"), include_str!("lua/restore.lua")].concat())
+});
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
 static LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/limit.lua")));
 

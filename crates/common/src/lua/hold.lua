@@ -48,13 +48,8 @@ while a <= #ARGV do
       kind = (string.sub(h, 1, 1) == 'H') and 'held' or 'freed'
     else
       local limited = {}
-      if customer == '' then
-        for i = 1, n do
-          if redis.call('EXISTS', KEYS[buyers + i]) == 1 then
-            kind = 'invalid'
-            break
-          end
-        end
+      if customer == '' and any_limited(buyers, n) then
+        kind = 'invalid'
       end
       if not kind then
         for i = 1, n do
@@ -73,16 +68,12 @@ while a <= #ARGV do
             kind, detail = 'short', ARGV[pid + i]
             break
           end
-          if customer ~= '' then
-            local lim = redis.call('HMGET', KEYS[buyers + i], '#limit', customer)
-            if lim[1] then
-              if (tonumber(lim[2]) or 0) + q > tonumber(lim[1]) then
-                kind, detail = 'limit', ARGV[pid + i]
-                break
-              end
-              limited[i] = true
-            end
+          local limit = limit_check(KEYS[buyers + i], customer, q)
+          if limit == 'over' then
+            kind, detail = 'limit', ARGV[pid + i]
+            break
           end
+          limited[i] = limit == 'counts'
         end
       end
       if not kind then

@@ -37,12 +37,7 @@ while a <= #ARGV do
       local customer = string.match(h, '^H|[^|]*|(.*)$') or ''
       for i = 1, n do
         redis.call('INCRBY', KEYS[k + i], ARGV[a + 1 + i])
-        local buyers = KEYS[k + n + i]
-        if customer ~= '' and redis.call('HEXISTS', buyers, '#limit') == 1 then
-          if redis.call('HINCRBY', buyers, customer, -tonumber(ARGV[a + 1 + i])) <= 0 then
-            redis.call('HDEL', buyers, customer)
-          end
-        end
+        give_back_units(KEYS[k + n + i], customer, tonumber(ARGV[a + 1 + i]))
       end
       redis.call('INCR', KEYS[2])
       redis.call('SET', hold_key, 'F' .. string.sub(h, 2), 'KEEPTTL')

@@ -43,7 +43,8 @@
 -- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
 -- pre-deduction, so that PostgreSQL can tell a redelivery of it from a second one.
 --
--- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua.
+-- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua;
+-- limits: lua/buyers.lua.
 local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
@@ -80,13 +81,8 @@ while a <= #ARGV do
   else
     local corrupt = nil
     local limited = {}
-    if decision == '' and customer == '' then
-      for i = 1, n do
-        if redis.call('EXISTS', KEYS[buyers + i]) == 1 then
-          decision = 'X|invalid_order|'
-          break
-        end
-      end
+    if decision == '' and customer == '' and any_limited(buyers, n) then
+      decision = 'X|invalid_order|'
     end
     if decision == '' and guarded and marker_valid then
       decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
@@ -111,16 +107,12 @@ while a <= #ARGV do
           decision = 'X|insufficient_stock|' .. ARGV[pid + i]
           break
         end
-        if customer ~= '' then
-          local lim = redis.call('HMGET', KEYS[buyers + i], '#limit', customer)
-          if lim[1] then
-            if (tonumber(lim[2]) or 0) + q > tonumber(lim[1]) then
-              decision = 'X|limit_exceeded|' .. ARGV[pid + i]
-              break
-            end
-            limited[i] = true
-          end
+        local limit = limit_check(KEYS[buyers + i], customer, q)
+        if limit == 'over' then
+          decision = 'X|limit_exceeded|' .. ARGV[pid + i]
+          break
         end
+        limited[i] = limit == 'counts'
       end
     end
     if corrupt then

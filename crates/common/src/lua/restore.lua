@@ -47,11 +47,7 @@ local n = #ARGV - 3
 local customer = string.sub(rest, 2)
 for i = 1, n do
   redis.call('INCRBY', KEYS[3 + i], ARGV[3 + i])
-  if customer ~= '' and redis.call('HEXISTS', KEYS[3 + n + i], '#limit') == 1 then
-    if redis.call('HINCRBY', KEYS[3 + n + i], customer, -tonumber(ARGV[3 + i])) <= 0 then
-      redis.call('HDEL', KEYS[3 + n + i], customer)
-    end
-  end
+  give_back_units(KEYS[3 + n + i], customer, tonumber(ARGV[3 + i]))
 end
 redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[3], 'C|' .. token .. '|' .. ARGV[3] .. rest, 'KEEPTTL')

@@ -67,13 +67,15 @@ static HOLD: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         [
             include_str!("../lua/integer.lua"),
+            include_str!("../lua/buyers.lua"),
             include_str!("../lua/hold.lua"),
         ]
         .concat(),
     )
 });
-static RELEASE: LazyLock<Lua> =
-    LazyLock::new(|| Lua::new(include_str!("../lua/release.lua").into()));
+static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new([include_str!("../lua/buyers.lua"), include_str!("../lua/release.lua")].concat())
+});
 static SWAP: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/swap.lua").into()));
 
 /// The key of one pre-deduction's hold in slot `slot`.
