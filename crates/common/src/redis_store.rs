@@ -78,7 +78,13 @@ pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&[include_str!("lua/buyers.lua"), include_str!("lua/restore.lua")].concat())
+    Script::new(
+        &[
+            include_str!("lua/buyers.lua"),
+            include_str!("lua/restore.lua"),
+        ]
+        .concat(),
+    )
 });
 static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
 static LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/limit.lua")));

@@ -74,7 +74,13 @@ static HOLD: LazyLock<Lua> = LazyLock::new(|| {
     )
 });
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new([include_str!("../lua/buyers.lua"), include_str!("../lua/release.lua")].concat())
+    Lua::new(
+        [
+            include_str!("../lua/buyers.lua"),
+            include_str!("../lua/release.lua"),
+        ]
+        .concat(),
+    )
 });
 static SWAP: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/swap.lua").into()));
 
