@@ -11,6 +11,7 @@
 //! librdkafka may not heal within this test's short timeout after the outage, or at all (a
 //! consumer whose session timed out meanwhile was seen never to rejoin its group), so the
 //! test restarts a worker that exits then naming a stalled client, as a supervisor would.
+//! The test's own result reader is started only after the outage, for the same reason.
 //!
 //! Its own binary: it stops the stack's broker, which the tests of a binary running beside
 //! it would feel.
@@ -71,7 +72,6 @@ async fn an_outage_longer_than_the_stall_timeout_is_waited_out() {
         &flags("producer"),
         &[("FAILPOINTS", "producer.after_step=1*sleep(3000)")],
     );
-    let collector = env.collector();
     let ids: Vec<String> = (0..ORDERS).map(|i| format!("ko-{i}")).collect();
     let msgs = ids
         .iter()
@@ -115,6 +115,11 @@ async fn an_outage_longer_than_the_stall_timeout_is_waited_out() {
         producer.log.display()
     );
     drop(stopped);
+    // The observer starts after the outage (it reads the results topic from the start):
+    // a reader that lived through the outage is a librdkafka client like the workers', and
+    // was seen to keep its partitions and never fetch again, so that the test waited for
+    // results that the workers had long published.
+    let collector = env.collector();
 
     // After the outage: a worker whose client does not heal within the short timeout
     // (deliveries that never come, or a consumer that left its group and does not rejoin)
