@@ -623,6 +623,14 @@ pub async fn product_limit(
         .await
 }
 
+/// How many customers hold units of `product_id` (a limited product's counts).
+pub async fn customers_holding(pool: &PgPool, product_id: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM customer_units WHERE product_id = $1 AND units > 0")
+        .bind(product_id)
+        .fetch_one(pool)
+        .await
+}
+
 /// The `n` customers holding the most units of `product_id` (highest first, then by id).
 pub async fn top_customers(
     pool: &PgPool,

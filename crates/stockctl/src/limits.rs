@@ -40,10 +40,9 @@ pub async fn set_limit(
 ) -> Result<LimitChange, AdminError> {
     crate::admin::validate_product(product_id)?;
     crate::admin::validate_request_id(request_id)?;
-    if per_customer.is_some_and(|n| n < 0) {
+    if let Some(n) = per_customer.filter(|n| *n < 0) {
         return Err(AdminError::Invalid(format!(
-            "--per-customer {}: must be >= 0",
-            per_customer.unwrap_or_default()
+            "--per-customer {n}: must be >= 0"
         )));
     }
     let c = pg_store::set_limit(pool, request_id, product_id, per_customer).await?;
@@ -112,7 +111,7 @@ pub struct LimitReport {
     /// Redis' limit (None: no limit there).
     pub redis: Option<i64>,
     /// Customers holding units, from PostgreSQL.
-    pub customers: usize,
+    pub customers: i64,
     /// The customers holding the most units (nearest the limit), most first.
     pub nearest: Vec<(String, i64)>,
 }
@@ -128,9 +127,8 @@ pub async fn report(
         .await?
         .map(|(n, _)| n);
     let redis = store.buyers(product_id).await?.map(|b| b.per_customer);
-    let all = pg_store::top_customers(pool, product_id, i64::MAX).await?;
-    let customers = all.len();
-    let nearest = all.into_iter().take(list.max(0) as usize).collect();
+    let customers = pg_store::customers_holding(pool, product_id).await?;
+    let nearest = pg_store::top_customers(pool, product_id, list.max(0)).await?;
     Ok(LimitReport {
         per_customer,
         redis,
