@@ -166,6 +166,7 @@ async fn drive(
             }],
             forced: None,
             customer: None,
+            replaces: None,
         })
         .collect();
     let mut marker = SoldOutMarker::default();

@@ -309,6 +309,60 @@ pub async fn read_gen(tx: &mut Transaction<'_, Postgres>) -> Result<i64, sqlx::E
     sqlx::query_scalar(READ_GEN).fetch_one(&mut **tx).await
 }
 
+/// Which generation each part of Redis was loaded in: a pre-deduction named in an older
+/// generation than one of its slots' is not held there (DESIGN "Rebuilding some slots").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotLoads {
+    /// The generation these were read in (`redis_generation.gen`): they change only with it.
+    pub gen: i64,
+    /// The last load of the whole of Redis (`redis_generation.loaded_gen`).
+    pub whole: i64,
+    /// The ranges of a cluster's slots (first, last) that a partial rebuild loaded since,
+    /// with its generation.
+    pub ranges: Vec<(u16, u16, i64)>,
+}
+
+impl SlotLoads {
+    /// Redis loaded whole in `gen`, and no slot apart since.
+    pub fn whole(gen: i64) -> SlotLoads {
+        SlotLoads {
+            gen,
+            whole: gen,
+            ranges: Vec::new(),
+        }
+    }
+
+    /// The generation slot `slot` was loaded in (on one Redis: the whole load's).
+    pub fn loaded(&self, slot: u16) -> i64 {
+        self.ranges
+            .iter()
+            .filter(|(lo, hi, _)| (*lo..=*hi).contains(&slot))
+            .map(|(.., g)| *g)
+            .fold(self.whole, i64::max)
+    }
+}
+
+/// [`SlotLoads`] as of generation `gen`, read in the transaction that read `gen` first
+/// ([`read_gen`]), so that no rebuild can change them before it commits. One row, and one
+/// more per range a partial rebuild loaded since the last whole load.
+pub async fn read_slot_loads(
+    tx: &mut Transaction<'_, Postgres>,
+    gen: i64,
+) -> Result<SlotLoads, sqlx::Error> {
+    let rows: Vec<(i64, Option<i32>, Option<i32>, Option<i64>)> =
+        sqlx::query_as(READ_SLOT_LOADS).fetch_all(&mut **tx).await?;
+    let whole = rows.first().map_or(gen, |r| r.0);
+    let ranges = rows
+        .into_iter()
+        .filter_map(|(_, lo, hi, g)| {
+            let lo = u16::try_from(lo?).ok()?;
+            let hi = u16::try_from(hi?).ok()?;
+            Some((lo, hi, g?))
+        })
+        .collect();
+    Ok(SlotLoads { gen, whole, ranges })
+}
+
 /// The `redis_generation` row, outside any transaction.
 pub async fn generation(pool: &PgPool) -> Result<Generation, sqlx::Error> {
     let (gen, loading): (i64, bool) =
@@ -318,7 +372,8 @@ pub async fn generation(pool: &PgPool) -> Result<Generation, sqlx::Error> {
     Ok(Generation { gen, loading })
 }
 
-/// What Redis is loaded from: one snapshot, taken with the generation advanced.
+/// What Redis is loaded from: one snapshot, taken with the generation advanced. A partial
+/// rebuild loads only the part of it in its slots.
 pub struct Snapshot {
     pub gen: i64,
     /// (product, available)
@@ -331,8 +386,13 @@ pub struct Snapshot {
 
 /// The rebuild's fence: advances `redis_generation` (`gen + 1`, `loading = true`) and reads
 /// what Redis is loaded from, in one REPEATABLE READ transaction whose snapshot is taken
-/// after `LOCK TABLE redis_generation IN ACCESS EXCLUSIVE MODE`.
-pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, PgStoreError> {
+/// after `LOCK TABLE redis_generation IN ACCESS EXCLUSIVE MODE`. `slots`: the cluster's
+/// slots a partial rebuild loads (recorded in `redis_slot_generation` with the new
+/// generation); None: the whole of Redis (`loaded_gen`, and no slot loaded apart).
+pub async fn fence_and_snapshot(
+    pool: &PgPool,
+    slots: Option<&BTreeSet<u16>>,
+) -> Result<Snapshot, PgStoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
@@ -347,6 +407,30 @@ pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, PgStoreError>
     )
     .fetch_one(&mut *tx)
     .await?;
+    match slots {
+        None => {
+            sqlx::query("UPDATE redis_generation SET loaded_gen = gen WHERE id")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM redis_slot_generation")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Some(slots) => {
+            let ranges = crate::redis_store::slots::ranges(slots);
+            let lo: Vec<i32> = ranges.iter().map(|r| i32::from(r.0)).collect();
+            let hi: Vec<i32> = ranges.iter().map(|r| i32::from(r.1)).collect();
+            sqlx::query(
+                "INSERT INTO redis_slot_generation (gen, lo, hi)
+                 SELECT $1, lo, hi FROM UNNEST($2::int[], $3::int[]) AS t(lo, hi)",
+            )
+            .bind(gen)
+            .bind(&lo)
+            .bind(&hi)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     let stock = sqlx::query("SELECT product_id, available FROM stock ORDER BY product_id")
         .fetch_all(&mut *tx)
         .await?
@@ -1117,6 +1201,10 @@ fn decode_items(r: &PgRow, col: usize, order_id: &str) -> Result<Vec<Item>, PgSt
 /// Reads of whole tables (the rebuild's snapshot, `stockctl`'s reports) are not here.
 pub mod sql {
     pub const READ_GEN: &str = "SELECT gen FROM redis_generation WHERE id";
+    /// `read_slot_loads`: the whole load's generation, and each range a partial rebuild
+    /// loaded since (a few rows per rebuild, none after a whole load).
+    pub const READ_SLOT_LOADS: &str = "SELECT g.loaded_gen, s.lo, s.hi, s.gen
+         FROM redis_generation g LEFT JOIN redis_slot_generation s ON true WHERE g.id";
     /// The stock rows and their limits (`limit_version` of the locked row version against
     /// the limit's own: see the module docs).
     pub const LOCK_STOCK: &str =
@@ -1227,6 +1315,7 @@ pub mod sql {
     /// (name, statement) of every statement above.
     pub const ALL: &[(&str, &str)] = &[
         ("READ_GEN", READ_GEN),
+        ("READ_SLOT_LOADS", READ_SLOT_LOADS),
         ("LOCK_STOCK", LOCK_STOCK),
         ("CREATE_PRODUCT", CREATE_PRODUCT),
         ("LOCK_PRODUCT", LOCK_PRODUCT),

@@ -46,6 +46,7 @@ use crate::pg_store::{HeldOrder, ProductLimit};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use slots::Shard;
+use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
 /// The longest a producer waits for a cluster master's replica to confirm a batch's writes.
@@ -68,6 +69,7 @@ pub const SEQ_KEY: &str = "stockpipe:seq";
 /// The reserve script's source (for benchmarks that drive it with other clients).
 pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
     [
+        include_str!("lua/marker.lua"),
         include_str!("lua/token.lua"),
         include_str!("lua/integer.lua"),
         include_str!("lua/buyers.lua"),
@@ -80,14 +82,40 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
 static RESTORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[
+            include_str!("lua/marker.lua"),
             include_str!("lua/buyers.lua"),
             include_str!("lua/restore.lua"),
         ]
         .concat(),
     )
 });
-static ADJUST: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/adjust.lua")));
-static LIMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/limit.lua")));
+static NAME_IN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("lua/marker.lua"),
+            include_str!("lua/name_in.lua"),
+        ]
+        .concat(),
+    )
+});
+static ADJUST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("lua/marker.lua"),
+            include_str!("lua/adjust.lua"),
+        ]
+        .concat(),
+    )
+});
+static LIMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("lua/marker.lua"),
+            include_str!("lua/limit.lua"),
+        ]
+        .concat(),
+    )
+});
 
 /// `stock:{42}` (contract).
 pub fn stock_key(product_id: i64) -> String {
@@ -272,12 +300,17 @@ fn held_record(tag: char, token: &str, items: &[Item], customer: Option<&str>) -
 /// One `order_created` to decide. `forced` is a refusal decided without looking at stock
 /// (an invalid order), recorded so that the order id keeps that one outcome. `customer`
 /// is the order's `customer_id`, counted against each limited product's limit.
+/// `replaces` is, for an order decided again ([`CompensationCause::Redecide`]), the token
+/// of its earlier pre-deduction that a rebuild of some of its slots left partly held: on a
+/// cluster its remaining holds are given back and a claim or decision naming it is
+/// replaced by a new claim (DESIGN "Rebuilding some slots").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReserveRequest {
     pub order_id: String,
     pub items: Vec<Item>,
     pub forced: Option<Reason>,
     pub customer: Option<String>,
+    pub replaces: Option<String>,
 }
 
 /// What the reserve script said.
@@ -1256,17 +1289,41 @@ impl RedisStore {
         Ok(shards.into_iter().zip(values).collect())
     }
 
-    /// The current Redis generation (None: not loaded; on a cluster, some slot is not).
+    /// The current Redis generation, the newest any slot names pre-deductions in (None:
+    /// not loaded; on a cluster, some slot is not).
     pub async fn generation(&self) -> Result<Option<i64>, StoreError> {
         let mut gen = None;
         for (shard, raw) in self.markers().await? {
             let Some(g) = raw else { return Ok(None) };
-            let g: i64 = g
-                .parse()
-                .map_err(|_| StoreError::Protocol(format!("{} holds {g:?}", shard.loaded_key())))?;
+            let g = slots::Marker::parse(&g)
+                .ok_or_else(|| StoreError::Protocol(format!("{} holds {g:?}", shard.loaded_key())))?
+                .named;
             gen = Some(gen.map_or(g, |m: i64| m.max(g)));
         }
         Ok(gen)
+    }
+
+    /// Each slot's loaded marker, read (None: not loaded); on one Redis, the one of the
+    /// whole Redis as slot 0.
+    pub async fn slot_markers(&self) -> Result<Vec<(u16, Option<slots::Marker>)>, StoreError> {
+        self.markers()
+            .await?
+            .into_iter()
+            .map(|(shard, raw)| {
+                let slot = match shard {
+                    Shard::Whole => 0,
+                    Shard::Slot(s) => s,
+                };
+                let m = raw
+                    .map(|g| {
+                        slots::Marker::parse(&g).ok_or_else(|| {
+                            StoreError::Protocol(format!("{} holds {g:?}", shard.loaded_key()))
+                        })
+                    })
+                    .transpose()?;
+                Ok((slot, m))
+            })
+            .collect()
     }
 
     /// Step 1 of a load: deletes the loaded marker (every slot's on a cluster). From here
@@ -1276,6 +1333,41 @@ impl RedisStore {
         let keys: Vec<String> = self.shards().iter().map(|s| s.loaded_key()).collect();
         for chunk in keys.chunks(4096) {
             let _: () = self.conn().del(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Step 1 of a partial rebuild (cluster only): deletes the loaded markers of `slots`;
+    /// from then on no script acts in them, and every other slot goes on.
+    pub async fn stop_selling_slots(&self, slots: &BTreeSet<u16>) -> Result<(), StoreError> {
+        let keys: Vec<String> = slots.iter().map(|s| Shard::Slot(*s).loaded_key()).collect();
+        for chunk in keys.chunks(4096) {
+            let _: () = self.conn().del(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Step 3 of a partial rebuild, once PostgreSQL is fenced in `gen`: every slot still
+    /// loaded (not in `except`) names its new pre-deductions in `gen`, keeping the
+    /// generation it was loaded in (`lua/name_in.lua`). An order across slots claimed from
+    /// then on is new enough for the slots being loaded in `gen`; one claimed before
+    /// finds them stale and is claimed again (DESIGN "Rebuilding some slots").
+    pub async fn name_in(&self, gen: i64, except: &BTreeSet<u16>) -> Result<(), StoreError> {
+        use futures::StreamExt;
+        let calls = (0..slots::SLOTS).filter(|s| !except.contains(s)).map(|s| {
+            let mut conn = self.conn();
+            async move {
+                let _: i64 = NAME_IN
+                    .key(Shard::Slot(s).loaded_key())
+                    .arg(gen)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok::<_, StoreError>(())
+            }
+        });
+        let mut done = futures::stream::iter(calls).buffer_unordered(256);
+        while let Some(r) = done.next().await {
+            r?;
         }
         Ok(())
     }
@@ -1357,21 +1449,85 @@ impl RedisStore {
         held: &[HeldOrder],
         limits: &[ProductLimit],
     ) -> Result<(), StoreError> {
+        self.forget(|_| true).await?;
+        self.write_snapshot(stock, held, limits, |_| true).await?;
+        let markers: Vec<(String, String)> = self
+            .shards()
+            .iter()
+            .map(|s| (s.loaded_key(), gen.to_string()))
+            .collect();
+        for chunk in markers.chunks(4096) {
+            let _: () = self.conn().mset(chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Steps 4 and 5 of a partial rebuild (cluster only), with `slots` stopped
+    /// ([`Self::stop_selling_slots`]) and every other slot naming in `gen`
+    /// ([`Self::name_in`]): forgets what `slots` still hold (records, holds, request
+    /// markers, counts); gives back the holds elsewhere of pre-deductions whose record was
+    /// in `slots` and that the snapshot does not hold (their record is lost, so nothing else
+    /// would); writes the snapshot's part in `slots` (stock, limits and counts, the records
+    /// and holds of held reservations); then sets their markers to `gen`. Returns how many
+    /// holds it gave back.
+    pub async fn load_slots(
+        &self,
+        gen: i64,
+        slots: &BTreeSet<u16>,
+        stock: &[(i64, i64)],
+        held: &[HeldOrder],
+        limits: &[ProductLimit],
+    ) -> Result<usize, StoreError> {
+        let inside = |key: &str| slots.contains(&slots::slot(key));
+        self.forget(inside).await?;
+        let orphans = self.release_orphans(gen, slots, held).await?;
+        self.write_snapshot(stock, held, limits, inside).await?;
+        let markers: Vec<(String, String)> = slots
+            .iter()
+            .map(|s| (Shard::Slot(*s).loaded_key(), gen.to_string()))
+            .collect();
+        for chunk in markers.chunks(4096) {
+            let _: () = self.conn().mset(chunk).await?;
+        }
+        Ok(orphans)
+    }
+
+    /// Deletes every order record, hold, request marker and limit hash for which `keep`
+    /// (a key's place) says yes.
+    async fn forget(&self, keep: impl Fn(&str) -> bool) -> Result<(), StoreError> {
         let mut conn = self.conn();
         for pattern in FORGOTTEN_ON_LOAD {
-            let keys = self.scan_all(pattern).await?;
+            let mut keys = self.scan_all(pattern).await?;
+            keys.retain(|k| keep(k));
             for chunk in keys.chunks(1000) {
                 let _: () = conn.unlink(chunk).await?;
             }
         }
+        Ok(())
+    }
+
+    /// Writes the keys of a snapshot for which `keep` says yes: each product's stock (with
+    /// its shard's epoch, atomically), each limited product's limit and counts, and the
+    /// records of held reservations (on a cluster with their holds).
+    async fn write_snapshot(
+        &self,
+        stock: &[(i64, i64)],
+        held: &[HeldOrder],
+        limits: &[ProductLimit],
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
         // Atomic with the epoch change, so that no sold-out marker outlives these values.
         let mut by_shard: std::collections::BTreeMap<Shard, Vec<(i64, i64)>> =
             std::collections::BTreeMap::new();
         for (p, available) in stock {
-            by_shard
-                .entry(self.shard_of(&stock_key(*p)))
-                .or_default()
-                .push((*p, *available));
+            let key = stock_key(*p);
+            if keep(&key) {
+                by_shard
+                    .entry(self.shard_of(&key))
+                    .or_default()
+                    .push((*p, *available));
+            }
         }
         for (shard, values) in by_shard {
             for chunk in values.chunks(1000) {
@@ -1384,7 +1540,7 @@ impl RedisStore {
             }
         }
         // Each limited product's hash whole, in one atomic step (its slot's).
-        for l in limits {
+        for l in limits.iter().filter(|l| keep(&buyers_key(l.product_id))) {
             let mut pipe = redis::pipe();
             pipe.atomic()
                 .hset_multiple(
@@ -1416,15 +1572,8 @@ impl RedisStore {
                     h.customer.as_deref(),
                 ));
             }
+            writes.retain(|(k, _)| keep(k));
             self.set_all(&writes).await?;
-        }
-        let markers: Vec<(String, String)> = self
-            .shards()
-            .iter()
-            .map(|s| (s.loaded_key(), gen.to_string()))
-            .collect();
-        for chunk in markers.chunks(4096) {
-            let _: () = conn.mset(chunk).await?;
         }
         Ok(())
     }
@@ -1548,6 +1697,7 @@ mod tests {
                 .collect(),
             forced,
             customer: None,
+            replaces: None,
         }
     }
 

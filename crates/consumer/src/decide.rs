@@ -36,7 +36,8 @@ use stock_common::events::{
     Compensation, CompensationCause, DeductCommand, Item, Reason, Status, StockResult, Token,
     INTERNAL_VERSION,
 };
-pub use stock_common::pg_store::{Delta, LedgerRow, Movement, OrderStatus, UnitKey};
+pub use stock_common::pg_store::{Delta, LedgerRow, Movement, OrderStatus, SlotLoads, UnitKey};
+use stock_common::redis_store::slots;
 
 /// What [`plan`] knows of per-customer limits, read under the batch's stock row locks.
 #[derive(Debug, Clone, Default)]
@@ -101,16 +102,18 @@ struct Entry {
 
 /// Decides a batch. `known` holds the ledger rows of the batch's orders (read while the
 /// stock rows of those orders are locked); `available` the `available` column of every
-/// existing product the batch touches; `gen` the Redis generation PostgreSQL answers to
-/// (`redis_generation`, read first in the same transaction); `limits` the limits of those
-/// products and the counts [`Limits::pairs_needed`] names.
+/// existing product the batch touches; `loads` the Redis generation PostgreSQL answers to
+/// (`redis_generation`, read first in the same transaction) and the generation each slot
+/// was loaded in; `limits` the limits of those products and the counts
+/// [`Limits::pairs_needed`] names.
 pub fn plan(
     ops: &[DeductCommand],
     known: HashMap<String, LedgerRow>,
     available: &HashMap<i64, i64>,
     limits: &Limits,
-    gen: i64,
+    loads: &SlotLoads,
 ) -> Plan {
+    let gen = loads.gen;
     let mut p = Planner {
         ledger: known
             .into_iter()
@@ -128,6 +131,7 @@ pub fn plan(
         available,
         limits,
         gen,
+        loads,
     };
     for op in ops {
         match op {
@@ -174,6 +178,33 @@ struct Planner<'a> {
     available: &'a HashMap<i64, i64>,
     limits: &'a Limits,
     gen: i64,
+    loads: &'a SlotLoads,
+}
+
+/// How much of a pre-deduction Redis still holds, after the rebuilds since it was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Every slot it touched (its record's and its stock's) is loaded from before it.
+    All,
+    /// Some of its stock slots were loaded since (a partial rebuild): what the others hold
+    /// must be given back before the order is decided again.
+    Part,
+    None,
+}
+
+/// [`Held`] for a pre-deduction of order `order_id` named in generation `gen`: a slot
+/// loaded in a later generation than `gen` was loaded from PostgreSQL, which did not hold
+/// it. On one Redis every slot is the whole Redis.
+fn held(loads: &SlotLoads, order_id: &str, items: &[Item], gen: i64) -> Held {
+    let fresh = |s: u16| loads.loaded(s) <= gen;
+    let mut stock = items.iter().map(|it| slots::of_stock(it.product_id));
+    if fresh(slots::of_record(order_id)) && stock.clone().all(fresh) {
+        Held::All
+    } else if stock.any(fresh) {
+        Held::Part
+    } else {
+        Held::None
+    }
 }
 
 impl Planner<'_> {
@@ -186,7 +217,9 @@ impl Planner<'_> {
         customer: Option<&str>,
     ) {
         let gen = self.gen;
-        let token_gen = token.and_then(Token::parse).map(|t| t.gen);
+        let holds = token
+            .and_then(Token::parse)
+            .map_or(Held::All, |t| held(self.loads, order_id, items, t.gen));
         let give_back = |cause: CompensationCause, token: Option<&str>, gen| Compensation {
             v: INTERNAL_VERSION,
             order_id: order_id.to_owned(),
@@ -210,17 +243,18 @@ impl Planner<'_> {
                         compensation(order_id, &e.row.items, CompensationCause::Rejected, &e.row);
                     self.plan.compensations.push(c);
                 }
-            } else if token_gen == Some(gen) {
-                // A second pre-deduction in this generation: give it back. (One from an
-                // older generation is not held by the rebuilt Redis.)
+            } else if holds != Held::None {
+                // A second pre-deduction that Redis holds: give it back. (One from before
+                // a rebuild of its slots is not held by the rebuilt Redis.)
                 let c = give_back(CompensationCause::Duplicate, token, Some(gen));
                 self.plan.compensations.push(c);
             }
             return;
         }
-        if token_gen.is_some_and(|g| g != gen) {
-            // Taken in a generation since rebuilt, never applied here: decide it again.
-            let c = give_back(CompensationCause::Redecide, None, None);
+        if holds != Held::All {
+            // Taken before a rebuild of its slots, never applied here: decide it again
+            // (its token: what a partial rebuild left held of it goes back first).
+            let c = give_back(CompensationCause::Redecide, token, None);
             self.plan.compensations.push(c);
             return;
         }
@@ -532,7 +566,13 @@ mod tests {
         known: HashMap<String, LedgerRow>,
         available: &HashMap<i64, i64>,
     ) -> Plan {
-        super::plan(ops, known, available, &Limits::default(), 0)
+        super::plan(
+            ops,
+            known,
+            available,
+            &Limits::default(),
+            &SlotLoads::whole(0),
+        )
     }
 
     fn reserve(id: &str, items: &[(i64, i64)]) -> DeductCommand {
@@ -572,7 +612,7 @@ mod tests {
             HashMap::new(),
             &stock(&[(1, 5)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         let known: HashMap<_, _> = first.inserts.into_iter().collect();
         // the same pre-deduction again: a redelivery, nothing to give back
@@ -581,7 +621,7 @@ mod tests {
             known.clone(),
             &stock(&[(1, 3)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         assert_eq!(again.results, first.results);
         assert!(again.compensations.is_empty() && again.deltas.is_empty());
@@ -591,7 +631,7 @@ mod tests {
             known.clone(),
             &stock(&[(1, 3)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         assert_eq!(dup.results, first.results);
         assert!(dup.deltas.is_empty() && dup.inserts.is_empty());
@@ -607,7 +647,7 @@ mod tests {
             known,
             &stock(&[(1, 3)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         assert_eq!(old.results, first.results);
         assert!(old.compensations.is_empty());
@@ -620,11 +660,96 @@ mod tests {
             HashMap::new(),
             &stock(&[(1, 5)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         assert!(p.results.is_empty() && p.inserts.is_empty() && p.deltas.is_empty());
         assert_eq!(p.compensations.len(), 1);
         assert_eq!(p.compensations[0].cause, CompensationCause::Redecide);
+    }
+
+    /// A partial rebuild loaded product 2's slot in generation 6 (Redis whole in 4).
+    fn partly_rebuilt() -> SlotLoads {
+        let s = slots::of_stock(2);
+        assert_ne!(s, slots::of_stock(1));
+        SlotLoads {
+            gen: 6,
+            whole: 4,
+            ranges: vec![(s, s, 6)],
+        }
+    }
+
+    #[test]
+    fn a_pre_deduction_a_partial_rebuild_cut_is_decided_again_with_its_token() {
+        let loads = partly_rebuilt();
+        // The order's id must not put its record in the rebuilt slot for this test.
+        assert_ne!(slots::of_record("a"), slots::of_stock(2));
+        let run = |ops: &[DeductCommand], known| {
+            super::plan(
+                ops,
+                known,
+                &stock(&[(1, 5), (2, 5)]),
+                &Limits::default(),
+                &loads,
+            )
+        };
+        // Taken before the rebuild across a rebuilt slot and a kept one: what the kept
+        // one holds must go back, so the redecide names the token.
+        let p = run(&[reserve_t("a", &[(1, 1), (2, 1)], "5.9")], HashMap::new());
+        assert!(p.inserts.is_empty() && p.deltas.is_empty() && p.results.is_empty());
+        let c = &p.compensations[0];
+        assert_eq!(
+            (c.cause, c.token.as_deref()),
+            (CompensationCause::Redecide, Some("5.9"))
+        );
+        // Only in the rebuilt slot: nothing held at all, decided again all the same.
+        let p = run(&[reserve_t("a", &[(2, 1)], "5.9")], HashMap::new());
+        assert_eq!(p.compensations[0].cause, CompensationCause::Redecide);
+        // Only in kept slots (and its record too): Redis holds it, it is applied.
+        let p = run(&[reserve_t("a", &[(1, 1)], "5.9")], HashMap::new());
+        assert_eq!(p.inserts.len(), 1);
+        assert!(p.compensations.is_empty());
+        // Named after the rebuild: held everywhere.
+        let first = run(&[reserve_t("a", &[(1, 1), (2, 1)], "6.1")], HashMap::new());
+        assert_eq!(first.inserts.len(), 1);
+        assert!(first.compensations.is_empty());
+        // A second pre-deduction: given back where some slot still holds it, not where
+        // none does.
+        let known: HashMap<_, _> = first.inserts.into_iter().collect();
+        let dup = run(&[reserve_t("a", &[(1, 1), (2, 1)], "5.3")], known.clone());
+        assert_eq!(dup.compensations[0].cause, CompensationCause::Duplicate);
+        let gone = run(&[reserve_t("a", &[(2, 1)], "5.3")], known);
+        assert!(gone.compensations.is_empty());
+    }
+
+    #[test]
+    fn an_order_whose_record_slot_was_rebuilt_is_decided_again() {
+        // Find an order id whose record lives in a slot of its own, then rebuild that slot.
+        let id = (0..1000)
+            .map(|i| format!("o-{i}"))
+            .find(|id| {
+                let r = slots::of_record(id);
+                r != slots::of_stock(1) && r != slots::of_stock(2)
+            })
+            .expect("an order id");
+        let r = slots::of_record(&id);
+        let loads = SlotLoads {
+            gen: 6,
+            whole: 4,
+            ranges: vec![(r, r, 6)],
+        };
+        let p = super::plan(
+            &[reserve_t(&id, &[(1, 1)], "5.2")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            &Limits::default(),
+            &loads,
+        );
+        let c = &p.compensations[0];
+        assert_eq!(
+            (c.cause, c.token.as_deref()),
+            (CompensationCause::Redecide, Some("5.2"))
+        );
+        assert!(p.inserts.is_empty());
     }
 
     #[test]
@@ -640,7 +765,7 @@ mod tests {
             HashMap::new(),
             &stock(&[(1, 5)]),
             &Limits::default(),
-            4,
+            &SlotLoads::whole(4),
         );
         let rejected = StockResult::rejected("r", Reason::InsufficientStock, Some(1));
         assert_eq!(p.results, vec![rejected.clone(), rejected]);
@@ -938,7 +1063,7 @@ mod tests {
         st: &[(i64, i64)],
         l: &Limits,
     ) -> Plan {
-        super::plan(ops, known, &stock(st), l, 0)
+        super::plan(ops, known, &stock(st), l, &SlotLoads::whole(0))
     }
 
     fn units(pairs: &[(i64, &str, i64)]) -> BTreeMap<UnitKey, i64> {
@@ -1219,15 +1344,33 @@ mod tests {
             other => other,
         };
         let l = limits(&[(1, 5)], &[]);
-        let p = super::plan(&[cmd("3.1")], HashMap::new(), &stock(&[(1, 5)]), &l, 4);
+        let p = super::plan(
+            &[cmd("3.1")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            &l,
+            &SlotLoads::whole(4),
+        );
         assert_eq!(p.compensations.len(), 1);
         assert_eq!(p.compensations[0].cause, CompensationCause::Redecide);
         assert_eq!(p.compensations[0].customer.as_deref(), Some("ann"));
         assert!(p.units.is_empty());
-        let first = super::plan(&[cmd("4.1")], HashMap::new(), &stock(&[(1, 5)]), &l, 4);
+        let first = super::plan(
+            &[cmd("4.1")],
+            HashMap::new(),
+            &stock(&[(1, 5)]),
+            &l,
+            &SlotLoads::whole(4),
+        );
         assert_eq!(first.units, units(&[(1, "ann", 1)]));
         let known: HashMap<_, _> = first.inserts.into_iter().collect();
-        let dup = super::plan(&[cmd("4.2")], known, &stock(&[(1, 4)]), &l, 4);
+        let dup = super::plan(
+            &[cmd("4.2")],
+            known,
+            &stock(&[(1, 4)]),
+            &l,
+            &SlotLoads::whole(4),
+        );
         assert_eq!(dup.compensations[0].cause, CompensationCause::Duplicate);
         assert_eq!(dup.compensations[0].customer, None);
         assert!(dup.units.is_empty());

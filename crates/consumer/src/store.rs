@@ -28,7 +28,7 @@ use std::time::Duration;
 use stock_common::events::DeductCommand;
 use stock_common::pg_store::{
     apply_deltas, apply_unit_deltas, customer_units, fetch_ledger, insert_movements, insert_orders,
-    lock_stock, read_gen, update_orders,
+    lock_stock, read_gen, read_slot_loads, update_orders,
 };
 
 /// Errors of applying a batch, and what the loop does with each: `Conflict` (another
@@ -93,6 +93,7 @@ async fn apply(
     // First, before any row lock (a rebuild waiting for this lock must not wait on us
     // while we wait on a row another batch holds behind the rebuild).
     let gen = read_gen(&mut tx).await?;
+    let loads = read_slot_loads(&mut tx, gen).await?;
     // The products to lock: every reserved item, and for pay/cancel the items the ledger
     // holds (read once without a lock to learn them, checked again under the lock).
     let mut products: BTreeSet<i64> = ops
@@ -130,7 +131,7 @@ async fn apply(
         units: customer_units(&mut tx, &pairs).await?,
         per_customer: locked.limits,
     };
-    let plan = decide::plan(ops, known, &locked.available, &limits, gen);
+    let plan = decide::plan(ops, known, &locked.available, &limits, &loads);
     if ledger == Ledger::AssumeUnknown && plan.inserts.len() != ids.len() {
         // An order not recorded now (a pre-deduction of a replaced generation, sent to be
         // decided again) may be one the ledger knows: only the ledger can tell.

@@ -354,7 +354,9 @@ async fn set_limit_computes_changes_and_drops_the_counts() {
     );
 
     // The rebuild's snapshot: the limits and counts, and the held orders' customers.
-    let snap = pg_store::fence_and_snapshot(pool).await.expect("snapshot");
+    let snap = pg_store::fence_and_snapshot(pool, None)
+        .await
+        .expect("snapshot");
     assert_eq!(snap.gen, gen + 1);
     assert_eq!(snap.limits, pg_store::all_limits(pool).await.expect("all"));
     let mut held: Vec<(String, Option<String>)> = snap

@@ -20,6 +20,7 @@ use stock_common::redis_store::{stock_key, RedisStore};
 use stock_e2e::harness::{self, cancelled, created, created_outcomes};
 use stock_e2e::{wait_until, Stack, TestEnv, WorkerProcess, CLUSTER_LOCK};
 use stockctl::admin;
+use stockctl::rebuild::{rebuild_slots, Slots};
 
 /// Three products whose stock keys live in the three masters' slot ranges of
 /// `redis-cli --cluster create` (0-5460, 5461-10922, 10923-16383).
@@ -437,9 +438,13 @@ async fn readiness_counts_the_slots_that_are_not_loaded() {
     );
     let (_, body) = stock_e2e::http_get(port, "/readyz").await.expect("readyz");
     assert!(body.contains("3 of 16384 slots are not loaded"), "{body}");
-    stockctl::rebuild::rebuild(&env.pool, &env.store)
+    let report = rebuild_slots(&env.pool, &env.store, Slots::Lost)
         .await
         .expect("rebuild");
+    assert_eq!(
+        report.slots, "0,8000,16383",
+        "only the lost slots are rebuilt"
+    );
     assert!(
         wait_until(|| ready(200)).await,
         "ready again after the rebuild"
@@ -450,28 +455,88 @@ async fn readiness_counts_the_slots_that_are_not_loaded() {
 
 /// The port of the master that serves hash slot `s` now.
 async fn master_of_slot(store: &RedisStore, s: u16) -> u16 {
+    slot_ranges(store)
+        .await
+        .into_iter()
+        .find(|(lo, hi, _)| (*lo..=*hi).contains(&s))
+        .map(|(.., port)| port)
+        .unwrap_or_else(|| panic!("slot {s} has no master"))
+}
+
+/// Every slot range of the cluster with its master's port (`CLUSTER SLOTS`).
+async fn slot_ranges(store: &RedisStore) -> Vec<(u16, u16, u16)> {
     let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
         .arg("SLOTS")
         .query_async(&mut store.connection())
         .await
         .expect("cluster slots");
-    for r in ranges {
-        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
-        let lo: u16 = redis::from_redis_value(parts[0].clone()).expect("start");
-        let hi: u16 = redis::from_redis_value(parts[1].clone()).expect("end");
-        if (lo..=hi).contains(&s) {
+    ranges
+        .into_iter()
+        .map(|r| {
+            let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
+            let lo: u16 = redis::from_redis_value(parts[0].clone()).expect("start");
+            let hi: u16 = redis::from_redis_value(parts[1].clone()).expect("end");
             let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
-            return redis::from_redis_value(node[1].clone()).expect("port");
+            let port: u16 = redis::from_redis_value(node[1].clone()).expect("port");
+            (lo, hi, port)
+        })
+        .collect()
+}
+
+/// The slots master `port` serves.
+async fn slots_of(store: &RedisStore, port: u16) -> std::collections::BTreeSet<u16> {
+    slot_ranges(store)
+        .await
+        .into_iter()
+        .filter(|(.., p)| *p == port)
+        .flat_map(|(lo, hi, _)| lo..=hi)
+        .collect()
+}
+
+/// After a partial rebuild (`report`) of exactly the slots of master `port`: those slots
+/// were loaded in its generation; every other slot keeps the generation it was loaded in
+/// (at most `before`) and names new pre-deductions in the new one.
+async fn assert_rebuilt_alone(
+    env: &TestEnv,
+    port: u16,
+    before: i64,
+    report: &stockctl::rebuild::RebuildReport,
+) {
+    let lost = slots_of(&env.store, port).await;
+    assert_eq!(
+        report.slots,
+        stock_common::redis_store::slots::format_ranges(&lost),
+        "the emptied master's slots alone are rebuilt"
+    );
+    for (s, m) in env.store.slot_markers().await.expect("markers") {
+        let m = m.unwrap_or_else(|| panic!("slot {s} not loaded after the rebuild"));
+        assert_eq!(
+            m.named, report.generation,
+            "slot {s} names in the new generation"
+        );
+        if lost.contains(&s) {
+            assert_eq!(
+                m.loaded, report.generation,
+                "slot {s} of the emptied master"
+            );
+        } else {
+            assert!(
+                m.loaded <= before,
+                "slot {s} of a healthy master was loaded again: {m:?}"
+            );
         }
     }
-    panic!("slot {s} has no master");
 }
 
 /// A master restarted empty (its slots lost their data and their loaded markers) while
 /// orders flow: an order touching those slots (its product's stock, or its record's
 /// bucket) waits, with the later events of the same order, and every other order is
-/// decided meanwhile. After `stockctl rebuild` the waiting ones are decided too: every
-/// order has one outcome, and Redis equals PostgreSQL.
+/// decided meanwhile. `stockctl rebuild --lost` loads those slots alone (the other
+/// masters' slots keep the generation they were loaded in, and only name new
+/// pre-deductions in the new one), and the waiting orders are decided: the ones claimed
+/// before the loss with holds on the healthy masters are claimed again, and the holds that
+/// orders whose record was lost left elsewhere are given back. Every order has one
+/// outcome, and Redis equals PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     let _turn = CLUSTER_LOCK.lock().await;
@@ -568,9 +633,14 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
         "orders touching the emptied master wait for the rebuild: {answered:?}"
     );
 
-    stockctl::rebuild::rebuild(&env.pool, &env.store)
+    let before_gen = stock_common::pg_store::generation(&env.pool)
+        .await
+        .expect("generation")
+        .gen;
+    let report = rebuild_slots(&env.pool, &env.store, Slots::Lost)
         .await
         .expect("rebuild");
+    assert_rebuilt_alone(&env, victim, before_gen, &report).await;
     let other_items: Vec<(String, Vec<u8>)> = resent
         .iter()
         .map(|(id, _)| {
@@ -629,6 +699,131 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
         .expect("drift check");
     assert!(report.drift.is_empty(), "drift: {:?}", report.drift);
     check_idle(&env, &all, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}
+
+/// Pre-deductions decided before a master restarted empty and not yet applied by
+/// PostgreSQL (the consumer is down): `stockctl rebuild --lost` loads that master's slots
+/// alone, from a PostgreSQL that does not hold them. The consumer then finds each such
+/// order taken before some of its slots were loaded, and has it decided again: an order
+/// across slots that still holds stock on the healthy masters names its old token, whose
+/// holds there go back before its record is claimed again; the holds of an order whose
+/// record was on the emptied master were given back by the rebuild itself. Every order
+/// ends with one outcome, and Redis equals PostgreSQL: nothing held twice, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_deductions_cut_by_a_partial_rebuild_are_decided_again() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 1_000), (b, 1_000), (c, 1_000)]).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    // Orders of the three products, and orders of one (their records on every master).
+    let mut msgs = load(products, 100, 0);
+    for i in 0..150 {
+        let id = format!("one-{i}");
+        let item = Item {
+            product_id: products[i % 3],
+            quantity: 1,
+        };
+        msgs.push((id.clone(), created(&id, &[item])));
+    }
+    let ids: HashSet<String> = msgs.iter().map(|(id, _)| id.clone()).collect();
+    harness::publish(&kafka, &env.topics.orders, msgs)
+        .await
+        .expect("publish");
+    // Every order decided in Redis and its deduct published: the producer's offsets are
+    // at the end of the orders topic.
+    let group = format!("t-{}-producer", env.id);
+    let published = wait_until(|| async {
+        stock_e2e::committed_total(&env.kafka, &group, &env.topics.orders)
+            >= stock_e2e::end_offsets_total(&env.kafka, &env.topics.orders)
+    });
+    assert!(
+        published.await,
+        "the producer decided and published every order"
+    );
+    let victim = master_of(&env.store, b).await;
+    fault(&["restart-redis-empty", &victim.to_string()]).await;
+    let before = stock_common::pg_store::generation(&env.pool)
+        .await
+        .expect("generation")
+        .gen;
+    let report = rebuild_slots(&env.pool, &env.store, Slots::Lost)
+        .await
+        .expect("rebuild");
+    assert_rebuilt_alone(&env, victim, before, &report).await;
+    assert!(
+        report.orphans > 0,
+        "the holds of orders whose record was on the emptied master were given back"
+    );
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    assert!(
+        collector.wait_for(&ids, 1, Duration::from_secs(120)).await,
+        "every order gets an outcome"
+    );
+    let outcomes = collector.snapshot();
+    let refused: Vec<&String> = ids
+        .iter()
+        .filter(|id| {
+            !created_outcomes(&outcomes[*id])
+                .iter()
+                .all(|r| r.status == Status::Reserved)
+        })
+        .collect();
+    assert!(refused.is_empty(), "stock suffices for all: {refused:?}");
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let drift = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("drift check");
+    assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
+    check_idle(&env, &ids, &products, &outcomes).await;
+    // An order touching the emptied master (every order of the three products; one of b;
+    // one whose record lived there) was decided again, in the new generation; any other
+    // kept its first pre-deduction.
+    let lost = slots_of(&env.store, victim).await;
+    let tokens: Vec<(String, String)> = sqlx::query_as("SELECT order_id, token FROM order_ledger")
+        .fetch_all(&env.pool)
+        .await
+        .expect("tokens");
+    let mut again = 0;
+    for (id, token) in &tokens {
+        let touched = id.starts_with("x-")
+            || id
+                .strip_prefix("one-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(|n| products[n % 3])
+                == Some(b)
+            || lost.contains(&stock_common::redis_store::slots::of_record(id));
+        let gen = stock_common::events::Token::parse(token)
+            .expect("token")
+            .gen;
+        if touched {
+            again += 1;
+            assert_eq!(
+                gen, report.generation,
+                "{id} touched the emptied master: decided again"
+            );
+        } else {
+            assert!(
+                gen < report.generation,
+                "{id} was held by healthy masters alone: kept"
+            );
+        }
+    }
+    assert!(
+        again > 100 && again < tokens.len(),
+        "both kinds: {again} of {}",
+        tokens.len()
+    );
     assert!(producer.terminate(), "producer exits cleanly");
     assert!(consumer.terminate(), "consumer exits cleanly");
     collector.stop().await;

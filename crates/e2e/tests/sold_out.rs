@@ -24,6 +24,7 @@ fn order(id: &str, product_id: i64) -> ReserveRequest {
         }],
         forced: None,
         customer: None,
+        replaces: None,
     }
 }
 

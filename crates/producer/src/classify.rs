@@ -51,6 +51,7 @@ pub fn classify(
                     items: c.items,
                     forced: None,
                     customer: c.customer,
+                    replaces: c.token,
                 })
             }
             Ok(c) if c.v == INTERNAL_VERSION && !c.items.is_empty() => Input::Restore(c),
@@ -75,6 +76,7 @@ pub fn classify(
             items,
             forced: None,
             customer: customer_id,
+            replaces: None,
         }),
         Parsed::Valid(OrderEvent::Paid { order_id }) => Input::Forward(DeductCommand::Pay {
             v: INTERNAL_VERSION,
@@ -107,6 +109,7 @@ pub fn classify(
                 items: Vec::new(),
                 forced: Some(Reason::InvalidOrder),
                 customer: None,
+                replaces: None,
             })
         }
         Parsed::Invalid {
@@ -147,6 +150,7 @@ mod tests {
                 }],
                 forced: None,
                 customer: None,
+                replaces: None,
             })
         );
         let paid = br#"{"type":"order_paid","order_id":"A"}"#;

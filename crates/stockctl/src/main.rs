@@ -120,7 +120,16 @@ enum Cmd {
     /// Stop selling, load Redis from PostgreSQL (stock, the records of held reservations,
     /// limits and customers' counts) in a new generation, resume selling. Safe while the
     /// workers run; waits for nothing.
-    Rebuild,
+    Rebuild {
+        /// On a Redis Cluster, only the slots whose loaded marker is missing (a master that
+        /// restarted empty): only they stop selling.
+        #[arg(long, conflicts_with = "slots")]
+        lost: bool,
+        /// On a Redis Cluster, only these slots (`0-5460,10923`): those of a master that
+        /// failed over and may have lost acknowledged writes.
+        #[arg(long, value_parser = parse_slots)]
+        slots: Option<std::collections::BTreeSet<u16>>,
+    },
     /// Drift check (pipeline idle): every `stock:{p}` against `available`, every limit and
     /// customer's count against PostgreSQL's, and conservation. Exit 1 when a difference is
     /// left unrepaired.
@@ -238,12 +247,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 print_history(*product, &h, *json)?;
             }
         }
-        Cmd::Rebuild => {
-            let r = stockctl::rebuild::rebuild(&pool()?, &redis().await?).await?;
-            println!(
-                "redis rebuilt: generation {}, {} products, {} held reservations (selling stopped for {} ms)",
-                r.generation, r.products, r.held, r.stopped_ms
-            );
+        Cmd::Rebuild { lost, slots } => {
+            use stockctl::rebuild::{rebuild, rebuild_slots, Slots};
+            let (pool, store) = (pool()?, redis().await?);
+            let r = match (lost, slots) {
+                (true, _) => rebuild_slots(&pool, &store, Slots::Lost).await?,
+                (false, Some(s)) => rebuild_slots(&pool, &store, Slots::Named(s.clone())).await?,
+                (false, None) => rebuild(&pool, &store).await?,
+            };
+            if r.generation == 0 {
+                println!("no slot lost: nothing rebuilt");
+            } else if r.slots.is_empty() {
+                println!(
+                    "redis rebuilt: generation {}, {} products, {} held reservations (selling stopped for {} ms)",
+                    r.generation, r.products, r.held, r.stopped_ms
+                );
+            } else {
+                println!(
+                    "redis slots {} rebuilt: generation {}, {} products, {} held reservations, \
+                     {} holds of orders whose record was there given back (selling stopped there \
+                     for {} ms)",
+                    r.slots, r.generation, r.products, r.held, r.orphans, r.stopped_ms
+                );
+            }
         }
         Cmd::Check { repair, json } => {
             let r = admin::check_drift(&pool()?, &redis().await?, *repair).await?;
@@ -521,4 +547,8 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
+}
+
+fn parse_slots(text: &str) -> Result<std::collections::BTreeSet<u16>, String> {
+    stock_common::redis_store::slots::parse_ranges(text)
 }

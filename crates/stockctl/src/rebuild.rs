@@ -21,12 +21,20 @@
 //! order again in the new one; a compensation or an operator's change made before the
 //! snapshot names the old generation and Redis ignores it (the snapshot holds it); one made
 //! after names the new generation and applies once. See docs/DESIGN.md.
+//!
+//! [`rebuild_slots`] does the same for some slots of a Redis Cluster (those of a master
+//! that lost its data, or that failed over and may have lost acknowledged writes): only
+//! they stop selling. It records their new generation per slot in PostgreSQL, makes every
+//! other slot name its new pre-deductions in that generation, gives back the holds that
+//! orders whose record was in those slots left elsewhere, and loads their part of the
+//! snapshot. See docs/DESIGN.md, "Rebuilding some slots".
 
 use crate::admin::AdminError;
 use sqlx::PgPool;
+use std::collections::BTreeSet;
 use std::time::Instant;
 use stock_common::pg_store;
-use stock_common::redis_store::RedisStore;
+use stock_common::redis_store::{slots, RedisStore, StoreError};
 
 pub use stock_common::pg_store::Snapshot;
 
@@ -38,8 +46,12 @@ pub struct RebuildReport {
     pub products: usize,
     /// Reservations still held, whose records were loaded (for their give-back).
     pub held: usize,
-    /// How long selling was stopped.
+    /// How long selling was stopped (in the slots rebuilt).
     pub stopped_ms: u128,
+    /// The slots rebuilt (`0-5460,10923`), or empty for the whole of Redis.
+    pub slots: String,
+    /// Holds given back that orders whose record was in those slots had left elsewhere.
+    pub orphans: usize,
 }
 
 /// The whole rebuild (module docs). On error selling stays stopped; run it again.
@@ -51,6 +63,108 @@ pub async fn rebuild(pool: &PgPool, redis: &RedisStore) -> Result<RebuildReport,
     let snap = fence_and_snapshot(pool).await?;
     stock_common::failpoint!("rebuild.after_fence");
     load(pool, redis, &snap, started).await
+}
+
+/// Which slots of a cluster to rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slots {
+    /// Those whose loaded marker is missing: their master restarted empty, or a rebuild of
+    /// them stopped half-way.
+    Lost,
+    /// These (an operator's choice: the slots of a master that failed over).
+    Named(BTreeSet<u16>),
+}
+
+/// The rebuild of some slots of a cluster (module docs). Every slot rebuilt: the same as
+/// [`rebuild`]. No slot lost: nothing to do (`generation` 0 in the report).
+///
+/// Run right after a master came back, its first requests may time out while the cluster
+/// connection is replaced (`RedisConn`): such an attempt is run again, up to three times
+/// (every step can be run again; a second fence only advances the generation once more).
+pub async fn rebuild_slots(
+    pool: &PgPool,
+    redis: &RedisStore,
+    which: Slots,
+) -> Result<RebuildReport, AdminError> {
+    let mut attempt = 1;
+    loop {
+        match rebuild_slots_once(pool, redis, which.clone()).await {
+            Err(AdminError::Store(StoreError::Redis(e)))
+                if attempt < 3
+                    && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped()) =>
+            {
+                tracing::warn!(error = %e, attempt, "redis did not answer: rebuilding again");
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+async fn rebuild_slots_once(
+    pool: &PgPool,
+    redis: &RedisStore,
+    which: Slots,
+) -> Result<RebuildReport, AdminError> {
+    if !redis.is_cluster() {
+        return Err(AdminError::Invalid(
+            "slots can be rebuilt apart only on a Redis Cluster; run `stockctl rebuild`".into(),
+        ));
+    }
+    let started = Instant::now();
+    let chosen: BTreeSet<u16> = match which {
+        Slots::Named(s) => s,
+        Slots::Lost => redis
+            .slot_markers()
+            .await?
+            .into_iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|(s, _)| s)
+            .collect(),
+    };
+    if chosen.is_empty() {
+        return Ok(RebuildReport::default());
+    }
+    if chosen.len() == usize::from(slots::SLOTS) {
+        return rebuild(pool, redis).await;
+    }
+    let named = slots::format_ranges(&chosen);
+    redis.stop_selling_slots(&chosen).await?;
+    stock_common::failpoint!("rebuild.after_stop");
+    tracing::warn!(slots = %named, "selling stopped in these slots: loading them from PostgreSQL");
+    let snap = pg_store::fence_and_snapshot(pool, Some(&chosen)).await?;
+    stock_common::failpoint!("rebuild.after_fence");
+    redis.name_in(snap.gen, &chosen).await?;
+    stock_common::failpoint!("rebuild.after_naming");
+    let orphans = redis
+        .load_slots(snap.gen, &chosen, &snap.stock, &snap.held, &snap.limits)
+        .await?;
+    pg_store::finish_loading(pool, snap.gen).await?;
+    let inside = |p: i64| chosen.contains(&slots::of_stock(p));
+    let report = RebuildReport {
+        generation: snap.gen,
+        products: snap.stock.iter().filter(|(p, _)| inside(*p)).count(),
+        held: snap
+            .held
+            .iter()
+            .filter(|h| {
+                chosen.contains(&slots::of_record(&h.order_id))
+                    || h.items.iter().any(|it| inside(it.product_id))
+            })
+            .count(),
+        stopped_ms: started.elapsed().as_millis(),
+        slots: named,
+        orphans,
+    };
+    tracing::info!(
+        generation = report.generation,
+        slots = %report.slots,
+        products = report.products,
+        held = report.held,
+        orphans = report.orphans,
+        "redis slots rebuilt; selling resumes there"
+    );
+    Ok(report)
 }
 
 /// Step 3 of [`rebuild`]: loads Redis from `snap` and resumes selling in its generation.
@@ -69,6 +183,8 @@ pub async fn load(
         products: snap.stock.len(),
         held: snap.held.len(),
         stopped_ms: started.elapsed().as_millis(),
+        slots: String::new(),
+        orphans: 0,
     };
     tracing::info!(
         generation = report.generation,
@@ -91,5 +207,5 @@ pub async fn loading(pool: &PgPool, gen: i64) -> Result<bool, sqlx::Error> {
 /// from, in one REPEATABLE READ transaction whose snapshot is taken after the lock
 /// ([`pg_store::fence_and_snapshot`]).
 pub async fn fence_and_snapshot(pool: &PgPool) -> Result<Snapshot, AdminError> {
-    Ok(pg_store::fence_and_snapshot(pool).await?)
+    Ok(pg_store::fence_and_snapshot(pool, None).await?)
 }

@@ -20,7 +20,7 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return 'unloaded'
 end
-if ARGV[3] ~= '' and ARGV[3] ~= marker then
+if stale_gen(ARGV[3], (marker_gens(marker))) then
   return 'stale'
 end
 local seen = redis.call('GET', KEYS[3])

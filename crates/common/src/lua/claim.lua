@@ -6,7 +6,9 @@
 -- KEYS[3..]   each order's record
 -- ARGV[1]     record lifetime in seconds
 -- ARGV[2]     this slot (tokens are unique across slots: token.lua)
--- ARGV[3..]   each order's items in canonical form
+-- ARGV[3..]   per order: its items in canonical form, then the token of a claim or
+--             decision it replaces ('' : none): a record naming that token ('P|<t>|' or
+--             'R|<t>|', whose holds the caller gave back) gets a new claim
 --
 -- Returns {'unloaded'} (nothing done), or per order a kind and a record: 'seen' and the
 -- record found (the order was claimed or decided before: nothing done), or 'claimed' and
@@ -15,14 +17,22 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
+local _, named = marker_gens(marker)
 local out = {}
 for i = 3, #KEYS do
+  local items, replaced = ARGV[2 * i - 3], ARGV[2 * i - 2]
   local rec = redis.call('GET', KEYS[i])
+  if rec and replaced ~= '' then
+    local state, token = string.match(rec, '^([PR])|([^|]*)|')
+    if state and token == replaced then
+      rec = nil
+    end
+  end
   if rec then
     out[#out + 1] = 'seen'
     out[#out + 1] = rec
   else
-    local claim = 'P|' .. new_token(marker, KEYS[2], ARGV[2]) .. '|' .. ARGV[i]
+    local claim = 'P|' .. new_token(named, KEYS[2], ARGV[2]) .. '|' .. items
     redis.call('SET', KEYS[i], claim, 'EX', ARGV[1])
     out[#out + 1] = 'claimed'
     out[#out + 1] = claim

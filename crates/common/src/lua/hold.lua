@@ -16,8 +16,9 @@
 -- Returns {'unloaded'} (nothing done), or per order a kind and a detail:
 --   'held' ''           taken now or before under this token
 --   'freed' ''          taken before and given back: the order was refused; never again
---   'stale' ''          the token names another generation than this slot's (a rebuild
---                       ran since the claim): nothing done, claim again
+--   'stale' ''          the token is older than this slot's load (a rebuild loaded it since
+--                       the claim), or its hold here was given back as stale ('S'):
+--                       nothing done, claim again under a new token
 --   'short' <pid>       not enough stock of pid (nothing taken)
 --   'unknown' <pid>     no stock key for pid (nothing taken)
 --   'corrupt' <key>     a stock key that does not hold an integer (nothing taken)
@@ -27,6 +28,7 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
+local loaded = marker_gens(marker)
 local out = {}
 local k = 2
 local a = 2
@@ -40,12 +42,13 @@ while a <= #ARGV do
   local hold_key = KEYS[k]
   local buyers = k + n
   local kind, detail = nil, ''
-  if string.match(token, '^([^.]*)') ~= marker then
+  if tonumber(string.match(token, '^([^.]*)')) < loaded then
     kind = 'stale'
   else
     local h = redis.call('GET', hold_key)
     if h then
-      kind = (string.sub(h, 1, 1) == 'H') and 'held' or 'freed'
+      local state = string.sub(h, 1, 1)
+      kind = (state == 'H' and 'held') or (state == 'S' and 'stale') or 'freed'
     else
       local limited = {}
       if customer == '' and any_limited(buyers, n) then

@@ -17,7 +17,7 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return 'unloaded'
 end
-if ARGV[1] ~= '' and ARGV[1] ~= marker then
+if stale_gen(ARGV[1], (marker_gens(marker))) then
   return 'stale'
 end
 local have = redis.call('HGET', KEYS[2], '#version')

@@ -49,6 +49,7 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
+local _, named = marker_gens(marker)
 local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
 local marker_valid = ARGV[2] ~= '' and ARGV[2] == epoch
@@ -128,7 +129,7 @@ while a <= #ARGV do
             redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
           end
         end
-        decision = 'R|' .. new_token(marker, KEYS[3], ARGV[3]) .. '|' .. items
+        decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
         if customer ~= '' then
           decision = decision .. '|' .. customer
         end

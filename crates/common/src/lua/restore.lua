@@ -23,7 +23,7 @@ local marker = redis.call('GET', KEYS[1])
 if not marker then
   return 'unloaded'
 end
-if ARGV[2] ~= '' and ARGV[2] ~= marker then
+if stale_gen(ARGV[2], (marker_gens(marker))) then
   return 'stale'
 end
 local rec = redis.call('GET', KEYS[3])

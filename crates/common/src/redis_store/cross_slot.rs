@@ -27,6 +27,7 @@ use super::{
     RedisStore, ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
     PIPELINE_CHUNK,
 };
+use crate::events::Token;
 use redis::Script;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
@@ -57,6 +58,7 @@ impl std::ops::Deref for Lua {
 static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         [
+            include_str!("../lua/marker.lua"),
             include_str!("../lua/token.lua"),
             include_str!("../lua/claim.lua"),
         ]
@@ -66,6 +68,7 @@ static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
 static HOLD: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         [
+            include_str!("../lua/marker.lua"),
             include_str!("../lua/integer.lua"),
             include_str!("../lua/buyers.lua"),
             include_str!("../lua/hold.lua"),
@@ -76,6 +79,7 @@ static HOLD: LazyLock<Lua> = LazyLock::new(|| {
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         [
+            include_str!("../lua/marker.lua"),
             include_str!("../lua/buyers.lua"),
             include_str!("../lua/release.lua"),
         ]
@@ -92,10 +96,6 @@ fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
     )
 }
 
-fn slot_of_stock(product_id: i64) -> u16 {
-    super::slots::slot(&stock_key(product_id))
-}
-
 /// The record of an order on a cluster: in one of [`super::RECORD_BUCKETS`] slots, the
 /// bucket drawn from the order id (CRC16, as slots are).
 pub(super) fn record_key(order_id: &str) -> String {
@@ -103,15 +103,18 @@ pub(super) fn record_key(order_id: &str) -> String {
     format!("stockpipe:order:{{o{bucket}}}:{order_id}")
 }
 
-fn slot_of_record(order_id: &str) -> u16 {
-    super::slots::slot(&record_key(order_id))
+/// The items of `items` per stock slot, in item order within each slot.
+/// The order id and token a hold key names (`stockpipe:hold:{<tag>}:<id>:<token>`).
+fn parse_hold_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix("stockpipe:hold:{")?;
+    let (_, rest) = rest.split_once("}:")?;
+    rest.rsplit_once(':')
 }
 
-/// The items of `items` per stock slot, in item order within each slot.
 fn by_slot(items: &[Item]) -> BTreeMap<u16, Vec<Item>> {
     let mut out: BTreeMap<u16, Vec<Item>> = BTreeMap::new();
     for it in items {
-        out.entry(slot_of_stock(it.product_id))
+        out.entry(super::slots::of_stock(it.product_id))
             .or_default()
             .push(*it);
     }
@@ -120,8 +123,10 @@ fn by_slot(items: &[Item]) -> BTreeMap<u16, Vec<Item>> {
 
 /// Whether an order's record and every stock key share one slot (one script call).
 fn in_one_slot(order_id: &str, items: &[Item]) -> bool {
-    let r = slot_of_record(order_id);
-    items.iter().all(|it| slot_of_stock(it.product_id) == r)
+    let r = super::slots::of_record(order_id);
+    items
+        .iter()
+        .all(|it| super::slots::of_stock(it.product_id) == r)
 }
 
 /// The indices of `orders` (order id, items, whether only its record is touched) whose keys
@@ -133,7 +138,10 @@ fn split_by_slot<'a>(
     let mut across = Vec::new();
     for (i, (order_id, items, record_only)) in orders.enumerate() {
         if record_only || in_one_slot(order_id, items) {
-            single.entry(slot_of_record(order_id)).or_default().push(i);
+            single
+                .entry(super::slots::of_record(order_id))
+                .or_default()
+                .push(i);
         } else {
             across.push(i);
         }
@@ -305,6 +313,24 @@ impl RedisStore {
         &self,
         reqs: &[&ReserveRequest],
     ) -> Result<Vec<ReserveOutcome>, StoreError> {
+        // Orders decided again after a rebuild of some of their slots: what their earlier
+        // pre-deduction still holds goes back, marked stale (a redelivery of the old claim
+        // then claims again), and the claim below replaces a record naming it.
+        let replaced: Vec<(String, Claim)> = reqs
+            .iter()
+            .filter_map(|r| {
+                r.replaces.as_ref().map(|t| {
+                    let claim = Claim {
+                        token: t.clone(),
+                        items: r.items.clone(),
+                    };
+                    (r.order_id.clone(), claim)
+                })
+            })
+            .collect();
+        if !replaced.is_empty() {
+            self.release_stale(&replaced).await?;
+        }
         let mut steps = self.claim(reqs).await?;
         // The claims reach the replicas before any stock is held for them: a failover
         // that lost a claim with holds taken would leave those holds to no one.
@@ -336,11 +362,23 @@ impl RedisStore {
         // What each claimed order's holds say: a decision, or nothing decided.
         let mut decisions: Vec<(usize, Claim, Result<OrderRecord, ReserveOutcome>)> = Vec::new();
         let mut waiting: Vec<usize> = Vec::new();
+        let mut stale: Vec<ReserveRequest> = Vec::new();
         for ((i, claim), answers) in claimed.into_iter().zip(holds) {
             if answers.iter().any(|(_, h)| *h == Hold::Unloaded) {
                 // A stock slot lost its data: undecided, the claim and the holds taken
                 // elsewhere kept for the next delivery (a rebuild drops them all).
                 waiting.push(i);
+                continue;
+            }
+            if answers.iter().any(|(_, h)| *h == Hold::Stale) {
+                // A slot was loaded since the claim (a partial rebuild): claim again.
+                stale.push(ReserveRequest {
+                    order_id: reqs[i].order_id.clone(),
+                    items: claim.items.clone(),
+                    forced: None,
+                    customer: reqs[i].customer.clone(),
+                    replaces: Some(claim.token.clone()),
+                });
                 continue;
             }
             // Each slot answers for the first of its items that fails; the order's refusal
@@ -365,12 +403,8 @@ impl RedisStore {
                     Hold::Held => {}
                     // Orders with an unloaded slot are waiting (above).
                     Hold::Unloaded => {}
-                    Hold::Stale => {
-                        return Err(StoreError::Retry(format!(
-                            "order {}: a rebuild ran since its claim",
-                            reqs[i].order_id
-                        )))
-                    }
+                    // Orders with a stale slot are claimed again (above).
+                    Hold::Stale => {}
                     Hold::Corrupt(key) => undecided = Some(ReserveOutcome::Corrupt(key)),
                     Hold::Short(p) => refuse(Reason::InsufficientStock, Some(p)),
                     Hold::Unknown(p) => refuse(Reason::UnknownProduct, Some(p)),
@@ -396,6 +430,29 @@ impl RedisStore {
                 }),
             };
             decisions.push((i, c, decision));
+        }
+        if !stale.is_empty() {
+            // Their holds go back as stale, then a new claim replaces theirs; the batch
+            // runs again and decides them under it (the other orders' steps are kept).
+            let old: Vec<(String, Claim)> = stale
+                .iter()
+                .filter_map(|r| {
+                    let token = r.replaces.clone()?;
+                    let claim = Claim {
+                        token,
+                        items: r.items.clone(),
+                    };
+                    Some((r.order_id.clone(), claim))
+                })
+                .collect();
+            self.release_stale(&old).await?;
+            let again: Vec<&ReserveRequest> = stale.iter().collect();
+            self.claim(&again).await?;
+            return Err(StoreError::Retry(format!(
+                "{} orders across slots claimed again: a rebuild loaded some of their slots \
+                 since their claim",
+                stale.len()
+            )));
         }
         let to_write: Vec<(usize, &Claim, &OrderRecord)> = decisions
             .iter()
@@ -425,7 +482,7 @@ impl RedisStore {
                 steps[i] = Step::Done(o);
             }
         }
-        self.release(&release, None).await?;
+        self.release(&release, None, 'F').await?;
         steps
             .into_iter()
             .map(|s| match s {
@@ -440,7 +497,7 @@ impl RedisStore {
         let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (i, r) in reqs.iter().enumerate() {
             groups
-                .entry(slot_of_record(&r.order_id))
+                .entry(super::slots::of_record(&r.order_id))
                 .or_default()
                 .push(i);
         }
@@ -457,7 +514,8 @@ impl RedisStore {
                     inv.key(record_key(&reqs[i].order_id));
                 }
                 for &i in chunk {
-                    inv.arg(encode_items(&reqs[i].items));
+                    inv.arg(encode_items(&reqs[i].items))
+                        .arg(reqs[i].replaces.as_deref().unwrap_or(""));
                 }
                 calls.entry(*slot).or_default().push(inv);
                 members.entry(*slot).or_default().push(chunk.to_vec());
@@ -679,13 +737,26 @@ impl RedisStore {
             .collect()
     }
 
+    /// Gives back the holds of claims whose token went stale (a slot of theirs was loaded
+    /// since), in each slot not loaded since their token's generation, marking them `S`.
+    async fn release_stale(&self, claims: &[(String, Claim)]) -> Result<(), StoreError> {
+        let gens: Vec<Option<i64>> = claims
+            .iter()
+            .map(|(_, c)| Token::parse(&c.token).map(|t| t.gen))
+            .collect();
+        self.release(claims, Some(&gens), 'S').await?;
+        Ok(())
+    }
+
     /// Step 4 (and a give-back's first step): gives back each claim's holds in every slot
-    /// of its items, in generation `gen` (None: any). Per claim, each slot's answer
-    /// (`unloaded` for a slot that lost its data).
+    /// of its items, in generation `gen` (None: any), marking each released hold `mark`
+    /// (`lua/release.lua`). Per claim, each slot's answer (`unloaded` for a slot that lost
+    /// its data).
     async fn release(
         &self,
         claims: &[(String, Claim)],
         gen: Option<&[Option<i64>]>,
+        mark: char,
     ) -> Result<Vec<Vec<String>>, StoreError> {
         let mut groups: BTreeMap<u16, Vec<(usize, Vec<Item>)>> = BTreeMap::new();
         for (n, (_, claim)) in claims.iter().enumerate() {
@@ -714,7 +785,7 @@ impl RedisStore {
                         .and_then(|g| g.get(*n).copied().flatten())
                         .map(|g| g.to_string())
                         .unwrap_or_default();
-                    inv.arg(g).arg(part.len());
+                    inv.arg(g).arg(mark.to_string()).arg(part.len());
                     for it in part {
                         inv.arg(it.quantity);
                     }
@@ -746,6 +817,71 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// Part of a partial rebuild in generation `gen` of `slots` ([`RedisStore::load_slots`]):
+    /// gives back every hold outside `slots` of a pre-deduction named before `gen` whose
+    /// record lives in `slots` (it went with their data, so no redelivery finds the claim
+    /// again) and that the snapshot does not hold (`held`: reserved in PostgreSQL, its
+    /// record is loaded again). Such an order was never applied by PostgreSQL before the
+    /// fence, and the consumer will not apply it after (its record's slot is newer than its
+    /// token): it is decided again under a new claim. Returns how many holds went back.
+    pub(super) async fn release_orphans(
+        &self,
+        gen: i64,
+        slots: &std::collections::BTreeSet<u16>,
+        held: &[super::HeldOrder],
+    ) -> Result<usize, StoreError> {
+        let kept: std::collections::HashSet<(&str, &str)> = held
+            .iter()
+            .map(|h| (h.order_id.as_str(), h.token.as_str()))
+            .collect();
+        let mut found: Vec<(String, String, String)> = Vec::new();
+        for key in self.scan_all("stockpipe:hold:*").await? {
+            if slots.contains(&super::slots::slot(&key)) {
+                continue;
+            }
+            let Some((order_id, token)) = parse_hold_key(&key) else {
+                continue;
+            };
+            let older = Token::parse(token).is_some_and(|t| t.gen < gen);
+            if older
+                && slots.contains(&super::slots::of_record(order_id))
+                && !kept.contains(&(order_id, token))
+            {
+                let (o, t) = (order_id.to_owned(), token.to_owned());
+                found.push((key, o, t));
+            }
+        }
+        let mut claims: Vec<(String, Claim)> = Vec::new();
+        for chunk in found.chunks(1000) {
+            let keys: Vec<&str> = chunk.iter().map(|(k, ..)| k.as_str()).collect();
+            let values: Vec<Option<String>> =
+                redis::AsyncCommands::mget(&mut self.conn(), &keys).await?;
+            for ((_, order_id, token), v) in chunk.iter().zip(values) {
+                // Only a hold still taken ('H|<items>[|<customer>]').
+                let Some(items) = v.as_deref().and_then(|v| v.strip_prefix("H|")) else {
+                    continue;
+                };
+                let items = items.split('|').next().unwrap_or("");
+                let items = super::decode_items(items)
+                    .ok_or_else(|| StoreError::Protocol(format!("bad hold {v:?}")))?;
+                let claim = Claim {
+                    token: token.clone(),
+                    items,
+                };
+                claims.push((order_id.clone(), claim));
+            }
+        }
+        let gens: Vec<Option<i64>> = claims
+            .iter()
+            .map(|(_, c)| Token::parse(&c.token).map(|t| t.gen))
+            .collect();
+        let answers = self.release(&claims, Some(&gens), 'F').await?;
+        Ok(answers
+            .iter()
+            .filter(|a| a.iter().any(|k| k == "released"))
+            .count())
     }
 
     /// [`RedisStore::restore_many`] on a cluster: orders in one slot by `lua/restore.lua`;
@@ -790,7 +926,7 @@ impl RedisStore {
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         // Read each record with its slot's marker (one slot: one pipeline each).
         let reads = reqs.iter().map(|c| {
-            let shard = Shard::Slot(slot_of_record(&c.order_id));
+            let shard = Shard::Slot(super::slots::of_record(&c.order_id));
             let mut pipe = redis::pipe();
             pipe.get(shard.loaded_key()).get(record_key(&c.order_id));
             let mut conn = self.conn();
@@ -809,7 +945,10 @@ impl RedisStore {
                 out[i] = Some(RestoreOutcome::Unloaded);
                 continue;
             };
-            if c.gen.is_some_and(|g| g.to_string() != marker) {
+            let loaded = super::slots::Marker::parse(&marker)
+                .ok_or_else(|| StoreError::Protocol(format!("bad loaded marker {marker:?}")))?
+                .loaded;
+            if c.gen.is_some_and(|g| g < loaded) {
                 out[i] = Some(RestoreOutcome::Stale);
                 continue;
             }
@@ -855,7 +994,7 @@ impl RedisStore {
             })
             .collect();
         let gens: Vec<Option<i64>> = to_release.iter().map(|(i, ..)| reqs[*i].gen).collect();
-        let released = self.release(&claims, Some(&gens)).await?;
+        let released = self.release(&claims, Some(&gens), 'F').await?;
         crate::failpoint!("producer.xslot.restore_after_release");
         // A slot that lost its data leaves the give-back undone (the record stays `H`): it
         // is redone after the rebuild, where it is stale.
@@ -897,6 +1036,18 @@ impl RedisStore {
         out.into_iter()
             .map(|o| o.ok_or_else(|| bad("restore")))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_keys_name_their_order_and_token() {
+        let k = hold_key(4242, "shop:o-1", "7.123");
+        assert_eq!(parse_hold_key(&k), Some(("shop:o-1", "7.123")));
+        assert_eq!(parse_hold_key("stockpipe:order:{o1}:x"), None);
     }
 }
 

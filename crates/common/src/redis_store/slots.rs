@@ -86,6 +86,110 @@ impl Shard {
     }
 }
 
+/// The slot of `stock:{<product_id>}` on a cluster.
+pub fn of_stock(product_id: i64) -> u16 {
+    slot(&format!("stock:{{{product_id}}}"))
+}
+
+/// The slot of an order's record on a cluster (`stockpipe:order:{o<bucket>}:<id>`, the
+/// bucket drawn from the order id: [`super::RECORD_BUCKETS`]).
+pub fn of_record(order_id: &str) -> u16 {
+    let bucket = slot(order_id) % super::RECORD_BUCKETS;
+    slot(&format!("{{o{bucket}}}"))
+}
+
+/// A slot's loaded marker, read: the generation the slot was **loaded** in (what a
+/// give-back or a hold of an older generation is stale against) and the generation its
+/// new pre-deductions are **named** in (at least every slot's loaded generation: a
+/// partial rebuild raises it on the slots it does not load, so that an order across slots
+/// claimed anywhere is new enough for every slot it holds). The value is `<loaded>`, or
+/// `<loaded>/<named>` once a partial rebuild ran elsewhere (DESIGN "Rebuilding some
+/// slots").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marker {
+    pub loaded: i64,
+    pub named: i64,
+}
+
+impl Marker {
+    pub fn parse(raw: &str) -> Option<Marker> {
+        match raw.split_once('/') {
+            None => {
+                let g = raw.parse().ok()?;
+                Some(Marker {
+                    loaded: g,
+                    named: g,
+                })
+            }
+            Some((l, n)) => Some(Marker {
+                loaded: l.parse().ok()?,
+                named: n.parse().ok()?,
+            }),
+        }
+    }
+
+    pub fn encode(self) -> String {
+        if self.loaded == self.named {
+            self.loaded.to_string()
+        } else {
+            format!("{}/{}", self.loaded, self.named)
+        }
+    }
+}
+
+/// Reads slot ranges as an operator writes them: `0-5460,10923,12000-12010`.
+pub fn parse_ranges(text: &str) -> Result<std::collections::BTreeSet<u16>, String> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let num = |t: &str| {
+            t.parse::<u16>()
+                .ok()
+                .filter(|s| *s < SLOTS)
+                .ok_or_else(|| format!("{t:?} is not a slot (0 to {})", SLOTS - 1))
+        };
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if lo > hi {
+            return Err(format!("{part:?}: the range runs backwards"));
+        }
+        out.extend(lo..=hi);
+    }
+    if out.is_empty() {
+        return Err("no slot named".into());
+    }
+    Ok(out)
+}
+
+/// A set of slots as its runs of consecutive slots (first, last).
+pub fn ranges(slots: &std::collections::BTreeSet<u16>) -> Vec<(u16, u16)> {
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for &s in slots {
+        match out.last_mut() {
+            Some((_, hi)) if *hi + 1 == s => *hi = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
+/// Writes a set of slots as ranges (`0-5460,10923`), for logs and reports.
+pub fn format_ranges(slots: &std::collections::BTreeSet<u16>) -> String {
+    ranges(slots)
+        .into_iter()
+        .map(|(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +213,40 @@ mod tests {
         assert_eq!(Shard::Whole.loaded_key(), "stockpipe:loaded");
         assert_eq!(Shard::Whole.epoch_key(), "stockpipe:epoch");
         assert_eq!(Shard::Whole.seq_key(), "stockpipe:seq");
+    }
+
+    #[test]
+    fn order_slots_match_the_keys() {
+        assert_eq!(of_stock(42), slot("stock:{42}"));
+        let id = "order-17";
+        let bucket = slot(id) % super::super::RECORD_BUCKETS;
+        assert_eq!(
+            of_record(id),
+            slot(&format!("stockpipe:order:{{o{bucket}}}:{id}"))
+        );
+    }
+
+    #[test]
+    fn markers_and_ranges_read_back() {
+        assert_eq!(
+            Marker::parse("7"),
+            Some(Marker {
+                loaded: 7,
+                named: 7
+            })
+        );
+        let m = Marker::parse("5/9").expect("marker");
+        assert_eq!((m.loaded, m.named), (5, 9));
+        assert_eq!(m.encode(), "5/9");
+        assert_eq!(Marker::parse("x"), None);
+        let r = parse_ranges("0-2, 10,16383").expect("ranges");
+        assert_eq!(
+            r.iter().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2, 10, 16383]
+        );
+        assert_eq!(format_ranges(&r), "0-2,10,16383");
+        assert!(parse_ranges("5-3").is_err());
+        assert!(parse_ranges("16384").is_err());
+        assert!(parse_ranges("").is_err());
     }
 }
