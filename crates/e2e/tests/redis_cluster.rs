@@ -830,6 +830,154 @@ async fn pre_deductions_cut_by_a_partial_rebuild_are_decided_again() {
     env.cleanup().await;
 }
 
+/// `stockctl <args>` run as a process on the cluster with `failpoints` armed: how it
+/// ended, and its output.
+async fn stockctl_on_cluster(
+    env: &TestEnv,
+    args: &[&str],
+    failpoints: &str,
+) -> (std::process::ExitStatus, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let vars: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), env.db.url.expose().to_owned()),
+        (
+            "REDIS_CLUSTER_NODES".into(),
+            env.redis.cluster_nodes.join(","),
+        ),
+        ("KAFKA_BROKERS".into(), env.kafka.brokers.clone()),
+        ("RUST_LOG".into(), "info".into()),
+        ("FAILPOINTS".into(), failpoints.into()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(stock_e2e::binary("stockctl"))
+            .args(args)
+            .envs(vars)
+            .env_remove("REDIS_URL")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run stockctl")
+    })
+    .await
+    .expect("join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// Orders of one to three of `products` (rotating), ids `<prefix>-<i>`.
+fn wave(products: [i64; 3], prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let items: Vec<Item> = (0..=(i % 3))
+                .map(|k| Item {
+                    product_id: products[(i + k) % 3],
+                    quantity: 1,
+                })
+                .collect();
+            (id.clone(), created(&id, &items))
+        })
+        .collect()
+}
+
+/// The crash windows of `stockctl rebuild --lost`: killed (an abort, like `kill -9`) after
+/// stopping the lost slots, after the fence, and after naming the other slots in the new
+/// generation, in turn, while orders flow; then run whole. After each crash the lost slots
+/// are still stopped and every other slot is loaded (they keep selling); the run after it
+/// fences again and finishes. Once idle: every order has one outcome, Redis equals
+/// PostgreSQL, and no hold is left for an order that is not reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
+    use std::os::unix::process::ExitStatusExt;
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 2_000), (b, 2_000), (c, 2_000)]).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let mut ids: HashSet<String> = HashSet::new();
+    let mut send = |msgs: Vec<(String, Vec<u8>)>| {
+        ids.extend(msgs.iter().map(|(id, _)| id.clone()));
+        let (kafka, topic) = (kafka.clone(), env.topics.orders.clone());
+        async move {
+            harness::publish(&kafka, &topic, msgs)
+                .await
+                .expect("publish")
+        }
+    };
+    send(wave(products, "w0", 120)).await;
+    let victim = master_of(&env.store, b).await;
+    let lost = slots_of(&env.store, victim).await;
+    fault(&["restart-redis-empty", &victim.to_string()]).await;
+    for (n, point) in [
+        "rebuild.after_stop",
+        "rebuild.after_fence",
+        "rebuild.after_naming",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        send(wave(products, &format!("w{}", n + 1), 60)).await;
+        let (status, text) =
+            stockctl_on_cluster(&env, &["rebuild", "--lost"], &format!("{point}=1*return")).await;
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "stockctl aborted at {point}, exit status {status:?}: {text}"
+        );
+        assert!(
+            text.contains(&format!("failpoint {point}: crash")),
+            "stockctl names the failpoint: {text}"
+        );
+        let markers = loop {
+            match env.store.slot_markers().await {
+                Ok(m) => break m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "markers not readable yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        for (s, m) in markers {
+            assert_eq!(
+                m.is_none(),
+                lost.contains(&s),
+                "after a crash at {point}, slot {s}: only the lost slots are stopped ({m:?})"
+            );
+        }
+    }
+    let (status, text) = stockctl_on_cluster(&env, &["rebuild", "--lost"], "").await;
+    assert!(
+        status.success(),
+        "stockctl rebuild --lost: {status:?}: {text}"
+    );
+    assert!(text.contains("rebuilt"), "{text}");
+    send(wave(products, "w4", 60)).await;
+    assert!(
+        collector.wait_for(&ids, 1, Duration::from_secs(120)).await,
+        "every order gets an outcome"
+    );
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let drift = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("drift check");
+    assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
+    check_idle(&env, &ids, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}
+
 /// Per-customer limits on the cluster (issue 13): a customer's count lives in the limited
 /// product's slot, and orders across slots hold and count it there (`hold.lua`), give it
 /// back on refusal and cancel (`release.lua`). 60 customers send 4 orders each, half of

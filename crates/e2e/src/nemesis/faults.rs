@@ -568,7 +568,8 @@ impl FaultCtx<'_> {
     }
 
     /// Restarts a master empty; its slots must then be unloaded (the loss is noticed: G6)
-    /// until the rebuild, which follows.
+    /// until the rebuild of those slots alone (`stockctl rebuild --lost`), which follows:
+    /// the other masters' slots keep selling through it.
     async fn empty_master_and_rebuild(
         &self,
         stack: &StackControl,
@@ -596,10 +597,16 @@ impl FaultCtx<'_> {
             );
         }
         tokio::time::sleep(self.outage).await;
-        let report = self.rebuild_retrying().await?;
+        let report = self.rebuild_lost_retrying().await?;
         Ok(format!(
-            "{unloaded} slots unloaded; rebuilt: generation {}, {} products, {} held, stopped {} ms",
-            report.generation, report.products, report.held, report.stopped_ms
+            "{unloaded} slots unloaded; slots {} rebuilt: generation {}, {} products, {} held, \
+             {} holds of lost records given back, stopped there {} ms",
+            report.slots,
+            report.generation,
+            report.products,
+            report.held,
+            report.orphans,
+            report.stopped_ms
         ))
     }
 
@@ -642,6 +649,23 @@ impl FaultCtx<'_> {
             report.held,
             report.stopped_ms
         ))
+    }
+
+    /// `stockctl rebuild --lost`, retried as [`Self::rebuild_retrying`].
+    async fn rebuild_lost_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
+        use stockctl::rebuild::{rebuild_slots, Slots};
+        let mut last = String::new();
+        for attempt in 1..=10 {
+            match rebuild_slots(&self.env.pool, &self.env.store, Slots::Lost).await {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "rebuild of the lost slots failed; retrying");
+                    last = e.to_string();
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }
+        anyhow::bail!("rebuild of the lost slots kept failing: {last}")
     }
 
     async fn rebuild_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
