@@ -1204,7 +1204,8 @@ pub mod sql {
     /// `read_slot_loads`: the whole load's generation, and each range a partial rebuild
     /// loaded since (a few rows per rebuild, none after a whole load).
     pub const READ_SLOT_LOADS: &str = "SELECT g.loaded_gen, s.lo, s.hi, s.gen
-         FROM redis_generation g LEFT JOIN redis_slot_generation s ON true WHERE g.id";
+         FROM redis_generation g LEFT JOIN redis_slot_generation s ON s.gen > g.loaded_gen
+         WHERE g.id";
     /// The stock rows and their limits (`limit_version` of the locked row version against
     /// the limit's own: see the module docs).
     pub const LOCK_STOCK: &str =
