@@ -464,6 +464,21 @@ pub async fn fence_and_snapshot(
     })
 }
 
+/// Of `orders`, those whose pre-deduction PostgreSQL holds (`reserved` or `confirmed`),
+/// with its token: what a partial rebuild must not give back in Redis.
+pub async fn holding(
+    pool: &PgPool,
+    orders: &[String],
+) -> Result<std::collections::HashSet<(String, String)>, sqlx::Error> {
+    let mut out = std::collections::HashSet::new();
+    for chunk in orders.chunks(10_000) {
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as(HOLDING).bind(chunk).fetch_all(pool).await?;
+        out.extend(rows.into_iter().map(|(o, t)| (o, t.unwrap_or_default())));
+    }
+    Ok(out)
+}
+
 /// The load of generation `gen` reached Redis: `loading = false`.
 pub async fn finish_loading(pool: &PgPool, gen: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE redis_generation SET loading = false WHERE id AND gen = $1")
@@ -1313,10 +1328,15 @@ pub mod sql {
          GROUP BY l.customer_id
          HAVING sum((i ->> 'quantity')::bigint) > 0";
 
+    /// `holding`: a partial rebuild's question, per order of a lost record.
+    pub const HOLDING: &str = "SELECT order_id, token FROM order_ledger
+         WHERE order_id = ANY($1) AND status IN ('reserved', 'confirmed')";
+
     /// (name, statement) of every statement above.
     pub const ALL: &[(&str, &str)] = &[
         ("READ_GEN", READ_GEN),
         ("READ_SLOT_LOADS", READ_SLOT_LOADS),
+        ("HOLDING", HOLDING),
         ("LOCK_STOCK", LOCK_STOCK),
         ("CREATE_PRODUCT", CREATE_PRODUCT),
         ("LOCK_PRODUCT", LOCK_PRODUCT),

@@ -39,6 +39,7 @@
 
 mod cross_slot;
 pub mod slots;
+pub use cross_slot::LostHold;
 
 use crate::config::{ConfigError, RedisArgs, TlsFiles};
 use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
@@ -1462,14 +1463,26 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Steps 4 and 5 of a partial rebuild (cluster only), with `slots` stopped
+    /// Step 4 of a partial rebuild (cluster only), with `slots` stopped
     /// ([`Self::stop_selling_slots`]) and every other slot naming in `gen`
     /// ([`Self::name_in`]): forgets what `slots` still hold (records, holds, request
-    /// markers, counts); gives back the holds elsewhere of pre-deductions whose record was
-    /// in `slots` and that the snapshot does not hold (their record is lost, so nothing else
-    /// would); writes the snapshot's part in `slots` (stock, limits and counts, the records
-    /// and holds of held reservations); then sets their markers to `gen`. Returns how many
-    /// holds it gave back.
+    /// markers, counts), and returns the holds taken elsewhere, before `gen`, by orders
+    /// whose record was in `slots` (lost with them: no redelivery finds that claim again).
+    /// Those PostgreSQL does not hold reserved or confirmed under their token go back with
+    /// [`Self::release_holds`].
+    pub async fn forget_slots(
+        &self,
+        gen: i64,
+        slots: &BTreeSet<u16>,
+    ) -> Result<Vec<LostHold>, StoreError> {
+        self.forget(|key: &str| slots.contains(&slots::slot(key)))
+            .await?;
+        self.holds_of_lost_records(gen, slots).await
+    }
+
+    /// Step 5 of a partial rebuild: writes the snapshot's part in `slots` (stock, limits
+    /// and counts, the records and holds of held reservations), then sets their markers to
+    /// `gen`: they sell again.
     pub async fn load_slots(
         &self,
         gen: i64,
@@ -1477,10 +1490,8 @@ impl RedisStore {
         stock: &[(i64, i64)],
         held: &[HeldOrder],
         limits: &[ProductLimit],
-    ) -> Result<usize, StoreError> {
+    ) -> Result<(), StoreError> {
         let inside = |key: &str| slots.contains(&slots::slot(key));
-        self.forget(inside).await?;
-        let orphans = self.release_orphans(gen, slots, held).await?;
         self.write_snapshot(stock, held, limits, inside).await?;
         let markers: Vec<(String, String)> = slots
             .iter()
@@ -1489,7 +1500,7 @@ impl RedisStore {
         for chunk in markers.chunks(4096) {
             let _: () = self.conn().mset(chunk).await?;
         }
-        Ok(orphans)
+        Ok(())
     }
 
     /// Deletes every order record, hold, request marker and limit hash for which `keep`

@@ -136,7 +136,20 @@ async fn rebuild_slots_once(
     stock_common::failpoint!("rebuild.after_fence");
     redis.name_in(snap.gen, &chosen).await?;
     stock_common::failpoint!("rebuild.after_naming");
-    let orphans = redis
+    // Holds elsewhere of orders whose record was in those slots: back to stock unless
+    // PostgreSQL holds that pre-deduction (reserved: its record is loaded again below;
+    // confirmed: sold). Read after the fence: no order of a lost record can be applied
+    // since (its record's slot is newer than its token), and a hold goes back at most once
+    // whoever gives it back (a cancel's give-back after this read included).
+    let lost = redis.forget_slots(snap.gen, &chosen).await?;
+    let ids: Vec<String> = lost.iter().map(|h| h.order_id.clone()).collect();
+    let kept = pg_store::holding(pool, &ids).await?;
+    let orphans: Vec<_> = lost
+        .into_iter()
+        .filter(|h| !kept.contains(&(h.order_id.clone(), h.token.clone())))
+        .collect();
+    let orphans = redis.release_holds(&orphans).await?;
+    redis
         .load_slots(snap.gen, &chosen, &snap.stock, &snap.held, &snap.limits)
         .await?;
     pg_store::finish_loading(pool, snap.gen).await?;

@@ -104,6 +104,15 @@ pub(super) fn record_key(order_id: &str) -> String {
 }
 
 /// The items of `items` per stock slot, in item order within each slot.
+/// A hold taken in one slot by an order whose record was lost with other slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostHold {
+    pub order_id: String,
+    pub token: String,
+    /// The order's items in the hold's slot.
+    pub items: Vec<Item>,
+}
+
 /// The order id and token a hold key names (`stockpipe:hold:{<tag>}:<id>:<token>`).
 fn parse_hold_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("stockpipe:hold:{")?;
@@ -819,23 +828,14 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Part of a partial rebuild in generation `gen` of `slots` ([`RedisStore::load_slots`]):
-    /// gives back every hold outside `slots` of a pre-deduction named before `gen` whose
-    /// record lives in `slots` (it went with their data, so no redelivery finds the claim
-    /// again) and that the snapshot does not hold (`held`: reserved in PostgreSQL, its
-    /// record is loaded again). Such an order was never applied by PostgreSQL before the
-    /// fence, and the consumer will not apply it after (its record's slot is newer than its
-    /// token): it is decided again under a new claim. Returns how many holds went back.
-    pub(super) async fn release_orphans(
+    /// Part of a partial rebuild in generation `gen` of `slots`
+    /// ([`RedisStore::forget_slots`]): every hold still taken outside `slots`, named before
+    /// `gen`, of an order whose record lives in `slots`.
+    pub(super) async fn holds_of_lost_records(
         &self,
         gen: i64,
         slots: &std::collections::BTreeSet<u16>,
-        held: &[super::HeldOrder],
-    ) -> Result<usize, StoreError> {
-        let kept: std::collections::HashSet<(&str, &str)> = held
-            .iter()
-            .map(|h| (h.order_id.as_str(), h.token.as_str()))
-            .collect();
+    ) -> Result<Vec<LostHold>, StoreError> {
         let mut found: Vec<(String, String, String)> = Vec::new();
         for key in self.scan_all("stockpipe:hold:*").await? {
             if slots.contains(&super::slots::slot(&key)) {
@@ -845,15 +845,12 @@ impl RedisStore {
                 continue;
             };
             let older = Token::parse(token).is_some_and(|t| t.gen < gen);
-            if older
-                && slots.contains(&super::slots::of_record(order_id))
-                && !kept.contains(&(order_id, token))
-            {
+            if older && slots.contains(&super::slots::of_record(order_id)) {
                 let (o, t) = (order_id.to_owned(), token.to_owned());
                 found.push((key, o, t));
             }
         }
-        let mut claims: Vec<(String, Claim)> = Vec::new();
+        let mut out = Vec::new();
         for chunk in found.chunks(1000) {
             let keys: Vec<&str> = chunk.iter().map(|(k, ..)| k.as_str()).collect();
             let values: Vec<Option<String>> =
@@ -866,16 +863,32 @@ impl RedisStore {
                 let items = items.split('|').next().unwrap_or("");
                 let items = super::decode_items(items)
                     .ok_or_else(|| StoreError::Protocol(format!("bad hold {v:?}")))?;
-                let claim = Claim {
+                out.push(LostHold {
+                    order_id: order_id.clone(),
                     token: token.clone(),
                     items,
-                };
-                claims.push((order_id.clone(), claim));
+                });
             }
         }
-        let gens: Vec<Option<i64>> = claims
+        Ok(out)
+    }
+
+    /// Gives back `holds` (each in the slot of its items, at most once: `H` to `F`).
+    /// Returns how many went back now.
+    pub async fn release_holds(&self, holds: &[LostHold]) -> Result<usize, StoreError> {
+        let claims: Vec<(String, Claim)> = holds
             .iter()
-            .map(|(_, c)| Token::parse(&c.token).map(|t| t.gen))
+            .map(|h| {
+                let claim = Claim {
+                    token: h.token.clone(),
+                    items: h.items.clone(),
+                };
+                (h.order_id.clone(), claim)
+            })
+            .collect();
+        let gens: Vec<Option<i64>> = holds
+            .iter()
+            .map(|h| Token::parse(&h.token).map(|t| t.gen))
             .collect();
         let answers = self.release(&claims, Some(&gens), 'F').await?;
         Ok(answers
