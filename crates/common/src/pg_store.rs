@@ -349,8 +349,9 @@ pub async fn read_slot_loads(
     tx: &mut Transaction<'_, Postgres>,
     gen: i64,
 ) -> Result<SlotLoads, sqlx::Error> {
-    let rows: Vec<(i64, Option<i32>, Option<i32>, Option<i64>)> =
-        sqlx::query_as(READ_SLOT_LOADS).fetch_all(&mut **tx).await?;
+    // (whole load, first slot, last slot, generation): one row without a range when none.
+    type Row = (i64, Option<i32>, Option<i32>, Option<i64>);
+    let rows: Vec<Row> = sqlx::query_as(READ_SLOT_LOADS).fetch_all(&mut **tx).await?;
     let whole = rows.first().map_or(gen, |r| r.0);
     let ranges = rows
         .into_iter()

@@ -540,6 +540,10 @@ fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Resu
     Ok(())
 }
 
+fn parse_slots(text: &str) -> Result<std::collections::BTreeSet<u16>, String> {
+    stock_common::redis_store::slots::parse_ranges(text)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -547,8 +551,4 @@ mod tests {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
     }
-}
-
-fn parse_slots(text: &str) -> Result<std::collections::BTreeSet<u16>, String> {
-    stock_common::redis_store::slots::parse_ranges(text)
 }

@@ -1052,6 +1052,14 @@ impl RedisStore {
     }
 }
 
+/// What `lua/swap.lua` answered for one record.
+enum Swap {
+    New(OrderRecord),
+    Seen(OrderRecord),
+    Lost,
+    Unloaded,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1062,12 +1070,4 @@ mod tests {
         assert_eq!(parse_hold_key(&k), Some(("shop:o-1", "7.123")));
         assert_eq!(parse_hold_key("stockpipe:order:{o1}:x"), None);
     }
-}
-
-/// What `lua/swap.lua` answered for one record.
-enum Swap {
-    New(OrderRecord),
-    Seen(OrderRecord),
-    Lost,
-    Unloaded,
 }
