@@ -26,6 +26,10 @@
 #            (~5 s, repl-diskless-sync-delay), then flushes it: the shard's data is gone on
 #            both. (A replica restarted empty simply resyncs from its master.) Waits as
 #            start-redis, then until its replicas have resynced from it. stdout: as start-redis.
+#   kill-redis-shard PORT  kill -9 the replicas of the master on PORT, then the master: no
+#            failover can happen, its slots are served by nobody (the other masters keep
+#            serving theirs: cluster-require-full-coverage no). Does not wait. stdout: the
+#            killed ports, master first. Bring it back with start-redis (master first).
 #   kill-broker ID   kill -9 Kafka broker ID (1..3). Waits until the metadata no longer
 #            lists it (the controller fenced it after broker.session.timeout.ms, 4 s, and
 #            took it out of every ISR). stdout: the id.
@@ -117,6 +121,27 @@ redis_start_node() {
 }
 
 # ---------------------------------------------------------------------------
+cmd_kill_redis_shard() {
+  local port="${1:-}" view id flags slots p pid reps=()
+  need_cluster
+  cr_valid_port "$port"
+  view="$(cr_any_view)" || die "redis: no cluster node answers (run $STACK_UP_CMD redis)"
+  read -r id _ flags _ _ _ slots <<<"$(cr_node "$port" "$view")"
+  [[ -n "$id" ]] || die "redis: node $port is not in the cluster view"
+  [[ "$flags" == *master* ]] || die "redis: node $port is not a master"
+  for p in $(cr_replicas_of "$id" "$view"); do reps+=("$p"); done
+  # the replicas first: a replica alive when its master dies would take over
+  for p in "${reps[@]}" "$port"; do
+    cr_alive "$p" || continue
+    pid="$(cr_pid "$p")"
+    kill -KILL "$pid"
+    wait_pid_exit "$pid" 10 || die "redis: pid $pid of node $p survived SIGKILL"
+    log "redis: killed node 127.0.0.1:$p (pid $pid, kill -9)"
+  done
+  log "redis: shard of master $port down (slots $slots; replicas ${reps[*]:-none})"
+  echo "$port ${reps[*]}"
+}
+
 cmd_kill_redis_master() {
   local port="${1:-}" view p id flags slots master_id live_repl=() r pid t0 promoted="" deadline why=""
   need_cluster
@@ -336,6 +361,7 @@ cmd="${1:-}"
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   kill-redis-master)   locked cmd_kill_redis_master "$@" ;;
+  kill-redis-shard)    locked cmd_kill_redis_shard "$@" ;;
   start-redis)         locked cmd_start_redis "$@" ;;
   restart-redis-empty) locked cmd_restart_redis_empty "$@" ;;
   kill-broker)         locked cmd_kill_broker "$@" ;;

@@ -650,6 +650,37 @@ pub struct ClusterHandle {
     client: redis::cluster::ClusterClient,
     conn: std::sync::RwLock<redis::cluster_async::ClusterConnection>,
     renewed: tokio::sync::Mutex<std::time::Instant>,
+    /// Masters found not answering, and their slots (DESIGN "An unreachable master").
+    down: std::sync::Mutex<Down>,
+}
+
+/// What [`RedisStore::probe_masters`] found: the masters that do not answer, their slots,
+/// the ones that do, and when.
+#[derive(Debug, Clone, Default)]
+struct Down {
+    masters: Vec<(String, u16)>,
+    slots: BTreeSet<u16>,
+    up: Vec<(String, u16)>,
+    checked: Option<std::time::Instant>,
+}
+
+/// How often masters found down are probed again, and how long a probe waits for one.
+const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Whether `e` says a node did not answer (down, unreachable, failing over), rather than
+/// answering no.
+fn unreachable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Redis(e) => {
+            e.is_timeout()
+                || e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_cluster_error()
+        }
+        _ => false,
+    }
 }
 
 impl ClusterHandle {
@@ -659,6 +690,7 @@ impl ClusterHandle {
             client,
             conn: std::sync::RwLock::new(conn),
             renewed: tokio::sync::Mutex::new(std::time::Instant::now()),
+            down: std::sync::Mutex::new(Down::default()),
         })
     }
 
@@ -771,9 +803,17 @@ pub fn cluster_client(args: &RedisArgs) -> Result<redis::cluster::ClusterClient,
     let tls_url = nodes
         .iter()
         .any(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }));
+    // Few retries inside the client, close together: a request to a master that does not
+    // answer fails within seconds (redis-rs' defaults retry for minutes; a request in
+    // flight on a connection to a killed node ends at the response timeout), and the
+    // batch then leaves that master's orders waiting and goes on (`probe_masters`); the
+    // worker's own loop retries the rest. Redirections (MOVED, ASK) need one retry each.
     let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
-        .connection_timeout(std::time::Duration::from_secs(5))
-        .response_timeout(std::time::Duration::from_secs(10));
+        .connection_timeout(std::time::Duration::from_secs(2))
+        .response_timeout(std::time::Duration::from_secs(5))
+        .retries(4)
+        .min_retry_wait(50)
+        .max_retry_wait(500);
     if let Some(user) = &args.username {
         b = b.username(user);
     }
@@ -945,7 +985,37 @@ impl RedisStore {
         guards: &Guards,
     ) -> Result<ReserveReply, StoreError> {
         if self.cluster {
-            return self.reserve_on_cluster(reqs).await;
+            let down = self.down_slots().await?;
+            if down.is_empty() {
+                let reply = self.reserve_on_cluster(reqs).await;
+                return self.noting_unreachable(reply).await;
+            }
+            // Orders touching a master that does not answer wait; the others go on.
+            let touches = |r: &ReserveRequest| {
+                down.contains(&slots::of_record(&r.order_id))
+                    || (r.forced.is_none()
+                        && r.items
+                            .iter()
+                            .any(|it| down.contains(&slots::of_stock(it.product_id))))
+            };
+            let go: Vec<ReserveRequest> = reqs.iter().filter(|r| !touches(r)).cloned().collect();
+            let reply = self.reserve_on_cluster(&go).await;
+            let reply = self.noting_unreachable(reply).await?;
+            let mut decided = reply.outcomes.into_iter();
+            let mut outcomes = Vec::with_capacity(reqs.len());
+            for r in reqs {
+                outcomes.push(if touches(r) {
+                    ReserveOutcome::Unloaded
+                } else {
+                    decided.next().ok_or_else(|| {
+                        StoreError::Protocol("reserve: fewer outcomes than orders".into())
+                    })?
+                });
+            }
+            return Ok(ReserveReply {
+                outcomes,
+                zeros: reply.zeros,
+            });
         }
         // Every round trip is sent at once on the multiplexed connection: Redis runs one
         // while the next is being encoded. Redis still runs them in this order.
@@ -1032,7 +1102,32 @@ impl RedisStore {
         reqs: &[Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         if self.cluster {
-            return self.restore_on_cluster(reqs).await;
+            let down = self.down_slots().await?;
+            if down.is_empty() {
+                let out = self.restore_on_cluster(reqs).await;
+                return self.noting_unreachable(out).await;
+            }
+            // Give-backs touching a master that does not answer wait; the others go on.
+            let touches = |c: &Compensation| {
+                down.contains(&slots::of_record(&c.order_id))
+                    || c.items
+                        .iter()
+                        .any(|it| down.contains(&slots::of_stock(it.product_id)))
+            };
+            let go: Vec<Compensation> = reqs.iter().filter(|c| !touches(c)).cloned().collect();
+            let out = self.restore_on_cluster(&go).await;
+            let mut done = self.noting_unreachable(out).await?.into_iter();
+            let mut outcomes = Vec::with_capacity(reqs.len());
+            for c in reqs {
+                outcomes.push(if touches(c) {
+                    RestoreOutcome::Unloaded
+                } else {
+                    done.next().ok_or_else(|| {
+                        StoreError::Protocol("restore: fewer outcomes than give-backs".into())
+                    })?
+                });
+            }
+            return Ok(outcomes);
         }
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(PIPELINE_CHUNK) {
@@ -1250,16 +1345,135 @@ impl RedisStore {
     /// every decision published after this. Returns false if some master's replica did not
     /// confirm in time (none connected, or far behind): the caller goes on (a lone master
     /// cannot fail over) and counts it. True at once on one Redis.
+    ///
+    /// While a master does not answer (its orders wait: [`Self::down_slots`]), only the
+    /// masters that answer are asked, each by its address.
     pub async fn wait_replicated(&self) -> Result<bool, StoreError> {
         if !self.cluster {
             return Ok(true);
         }
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(REPLICA_WAIT.as_millis() as u64)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(acked >= 1)
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let up = match &self.conn {
+            RedisConn::Cluster(h) => {
+                let d = h.down.lock().unwrap_or_else(|e| e.into_inner());
+                (!d.masters.is_empty()).then(|| d.up.clone())
+            }
+            RedisConn::Single(_) => None,
+        };
+        let Some(up) = up else {
+            let acked = wait.query_async::<i64>(&mut self.conn()).await;
+            let acked = self
+                .noting_unreachable(acked.map_err(StoreError::from))
+                .await?;
+            return Ok(acked >= 1);
+        };
+        let RedisConn::Cluster(h) = &self.conn else {
+            return Ok(true);
+        };
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let asks = up.into_iter().map(|(host, port)| {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            h.route_command(wait.clone(), route)
+        });
+        let mut all = true;
+        for answer in futures::future::join_all(asks).await {
+            let acked: i64 = match answer {
+                Ok(v) => parse_value(v)?,
+                Err(e) => self.noting_unreachable(Err(e.into())).await?,
+            };
+            all &= acked >= 1;
+        }
+        Ok(all)
+    }
+
+    /// The slots of masters found not answering (DESIGN "An unreachable master"): empty
+    /// while every master answers (no request sent). While some do not, they are probed
+    /// again at most every [`DOWN_RECHECK`]: back, or replaced by a promoted replica.
+    pub async fn down_slots(&self) -> Result<BTreeSet<u16>, StoreError> {
+        let RedisConn::Cluster(h) = &self.conn else {
+            return Ok(BTreeSet::new());
+        };
+        let due = {
+            let d = h.down.lock().unwrap_or_else(|e| e.into_inner());
+            if d.masters.is_empty() {
+                return Ok(BTreeSet::new());
+            }
+            d.checked.is_none_or(|t| t.elapsed() >= DOWN_RECHECK)
+        };
+        if due {
+            self.probe_masters().await?;
+        }
+        let d = h.down.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(d.slots.clone())
+    }
+
+    /// `result`; if it failed because a node did not answer, first finds which masters do
+    /// not ([`Self::probe_masters`]), so that the batch, retried, leaves their orders
+    /// waiting and decides the others.
+    async fn noting_unreachable<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &result {
+            if self.cluster && unreachable(e) {
+                if let Err(p) = self.probe_masters().await {
+                    tracing::warn!(error = %p, "redis cluster: cannot probe the masters");
+                }
+            }
+        }
+        result
+    }
+
+    /// Asks every master of the slot map (`CLUSTER SLOTS`) for a `PING`, each by its
+    /// address within [`PROBE_TIMEOUT`], and records those that do not answer with their
+    /// slots.
+    pub async fn probe_masters(&self) -> Result<(), StoreError> {
+        let RedisConn::Cluster(h) = &self.conn else {
+            return Ok(());
+        };
+        let ranges = self.slot_ranges().await?;
+        let mut masters: Vec<(String, u16)> = Vec::new();
+        for (.., host, port) in &ranges {
+            if !masters.contains(&(host.clone(), *port)) {
+                masters.push((host.clone(), *port));
+            }
+        }
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let pings = masters.iter().map(|(host, port)| {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            });
+            tokio::time::timeout(PROBE_TIMEOUT, h.route_command(redis::cmd("PING"), route))
+        });
+        let answers = futures::future::join_all(pings).await;
+        let (mut up, mut down) = (Vec::new(), Vec::new());
+        for (m, a) in masters.into_iter().zip(answers) {
+            if matches!(a, Ok(Ok(_))) {
+                up.push(m);
+            } else {
+                down.push(m);
+            }
+        }
+        let slots: BTreeSet<u16> = ranges
+            .iter()
+            .filter(|(.., host, port)| down.contains(&(host.clone(), *port)))
+            .flat_map(|(lo, hi, ..)| *lo..=*hi)
+            .collect();
+        let mut d = h.down.lock().unwrap_or_else(|e| e.into_inner());
+        if d.masters != down {
+            if down.is_empty() {
+                tracing::warn!("redis cluster: every master answers again");
+            } else {
+                tracing::warn!(masters = ?down, slots = slots.len(),
+                    "redis cluster: masters do not answer; the orders touching their slots wait");
+            }
+        }
+        *d = Down {
+            masters: down,
+            slots,
+            up,
+            checked: Some(std::time::Instant::now()),
+        };
+        Ok(())
     }
 
     /// Whether stock has been loaded (the marker exists; on a cluster, every slot's).
@@ -1414,14 +1628,58 @@ impl RedisStore {
 
     /// The address of each master of the cluster (`CLUSTER SLOTS`).
     pub async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
-        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query_async(&mut self.conn())
-            .await?;
         let mut out: Vec<(String, u16)> = Vec::new();
+        for (.., host, port) in self.slot_ranges().await? {
+            if !out.contains(&(host.clone(), port)) {
+                out.push((host, port));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The slots the master at `host:port` serves now (`CLUSTER SLOTS`; none if it is
+    /// not a master).
+    pub async fn slots_served_by(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<BTreeSet<u16>, StoreError> {
+        Ok(self
+            .slot_ranges()
+            .await?
+            .into_iter()
+            .filter(|(.., h, p)| h == host && *p == port)
+            .flat_map(|(lo, hi, ..)| lo..=hi)
+            .collect())
+    }
+
+    /// Each slot range of the cluster (first, last) with its master's address (`CLUSTER
+    /// SLOTS`).
+    async fn slot_ranges(&self) -> Result<Vec<(u16, u16, String, u16)>, StoreError> {
+        // Asked of any node: one that does not answer is skipped on the next try.
+        let mut tries = 0;
+        let ranges: Vec<redis::Value> = loop {
+            tries += 1;
+            match redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut self.conn())
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if tries < 3 => {
+                    tracing::debug!(error = %e, "CLUSTER SLOTS: asking again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut out = Vec::with_capacity(ranges.len());
         for r in ranges {
             // [start, end, [host, port, id, ...], replicas...]
             let parts: Vec<redis::Value> = parse_value(r)?;
+            let (lo, hi): (u16, u16) = match parts.as_slice() {
+                [lo, hi, ..] => (parse_value(lo.clone())?, parse_value(hi.clone())?),
+                _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad range".into())),
+            };
             let master = parts
                 .get(2)
                 .cloned()
@@ -1431,9 +1689,7 @@ impl RedisStore {
                 [h, p, ..] => (parse_value(h.clone())?, parse_value(p.clone())?),
                 _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad node".into())),
             };
-            if !out.contains(&(host.clone(), port)) {
-                out.push((host, port));
-            }
+            out.push((lo, hi, host, port));
         }
         Ok(out)
     }

@@ -336,8 +336,10 @@ async fn master_of(store: &RedisStore, product: i64) -> u16 {
 /// takes over (the producer retries its batch meanwhile, on a fresh connection), the old
 /// master comes back as a replica. Decisions are published only once on a replica, and
 /// claims reach the replicas before holds are taken (`WAIT`), so the failover loses no
-/// decision and leaves no hold to no one: every order gets one outcome, the ledger agrees,
-/// and Redis equals PostgreSQL with no repair.
+/// decision and leaves no hold to no one. Its slots are then treated as lost all the same
+/// (replication is asynchronous: `stockctl rebuild --master` of the promoted replica,
+/// while orders flow) and loaded alone from PostgreSQL. Every order gets one outcome, the
+/// ledger agrees, and Redis equals PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_during_load_loses_no_decision() {
     let _turn = CLUSTER_LOCK.lock().await;
@@ -374,16 +376,31 @@ async fn a_master_killed_during_load_loses_no_decision() {
         }
     }
     fault(&["start-redis", &port]).await;
+    let promoted = master_of(&env.store, b).await;
+    assert_ne!(promoted, victim, "a replica took over");
+    let served = slots_of(&env.store, promoted).await;
+    let before = stock_common::pg_store::generation(&env.pool)
+        .await
+        .expect("generation")
+        .gen;
+    let report = rebuild_slots(
+        &env.pool,
+        &env.store,
+        Slots::OfMaster("127.0.0.1".into(), promoted),
+    )
+    .await
+    .expect("rebuild of the promoted replica's slots");
+    assert_eq!(
+        report.slots,
+        stock_common::redis_store::slots::format_ranges(&served),
+        "the failed-over slots alone are rebuilt"
+    );
+    assert!(report.generation > before, "a new generation");
     for chunk in chunks {
         harness::publish(&kafka, &env.topics.orders, chunk.to_vec())
             .await
             .expect("publish");
     }
-    assert_ne!(
-        master_of(&env.store, b).await,
-        victim,
-        "a replica took over"
-    );
     assert!(
         collector.wait_for(&ids, 1, Duration::from_secs(180)).await,
         "every order gets an outcome"
@@ -1009,6 +1026,128 @@ async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
         .expect("drift check");
     assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
     check_idle(&env, &ids, &products, &collector.snapshot()).await;
+    assert!(producer.terminate(), "producer exits cleanly");
+    assert!(consumer.terminate(), "consumer exits cleanly");
+    collector.stop().await;
+    env.cleanup().await;
+}
+
+/// The ports of the replicas of the master on `port` (`CLUSTER NODES`).
+async fn replicas_of(store: &RedisStore, port: u16) -> Vec<u16> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut store.connection())
+        .await
+        .expect("cluster nodes");
+    let port_of =
+        |addr: &str| -> Option<u16> { addr.split('@').next()?.rsplit_once(':')?.1.parse().ok() };
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let id = lines
+        .iter()
+        .find(|f| f.len() > 3 && port_of(f[1]) == Some(port))
+        .map(|f| f[0])
+        .expect("the master's id");
+    lines
+        .iter()
+        .filter(|f| f.len() > 3 && f[3] == id)
+        .filter_map(|f| port_of(f[1]))
+        .collect()
+}
+
+/// A shard down — its master and its replica killed, so no failover happens — while
+/// orders flow: the producer finds which master does not answer, leaves the orders that
+/// touch its slots (their stock's, or their record's) waiting with their later events,
+/// and decides every other order meanwhile. Once the shard is back (with its data), the
+/// waiting orders are decided: every order has one outcome, and Redis equals PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_down_stops_only_the_orders_that_touch_it() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let products = three_masters();
+    let [a, b, c] = products;
+    env.load_stock(&[(a, 2_000), (b, 2_000), (c, 2_000)]).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let first = wave(products, "d0", 60);
+    let first_ids: HashSet<String> = first.iter().map(|(id, _)| id.clone()).collect();
+    harness::publish(&kafka, &env.topics.orders, first)
+        .await
+        .expect("publish");
+    assert!(
+        collector
+            .wait_for(&first_ids, 1, Duration::from_secs(60))
+            .await,
+        "orders answered before the fault"
+    );
+    let victim = master_of(&env.store, b).await;
+    let lost = slots_of(&env.store, victim).await;
+    let replicas = replicas_of(&env.store, victim).await;
+    assert!(!replicas.is_empty(), "the master has a replica to kill too");
+    fault(&["kill-redis-shard", &victim.to_string()]).await;
+    let during = wave(products, "d1", 240);
+    let touches = |id: &str, i: usize| {
+        let items: Vec<i64> = (0..=(i % 3)).map(|k| products[(i + k) % 3]).collect();
+        lost.contains(&stock_common::redis_store::slots::of_record(id))
+            || items.iter().any(|p| lost.contains(&slot(&stock_key(*p))))
+    };
+    let (mut touching, mut others) = (HashSet::new(), HashSet::new());
+    for (i, (id, _)) in during.iter().enumerate() {
+        if touches(id, i) {
+            touching.insert(id.clone());
+        } else {
+            others.insert(id.clone());
+        }
+    }
+    assert!(!touching.is_empty() && !others.is_empty(), "both kinds");
+    harness::publish(&kafka, &env.topics.orders, during.clone())
+        .await
+        .expect("publish");
+    assert!(
+        collector
+            .wait_for(&others, 1, Duration::from_secs(90))
+            .await,
+        "every order away from the dead shard is decided while it is down"
+    );
+    // Time for the waiting ones to have been retried a few times.
+    let _ = collector
+        .wait_for(&touching, 1, Duration::from_secs(3))
+        .await;
+    let seen = collector.snapshot();
+    let answered: Vec<&String> = touching
+        .iter()
+        .filter(|id| seen.contains_key(*id))
+        .collect();
+    assert!(
+        answered.is_empty(),
+        "orders touching the dead shard wait: {answered:?}"
+    );
+    fault(&["start-redis", &victim.to_string()]).await;
+    for r in &replicas {
+        fault(&["start-redis", &r.to_string()]).await;
+    }
+    let all: HashSet<String> = first_ids
+        .iter()
+        .cloned()
+        .chain(during.iter().map(|(id, _)| id.clone()))
+        .collect();
+    assert!(
+        collector.wait_for(&all, 1, Duration::from_secs(120)).await,
+        "every order decided once the shard is back"
+    );
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let drift = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("drift check");
+    assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
+    check_idle(&env, &all, &products, &collector.snapshot()).await;
     assert!(producer.terminate(), "producer exits cleanly");
     assert!(consumer.terminate(), "consumer exits cleanly");
     collector.stop().await;

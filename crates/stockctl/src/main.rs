@@ -125,10 +125,13 @@ enum Cmd {
         /// restarted empty): only they stop selling.
         #[arg(long, conflicts_with = "slots")]
         lost: bool,
-        /// On a Redis Cluster, only these slots (`0-5460,10923`): those of a master that
-        /// failed over and may have lost acknowledged writes.
-        #[arg(long, value_parser = parse_slots)]
+        /// On a Redis Cluster, only these slots (`0-5460,10923`).
+        #[arg(long, value_parser = parse_slots, conflicts_with = "master")]
         slots: Option<std::collections::BTreeSet<u16>>,
+        /// On a Redis Cluster, only the slots the master at HOST:PORT serves: a replica
+        /// promoted by a failover, which may lack writes its old master acknowledged.
+        #[arg(long, value_parser = parse_master, conflicts_with = "lost")]
+        master: Option<(String, u16)>,
     },
     /// Drift check (pipeline idle): every `stock:{p}` against `available`, every limit and
     /// customer's count against PostgreSQL's, and conservation. Exit 1 when a difference is
@@ -247,13 +250,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 print_history(*product, &h, *json)?;
             }
         }
-        Cmd::Rebuild { lost, slots } => {
+        Cmd::Rebuild {
+            lost,
+            slots,
+            master,
+        } => {
             use stockctl::rebuild::{rebuild, rebuild_slots, Slots};
             let (pool, store) = (pool()?, redis().await?);
-            let r = match (lost, slots) {
-                (true, _) => rebuild_slots(&pool, &store, Slots::Lost).await?,
-                (false, Some(s)) => rebuild_slots(&pool, &store, Slots::Named(s.clone())).await?,
-                (false, None) => rebuild(&pool, &store).await?,
+            let which = match (lost, slots, master) {
+                (true, ..) => Some(Slots::Lost),
+                (false, Some(s), _) => Some(Slots::Named(s.clone())),
+                (false, None, Some((h, p))) => Some(Slots::OfMaster(h.clone(), *p)),
+                (false, None, None) => None,
+            };
+            let r = match which {
+                Some(w) => rebuild_slots(&pool, &store, w).await?,
+                None => rebuild(&pool, &store).await?,
             };
             if r.generation == 0 {
                 println!("no slot lost: nothing rebuilt");
@@ -542,6 +554,16 @@ fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Resu
 
 fn parse_slots(text: &str) -> Result<std::collections::BTreeSet<u16>, String> {
     stock_common::redis_store::slots::parse_ranges(text)
+}
+
+fn parse_master(text: &str) -> Result<(String, u16), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?}: HOST:PORT expected"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    Ok((host.to_owned(), port))
 }
 
 #[cfg(test)]

@@ -71,8 +71,12 @@ pub enum Slots {
     /// Those whose loaded marker is missing: their master restarted empty, or a rebuild of
     /// them stopped half-way.
     Lost,
-    /// These (an operator's choice: the slots of a master that failed over).
+    /// These (an operator's choice).
     Named(BTreeSet<u16>),
+    /// Those the master at this address serves now: a replica promoted by a failover,
+    /// which may lack writes its old master had acknowledged (replication is
+    /// asynchronous): treated as lost.
+    OfMaster(String, u16),
 }
 
 /// The rebuild of some slots of a cluster (module docs). Every slot rebuilt: the same as
@@ -114,6 +118,15 @@ async fn rebuild_slots_once(
     let started = Instant::now();
     let chosen: BTreeSet<u16> = match which {
         Slots::Named(s) => s,
+        Slots::OfMaster(host, port) => {
+            let served = redis.slots_served_by(&host, port).await?;
+            if served.is_empty() {
+                return Err(AdminError::Invalid(format!(
+                    "{host}:{port} serves no slot (not a master of this cluster)"
+                )));
+            }
+            served
+        }
         Slots::Lost => redis
             .slot_markers()
             .await?

@@ -511,10 +511,22 @@ impl FaultCtx<'_> {
                 let i = rng.range(0, masters.len() as u64) as usize;
                 let port = masters[i].1;
                 let note = match kind {
-                    FaultKind::RedisMasterKill => stack
-                        .kill_redis_master(port, self.outage)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?,
+                    FaultKind::RedisMasterKill => {
+                        // A failover may lose writes the replica had not received: its
+                        // slots are rebuilt from PostgreSQL, as after a loss (issue 11).
+                        let served = self.env.store.slots_served_by(&masters[i].0, port).await?;
+                        let note = stack
+                            .kill_redis_master(port, self.outage)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", kind.label()))?;
+                        let report = self
+                            .rebuild_slots_retrying(stockctl::rebuild::Slots::Named(served))
+                            .await?;
+                        format!(
+                            "{note}; its slots {} rebuilt in generation {}, stopped there {} ms",
+                            report.slots, report.generation, report.stopped_ms
+                        )
+                    }
                     FaultKind::RedisReshard => {
                         let to = masters[(i + 1) % masters.len()].1;
                         let n = rng.range(50, 400);
@@ -597,7 +609,9 @@ impl FaultCtx<'_> {
             );
         }
         tokio::time::sleep(self.outage).await;
-        let report = self.rebuild_lost_retrying().await?;
+        let report = self
+            .rebuild_slots_retrying(stockctl::rebuild::Slots::Lost)
+            .await?;
         Ok(format!(
             "{unloaded} slots unloaded; slots {} rebuilt: generation {}, {} products, {} held, \
              {} holds of lost records given back, stopped there {} ms",
@@ -651,12 +665,15 @@ impl FaultCtx<'_> {
         ))
     }
 
-    /// `stockctl rebuild --lost`, retried as [`Self::rebuild_retrying`].
-    async fn rebuild_lost_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
-        use stockctl::rebuild::{rebuild_slots, Slots};
+    /// `stockctl rebuild --lost` or `--slots`, retried as [`Self::rebuild_retrying`].
+    async fn rebuild_slots_retrying(
+        &self,
+        which: stockctl::rebuild::Slots,
+    ) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
         let mut last = String::new();
         for attempt in 1..=10 {
-            match rebuild_slots(&self.env.pool, &self.env.store, Slots::Lost).await {
+            let (pool, store) = (&self.env.pool, &self.env.store);
+            match stockctl::rebuild::rebuild_slots(pool, store, which.clone()).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     tracing::warn!(attempt, error = %e, "rebuild of the lost slots failed; retrying");
@@ -665,7 +682,7 @@ impl FaultCtx<'_> {
                 }
             }
         }
-        anyhow::bail!("rebuild of the lost slots kept failing: {last}")
+        anyhow::bail!("rebuild of some slots kept failing: {last}")
     }
 
     async fn rebuild_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
