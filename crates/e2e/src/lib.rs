@@ -354,6 +354,50 @@ impl TestEnv {
             .expect("publish");
     }
 
+    /// `stockctl <args>` run as a process against this test's database, Redis (or Redis
+    /// Cluster) and brokers, with `failpoints` armed: how it ended, and its stdout and
+    /// stderr.
+    pub async fn stockctl(
+        &self,
+        args: &[&str],
+        failpoints: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let redis = if self.redis.cluster_nodes.is_empty() {
+            ("REDIS_URL".to_owned(), self.redis.url.expose().to_owned())
+        } else {
+            (
+                "REDIS_CLUSTER_NODES".to_owned(),
+                self.redis.cluster_nodes.join(","),
+            )
+        };
+        let vars: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), self.db.url.expose().to_owned()),
+            redis,
+            ("KAFKA_BROKERS".into(), self.kafka.brokers.clone()),
+            ("RUST_LOG".into(), "info".into()),
+            ("FAILPOINTS".into(), failpoints.into()),
+        ];
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary("stockctl"))
+                .args(args)
+                .env_remove("REDIS_URL")
+                .env_remove("REDIS_CLUSTER_NODES")
+                .envs(vars)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run stockctl")
+        })
+        .await
+        .expect("join");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    }
+
     pub fn collector(&self) -> harness::ResultCollector {
         harness::ResultCollector::start(&self.kafka, &self.topics.results).expect("collector")
     }

@@ -38,7 +38,7 @@ use stock_common::redis_store::{stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK
 use stock_e2e::harness::{
     cancelled, conflicting, created, created_outcomes, paid, Outcomes, ResultCollector,
 };
-use stock_e2e::{binary, end_offsets_total, read_topic, wait_until, TestEnv, WorkerProcess};
+use stock_e2e::{end_offsets_total, read_topic, wait_until, TestEnv, WorkerProcess};
 
 const ORDERS: usize = 200;
 const PRODUCTS: i64 = 4;
@@ -576,40 +576,7 @@ async fn settle_and_check(
 /// `stockctl rebuild` run as a process with `failpoints` armed: how it ended, and its
 /// stdout and stderr.
 async fn stockctl_rebuild(env: &TestEnv, failpoints: &str) -> (std::process::ExitStatus, String) {
-    stockctl(env, &["rebuild"], failpoints).await
-}
-
-/// `stockctl <args>` run as a process with `failpoints` armed: how it ended, and its
-/// stdout and stderr.
-async fn stockctl(
-    env: &TestEnv,
-    args: &[&str],
-    failpoints: &str,
-) -> (std::process::ExitStatus, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let vars: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), env.db.url.expose().to_owned()),
-        ("REDIS_URL".into(), env.redis.url.expose().to_owned()),
-        ("KAFKA_BROKERS".into(), env.kafka.brokers.clone()),
-        ("RUST_LOG".into(), "info".into()),
-        ("FAILPOINTS".into(), failpoints.into()),
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(binary("stockctl"))
-            .args(args)
-            .envs(vars)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run stockctl")
-    })
-    .await
-    .expect("join");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, text)
+    env.stockctl(&["rebuild"], failpoints).await
 }
 
 /// PostgreSQL's `redis_generation`: (generation, loading).
@@ -1041,7 +1008,7 @@ async fn limit_after_postgres() {
         "--request-id",
         "limit-1",
     ];
-    let (status, text) = stockctl(&env, &args, "limit.after_postgres=1*return").await;
+    let (status, text) = env.stockctl(&args, "limit.after_postgres=1*return").await;
     assert_eq!(
         status.signal(),
         Some(SIGABRT),
@@ -1097,7 +1064,7 @@ async fn limit_after_postgres() {
         "the refused pre-deduction given back"
     );
 
-    let (status, text) = stockctl(&env, &args, "").await;
+    let (status, text) = env.stockctl(&args, "").await;
     assert!(status.success(), "{text}");
     assert!(text.contains("redis loaded by a rebuild"), "{text}");
     env.send_orders(vec![one("d", "c"), one("e", "e")]).await;

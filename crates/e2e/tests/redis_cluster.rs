@@ -179,6 +179,33 @@ async fn check_idle(
     tracing::info!(reserved, holds = holds.len(), "cluster checks passed");
 }
 
+/// The end of a test with both workers, once every order of `ids` has its outcome: the
+/// pipeline goes idle, Redis equals PostgreSQL (`stockctl check`), the checks of the
+/// module docs hold; then the workers stop cleanly and the test's topics go.
+async fn idle_and_consistent(
+    env: TestEnv,
+    ids: &HashSet<String>,
+    products: &[i64],
+    collector: harness::ResultCollector,
+    workers: [WorkerProcess; 2],
+) {
+    assert!(
+        env.wait_idle("producer", "consumer").await,
+        "pipeline goes idle"
+    );
+    let report = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("drift check");
+    assert!(report.drift.is_empty(), "drift: {:?}", report.drift);
+    check_idle(&env, ids, products, &collector.snapshot()).await;
+    for w in workers {
+        let name = w.name.clone();
+        assert!(w.terminate(), "{name} exits cleanly");
+    }
+    collector.stop().await;
+    env.cleanup().await;
+}
+
 /// Runs the load through a producer (killed at `failpoint` first, unless empty) and a
 /// consumer on the cluster; `cancel` cancels the first reserved orders across slots once
 /// answered (their give-backs cross slots too).
@@ -405,23 +432,7 @@ async fn a_master_killed_during_load_loses_no_decision() {
         collector.wait_for(&ids, 1, Duration::from_secs(180)).await,
         "every order gets an outcome"
     );
-    assert!(
-        env.wait_idle("producer", "consumer").await,
-        "pipeline goes idle"
-    );
-    let report = admin::check_drift(&env.pool, &env.store, false)
-        .await
-        .expect("drift check");
-    assert!(
-        report.drift.is_empty(),
-        "drift after the failover: {:?}",
-        report.drift
-    );
-    check_idle(&env, &ids, &products, &collector.snapshot()).await;
-    assert!(producer.terminate(), "producer exits cleanly");
-    assert!(consumer.terminate(), "consumer exits cleanly");
-    collector.stop().await;
-    env.cleanup().await;
+    idle_and_consistent(env, &ids, &products, collector, [producer, consumer]).await;
 }
 
 /// Slots that lost their data are named by the producer's `/readyz` (how many of the
@@ -707,19 +718,7 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
             "{id}: the ledger holds {items:?}, not the first event's product {first}"
         );
     }
-    assert!(
-        env.wait_idle("producer", "consumer").await,
-        "pipeline goes idle"
-    );
-    let report = admin::check_drift(&env.pool, &env.store, false)
-        .await
-        .expect("drift check");
-    assert!(report.drift.is_empty(), "drift: {:?}", report.drift);
-    check_idle(&env, &all, &products, &collector.snapshot()).await;
-    assert!(producer.terminate(), "producer exits cleanly");
-    assert!(consumer.terminate(), "consumer exits cleanly");
-    collector.stop().await;
-    env.cleanup().await;
+    idle_and_consistent(env, &all, &products, collector, [producer, consumer]).await;
 }
 
 /// Pre-deductions decided before a master restarted empty and not yet applied by
@@ -884,43 +883,6 @@ async fn pre_deductions_cut_by_a_partial_rebuild_are_decided_again() {
     env.cleanup().await;
 }
 
-/// `stockctl <args>` run as a process on the cluster with `failpoints` armed: how it
-/// ended, and its output.
-async fn stockctl_on_cluster(
-    env: &TestEnv,
-    args: &[&str],
-    failpoints: &str,
-) -> (std::process::ExitStatus, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let vars: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), env.db.url.expose().to_owned()),
-        (
-            "REDIS_CLUSTER_NODES".into(),
-            env.redis.cluster_nodes.join(","),
-        ),
-        ("KAFKA_BROKERS".into(), env.kafka.brokers.clone()),
-        ("RUST_LOG".into(), "info".into()),
-        ("FAILPOINTS".into(), failpoints.into()),
-    ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(stock_e2e::binary("stockctl"))
-            .args(args)
-            .envs(vars)
-            .env_remove("REDIS_URL")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run stockctl")
-    })
-    .await
-    .expect("join");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status, text)
-}
-
 /// Orders of one to three of `products` (rotating), ids `<prefix>-<i>`.
 fn wave(products: [i64; 3], prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
@@ -978,8 +940,9 @@ async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
     .enumerate()
     {
         send(wave(products, &format!("w{}", n + 1), 60)).await;
-        let (status, text) =
-            stockctl_on_cluster(&env, &["rebuild", "--lost"], &format!("{point}=1*return")).await;
+        let (status, text) = env
+            .stockctl(&["rebuild", "--lost"], &format!("{point}=1*return"))
+            .await;
         assert_eq!(
             status.signal(),
             Some(6),
@@ -1006,7 +969,7 @@ async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
             );
         }
     }
-    let (status, text) = stockctl_on_cluster(&env, &["rebuild", "--lost"], "").await;
+    let (status, text) = env.stockctl(&["rebuild", "--lost"], "").await;
     assert!(
         status.success(),
         "stockctl rebuild --lost: {status:?}: {text}"
@@ -1017,19 +980,7 @@ async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
         collector.wait_for(&ids, 1, Duration::from_secs(120)).await,
         "every order gets an outcome"
     );
-    assert!(
-        env.wait_idle("producer", "consumer").await,
-        "pipeline goes idle"
-    );
-    let drift = admin::check_drift(&env.pool, &env.store, false)
-        .await
-        .expect("drift check");
-    assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
-    check_idle(&env, &ids, &products, &collector.snapshot()).await;
-    assert!(producer.terminate(), "producer exits cleanly");
-    assert!(consumer.terminate(), "consumer exits cleanly");
-    collector.stop().await;
-    env.cleanup().await;
+    idle_and_consistent(env, &ids, &products, collector, [producer, consumer]).await;
 }
 
 /// The ports of the replicas of the master on `port` (`CLUSTER NODES`).
@@ -1139,19 +1090,7 @@ async fn a_master_down_stops_only_the_orders_that_touch_it() {
         collector.wait_for(&all, 1, Duration::from_secs(120)).await,
         "every order decided once the shard is back"
     );
-    assert!(
-        env.wait_idle("producer", "consumer").await,
-        "pipeline goes idle"
-    );
-    let drift = admin::check_drift(&env.pool, &env.store, false)
-        .await
-        .expect("drift check");
-    assert!(drift.drift.is_empty(), "drift: {:?}", drift.drift);
-    check_idle(&env, &all, &products, &collector.snapshot()).await;
-    assert!(producer.terminate(), "producer exits cleanly");
-    assert!(consumer.terminate(), "consumer exits cleanly");
-    collector.stop().await;
-    env.cleanup().await;
+    idle_and_consistent(env, &all, &products, collector, [producer, consumer]).await;
 }
 
 /// Per-customer limits on the cluster (issue 13): a customer's count lives in the limited
