@@ -179,6 +179,54 @@ async fn check_idle(
     tracing::info!(reserved, holds = holds.len(), "cluster checks passed");
 }
 
+/// While part of the cluster is out (`what`): every order of `others` gets its outcome,
+/// and none of `touching` does, even after time for a few retries.
+async fn only_the_touching_wait(
+    collector: &harness::ResultCollector,
+    others: &HashSet<String>,
+    touching: &HashSet<String>,
+    what: &str,
+) {
+    assert!(
+        collector.wait_for(others, 1, Duration::from_secs(90)).await,
+        "every order away from {what} is decided meanwhile"
+    );
+    // Time for the waiting ones to have been retried a few times.
+    let _ = collector
+        .wait_for(touching, 1, Duration::from_secs(3))
+        .await;
+    let seen = collector.snapshot();
+    let answered: Vec<&String> = touching
+        .iter()
+        .filter(|id| seen.contains_key(*id))
+        .collect();
+    assert!(
+        answered.is_empty(),
+        "orders touching {what} wait: {answered:?}"
+    );
+}
+
+/// A test's start with both workers: the three products (one per master) with `each`
+/// units, a result collector, the producer and the consumer running, and a writer to the
+/// orders topic.
+async fn start_both(
+    env: &TestEnv,
+    each: i64,
+) -> (
+    [i64; 3],
+    harness::ResultCollector,
+    [WorkerProcess; 2],
+    rdkafka::producer::FutureProducer,
+) {
+    let products = three_masters();
+    env.load_stock(&products.map(|p| (p, each))).await;
+    let collector = env.collector();
+    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
+    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    (products, collector, [producer, consumer], kafka)
+}
+
 /// The end of a test with both workers, once every order of `ids` has its outcome: the
 /// pipeline goes idle, Redis equals PostgreSQL (`stockctl check`), the checks of the
 /// module docs hold; then the workers stop cleanly and the test's topics go.
@@ -569,13 +617,8 @@ async fn assert_rebuilt_alone(
 async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     let _turn = CLUSTER_LOCK.lock().await;
     let env = cluster_env().await;
-    let products = three_masters();
-    let [a, b, c] = products;
-    env.load_stock(&[(a, 1_000), (b, 1_000), (c, 1_000)]).await;
-    let collector = env.collector();
-    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
-    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
-    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let (products, collector, [producer, consumer], kafka) = start_both(&env, 1_000).await;
+    let [a, b, _] = products;
     let single = |prefix: &str, n: usize| -> Vec<(String, Vec<u8>)> {
         (0..n)
             .map(|i| {
@@ -641,25 +684,7 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
     harness::publish(&kafka, &env.topics.orders, cancels)
         .await
         .expect("publish");
-    assert!(
-        collector
-            .wait_for(&others, 1, Duration::from_secs(90))
-            .await,
-        "every order away from the emptied master is decided while it is not rebuilt"
-    );
-    // Time for the waiting ones to have been retried a few times.
-    let _ = collector
-        .wait_for(&touching, 1, Duration::from_secs(3))
-        .await;
-    let seen = collector.snapshot();
-    let answered: Vec<&String> = touching
-        .iter()
-        .filter(|id| seen.contains_key(*id))
-        .collect();
-    assert!(
-        answered.is_empty(),
-        "orders touching the emptied master wait for the rebuild: {answered:?}"
-    );
+    only_the_touching_wait(&collector, &others, &touching, "the emptied master").await;
 
     let before_gen = stock_common::pg_store::generation(&env.pool)
         .await
@@ -910,13 +935,8 @@ async fn a_partial_rebuild_killed_at_each_step_is_run_again() {
     use std::os::unix::process::ExitStatusExt;
     let _turn = CLUSTER_LOCK.lock().await;
     let env = cluster_env().await;
-    let products = three_masters();
-    let [a, b, c] = products;
-    env.load_stock(&[(a, 2_000), (b, 2_000), (c, 2_000)]).await;
-    let collector = env.collector();
-    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
-    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
-    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let (products, collector, [producer, consumer], kafka) = start_both(&env, 2_000).await;
+    let [_, b, _] = products;
     let mut ids: HashSet<String> = HashSet::new();
     let mut send = |msgs: Vec<(String, Vec<u8>)>| {
         ids.extend(msgs.iter().map(|(id, _)| id.clone()));
@@ -1017,13 +1037,8 @@ async fn replicas_of(store: &RedisStore, port: u16) -> Vec<u16> {
 async fn a_master_down_stops_only_the_orders_that_touch_it() {
     let _turn = CLUSTER_LOCK.lock().await;
     let env = cluster_env().await;
-    let products = three_masters();
-    let [a, b, c] = products;
-    env.load_stock(&[(a, 2_000), (b, 2_000), (c, 2_000)]).await;
-    let collector = env.collector();
-    let producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
-    let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
-    let kafka = stock_common::kafka::producer(&env.kafka).expect("producer");
+    let (products, collector, [producer, consumer], kafka) = start_both(&env, 2_000).await;
+    let [_, b, _] = products;
     let first = wave(products, "d0", 60);
     let first_ids: HashSet<String> = first.iter().map(|(id, _)| id.clone()).collect();
     harness::publish(&kafka, &env.topics.orders, first)
@@ -1058,25 +1073,7 @@ async fn a_master_down_stops_only_the_orders_that_touch_it() {
     harness::publish(&kafka, &env.topics.orders, during.clone())
         .await
         .expect("publish");
-    assert!(
-        collector
-            .wait_for(&others, 1, Duration::from_secs(90))
-            .await,
-        "every order away from the dead shard is decided while it is down"
-    );
-    // Time for the waiting ones to have been retried a few times.
-    let _ = collector
-        .wait_for(&touching, 1, Duration::from_secs(3))
-        .await;
-    let seen = collector.snapshot();
-    let answered: Vec<&String> = touching
-        .iter()
-        .filter(|id| seen.contains_key(*id))
-        .collect();
-    assert!(
-        answered.is_empty(),
-        "orders touching the dead shard wait: {answered:?}"
-    );
+    only_the_touching_wait(&collector, &others, &touching, "the dead shard").await;
     fault(&["start-redis", &victim.to_string()]).await;
     for r in &replicas {
         fault(&["start-redis", &r.to_string()]).await;
