@@ -754,8 +754,10 @@ async fn a_master_emptied_stops_only_the_orders_that_touch_it() {
 /// holds there go back before its record is claimed again; the holds of an order whose
 /// record was on the emptied master were given back by the rebuild itself — but not those
 /// of orders PostgreSQL holds: paid orders (sold, found by the cluster nemesis) and
-/// reserved ones (their record is loaded again). Every order ends with one outcome, and
-/// Redis equals PostgreSQL: nothing held twice, nothing lost.
+/// reserved ones (their record is loaded again). The producer is killed once in the
+/// window between giving an old token's holds back and claiming again
+/// (`producer.xslot.after_stale_release`) and restarted. Every order ends with one
+/// outcome, and Redis equals PostgreSQL: nothing held twice, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_deductions_cut_by_a_partial_rebuild_are_decided_again() {
     let _turn = CLUSTER_LOCK.lock().await;
@@ -839,7 +841,27 @@ async fn pre_deductions_cut_by_a_partial_rebuild_are_decided_again() {
         report.orphans > 0,
         "the holds of orders whose record was on the emptied master were given back"
     );
+    // The producer dies once at the stale release's window: holds given back (`S`), the
+    // claim not yet replaced; restarted, it finishes.
+    assert!(producer.terminate(), "producer stops");
+    let point = "producer.xslot.after_stale_release";
+    let mut producer = WorkerProcess::spawn(
+        &env.process_flags("producer"),
+        &[("FAILPOINTS", &format!("{point}=1*return"))],
+    );
     let consumer = WorkerProcess::spawn(&env.process_flags("consumer"), &[]);
+    assert!(
+        producer.wait_exit(Duration::from_secs(60)).is_some(),
+        "the producer reaches {point}"
+    );
+    assert!(
+        producer
+            .log_text()
+            .contains(&format!("failpoint {point}: crash")),
+        "died at {point}: {}",
+        producer.log.display()
+    );
+    producer = WorkerProcess::spawn(&env.process_flags("producer"), &[("FAILPOINTS", "")]);
     assert!(
         collector.wait_for(&ids, 1, Duration::from_secs(120)).await,
         "every order gets an outcome"

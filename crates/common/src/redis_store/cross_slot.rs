@@ -754,6 +754,8 @@ impl RedisStore {
             .map(|(_, c)| Token::parse(&c.token).map(|t| t.gen))
             .collect();
         self.release(claims, Some(&gens), 'S').await?;
+        // Given back, the claim not yet replaced: a redelivery meets `S` holds, `stale`.
+        crate::failpoint!("producer.xslot.after_stale_release");
         Ok(())
     }
 
