@@ -67,8 +67,8 @@ pub struct PipelineArgs {
     /// Batch size of both workers.
     #[arg(long, default_value_t = 2000)]
     pub batch_size: usize,
-    /// Batch linger of both workers.
-    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    /// Batch linger of both workers (their default).
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     pub linger: Duration,
 }
 
