@@ -342,20 +342,22 @@ impl SlotLoads {
     }
 }
 
-/// [`SlotLoads`] as of generation `gen`, read in the transaction that read `gen` first
-/// ([`read_gen`]), so that no rebuild can change them before it commits. One row, and one
-/// more per range a partial rebuild loaded since the last whole load.
-pub async fn read_slot_loads(
-    tx: &mut Transaction<'_, Postgres>,
-    gen: i64,
-) -> Result<SlotLoads, sqlx::Error> {
-    // (whole load, first slot, last slot, generation): one row without a range when none.
-    type Row = (i64, Option<i32>, Option<i32>, Option<i64>);
+/// [`read_gen`] with [`SlotLoads`], in one statement: the first of a transaction that
+/// judges pre-deductions (the consumer's batch), so that no rebuild changes them before it
+/// commits. One row, and one more per range a partial rebuild loaded since the last whole
+/// load.
+pub async fn read_slot_loads(tx: &mut Transaction<'_, Postgres>) -> Result<SlotLoads, sqlx::Error> {
+    // (generation, whole load, first slot, last slot, its generation): one row without a
+    // range when none.
+    type Row = (i64, i64, Option<i32>, Option<i32>, Option<i64>);
     let rows: Vec<Row> = sqlx::query_as(READ_SLOT_LOADS).fetch_all(&mut **tx).await?;
-    let whole = rows.first().map_or(gen, |r| r.0);
+    let (gen, whole) = rows
+        .first()
+        .map(|r| (r.0, r.1))
+        .ok_or(sqlx::Error::RowNotFound)?;
     let ranges = rows
         .into_iter()
-        .filter_map(|(_, lo, hi, g)| {
+        .filter_map(|(_, _, lo, hi, g)| {
             let lo = u16::try_from(lo?).ok()?;
             let hi = u16::try_from(hi?).ok()?;
             Some((lo, hi, g?))
@@ -1217,9 +1219,9 @@ fn decode_items(r: &PgRow, col: usize, order_id: &str) -> Result<Vec<Item>, PgSt
 /// Reads of whole tables (the rebuild's snapshot, `stockctl`'s reports) are not here.
 pub mod sql {
     pub const READ_GEN: &str = "SELECT gen FROM redis_generation WHERE id";
-    /// `read_slot_loads`: the whole load's generation, and each range a partial rebuild
-    /// loaded since (a few rows per rebuild, none after a whole load).
-    pub const READ_SLOT_LOADS: &str = "SELECT g.loaded_gen, s.lo, s.hi, s.gen
+    /// `read_slot_loads`: the generation, the whole load's, and each range a partial
+    /// rebuild loaded since (a few rows per rebuild, none after a whole load).
+    pub const READ_SLOT_LOADS: &str = "SELECT g.gen, g.loaded_gen, s.lo, s.hi, s.gen
          FROM redis_generation g LEFT JOIN redis_slot_generation s ON s.gen > g.loaded_gen
          WHERE g.id";
     /// The stock rows and their limits (`limit_version` of the locked row version against

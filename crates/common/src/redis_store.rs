@@ -39,7 +39,6 @@
 
 mod cross_slot;
 pub mod slots;
-pub use cross_slot::LostHold;
 
 use crate::config::{ConfigError, RedisArgs, TlsFiles};
 use crate::events::{decode_items, encode_items, Compensation, Item, Reason};
@@ -668,19 +667,43 @@ struct Down {
 const DOWN_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// Whether a request got no answer: it timed out or lost its connection (what replaces a
+/// cluster connection, and what `stockctl rebuild --lost` runs again after).
+pub fn did_not_answer(e: &redis::RedisError) -> bool {
+    e.is_timeout() || e.is_io_error() || e.is_connection_dropped()
+}
+
 /// Whether `e` says a node did not answer (down, unreachable, failing over), rather than
 /// answering no.
 fn unreachable(e: &StoreError) -> bool {
     match e {
         StoreError::Redis(e) => {
-            e.is_timeout()
-                || e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_cluster_error()
+            did_not_answer(e) || e.is_connection_refusal() || e.is_cluster_error()
         }
         _ => false,
     }
+}
+
+/// The outcomes of `reqs` in their order: `decided` for those `waits` left out (in order),
+/// `waiting` for the others (they touch a master that does not answer).
+fn with_waiting<R, O: Clone>(
+    reqs: &[R],
+    waits: impl Fn(&R) -> bool,
+    decided: Vec<O>,
+    waiting: O,
+) -> Result<Vec<O>, StoreError> {
+    let mut decided = decided.into_iter();
+    reqs.iter()
+        .map(|r| {
+            if waits(r) {
+                Ok(waiting.clone())
+            } else {
+                decided
+                    .next()
+                    .ok_or_else(|| StoreError::Protocol("fewer outcomes than requests".into()))
+            }
+        })
+        .collect()
 }
 
 impl ClusterHandle {
@@ -703,7 +726,7 @@ impl ClusterHandle {
 
     /// After `err`: a fresh connection if the request timed out or lost its connection.
     async fn after(&self, err: &redis::RedisError) {
-        if !(err.is_timeout() || err.is_io_error() || err.is_connection_dropped()) {
+        if !did_not_answer(err) {
             return;
         }
         let mut last = self.renewed.lock().await;
@@ -779,6 +802,29 @@ impl redis::aio::ConnectionLike for RedisConn {
             RedisConn::Cluster(_) => 0,
         }
     }
+}
+
+/// The masters of a slot map ([`RedisStore::slot_ranges`]), each once.
+fn masters_of(ranges: &[(u16, u16, String, u16)]) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for (.., host, port) in ranges {
+        if !out.contains(&(host.clone(), *port)) {
+            out.push((host.clone(), *port));
+        }
+    }
+    out
+}
+
+/// The slots of a slot map served by the masters `which` picks.
+fn slots_of(
+    ranges: &[(u16, u16, String, u16)],
+    which: impl Fn(&(String, u16)) -> bool,
+) -> BTreeSet<u16> {
+    ranges
+        .iter()
+        .filter(|(.., host, port)| which(&(host.clone(), *port)))
+        .flat_map(|(lo, hi, ..)| *lo..=*hi)
+        .collect()
 }
 
 /// A cluster client for `args.cluster_nodes`, with the credentials and TLS files of the
@@ -990,30 +1036,21 @@ impl RedisStore {
                 let reply = self.reserve_on_cluster(reqs).await;
                 return self.noting_unreachable(reply).await;
             }
-            // Orders touching a master that does not answer wait; the others go on.
+            // Orders touching a master that does not answer wait; the others go on. (A
+            // forced refusal touches only its record.)
             let touches = |r: &ReserveRequest| {
-                down.contains(&slots::of_record(&r.order_id))
-                    || (r.forced.is_none()
-                        && r.items
-                            .iter()
-                            .any(|it| down.contains(&slots::of_stock(it.product_id))))
+                let items = if r.forced.is_some() {
+                    &[][..]
+                } else {
+                    &r.items[..]
+                };
+                slots::touched(&r.order_id, items).any(|s| down.contains(&s))
             };
             let go: Vec<ReserveRequest> = reqs.iter().filter(|r| !touches(r)).cloned().collect();
             let reply = self.reserve_on_cluster(&go).await;
             let reply = self.noting_unreachable(reply).await?;
-            let mut decided = reply.outcomes.into_iter();
-            let mut outcomes = Vec::with_capacity(reqs.len());
-            for r in reqs {
-                outcomes.push(if touches(r) {
-                    ReserveOutcome::Unloaded
-                } else {
-                    decided.next().ok_or_else(|| {
-                        StoreError::Protocol("reserve: fewer outcomes than orders".into())
-                    })?
-                });
-            }
             return Ok(ReserveReply {
-                outcomes,
+                outcomes: with_waiting(reqs, touches, reply.outcomes, ReserveOutcome::Unloaded)?,
                 zeros: reply.zeros,
             });
         }
@@ -1108,26 +1145,12 @@ impl RedisStore {
                 return self.noting_unreachable(out).await;
             }
             // Give-backs touching a master that does not answer wait; the others go on.
-            let touches = |c: &Compensation| {
-                down.contains(&slots::of_record(&c.order_id))
-                    || c.items
-                        .iter()
-                        .any(|it| down.contains(&slots::of_stock(it.product_id)))
-            };
+            let touches =
+                |c: &Compensation| slots::touched(&c.order_id, &c.items).any(|s| down.contains(&s));
             let go: Vec<Compensation> = reqs.iter().filter(|c| !touches(c)).cloned().collect();
             let out = self.restore_on_cluster(&go).await;
-            let mut done = self.noting_unreachable(out).await?.into_iter();
-            let mut outcomes = Vec::with_capacity(reqs.len());
-            for c in reqs {
-                outcomes.push(if touches(c) {
-                    RestoreOutcome::Unloaded
-                } else {
-                    done.next().ok_or_else(|| {
-                        StoreError::Protocol("restore: fewer outcomes than give-backs".into())
-                    })?
-                });
-            }
-            return Ok(outcomes);
+            let done = self.noting_unreachable(out).await?;
+            return with_waiting(reqs, touches, done, RestoreOutcome::Unloaded);
         }
         let mut out = Vec::with_capacity(reqs.len());
         for chunk in reqs.chunks(PIPELINE_CHUNK) {
@@ -1354,12 +1377,12 @@ impl RedisStore {
         }
         let mut wait = redis::cmd("WAIT");
         wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
-        let up = match &self.conn {
-            RedisConn::Cluster(h) => {
-                let d = h.down.lock().unwrap_or_else(|e| e.into_inner());
-                (!d.masters.is_empty()).then(|| d.up.clone())
-            }
-            RedisConn::Single(_) => None,
+        let RedisConn::Cluster(h) = &self.conn else {
+            return Ok(true);
+        };
+        let up = {
+            let d = h.down.lock().unwrap_or_else(|e| e.into_inner());
+            (!d.masters.is_empty()).then(|| d.up.clone())
         };
         let Some(up) = up else {
             let acked = wait.query_async::<i64>(&mut self.conn()).await;
@@ -1367,9 +1390,6 @@ impl RedisStore {
                 .noting_unreachable(acked.map_err(StoreError::from))
                 .await?;
             return Ok(acked >= 1);
-        };
-        let RedisConn::Cluster(h) = &self.conn else {
-            return Ok(true);
         };
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let asks = up.into_iter().map(|(host, port)| {
@@ -1430,12 +1450,7 @@ impl RedisStore {
             return Ok(());
         };
         let ranges = self.slot_ranges().await?;
-        let mut masters: Vec<(String, u16)> = Vec::new();
-        for (.., host, port) in &ranges {
-            if !masters.contains(&(host.clone(), *port)) {
-                masters.push((host.clone(), *port));
-            }
-        }
+        let masters = masters_of(&ranges);
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let pings = masters.iter().map(|(host, port)| {
             let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -1453,11 +1468,7 @@ impl RedisStore {
                 down.push(m);
             }
         }
-        let slots: BTreeSet<u16> = ranges
-            .iter()
-            .filter(|(.., host, port)| down.contains(&(host.clone(), *port)))
-            .flat_map(|(lo, hi, ..)| *lo..=*hi)
-            .collect();
+        let slots = slots_of(&ranges, |m| down.contains(m));
         let mut d = h.down.lock().unwrap_or_else(|e| e.into_inner());
         if d.masters != down {
             if down.is_empty() {
@@ -1508,12 +1519,9 @@ impl RedisStore {
     /// not loaded; on a cluster, some slot is not).
     pub async fn generation(&self) -> Result<Option<i64>, StoreError> {
         let mut gen = None;
-        for (shard, raw) in self.markers().await? {
-            let Some(g) = raw else { return Ok(None) };
-            let g = slots::Marker::parse(&g)
-                .ok_or_else(|| StoreError::Protocol(format!("{} holds {g:?}", shard.loaded_key())))?
-                .named;
-            gen = Some(gen.map_or(g, |m: i64| m.max(g)));
+        for (_, marker) in self.slot_markers().await? {
+            let Some(m) = marker else { return Ok(None) };
+            gen = Some(gen.map_or(m.named, |g: i64| g.max(m.named)));
         }
         Ok(gen)
     }
@@ -1545,17 +1553,19 @@ impl RedisStore {
     /// on every script refuses to act: nothing is sold, refused, given back or adjusted
     /// until [`Self::load_generation`].
     pub async fn stop_selling(&self) -> Result<(), StoreError> {
-        let keys: Vec<String> = self.shards().iter().map(|s| s.loaded_key()).collect();
-        for chunk in keys.chunks(4096) {
-            let _: () = self.conn().del(chunk).await?;
-        }
-        Ok(())
+        self.unmark(self.shards()).await
     }
 
     /// Step 1 of a partial rebuild (cluster only): deletes the loaded markers of `slots`;
     /// from then on no script acts in them, and every other slot goes on.
     pub async fn stop_selling_slots(&self, slots: &BTreeSet<u16>) -> Result<(), StoreError> {
-        let keys: Vec<String> = slots.iter().map(|s| Shard::Slot(*s).loaded_key()).collect();
+        self.unmark(slots.iter().map(|s| Shard::Slot(*s)).collect())
+            .await
+    }
+
+    /// Deletes the loaded markers of `shards`.
+    async fn unmark(&self, shards: Vec<Shard>) -> Result<(), StoreError> {
+        let keys: Vec<String> = shards.iter().map(|s| s.loaded_key()).collect();
         for chunk in keys.chunks(4096) {
             let _: () = self.conn().del(chunk).await?;
         }
@@ -1628,13 +1638,7 @@ impl RedisStore {
 
     /// The address of each master of the cluster (`CLUSTER SLOTS`).
     pub async fn masters(&self) -> Result<Vec<(String, u16)>, StoreError> {
-        let mut out: Vec<(String, u16)> = Vec::new();
-        for (.., host, port) in self.slot_ranges().await? {
-            if !out.contains(&(host.clone(), port)) {
-                out.push((host, port));
-            }
-        }
-        Ok(out)
+        Ok(masters_of(&self.slot_ranges().await?))
     }
 
     /// The slots the master at `host:port` serves now (`CLUSTER SLOTS`; none if it is
@@ -1644,13 +1648,8 @@ impl RedisStore {
         host: &str,
         port: u16,
     ) -> Result<BTreeSet<u16>, StoreError> {
-        Ok(self
-            .slot_ranges()
-            .await?
-            .into_iter()
-            .filter(|(.., h, p)| h == host && *p == port)
-            .flat_map(|(lo, hi, ..)| lo..=hi)
-            .collect())
+        let ranges = self.slot_ranges().await?;
+        Ok(slots_of(&ranges, |(h, p)| h == host && *p == port))
     }
 
     /// Each slot range of the cluster (first, last) with its master's address (`CLUSTER
@@ -1708,29 +1707,22 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         self.forget(|_| true).await?;
         self.write_snapshot(stock, held, limits, |_| true).await?;
-        let markers: Vec<(String, String)> = self
-            .shards()
-            .iter()
-            .map(|s| (s.loaded_key(), gen.to_string()))
-            .collect();
-        for chunk in markers.chunks(4096) {
-            let _: () = self.conn().mset(chunk).await?;
-        }
-        Ok(())
+        self.mark_loaded(self.shards(), gen).await
     }
 
     /// Step 4 of a partial rebuild (cluster only), with `slots` stopped
     /// ([`Self::stop_selling_slots`]) and every other slot naming in `gen`
     /// ([`Self::name_in`]): forgets what `slots` still hold (records, holds, request
     /// markers, counts), and returns the holds taken elsewhere, before `gen`, by orders
-    /// whose record was in `slots` (lost with them: no redelivery finds that claim again).
+    /// whose record was in `slots` (lost with them: no redelivery finds that claim again),
+    /// as (order id, claim with the hold's items).
     /// Those PostgreSQL does not hold reserved or confirmed under their token go back with
     /// [`Self::release_holds`].
     pub async fn forget_slots(
         &self,
         gen: i64,
         slots: &BTreeSet<u16>,
-    ) -> Result<Vec<LostHold>, StoreError> {
+    ) -> Result<Vec<(String, Claim)>, StoreError> {
         self.forget(|key: &str| slots.contains(&slots::slot(key)))
             .await?;
         self.holds_of_lost_records(gen, slots).await
@@ -1749,9 +1741,15 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let inside = |key: &str| slots.contains(&slots::slot(key));
         self.write_snapshot(stock, held, limits, inside).await?;
-        let markers: Vec<(String, String)> = slots
+        self.mark_loaded(slots.iter().map(|s| Shard::Slot(*s)).collect(), gen)
+            .await
+    }
+
+    /// The last step of a load: the loaded markers of `shards` say `gen`; they sell again.
+    async fn mark_loaded(&self, shards: Vec<Shard>, gen: i64) -> Result<(), StoreError> {
+        let markers: Vec<(String, String)> = shards
             .iter()
-            .map(|s| (Shard::Slot(*s).loaded_key(), gen.to_string()))
+            .map(|s| (s.loaded_key(), gen.to_string()))
             .collect();
         for chunk in markers.chunks(4096) {
             let _: () = self.conn().mset(chunk).await?;

@@ -130,7 +130,6 @@ pub fn plan(
         first_insert_order: Vec::new(),
         available,
         limits,
-        gen,
         loads,
     };
     for op in ops {
@@ -177,7 +176,6 @@ struct Planner<'a> {
     first_insert_order: Vec<String>,
     available: &'a HashMap<i64, i64>,
     limits: &'a Limits,
-    gen: i64,
     loads: &'a SlotLoads,
 }
 
@@ -216,7 +214,7 @@ impl Planner<'_> {
         token: Option<&str>,
         customer: Option<&str>,
     ) {
-        let gen = self.gen;
+        let gen = self.loads.gen;
         let holds = token
             .and_then(Token::parse)
             .map_or(Held::All, |t| held(self.loads, order_id, items, t.gen));
@@ -352,7 +350,7 @@ impl Planner<'_> {
             order_id,
             event,
             Settle::Cancel,
-            (self.gen, &self.limits.per_customer),
+            (self.loads.gen, &self.limits.per_customer),
         );
         if result.status == Status::Released {
             if let Some(e) = self.ledger.get(order_id) {

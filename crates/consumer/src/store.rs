@@ -8,7 +8,8 @@
 //! the ledger's primary key instead: `INSERT … ON CONFLICT DO NOTHING` returns fewer rows
 //! than planned and the whole batch is retried, now seeing the other instance's row.
 //!
-//! Generation fence: every transaction here first reads `redis_generation` (`pg_store::read_gen`),
+//! Generation fence: every transaction here first reads `redis_generation` (`pg_store::read_gen`;
+//! the batch reads it with the slots' loads, `read_slot_loads`),
 //! which holds the table's ACCESS SHARE lock until commit. A rebuild advances the
 //! generation under ACCESS EXCLUSIVE in the transaction that takes the snapshot Redis is
 //! loaded from, so each batch is wholly before that snapshot (and in it) or wholly after
@@ -28,7 +29,7 @@ use std::time::Duration;
 use stock_common::events::DeductCommand;
 use stock_common::pg_store::{
     apply_deltas, apply_unit_deltas, customer_units, fetch_ledger, insert_movements, insert_orders,
-    lock_stock, read_gen, read_slot_loads, update_orders,
+    lock_stock, read_slot_loads, update_orders,
 };
 
 /// Errors of applying a batch, and what the loop does with each: `Conflict` (another
@@ -92,8 +93,8 @@ async fn apply(
     let mut tx = pool.begin().await?;
     // First, before any row lock (a rebuild waiting for this lock must not wait on us
     // while we wait on a row another batch holds behind the rebuild).
-    let gen = read_gen(&mut tx).await?;
-    let loads = read_slot_loads(&mut tx, gen).await?;
+    // The generation and what each slot was loaded in, one statement (`read_gen`'s fence).
+    let loads = read_slot_loads(&mut tx).await?;
     // The products to lock: every reserved item, and for pay/cancel the items the ledger
     // holds (read once without a lock to learn them, checked again under the lock).
     let mut products: BTreeSet<i64> = ops

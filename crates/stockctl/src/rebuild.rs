@@ -34,7 +34,8 @@ use sqlx::PgPool;
 use std::collections::BTreeSet;
 use std::time::Instant;
 use stock_common::pg_store;
-use stock_common::redis_store::{slots, RedisStore, StoreError};
+use stock_common::redis_store::slots::Shard;
+use stock_common::redis_store::{did_not_answer, slots, RedisStore, StoreError};
 
 pub use stock_common::pg_store::Snapshot;
 
@@ -93,10 +94,7 @@ pub async fn rebuild_slots(
     let mut attempt = 1;
     loop {
         match rebuild_slots_once(pool, redis, which.clone()).await {
-            Err(AdminError::Store(StoreError::Redis(e)))
-                if attempt < 3
-                    && (e.is_timeout() || e.is_io_error() || e.is_connection_dropped()) =>
-            {
+            Err(AdminError::Store(StoreError::Redis(e))) if attempt < 3 && did_not_answer(&e) => {
                 tracing::warn!(error = %e, attempt, "redis did not answer: rebuilding again");
                 attempt += 1;
             }
@@ -128,11 +126,13 @@ async fn rebuild_slots_once(
             served
         }
         Slots::Lost => redis
-            .slot_markers()
+            .unloaded_shards()
             .await?
             .into_iter()
-            .filter(|(_, m)| m.is_none())
-            .map(|(s, _)| s)
+            .filter_map(|s| match s {
+                Shard::Slot(s) => Some(s),
+                Shard::Whole => None,
+            })
             .collect(),
     };
     if chosen.is_empty() {
@@ -155,28 +155,28 @@ async fn rebuild_slots_once(
     // since (its record's slot is newer than its token), and a hold goes back at most once
     // whoever gives it back (a cancel's give-back after this read included).
     let lost = redis.forget_slots(snap.gen, &chosen).await?;
-    let ids: Vec<String> = lost.iter().map(|h| h.order_id.clone()).collect();
+    let ids: Vec<String> = lost.iter().map(|(id, _)| id.clone()).collect();
     let kept = pg_store::holding(pool, &ids).await?;
     let orphans: Vec<_> = lost
         .into_iter()
-        .filter(|h| !kept.contains(&(h.order_id.clone(), h.token.clone())))
+        .filter(|(id, c)| !kept.contains(&(id.clone(), c.token.clone())))
         .collect();
     let orphans = redis.release_holds(&orphans).await?;
     redis
         .load_slots(snap.gen, &chosen, &snap.stock, &snap.held, &snap.limits)
         .await?;
     pg_store::finish_loading(pool, snap.gen).await?;
-    let inside = |p: i64| chosen.contains(&slots::of_stock(p));
     let report = RebuildReport {
         generation: snap.gen,
-        products: snap.stock.iter().filter(|(p, _)| inside(*p)).count(),
+        products: snap
+            .stock
+            .iter()
+            .filter(|(p, _)| chosen.contains(&slots::of_stock(*p)))
+            .count(),
         held: snap
             .held
             .iter()
-            .filter(|h| {
-                chosen.contains(&slots::of_record(&h.order_id))
-                    || h.items.iter().any(|it| inside(it.product_id))
-            })
+            .filter(|h| slots::touched(&h.order_id, &h.items).any(|s| chosen.contains(&s)))
             .count(),
         stopped_ms: started.elapsed().as_millis(),
         slots: named,

@@ -99,18 +99,10 @@ fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
 /// The record of an order on a cluster: in one of [`super::RECORD_BUCKETS`] slots, the
 /// bucket drawn from the order id (CRC16, as slots are).
 pub(super) fn record_key(order_id: &str) -> String {
-    let bucket = super::slots::slot(order_id) % super::RECORD_BUCKETS;
-    format!("stockpipe:order:{{o{bucket}}}:{order_id}")
-}
-
-/// The items of `items` per stock slot, in item order within each slot.
-/// A hold taken in one slot by an order whose record was lost with other slots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LostHold {
-    pub order_id: String,
-    pub token: String,
-    /// The order's items in the hold's slot.
-    pub items: Vec<Item>,
+    format!(
+        "stockpipe:order:{{{}}}:{order_id}",
+        super::slots::record_tag(order_id)
+    )
 }
 
 /// The order id and token a hold key names (`stockpipe:hold:{<tag>}:<id>:<token>`).
@@ -120,6 +112,7 @@ fn parse_hold_key(key: &str) -> Option<(&str, &str)> {
     rest.rsplit_once(':')
 }
 
+/// The items of `items` per stock slot, in item order within each slot.
 fn by_slot(items: &[Item]) -> BTreeMap<u16, Vec<Item>> {
     let mut out: BTreeMap<u16, Vec<Item>> = BTreeMap::new();
     for it in items {
@@ -325,18 +318,8 @@ impl RedisStore {
         // Orders decided again after a rebuild of some of their slots: what their earlier
         // pre-deduction still holds goes back, marked stale (a redelivery of the old claim
         // then claims again), and the claim below replaces a record naming it.
-        let replaced: Vec<(String, Claim)> = reqs
-            .iter()
-            .filter_map(|r| {
-                r.replaces.as_ref().map(|t| {
-                    let claim = Claim {
-                        token: t.clone(),
-                        items: r.items.clone(),
-                    };
-                    (r.order_id.clone(), claim)
-                })
-            })
-            .collect();
+        let replaced: Vec<(String, Claim)> =
+            reqs.iter().filter_map(|r| replaced_claim(r)).collect();
         if !replaced.is_empty() {
             self.release_stale(&replaced).await?;
         }
@@ -443,17 +426,7 @@ impl RedisStore {
         if !stale.is_empty() {
             // Their holds go back as stale, then a new claim replaces theirs; the batch
             // runs again and decides them under it (the other orders' steps are kept).
-            let old: Vec<(String, Claim)> = stale
-                .iter()
-                .filter_map(|r| {
-                    let token = r.replaces.clone()?;
-                    let claim = Claim {
-                        token,
-                        items: r.items.clone(),
-                    };
-                    Some((r.order_id.clone(), claim))
-                })
-                .collect();
+            let old: Vec<(String, Claim)> = stale.iter().filter_map(replaced_claim).collect();
             self.release_stale(&old).await?;
             let again: Vec<&ReserveRequest> = stale.iter().collect();
             self.claim(&again).await?;
@@ -749,14 +722,24 @@ impl RedisStore {
     /// Gives back the holds of claims whose token went stale (a slot of theirs was loaded
     /// since), in each slot not loaded since their token's generation, marking them `S`.
     async fn release_stale(&self, claims: &[(String, Claim)]) -> Result<(), StoreError> {
+        self.release_in_own_generation(claims, 'S').await?;
+        // Given back, the claim not yet replaced: a redelivery meets `S` holds, `stale`.
+        crate::failpoint!("producer.xslot.after_stale_release");
+        Ok(())
+    }
+
+    /// [`Self::release`] of each claim in its token's generation (a slot loaded since has
+    /// no hold of it), marking each released hold `mark`.
+    async fn release_in_own_generation(
+        &self,
+        claims: &[(String, Claim)],
+        mark: char,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
         let gens: Vec<Option<i64>> = claims
             .iter()
             .map(|(_, c)| Token::parse(&c.token).map(|t| t.gen))
             .collect();
-        self.release(claims, Some(&gens), 'S').await?;
-        // Given back, the claim not yet replaced: a redelivery meets `S` holds, `stale`.
-        crate::failpoint!("producer.xslot.after_stale_release");
-        Ok(())
+        self.release(claims, Some(&gens), mark).await
     }
 
     /// Step 4 (and a give-back's first step): gives back each claim's holds in every slot
@@ -832,12 +815,13 @@ impl RedisStore {
 
     /// Part of a partial rebuild in generation `gen` of `slots`
     /// ([`RedisStore::forget_slots`]): every hold still taken outside `slots`, named before
-    /// `gen`, of an order whose record lives in `slots`.
+    /// `gen`, of an order whose record lives in `slots`: the order id, and the claim with
+    /// the hold's items.
     pub(super) async fn holds_of_lost_records(
         &self,
         gen: i64,
         slots: &std::collections::BTreeSet<u16>,
-    ) -> Result<Vec<LostHold>, StoreError> {
+    ) -> Result<Vec<(String, Claim)>, StoreError> {
         let mut found: Vec<(String, String, String)> = Vec::new();
         for key in self.scan_all("stockpipe:hold:*").await? {
             if slots.contains(&super::slots::slot(&key)) {
@@ -865,34 +849,20 @@ impl RedisStore {
                 let items = items.split('|').next().unwrap_or("");
                 let items = super::decode_items(items)
                     .ok_or_else(|| StoreError::Protocol(format!("bad hold {v:?}")))?;
-                out.push(LostHold {
-                    order_id: order_id.clone(),
+                let claim = Claim {
                     token: token.clone(),
                     items,
-                });
+                };
+                out.push((order_id.clone(), claim));
             }
         }
         Ok(out)
     }
 
-    /// Gives back `holds` (each in the slot of its items, at most once: `H` to `F`).
-    /// Returns how many went back now.
-    pub async fn release_holds(&self, holds: &[LostHold]) -> Result<usize, StoreError> {
-        let claims: Vec<(String, Claim)> = holds
-            .iter()
-            .map(|h| {
-                let claim = Claim {
-                    token: h.token.clone(),
-                    items: h.items.clone(),
-                };
-                (h.order_id.clone(), claim)
-            })
-            .collect();
-        let gens: Vec<Option<i64>> = holds
-            .iter()
-            .map(|h| Token::parse(&h.token).map(|t| t.gen))
-            .collect();
-        let answers = self.release(&claims, Some(&gens), 'F').await?;
+    /// Gives back the holds of `claims` (order id, claim: each in the slots of its items,
+    /// at most once: `H` to `F`). Returns how many went back now.
+    pub async fn release_holds(&self, claims: &[(String, Claim)]) -> Result<usize, StoreError> {
+        let answers = self.release_in_own_generation(claims, 'F').await?;
         Ok(answers
             .iter()
             .filter(|a| a.iter().any(|k| k == "released"))
@@ -1052,6 +1022,16 @@ impl RedisStore {
             .map(|o| o.ok_or_else(|| bad("restore")))
             .collect()
     }
+}
+
+/// The claim an order decided again replaces (`ReserveRequest::replaces`), with the
+/// request's items: the holds to give back before claiming again.
+fn replaced_claim(r: &ReserveRequest) -> Option<(String, Claim)> {
+    let claim = Claim {
+        token: r.replaces.clone()?,
+        items: r.items.clone(),
+    };
+    Some((r.order_id.clone(), claim))
 }
 
 /// What `lua/swap.lua` answered for one record.

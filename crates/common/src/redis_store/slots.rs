@@ -88,14 +88,26 @@ impl Shard {
 
 /// The slot of `stock:{<product_id>}` on a cluster.
 pub fn of_stock(product_id: i64) -> u16 {
-    slot(&format!("stock:{{{product_id}}}"))
+    slot(&super::stock_key(product_id))
 }
 
-/// The slot of an order's record on a cluster (`stockpipe:order:{o<bucket>}:<id>`, the
-/// bucket drawn from the order id: [`super::RECORD_BUCKETS`]).
+/// The hash tag of an order's record on a cluster, `o<bucket>`: the bucket drawn from the
+/// order id ([`super::RECORD_BUCKETS`]), so that a redelivery with other items finds it.
+pub fn record_tag(order_id: &str) -> String {
+    format!("o{}", slot(order_id) % super::RECORD_BUCKETS)
+}
+
+/// The slot of an order's record on a cluster (`stockpipe:order:{o<bucket>}:<id>`).
 pub fn of_record(order_id: &str) -> u16 {
-    let bucket = slot(order_id) % super::RECORD_BUCKETS;
-    slot(&format!("{{o{bucket}}}"))
+    slot(&record_tag(order_id))
+}
+
+/// Every slot an order touches on a cluster: its record's, then its items' stock slots.
+pub fn touched<'a>(
+    order_id: &str,
+    items: &'a [crate::events::Item],
+) -> impl Iterator<Item = u16> + 'a {
+    std::iter::once(of_record(order_id)).chain(items.iter().map(|it| of_stock(it.product_id)))
 }
 
 /// A slot's loaded marker, read: the generation the slot was **loaded** in (what a

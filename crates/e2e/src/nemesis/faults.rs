@@ -670,35 +670,39 @@ impl FaultCtx<'_> {
         &self,
         which: stockctl::rebuild::Slots,
     ) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
-        let mut last = String::new();
-        for attempt in 1..=10 {
-            let (pool, store) = (&self.env.pool, &self.env.store);
-            match stockctl::rebuild::rebuild_slots(pool, store, which.clone()).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e, "rebuild of the lost slots failed; retrying");
-                    last = e.to_string();
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            }
-        }
-        anyhow::bail!("rebuild of some slots kept failing: {last}")
+        let (pool, store) = (&self.env.pool, &self.env.store);
+        retrying("rebuild of some slots", || {
+            stockctl::rebuild::rebuild_slots(pool, store, which.clone())
+        })
+        .await
     }
 
     async fn rebuild_retrying(&self) -> anyhow::Result<stockctl::rebuild::RebuildReport> {
-        let mut last = String::new();
-        for attempt in 1..=10 {
-            match stockctl::rebuild::rebuild(&self.env.pool, &self.env.store).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e, "rebuild failed; retrying");
-                    last = e.to_string();
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
+        let (pool, store) = (&self.env.pool, &self.env.store);
+        retrying("rebuild", || stockctl::rebuild::rebuild(pool, store)).await
+    }
+}
+
+/// `run` (`what`, a rebuild) until it succeeds, at most 10 times, 2 s apart.
+async fn retrying<F, Fut>(what: &str, run: F) -> anyhow::Result<stockctl::rebuild::RebuildReport>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<stockctl::rebuild::RebuildReport, stockctl::admin::AdminError>,
+    >,
+{
+    let mut last = String::new();
+    for attempt in 1..=10 {
+        match run().await {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "{what} failed; retrying");
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
-        anyhow::bail!("rebuild kept failing: {last}")
     }
+    anyhow::bail!("{what} kept failing: {last}")
 }
 
 /// Uniform in `lo..=hi` milliseconds.
