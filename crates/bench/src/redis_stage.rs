@@ -19,7 +19,7 @@ use serde::Serialize;
 use stock_common::events::Item;
 use stock_common::redis_store::{
     buyers_key, stock_key, Guards, RedisStore, ReserveOutcome, ReserveRequest, SoldOutMarker,
-    EPOCH_KEY, LOADED_KEY, RESERVE_LUA, SEQ_KEY,
+    EPOCH_KEY, LOADED_KEY, RECORD_BASE, RESERVE_LUA, SEQ_KEY,
 };
 use tokio::time::Instant;
 
@@ -54,6 +54,8 @@ pub struct RedisFigure {
     pub orders_per_s: f64,
     /// Against redis-benchmark in the same run.
     pub vs_limit: Option<f64>,
+    /// Redis memory (`used_memory`) grown per order remembered by this measurement.
+    pub bytes_per_order: Option<f64>,
 }
 
 pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
@@ -66,12 +68,19 @@ pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
     let measured = measure(&slot, args, &id).await;
     slot.cleanup().await;
     let figures = measured?;
-    let mut t = Table::new(["redis stage", "orders/s", "of redis-benchmark -P 16"]);
+    let mut t = Table::new([
+        "redis stage",
+        "orders/s",
+        "of redis-benchmark -P 16",
+        "Redis bytes per remembered order",
+    ]);
     for f in &figures {
         t.row([
             f.what.clone(),
             thousands(f.orders_per_s),
             fmt_ratio(f.vs_limit),
+            f.bytes_per_order
+                .map_or_else(|| "-".into(), |b| format!("{b:.1}")),
         ]);
     }
     println!();
@@ -97,22 +106,51 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         orders: args.orders,
         orders_per_s: limit,
         vs_limit: Some(1.0),
+        bytes_per_order: None,
     }];
-    let push = |figures: &mut Vec<RedisFigure>, what: String, r: f64| {
+    let push = |figures: &mut Vec<RedisFigure>, what: String, r: f64, bytes: Option<f64>| {
         figures.push(RedisFigure {
             bench: "redis",
             what,
             orders: args.orders,
             orders_per_s: r,
             vs_limit: (limit > 0.0).then(|| r / limit),
+            bytes_per_order: bytes,
         })
     };
+    // The layout before issue 12 (one string key with a lifetime per order), written
+    // here with records of the same length, as the same-run baseline of the memory.
+    eprintln!("bench redis: one key per order (the old layout), memory only ...");
+    let before = used_memory(&mut conn).await?;
+    for chunk in (0..args.orders).collect::<Vec<_>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.set_ex(
+                format!("stockpipe:order:rb-{id}-key-{i}"),
+                format!("R|1.{}|{PRODUCT}:1", 100_000 + i),
+                3600,
+            )
+            .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+    }
+    let grown = used_memory(&mut conn).await?.saturating_sub(before);
+    figures.push(RedisFigure {
+        bench: "redis",
+        what: "one string key with a lifetime per order (before issue 12), memory".into(),
+        orders: args.orders,
+        orders_per_s: 0.0,
+        vs_limit: None,
+        bytes_per_order: Some(grown as f64 / args.orders as f64),
+    });
     for &opc in &args.orders_per_call {
         eprintln!("bench redis: reserve_many, {opc} order(s) per call ...");
         let mut a = slot.args.clone();
         a.orders_per_call = opc;
         let store = RedisStore::connect(&a).await?;
+        let before = used_memory(&mut conn).await?;
         let r = drive(&store, args, &format!("{id}-{opc}"), false, true).await?;
+        let grown = used_memory(&mut conn).await?.saturating_sub(before);
         push(
             &mut figures,
             format!(
@@ -120,6 +158,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
                 args.batch_size
             ),
             r,
+            Some(grown as f64 / args.orders as f64),
         );
     }
     if args.sold_out {
@@ -143,10 +182,19 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
                     if marker { "on" } else { "off" }
                 ),
                 r,
+                None,
             );
         }
     }
     Ok(figures)
+}
+
+/// Redis `used_memory` (the whole server: run on a quiet one).
+async fn used_memory(conn: &mut stock_common::redis_store::RedisConn) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+        .context("no used_memory in INFO memory")
 }
 
 /// Decides `args.orders` fresh orders batch after batch; checks each outcome.
@@ -228,13 +276,14 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
             "-q",
         ])
         .args(["EVALSHA", &sha, "6", LOADED_KEY, EPOCH_KEY, SEQ_KEY])
-        .arg("stockpipe:order:rbench-__rand_int__")
+        .arg(RECORD_BASE)
         .arg(&stock)
         .arg(buyers_key(PRODUCT))
         .args([
             "3600",
             "",
             "",
+            "rbench-__rand_int__",
             "1",
             &item,
             "",

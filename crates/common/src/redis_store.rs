@@ -2,9 +2,12 @@
 //!
 //! Keys:
 //! * `stock:{<product_id>}` (contract): stock the producer may still pre-deduct.
-//! * `stockpipe:order:<order_id>`: the producer's memory of an order, an [`OrderRecord`],
-//!   kept for `--order-memory`. A forgotten order is still decided once: PostgreSQL's
-//!   ledger is the permanent judge, and gives a second pre-deduction back by its token.
+//! * `stockpipe:rec:…`: the producer's memory of each order, an [`OrderRecord`], kept for
+//!   `--order-memory` (up to half as long again): a field, keyed by order id, of a small
+//!   hash bucketed by time window and id (`lua/record.lua`, the one home of that layout;
+//!   a few bytes beyond the id and the record). A forgotten order is still decided once:
+//!   PostgreSQL's ledger is the permanent judge, and gives a second pre-deduction back by
+//!   its token.
 //! * `stockpipe:request:<request_id>`: an operator's restock or set already applied here
 //!   (`<product>:<delta>`); `stockpipe:request:<request_id>:undo` when a decrease was
 //!   given back because PostgreSQL refused it.
@@ -73,17 +76,39 @@ pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
         include_str!("lua/token.lua"),
         include_str!("lua/integer.lua"),
         include_str!("lua/buyers.lua"),
+        include_str!("lua/record.lua"),
         include_str!("lua/reserve.lua"),
     ]
     .concat()
 });
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
+/// Reads one order's record with its slot's loaded marker.
+static REC_GET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("lua/record.lua"),
+            include_str!("lua/rec_get.lua"),
+        ]
+        .concat(),
+    )
+});
+/// Writes the records of a load.
+static REC_PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        &[
+            include_str!("lua/record.lua"),
+            include_str!("lua/rec_put.lua"),
+        ]
+        .concat(),
+    )
+});
 static RESTORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         &[
             include_str!("lua/marker.lua"),
             include_str!("lua/buyers.lua"),
+            include_str!("lua/record.lua"),
             include_str!("lua/restore.lua"),
         ]
         .concat(),
@@ -142,7 +167,7 @@ pub fn request_key(request_id: &str) -> String {
 
 /// Key patterns a load drops (with every slot's on a cluster).
 const FORGOTTEN_ON_LOAD: [&str; 4] = [
-    "stockpipe:order:*",
+    "stockpipe:rec:*",
     "stockpipe:request:*",
     "stockpipe:hold:*",
     "stockpipe:buyers:*",
@@ -165,9 +190,15 @@ pub fn is_stock_integer(raw: &str) -> bool {
 /// script calls, as a batch's orders share them on one Redis.
 pub const RECORD_BUCKETS: u16 = 256;
 
-/// The key of the producer's record of one order on one Redis.
-pub fn order_key(order_id: &str) -> String {
-    format!("stockpipe:order:{order_id}")
+/// The base of the order records' keys on one Redis (`lua/record.lua`).
+pub const RECORD_BASE: &str = "stockpipe:rec";
+
+/// An order's record as read with its slot's loaded marker ([`RedisStore::read_record`]).
+struct RecordRead {
+    marker: Option<String>,
+    record: Option<String>,
+    /// When the record is forgotten (Unix seconds).
+    expires: Option<i64>,
 }
 
 /// What Redis remembers of an order.
@@ -982,13 +1013,14 @@ impl RedisStore {
         self.cluster
     }
 
-    /// The key of the producer's record of an order, found from the order id alone: on a
-    /// cluster `stockpipe:order:{o<bucket>}:<id>` ([`RECORD_BUCKETS`]).
-    pub fn record_key(&self, order_id: &str) -> String {
+    /// The base of the keys that hold an order's record (`lua/record.lua`), found from
+    /// the order id alone: [`RECORD_BASE`] on one Redis, on a cluster
+    /// `stockpipe:rec:{o<bucket>}` ([`RECORD_BUCKETS`]).
+    pub fn record_base(&self, order_id: &str) -> String {
         if self.cluster {
-            cross_slot::record_key(order_id)
+            cross_slot::record_base(order_id)
         } else {
-            order_key(order_id)
+            RECORD_BASE.to_owned()
         }
     }
 
@@ -1093,7 +1125,7 @@ impl RedisStore {
                 .arg(epoch)
                 .arg(shard.token_arg());
             for (j, r) in call.iter().enumerate() {
-                inv.key(self.record_key(&r.order_id));
+                inv.key(self.record_base(&r.order_id));
                 for it in &r.items {
                     inv.key(stock_key(it.product_id));
                 }
@@ -1109,7 +1141,8 @@ impl RedisStore {
                     .encode()
                 });
                 let guarded = sold_out.get(c * self.orders_per_call + j) == Some(&true);
-                inv.arg(r.items.len())
+                inv.arg(&r.order_id)
+                    .arg(r.items.len())
                     .arg(encode_items(&r.items))
                     .arg(forced)
                     .arg(if guarded { "1" } else { "" })
@@ -1173,7 +1206,8 @@ impl RedisStore {
         for c in reqs {
             let items = &c.items;
             let mut inv = RESTORE.key(shard.loaded_key());
-            inv.key(shard.epoch_key()).key(self.record_key(&c.order_id));
+            inv.key(shard.epoch_key())
+                .key(self.record_base(&c.order_id));
             for it in items {
                 inv.key(stock_key(it.product_id));
             }
@@ -1182,7 +1216,8 @@ impl RedisStore {
             }
             inv.arg(c.token.as_deref().unwrap_or(""))
                 .arg(c.gen.map(|g| g.to_string()).unwrap_or_default())
-                .arg(encode_items(items));
+                .arg(encode_items(items))
+                .arg(&c.order_id);
             for it in items {
                 inv.arg(it.quantity);
             }
@@ -1822,14 +1857,19 @@ impl RedisStore {
             let _: () = pipe.query_async(&mut conn).await?;
         }
         for chunk in held.chunks(5000) {
-            let mut writes: Vec<(String, String)> = Vec::with_capacity(chunk.len());
+            let mut records: Vec<(String, String, String)> = Vec::with_capacity(chunk.len());
+            let mut writes: Vec<(String, String)> = Vec::new();
             for h in chunk {
                 let rec = OrderRecord::Held {
                     token: h.token.clone(),
                     items: h.items.clone(),
                     customer: h.customer.clone(),
                 };
-                writes.push((self.record_key(&h.order_id), rec.encode()));
+                records.push((
+                    self.record_base(&h.order_id),
+                    h.order_id.clone(),
+                    rec.encode(),
+                ));
                 writes.extend(self.holds_of(
                     &h.order_id,
                     &h.token,
@@ -1837,9 +1877,37 @@ impl RedisStore {
                     h.customer.as_deref(),
                 ));
             }
+            records.retain(|(base, _, _)| keep(base));
             writes.retain(|(k, _)| keep(k));
+            self.put_records(&records).await?;
             self.set_all(&writes).await?;
         }
+        Ok(())
+    }
+
+    /// Writes order records as a load has them, (base, order id, record) each: one
+    /// pipeline per base (in parallel on a cluster).
+    async fn put_records(&self, records: &[(String, String, String)]) -> Result<(), StoreError> {
+        let mut by_base: std::collections::BTreeMap<&str, Vec<(&str, &str)>> =
+            std::collections::BTreeMap::new();
+        for (base, id, rec) in records {
+            by_base.entry(base).or_default().push((id, rec));
+        }
+        futures::future::try_join_all(by_base.into_iter().map(|(base, recs)| {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&REC_PUT).ignore();
+            for chunk in recs.chunks(PIPELINE_CHUNK) {
+                let mut inv = REC_PUT.key(base);
+                inv.arg(self.record_ttl_secs());
+                for (id, rec) in chunk {
+                    inv.arg(*id).arg(*rec);
+                }
+                pipe.invoke_script(&inv).ignore();
+            }
+            let mut conn = self.conn();
+            async move { pipe.query_async::<()>(&mut conn).await }
+        }))
+        .await?;
         Ok(())
     }
 
@@ -1898,8 +1966,49 @@ impl RedisStore {
 
     /// The producer's record of an order, if it has one.
     pub async fn order_record(&self, order_id: &str) -> Result<Option<OrderRecord>, StoreError> {
-        let raw: Option<String> = self.conn().get(self.record_key(order_id)).await?;
-        Ok(raw.as_deref().and_then(OrderRecord::decode))
+        let read = self.read_record(order_id).await?;
+        Ok(read.record.as_deref().and_then(OrderRecord::decode))
+    }
+
+    /// An order's record as stored, with the loaded marker of its slot (of the whole Redis
+    /// on one Redis) and when the record is forgotten.
+    async fn read_record(&self, order_id: &str) -> Result<RecordRead, StoreError> {
+        let base = self.record_base(order_id);
+        let mut pipe = redis::pipe();
+        pipe.load_script(&REC_GET).ignore().invoke_script(
+            REC_GET
+                .key(self.shard_of(&base).loaded_key())
+                .key(&base)
+                .arg(order_id),
+        );
+        let ((marker, record, expires),): ((String, String, i64),) =
+            pipe.query_async(&mut self.conn()).await?;
+        let some = |v: String| (!v.is_empty()).then_some(v);
+        Ok(RecordRead {
+            marker: some(marker),
+            record: some(record),
+            expires: (expires >= 0).then_some(expires),
+        })
+    }
+
+    /// When an order's record is forgotten (Unix seconds; None: no record, or kept for
+    /// good).
+    pub async fn record_expiry(&self, order_id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.read_record(order_id).await?.expires)
+    }
+
+    /// Every order record (each master of a cluster), order id and record as stored: for
+    /// tests and checks, which read every bucket.
+    pub async fn records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.scan_all("stockpipe:rec:*").await? {
+            if key.ends_with(":i") {
+                continue;
+            }
+            let fields: Vec<(String, String)> = self.conn().hgetall(&key).await?;
+            out.extend(fields);
+        }
+        Ok(out)
     }
 
     /// The lifetime given to new order records, in seconds.

@@ -252,25 +252,11 @@ async fn redis_total(env: &TestEnv, products: &[i64]) -> i64 {
 
 /// Every order record in Redis: order id → record as stored.
 async fn order_records(env: &TestEnv) -> HashMap<String, String> {
-    let mut conn = env.store.connection();
-    let mut keys: Vec<String> = Vec::new();
-    {
-        let mut iter: redis::AsyncIter<String> =
-            conn.scan_match("stockpipe:order:*").await.expect("scan");
-        while let Some(k) = iter.next_item().await {
-            keys.push(k.expect("scan"));
-        }
-    }
-    if keys.is_empty() {
-        return HashMap::new();
-    }
-    let values: Vec<Option<String>> = conn.mget(&keys).await.expect("mget");
-    keys.into_iter()
-        .zip(values)
-        .filter_map(|(k, v)| {
-            let id = k.strip_prefix("stockpipe:order:")?.to_owned();
-            Some((id, v?))
-        })
+    env.store
+        .records()
+        .await
+        .expect("records")
+        .into_iter()
         .collect()
 }
 

@@ -3,12 +3,12 @@
 --
 -- KEYS[1]     the loaded marker of this slot (its value: the generation)
 -- KEYS[2]     the sequence counter of this slot
--- KEYS[3..]   each order's record
--- ARGV[1]     record lifetime in seconds
+-- KEYS[3..]   the base of each order's record (lua/record.lua)
+-- ARGV[1]     record memory in seconds
 -- ARGV[2]     this slot (tokens are unique across slots: token.lua)
--- ARGV[3..]   per order: its items in canonical form, then the token of a claim or
---             decision it replaces ('' : none): a record naming that token ('P|<t>|' or
---             'R|<t>|', whose holds the caller gave back) gets a new claim
+-- ARGV[3..]   per order: its id, its items in canonical form, then the token of a claim
+--             or decision it replaces ('' : none): a record naming that token ('P|<t>|'
+--             or 'R|<t>|', whose holds the caller gave back) gets a new claim
 --
 -- Returns {'unloaded'} (nothing done), or per order a kind and a record: 'seen' and the
 -- record found (the order was claimed or decided before: nothing done), or 'claimed' and
@@ -20,8 +20,9 @@ end
 local _, named = marker_gens(marker)
 local out = {}
 for i = 3, #KEYS do
-  local items, replaced = ARGV[2 * i - 3], ARGV[2 * i - 2]
-  local rec = redis.call('GET', KEYS[i])
+  local id, items, replaced = ARGV[3 * i - 6], ARGV[3 * i - 5], ARGV[3 * i - 4]
+  local h = rec_hash(id)
+  local rec, rec_at = rec_find(KEYS[i], id, h)
   if rec and replaced ~= '' then
     local state, token = string.match(rec, '^([PR])|([^|]*)|')
     if state and token == replaced then
@@ -33,7 +34,11 @@ for i = 3, #KEYS do
     out[#out + 1] = rec
   else
     local claim = 'P|' .. new_token(named, KEYS[2], ARGV[2]) .. '|' .. items
-    redis.call('SET', KEYS[i], claim, 'EX', ARGV[1])
+    if rec_at then
+      rec_update(rec_at, id, claim)
+    else
+      rec_insert(KEYS[i], id, h, claim, ARGV[1])
+    end
     out[#out + 1] = 'claimed'
     out[#out + 1] = claim
   end

@@ -6,13 +6,15 @@
 --             its value is the Redis generation (advanced by every rebuild)
 -- KEYS[2]     the stock epoch counter (see below)
 -- KEYS[3]     the sequence counter that names pre-deductions
--- then, for each order: its record, then stock:{product_id} of each item in item order,
+-- then, for each order: the base of its record (lua/record.lua), then stock:{product_id}
+--             of each item in item order,
 --             then stockpipe:buyers:{product_id} of each item (the product's limit and its
 --             customers' held units; absent: no limit)
--- ARGV[1]     record lifetime in seconds
+-- ARGV[1]     record memory in seconds (lua/record.lua)
 -- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
 -- ARGV[3]     on a cluster, the hash slot of these keys (tokens: see token_seq), or ""
 -- then, for each order:
+--   id        the order id
 --   n         number of items
 --   items     the order's items in canonical form "42:2,7:1"
 --   forced    a decision taken without looking at stock ("X|invalid_order|"), or ""
@@ -65,16 +67,18 @@ local out = {}
 local k = 4
 local a = 4
 while a <= #ARGV do
-  local n = tonumber(ARGV[a])
-  local items = ARGV[a + 1]
-  local decision = ARGV[a + 2]
-  local guarded = ARGV[a + 3] == '1'
-  local customer = ARGV[a + 4]
-  local qty = a + 4
-  local pid = a + 4 + n
-  local rec_key = KEYS[k]
+  local id = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  local items = ARGV[a + 2]
+  local decision = ARGV[a + 3]
+  local guarded = ARGV[a + 4] == '1'
+  local customer = ARGV[a + 5]
+  local qty = a + 5
+  local pid = a + 5 + n
+  local base = KEYS[k]
   local buyers = k + n
-  local rec = redis.call('GET', rec_key)
+  local h = rec_hash(id)
+  local rec = rec_find(base, id, h)
   local kind = 'new'
   if rec then
     kind = 'seen'
@@ -134,13 +138,13 @@ while a <= #ARGV do
           decision = decision .. '|' .. customer
         end
       end
-      redis.call('SET', rec_key, decision, 'EX', ttl)
+      rec_insert(base, id, h, decision, ttl)
     end
   end
   out[#out + 1] = kind
   out[#out + 1] = decision
   k = k + 1 + 2 * n
-  a = a + 5 + 2 * n
+  a = a + 6 + 2 * n
 end
 local reply = {'ok', epoch, tostring(#zeros)}
 for _, z in ipairs(zeros) do

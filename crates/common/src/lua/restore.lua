@@ -2,12 +2,13 @@
 --
 -- KEYS[1]     the "loaded" marker (its value is the Redis generation)
 -- KEYS[2]     the stock epoch counter, incremented when stock comes back (see reserve.lua)
--- KEYS[3]     the order's record
+-- KEYS[3]     the base of the order's record (lua/record.lua)
 -- KEYS[4..]   stock:{product_id} of each item, then stockpipe:buyers:{product_id} of each
 -- ARGV[1]     the pre-deduction's token ('' for a compensation from before tokens: any)
 -- ARGV[2]     the generation of the PostgreSQL change behind the compensation ('' : any)
 -- ARGV[3]     the order's items in canonical form, as the record must hold them
--- ARGV[4..]   quantity of each item
+-- ARGV[4]     the order id
+-- ARGV[5..]   quantity of each item
 --
 -- The record's customer (if any) gets back the units it holds of each product that still
 -- has a limit: whether a product counts is fixed within a generation, and removing a limit
@@ -26,7 +27,8 @@ end
 if stale_gen(ARGV[2], (marker_gens(marker))) then
   return 'stale'
 end
-local rec = redis.call('GET', KEYS[3])
+local id = ARGV[4]
+local rec, rec_at = rec_find(KEYS[3], id, rec_hash(id))
 if not rec then
   return 'unknown'
 end
@@ -43,12 +45,12 @@ end
 if items ~= ARGV[3] then
   return 'mismatch'
 end
-local n = #ARGV - 3
+local n = #ARGV - 4
 local customer = string.sub(rest, 2)
 for i = 1, n do
-  redis.call('INCRBY', KEYS[3 + i], ARGV[3 + i])
-  give_back_units(KEYS[3 + n + i], customer, tonumber(ARGV[3 + i]))
+  redis.call('INCRBY', KEYS[3 + i], ARGV[4 + i])
+  give_back_units(KEYS[3 + n + i], customer, tonumber(ARGV[4 + i]))
 end
 redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[3], 'C|' .. token .. '|' .. ARGV[3] .. rest, 'KEEPTTL')
+rec_update(rec_at, id, 'C|' .. token .. '|' .. ARGV[3] .. rest)
 return 'restored'

@@ -2,8 +2,9 @@
 -- state the caller saw ('P|<token>|' to a decision; 'R|<token>|' to 'C|<token>|...').
 --
 -- KEYS[1]     the loaded marker of this slot
--- KEYS[2..]   each order's record
--- ARGV        per order: the prefix the record must start with, the record to write
+-- KEYS[2..]   the base of each order's record (lua/record.lua)
+-- ARGV        per order: its id, the prefix the record must start with, the record to
+--             write
 --
 -- Returns {'unloaded'} (nothing done), or per order a kind and a record: 'new' (written),
 -- 'seen' and the record found (another state: nothing done), or 'lost' and '' (no record:
@@ -14,13 +15,13 @@ if not marker then
 end
 local out = {}
 for i = 2, #KEYS do
-  local want, new = ARGV[2 * i - 3], ARGV[2 * i - 2]
-  local rec = redis.call('GET', KEYS[i])
+  local id, want, new = ARGV[3 * i - 5], ARGV[3 * i - 4], ARGV[3 * i - 3]
+  local rec, rec_at = rec_find(KEYS[i], id, rec_hash(id))
   if not rec then
     out[#out + 1] = 'lost'
     out[#out + 1] = ''
   elseif string.sub(rec, 1, string.len(want)) == want then
-    redis.call('SET', KEYS[i], new, 'KEEPTTL')
+    rec_update(rec_at, id, new)
     out[#out + 1] = 'new'
     out[#out + 1] = new
   else

@@ -2,7 +2,7 @@
 //! slot, and the cross-slot protocol for the others (DESIGN.md, "Orders across hash
 //! slots").
 //!
-//! The protocol, for an order whose record (`stockpipe:order:<id>`, found from the order id
+//! The protocol, for an order whose record (under `stockpipe:rec:{o<bucket>}`, found from the order id
 //! alone) and stock keys live in different slots. Every step is idempotent and keyed by the
 //! claim's token, so a crash anywhere leaves a state the redelivered batch finishes:
 //! 1. **claim** (`lua/claim.lua`, record's slot): the record becomes `P|<token>|<items>`,
@@ -60,6 +60,7 @@ static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
         [
             include_str!("../lua/marker.lua"),
             include_str!("../lua/token.lua"),
+            include_str!("../lua/record.lua"),
             include_str!("../lua/claim.lua"),
         ]
         .concat(),
@@ -86,7 +87,15 @@ static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
         .concat(),
     )
 });
-static SWAP: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("../lua/swap.lua").into()));
+static SWAP: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
+            include_str!("../lua/record.lua"),
+            include_str!("../lua/swap.lua"),
+        ]
+        .concat(),
+    )
+});
 
 /// The key of one pre-deduction's hold in slot `slot`.
 fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
@@ -96,13 +105,11 @@ fn hold_key(slot: u16, order_id: &str, token: &str) -> String {
     )
 }
 
-/// The record of an order on a cluster: in one of [`super::RECORD_BUCKETS`] slots, the
-/// bucket drawn from the order id (CRC16, as slots are).
-pub(super) fn record_key(order_id: &str) -> String {
-    format!(
-        "stockpipe:order:{{{}}}:{order_id}",
-        super::slots::record_tag(order_id)
-    )
+/// The base of an order's record on a cluster (`lua/record.lua`): in one of
+/// [`super::RECORD_BUCKETS`] slots, the bucket drawn from the order id (CRC16, as slots
+/// are).
+pub(super) fn record_base(order_id: &str) -> String {
+    format!("stockpipe:rec:{{{}}}", super::slots::record_tag(order_id))
 }
 
 /// The order id and token a hold key names (`stockpipe:hold:{<tag>}:<id>:<token>`).
@@ -493,10 +500,11 @@ impl RedisStore {
                     .arg(self.record_ttl_secs())
                     .arg(shard.token_arg());
                 for &i in chunk {
-                    inv.key(record_key(&reqs[i].order_id));
+                    inv.key(record_base(&reqs[i].order_id));
                 }
                 for &i in chunk {
-                    inv.arg(encode_items(&reqs[i].items))
+                    inv.arg(&reqs[i].order_id)
+                        .arg(encode_items(&reqs[i].items))
                         .arg(reqs[i].replaces.as_deref().unwrap_or(""));
                 }
                 calls.entry(*slot).or_default().push(inv);
@@ -641,7 +649,7 @@ impl RedisStore {
             .iter()
             .map(|(i, claim, rec)| {
                 (
-                    record_key(&reqs[*i].order_id),
+                    reqs[*i].order_id.clone(),
                     format!("P|{}|", claim.token),
                     rec.encode(),
                 )
@@ -664,11 +672,14 @@ impl RedisStore {
             .collect()
     }
 
-    /// Runs `lua/swap.lua` for each (record key, expected prefix, new record).
+    /// Runs `lua/swap.lua` for each (order id, expected prefix, new record).
     async fn swap(&self, swaps: &[(String, String, String)]) -> Result<Vec<Swap>, StoreError> {
         let mut groups: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        for (i, (key, _, _)) in swaps.iter().enumerate() {
-            groups.entry(super::slots::slot(key)).or_default().push(i);
+        for (i, (id, _, _)) in swaps.iter().enumerate() {
+            groups
+                .entry(super::slots::of_record(id))
+                .or_default()
+                .push(i);
         }
         let mut calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>> = BTreeMap::new();
         let mut members: BTreeMap<u16, Vec<Vec<usize>>> = BTreeMap::new();
@@ -676,10 +687,10 @@ impl RedisStore {
             for chunk in idx.chunks(self.orders_per_call) {
                 let mut inv = SWAP.key(Shard::Slot(*slot).loaded_key());
                 for &i in chunk {
-                    inv.key(&swaps[i].0);
+                    inv.key(record_base(&swaps[i].0));
                 }
                 for &i in chunk {
-                    inv.arg(&swaps[i].1).arg(&swaps[i].2);
+                    inv.arg(&swaps[i].0).arg(&swaps[i].1).arg(&swaps[i].2);
                 }
                 calls.entry(*slot).or_default().push(inv);
                 members.entry(*slot).or_default().push(chunk.to_vec());
@@ -910,16 +921,9 @@ impl RedisStore {
         reqs: &[&Compensation],
     ) -> Result<Vec<RestoreOutcome>, StoreError> {
         // Read each record with its slot's marker (one slot: one pipeline each).
-        let reads = reqs.iter().map(|c| {
-            let shard = Shard::Slot(super::slots::of_record(&c.order_id));
-            let mut pipe = redis::pipe();
-            pipe.get(shard.loaded_key()).get(record_key(&c.order_id));
-            let mut conn = self.conn();
-            async move {
-                let (marker, rec): (Option<String>, Option<String>) =
-                    pipe.query_async(&mut conn).await?;
-                Ok::<_, StoreError>((marker, rec))
-            }
+        let reads = reqs.iter().map(|c| async move {
+            let read = self.read_record(&c.order_id).await?;
+            Ok::<_, StoreError>((read.marker, read.record))
         });
         let read = futures::future::try_join_all(reads).await?;
         let mut out: Vec<Option<RestoreOutcome>> = vec![None; reqs.len()];
@@ -991,7 +995,7 @@ impl RedisStore {
             .map(|&n| {
                 let (id, c) = &claims[n];
                 (
-                    record_key(id),
+                    id.clone(),
                     format!("R|{}|", c.token),
                     OrderRecord::Returned {
                         token: c.token.clone(),
@@ -1050,6 +1054,6 @@ mod tests {
     fn hold_keys_name_their_order_and_token() {
         let k = hold_key(4242, "shop:o-1", "7.123");
         assert_eq!(parse_hold_key(&k), Some(("shop:o-1", "7.123")));
-        assert_eq!(parse_hold_key("stockpipe:order:{o1}:x"), None);
+        assert_eq!(parse_hold_key("stockpipe:rec:{o1}:i"), None);
     }
 }

@@ -97,7 +97,7 @@ pub fn record_tag(order_id: &str) -> String {
     format!("o{}", slot(order_id) % super::RECORD_BUCKETS)
 }
 
-/// The slot of an order's record on a cluster (`stockpipe:order:{o<bucket>}:<id>`).
+/// The slot of an order's record on a cluster (`stockpipe:rec:{o<bucket>}:…`).
 pub fn of_record(order_id: &str) -> u16 {
     slot(&record_tag(order_id))
 }
@@ -234,7 +234,7 @@ mod tests {
         let bucket = slot(id) % super::super::RECORD_BUCKETS;
         assert_eq!(
             of_record(id),
-            slot(&format!("stockpipe:order:{{o{bucket}}}:{id}"))
+            slot(&format!("stockpipe:rec:{{o{bucket}}}:i"))
         );
     }
 
