@@ -193,6 +193,18 @@ pub const RECORD_BUCKETS: u16 = 256;
 /// The base of the order records' keys on one Redis (`lua/record.lua`).
 pub const RECORD_BASE: &str = "stockpipe:rec";
 
+/// The field that holds an order's record in its bucket (`lua/record.lua`): the first 12
+/// bytes of the SHA-256 of the order id. 14 bytes in a listpack whatever the id's length;
+/// 96 bits, so that no two orders of a bucket (some 48, in each of up to three windows)
+/// meet by chance, and a cryptographic hash, so that no id can be made to meet another.
+pub fn record_field(order_id: &str) -> [u8; 12] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(order_id.as_bytes());
+    let mut field = [0u8; 12];
+    field.copy_from_slice(&digest[..12]);
+    field
+}
+
 /// An order's record as read with its slot's loaded marker ([`RedisStore::read_record`]).
 struct RecordRead {
     marker: Option<String>,
@@ -1141,7 +1153,7 @@ impl RedisStore {
                     .encode()
                 });
                 let guarded = sold_out.get(c * self.orders_per_call + j) == Some(&true);
-                inv.arg(&r.order_id)
+                inv.arg(&record_field(&r.order_id)[..])
                     .arg(r.items.len())
                     .arg(encode_items(&r.items))
                     .arg(forced)
@@ -1217,7 +1229,7 @@ impl RedisStore {
             inv.arg(c.token.as_deref().unwrap_or(""))
                 .arg(c.gen.map(|g| g.to_string()).unwrap_or_default())
                 .arg(encode_items(items))
-                .arg(&c.order_id);
+                .arg(&record_field(&c.order_id)[..]);
             for it in items {
                 inv.arg(it.quantity);
             }
@@ -1900,7 +1912,7 @@ impl RedisStore {
                 let mut inv = REC_PUT.key(base);
                 inv.arg(self.record_ttl_secs());
                 for (id, rec) in chunk {
-                    inv.arg(*id).arg(*rec);
+                    inv.arg(&record_field(id)[..]).arg(*rec);
                 }
                 pipe.invoke_script(&inv).ignore();
             }
@@ -1979,7 +1991,7 @@ impl RedisStore {
             REC_GET
                 .key(self.shard_of(&base).loaded_key())
                 .key(&base)
-                .arg(order_id),
+                .arg(&record_field(order_id)[..]),
         );
         let ((marker, record, expires),): ((String, String, i64),) =
             pipe.query_async(&mut self.conn()).await?;
@@ -1997,16 +2009,21 @@ impl RedisStore {
         Ok(self.read_record(order_id).await?.expires)
     }
 
-    /// Every order record (each master of a cluster), order id and record as stored: for
-    /// tests and checks, which read every bucket.
-    pub async fn records(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// Every order record (each master of a cluster) as stored, by its field
+    /// ([`record_field`]): for tests and checks, which read every bucket.
+    pub async fn records(&self) -> Result<Vec<([u8; 12], String)>, StoreError> {
         let mut out = Vec::new();
         for key in self.scan_all("stockpipe:rec:*").await? {
             if key.ends_with(":i") {
                 continue;
             }
-            let fields: Vec<(String, String)> = self.conn().hgetall(&key).await?;
-            out.extend(fields);
+            let fields: Vec<(Vec<u8>, String)> = self.conn().hgetall(&key).await?;
+            for (f, rec) in fields {
+                let field: [u8; 12] = f
+                    .try_into()
+                    .map_err(|f| StoreError::Protocol(format!("bad record field {f:?}")))?;
+                out.push((field, rec));
+            }
         }
         Ok(out)
     }

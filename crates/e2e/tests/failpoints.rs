@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 use stock_common::events::{Compensation, CompensationCause, Item, Reason, Status, StockResult};
-use stock_common::redis_store::{stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
+use stock_common::redis_store::{record_field, stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
 use stock_e2e::harness::{
     cancelled, conflicting, created, created_outcomes, paid, Outcomes, ResultCollector,
 };
@@ -250,8 +250,9 @@ async fn redis_total(env: &TestEnv, products: &[i64]) -> i64 {
         .sum()
 }
 
-/// Every order record in Redis: order id → record as stored.
-async fn order_records(env: &TestEnv) -> HashMap<String, String> {
+/// Every order record in Redis: record field (`record_field` of the order id) → record as
+/// stored.
+async fn order_records(env: &TestEnv) -> HashMap<[u8; 12], String> {
     env.store
         .records()
         .await
@@ -478,14 +479,19 @@ async fn crash(case: Case) {
             let guarded: Vec<&Order> = list
                 .iter()
                 .filter(|o| o.first_product == 1 && o.id != "fp-pre")
-                .filter(|o| records.contains_key(&o.id))
+                .filter(|o| records.contains_key(&record_field(&o.id)))
                 .collect();
             assert!(
                 !guarded.is_empty(),
                 "the crashed batch held orders whose first item is the sold-out product"
             );
             for o in guarded {
-                assert_eq!(records[&o.id], "X|insufficient_stock|1", "{}", o.id);
+                assert_eq!(
+                    records[&record_field(&o.id)],
+                    "X|insufficient_stock|1",
+                    "{}",
+                    o.id
+                );
                 assert!(
                     !seen_at_crash.contains_key(&o.id),
                     "{}: a guarded refusal's result is not delivered before the crash",

@@ -1,13 +1,13 @@
 //! Issue 12, goal 6: order records live as fields of small hashes, bucketed by time window
-//! and by id (`lua/record.lua`): buckets split as a window fills, so each stays a listpack
-//! of at most 128 entries; every record is found again, changed in place, and forgotten
-//! with its window.
+//! and by a digest of the order id (`lua/record.lua`): buckets split as a window fills, so
+//! each stays a listpack of at most 128 entries; every record is found again, changed in
+//! place, and forgotten with its window; an id of any length costs the same.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use stock_common::events::{Compensation, CompensationCause, Item, INTERNAL_VERSION};
 use stock_common::redis_store::{
-    Guards, OrderRecord, ReserveOutcome, ReserveRequest, RestoreOutcome,
+    record_field, Guards, OrderRecord, ReserveOutcome, ReserveRequest, RestoreOutcome,
 };
 use stock_e2e::TestEnv;
 
@@ -71,7 +71,14 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
     env.load_stock(&[(1, 1_000_000)]).await;
     let store = &env.store;
     const N: usize = 6000;
-    let ids: Vec<String> = (0..N).map(|n| format!("rec-{n}")).collect();
+    // Ids of every length, some far longer than a listpack entry may be (64 bytes).
+    let ids: Vec<String> = (0..N)
+        .map(|n| match n % 100 {
+            0 => format!("{}-{n}", "long-order-id".repeat(20)),
+            1 => format!("é{n}"),
+            _ => format!("rec-{n}"),
+        })
+        .collect();
     let reqs: Vec<ReserveRequest> = ids
         .iter()
         .enumerate()
@@ -103,14 +110,19 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
         assert!(*n <= 128, "{k} holds {n} records");
         assert_eq!(enc, "listpack", "{k} ({n} records)");
     }
-    let all: HashSet<String> = store
+    let all: HashSet<[u8; 12]> = store
         .records()
         .await
         .expect("records")
         .into_iter()
-        .map(|(id, _)| id)
+        .map(|(field, _)| field)
         .collect();
-    assert_eq!(all, ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(
+        all,
+        ids.iter()
+            .map(|id| record_field(id))
+            .collect::<HashSet<_>>()
+    );
 
     // Each is found again: by a redelivery (the first decision, nothing taken twice) and
     // by a read.

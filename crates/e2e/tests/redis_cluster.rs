@@ -148,8 +148,8 @@ async fn check_idle(
     let records = env.store.records().await.expect("records");
     let claimed: Vec<&String> = records
         .iter()
-        .filter(|(_, v)| v.starts_with("P|"))
-        .map(|(k, _)| k)
+        .map(|(_, v)| v)
+        .filter(|v| v.starts_with("P|"))
         .collect();
     assert!(claimed.is_empty(), "orders left claimed: {claimed:?}");
     let holds = keys_like(&env.store, "stockpipe:hold:*").await;

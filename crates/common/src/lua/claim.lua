@@ -6,7 +6,7 @@
 -- KEYS[3..]   the base of each order's record (lua/record.lua)
 -- ARGV[1]     record memory in seconds
 -- ARGV[2]     this slot (tokens are unique across slots: token.lua)
--- ARGV[3..]   per order: its id, its items in canonical form, then the token of a claim
+-- ARGV[3..]   per order: its record field, its items in canonical form, then the token of a claim
 --             or decision it replaces ('' : none): a record naming that token ('P|<t>|'
 --             or 'R|<t>|', whose holds the caller gave back) gets a new claim
 --

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]     the loaded marker of the record's slot (on one Redis, of the whole)
 -- KEYS[2]     the base of the order's record
--- ARGV[1]     the order id
+-- ARGV[1]     the order's record field
 --
 -- Returns {marker or '', record or '', when the record is forgotten (Unix seconds) or -2}.
 local id = ARGV[1]

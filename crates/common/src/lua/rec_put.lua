@@ -3,7 +3,7 @@
 --
 -- KEYS[1]     the base of these orders' records
 -- ARGV[1]     record memory in seconds
--- ARGV[2..]   per order: its id, its record
+-- ARGV[2..]   per order: its record field, its record
 --
 -- Returns the number of records written.
 local base = KEYS[1]

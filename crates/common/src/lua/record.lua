@@ -2,13 +2,15 @@
 -- (DESIGN.md "Order records in buckets").
 --
 -- The records under a base ('stockpipe:rec' on one Redis, 'stockpipe:rec:{o<tag>}' in one
--- slot of a cluster) are fields of small hashes, keyed by order id:
+-- slot of a cluster) are fields of small hashes. A record's field is the first 12 bytes of
+-- the SHA-256 of its order id (`record_field` in redis_store.rs): 96 bits, whatever the
+-- id's length, and no id can be made to land on another's:
 --   <base>:i             the index: field '<W>:<w>' -> '<L>,<s>,<n>' for each live window
 --   <base>:<W>:<w>:<b>   bucket b of window w of length W: the records of a memory of 2W
 --                        seconds written during [w W, (w + 1) W) (Redis time)
 -- Every key of a window expires at (w + 3) W, all at once: a record is remembered for 2W to
--- 3W. A window's buckets split one at a time as it fills (linear hashing on the first 32
--- bits of the id's SHA-1; <L> level, <s> next bucket to split, <n> records), so a bucket
+-- 3W. A window's buckets split one at a time as it fills (linear hashing on the field's
+-- first 32 bits; <L> level, <s> next bucket to split, <n> records), so a bucket
 -- holds about REC_LOAD records, stays a listpack (hash-max-listpack-entries 128), and a
 -- record costs its id and value plus a few bytes, at any rate.
 --
@@ -25,8 +27,10 @@ local function rec_now()
   return rec_clock
 end
 
-local function rec_hash(id)
-  return tonumber(string.sub(redis.sha1hex(id), 1, 8), 16)
+-- The bucket hash of a record's field: its first 32 bits.
+local function rec_hash(f)
+  local a, b, c, d = string.byte(f, 1, 4)
+  return ((a * 256 + b) * 256 + c) * 256 + d
 end
 
 local function rec_key(base, win, b)
@@ -72,8 +76,8 @@ local function rec_windows(base)
   return ix
 end
 
--- The record of order `id` (h = rec_hash(id)) under `base`: its value and the key of its
--- bucket, or nil.
+-- The record of the order whose field is `id` (h = rec_hash(id)) under `base`: its value
+-- and the key of its bucket, or nil.
 local function rec_find(base, id, h)
   for _, win in ipairs(rec_windows(base).list) do
     local key = rec_key(base, win, rec_bucket(win, h))
@@ -128,8 +132,8 @@ local function rec_split(base, win)
   end
 end
 
--- Writes the first record of order `id` (not in any window: see rec_find), remembered for
--- `memory` seconds or up to half as long again.
+-- Writes the first record of the order whose field is `id` (not in any window: see
+-- rec_find), remembered for `memory` seconds or up to half as long again.
 local function rec_insert(base, id, h, value, memory)
   local W = math.max(1, math.floor(tonumber(memory) / 2))
   local field = W .. ':' .. math.floor(rec_now() / W)

@@ -14,7 +14,7 @@
 -- ARGV[2]     the epoch the caller's sold-out marker was learnt in, or ""
 -- ARGV[3]     on a cluster, the hash slot of these keys (tokens: see token_seq), or ""
 -- then, for each order:
---   id        the order id
+--   id        the order's record field (lua/record.lua)
 --   n         number of items
 --   items     the order's items in canonical form "42:2,7:1"
 --   forced    a decision taken without looking at stock ("X|invalid_order|"), or ""

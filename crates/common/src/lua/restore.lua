@@ -7,7 +7,7 @@
 -- ARGV[1]     the pre-deduction's token ('' for a compensation from before tokens: any)
 -- ARGV[2]     the generation of the PostgreSQL change behind the compensation ('' : any)
 -- ARGV[3]     the order's items in canonical form, as the record must hold them
--- ARGV[4]     the order id
+-- ARGV[4]     the order's record field (lua/record.lua)
 -- ARGV[5..]   quantity of each item
 --
 -- The record's customer (if any) gets back the units it holds of each product that still

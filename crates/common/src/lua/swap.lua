@@ -3,7 +3,7 @@
 --
 -- KEYS[1]     the loaded marker of this slot
 -- KEYS[2..]   the base of each order's record (lua/record.lua)
--- ARGV        per order: its id, the prefix the record must start with, the record to
+-- ARGV        per order: its record field, the prefix the record must start with, the record to
 --             write
 --
 -- Returns {'unloaded'} (nothing done), or per order a kind and a record: 'new' (written),

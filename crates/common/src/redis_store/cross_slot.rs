@@ -503,7 +503,7 @@ impl RedisStore {
                     inv.key(record_base(&reqs[i].order_id));
                 }
                 for &i in chunk {
-                    inv.arg(&reqs[i].order_id)
+                    inv.arg(&super::record_field(&reqs[i].order_id)[..])
                         .arg(encode_items(&reqs[i].items))
                         .arg(reqs[i].replaces.as_deref().unwrap_or(""));
                 }
@@ -690,7 +690,9 @@ impl RedisStore {
                     inv.key(record_base(&swaps[i].0));
                 }
                 for &i in chunk {
-                    inv.arg(&swaps[i].0).arg(&swaps[i].1).arg(&swaps[i].2);
+                    inv.arg(&super::record_field(&swaps[i].0)[..])
+                        .arg(&swaps[i].1)
+                        .arg(&swaps[i].2);
                 }
                 calls.entry(*slot).or_default().push(inv);
                 members.entry(*slot).or_default().push(chunk.to_vec());
