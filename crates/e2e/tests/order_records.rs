@@ -216,6 +216,15 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
         (now + 1..=now + 4).contains(&expires),
         "forgotten 2 to 3 s after it was written: {expires} at {now}"
     );
+    let index_ttl: i64 = redis::cmd("TTL")
+        .arg(format!("{}:i", stock_common::redis_store::RECORD_BASE))
+        .query_async(&mut store.connection())
+        .await
+        .expect("TTL");
+    assert!(
+        (1..=4).contains(&index_ttl),
+        "the index lives as long as its windows: {index_ttl}"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while store
         .order_record("short-1")

@@ -43,4 +43,5 @@ for i = 3, #KEYS do
     out[#out + 1] = claim
   end
 end
+rec_flush()
 return out

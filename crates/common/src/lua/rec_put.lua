@@ -17,4 +17,5 @@ for j = 2, #ARGV, 2 do
     rec_insert(base, id, h, ARGV[j + 1], ARGV[1])
   end
 end
+rec_flush()
 return (#ARGV - 1) / 2

@@ -16,6 +16,10 @@
 --
 -- A record lives in one bucket for good: it is written once (rec_insert) where no window
 -- has it, then changed in place (rec_update).
+--
+-- Every bucket key carries its window's expiry from its creation, with no per-insert cost:
+-- bucket 0 is created by a window's first record, every other by the split that opens it
+-- (with the empty field '' if no record moves there).
 
 local REC_LOAD = 48
 
@@ -34,7 +38,12 @@ local function rec_hash(f)
 end
 
 local function rec_key(base, win, b)
-  return base .. ':' .. win.field .. ':' .. string.format('%d', b)
+  return win.prefix .. b
+end
+
+local function rec_window(base, field, W, w, L, s, n)
+  return {field = field, prefix = base .. ':' .. field .. ':', W = W, w = w, L = L, s = s,
+          n = n, exp = (w + 3) * W}
 end
 
 local function rec_bucket(win, h)
@@ -60,9 +69,8 @@ local function rec_windows(base)
     local W, w = string.match(raw[j], '^(%d+):(%d+)$')
     local L, s, n = string.match(raw[j + 1], '^(%d+),(%d+),(%d+)$')
     if W and L then
-      local win = {field = raw[j], W = tonumber(W), w = tonumber(w), L = tonumber(L),
-                   s = tonumber(s), n = tonumber(n)}
-      win.exp = (win.w + 3) * win.W
+      local win = rec_window(base, raw[j], tonumber(W), tonumber(w), tonumber(L),
+                             tonumber(s), tonumber(n))
       if win.exp <= now then
         redis.call('HDEL', base .. ':i', raw[j])
       else
@@ -94,37 +102,58 @@ local function rec_update(key, id, value)
   redis.call('HSET', key, id, value)
 end
 
+-- Windows whose count changed since saved: window -> base.
+local rec_unsaved = {}
+
+-- Saves a window's state in the index; a new window makes the index live as long as it.
 local function rec_save(base, win)
+  rec_unsaved[win] = nil
   local idx = base .. ':i'
   redis.call('HSET', idx, win.field, win.L .. ',' .. win.s .. ',' .. win.n)
-  local t = redis.call('EXPIRETIME', idx)
-  if t < win.exp then
-    redis.call('EXPIREAT', idx, win.exp)
+  if win.new then
+    win.new = nil
+    local t = redis.call('EXPIRETIME', idx)
+    if t < win.exp then
+      redis.call('EXPIREAT', idx, win.exp)
+    end
   end
 end
 
-local rec_expiring = {}
-
--- Moves the records of bucket s that belong to bucket s + 2^L there.
+-- Moves the records of bucket s that belong to bucket s + 2^L there. Both buckets are
+-- written whole (one HSET each): deleting fields one by one from a listpack costs a scan
+-- and a move per field.
 local function rec_split(base, win)
   local m = 2 ^ win.L
   local from = rec_key(base, win, win.s)
   local to = rec_key(base, win, win.s + m)
   local all = redis.call('HGETALL', from)
-  local moved, gone = {}, {}
+  local moved, kept = {}, {}
   for j = 1, #all, 2 do
-    if rec_hash(all[j]) % (2 * m) ~= win.s then
-      moved[#moved + 1] = all[j]
+    local f = all[j]
+    if f ~= '' and rec_hash(f) % (2 * m) ~= win.s then
+      moved[#moved + 1] = f
       moved[#moved + 1] = all[j + 1]
-      gone[#gone + 1] = all[j]
+    elseif f ~= '' then
+      kept[#kept + 1] = f
+      kept[#kept + 1] = all[j + 1]
     end
   end
-  if #gone > 0 then
-    redis.call('HSET', to, unpack(moved))
-    redis.call('EXPIREAT', to, win.exp)
-    redis.call('HDEL', from, unpack(gone))
+  -- An empty bucket would be deleted and created again by an insert without an expiry: it
+  -- keeps the empty field instead (no record's field is empty).
+  local any = #moved > 0
+  if not any then
+    moved = {'', ''}
   end
-  rec_expiring[from] = nil
+  if #kept == 0 then
+    kept = {'', ''}
+  end
+  redis.call('HSET', to, unpack(moved))
+  redis.call('EXPIREAT', to, win.exp)
+  if any then
+    redis.call('DEL', from)
+    redis.call('HSET', from, unpack(kept))
+    redis.call('EXPIREAT', from, win.exp)
+  end
   win.s = win.s + 1
   if win.s == m then
     win.L = win.L + 1
@@ -134,27 +163,45 @@ end
 
 -- Writes the first record of the order whose field is `id` (not in any window: see
 -- rec_find), remembered for `memory` seconds or up to half as long again.
+local rec_target = {}
 local function rec_insert(base, id, h, value, memory)
-  local W = math.max(1, math.floor(tonumber(memory) / 2))
-  local field = W .. ':' .. math.floor(rec_now() / W)
-  local ix = rec_windows(base)
-  local win = ix.by[field]
+  local win = rec_target[base .. '|' .. memory]
   if not win then
-    win = {field = field, W = W, w = math.floor(rec_now() / W), L = 0, s = 0, n = 0}
-    win.exp = (win.w + 3) * W
-    ix.by[field] = win
-    table.insert(ix.list, 1, win)
-    table.sort(ix.list, function(a, b) return a.exp > b.exp end)
+    local W = math.max(1, math.floor(tonumber(memory) / 2))
+    local w = math.floor(rec_now() / W)
+    local field = W .. ':' .. w
+    local ix = rec_windows(base)
+    win = ix.by[field]
+    if not win then
+      win = rec_window(base, field, W, w, 0, 0, 0)
+      win.new = true
+      ix.by[field] = win
+      table.insert(ix.list, 1, win)
+      table.sort(ix.list, function(a, b) return a.exp > b.exp end)
+    end
+    rec_target[base .. '|' .. memory] = win
   end
   local key = rec_key(base, win, rec_bucket(win, h))
   redis.call('HSET', key, id, value)
-  if not rec_expiring[key] then
-    redis.call('EXPIREAT', key, win.exp, 'NX')
-    rec_expiring[key] = true
-  end
   win.n = win.n + 1
-  while win.n > REC_LOAD * (2 ^ win.L + win.s) do
-    rec_split(base, win)
+  if win.new then
+    redis.call('EXPIREAT', key, win.exp)
+    rec_save(base, win)
   end
-  rec_save(base, win)
+  if win.n > REC_LOAD * (2 ^ win.L + win.s) then
+    repeat
+      rec_split(base, win)
+    until win.n <= REC_LOAD * (2 ^ win.L + win.s)
+    rec_save(base, win)
+  else
+    rec_unsaved[win] = base
+  end
+end
+
+-- Saves the counts of the windows this call inserted into. A script that inserts calls it
+-- before it returns; a count left unsaved (an error midway) only delays a split.
+local function rec_flush()
+  for win, base in pairs(rec_unsaved) do
+    rec_save(base, win)
+  end
 end

@@ -146,6 +146,7 @@ while a <= #ARGV do
   k = k + 1 + 2 * n
   a = a + 6 + 2 * n
 end
+rec_flush()
 local reply = {'ok', epoch, tostring(#zeros)}
 for _, z in ipairs(zeros) do
   reply[#reply + 1] = z
