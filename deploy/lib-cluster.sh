@@ -88,6 +88,8 @@ cluster-allow-reads-when-down no
 # durability as in the plain layout: every write fsynced before it is acknowledged
 appendonly yes
 appendfsync always
+# no periodic RDB snapshots: the AOF is what a restart loads (see deploy/redis.conf)
+save ""
 maxmemory-policy noeviction
 EOF
   chmod 600 "$tmp"

@@ -4,8 +4,10 @@
 //! generator and the result collector, and the workers when they run in this process).
 //! Worker processes this bench spawned are counted by PID ([`Proc`]), each on its own and
 //! summed per kind (`producer`, `consumer`): never by name, so that another run's workers
-//! on the box are not counted. A PostgreSQL backend that exits during the span takes its
-//! CPU time with it; the pools keep theirs open, so this is small.
+//! on the box are not counted. A service's process also counts the CPU of its children that
+//! have exited (`cutime` + `cstime`): an autovacuum worker or a backend that ends, a Redis
+//! snapshot child. Without them a group's sum falls when such a child exits, and the span
+//! that sees it shows too little, or nothing.
 //!
 //! [`PerOrder`] turns a span's seconds into CPU µs per order, with the pipeline's total:
 //! Kafka + PostgreSQL + Redis + the worker processes, this process excluded.
@@ -177,13 +179,14 @@ fn state(stat: &str) -> Option<char> {
     stat.get(stat.rfind(')')? + 2..)?.chars().next()
 }
 
-/// Which group a process belongs to, by its command name.
-fn group(comm: &str, pid: u32, me: u32) -> Option<&'static str> {
+/// Which group a process belongs to, by its command name (and, for `java`, its command
+/// line: only a broker is Kafka, not a command-line tool).
+fn group(comm: &str, pid: u32, me: u32, cmdline: &dyn Fn() -> String) -> Option<&'static str> {
     if pid == me {
         return Some("bench");
     }
     match comm {
-        "java" => Some("kafka"),
+        "java" if cmdline().split(['\0', ' ']).any(|a| a == "kafka.Kafka") => Some("kafka"),
         "postgres" => Some("postgres"),
         "redis-server" => Some("redis"),
         _ => None,
@@ -249,11 +252,22 @@ fn by_node(procs: impl IntoIterator<Item = (String, f64)>) -> BTreeMap<String, f
 
 /// utime + stime of one `/proc/<pid>/stat` line, in ticks.
 fn ticks(stat: &str) -> Option<u64> {
+    stat_fields(stat, 2)
+}
+
+/// utime + stime + cutime + cstime (the process and its children that have exited and
+/// were waited for), in ticks.
+fn ticks_with_children(stat: &str) -> Option<u64> {
+    stat_fields(stat, 4)
+}
+
+/// The sum of `n` fields of a `/proc/<pid>/stat` line from utime (field 14) on.
+fn stat_fields(stat: &str, n: usize) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces: skip past it.
-    let rest = &stat[stat.rfind(')')? + 2..];
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime and stime are fields 14 and 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    // rest[0] is field 3 (state); utime, stime, cutime and cstime are fields 14 to 17.
+    (11..11 + n).try_fold(0u64, |sum, i| Some(sum + f.get(i)?.parse::<u64>().ok()?))
 }
 
 /// CPU seconds so far of every group (no worker process counted on its own).
@@ -284,18 +298,24 @@ pub fn sample_with(workers: &[Proc]) -> CpuSample {
                 continue;
             }
             let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            let Some(g) = group(comm.trim(), pid, me) else {
+            let cmdline = || std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
+            let Some(g) = group(comm.trim(), pid, me, &cmdline) else {
                 continue;
             };
             let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let Some(t) = ticks(&stat) else {
+            // This process's exited children are the workers it ran: counted on their own.
+            let t = if g == "bench" {
+                ticks(&stat)
+            } else {
+                ticks_with_children(&stat)
+            };
+            let Some(t) = t else {
                 continue;
             };
             let s = t as f64 / TICKS;
             *secs.entry(g).or_default() += s;
             if g == "redis" || g == "kafka" {
-                let cmdline = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
-                if let Some(k) = node_key(g, &cmdline, &props) {
+                if let Some(k) = node_key(g, &cmdline(), &props) {
                     nodes.push((k, s));
                 }
             }
@@ -344,6 +364,20 @@ mod tests {
         let stat = "42 (my proc) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
         assert_eq!(ticks(stat), Some(300));
         assert_eq!(ticks("garbage"), None);
+        let parent = "42 (postgres) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 700 25 20 0 1 0";
+        assert_eq!(ticks_with_children(parent), Some(1025));
+        assert_eq!(ticks_with_children(stat), Some(300));
+    }
+
+    #[test]
+    fn only_a_broker_is_kafka() {
+        let me = std::process::id();
+        let broker = || "java\0-Xmx1g\0kafka.Kafka\0/s/server.properties\0".to_owned();
+        let tool = || "java\0-cp\0x\0org.apache.kafka.tools.TopicCommand\0".to_owned();
+        assert_eq!(group("java", 1, me, &broker), Some("kafka"));
+        assert_eq!(group("java", 1, me, &tool), None);
+        assert_eq!(group("postgres", 1, me, &tool), Some("postgres"));
+        assert_eq!(group("anything", me, me, &tool), Some("bench"));
     }
 
     #[test]

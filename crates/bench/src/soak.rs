@@ -4,7 +4,10 @@
 //! latency, CPU µs per order of each process ([`cpu::PerOrder`]), each worker's and the
 //! bench's resident memory (VmRSS), PostgreSQL's `order_ledger` and `stock_movement` sizes
 //! (`pg_total_relation_size`), autovacuum and autoanalyze runs (deltas of
-//! `pg_stat_user_tables`, every table of the run's database) and Redis `used_memory`.
+//! `pg_stat_user_tables`, every table of the run's database), PostgreSQL checkpoints
+//! (`pg_stat_bgwriter`), Redis `used_memory` and the forks Redis made (`total_forks`: an
+//! RDB snapshot or an AOF rewrite, each a copy of the whole dataset), the usual suspects
+//! when a window's p99 rises.
 //! Whether the pipeline holds steady: the first and the last window compared (PostgreSQL
 //! CPU per order, p99, each worker's RSS), within ±25% ([`TOLERANCE`]).
 //!
@@ -300,15 +303,41 @@ async fn publish(
         let sent = sent.clone();
         tokio::spawn(async move {
             for d in deliveries {
-                match d.await {
-                    Ok(Ok(_)) => sent.delivered.fetch_add(1, Ordering::Relaxed),
-                    _ => sent.failed.fetch_add(1, Ordering::Relaxed),
+                let error = match d.await {
+                    Ok(Ok(_)) => {
+                        sent.delivered.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(Err((e, _))) => e.to_string(),
+                    Err(_) => "the delivery report was dropped".to_owned(),
                 };
+                // The first few say why; the check counts them all.
+                if sent.failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                    tracing::warn!(%error, "an order's delivery failed");
+                }
             }
         });
     }
-    Ok(())
+    // The producer is dropped with this task, and dropping it purges what it still holds
+    // (`Purged in queue` / `in flight`: orders counted as published that never were): every
+    // delivery report comes in first. The client retries until the broker has each one.
+    let deadline = Instant::now() + DELIVERY_WAIT;
+    loop {
+        let reported = sent.delivered.load(Ordering::Relaxed) + sent.failed.load(Ordering::Relaxed);
+        if reported >= total {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} orders had no delivery report {DELIVERY_WAIT:?} after the last was published",
+            total - reported
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
+
+/// How long the publisher waits for its last delivery reports.
+const DELIVERY_WAIT: Duration = Duration::from_secs(120);
 
 /// PostgreSQL's figures at one instant.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -318,6 +347,8 @@ pub struct PgStats {
     /// `autovacuum_count` and `autoanalyze_count` summed over the database's tables.
     pub autovacuum: i64,
     pub autoanalyze: i64,
+    /// Checkpoints of the server so far (timed and requested).
+    pub checkpoints: i64,
 }
 
 async fn pg_stats(pool: &sqlx::PgPool) -> Result<PgStats> {
@@ -336,19 +367,39 @@ async fn pg_stats(pool: &sqlx::PgPool) -> Result<PgStats> {
         s.autovacuum += av;
         s.autoanalyze += aa;
     }
+    s.checkpoints =
+        sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+            .fetch_one(pool)
+            .await
+            .context("reading pg_stat_bgwriter")?;
     Ok(s)
 }
 
-/// Redis `used_memory` (INFO memory), bytes.
-async fn redis_used_memory(env: &PipelineEnv) -> Result<u64> {
+/// Redis's figures at one instant (INFO memory and stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RedisStats {
+    /// `used_memory`, bytes.
+    pub used: u64,
+    /// `total_forks` so far.
+    pub forks: u64,
+}
+
+async fn redis_stats(env: &PipelineEnv) -> Result<RedisStats> {
     let info: String = redis::cmd("INFO")
         .arg("memory")
+        .arg("stats")
         .query_async(&mut env.redis.store.connection())
         .await
-        .context("Redis INFO memory")?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
-        .context("no used_memory in INFO memory")
+        .context("Redis INFO memory stats")?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .with_context(|| format!("no {name} in Redis INFO"))
+    };
+    Ok(RedisStats {
+        used: field("used_memory")?,
+        forks: field("total_forks")?,
+    })
 }
 
 /// Everything read at a window's boundary.
@@ -358,6 +409,7 @@ struct Snapshot {
     published: usize,
     firsts: usize,
     pg: PgStats,
+    redis: RedisStats,
 }
 
 /// The figures of one window (one JSON line).
@@ -382,7 +434,10 @@ pub struct Window {
     pub pg_mib: BTreeMap<String, f64>,
     pub autovacuum: i64,
     pub autoanalyze: i64,
+    pub pg_checkpoints: i64,
     pub redis_used_mib: f64,
+    /// Forks Redis made in the window (snapshots, AOF rewrites).
+    pub redis_forks: u64,
 }
 
 /// A window's counters, before they are turned into [`Window`].
@@ -397,7 +452,8 @@ pub struct WindowInput {
     pub rss: BTreeMap<String, u64>,
     pub pg_before: PgStats,
     pub pg_after: PgStats,
-    pub redis_used: u64,
+    pub redis_before: RedisStats,
+    pub redis_after: RedisStats,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -439,7 +495,9 @@ impl Window {
                 .collect(),
             autovacuum: w.pg_after.autovacuum - w.pg_before.autovacuum,
             autoanalyze: w.pg_after.autoanalyze - w.pg_before.autoanalyze,
-            redis_used_mib: w.redis_used as f64 / MIB,
+            pg_checkpoints: w.pg_after.checkpoints - w.pg_before.checkpoints,
+            redis_used_mib: w.redis_after.used as f64 / MIB,
+            redis_forks: w.redis_after.forks.saturating_sub(w.redis_before.forks),
         }
     }
 }
@@ -735,12 +793,17 @@ async fn drive(
                 (t.main.len(), t.firsts)
             };
             let pg = pg_stats(&env.db.pool).await?;
+            let redis = redis_stats(env).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %format!("{e:#}"), "Redis INFO unavailable");
+                RedisStats::default()
+            });
             anyhow::Ok(Snapshot {
                 at: Instant::now(),
                 cpu: cpu::sample_with(procs),
                 published,
                 firsts,
                 pg,
+                redis,
             })
         }
     };
@@ -783,10 +846,6 @@ async fn drive(
         if let Some(b) = cpu::rss_bytes(std::process::id()) {
             rss.insert("bench".into(), b);
         }
-        let redis_used = redis_used_memory(env).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "Redis used_memory unavailable");
-            0
-        });
         let win = Window::of(WindowInput {
             index,
             from_s: (prev.at - start).as_secs_f64(),
@@ -798,7 +857,8 @@ async fn drive(
             rss,
             pg_before: prev.pg.clone(),
             pg_after: cur.pg.clone(),
-            redis_used,
+            redis_before: prev.redis,
+            redis_after: cur.redis,
         });
         eprintln!(
             "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms, pipeline {} us/order",
@@ -836,14 +896,6 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let drain = published_at.elapsed();
-    // Every delivery report in (or failed) before the checks.
-    let reports_deadline = Instant::now() + Duration::from_secs(60);
-    while sent.delivered.load(Ordering::Relaxed) + sent.failed.load(Ordering::Relaxed)
-        < sent.published.load(Ordering::Relaxed)
-        && Instant::now() < reports_deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     Ok((windows, complete, drain))
 }
 
@@ -966,7 +1018,9 @@ fn windows_table(windows: &[Window]) -> Table {
             "stock_movement MiB",
             "autovacuum",
             "autoanalyze",
+            "checkpoints",
             "Redis MiB",
+            "Redis forks",
         ]
         .map(str::to_owned),
     );
@@ -995,7 +1049,9 @@ fn windows_table(windows: &[Window]) -> Table {
             opt(w.pg_mib.get("stock_movement").copied()),
             w.autovacuum.to_string(),
             w.autoanalyze.to_string(),
+            w.pg_checkpoints.to_string(),
             f1(w.redis_used_mib),
+            w.redis_forks.to_string(),
         ]);
         t.row(row);
     }
@@ -1179,13 +1235,19 @@ mod tests {
                 sizes: BTreeMap::new(),
                 autovacuum: 3,
                 autoanalyze: 1,
+                checkpoints: 7,
             },
             pg_after: PgStats {
                 sizes: [("order_ledger".to_owned(), 2 * 1024 * 1024)].into(),
                 autovacuum: 5,
                 autoanalyze: 4,
+                checkpoints: 8,
             },
-            redis_used: 1024 * 1024,
+            redis_before: RedisStats { used: 0, forks: 2 },
+            redis_after: RedisStats {
+                used: 1024 * 1024,
+                forks: 4,
+            },
         }
     }
 
@@ -1203,6 +1265,7 @@ mod tests {
         assert_eq!(w.rss_mib.get("producer-1"), Some(&100.0));
         assert_eq!(w.pg_mib.get("order_ledger"), Some(&2.0));
         assert_eq!(w.redis_used_mib, 1.0);
+        assert_eq!((w.pg_checkpoints, w.redis_forks), (1, 2));
         let empty = latency_of(Vec::new());
         assert_eq!((empty.p50, empty.p99), (0.0, 0.0));
     }
