@@ -130,17 +130,32 @@ impl BenchDb {
         &self.name
     }
 
-    /// Closes the pool and drops the database.
+    /// Closes the pool and drops the database. `WITH (FORCE)` ends the sessions still on it,
+    /// but refuses when one of them is an autovacuum worker (common after a long run: "must
+    /// be a member of the role whose process is being terminated"); a plain `DROP DATABASE`
+    /// then stops the autovacuum worker itself, and is tried a few times.
     pub async fn cleanup(self) {
         self.pool.close().await;
         let dropped = async {
             let mut conn = stock_common::db::options(&self.admin)?.connect().await?;
-            sqlx::query(&format!(
+            let mut result = sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
             ))
             .execute(&mut conn)
-            .await?;
+            .await
+            .map(drop);
+            for _ in 0..3 {
+                if result.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                result = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", self.name))
+                    .execute(&mut conn)
+                    .await
+                    .map(drop);
+            }
+            result?;
             conn.close().await
         }
         .await;
