@@ -254,7 +254,6 @@ async fn read_results(
 /// Publishing's counters, shared with the delivery-report tasks.
 #[derive(Default)]
 struct Sent {
-    published: AtomicUsize,
     delivered: AtomicUsize,
     failed: AtomicUsize,
 }
@@ -295,7 +294,6 @@ async fn publish(
                 OutMessage::keyed(&topic, id, payload)
             })
             .collect();
-        sent.published.store(end, Ordering::Relaxed);
         next = end;
         let deliveries = stock_common::kafka::enqueue_all(&producer, &out, &never)
             .await

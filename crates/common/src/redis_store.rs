@@ -26,11 +26,11 @@
 //!
 //! The scripts (`lua/reserve.lua`, `lua/restore.lua`, `lua/adjust.lua`) pass every key in
 //! KEYS, except the record buckets, which `lua/record.lua` derives from the declared
-//! record base (same hash slot). They are sent with EVALSHA in one pipeline per batch, preceded by SCRIPT LOAD so a
-//! Redis that restarted and forgot them never answers NOSCRIPT. The reserve script decides
-//! a run of orders per call (the per-call cost dominated: 30 µs per single-order call).
-//! Every script is idempotent by order id, so a whole pipeline can be re-run after a
-//! connection error.
+//! record base (same hash slot). They are sent with EVALSHA in one pipeline per batch,
+//! preceded by SCRIPT LOAD so a Redis that restarted and forgot them never answers
+//! NOSCRIPT. The reserve script decides a run of orders per call (the per-call cost
+//! dominated: 30 µs per single-order call). Every script is idempotent by order id, so a
+//! whole pipeline can be re-run after a connection error.
 //!
 //! # Redis Cluster
 //! With `--redis-cluster-nodes`, the same keys live on a cluster ([`slots`]). The loaded
