@@ -41,6 +41,10 @@ pub struct RedisStageArgs {
     /// Also measure a sold-out product, without and with the sold-out marker.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sold_out: bool,
+    /// Products the orders of `reserve_many` go to in turn (1: every order for the hot
+    /// product; more: a call meets many products, as a sale of many SKUs does).
+    #[arg(long, default_value_t = 1)]
+    pub products: i64,
     /// Path of redis-benchmark.
     #[arg(long, default_value = "redis-benchmark")]
     pub redis_benchmark: String,
@@ -56,12 +60,15 @@ pub struct RedisFigure {
     pub vs_limit: Option<f64>,
     /// Redis memory (`used_memory`) grown per order remembered by this measurement.
     pub bytes_per_order: Option<f64>,
+    /// Redis's CPU (`INFO cpu`: user and system, every thread) per order of this
+    /// measurement: the figure that travels to other machines.
+    pub redis_cpu_us_per_order: Option<f64>,
 }
 
 pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
     anyhow::ensure!(
-        args.orders > 0 && args.batch_size > 0,
-        "--orders and --batch-size must be at least 1"
+        args.orders > 0 && args.batch_size > 0 && args.products > 0,
+        "--orders, --batch-size and --products must be at least 1"
     );
     let id = run_id();
     let slot = RedisSlot::claim(&stack.redis, &stack.admin()?.redis, &id).await?;
@@ -73,6 +80,7 @@ pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
         "orders/s",
         "of redis-benchmark -P 16",
         "Redis bytes per remembered order",
+        "Redis CPU µs/order",
     ]);
     for f in &figures {
         t.row([
@@ -81,6 +89,8 @@ pub async fn run(stack: &Stack, args: &RedisStageArgs) -> Result<bool> {
             fmt_ratio(f.vs_limit),
             f.bytes_per_order
                 .map_or_else(|| "-".into(), |b| format!("{b:.1}")),
+            f.redis_cpu_us_per_order
+                .map_or_else(|| "-".into(), |c| format!("{c:.1}")),
         ]);
     }
     println!();
@@ -96,10 +106,14 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
     let mut conn = slot.store.connection();
     let _: () = conn.set(LOADED_KEY, "1").await?;
     let plenty = (args.orders as i64) * 4 + 1_000_000;
-    let _: () = conn.set(stock_key(PRODUCT), plenty).await?;
+    for p in PRODUCT..PRODUCT + args.products {
+        let _: () = conn.set(stock_key(p), plenty).await?;
+    }
 
     eprintln!("bench redis: redis-benchmark EVALSHA -P 16 ...");
+    let cpu = redis_cpu(&mut conn).await?;
     let limit = redis_benchmark(slot, args).await?;
+    let limit_cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
     let mut figures = vec![RedisFigure {
         bench: "redis",
         what: "redis-benchmark: EVALSHA reserve, 1 order/call, -P 16, 50 clients".into(),
@@ -107,8 +121,13 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         orders_per_s: limit,
         vs_limit: Some(1.0),
         bytes_per_order: None,
+        redis_cpu_us_per_order: Some(limit_cpu),
     }];
-    let push = |figures: &mut Vec<RedisFigure>, what: String, r: f64, bytes: Option<f64>| {
+    let push = |figures: &mut Vec<RedisFigure>,
+                what: String,
+                r: f64,
+                bytes: Option<f64>,
+                cpu: f64| {
         figures.push(RedisFigure {
             bench: "redis",
             what,
@@ -116,6 +135,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
             orders_per_s: r,
             vs_limit: (limit > 0.0).then(|| r / limit),
             bytes_per_order: bytes,
+            redis_cpu_us_per_order: Some(cpu),
         })
     };
     // The layout before issue 12 (one string key with a lifetime per order), written
@@ -142,6 +162,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         orders_per_s: 0.0,
         vs_limit: None,
         bytes_per_order: Some(grown as f64 / args.orders as f64),
+        redis_cpu_us_per_order: None,
     });
     for &opc in &args.orders_per_call {
         eprintln!("bench redis: reserve_many, {opc} order(s) per call ...");
@@ -149,7 +170,9 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         a.orders_per_call = opc;
         let store = RedisStore::connect(&a).await?;
         let before = used_memory(&mut conn).await?;
-        let r = drive(&store, args, &format!("{id}-{opc}"), false, true).await?;
+        let cpu = redis_cpu(&mut conn).await?;
+        let r = drive(&store, args, &format!("{id}-{opc}"), false, true, args.products).await?;
+        let cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
         let grown = used_memory(&mut conn).await?.saturating_sub(before);
         push(
             &mut figures,
@@ -159,6 +182,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
             ),
             r,
             Some(grown as f64 / args.orders as f64),
+            cpu,
         );
     }
     if args.sold_out {
@@ -173,7 +197,9 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         let store = RedisStore::connect(&slot.args).await?;
         for marker in [false, true] {
             eprintln!("bench redis: sold out, marker {marker} ...");
-            let r = drive(&store, args, &format!("{id}-so-{marker}"), marker, false).await?;
+            let cpu = redis_cpu(&mut conn).await?;
+            let r = drive(&store, args, &format!("{id}-so-{marker}"), marker, false, 1).await?;
+            let cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
             push(
                 &mut figures,
                 format!(
@@ -183,6 +209,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
                 ),
                 r,
                 None,
+                cpu,
             );
         }
     }
@@ -197,19 +224,37 @@ async fn used_memory(conn: &mut stock_common::redis_store::RedisConn) -> Result<
         .context("no used_memory in INFO memory")
 }
 
-/// Decides `args.orders` fresh orders batch after batch; checks each outcome.
+/// Redis's CPU seconds so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`).
+async fn redis_cpu(conn: &mut stock_common::redis_store::RedisConn) -> Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {name} in INFO cpu"))
+    };
+    Ok(field("used_cpu_user:")? + field("used_cpu_sys:")?)
+}
+
+/// CPU seconds spent on `orders` orders, in µs per order.
+fn per_order(seconds: f64, orders: usize) -> f64 {
+    seconds * 1e6 / orders.max(1) as f64
+}
+
+/// Decides `args.orders` fresh orders for `products` products in turn, batch after batch;
+/// checks each outcome.
 async fn drive(
     store: &RedisStore,
     args: &RedisStageArgs,
     prefix: &str,
     use_marker: bool,
     expect_held: bool,
+    products: i64,
 ) -> Result<f64> {
     let reqs: Vec<ReserveRequest> = (0..args.orders)
         .map(|i| ReserveRequest {
             order_id: format!("rb-{prefix}-{i}"),
             items: vec![Item {
-                product_id: PRODUCT,
+                product_id: PRODUCT + (i as i64) % products,
                 quantity: 1,
             }],
             forced: None,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use stock_common::events::{Item, Reason, Status, StockResult};
 use stock_common::pg_store;
+use stock_common::redis_store::buyers_key;
 use stock_devkit::worker_args::duration;
 use stock_e2e::harness::{cancelled, conflicting, created, created_by, paid, Outcomes};
 use stock_e2e::{reset_group_to_earliest, wait_until, TestEnv, Workers};
@@ -476,6 +477,63 @@ async fn lowering_and_removing_a_limit_never_takes_back() {
     assert_eq!(row.reserved, 5);
     env.assert_invariants(&[1]).await;
     assert_no_drift(&env).await;
+    collector.stop().await;
+    env.cleanup().await;
+}
+
+/// A customer's count in a buyers hash that is not an integer stops that customer's orders
+/// of that product only: the order is dead-lettered naming the key (nothing taken), and
+/// the other orders of the same batch, of the same product, are decided and take their
+/// stock. (The reserve script used to run into HINCRBY's refusal midway and fail the whole
+/// batch, again at every retry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_customer_count_stops_only_that_customer() {
+    let env = TestEnv::new().await;
+    env.load_stock(&[(1, 100)]).await;
+    set_limit(&env, 1, Some(5), "limit-1").await;
+    let _: () = redis::cmd("HSET")
+        .arg(buyers_key(1))
+        .arg("c")
+        .arg("not a number")
+        .query_async(&mut env.store.connection())
+        .await
+        .expect("hset");
+    let workers = env.start_workers().await;
+    let collector = env.collector();
+    let script: Vec<(&str, Vec<u8>)> = vec![
+        ("before", created_by("before", "other", &[item(1, 1)])),
+        ("bad", created_by("bad", "c", &[item(1, 2)])),
+        ("after", created_by("after", "other", &[item(1, 3)])),
+    ];
+    env.send_orders(
+        script
+            .into_iter()
+            .map(|(_, v)| ("same-key".to_owned(), v))
+            .collect(),
+    )
+    .await;
+    let good: HashSet<String> = ["before".to_owned(), "after".to_owned()].into();
+    assert!(collector.wait_for(&good, 1, WAIT).await, "the others sell");
+    let dead = stock_e2e::read_topic(&env.kafka, &env.topics.dlq, 1, WAIT).await;
+    assert_eq!(dead.len(), 1);
+    let reason = stock_e2e::header(&dead[0], "dlq.reason").unwrap_or_default();
+    assert!(reason.contains(&buyers_key(1)), "{reason}");
+    assert!(env.wait_idle("producer", "consumer").await);
+    workers.stop().await;
+
+    let o = collector.snapshot();
+    assert_eq!(o["before"], vec![StockResult::reserved("before")]);
+    assert_eq!(o["after"], vec![StockResult::reserved("after")]);
+    assert!(!o.contains_key("bad"), "{:?}", o.get("bad"));
+    assert_eq!(env.redis_stock(1).await, Some(96), "bad took nothing");
+    assert_eq!(env.stock_row(1).await.reserved, 4);
+    let other: Option<i64> = redis::cmd("HGET")
+        .arg(buyers_key(1))
+        .arg("other")
+        .query_async(&mut env.store.connection())
+        .await
+        .expect("hget");
+    assert_eq!(other, Some(4), "the other customer's units counted");
     collector.stop().await;
     env.cleanup().await;
 }

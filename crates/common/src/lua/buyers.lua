@@ -3,11 +3,22 @@
 -- exists only while it has a limit: field '#limit', and one field per customer holding
 -- units of it.
 
+-- What a call has learnt of the buyers hashes, which its own writes do not change: whether
+-- a hash exists, and its limit (false: none). A hash exists while its product has a limit.
+local buyers_exist = {}
+local buyers_limit = {}
+
 -- Whether any of KEYS[from + 1 .. from + n] (buyers hashes) exists: an order without a
 -- customer cannot buy a limited product.
 local function any_limited(from, n)
   for i = 1, n do
-    if redis.call('EXISTS', KEYS[from + i]) == 1 then
+    local key = KEYS[from + i]
+    local e = buyers_exist[key]
+    if e == nil then
+      e = redis.call('EXISTS', key) == 1
+      buyers_exist[key] = e
+    end
+    if e then
       return true
     end
   end
@@ -15,17 +26,33 @@ local function any_limited(from, n)
 end
 
 -- What `q` more units of the product of hash `buyers` do to `customer`: 'over' (above the
--- limit), 'counts' (within it; the units are to be counted), or nil (no limit, or no
--- customer).
+-- limit), 'counts' (within it; the units are to be counted), nil (no limit, or no
+-- customer), or 'corrupt' (the customer's count is not an integer: HINCRBY would refuse).
 local function limit_check(buyers, customer, q)
   if customer == '' then
     return nil
   end
-  local lim = redis.call('HMGET', buyers, '#limit', customer)
-  if not lim[1] then
+  local limit = buyers_limit[buyers]
+  local held
+  if limit == nil then
+    local lim = redis.call('HMGET', buyers, '#limit', customer)
+    limit = tonumber(lim[1]) or false
+    buyers_limit[buyers] = limit
+    held = lim[2]
+  elseif limit then
+    held = redis.call('HGET', buyers, customer)
+  end
+  if not limit then
     return nil
   end
-  if (tonumber(lim[2]) or 0) + q > tonumber(lim[1]) then
+  local units = 0
+  if held then
+    units = integer(held)
+    if not units then
+      return 'corrupt'
+    end
+  end
+  if units + q > limit then
     return 'over'
   end
   return 'counts'

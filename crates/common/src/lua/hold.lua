@@ -21,7 +21,8 @@
 --                       nothing done, claim again under a new token
 --   'short' <pid>       not enough stock of pid (nothing taken)
 --   'unknown' <pid>     no stock key for pid (nothing taken)
---   'corrupt' <key>     a stock key that does not hold an integer (nothing taken)
+--   'corrupt' <key>     a stock key, or the buyers hash whose count of the customer, that
+--                       does not hold an integer (nothing taken)
 --   'limit' <pid>       the customer would hold more of pid than its limit (nothing taken)
 --   'invalid' ''        no customer, and an item here has a limit (nothing taken)
 local marker = redis.call('GET', KEYS[1])
@@ -74,6 +75,10 @@ while a <= #ARGV do
           local limit = limit_check(KEYS[buyers + i], customer, q)
           if limit == 'over' then
             kind, detail = 'limit', ARGV[pid + i]
+            break
+          end
+          if limit == 'corrupt' then
+            kind, detail = 'corrupt', KEYS[buyers + i]
             break
           end
           limited[i] = limit == 'counts'

@@ -14,8 +14,9 @@
 -- holds about REC_LOAD records, stays a listpack (hash-max-listpack-entries 128), and a
 -- record costs its id and value plus a few bytes, at any rate.
 --
--- A record lives in one bucket for good: it is written once (rec_insert) where no window
--- has it, then changed in place (rec_update).
+-- A record lives in one bucket for good: it is written once (rec_insert, or rec_claim,
+-- which looks for it and writes it in one go) where no window has it, then changed in
+-- place (rec_update).
 --
 -- Every bucket key carries its window's expiry from its creation, with no per-insert cost:
 -- bucket 0 is created by a window's first record, every other by the split that opens it
@@ -37,20 +38,27 @@ local function rec_hash(f)
   return ((a * 256 + b) * 256 + c) * 256 + d
 end
 
+-- The key of bucket b of a window (its names are kept: a call meets the same buckets
+-- again, and a number turned into text costs a printf).
 local function rec_key(base, win, b)
-  return win.prefix .. b
+  local k = win.keys[b]
+  if not k then
+    k = win.prefix .. b
+    win.keys[b] = k
+  end
+  return k
 end
 
+-- m is 2^L, kept along with L.
 local function rec_window(base, field, W, w, L, s, n)
-  return {field = field, prefix = base .. ':' .. field .. ':', W = W, w = w, L = L, s = s,
-          n = n, exp = (w + 3) * W}
+  return {field = field, prefix = base .. ':' .. field .. ':', W = W, w = w, L = L, m = 2 ^ L,
+          s = s, n = n, exp = (w + 3) * W, keys = {}}
 end
 
 local function rec_bucket(win, h)
-  local m = 2 ^ win.L
-  local b = h % m
+  local b = h % win.m
   if b < win.s then
-    b = h % (2 * m)
+    b = h % (2 * win.m)
   end
   return b
 end
@@ -119,83 +127,115 @@ local function rec_save(base, win)
   end
 end
 
--- Moves the records of bucket s that belong to bucket s + 2^L there. Both buckets are
--- written whole (one HSET each): deleting fields one by one from a listpack costs a scan
--- and a move per field.
+-- Moves the records of bucket s that belong to bucket s + 2^L there: one HSET of them
+-- all, one HDEL of them all.
 local function rec_split(base, win)
-  local m = 2 ^ win.L
+  local m = win.m
   local from = rec_key(base, win, win.s)
   local to = rec_key(base, win, win.s + m)
   local all = redis.call('HGETALL', from)
-  local moved, kept = {}, {}
+  local moved, fields = {}, {}
   for j = 1, #all, 2 do
     local f = all[j]
     if f ~= '' and rec_hash(f) % (2 * m) ~= win.s then
       moved[#moved + 1] = f
       moved[#moved + 1] = all[j + 1]
-    elseif f ~= '' then
-      kept[#kept + 1] = f
-      kept[#kept + 1] = all[j + 1]
+      fields[#fields + 1] = f
     end
   end
   -- An empty bucket would be deleted and created again by an insert without an expiry: it
   -- keeps the empty field instead (no record's field is empty).
-  local any = #moved > 0
-  if not any then
+  if #fields == 0 then
     moved = {'', ''}
-  end
-  if #kept == 0 then
-    kept = {'', ''}
+  elseif #fields * 2 == #all then
+    redis.call('HSET', from, '', '')
   end
   redis.call('HSET', to, unpack(moved))
   redis.call('EXPIREAT', to, win.exp)
-  if any then
-    redis.call('DEL', from)
-    redis.call('HSET', from, unpack(kept))
-    redis.call('EXPIREAT', from, win.exp)
+  if #fields > 0 then
+    redis.call('HDEL', from, unpack(fields))
   end
   win.s = win.s + 1
   if win.s == m then
     win.L = win.L + 1
+    win.m = 2 * m
     win.s = 0
   end
 end
 
--- Writes the first record of the order whose field is `id` (not in any window: see
--- rec_find), remembered for `memory` seconds or up to half as long again.
+-- The window new records of `memory` seconds go to now, created if need be.
 local rec_target = {}
-local function rec_insert(base, id, h, value, memory)
-  local win = rec_target[base .. '|' .. memory]
-  if not win then
-    local W = math.max(1, math.floor(tonumber(memory) / 2))
-    local w = math.floor(rec_now() / W)
-    local field = W .. ':' .. w
-    local ix = rec_windows(base)
-    win = ix.by[field]
-    if not win then
-      win = rec_window(base, field, W, w, 0, 0, 0)
-      win.new = true
-      ix.by[field] = win
-      table.insert(ix.list, 1, win)
-      table.sort(ix.list, function(a, b) return a.exp > b.exp end)
-    end
-    rec_target[base .. '|' .. memory] = win
+local function rec_target_window(base, memory)
+  local by_memory = rec_target[base]
+  if not by_memory then
+    by_memory = {}
+    rec_target[base] = by_memory
   end
-  local key = rec_key(base, win, rec_bucket(win, h))
-  redis.call('HSET', key, id, value)
+  local win = by_memory[memory]
+  if win then
+    return win
+  end
+  local W = math.max(1, math.floor(tonumber(memory) / 2))
+  local w = math.floor(rec_now() / W)
+  local field = W .. ':' .. w
+  local ix = rec_windows(base)
+  win = ix.by[field]
+  if not win then
+    win = rec_window(base, field, W, w, 0, 0, 0)
+    win.new = true
+    ix.by[field] = win
+    table.insert(ix.list, 1, win)
+    table.sort(ix.list, function(a, b) return a.exp > b.exp end)
+  end
+  by_memory[memory] = win
+  return win
+end
+
+-- Counts a record just written to bucket `key` of `win`, and splits what is due.
+local function rec_added(base, win, key)
   win.n = win.n + 1
   if win.new then
     redis.call('EXPIREAT', key, win.exp)
     rec_save(base, win)
   end
-  if win.n > REC_LOAD * (2 ^ win.L + win.s) then
+  if win.n > REC_LOAD * (win.m + win.s) then
     repeat
       rec_split(base, win)
-    until win.n <= REC_LOAD * (2 ^ win.L + win.s)
+    until win.n <= REC_LOAD * (win.m + win.s)
     rec_save(base, win)
   else
     rec_unsaved[win] = base
   end
+end
+
+-- Writes the first record of the order whose field is `id` (not in any window: see
+-- rec_find), remembered for `memory` seconds or up to half as long again.
+local function rec_insert(base, id, h, value, memory)
+  local win = rec_target_window(base, memory)
+  local key = rec_key(base, win, rec_bucket(win, h))
+  redis.call('HSET', key, id, value)
+  rec_added(base, win, key)
+end
+
+-- rec_find and rec_insert in one: writes `value` as the first record of the order whose
+-- field is `id` and returns nil, or returns the record some window already has (nothing
+-- written). The window written to is looked up with the write itself (HSETNX).
+local function rec_claim(base, id, h, value, memory)
+  local win = rec_target_window(base, memory)
+  for _, other in ipairs(rec_windows(base).list) do
+    if other ~= win then
+      local v = redis.call('HGET', rec_key(base, other, rec_bucket(other, h)), id)
+      if v then
+        return v
+      end
+    end
+  end
+  local key = rec_key(base, win, rec_bucket(win, h))
+  if redis.call('HSETNX', key, id, value) == 0 then
+    return redis.call('HGET', key, id)
+  end
+  rec_added(base, win, key)
+  return nil
 end
 
 -- Saves the counts of the windows this call inserted into. A script that inserts calls it

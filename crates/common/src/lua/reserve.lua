@@ -39,11 +39,16 @@
 -- {'ok', epoch, k, zero_1 .. zero_k, kind_1, rec_1, kind_2, rec_2, ...}: zero_i are
 -- products seen at 0 stock by this call; per order kind is 'new' (decided now), 'seen'
 -- (decided before; rec is the first decision, nothing changed) or 'corrupt' (rec names a
--- stock key that does not hold an integer; nothing done for this order). Records:
+-- stock key, or the buyers hash whose count of the order's customer, that does not hold an
+-- integer; nothing done for this order). Records:
 -- 'R|<token>|<items>[|<customer>]' stock held, 'C|<token>|<items>[|<customer>]' held then
 -- given back,
 -- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
 -- pre-deduction, so that PostgreSQL can tell a redelivery of it from a second one.
+--
+-- Each order is decided reading only; then its record is claimed (lua/record.lua
+-- rec_claim), and only an order claimed now takes stock. A stock value read once is kept
+-- for the rest of the call (its own DECRBY keeps it true: no script adds stock).
 --
 -- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua;
 -- limits: lua/buyers.lua.
@@ -63,6 +68,8 @@ local function zero(pid)
     zeros[#zeros + 1] = pid
   end
 end
+-- Stock values this call has read or written: key -> units (its own DECRBY keeps them).
+local stock = {}
 local out = {}
 local k = 4
 local a = 4
@@ -78,67 +85,89 @@ while a <= #ARGV do
   local base = KEYS[k]
   local buyers = k + n
   local h = rec_hash(id)
-  local rec = rec_find(base, id, h)
-  local kind = 'new'
-  if rec then
-    kind = 'seen'
-    decision = rec
-  else
-    local corrupt = nil
-    local limited = {}
-    if decision == '' and customer == '' and any_limited(buyers, n) then
-      decision = 'X|invalid_order|'
-    end
-    if decision == '' and guarded and marker_valid then
-      decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
-    end
-    if decision == '' then
-      for i = 1, n do
-        local raw = redis.call('GET', KEYS[k + i])
+  -- First the decision, reading only; then the record is claimed (HSETNX), and only an
+  -- order claimed now takes stock: a decision made before stands as it is.
+  local corrupt = nil
+  local limited = {}
+  local take = false
+  if decision == '' and customer == '' and any_limited(buyers, n) then
+    decision = 'X|invalid_order|'
+  end
+  if decision == '' and guarded and marker_valid then
+    decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
+  end
+  if decision == '' then
+    for i = 1, n do
+      local key = KEYS[k + i]
+      local have = stock[key]
+      if not have then
+        local raw = redis.call('GET', key)
         if not raw then
           decision = 'X|unknown_product|' .. ARGV[pid + i]
           break
         end
-        local have = integer(raw)
+        have = integer(raw)
         if not have then
-          corrupt = KEYS[k + i]
+          corrupt = key
           break
         end
-        local q = tonumber(ARGV[qty + i])
-        if have < q then
-          if have == 0 then
-            zero(ARGV[pid + i])
-          end
-          decision = 'X|insufficient_stock|' .. ARGV[pid + i]
-          break
+        stock[key] = have
+      end
+      local q = tonumber(ARGV[qty + i])
+      if have < q then
+        if have == 0 then
+          zero(ARGV[pid + i])
         end
-        local limit = limit_check(KEYS[buyers + i], customer, q)
-        if limit == 'over' then
-          decision = 'X|limit_exceeded|' .. ARGV[pid + i]
-          break
-        end
-        limited[i] = limit == 'counts'
+        decision = 'X|insufficient_stock|' .. ARGV[pid + i]
+        break
+      end
+      local limit = limit_check(KEYS[buyers + i], customer, q)
+      if limit == 'over' then
+        decision = 'X|limit_exceeded|' .. ARGV[pid + i]
+        break
+      end
+      if limit == 'corrupt' then
+        corrupt = KEYS[buyers + i]
+        break
+      end
+      limited[i] = limit == 'counts'
+    end
+    if decision == '' and not corrupt then
+      take = true
+      decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
+      if customer ~= '' then
+        decision = decision .. '|' .. customer
       end
     end
-    if corrupt then
+  end
+  local kind = 'new'
+  if corrupt then
+    -- Nothing is done for this order, unless it was decided before.
+    local rec = rec_find(base, id, h)
+    if rec then
+      kind = 'seen'
+      decision = rec
+    else
       kind = 'corrupt'
       decision = corrupt
-    else
-      if decision == '' then
-        for i = 1, n do
-          if redis.call('DECRBY', KEYS[k + i], ARGV[qty + i]) == 0 then
-            zero(ARGV[pid + i])
-          end
-          if limited[i] then
-            redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
-          end
+    end
+  else
+    local rec = rec_claim(base, id, h, decision, ttl)
+    if rec then
+      kind = 'seen'
+      decision = rec
+    elseif take then
+      for i = 1, n do
+        local key = KEYS[k + i]
+        local left = redis.call('DECRBY', key, ARGV[qty + i])
+        stock[key] = left
+        if left == 0 then
+          zero(ARGV[pid + i])
         end
-        decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
-        if customer ~= '' then
-          decision = decision .. '|' .. customer
+        if limited[i] then
+          redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
         end
       end
-      rec_insert(base, id, h, decision, ttl)
     end
   end
   out[#out + 1] = kind
