@@ -123,21 +123,18 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         bytes_per_order: None,
         redis_cpu_us_per_order: Some(limit_cpu),
     }];
-    let push = |figures: &mut Vec<RedisFigure>,
-                what: String,
-                r: f64,
-                bytes: Option<f64>,
-                cpu: f64| {
-        figures.push(RedisFigure {
-            bench: "redis",
-            what,
-            orders: args.orders,
-            orders_per_s: r,
-            vs_limit: (limit > 0.0).then(|| r / limit),
-            bytes_per_order: bytes,
-            redis_cpu_us_per_order: Some(cpu),
-        })
-    };
+    let push =
+        |figures: &mut Vec<RedisFigure>, what: String, r: f64, bytes: Option<f64>, cpu: f64| {
+            figures.push(RedisFigure {
+                bench: "redis",
+                what,
+                orders: args.orders,
+                orders_per_s: r,
+                vs_limit: (limit > 0.0).then(|| r / limit),
+                bytes_per_order: bytes,
+                redis_cpu_us_per_order: Some(cpu),
+            })
+        };
     // The layout before issue 12 (one string key with a lifetime per order), written
     // here with records of the same length, as the same-run baseline of the memory.
     eprintln!("bench redis: one key per order (the old layout), memory only ...");
@@ -171,7 +168,15 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         let store = RedisStore::connect(&a).await?;
         let before = used_memory(&mut conn).await?;
         let cpu = redis_cpu(&mut conn).await?;
-        let r = drive(&store, args, &format!("{id}-{opc}"), false, true, args.products).await?;
+        let r = drive(
+            &store,
+            args,
+            &format!("{id}-{opc}"),
+            false,
+            true,
+            args.products,
+        )
+        .await?;
         let cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
         let grown = used_memory(&mut conn).await?.saturating_sub(before);
         push(
