@@ -32,6 +32,17 @@ async fn set_limit(env: &TestEnv, product: i64, per_customer: Option<i64>, reque
         .expect("stockctl limit");
 }
 
+/// Sends `script`'s orders under one key: one partition, in this order.
+async fn send_in_order(env: &TestEnv, script: Vec<(&str, Vec<u8>)>) {
+    env.send_orders(
+        script
+            .into_iter()
+            .map(|(_, v)| ("same-key".to_owned(), v))
+            .collect(),
+    )
+    .await;
+}
+
 /// A product's counts in both stores: (PostgreSQL's, Redis'), customers holding > 0 units.
 async fn counts(env: &TestEnv, product: i64) -> (BTreeMap<String, i64>, BTreeMap<String, i64>) {
     let pg: BTreeMap<String, i64> = pg_store::top_customers(&env.pool, product, i64::MAX)
@@ -159,13 +170,7 @@ async fn an_order_over_one_limit_reserves_nothing() {
         ("g", created_by("g", "other", &[item(2, 2), item(1, 1)])),
     ];
     let ids: HashSet<String> = script.iter().map(|(k, _)| k.to_string()).collect();
-    env.send_orders(
-        script
-            .into_iter()
-            .map(|(_, v)| ("same-key".to_owned(), v))
-            .collect(),
-    )
-    .await;
+    send_in_order(&env, script).await;
     assert!(collector.wait_for(&ids, 1, WAIT).await);
     assert!(env.wait_idle("producer", "consumer").await);
     workers.stop().await;
@@ -505,13 +510,7 @@ async fn a_corrupt_customer_count_stops_only_that_customer() {
         ("bad", created_by("bad", "c", &[item(1, 2)])),
         ("after", created_by("after", "other", &[item(1, 3)])),
     ];
-    env.send_orders(
-        script
-            .into_iter()
-            .map(|(_, v)| ("same-key".to_owned(), v))
-            .collect(),
-    )
-    .await;
+    send_in_order(&env, script).await;
     let good: HashSet<String> = ["before".to_owned(), "after".to_owned()].into();
     assert!(collector.wait_for(&good, 1, WAIT).await, "the others sell");
     let dead = stock_e2e::read_topic(&env.kafka, &env.topics.dlq, 1, WAIT).await;
