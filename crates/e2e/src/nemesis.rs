@@ -581,14 +581,13 @@ async fn play(
     fault_rng: &mut Rng,
     collector: &crate::harness::ResultCollector,
 ) -> anyhow::Result<Played> {
-    let kafka_producer = stock_common::kafka::producer(&ctx.env.kafka)?;
     let published = AtomicUsize::new(0);
     let stop_workload = CancellationToken::new();
     let done = CancellationToken::new();
     let start = ctx.start;
     let workload = async {
         let r = workload::play(
-            &kafka_producer,
+            &ctx.env.kafka,
             &ctx.env.topics.orders,
             &plan.events,
             start,

@@ -22,6 +22,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use stock_common::config::KafkaArgs;
 use stock_common::events::Item;
 use stock_devkit::rng::Rng;
 use tokio::time::Instant;
@@ -558,21 +559,26 @@ pub fn generate(shape: &WorkloadShape, rng: &mut Rng) -> Plan {
 
 /// Plays `events` onto `topic` at their times (from `start`), waiting for every delivery
 /// report. Returns each event's (partition, offset). Progress goes into `published`.
+///
+/// The client is this function's own ([`Publisher`]): one that stalls after a broker
+/// restart (no delivery report for [`STALL`], librdkafka's re-bootstrap, see DESIGN) is
+/// replaced, as the workers' stall watch replaces theirs, instead of waiting for good.
 pub async fn play(
-    producer: &FutureProducer,
+    kafka: &KafkaArgs,
     topic: &str,
     events: &[Event],
     start: Instant,
     published: &AtomicUsize,
     stop: &CancellationToken,
 ) -> anyhow::Result<Vec<Option<(i32, i64)>>> {
+    let mut publisher = Publisher::new(kafka)?;
     let mut positions = vec![None; events.len()];
     let mut next = 0;
     while next < events.len() {
         let now = start.elapsed();
         let end = next + events[next..].partition_point(|e| e.at <= now);
         if end > next {
-            let got = publish_tracked(producer, topic, &events[next..end], stop).await?;
+            let got = publish_tracked(&mut publisher, topic, &events[next..end], stop).await?;
             positions[next..end].copy_from_slice(&got);
             published.store(end, Ordering::Relaxed);
             next = end;
@@ -587,10 +593,38 @@ pub async fn play(
     Ok(positions)
 }
 
+/// How long the workload waits for a batch's delivery reports before it takes its client
+/// for stalled and sends what is not acknowledged again with a new one.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// The workload's Kafka client, replaced when it stalls.
+struct Publisher<'a> {
+    kafka: &'a KafkaArgs,
+    producer: FutureProducer,
+}
+
+impl<'a> Publisher<'a> {
+    fn new(kafka: &'a KafkaArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            kafka,
+            producer: stock_common::kafka::producer(kafka)?,
+        })
+    }
+
+    /// A new client in place of a stalled one. The stalled one is left as it is, never
+    /// dropped: its destructor would wait on the very threads that are stuck.
+    fn replace(&mut self) -> anyhow::Result<()> {
+        let fresh = stock_common::kafka::producer(self.kafka)?;
+        std::mem::forget(std::mem::replace(&mut self.producer, fresh));
+        Ok(())
+    }
+}
+
 /// Publishes `events` in order and waits for every delivery report; a failed delivery is
-/// sent again (with capped backoff) until it is acknowledged.
+/// sent again (with capped backoff) until it is acknowledged, with a new client if the
+/// reports did not come within [`STALL`].
 async fn publish_tracked(
-    producer: &FutureProducer,
+    publisher: &mut Publisher<'_>,
     topic: &str,
     events: &[Event],
     stop: &CancellationToken,
@@ -599,6 +633,7 @@ async fn publish_tracked(
     let mut pending: Vec<usize> = (0..events.len()).collect();
     let mut delay = ms(100);
     loop {
+        let producer = &publisher.producer;
         let mut futures = Vec::with_capacity(pending.len());
         for &i in &pending {
             let e = &events[i];
@@ -625,15 +660,32 @@ async fn publish_tracked(
             }
         }
         let mut failed = Vec::new();
+        let deadline = Instant::now() + STALL;
+        let mut stalled = false;
         for (i, f) in futures {
-            match f.await {
-                Ok(Ok(d)) => positions[i] = Some((d.partition, d.offset)),
-                Ok(Err((err, _))) => {
+            if stalled {
+                failed.push(i);
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, f).await {
+                Ok(Ok(Ok(d))) => positions[i] = Some((d.partition, d.offset)),
+                Ok(Ok(Err((err, _)))) => {
                     tracing::warn!(error = %err, "workload: delivery failed; resending");
                     failed.push(i);
                 }
-                Err(_) => failed.push(i),
+                Ok(Err(_)) => failed.push(i),
+                Err(_) => {
+                    stalled = true;
+                    failed.push(i);
+                }
             }
+        }
+        if stalled {
+            tracing::warn!(
+                unacknowledged = failed.len(),
+                "workload: no delivery report in {STALL:?}; a new client sends them again"
+            );
+            publisher.replace()?;
         }
         if failed.is_empty() {
             return Ok(positions);
