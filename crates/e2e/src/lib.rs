@@ -610,12 +610,22 @@ pub fn reset_group_to_earliest(kafka: &KafkaArgs, group: &str, topics: &[&str], 
         .expect("commit offsets");
 }
 
-/// The committed offsets of `group` on `topic`, summed over partitions.
+/// The committed offsets of `group` on `topic`, summed over partitions. Asked again for up
+/// to 30 s while Kafka answers with an error: right after a broker is lost, the group's
+/// coordinator moves and the question meets `NotCoordinator` or a coordinator still
+/// loading (a CI run of `kafka_cluster.rs` failed on one such answer).
 pub fn committed_total(kafka: &KafkaArgs, group: &str, topic: &str) -> i64 {
-    stock_devkit::topics::committed_offsets(kafka, group, topic)
-        .expect("committed")
-        .iter()
-        .sum()
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match stock_devkit::topics::committed_offsets(kafka, group, topic) {
+            Ok(offsets) => return offsets.iter().sum(),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "committed offsets not answered yet; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("committed offsets of {group} on {topic}: {e}"),
+        }
+    }
 }
 
 /// Test logging (captured by the test runner); colours only when stdout is a terminal.
