@@ -26,11 +26,13 @@
 //!
 //! The scripts (`lua/reserve.lua`, `lua/restore.lua`, `lua/adjust.lua`) pass every key in
 //! KEYS, except the record buckets, which `lua/record.lua` derives from the declared
-//! record base (same hash slot). They are sent with EVALSHA in one pipeline per batch,
-//! preceded by SCRIPT LOAD so a Redis that restarted and forgot them never answers
-//! NOSCRIPT. The reserve script decides a run of orders per call (the per-call cost
-//! dominated: 30 µs per single-order call). Every script is idempotent by order id, so a
-//! whole pipeline can be re-run after a connection error.
+//! record base (same hash slot). They are sent with EVALSHA only, in one pipeline per
+//! batch: a Redis that does not hold a script (restarted, flushed, a replica promoted since)
+//! answers NOSCRIPT, and the pipeline runs again once the script is loaded ([`Lua::query`]).
+//! Sending the source with every pipeline (SCRIPT LOAD, about 20 KB for the reserve script)
+//! cost Redis a SHA-1 of it per round trip. The reserve script decides a run of orders per
+//! call (the per-call cost dominated: 30 µs per single-order call). Every script is
+//! idempotent by order id, so a whole pipeline can be re-run after a connection error.
 //!
 //! # Redis Cluster
 //! With `--redis-cluster-nodes`, the same keys live on a cluster ([`slots`]). The loaded
@@ -83,11 +85,63 @@ pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
     .concat()
 });
 
-static RESERVE: LazyLock<Script> = LazyLock::new(|| Script::new(&RESERVE_LUA));
+/// A script with its source, run by EVALSHA alone: a server that answers NOSCRIPT is
+/// given the source then ([`Lua::query`]).
+struct Lua {
+    source: String,
+    script: Script,
+}
+
+impl Lua {
+    fn new(source: String) -> Lua {
+        Lua {
+            script: Script::new(&source),
+            source,
+        }
+    }
+
+    /// Loads the script behind `conn`: on a cluster, on every master (the client sends
+    /// SCRIPT LOAD to all of them).
+    async fn load(&self, conn: &mut RedisConn) -> Result<(), StoreError> {
+        let _: redis::Value = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&self.source)
+            .query_async(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `pipe`, calls of this script only. A server that does not hold the script ran
+    /// none of them and answers NOSCRIPT: the script is loaded and the pipeline runs again
+    /// (a call that ran meanwhile, after a SCRIPT FLUSH between two of them, runs again
+    /// harmlessly: every script is idempotent by order id).
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut RedisConn,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        match pipe.query_async(conn).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.load(conn).await?;
+                Ok(pipe.query_async(conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+    fn deref(&self) -> &Script {
+        &self.script
+    }
+}
+
+static RESERVE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESERVE_LUA.clone()));
 /// Reads one order's record with its slot's loaded marker.
-static REC_GET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
+static REC_GET: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
             include_str!("lua/record.lua"),
             include_str!("lua/rec_get.lua"),
         ]
@@ -95,18 +149,18 @@ static REC_GET: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 /// Writes the records of a load.
-static REC_PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
+static REC_PUT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
             include_str!("lua/record.lua"),
             include_str!("lua/rec_put.lua"),
         ]
         .concat(),
     )
 });
-static RESTORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
+static RESTORE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        [
             include_str!("lua/marker.lua"),
             include_str!("lua/buyers.lua"),
             include_str!("lua/record.lua"),
@@ -1128,7 +1182,6 @@ impl RedisStore {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut pipe = redis::pipe();
-        pipe.load_script(&RESERVE).ignore();
         let mut sizes = Vec::new();
         for (c, call) in reqs.chunks(self.orders_per_call).enumerate() {
             let mut inv = RESERVE.key(shard.loaded_key());
@@ -1170,7 +1223,7 @@ impl RedisStore {
             pipe.invoke_script(&inv);
             sizes.push(call.len());
         }
-        let calls: Vec<Vec<String>> = pipe.query_async(&mut self.conn()).await?;
+        let calls: Vec<Vec<String>> = RESERVE.query(&mut self.conn(), &pipe).await?;
         crate::failpoint!("producer.mid_redis");
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
@@ -1215,7 +1268,6 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
-        pipe.load_script(&RESTORE).ignore();
         for c in reqs {
             let items = &c.items;
             let mut inv = RESTORE.key(shard.loaded_key());
@@ -1236,7 +1288,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&inv);
         }
-        let replies: Vec<String> = pipe.query_async(&mut self.conn()).await?;
+        let replies: Vec<String> = RESTORE.query(&mut self.conn(), &pipe).await?;
         replies
             .into_iter()
             .map(|r| {
@@ -1908,7 +1960,6 @@ impl RedisStore {
         }
         futures::future::try_join_all(by_base.into_iter().map(|(base, recs)| {
             let mut pipe = redis::pipe();
-            pipe.load_script(&REC_PUT).ignore();
             for chunk in recs.chunks(PIPELINE_CHUNK) {
                 let mut inv = REC_PUT.key(base);
                 inv.arg(self.record_ttl_secs());
@@ -1918,7 +1969,7 @@ impl RedisStore {
                 pipe.invoke_script(&inv).ignore();
             }
             let mut conn = self.conn();
-            async move { pipe.query_async::<()>(&mut conn).await }
+            async move { REC_PUT.query::<()>(&mut conn, &pipe).await }
         }))
         .await?;
         Ok(())
@@ -1938,7 +1989,7 @@ impl RedisStore {
         }
         futures::future::try_join_all(by_shard.into_values().map(|pipe| {
             let mut conn = self.conn();
-            async move { pipe.query_async::<()>(&mut conn).await }
+            async move { REC_PUT.query::<()>(&mut conn, &pipe).await }
         }))
         .await?;
         Ok(())
@@ -1988,14 +2039,14 @@ impl RedisStore {
     async fn read_record(&self, order_id: &str) -> Result<RecordRead, StoreError> {
         let base = self.record_base(order_id);
         let mut pipe = redis::pipe();
-        pipe.load_script(&REC_GET).ignore().invoke_script(
+        pipe.invoke_script(
             REC_GET
                 .key(self.shard_of(&base).loaded_key())
                 .key(&base)
                 .arg(&record_field(order_id)[..]),
         );
         let ((marker, record, expires),): ((String, String, i64),) =
-            pipe.query_async(&mut self.conn()).await?;
+            REC_GET.query(&mut self.conn(), &pipe).await?;
         let some = |v: String| (!v.is_empty()).then_some(v);
         Ok(RecordRead {
             marker: some(marker),

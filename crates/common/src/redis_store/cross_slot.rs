@@ -23,37 +23,13 @@
 //! already released and writes `C`.
 
 use super::{
-    buyers_key, encode_items, stock_key, Claim, Compensation, Item, OrderRecord, Reason,
+    buyers_key, encode_items, stock_key, Claim, Compensation, Item, Lua, OrderRecord, Reason,
     RedisStore, ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
     PIPELINE_CHUNK,
 };
 use crate::events::Token;
-use redis::Script;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
-
-/// A script with its source, so that it can be loaded on every master when one answers
-/// NOSCRIPT.
-struct Lua {
-    source: String,
-    script: Script,
-}
-
-impl Lua {
-    fn new(source: String) -> Lua {
-        Lua {
-            script: Script::new(&source),
-            source,
-        }
-    }
-}
-
-impl std::ops::Deref for Lua {
-    type Target = Script;
-    fn deref(&self) -> &Script {
-        &self.script
-    }
-}
 
 static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
@@ -199,11 +175,7 @@ async fn run_per_slot<T: redis::FromRedisValue>(
 ) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
     match pipelines(store, &calls).await {
         Err(StoreError::Redis(e)) if e.code() == Some("NOSCRIPT") => {
-            let _: redis::Value = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(&script.source)
-                .query_async(&mut store.conn())
-                .await?;
+            script.load(&mut store.conn()).await?;
             pipelines(store, &calls).await
         }
         other => other,
