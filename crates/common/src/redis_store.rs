@@ -1989,7 +1989,7 @@ impl RedisStore {
         }
         futures::future::try_join_all(by_shard.into_values().map(|pipe| {
             let mut conn = self.conn();
-            async move { REC_PUT.query::<()>(&mut conn, &pipe).await }
+            async move { pipe.query_async::<()>(&mut conn).await }
         }))
         .await?;
         Ok(())
