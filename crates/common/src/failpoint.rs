@@ -18,7 +18,8 @@
 //!   destructor runs, the Kafka producer's queue is not flushed, no offset is committed.
 //!   A line `failpoint <name>: crash` goes to stderr first, so a test can tell where.
 //! * `sleep(ms)`, `delay(ms)`, `pause`, `panic`, `print`, `yield`: the fail crate's. A stall
-//!   blocks the thread it hits (one of the runtime's worker threads).
+//!   holds up the task that reaches the point, not the runtime: [`failpoint!`] expands to an
+//!   `.await`, and an armed point is evaluated on the blocking pool ([`eval`]).
 //!
 //! # The points
 //! | name | window |
@@ -40,22 +41,24 @@
 
 /// Marks a crash window named by `$name` (an expression giving a `&str` or `String`).
 ///
-/// With the `failpoints` feature it evaluates the failpoint (see the module docs). Without
-/// it, the name is type-checked in a closure that is never called: no code, no string, no
-/// registry look-up in the binary, and both builds compile the same source.
+/// With the `failpoints` feature it evaluates the failpoint (see the module docs); it
+/// expands to an `.await`, so it marks points in async code only. Without it, the name is
+/// type-checked in a closure that is never called: no code, no string, no registry look-up
+/// in the binary, and both builds compile the same source.
 #[cfg(feature = "failpoints")]
 #[macro_export]
 macro_rules! failpoint {
     ($name:expr) => {
-        $crate::failpoint::eval(&$name)
+        $crate::failpoint::eval(&$name).await
     };
 }
 
 /// Marks a crash window named by `$name` (an expression giving a `&str` or `String`).
 ///
-/// With the `failpoints` feature it evaluates the failpoint (see the module docs). Without
-/// it, the name is type-checked in a closure that is never called: no code, no string, no
-/// registry look-up in the binary, and both builds compile the same source.
+/// With the `failpoints` feature it evaluates the failpoint (see the module docs); it
+/// expands to an `.await`, so it marks points in async code only. Without it, the name is
+/// type-checked in a closure that is never called: no code, no string, no registry look-up
+/// in the binary, and both builds compile the same source.
 #[cfg(not(feature = "failpoints"))]
 #[macro_export]
 macro_rules! failpoint {
@@ -98,9 +101,26 @@ pub async fn hang(name: &str) {
 
 /// Evaluates failpoint `name`: `return` crashes the process, other actions are the fail
 /// crate's. Called through [`failpoint!`].
+///
+/// An armed point is evaluated on Tokio's blocking pool while the task waits for it: a
+/// stall (`sleep`, `pause`, `delay`) holds up the task at that point and nothing else. The
+/// workers run a single-threaded runtime, which a stall on its thread would stop whole
+/// (`/metrics`, timers, the expiry sweeper). A `panic` is resumed in the task.
 #[cfg(feature = "failpoints")]
-pub fn eval(name: &str) {
-    fail::eval(name, |_| crash(name));
+pub async fn eval(name: &str) {
+    if !fail::list().iter().any(|(armed, _)| armed == name) {
+        return;
+    }
+    let name = name.to_owned();
+    let evaluated = tokio::task::spawn_blocking(move || {
+        fail::eval(&name, |_| crash(&name));
+    })
+    .await;
+    if let Err(e) = evaluated {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 /// Ends the process at once, like `kill -9`: no unwinding, no destructors, no flush.

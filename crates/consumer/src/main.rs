@@ -5,7 +5,10 @@ use stock_consumer::{worker::Worker, ConsumerArgs};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+// One thread: the worker's tasks wait on Kafka, Redis and PostgreSQL in turn, and a
+// second scheduler thread only added wake-ups and hand-offs (-8% CPU per order at
+// 12,000 orders/s). librdkafka keeps its own threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: ConsumerArgs = stock_common::config::parse();
     stock_common::telemetry::init(args.log.format);

@@ -978,6 +978,68 @@ async fn producer_stalled_across_rebuild() {
     env.cleanup().await;
 }
 
+/// A failpoint's stall holds up the task that reaches it, not the worker: the workers run
+/// a single-threaded runtime, and an armed point is evaluated off it. While the producer's
+/// first batch stalls at `producer.after_step` (scripts run, nothing published), its
+/// `/healthz` answers at once; when the stall ends, the batch goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_holds_up_its_batch_not_the_worker() {
+    const STALL: Duration = Duration::from_millis(6000);
+    let _slot = SLOTS.acquire().await.expect("semaphore never closed");
+    let env = TestEnv::new().await;
+    env.load_stock(&[(1, 10)]).await;
+    let port = stock_e2e::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let armed = format!("producer.after_step=1*sleep({})", STALL.as_millis());
+    let producer = spawn(&env, "producer", &armed, &[("--metrics-addr", &addr)]);
+    wait_armed(&producer).await;
+    let healthy = || async {
+        stock_e2e::http_get(port, "/healthz")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    };
+    assert!(wait_until(healthy).await, "the producer serves /healthz");
+    let item = Item {
+        product_id: 1,
+        quantity: 1,
+    };
+    env.send_orders(vec![("stall-1".into(), created("stall-1", &[item]))])
+        .await;
+
+    // The batch's script ran (stock taken in Redis); the producer now stalls before it
+    // publishes anything.
+    assert!(
+        wait_until(|| async { env.redis_stock(1).await == Some(9) }).await,
+        "the producer ran the order's script"
+    );
+    let asked = tokio::time::Instant::now();
+    let answer = stock_e2e::http_get(port, "/healthz").await;
+    let took = asked.elapsed();
+    let published = end_offsets_total(&env.kafka, &env.topics.deduct);
+    assert_eq!(
+        answer.map(|(code, _)| code),
+        Some(200),
+        "/healthz answered during the stall (log: {})",
+        producer.log.display()
+    );
+    assert_eq!(
+        published, 0,
+        "the stall was still on when /healthz answered (it took {took:?})"
+    );
+    assert!(
+        took < STALL / 3,
+        "/healthz waited for the stall to end: {took:?}"
+    );
+
+    // The stall ends and the batch goes on.
+    assert!(
+        wait_until(|| async { end_offsets_total(&env.kafka, &env.topics.deduct) == 1 }).await,
+        "the stalled batch was published after the stall (log: {})",
+        producer.log.display()
+    );
+    env.cleanup().await;
+}
+
 /// `stockctl limit` dies between its PostgreSQL half and its Redis half
 /// (`limit.after_postgres`) while the workers run: PostgreSQL already judges by the new
 /// limit (it refuses what Redis, without it, lets through, and gives the pre-deduction
