@@ -8,6 +8,21 @@
 local buyers_exist = {}
 local buyers_limit = {}
 
+-- Learns of every key in `keys` (buyers hashes, no repeats) at once: when none exists (no
+-- product of the call has a limit: the usual case) one EXISTS answers for all of them,
+-- instead of an EXISTS or HMGET per product; otherwise each is asked when first needed.
+local function buyers_prefetch(keys)
+  for from = 1, #keys, 1000 do
+    if redis.call('EXISTS', unpack(keys, from, math.min(from + 999, #keys))) > 0 then
+      return
+    end
+  end
+  for _, key in ipairs(keys) do
+    buyers_exist[key] = false
+    buyers_limit[key] = false
+  end
+end
+
 -- Whether any of KEYS[from + 1 .. from + n] (buyers hashes) exists: an order without a
 -- customer cannot buy a limited product.
 local function any_limited(from, n)

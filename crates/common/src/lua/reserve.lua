@@ -70,6 +70,39 @@ local function zero(pid)
 end
 -- Stock values this call has read or written: key -> units (its own DECRBY keeps them).
 local stock = {}
+-- The call's stock keys and buyers hashes are read up front, each once: one MGET of the
+-- stock keys and one EXISTS of the buyers hashes (in runs of 1,000), instead of a GET and
+-- an EXISTS per product, the most frequent calls of the script. fetched[key] is the raw
+-- value, or false (no such key, or not a string).
+local fetched = {}
+do
+  local stock_keys, buyers_keys, seen = {}, {}, {}
+  local k, a = 4, 4
+  while a <= #ARGV do
+    local n = tonumber(ARGV[a + 1])
+    for i = 1, n do
+      local sk, bk = KEYS[k + i], KEYS[k + n + i]
+      if not seen[sk] then
+        seen[sk] = true
+        stock_keys[#stock_keys + 1] = sk
+      end
+      if not seen[bk] then
+        seen[bk] = true
+        buyers_keys[#buyers_keys + 1] = bk
+      end
+    end
+    k = k + 1 + 2 * n
+    a = a + 6 + 2 * n
+  end
+  for from = 1, #stock_keys, 1000 do
+    local to = math.min(from + 999, #stock_keys)
+    local values = redis.call('MGET', unpack(stock_keys, from, to))
+    for j = from, to do
+      fetched[stock_keys[j]] = values[j - from + 1]
+    end
+  end
+  buyers_prefetch(buyers_keys)
+end
 local out = {}
 local k = 4
 local a = 4
@@ -101,7 +134,12 @@ while a <= #ARGV do
       local key = KEYS[k + i]
       local have = stock[key]
       if not have then
-        local raw = redis.call('GET', key)
+        local raw = fetched[key]
+        if not raw then
+          -- Absent, or not a string (MGET answers nil for both): GET tells them apart,
+          -- and refuses a key of another type as it always did.
+          raw = redis.call('GET', key)
+        end
         if not raw then
           decision = 'X|unknown_product|' .. ARGV[pid + i]
           break
