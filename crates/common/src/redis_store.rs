@@ -111,22 +111,37 @@ impl Lua {
         Ok(())
     }
 
-    /// Runs `pipe`, calls of this script only. A server that does not hold the script ran
-    /// none of them and answers NOSCRIPT: the script is loaded and the pipeline runs again
-    /// (a call that ran meanwhile, after a SCRIPT FLUSH between two of them, runs again
-    /// harmlessly: every script is idempotent by order id).
+    /// Runs `run`, calls of this script only (one pipeline, or one per slot). A server
+    /// that does not hold the script ran none of its calls and answers NOSCRIPT: the script
+    /// is loaded through `conn` and `run` runs again, once (a call that ran meanwhile, after
+    /// a SCRIPT FLUSH between two of them, runs again harmlessly: every script is
+    /// idempotent by order id).
+    async fn run_loaded<T, F, Fut>(&self, mut conn: RedisConn, run: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match run().await {
+            Err(StoreError::Redis(e)) if e.code() == Some("NOSCRIPT") => {
+                self.load(&mut conn).await?;
+                run().await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `pipe`, calls of this script only, loading the script if need be
+    /// ([`Lua::run_loaded`]).
     async fn query<T: redis::FromRedisValue>(
         &self,
-        conn: &mut RedisConn,
+        conn: RedisConn,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        match pipe.query_async(conn).await {
-            Err(e) if e.code() == Some("NOSCRIPT") => {
-                self.load(conn).await?;
-                Ok(pipe.query_async(conn).await?)
-            }
-            other => Ok(other?),
-        }
+        self.run_loaded(conn.clone(), || {
+            let mut conn = conn.clone();
+            async move { Ok(pipe.query_async(&mut conn).await?) }
+        })
+        .await
     }
 }
 
@@ -1223,7 +1238,7 @@ impl RedisStore {
             pipe.invoke_script(&inv);
             sizes.push(call.len());
         }
-        let calls: Vec<Vec<String>> = RESERVE.query(&mut self.conn(), &pipe).await?;
+        let calls: Vec<Vec<String>> = RESERVE.query(self.conn(), &pipe).await?;
         crate::failpoint!("producer.mid_redis");
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
@@ -1288,7 +1303,7 @@ impl RedisStore {
             }
             pipe.invoke_script(&inv);
         }
-        let replies: Vec<String> = RESTORE.query(&mut self.conn(), &pipe).await?;
+        let replies: Vec<String> = RESTORE.query(self.conn(), &pipe).await?;
         replies
             .into_iter()
             .map(|r| {
@@ -1968,8 +1983,8 @@ impl RedisStore {
                 }
                 pipe.invoke_script(&inv).ignore();
             }
-            let mut conn = self.conn();
-            async move { REC_PUT.query::<()>(&mut conn, &pipe).await }
+            let conn = self.conn();
+            async move { REC_PUT.query::<()>(conn, &pipe).await }
         }))
         .await?;
         Ok(())
@@ -2046,7 +2061,7 @@ impl RedisStore {
                 .arg(&record_field(order_id)[..]),
         );
         let ((marker, record, expires),): ((String, String, i64),) =
-            REC_GET.query(&mut self.conn(), &pipe).await?;
+            REC_GET.query(self.conn(), &pipe).await?;
         let some = |v: String| (!v.is_empty()).then_some(v);
         Ok(RecordRead {
             marker: some(marker),

@@ -173,13 +173,9 @@ async fn run_per_slot<T: redis::FromRedisValue>(
     script: &Lua,
     calls: BTreeMap<u16, Vec<redis::ScriptInvocation<'_>>>,
 ) -> Result<BTreeMap<u16, Vec<T>>, StoreError> {
-    match pipelines(store, &calls).await {
-        Err(StoreError::Redis(e)) if e.code() == Some("NOSCRIPT") => {
-            script.load(&mut store.conn()).await?;
-            pipelines(store, &calls).await
-        }
-        other => other,
-    }
+    script
+        .run_loaded(store.conn(), || pipelines(store, &calls))
+        .await
 }
 
 async fn pipelines<T: redis::FromRedisValue>(
