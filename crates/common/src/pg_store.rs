@@ -26,7 +26,7 @@
 //! consumer instances that hold the same order therefore serialize on its stock rows and
 //! never deadlock. An order whose products have no row (unknown product) is protected by
 //! the ledger's primary key instead: [`insert_orders`] fails with
-//! [`PgStoreError::Conflict`] when it inserted fewer rows than planned.
+//! [`PgStoreError::Conflict`] when the key holds one of its orders already.
 //!
 //! `product_limit` and `customer_units` follow the same lock: every writer of
 //! `customer_units` (the consumer's batch, the expiry sweep, [`set_limit`]) holds the
@@ -1032,9 +1032,16 @@ fn decode_ledger_row(r: &PgRow) -> Option<LedgerRow> {
     })
 }
 
-/// Inserts the ledger rows of orders first seen (`ON CONFLICT DO NOTHING`); a `reserved`
-/// one is due at `now() + reservation_ttl`. [`PgStoreError::Conflict`] when another writer
-/// recorded one of them meanwhile (the caller retries its whole transaction).
+/// Inserts the ledger rows of orders first seen; a `reserved` one is due at
+/// `now() + reservation_ttl`. [`PgStoreError::Conflict`] when the ledger holds one of them
+/// already (another writer recorded it meanwhile, or the caller assumed it unknown): the
+/// primary key's unique violation, which also ends the transaction, so the caller starts
+/// it again.
+///
+/// A plain `INSERT`, not `ON CONFLICT DO NOTHING`: every caller treats a row already there
+/// as a conflict of the whole transaction, and a speculative insertion costs PostgreSQL a
+/// second descent of the primary key per row (the pre-check), a speculative lock and a
+/// second WAL record (its confirmation), all for the rare redelivery (issue 12).
 pub async fn insert_orders(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[(String, LedgerRow)],
@@ -1078,14 +1085,18 @@ pub async fn insert_orders(
         .bind(&comp_gens)
         .bind(&customers)
         .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if inserted != rows.len() as u64 {
-        return Err(PgStoreError::Conflict(
-            "an order was recorded by another instance",
-        ));
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.constraint() == Some("order_ledger_pkey") =>
+        {
+            Err(PgStoreError::Conflict(
+                "an order of the batch is in the ledger already",
+            ))
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Writes the new state of settled orders (status, release reason, the event that
@@ -1265,8 +1276,7 @@ pub mod sql {
                 tk, cg, cu
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::text[],
                      $9::text[], $10::bigint[], $11::text[])
-              AS t(o, s, rr, rp, rel, sb, i, tk, cg, cu)
-         ON CONFLICT (order_id) DO NOTHING";
+              AS t(o, s, rr, rp, rel, sb, i, tk, cg, cu)";
     pub const UPDATE_ORDERS: &str = "UPDATE order_ledger l
          SET status = t.s, release_reason = t.rel, settled_by = t.sb, settled_at = now(), comp_gen = t.cg
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) AS t(o, s, rel, sb, cg)

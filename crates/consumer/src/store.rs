@@ -5,8 +5,8 @@
 //! `stock` rows of an order's products, in product-id order, before reading or changing its
 //! ledger row. Two instances that hold the same order therefore serialize on its stock rows
 //! and never deadlock. An order whose products have no row (unknown product) is protected by
-//! the ledger's primary key instead: `INSERT … ON CONFLICT DO NOTHING` returns fewer rows
-//! than planned and the whole batch is retried, now seeing the other instance's row.
+//! the ledger's primary key instead: the ledger insert meets the other instance's row (a
+//! unique violation) and the whole batch is retried, now seeing it.
 //!
 //! Generation fence: every transaction here first reads `redis_generation` (`pg_store::read_gen`;
 //! the batch reads it with the slots' loads, `read_slot_loads`),
@@ -41,8 +41,8 @@ pub type ApplyError = stock_common::pg_store::PgStoreError;
 /// Applies `ops` (in offset order) in one transaction and returns what was decided.
 ///
 /// A batch of decisions only (`reserve`, `refuse`: the usual one) first assumes that the
-/// ledger knows none of its orders and skips reading it: the ledger insert
-/// (`ON CONFLICT DO NOTHING`) then tells whether that held. It did not (a redelivery, a
+/// ledger knows none of its orders and skips reading it: the ledger insert (the primary
+/// key) then tells whether that held. It did not (a redelivery, a
 /// replay, another instance's batch): that transaction is rolled back and the batch is
 /// applied again, reading the ledger first. The ledger read was a quarter of the
 /// transaction's time (issue 12).
