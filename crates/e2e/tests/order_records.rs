@@ -330,3 +330,33 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
         "a redelivery takes nothing"
     );
 }
+
+/// A token names its pre-deduction by the exact sequence number, however far the sequence
+/// has run: the scripts once wrote it with Lua's `tostring` (`%.14g`), which turns 10^14
+/// and above into an exponent ("1e+15"), so that two pre-deductions could share a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_name_a_large_sequence_exactly() {
+    let env = TestEnv::new().await;
+    env.load_stock(&[(1, 100)]).await;
+    let store = &env.store;
+    let start: u64 = 1_000_000_000_000_000 - 2;
+    let _: () = redis::cmd("SET")
+        .arg(stock_common::redis_store::SEQ_KEY)
+        .arg(start)
+        .query_async(&mut store.connection())
+        .await
+        .expect("SET seq");
+    let gen = store
+        .generation()
+        .await
+        .expect("generation")
+        .expect("loaded");
+    let req: Vec<ReserveRequest> = (0..4).map(|i| order(&format!("big-{i}"), 1, 1)).collect();
+    let reply = store
+        .reserve_many(&req, &Guards::default())
+        .await
+        .expect("reserve");
+    let tokens: Vec<String> = reply.outcomes.iter().map(|o| token_of(o).0).collect();
+    let expected: Vec<String> = (1..=4).map(|i| format!("{gen}.{}", start + i)).collect();
+    assert_eq!(tokens, expected);
+}

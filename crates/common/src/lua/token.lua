@@ -3,11 +3,15 @@
 -- A token is '<generation>.<n>'. On one Redis, n is the shared sequence. On a cluster each
 -- slot has its own sequence, so n is 'seq * 16384 + slot': unique across slots, and exact
 -- (Lua numbers are doubles, exact to 2^53: 5 * 10^11 pre-deductions per slot).
+--
+-- Written with '%d' (a C long): exact, and an integer conversion. Lua's tostring is
+-- '%.14g', which turns 10^14 and above into an exponent (two pre-deductions would share a
+-- name) and costs a floating-point printf per pre-deduction (3% of Redis's time, issue 12).
 local function token_seq(seq, slot)
   if slot == '' then
-    return tostring(seq)
+    return string.format('%d', seq)
   end
-  return string.format('%.0f', seq * 16384 + tonumber(slot))
+  return string.format('%d', seq * 16384 + tonumber(slot))
 end
 
 -- Names one more pre-deduction of generation `marker` from the counter `seq_key`: one
