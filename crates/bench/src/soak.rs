@@ -166,7 +166,7 @@ fn free_bytes(dir: &Path) -> Result<u64> {
     }
     // SAFETY: filled by the successful call above.
     let st = unsafe { st.assume_init() };
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 /// The shape of the load: order `n` is a pure function of it and `n`.
