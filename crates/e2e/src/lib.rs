@@ -81,12 +81,18 @@ async fn cluster_redis(stack: &Stack) -> (RedisArgs, RedisStore) {
         .await
         .expect("flushall on every master");
     // No script either: the workers' first calls meet NOSCRIPT, as after a failover.
+    forget_scripts(&store).await;
+    (redis, store)
+}
+
+/// Makes Redis forget every script (`SCRIPT FLUSH`, on every node of a cluster), as a
+/// restart without them or a promoted replica does: the next `EVALSHA` meets NOSCRIPT.
+pub async fn forget_scripts(store: &RedisStore) {
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut store.connection())
         .await
-        .expect("script flush on every node");
-    (redis, store)
+        .expect("SCRIPT FLUSH");
 }
 
 /// Held by each test that uses the Redis Cluster (one database for all), so that tests of

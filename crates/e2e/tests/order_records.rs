@@ -9,7 +9,7 @@ use stock_common::events::{Compensation, CompensationCause, Item, INTERNAL_VERSI
 use stock_common::redis_store::{
     record_field, Guards, OrderRecord, ReserveOutcome, ReserveRequest, RestoreOutcome,
 };
-use stock_e2e::TestEnv;
+use stock_e2e::{forget_scripts, TestEnv};
 
 fn order(id: &str, product_id: i64, quantity: i64) -> ReserveRequest {
     ReserveRequest {
@@ -251,15 +251,6 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
     );
 }
 
-/// Forgets every script on the server (as a restart without them, or a promoted replica).
-async fn forget_scripts(env: &TestEnv) {
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut env.store.connection())
-        .await
-        .expect("SCRIPT FLUSH");
-}
-
 /// The scripts go by EVALSHA alone: a Redis that forgot them answers NOSCRIPT, and the
 /// store loads them and runs the pipeline again, once (reserve, give-back, record read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +260,7 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
     let store = &env.store;
     let reqs: Vec<ReserveRequest> = (0..3).map(|n| order(&format!("nos-{n}"), 1, 2)).collect();
 
-    forget_scripts(&env).await;
+    forget_scripts(&env.store).await;
     let reply = store
         .reserve_many(&reqs, &Guards::default())
         .await
@@ -289,14 +280,14 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
         "3 orders of 2 taken once"
     );
 
-    forget_scripts(&env).await;
+    forget_scripts(&env.store).await;
     let rec = store.order_record("nos-0").await.expect("record read");
     assert!(
         matches!(&rec, Some(OrderRecord::Held { token, .. }) if *token == tokens[0]),
         "{rec:?}"
     );
 
-    forget_scripts(&env).await;
+    forget_scripts(&env.store).await;
     let back = vec![Compensation {
         v: INTERNAL_VERSION,
         order_id: "nos-1".into(),
@@ -310,7 +301,7 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
     assert_eq!(out, vec![RestoreOutcome::Restored]);
     assert_eq!(env.redis_stock(1).await, Some(96), "given back once");
 
-    forget_scripts(&env).await;
+    forget_scripts(&env.store).await;
     let again = store
         .reserve_many(&reqs, &Guards::default())
         .await

@@ -75,11 +75,17 @@ local stock = {}
 -- an EXISTS per product, the most frequent calls of the script. fetched[key] is the raw
 -- value, or false (no such key, or not a string).
 local fetched = {}
+-- The one home of an order's layout in KEYS and ARGV (the header): from an order's first
+-- key k and argument a, its item count and the next order's first key and argument.
+local function order_at(k, a)
+  local n = tonumber(ARGV[a + 1])
+  return n, k + 1 + 2 * n, a + 6 + 2 * n
+end
 do
   local stock_keys, buyers_keys, seen = {}, {}, {}
   local k, a = 4, 4
   while a <= #ARGV do
-    local n = tonumber(ARGV[a + 1])
+    local n, next_k, next_a = order_at(k, a)
     for i = 1, n do
       local sk, bk = KEYS[k + i], KEYS[k + n + i]
       if not seen[sk] then
@@ -91,8 +97,7 @@ do
         buyers_keys[#buyers_keys + 1] = bk
       end
     end
-    k = k + 1 + 2 * n
-    a = a + 6 + 2 * n
+    k, a = next_k, next_a
   end
   for from = 1, #stock_keys, 1000 do
     local to = math.min(from + 999, #stock_keys)
@@ -108,7 +113,7 @@ local k = 4
 local a = 4
 while a <= #ARGV do
   local id = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
+  local n, next_k, next_a = order_at(k, a)
   local items = ARGV[a + 2]
   local decision = ARGV[a + 3]
   local guarded = ARGV[a + 4] == '1'
@@ -210,8 +215,7 @@ while a <= #ARGV do
   end
   out[#out + 1] = kind
   out[#out + 1] = decision
-  k = k + 1 + 2 * n
-  a = a + 6 + 2 * n
+  k, a = next_k, next_a
 end
 rec_flush()
 local reply = {'ok', epoch, tostring(#zeros)}
