@@ -23,6 +23,8 @@ REDIS_PIDFILE="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
 REDIS_RUNTIME_CONF="$REDIS_DIR/redis.runtime.conf"
 REDIS_START_TIMEOUT="${REDIS_START_TIMEOUT:-30}"
+# the longest a starting Redis may spend loading its data (its AOF) before it answers
+REDIS_LOAD_TIMEOUT="${REDIS_LOAD_TIMEOUT:-1800}"
 
 KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
