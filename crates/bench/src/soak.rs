@@ -137,8 +137,8 @@ fn check_disk(stack_dir: Option<PathBuf>, orders: usize) -> Result<()> {
     let gb = |b: u64| b as f64 / 1e9;
     ensure!(
         free >= need,
-        "this run writes about {:.1} GB ({} orders at {DISK_PER_ORDER} bytes in Kafka and \
-         PostgreSQL) but the volume of {} has {:.1} GB free: lower --rate or --duration, free \
+        "this run writes about {:.1} GB ({} orders at {DISK_PER_ORDER} bytes in Kafka, \
+         PostgreSQL and Redis) but the volume of {} has {:.1} GB free: lower --rate or --duration, free \
          space, or pass --skip-disk-check",
         gb(need),
         thousands(orders as f64),
