@@ -19,7 +19,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
-use stock_common::redis_store::{stock_key, RedisStore, EPOCH_KEY};
+use stock_common::events::Item;
+use stock_common::redis_store::{
+    stock_key, OrderRecord, RedisStore, ReserveOutcome, ReserveRequest, EPOCH_KEY,
+};
 use stockctl::admin;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -87,12 +90,43 @@ async fn cluster_redis(stack: &Stack) -> (RedisArgs, RedisStore) {
 
 /// Makes Redis forget every script (`SCRIPT FLUSH`, on every node of a cluster), as a
 /// restart without them or a promoted replica does: the next `EVALSHA` meets NOSCRIPT.
+///
+/// Server-wide, not per database: every test running beside the caller on the same Redis
+/// loses its scripts too, and a store loads a script again once per call. So a caller is
+/// alone on its Redis: the only test of its binary (`cargo test` runs binaries one after
+/// the other; `tests/forgotten_scripts.rs`), or holding [`CLUSTER_LOCK`].
 pub async fn forget_scripts(store: &RedisStore) {
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut store.connection())
         .await
         .expect("SCRIPT FLUSH");
+}
+
+/// A one-item order for the store's calls.
+pub fn reserve_request(order_id: &str, product_id: i64, quantity: i64) -> ReserveRequest {
+    ReserveRequest {
+        order_id: order_id.into(),
+        items: vec![Item {
+            product_id,
+            quantity,
+        }],
+        forced: None,
+        customer: None,
+        replaces: None,
+    }
+}
+
+/// The token of a pre-deduction and whether this call made it (`fresh`); panics on any
+/// other outcome.
+pub fn held_token(outcome: &ReserveOutcome) -> (String, bool) {
+    match outcome {
+        ReserveOutcome::Decided {
+            record: OrderRecord::Held { token, .. },
+            fresh,
+        } => (token.clone(), *fresh),
+        other => panic!("not held: {other:?}"),
+    }
 }
 
 /// Held by each test that uses the Redis Cluster (one database for all), so that tests of

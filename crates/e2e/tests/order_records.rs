@@ -5,34 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use stock_common::events::{Compensation, CompensationCause, Item, INTERNAL_VERSION};
+use stock_common::events::{Compensation, CompensationCause, INTERNAL_VERSION};
 use stock_common::redis_store::{
-    record_field, Guards, OrderRecord, ReserveOutcome, ReserveRequest, RestoreOutcome,
+    record_field, Guards, OrderRecord, ReserveRequest, RestoreOutcome,
 };
-use stock_e2e::{forget_scripts, TestEnv};
-
-fn order(id: &str, product_id: i64, quantity: i64) -> ReserveRequest {
-    ReserveRequest {
-        order_id: id.into(),
-        items: vec![Item {
-            product_id,
-            quantity,
-        }],
-        forced: None,
-        customer: None,
-        replaces: None,
-    }
-}
-
-fn token_of(outcome: &ReserveOutcome) -> (String, bool) {
-    match outcome {
-        ReserveOutcome::Decided {
-            record: OrderRecord::Held { token, .. },
-            fresh,
-        } => (token.clone(), *fresh),
-        other => panic!("not held: {other:?}"),
-    }
-}
+use stock_e2e::{held_token, reserve_request, TestEnv};
 
 /// Every bucket key of the records, with its length and encoding.
 async fn buckets(env: &TestEnv) -> Vec<(String, usize, String)> {
@@ -82,7 +59,7 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
     let reqs: Vec<ReserveRequest> = ids
         .iter()
         .enumerate()
-        .map(|(n, id)| order(id, 1, 1 + (n % 3) as i64))
+        .map(|(n, id)| reserve_request(id, 1, 1 + (n % 3) as i64))
         .collect();
     let mut tokens: HashMap<String, String> = HashMap::new();
     for chunk in reqs.chunks(500) {
@@ -91,7 +68,7 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
             .await
             .expect("reserve");
         for (r, o) in chunk.iter().zip(&reply.outcomes) {
-            let (token, fresh) = token_of(o);
+            let (token, fresh) = held_token(o);
             assert!(fresh, "{} decided now", r.order_id);
             tokens.insert(r.order_id.clone(), token);
         }
@@ -133,7 +110,7 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
             .await
             .expect("reserve again");
         for (r, o) in chunk.iter().zip(&reply.outcomes) {
-            let (token, fresh) = token_of(o);
+            let (token, fresh) = held_token(o);
             assert!(!fresh, "{} seen", r.order_id);
             assert_eq!(token, tokens[&r.order_id]);
         }
@@ -196,12 +173,12 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
     let store = &env.store;
     // A memory of 2 s: windows of 1 s, each forgotten 3 s after it began.
     store.set_record_ttl_secs(2);
-    let req = vec![order("short-1", 1, 1)];
+    let req = vec![reserve_request("short-1", 1, 1)];
     let reply = store
         .reserve_many(&req, &Guards::default())
         .await
         .expect("reserve");
-    let (first, fresh) = token_of(&reply.outcomes[0]);
+    let (first, fresh) = held_token(&reply.outcomes[0]);
     assert!(fresh);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -239,7 +216,7 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
         .reserve_many(&req, &Guards::default())
         .await
         .expect("reserve again");
-    let (second, fresh) = token_of(&reply.outcomes[0]);
+    let (second, fresh) = held_token(&reply.outcomes[0]);
     assert!(
         fresh,
         "forgotten: decided again (the consumer gives it back)"
@@ -248,77 +225,6 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
     assert!(
         buckets(&env).await.len() <= 1,
         "the old window's keys are gone"
-    );
-}
-
-/// The scripts go by EVALSHA alone: a Redis that forgot them answers NOSCRIPT, and the
-/// store loads them and runs the pipeline again, once (reserve, give-back, record read).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
-    let env = TestEnv::new().await;
-    env.load_stock(&[(1, 100)]).await;
-    let store = &env.store;
-    let reqs: Vec<ReserveRequest> = (0..3).map(|n| order(&format!("nos-{n}"), 1, 2)).collect();
-
-    forget_scripts(&env.store).await;
-    let reply = store
-        .reserve_many(&reqs, &Guards::default())
-        .await
-        .expect("reserve after SCRIPT FLUSH");
-    let tokens: Vec<String> = reply
-        .outcomes
-        .iter()
-        .map(|o| {
-            let (token, fresh) = token_of(o);
-            assert!(fresh, "decided now, once");
-            token
-        })
-        .collect();
-    assert_eq!(
-        env.redis_stock(1).await,
-        Some(94),
-        "3 orders of 2 taken once"
-    );
-
-    forget_scripts(&env.store).await;
-    let rec = store.order_record("nos-0").await.expect("record read");
-    assert!(
-        matches!(&rec, Some(OrderRecord::Held { token, .. }) if *token == tokens[0]),
-        "{rec:?}"
-    );
-
-    forget_scripts(&env.store).await;
-    let back = vec![Compensation {
-        v: INTERNAL_VERSION,
-        order_id: "nos-1".into(),
-        items: reqs[1].items.clone(),
-        cause: CompensationCause::Cancelled,
-        token: Some(tokens[1].clone()),
-        gen: None,
-        customer: None,
-    }];
-    let out = store.restore_many(&back).await.expect("restore");
-    assert_eq!(out, vec![RestoreOutcome::Restored]);
-    assert_eq!(env.redis_stock(1).await, Some(96), "given back once");
-
-    forget_scripts(&env.store).await;
-    let again = store
-        .reserve_many(&reqs, &Guards::default())
-        .await
-        .expect("redelivered");
-    for (o, t) in again.outcomes.iter().zip(&tokens) {
-        match o {
-            ReserveOutcome::Decided { fresh, record } => {
-                assert!(!fresh, "seen before: {record:?}");
-                assert!(record.encode().contains(t.as_str()), "{record:?}");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(
-        env.redis_stock(1).await,
-        Some(96),
-        "a redelivery takes nothing"
     );
 }
 
@@ -342,12 +248,14 @@ async fn tokens_name_a_large_sequence_exactly() {
         .await
         .expect("generation")
         .expect("loaded");
-    let req: Vec<ReserveRequest> = (0..4).map(|i| order(&format!("big-{i}"), 1, 1)).collect();
+    let req: Vec<ReserveRequest> = (0..4)
+        .map(|i| reserve_request(&format!("big-{i}"), 1, 1))
+        .collect();
     let reply = store
         .reserve_many(&req, &Guards::default())
         .await
         .expect("reserve");
-    let tokens: Vec<String> = reply.outcomes.iter().map(|o| token_of(o).0).collect();
+    let tokens: Vec<String> = reply.outcomes.iter().map(|o| held_token(o).0).collect();
     let expected: Vec<String> = (1..=4).map(|i| format!("{gen}.{}", start + i)).collect();
     assert_eq!(tokens, expected);
 }

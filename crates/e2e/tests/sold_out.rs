@@ -6,27 +6,12 @@ use std::time::Duration;
 use stock_common::events::{
     Compensation, CompensationCause, Item, Reason, Status, INTERNAL_VERSION,
 };
-use stock_common::redis_store::{
-    stock_key, Guards, OrderRecord, ReserveOutcome, ReserveRequest, SoldOutMarker,
-};
+use stock_common::redis_store::{stock_key, Guards, OrderRecord, ReserveOutcome, SoldOutMarker};
 use stock_e2e::harness::{conflicting, created};
-use stock_e2e::TestEnv;
+use stock_e2e::{reserve_request, TestEnv};
 use stockctl::admin;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-fn order(id: &str, product_id: i64) -> ReserveRequest {
-    ReserveRequest {
-        order_id: id.into(),
-        items: vec![Item {
-            product_id,
-            quantity: 1,
-        }],
-        forced: None,
-        customer: None,
-        replaces: None,
-    }
-}
 
 /// The decision, with the token of a pre-deduction left out (tokens are unique).
 fn record(outcome: &ReserveOutcome) -> OrderRecord {
@@ -70,7 +55,10 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
     let store = &env.store;
     let mut marker = SoldOutMarker::default();
 
-    let first: Vec<_> = ["a", "b", "c"].iter().map(|id| order(id, 7)).collect();
+    let first: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| reserve_request(id, 7, 1))
+        .collect();
     let reply = store
         .reserve_many(&first, &marker.guards(&first))
         .await
@@ -89,7 +77,7 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
         .query_async(&mut store.connection())
         .await
         .expect("set");
-    let d = vec![order("d", 7)];
+    let d = vec![reserve_request("d", 7, 1)];
     let guards = marker.guards(&d);
     assert_eq!(guards.sold_out, vec![true]);
     let reply = store.reserve_many(&d, &guards).await.expect("reserve");
@@ -106,14 +94,14 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
     admin::restock(&env.pool, store, 7, 1, "restock-1")
         .await
         .expect("restock");
-    let e = vec![order("e", 7)];
+    let e = vec![reserve_request("e", 7, 1)];
     let reply = store.reserve_many(&e, &guards).await.expect("reserve");
     assert_eq!(record(&reply.outcomes[0]), held(7));
     marker.learn(&reply);
     assert_eq!(marker.len(), 1, "e took the last unit: sold out again");
 
     // A compensation gives b's unit back: the epoch moves again.
-    let stale = marker.guards(&[order("f", 7)]);
+    let stale = marker.guards(&[reserve_request("f", 7, 1)]);
     let restored = store
         .restore_many(&[Compensation {
             v: INTERNAL_VERSION,
@@ -127,7 +115,7 @@ async fn marker_refuses_without_reading_stock_and_goes_stale_when_stock_returns(
         .await
         .expect("restore");
     assert_eq!(restored.len(), 1);
-    let f = vec![order("f", 7)];
+    let f = vec![reserve_request("f", 7, 1)];
     let reply = store.reserve_many(&f, &stale).await.expect("reserve");
     assert_eq!(record(&reply.outcomes[0]), held(7));
 
