@@ -113,22 +113,16 @@ cr_start() {
     cat "$d/start.out" >&2; show_log_tail "$(cr_log "$p")"; die "redis: node $p failed to start"; }
 }
 
-# cr_wait_pong PORT DEADLINE -- PONG from the node before DEADLINE (epoch seconds)
+# cr_wait_pong PORT DEADLINE -- PONG from the node before DEADLINE (epoch seconds), a node
+# replaying its AOF waited for as long as it loads (redis_wait_pong)
 cr_wait_pong() {
-  local p="$1" deadline="$2" out="" started
-  started=$(now)
-  while :; do
-    out="$(credis "$p" ping 2>&1 || true)"
-    [[ "$out" == PONG ]] && return 0
-    # the pid file appears once the daemon is up: then a dead pid means it exited
-    if [[ -s "$(cr_pidfile "$p")" || $(( $(now) - started )) -ge 5 ]] && ! cr_alive "$p"; then
-      show_log_tail "$(cr_log "$p")" 30; die "redis: node $p exited during startup"
-    fi
-    if [[ $(now) -ge $deadline ]]; then
-      show_log_tail "$(cr_log "$p")" 30; die "redis: node $p: no PONG (last answer: $out)"
-    fi
-    sleep 0.2
-  done
+  redis_wait_pong "redis: node $1" "$(cr_log "$1")" "$2" "cr_starting_or_alive $1 $(now)" credis "$1"
+}
+
+# cr_starting_or_alive PORT SINCE -- fails once the node has exited: its pid file appears
+# once the daemon is up, so without one it counts as starting for 5 s after SINCE
+cr_starting_or_alive() {
+  [[ ! -s "$(cr_pidfile "$1")" && $(( $(now) - $2 )) -lt 5 ]] || cr_alive "$1"
 }
 
 # cr_ci PORT -- CLUSTER INFO of a node into CI_STATE CI_ASSIGNED CI_OK CI_KNOWN CI_SIZE

@@ -338,6 +338,39 @@ redis_cli() {
   fi
 }
 
+# redis_wait_pong LABEL LOG DEADLINE ALIVE CLI... -- waits until `CLI... ping` answers PONG
+# from a Redis just started (or found running), or dies before DEADLINE (epoch seconds)
+# with LOG's tail. A LOADING answer is progress, not a hang (an AOF being replayed: a long
+# benchmark leaves gigabytes of it): logged every 15 s with its percentage, bounded by
+# REDIS_LOAD_TIMEOUT, and the start timeout (REDIS_START_TIMEOUT) counts again from the
+# end of the load. ALIVE is a command line (split on spaces) that fails once the server
+# has exited ("": none).
+redis_wait_pong() {
+  local label="$1" logf="$2" deadline="$3" alive="$4"; shift 4
+  local t0 out="" said=0
+  t0=$(now)
+  while :; do
+    out="$("$@" ping 2>&1 || true)"
+    [[ "$out" == PONG ]] && return 0
+    if [[ "$out" == LOADING* ]]; then
+      if (( $(now) - t0 >= REDIS_LOAD_TIMEOUT )); then
+        show_log_tail "$logf"; die "$label: still loading its data after ${REDIS_LOAD_TIMEOUT}s (REDIS_LOAD_TIMEOUT)"
+      fi
+      deadline=$(( $(now) + REDIS_START_TIMEOUT ))
+      if (( $(now) - said >= 15 )); then
+        said=$(now)
+        log "$label: loading its data: $("$@" info persistence 2>/dev/null | tr -d '\r' | sed -n 's/^loading_loaded_perc://p')% after $(( $(now) - t0 ))s"
+      fi
+    elif [[ -n "$alive" ]] && ! $alive; then  # word-split on purpose: a command line
+      show_log_tail "$logf"; die "$label: exited during startup"
+    fi
+    if [[ $(now) -ge $deadline ]]; then
+      show_log_tail "$logf"; die "$label: no PONG after ${REDIS_START_TIMEOUT}s (last answer: $out)"
+    fi
+    sleep 0.2
+  done
+}
+
 # --- Kafka -----------------------------------------------------------------
 kafka_libs_ok() {
   [[ -f "$KAFKA_LIBS/.complete" ]] && [[ "$(cat "$KAFKA_LIBS/.complete")" == "$KAFKA_VERSION" ]] \

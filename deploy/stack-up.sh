@@ -442,27 +442,7 @@ redis_up() {
     redis-server "$REDIS_RUNTIME_CONF" >"$REDIS_DIR/start.out" 2>&1 9>&- || {
       cat "$REDIS_DIR/start.out" >&2; show_log_tail "$REDIS_LOG"; die "redis: redis-server failed to start"; }
   fi
-  local deadline=$(( $(now) + REDIS_START_TIMEOUT )) out="" said=0
-  while :; do
-    out="$(redis_cli ping 2>&1 || true)"
-    [[ "$out" == PONG ]] && break
-    if [[ "$out" == LOADING* ]]; then
-      # Replaying its AOF (a long benchmark leaves gigabytes of it): progress, not a hang.
-      # The start timeout counts from the end of the load; the load has its own.
-      if (( $(now) - t0 >= REDIS_LOAD_TIMEOUT )); then
-        show_log_tail "$REDIS_LOG"; die "redis: still loading its data after ${REDIS_LOAD_TIMEOUT}s (REDIS_LOAD_TIMEOUT)"
-      fi
-      deadline=$(( $(now) + REDIS_START_TIMEOUT ))
-      if (( $(now) - said >= 15 )); then
-        said=$(now)
-        log "redis: loading its data: $(redis_cli info persistence 2>/dev/null | tr -d '\r' | sed -n 's/^loading_loaded_perc://p')% after $(( $(now) - t0 ))s"
-      fi
-    fi
-    if [[ $(now) -ge $deadline ]]; then
-      show_log_tail "$REDIS_LOG"; die "redis: no PONG after ${REDIS_START_TIMEOUT}s (last answer: $out)"
-    fi
-    sleep 0.2
-  done
+  redis_wait_pong redis "$REDIS_LOG" $(( $(now) + REDIS_START_TIMEOUT )) "" redis_cli
   if [[ "$STACK_LAYOUT" == secure ]]; then
     log "redis: ready (rediss://localhost:$REDIS_PORT, client certificate + ACL users) in $(( $(now) - t0 ))s"
   else
