@@ -20,11 +20,22 @@ fn item(product_id: i64, quantity: i64) -> Item {
     }
 }
 
-/// Not JSON, `len` bytes, different at every position so that a truncated copy is
-/// told apart from another prefix.
+/// Not JSON, `len` printable bytes drawn from a generator seeded by `seed`, so that a
+/// truncated copy is told apart from another's prefix. Incompressible: the workers compress
+/// their batches (LZ4), and a size limit on the wire is met by the compressed bytes, so a
+/// repeating pattern of 150,000 bytes fits a 100,000-byte topic whole.
 fn junk(len: usize, seed: u8) -> Vec<u8> {
+    // splitmix64
+    let mut x = 0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(u64::from(seed) + 1);
     (0..len)
-        .map(|i| b'!' + ((i as u64 * 7 + seed as u64) % 90) as u8)
+        .map(|_| {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            b'!' + (z % 90) as u8
+        })
         .collect()
 }
 
@@ -121,8 +132,9 @@ async fn unreadable_message_over_the_client_limit_is_dead_lettered_truncated() {
 }
 
 /// Hole 8, broker limit: the dead-letter topic takes at most 100,000 bytes
-/// (`max.message.bytes`), `orders` takes 3 MB. Dead letters just under the topic's limit go
-/// whole; over it (and over the client's limit too) they go truncated, and the producer
+/// (`max.message.bytes`, of the compressed batch), `orders` takes 3 MB. Dead letters just
+/// under the topic's limit go whole, and so does a repetitive one that is over it only as
+/// written; over it (and over the client's limit too) they go truncated, and the producer
 /// carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated() {
@@ -159,6 +171,29 @@ async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated(
     assert_eq!(first.len(), 1, "dead-lettered");
     assert_whole(&first[0], &under, &env.topics.orders);
 
+    // Over the topic's limit as written, far under it compressed: it goes whole. Alone
+    // too, for the same reason.
+    let repetitive: Vec<u8> = b"not json at all "
+        .iter()
+        .copied()
+        .cycle()
+        .take(150_000)
+        .collect();
+    harness::publish(
+        &sender,
+        &env.topics.orders,
+        vec![("repetitive".into(), repetitive.clone())],
+    )
+    .await
+    .expect("publish");
+    let second = read_topic(&env.kafka, &env.topics.dlq, 2, WAIT).await;
+    assert_eq!(second.len(), 2, "dead-lettered");
+    assert_whole(
+        dead_letter_of(&second, &repetitive),
+        &repetitive,
+        &env.topics.orders,
+    );
+
     let over_topic = junk(150_000, 4);
     let over_both = junk(1_500_000, 5);
     for (key, bytes) in [("over-topic", &over_topic), ("over-both", &over_both)] {
@@ -182,8 +217,8 @@ async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated(
         collector.wait_for(&ids, 1, WAIT).await,
         "the producer goes on after dead letters the topic refused whole"
     );
-    let dead = read_topic(&env.kafka, &env.topics.dlq, 3, WAIT).await;
-    assert_eq!(dead.len(), 3);
+    let dead = read_topic(&env.kafka, &env.topics.dlq, 4, WAIT).await;
+    assert_eq!(dead.len(), 4);
     for original in [&over_topic, &over_both] {
         assert_truncated(
             dead_letter_of(&dead, original),
