@@ -23,7 +23,7 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
         .map(|n| reserve_request(&format!("nos-{n}"), 1, 2))
         .collect();
 
-    forget_scripts(&env.store).await;
+    forget_scripts(store).await;
     let reply = store
         .reserve_many(&reqs, &Guards::default())
         .await
@@ -43,14 +43,14 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
         "3 orders of 2 taken once"
     );
 
-    forget_scripts(&env.store).await;
+    forget_scripts(store).await;
     let rec = store.order_record("nos-0").await.expect("record read");
     assert!(
         matches!(&rec, Some(OrderRecord::Held { token, .. }) if *token == tokens[0]),
         "{rec:?}"
     );
 
-    forget_scripts(&env.store).await;
+    forget_scripts(store).await;
     let back = vec![Compensation {
         v: INTERNAL_VERSION,
         order_id: "nos-1".into(),
@@ -64,7 +64,7 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
     assert_eq!(out, vec![RestoreOutcome::Restored]);
     assert_eq!(env.redis_stock(1).await, Some(96), "given back once");
 
-    forget_scripts(&env.store).await;
+    forget_scripts(store).await;
     let again = store
         .reserve_many(&reqs, &Guards::default())
         .await

@@ -3,6 +3,7 @@
 //! and secrets in malformed settings.
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
@@ -131,6 +132,28 @@ async fn unreadable_message_over_the_client_limit_is_dead_lettered_truncated() {
     env.cleanup().await;
 }
 
+/// Publishes one unreadable order alone, so that no other dead letter shares its batch
+/// (a batch the broker refuses is cut as a whole), and reads the dead-letter topic from the
+/// start until it holds `n` dead letters.
+async fn dead_letter_alone(
+    env: &TestEnv,
+    sender: &FutureProducer,
+    key: &str,
+    bytes: &[u8],
+    n: usize,
+) -> Vec<OwnedMessage> {
+    harness::publish(
+        sender,
+        &env.topics.orders,
+        vec![(key.into(), bytes.to_vec())],
+    )
+    .await
+    .expect("publish");
+    let dead = read_topic(&env.kafka, &env.topics.dlq, n, WAIT).await;
+    assert_eq!(dead.len(), n, "dead-lettered");
+    dead
+}
+
 /// Hole 8, broker limit: the dead-letter topic takes at most 100,000 bytes
 /// (`max.message.bytes`, of the compressed batch), `orders` takes 3 MB. Dead letters just
 /// under the topic's limit go whole, and so does a repetitive one that is over it only as
@@ -158,36 +181,18 @@ async fn unreadable_message_over_the_dlq_topic_limit_is_dead_lettered_truncated(
     big_client.options.push("message.max.bytes=3000000".into());
     let sender = stock_common::kafka::producer(&big_client).expect("producer");
 
-    // Alone first, so that no other dead letter shares its batch.
     let under = junk(99_000, 3);
-    harness::publish(
-        &sender,
-        &env.topics.orders,
-        vec![("under".into(), under.clone())],
-    )
-    .await
-    .expect("publish");
-    let first = read_topic(&env.kafka, &env.topics.dlq, 1, WAIT).await;
-    assert_eq!(first.len(), 1, "dead-lettered");
+    let first = dead_letter_alone(&env, &sender, "under", &under, 1).await;
     assert_whole(&first[0], &under, &env.topics.orders);
 
-    // Over the topic's limit as written, far under it compressed: it goes whole. Alone
-    // too, for the same reason.
+    // Over the topic's limit as written, far under it compressed: it goes whole.
     let repetitive: Vec<u8> = b"not json at all "
         .iter()
         .copied()
         .cycle()
         .take(150_000)
         .collect();
-    harness::publish(
-        &sender,
-        &env.topics.orders,
-        vec![("repetitive".into(), repetitive.clone())],
-    )
-    .await
-    .expect("publish");
-    let second = read_topic(&env.kafka, &env.topics.dlq, 2, WAIT).await;
-    assert_eq!(second.len(), 2, "dead-lettered");
+    let second = dead_letter_alone(&env, &sender, "repetitive", &repetitive, 2).await;
     assert_whole(
         dead_letter_of(&second, &repetitive),
         &repetitive,
