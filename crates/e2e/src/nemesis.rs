@@ -1020,7 +1020,8 @@ async fn sample_limits(
     s
 }
 
-/// Every `order_ledger` row and every `stock_movement` row of the database.
+/// Every `order_ledger` row and every product's element of every `stock_movement` row of
+/// the database (`stock_movement_item`).
 pub async fn read_ledger_and_history(
     pool: &sqlx::PgPool,
 ) -> anyhow::Result<(HashMap<String, LedgerRec>, Vec<Mov>)> {
@@ -1050,7 +1051,7 @@ pub async fn read_ledger_and_history(
     }
     let rows = sqlx::query(
         "SELECT product_id, kind, ref, quantity, available_delta, reserved_delta, sold_delta, orders::bigint
-         FROM stock_movement",
+         FROM stock_movement_item",
     )
     .fetch_all(pool)
     .await?;

@@ -464,8 +464,9 @@ async fn show_lists_open_reservations() {
         .await
         .expect("ledger");
         sqlx::query(
-            "INSERT INTO stock_movement (product_id, kind, ref, quantity, available_delta, reserved_delta)
-             VALUES (21, 'reserve', $1, $2, -$2, $2)",
+            "INSERT INTO stock_movement
+                 (kind, ref, products, quantities, available_deltas, reserved_deltas, sold_deltas, orders)
+             VALUES ('reserve', $1, '{21}', ARRAY[$2::bigint], ARRAY[-$2::bigint], ARRAY[$2::bigint], '{0}', '{1}')",
         )
         .bind(order)
         .bind(qty)
@@ -474,8 +475,9 @@ async fn show_lists_open_reservations() {
         .expect("movement");
     }
     sqlx::query(
-        "INSERT INTO stock_movement (product_id, kind, ref, quantity, reserved_delta, sold_delta)
-         VALUES (21, 'confirm', 'o-2', 1, -1, 1)",
+        "INSERT INTO stock_movement
+             (kind, ref, products, quantities, available_deltas, reserved_deltas, sold_deltas, orders)
+         VALUES ('confirm', 'o-2', '{21}', '{1}', '{0}', '{-1}', '{1}', '{1}')",
     )
     .execute(pool)
     .await
@@ -577,29 +579,32 @@ async fn check_finds_drift_and_repair_fixes_it() {
     env.cleanup().await;
 }
 
-/// The history holds one row per product and kind per batch, summing its orders (issue 12:
-/// a row per order and item cost as much as the ledger row); each order's own story comes
-/// from the ledger (`stockctl history --order`), and `show` counts open reservations there.
+/// The history holds one row per kind per batch, its products' sums as arrays (issue 12: a
+/// row per order and item cost as much as the ledger row, and a row per product and kind
+/// still ~220 a batch); `stockctl history` reads one product's elements of them. Each
+/// order's own story comes from the ledger (`stockctl history --order`), and `show` counts
+/// open reservations there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_sums_each_batch_and_the_ledger_tells_each_order() {
     use std::time::Duration;
     use stock_common::events::{DeductCommand, Item, INTERNAL_VERSION};
     use stock_consumer::store::apply_batch;
     let env = TestEnv::new().await;
-    env.load_stock(&[(61, 100)]).await;
+    env.load_stock(&[(61, 100), (62, 10)]).await;
     let pool = &env.pool;
-    let reserve = |id: String, quantity| DeductCommand::Reserve {
+    let reserve = |id: String, product_id, quantity| DeductCommand::Reserve {
         v: INTERNAL_VERSION,
         order_id: id,
         items: vec![Item {
-            product_id: 61,
+            product_id,
             quantity,
         }],
         token: None,
         customer: None,
     };
-    let mut first: Vec<DeductCommand> = (0..50).map(|i| reserve(format!("o-{i}"), 1)).collect();
-    first.push(reserve("o-big".into(), 1000)); // refused by PostgreSQL: a compensation
+    let mut first: Vec<DeductCommand> = (0..5).map(|i| reserve(format!("q-{i}"), 62, 2)).collect();
+    first.extend((0..50).map(|i| reserve(format!("o-{i}"), 61, 1)));
+    first.push(reserve("o-big".into(), 61, 1000)); // refused by PostgreSQL: a compensation
     apply_batch(pool, &first, Duration::from_secs(900))
         .await
         .expect("first batch");
@@ -645,9 +650,38 @@ async fn history_sums_each_batch_and_the_ledger_tells_each_order() {
         ],
         "newest first: {h:?}"
     );
-    assert_eq!(h[2].reference, "o-0", "a batch's row names its first order");
+    assert_eq!(h[2].reference, "q-0", "a batch's row names its first order");
+    let h62 = admin::history(pool, 62, 10).await.expect("history");
+    assert_eq!(
+        h62.iter()
+            .map(|m| (m.kind.as_str(), m.orders, m.quantity, m.available_delta))
+            .collect::<Vec<_>>(),
+        [("reserve", 5, 10, -10), ("set", 1, 10, 10)],
+        "only product 62's elements of the rows: {h62:?}"
+    );
+    assert_eq!(h62[0].id, h[2].id, "one reserve row for both products");
+    type Stored = (String, Vec<i64>, Vec<i64>, Vec<i32>);
+    let stored: Vec<Stored> = sqlx::query_as(
+        "SELECT kind, products, quantities, orders FROM stock_movement
+             WHERE kind <> 'set' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("stock_movement");
+    let v = |s: &[i64]| s.to_vec();
+    assert_eq!(
+        stored,
+        [
+            ("compensation".into(), v(&[61]), v(&[1000]), vec![1]),
+            ("reserve".into(), v(&[61, 62]), v(&[50, 10]), vec![50, 5]),
+            ("confirm".into(), v(&[61]), v(&[10]), vec![10]),
+            ("release_cancelled".into(), v(&[61]), v(&[5]), vec![5]),
+        ],
+        "one row per kind per batch (after load_stock's two sets)"
+    );
     let row = env.stock_row(61).await;
     assert_eq!((row.available, row.reserved, row.sold), (55, 35, 10));
+    env.assert_history_matches_ledger().await;
 
     let paid = admin::order_story(pool, "o-3")
         .await

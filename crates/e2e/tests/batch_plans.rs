@@ -169,8 +169,11 @@ async fn no_batch_statement_scans_a_growing_table() {
         "INSERT INTO order_ledger (order_id, status, items, reserved_until)
          SELECT 'o-' || g, 'reserved', '[{\"product_id\":1,\"quantity\":1}]', now() + interval '1 hour'
          FROM generate_series(1, 50000) g",
-        "INSERT INTO stock_movement (product_id, kind, ref, quantity)
-         SELECT 1 + g % 2000, 'reserve', 'o-' || g, 1 FROM generate_series(1, 50000) g",
+        "INSERT INTO stock_movement
+             (kind, ref, products, quantities, available_deltas, reserved_deltas, sold_deltas, orders)
+         SELECT 'reserve', 'o-' || g, ARRAY[1 + g % 2000, 1 + (g + 1) % 2000], '{1,1}', '{-1,-1}',
+                '{1,1}', '{0,0}', '{1,1}'
+         FROM generate_series(1, 20000) g",
         "INSERT INTO stock_request (request_id, product_id, kind, available_delta)
          SELECT 'r-' || g, 1 + g % 2000, 'restock', 1 FROM generate_series(1, 5000) g",
         "INSERT INTO product_limit (product_id, per_customer, version)

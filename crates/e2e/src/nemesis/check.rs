@@ -37,7 +37,8 @@ pub struct LedgerRec {
     pub customer_id: Option<String>,
 }
 
-/// A `stock_movement` row: one product, one kind, summing `orders` orders of a batch.
+/// One product's element of a `stock_movement` row (`stock_movement_item`): one product,
+/// one kind, summing `orders` orders of a batch.
 #[derive(Debug, Clone)]
 pub struct Mov {
     pub product_id: i64,
