@@ -108,6 +108,30 @@ async fn the_history_keeps_its_rows_when_it_becomes_arrays() {
     .await
     .expect("a row of the new shape");
     assert!(id > old.iter().map(|m| m.0).max().unwrap_or(0), "id {id}");
+    // A batch's arrays are compressed with LZ4 where the server has it.
+    let lz4 = sqlx::query("CREATE TEMP TABLE lz4_probe (a text COMPRESSION lz4)")
+        .execute(&pool)
+        .await
+        .is_ok();
+    if lz4 {
+        sqlx::query(
+            "INSERT INTO stock_movement
+                 (kind, ref, products, quantities, available_deltas, reserved_deltas, sold_deltas, orders)
+             SELECT 'reserve', 'o-big', array_agg(g), array_agg(1::bigint), array_agg(-1::bigint),
+                    array_agg(1::bigint), array_agg(0::bigint), array_agg(1)
+             FROM generate_series(1, 2000) g",
+        )
+        .execute(&pool)
+        .await
+        .expect("a row of 2,000 products");
+        let compression: Option<String> = sqlx::query_scalar(
+            "SELECT pg_column_compression(products) FROM stock_movement WHERE ref = 'o-big'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("its compression");
+        assert_eq!(compression.as_deref(), Some("lz4"));
+    }
     // The new shape refuses rows whose arrays disagree.
     let bad = sqlx::query(
         "INSERT INTO stock_movement
