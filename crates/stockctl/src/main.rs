@@ -104,8 +104,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// A product's stock movements, newest first (one row per product and kind per batch,
-    /// summing its orders), or with `--order` one order's story from the ledger.
+    /// A product's stock movements, newest first (one line per kind per batch, summing its
+    /// orders of the product), or with `--order` one order's story from the ledger.
     #[command(group = clap::ArgGroup::new("what").required(true).args(["product", "order"]))]
     History {
         #[arg(long)]
