@@ -14,7 +14,7 @@
 -- go through the GIN index (`products @> ARRAY[$1]`), as `stockctl history` does.
 --
 -- Rows written before this migration are copied as one-element rows with their ids, times
--- and sums unchanged; the ids keep growing from the same sequence. On a large history the
+-- and sums unchanged; new ids carry on after the old sequence's last value. On a large history the
 -- copy holds an exclusive lock on the table while it runs: run it in a quiet hour.
 CREATE TABLE stock_movement_new (
     id               bigserial   PRIMARY KEY,

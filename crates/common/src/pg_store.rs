@@ -627,14 +627,6 @@ pub async fn insert_movements(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    for ((_, product), sum) in &sums {
-        p.push(*product);
-        q.push(sum.quantity);
-        a.push(sum.delta.available);
-        r.push(sum.delta.reserved);
-        s.push(sum.delta.sold);
-        o.push(sum.orders);
-    }
     // Per kind, its reference and the 1-based bounds of its run.
     let kinds = first_ref.len();
     let (mut kind, mut reference, mut first, mut last) = (
@@ -643,14 +635,22 @@ pub async fn insert_movements(
         Vec::with_capacity(kinds),
         Vec::with_capacity(kinds),
     );
-    let mut end = 0i32;
-    for (k, first_movement) in &first_ref {
-        let run = sums.range((*k, i64::MIN)..=(*k, i64::MAX)).count() as i32;
-        kind.push(*k);
-        reference.push(*first_movement);
-        first.push(end + 1);
-        end += run;
-        last.push(end);
+    for ((k, product), sum) in &sums {
+        if kind.last() != Some(k) {
+            kind.push(*k);
+            reference.push(first_ref[k]);
+            first.push(p.len() as i32 + 1);
+            last.push(0);
+        }
+        p.push(*product);
+        q.push(sum.quantity);
+        a.push(sum.delta.available);
+        r.push(sum.delta.reserved);
+        s.push(sum.delta.sold);
+        o.push(sum.orders);
+        if let Some(end) = last.last_mut() {
+            *end = p.len() as i32;
+        }
     }
     sqlx::query(INSERT_MOVEMENTS)
         .bind(&kind)

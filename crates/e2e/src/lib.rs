@@ -192,14 +192,7 @@ impl TestEnv {
             .expect("create topics (is the stack up? deploy/stack-up.sh)");
 
         let db_name = format!("t_{id}");
-        let admin_pool = stock_common::db::pool(&stack.db_admin).expect("admin pool");
-        sqlx::query(&format!("CREATE DATABASE {db_name}"))
-            .execute(&admin_pool)
-            .await
-            .expect("create test database");
-        admin_pool.close().await;
-        let db_admin = with_database(&stack.db_admin, &db_name).expect("admin url");
-        let pool = stock_common::db::pool(&db_admin).expect("pool");
+        let pool = create_database(&stack, &db_name).await;
         stock_common::db::migrate(&pool).await.expect("migrate");
         if let (true, Some(role)) = (stack.has_worker_roles(), stack.worker_db_role()) {
             stock_common::db::grant(&pool, &role)
@@ -451,15 +444,31 @@ impl TestEnv {
             eprintln!("could not delete the test's topics: {e}");
         }
         self.pool.close().await;
-        if let Ok(admin_pool) = stock_common::db::pool(&self.stack.db_admin) {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.db_name
-            ))
-            .execute(&admin_pool)
-            .await;
-        }
+        let _ = drop_database(&self.stack, &self.db_name).await;
     }
+}
+
+/// Creates the empty database `name` on `stack` (no migrations) and returns a pool on it
+/// with the administrator's credentials.
+pub async fn create_database(stack: &Stack, name: &str) -> PgPool {
+    let admin_pool = stock_common::db::pool(&stack.db_admin).expect("admin pool");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin_pool)
+        .await
+        .expect("create test database (is the stack up? deploy/stack-up.sh)");
+    admin_pool.close().await;
+    let db_admin = with_database(&stack.db_admin, name).expect("admin url");
+    stock_common::db::pool(&db_admin).expect("pool")
+}
+
+/// Drops the database `name` of `stack`, closing whatever is still connected to it.
+pub async fn drop_database(stack: &Stack, name: &str) -> Result<(), sqlx::Error> {
+    let admin_pool = stock_common::db::pool(&stack.db_admin)?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin_pool)
+        .await?;
+    admin_pool.close().await;
+    Ok(())
 }
 
 /// Both workers running as tasks of the test process.

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 use stock_common::db::MIGRATOR;
-use stock_devkit::stack::{with_database, Stack};
+use stock_e2e::{create_database, drop_database, Stack};
 
 /// The version before the history became arrays.
 const BEFORE_ARRAYS: i64 = 7;
@@ -48,13 +48,7 @@ async fn items(pool: &PgPool, from: &str) -> Vec<Item> {
 async fn the_history_keeps_its_rows_when_it_becomes_arrays() {
     let stack = Stack::from_env().expect("stack settings from the environment");
     let name = format!("m_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let admin = stock_common::db::pool(&stack.db_admin).expect("admin pool");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .expect("create the database (is the stack up? deploy/stack-up.sh)");
-    let pool =
-        stock_common::db::pool(&with_database(&stack.db_admin, &name).expect("url")).expect("pool");
+    let pool = create_database(&stack, &name).await;
 
     let before = migrator_up_to(BEFORE_ARRAYS);
     assert_eq!(before.iter().count() as i64, BEFORE_ARRAYS);
@@ -143,8 +137,7 @@ async fn the_history_keeps_its_rows_when_it_becomes_arrays() {
     assert!(bad.is_err(), "arrays of different lengths were stored");
 
     pool.close().await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&admin)
+    drop_database(&stack, &name)
         .await
         .expect("drop the database");
 }
