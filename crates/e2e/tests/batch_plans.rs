@@ -206,4 +206,5 @@ async fn no_batch_statement_scans_a_growing_table() {
     );
     drop(conn);
     workers.close().await;
+    env.cleanup().await;
 }

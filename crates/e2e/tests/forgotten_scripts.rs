@@ -83,4 +83,5 @@ async fn a_redis_that_forgot_its_scripts_still_decides_and_gives_back() {
         Some(96),
         "a redelivery takes nothing"
     );
+    env.cleanup().await;
 }

@@ -164,6 +164,7 @@ async fn records_split_into_small_buckets_and_each_is_found_and_changed_in_place
     }
     let total_after: usize = buckets(&env).await.iter().map(|(_, n, _)| n).sum();
     assert_eq!(total_after, N, "changed in place, not written twice");
+    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +227,7 @@ async fn a_record_is_forgotten_with_its_window_and_the_order_is_decided_again() 
         buckets(&env).await.len() <= 1,
         "the old window's keys are gone"
     );
+    env.cleanup().await;
 }
 
 /// A token names its pre-deduction by the exact sequence number, however far the sequence
@@ -258,4 +260,5 @@ async fn tokens_name_a_large_sequence_exactly() {
     let tokens: Vec<String> = reply.outcomes.iter().map(|o| held_token(o).0).collect();
     let expected: Vec<String> = (1..=4).map(|i| format!("{gen}.{}", start + i)).collect();
     assert_eq!(tokens, expected);
+    env.cleanup().await;
 }
