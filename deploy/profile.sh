@@ -4,8 +4,10 @@
 # services with `perf record` (call stacks unwound from DWARF) for SECONDS. Writes to OUT
 # (default bench-out/profile-<time>/):
 #   <part>.folded   collapsed stacks (inferno-collapse-perf) of each part: producer,
-#                   consumer, redis, postgres (every backend), kafka (JVM frames are not
-#                   resolved: its figure is the share of each native library)
+#                   consumer, redis, postgres (every backend), kafka (its JVM frames
+#                   resolved by async-profiler, loaded into the broker with jcmd and fetched
+#                   once from Maven Central with mvn; without jcmd or mvn, perf as for the
+#                   others, and the JVM frames are not resolved)
 #   <part>.svg      a flame graph of each (inferno-flamegraph)
 #   top.txt         each part's 25 hottest functions by self time, and its share of the
 #                   samples by shared object (which library, the kernel)
@@ -25,6 +27,23 @@ bench="${CARGO_TARGET_DIR:-target}/release/bench"
 command -v perf >/dev/null || { echo "no perf: apt-get install linux-perf" >&2; exit 2; }
 command -v inferno-collapse-perf >/dev/null || { echo "no inferno: cargo install inferno" >&2; exit 2; }
 out="${OUT:-bench-out/profile-$(date +%Y%m%d-%H%M%S)}"
+# async_profiler_lib -> the path of async-profiler's agent (ASYNC_PROFILER_VERSION, default
+# 4.1), fetched once into $STACK_DIR/tools; fails without jcmd or mvn
+async_profiler_lib() {
+  local v="${ASYNC_PROFILER_VERSION:-4.1}" dir so
+  dir="${STACK_DIR:-/var/tmp/stockpipe}/tools/async-profiler-$v"
+  so="$dir/linux-x64/libasyncProfiler.so"
+  command -v jcmd >/dev/null || return 1
+  if [[ ! -s "$so" ]]; then
+    command -v mvn >/dev/null || return 1
+    mkdir -p "$dir"
+    (cd "$dir" && mvn -q -B dependency:copy -DoutputDirectory="$dir" \
+      -Dartifact="tools.profiler:async-profiler:$v:jar:linux-x64") >"$dir/mvn.log" 2>&1 || return 1
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+      "$dir/async-profiler-$v-linux-x64.jar" "$dir" || return 1
+  fi
+  echo "$so"
+}
 mkdir -p "$out"
 STACK_LAYOUT=plain bash deploy/stack-up.sh >/dev/null
 env -u DATABASE_URL -u REDIS_URL -u REDIS_CLUSTER_NODES -u KAFKA_BROKERS STACK_LAYOUT=plain \
@@ -50,6 +69,13 @@ declare -A parts=(
   [kafka]="$(pids -f kafka.Kafka)"
 )
 recs=()
+# The broker with async-profiler (its Java frames by name): started and stopped with jcmd.
+ap_so="$(async_profiler_lib || true)"
+if [[ -n "$ap_so" && -n "${parts[kafka]}" && "${parts[kafka]}" != *,* ]] &&
+  jcmd "${parts[kafka]}" JVMTI.agent_load "$ap_so" '"start,event=cpu,interval=2ms"' >"$out/kafka.ap.err" 2>&1; then
+  kafka_ap="${parts[kafka]}"
+  unset 'parts[kafka]'
+fi
 for part in "${!parts[@]}"; do
   [[ -n "${parts[$part]}" ]] || { echo "no $part process: skipped" >&2; continue; }
   perf record -q -F 499 --call-graph dwarf,16384 -p "${parts[$part]}" -o "$out/$part.data" \
@@ -57,6 +83,13 @@ for part in "${!parts[@]}"; do
   recs+=($!)
 done
 wait "${recs[@]}" || true
+if [[ -n "${kafka_ap:-}" ]]; then
+  # jcmd parses key=value itself: the agent's options go quoted, as one value.
+  jcmd "$kafka_ap" JVMTI.agent_load "$ap_so" "\"stop,file=$out/kafka.folded\"" >>"$out/kafka.ap.err" 2>&1 ||
+    echo "async-profiler did not stop: $out/kafka.ap.err" >&2
+  [[ -s "$out/kafka.folded" ]] ||
+    echo "no Kafka profile: async-profiler's messages are in the broker's kafka.out" >&2
+fi
 wait "$bench_pid" || echo "the bench failed: $out/bench.txt" >&2
 # top_of DATA KEY N -- the N first lines of perf's self-time report sorted by KEY (head
 # closing the pipe early is not an error)
@@ -65,6 +98,16 @@ top_of() {
     grep -E '^ +[0-9]' | head -"$3" || true
 }
 : >"$out/top.txt"
+if [[ -s "$out/kafka.folded" ]]; then
+  inferno-flamegraph --title "kafka (async-profiler): $* ($secs s)" <"$out/kafka.folded" >"$out/kafka.svg"
+  {
+    echo "== kafka (async-profiler): hottest frames (self), share of its samples"
+    awk '{ n = $NF; sub(/ [0-9]+$/, ""); k = split($0, f, ";"); self[f[k]] += n; all += n }
+      END { for (s in self) printf "%8.2f%%  %s\n", 100 * self[s] / all, s }' "$out/kafka.folded" |
+      sort -rn | head -25 || true
+    echo
+  } >>"$out/top.txt"
+fi
 for part in producer consumer redis postgres kafka; do
   [[ -s "$out/$part.data" ]] || continue
   perf script -i "$out/$part.data" 2>/dev/null | inferno-collapse-perf >"$out/$part.folded"
