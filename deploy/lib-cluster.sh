@@ -502,8 +502,7 @@ ck_launch() {
     port_open "$p" && die "kafka: port 127.0.0.1:$p (broker $id) is in use by another process ($(port_owner "$p"))"
   done
   # shellcheck disable=SC2086
-  nohup setsid java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError \
+  nohup setsid java $KAFKA_HEAP_OPTS $KAFKA_GC_OPTS -server -XX:+ExitOnOutOfMemoryError \
     -Djava.awt.headless=true \
     "-Xlog:gc*:file=$logs/gc.log:time,tags:filecount=3,filesize=20M" \
     -Dkafka.logs.dir="$logs" \

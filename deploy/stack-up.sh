@@ -7,7 +7,7 @@
 # usage: deploy/stack-up.sh [pg] [redis] [kafka]     (no args = all three)
 #
 # env: STACK_DIR, PGPORT_STACK, REDIS_PORT, REDIS_PASSWORD, KAFKA_PORT,
-#      KAFKA_CONTROLLER_PORT, KAFKA_VERSION, KAFKA_HEAP_OPTS, PARTITIONS,
+#      KAFKA_CONTROLLER_PORT, KAFKA_VERSION, KAFKA_HEAP_OPTS, KAFKA_GC_OPTS (default -XX:+UseParallelGC), PARTITIONS,
 #      ORDERS_TOPIC/DEDUCT_TOPIC/COMPENSATE_TOPIC/RESULTS_TOPIC/DLQ_TOPIC,
 #      SKIP_TOPICS=1 (do not create the default topics),
 #      *_START_TIMEOUT (seconds: PG_, REDIS_, KAFKA_), REDIS_LOAD_TIMEOUT (seconds a
@@ -561,8 +561,7 @@ kafka_launch() {
   done
   log "kafka: starting Kafka $KAFKA_VERSION on $KAFKA_BOOTSTRAP$([[ "$STACK_LAYOUT" == secure ]] && echo ' (SASL_SSL)') (log $KAFKA_LOG_DIR/server.log)"
   # shellcheck disable=SC2086
-  nohup setsid java $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError \
+  nohup setsid java $KAFKA_HEAP_OPTS $KAFKA_GC_OPTS -server -XX:+ExitOnOutOfMemoryError \
     -Djava.awt.headless=true \
     "-Xlog:gc*:file=$KAFKA_LOG_DIR/gc.log:time,tags:filecount=3,filesize=20M" \
     -Dkafka.logs.dir="$KAFKA_LOG_DIR" \
