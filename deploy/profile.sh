@@ -19,6 +19,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
+# The plain layout's settings: STACK_DIR, its Redis and Kafka pid files.
+STACK_LAYOUT=plain
+# shellcheck source=deploy/lib.sh
+source "$here/lib.sh"
 secs="${1:-8}"
 shift || true
 [[ $# -gt 0 ]] || set -- e2e --orders 300000 --mode stream
@@ -31,7 +35,7 @@ out="${OUT:-bench-out/profile-$(date +%Y%m%d-%H%M%S)}"
 # 4.1), fetched once into $STACK_DIR/tools; fails without jcmd or mvn
 async_profiler_lib() {
   local v="${ASYNC_PROFILER_VERSION:-4.1}" dir so
-  dir="${STACK_DIR:-/var/tmp/stockpipe}/tools/async-profiler-$v"
+  dir="$STACK_DIR/tools/async-profiler-$v"
   so="$dir/linux-x64/libasyncProfiler.so"
   command -v jcmd >/dev/null || return 1
   if [[ ! -s "$so" ]]; then
@@ -64,14 +68,14 @@ pids() { pgrep -d, "$@" || true; }
 declare -A parts=(
   [producer]="$(tr '\n' , <<<"$prod" | sed 's/,$//')"
   [consumer]="$(tr '\n' , <<<"$cons" | sed 's/,$//')"
-  [redis]="$(pids -x redis-server)"
+  [redis]="$(pidfile_pid "$REDIS_PIDFILE")"
   [postgres]="$(pids -x postgres)"
-  [kafka]="$(pids -f kafka.Kafka)"
+  [kafka]="$(pidfile_pid "$KAFKA_PIDFILE")"
 )
 recs=()
 # The broker with async-profiler (its Java frames by name): started and stopped with jcmd.
 ap_so="$(async_profiler_lib || true)"
-if [[ -n "$ap_so" && -n "${parts[kafka]}" && "${parts[kafka]}" != *,* ]] &&
+if [[ -n "$ap_so" && -n "${parts[kafka]}" ]] &&
   jcmd "${parts[kafka]}" JVMTI.agent_load "$ap_so" '"start,event=cpu,interval=2ms"' >"$out/kafka.ap.err" 2>&1; then
   kafka_ap="${parts[kafka]}"
   unset 'parts[kafka]'
