@@ -9,9 +9,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use stock_common::events::{Item, Reason, Status, StockResult};
 use stock_common::kafka::{self, OutMessage};
-use stock_common::redis_store::stock_key;
+use stock_common::redis_store::{stock_key, Guards, OrderRecord, ReserveOutcome, ReserveRequest};
 use stock_e2e::harness::{conflicting, created};
-use stock_e2e::{free_port, http_get, read_topic, reset_group_to_earliest, wait_until, TestEnv};
+use stock_e2e::{
+    free_port, held_token, http_get, read_topic, reserve_request, reset_group_to_earliest,
+    wait_until, TestEnv,
+};
 use stockctl::admin::{self, AdminError};
 use tokio_util::sync::CancellationToken;
 
@@ -431,6 +434,67 @@ async fn large_stock_is_exact_and_a_request_id_keeps_its_product() {
         .expect("finish");
     assert_eq!(env.stock_row(12).await.available, 6);
     env.assert_invariants(&[12, 13]).await;
+    env.cleanup().await;
+}
+
+/// One call takes each product's stock exactly, order after order: a hot product taken by
+/// every order of the call, a product above 2^53 (where Lua's doubles are not exact:
+/// reserve.lua keeps what it read as a double, and Redis' DECRBY computes the value), and
+/// a product that runs short midway, which refuses the orders it cannot serve. A second
+/// call finds every order decided and takes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_takes_each_products_stock_exactly() {
+    let env = TestEnv::new().await;
+    let huge: i64 = (1 << 53) + 3;
+    env.load_stock(&[(21, 150), (22, huge), (23, 5)]).await;
+    let store = &env.store;
+    let mut reqs: Vec<ReserveRequest> = (0..100)
+        .map(|i| reserve_request(&format!("hot-{i}"), 21, 1))
+        .collect();
+    for i in 0..3 {
+        reqs.insert(10 * i + 5, reserve_request(&format!("huge-{i}"), 22, 2));
+        reqs.insert(10 * i + 7, reserve_request(&format!("short-{i}"), 23, 2));
+    }
+    let reply = store
+        .reserve_many(&reqs, &Guards::default())
+        .await
+        .expect("reserve");
+    for (r, o) in reqs.iter().zip(&reply.outcomes) {
+        if r.order_id == "short-2" {
+            assert!(
+                matches!(
+                    o,
+                    ReserveOutcome::Decided {
+                        record: OrderRecord::Refused {
+                            reason: Reason::InsufficientStock,
+                            product_id: Some(23),
+                            ..
+                        },
+                        fresh: true
+                    }
+                ),
+                "{}: {o:?}",
+                r.order_id
+            );
+        } else {
+            assert!(held_token(o).1, "{} decided now", r.order_id);
+        }
+    }
+    assert_eq!(env.redis_stock(21).await, Some(50));
+    assert_eq!(env.redis_stock(22).await, Some(huge - 6));
+    assert_eq!(env.redis_stock(23).await, Some(1));
+    // Again: every order seen, nothing taken twice.
+    let again = store
+        .reserve_many(&reqs, &Guards::default())
+        .await
+        .expect("reserve again");
+    assert!(again
+        .outcomes
+        .iter()
+        .all(|o| matches!(o, ReserveOutcome::Decided { fresh: false, .. })));
+    assert_eq!(env.redis_stock(21).await, Some(50));
+    assert_eq!(env.redis_stock(22).await, Some(huge - 6));
+    assert_eq!(env.redis_stock(23).await, Some(1));
     env.cleanup().await;
 }
 

@@ -5,10 +5,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use stock_common::events::Reason;
 use stock_common::events::{Compensation, CompensationCause, INTERNAL_VERSION};
 use stock_common::redis_store::{
-    record_field, Guards, OrderRecord, ReserveOutcome, ReserveRequest, RestoreOutcome, RECORD_BASE,
+    record_field, Guards, OrderRecord, ReserveRequest, RestoreOutcome,
 };
 use stock_e2e::{held_token, reserve_request, TestEnv};
 
@@ -261,136 +260,5 @@ async fn tokens_name_a_large_sequence_exactly() {
     let tokens: Vec<String> = reply.outcomes.iter().map(|o| held_token(o).0).collect();
     let expected: Vec<String> = (1..=4).map(|i| format!("{gen}.{}", start + i)).collect();
     assert_eq!(tokens, expected);
-    env.cleanup().await;
-}
-
-/// A call writes each product's stock once, at its end (`lua/reserve.lua` `stock_flush`),
-/// and exactly: a hot product taken by every order of the call, a product above 2^53
-/// (where Lua's doubles are not exact, taken by DECRBY until it falls below), and a product
-/// that runs short midway, which refuses the orders it cannot serve.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_takes_each_products_stock_exactly() {
-    let env = TestEnv::new().await;
-    let huge: i64 = (1 << 53) + 3;
-    env.load_stock(&[(21, 150), (22, huge), (23, 5)]).await;
-    let store = &env.store;
-    let mut reqs: Vec<ReserveRequest> = (0..100)
-        .map(|i| reserve_request(&format!("hot-{i}"), 21, 1))
-        .collect();
-    for i in 0..3 {
-        reqs.insert(10 * i + 5, reserve_request(&format!("huge-{i}"), 22, 2));
-        reqs.insert(10 * i + 7, reserve_request(&format!("short-{i}"), 23, 2));
-    }
-    let reply = store
-        .reserve_many(&reqs, &Guards::default())
-        .await
-        .expect("reserve");
-    for (r, o) in reqs.iter().zip(&reply.outcomes) {
-        if r.order_id == "short-2" {
-            assert!(
-                matches!(
-                    o,
-                    ReserveOutcome::Decided {
-                        record: OrderRecord::Refused {
-                            reason: Reason::InsufficientStock,
-                            product_id: Some(23),
-                            ..
-                        },
-                        fresh: true
-                    }
-                ),
-                "{}: {o:?}",
-                r.order_id
-            );
-        } else {
-            assert!(held_token(o).1, "{} decided now", r.order_id);
-        }
-    }
-    assert_eq!(env.redis_stock(21).await, Some(50));
-    assert_eq!(env.redis_stock(22).await, Some(huge - 6));
-    assert_eq!(env.redis_stock(23).await, Some(1));
-    // Again: every order seen, nothing taken twice.
-    let again = store
-        .reserve_many(&reqs, &Guards::default())
-        .await
-        .expect("reserve again");
-    assert!(again
-        .outcomes
-        .iter()
-        .all(|o| matches!(o, ReserveOutcome::Decided { fresh: false, .. })));
-    assert_eq!(env.redis_stock(21).await, Some(50));
-    assert_eq!(env.redis_stock(22).await, Some(huge - 6));
-    assert_eq!(env.redis_stock(23).await, Some(1));
-    env.cleanup().await;
-}
-
-/// The crash window of a call's deferred stock writes (`lua/reserve.lua` `stock_take`):
-/// a command that fails midway (here the look-up of an older window's bucket that is not
-/// a hash) ends the call with an error, and every order it claimed before has its stock
-/// taken, the first take of a product (a DECRBY at once) and the next (kept for the
-/// call's final MSET) alike; a later call finds those orders decided and takes nothing
-/// again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_error_midway_leaves_every_claimed_order_with_its_stock_taken() {
-    let env = TestEnv::new().await;
-    env.load_stock(&[(31, 100)]).await;
-    let store = &env.store;
-    // An older window of two buckets (level 1) that expires far ahead: bucket 0 absent,
-    // bucket 1 a string, so that an order whose field's first 32 bits are odd fails there.
-    let index = format!("{RECORD_BASE}:i");
-    let window = "1:99999999999";
-    let mut conn = store.connection();
-    let _: () = redis::cmd("HSET")
-        .arg(&index)
-        .arg(window)
-        .arg("1,0,0")
-        .query_async(&mut conn)
-        .await
-        .expect("HSET index");
-    let _: () = redis::cmd("SET")
-        .arg(format!("{RECORD_BASE}:{window}:1"))
-        .arg("not a hash")
-        .query_async(&mut conn)
-        .await
-        .expect("SET bucket");
-    let parity = |id: &str| record_field(id)[3] & 1;
-    let even: Vec<String> = (0..)
-        .map(|i| format!("even-{i}"))
-        .filter(|id| parity(id) == 0)
-        .take(2)
-        .collect();
-    let odd = (0..)
-        .map(|i| format!("odd-{i}"))
-        .find(|id| parity(id) == 1)
-        .expect("an odd id");
-    let reqs = [
-        reserve_request(&even[0], 31, 3),
-        reserve_request(&even[1], 31, 2),
-        reserve_request(&odd, 31, 4),
-    ];
-    let res = store.reserve_many(&reqs, &Guards::default()).await;
-    assert!(
-        res.is_err(),
-        "the odd order's bucket is not a hash: {res:?}"
-    );
-    assert_eq!(
-        env.redis_stock(31).await,
-        Some(95),
-        "both even orders were claimed, so their 3 + 2 units are taken"
-    );
-    let again = store
-        .reserve_many(&reqs[..2], &Guards::default())
-        .await
-        .expect("the even orders alone");
-    for (id, o) in even.iter().zip(&again.outcomes) {
-        assert!(!held_token(o).1, "{id} was decided before");
-    }
-    assert_eq!(env.redis_stock(31).await, Some(95));
-    let _: () = redis::cmd("HDEL")
-        .arg(&index)
-        .arg(window)
-        .query_async(&mut conn)
-        .await
-        .expect("HDEL index");
     env.cleanup().await;
 }

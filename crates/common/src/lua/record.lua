@@ -39,12 +39,11 @@ local function rec_hash(f)
 end
 
 -- The key of bucket b of a window (its names are kept: a call meets the same buckets
--- again, and a number turned into text costs a printf; '%d' is an integer's, where
--- concatenation would run Lua's '%.14g', a floating-point one).
+-- again, and a number turned into text costs a printf).
 local function rec_key(base, win, b)
   local k = win.keys[b]
   if not k then
-    k = win.prefix .. string.format('%d', b)
+    k = win.prefix .. b
     win.keys[b] = k
   end
   return k
@@ -118,7 +117,7 @@ local rec_unsaved = {}
 local function rec_save(base, win)
   rec_unsaved[win] = nil
   local idx = base .. ':i'
-  redis.call('HSET', idx, win.field, string.format('%d,%d,%d', win.L, win.s, win.n))
+  redis.call('HSET', idx, win.field, win.L .. ',' .. win.s .. ',' .. win.n)
   if win.new then
     win.new = nil
     local t = redis.call('EXPIRETIME', idx)

@@ -48,17 +48,7 @@
 --
 -- Each order is decided reading only; then its record is claimed (lua/record.lua
 -- rec_claim), and only an order claimed now takes stock. A stock value read once is kept
--- for the rest of the call (what the call takes keeps it true: no script adds stock).
---
--- The stock an order takes: a key's first take in a call is a DECRBY, and the call's
--- further takes of that key are kept in Lua and written once, by one MSET at the end
--- (stock_flush): in a flash sale a call's 100 orders for one product are two writes, not
--- 100 (over many products, where a call takes most keys once, a DECRBY each is cheaper
--- than collecting them into an MSET: the value stays a number in place). A value is kept
--- in Lua only while it is exact there (below 2^53, Lua numbers being doubles); a key
--- above that is taken with DECRBY each time. The flush runs even when a command fails
--- midway (the loop runs under pcall and the error is raised again after it), so that
--- every order claimed has its stock taken, exactly as when each item was its own DECRBY.
+-- for the rest of the call (its own DECRBY keeps it true: no script adds stock).
 --
 -- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua;
 -- limits: lua/buyers.lua.
@@ -78,41 +68,8 @@ local function zero(pid)
     zeros[#zeros + 1] = pid
   end
 end
--- Stock values this call has read or taken: key -> units (what it takes keeps them).
+-- Stock values this call has read or written: key -> units (its own DECRBY keeps them).
 local stock = {}
--- A key's first take in a call is a DECRBY; its next ones are kept in Lua and written
--- once, by stock_flush: taken[key] once a key was taken, unwritten[key] (and the order
--- in unwritten_keys) while it holds a take not written yet. q is the quantity, raw the
--- same as the caller wrote it.
-local taken, unwritten, unwritten_keys = {}, {}, {}
-local EXACT = 2 ^ 53
-local function stock_take(key, q, raw)
-  local have = stock[key]
-  local left
-  if taken[key] and have < EXACT then
-    left = have - q
-    if not unwritten[key] then
-      unwritten[key] = true
-      unwritten_keys[#unwritten_keys + 1] = key
-    end
-  else
-    taken[key] = true
-    left = redis.call('DECRBY', key, raw)
-  end
-  stock[key] = left
-  return left
-end
-local function stock_flush()
-  for from = 1, #unwritten_keys, 500 do
-    local pairs_ = {}
-    for j = from, math.min(from + 499, #unwritten_keys) do
-      local key = unwritten_keys[j]
-      pairs_[#pairs_ + 1] = key
-      pairs_[#pairs_ + 1] = string.format('%d', stock[key])
-    end
-    redis.call('MSET', unpack(pairs_))
-  end
-end
 -- The call's stock keys and buyers hashes are read up front, each once: one MGET of the
 -- stock keys and one EXISTS of the buyers hashes (in runs of 1,000), instead of a GET and
 -- an EXISTS per product, the most frequent calls of the script. fetched[key] is the raw
@@ -152,123 +109,115 @@ do
   buyers_prefetch(buyers_keys)
 end
 local out = {}
--- An order's quantities as numbers, and which of its items count towards a limit: one
--- table each for the whole call, an order's entries 1 .. n written before they are read.
-local qs, limited = {}, {}
-local function decide_all()
-  local k = 4
-  local a = 4
-  while a <= #ARGV do
-    local id = ARGV[a]
-    local n, next_k, next_a = order_at(k, a)
-    local items = ARGV[a + 2]
-    local decision = ARGV[a + 3]
-    local guarded = ARGV[a + 4] == '1'
-    local customer = ARGV[a + 5]
-    local qty = a + 5
-    local pid = a + 5 + n
-    local base = KEYS[k]
-    local buyers = k + n
-    local h = rec_hash(id)
-    -- First the decision, reading only; then the record is claimed (HSETNX), and only an
-    -- order claimed now takes stock: a decision made before stands as it is.
-    local corrupt = nil
-    local take = false
-    if decision == '' and customer == '' and any_limited(buyers, n) then
-      decision = 'X|invalid_order|'
+local k = 4
+local a = 4
+while a <= #ARGV do
+  local id = ARGV[a]
+  local n, next_k, next_a = order_at(k, a)
+  local items = ARGV[a + 2]
+  local decision = ARGV[a + 3]
+  local guarded = ARGV[a + 4] == '1'
+  local customer = ARGV[a + 5]
+  local qty = a + 5
+  local pid = a + 5 + n
+  local base = KEYS[k]
+  local buyers = k + n
+  local h = rec_hash(id)
+  -- First the decision, reading only; then the record is claimed (HSETNX), and only an
+  -- order claimed now takes stock: a decision made before stands as it is.
+  local corrupt = nil
+  local limited = {}
+  local take = false
+  if decision == '' and customer == '' and any_limited(buyers, n) then
+    decision = 'X|invalid_order|'
+  end
+  if decision == '' and guarded and marker_valid then
+    decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
+  end
+  if decision == '' then
+    for i = 1, n do
+      local key = KEYS[k + i]
+      local have = stock[key]
+      if not have then
+        local raw = fetched[key]
+        if not raw then
+          -- Absent, or not a string (MGET answers nil for both): GET tells them apart,
+          -- and refuses a key of another type as it always did.
+          raw = redis.call('GET', key)
+        end
+        if not raw then
+          decision = 'X|unknown_product|' .. ARGV[pid + i]
+          break
+        end
+        have = integer(raw)
+        if not have then
+          corrupt = key
+          break
+        end
+        stock[key] = have
+      end
+      local q = tonumber(ARGV[qty + i])
+      if have < q then
+        if have == 0 then
+          zero(ARGV[pid + i])
+        end
+        decision = 'X|insufficient_stock|' .. ARGV[pid + i]
+        break
+      end
+      local limit = limit_check(KEYS[buyers + i], customer, q)
+      if limit == 'over' then
+        decision = 'X|limit_exceeded|' .. ARGV[pid + i]
+        break
+      end
+      if limit == 'corrupt' then
+        corrupt = KEYS[buyers + i]
+        break
+      end
+      limited[i] = limit == 'counts'
     end
-    if decision == '' and guarded and marker_valid then
-      decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
+    if decision == '' and not corrupt then
+      take = true
+      decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
+      if customer ~= '' then
+        decision = decision .. '|' .. customer
+      end
     end
-    if decision == '' then
+  end
+  local kind = 'new'
+  if corrupt then
+    -- Nothing is done for this order, unless it was decided before.
+    local rec = rec_find(base, id, h)
+    if rec then
+      kind = 'seen'
+      decision = rec
+    else
+      kind = 'corrupt'
+      decision = corrupt
+    end
+  else
+    local rec = rec_claim(base, id, h, decision, ttl)
+    if rec then
+      kind = 'seen'
+      decision = rec
+    elseif take then
       for i = 1, n do
         local key = KEYS[k + i]
-        local have = stock[key]
-        if not have then
-          local raw = fetched[key]
-          if not raw then
-            -- Absent, or not a string (MGET answers nil for both): GET tells them apart,
-            -- and refuses a key of another type as it always did.
-            raw = redis.call('GET', key)
-          end
-          if not raw then
-            decision = 'X|unknown_product|' .. ARGV[pid + i]
-            break
-          end
-          have = integer(raw)
-          if not have then
-            corrupt = key
-            break
-          end
-          stock[key] = have
+        local left = redis.call('DECRBY', key, ARGV[qty + i])
+        stock[key] = left
+        if left == 0 then
+          zero(ARGV[pid + i])
         end
-        local q = tonumber(ARGV[qty + i])
-        qs[i] = q
-        if have < q then
-          if have == 0 then
-            zero(ARGV[pid + i])
-          end
-          decision = 'X|insufficient_stock|' .. ARGV[pid + i]
-          break
-        end
-        local limit = limit_check(KEYS[buyers + i], customer, q)
-        if limit == 'over' then
-          decision = 'X|limit_exceeded|' .. ARGV[pid + i]
-          break
-        end
-        if limit == 'corrupt' then
-          corrupt = KEYS[buyers + i]
-          break
-        end
-        limited[i] = limit == 'counts'
-      end
-      if decision == '' and not corrupt then
-        take = true
-        decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
-        if customer ~= '' then
-          decision = decision .. '|' .. customer
+        if limited[i] then
+          redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
         end
       end
     end
-    local kind = 'new'
-    if corrupt then
-      -- Nothing is done for this order, unless it was decided before.
-      local rec = rec_find(base, id, h)
-      if rec then
-        kind = 'seen'
-        decision = rec
-      else
-        kind = 'corrupt'
-        decision = corrupt
-      end
-    else
-      local rec = rec_claim(base, id, h, decision, ttl)
-      if rec then
-        kind = 'seen'
-        decision = rec
-      elseif take then
-        for i = 1, n do
-          local left = stock_take(KEYS[k + i], qs[i], ARGV[qty + i])
-          if left == 0 then
-            zero(ARGV[pid + i])
-          end
-          if limited[i] then
-            redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
-          end
-        end
-      end
-    end
-    out[#out + 1] = kind
-    out[#out + 1] = decision
-    k, a = next_k, next_a
   end
+  out[#out + 1] = kind
+  out[#out + 1] = decision
+  k, a = next_k, next_a
 end
-local done, failure = pcall(decide_all)
-stock_flush()
 rec_flush()
-if not done then
-  error(failure, 0)
-end
 local reply = {'ok', epoch, tostring(#zeros)}
 for _, z in ipairs(zeros) do
   reply[#reply + 1] = z
