@@ -26,7 +26,7 @@ now_ms() { date +%s%3N; }
 secs_since() { local d=$(( $(now_ms) - $1 )); printf '%d.%03d' $((d / 1000)) $((d % 1000)); }
 
 # cmdline_has PID STRING -- the process's command line contains STRING
-cmdline_has() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"; }
+cmdline_has() { proc_cmdline "$1" | grep -qF -- "$2"; }
 
 # ============================================================================
 # Redis Cluster

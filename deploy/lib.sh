@@ -202,9 +202,24 @@ pid_alive() {
   kill -0 "$pid" 2>/dev/null || return 1
   is_zombie "$pid" && return 1
   if [[ -n "$want" ]]; then
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$want" || return 1
+    proc_cmdline "$pid" | grep -qF -- "$want" || return 1
   fi
   return 0
+}
+
+# proc_cmdline PID -- the process's command line, its arguments joined by spaces (empty
+# if it is gone). A process in the middle of an exec (nohup -> setsid -> java) shows an
+# empty command line for a moment: it is read again (up to 1 s) before that counts, or a
+# broker being started looks dead (kafka_cluster.rs failed on it once in CI)
+proc_cmdline() {
+  local cmd="" _
+  for _ in 1 2 3 4 5; do
+    cmd="$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" || true)"
+    [[ -n "$cmd" ]] && break
+    kill -0 "$1" 2>/dev/null || break
+    sleep 0.2
+  done
+  printf '%s' "$cmd"
 }
 
 # pidfile_pid FILE -> prints pid (first line) or nothing
