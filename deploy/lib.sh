@@ -243,7 +243,7 @@ port_owner() {
   local pids pid out=""
   pids="$(port_owner_pids "$1")"
   for pid in $pids; do
-    out+="pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120) "
+    out+="pid $pid: $(proc_cmdline "$pid" | cut -c1-120) "
   done
   echo "${out:-unknown process}"
 }

@@ -395,7 +395,7 @@ redis_stop_foreign() {
   pids="$(port_owner_pids "$REDIS_PORT")"
   [[ -n "$pids" ]] || return 0
   for pid in $pids; do
-    cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | sed 's/ *$//' || true)"
+    cmd="$(proc_cmdline "$pid" | sed 's/ *$//')"
     owner="$(stat -c %U "/proc/$pid" 2>/dev/null || true)"
     # Debian's instance runs as user 'redis' with /run/redis/redis-server.pid;
     # anything else on the port is not ours to kill.
