@@ -231,7 +231,6 @@ port_open() {
   (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
 }
 
-# wait_pid_exit PID TIMEOUT -> 0 if exited in time
 # port_owner_pids PORT -> pids listening on PORT (needs ss from iproute2)
 port_owner_pids() {
   command -v ss >/dev/null 2>&1 || return 0
@@ -248,10 +247,24 @@ port_owner() {
   echo "${out:-unknown process}"
 }
 
+# pid_exited PID -- gone, or a zombie with no thread left (see wait_pid_exit)
+pid_exited() {
+  kill -0 "$1" 2>/dev/null || return 0
+  is_zombie "$1" || return 1
+  local tasks=(/proc/"$1"/task/*)
+  [[ ${#tasks[@]} -le 1 ]]
+}
+
+# wait_pid_exit PID TIMEOUT -> 0 if exited in time.
+# A zombie counts as exited only once its last thread is gone: the main thread of a killed
+# multi-threaded daemon (redis-server, java) is a zombie while its other threads are still
+# exiting, and its files (the listening socket) close only with the last of them. Taking the
+# zombie for gone, cluster-fault.sh restarted a Redis node onto its still-held port once in CI
+# (tests/stack_scripts.rs).
 wait_pid_exit() {
   local pid="$1" timeout="$2" deadline
   deadline=$(( $(now) + timeout ))
-  while kill -0 "$pid" 2>/dev/null && ! is_zombie "$pid"; do
+  while ! pid_exited "$pid"; do
     [[ $(now) -ge $deadline ]] && return 1
     sleep 0.2
   done
