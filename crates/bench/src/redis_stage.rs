@@ -339,9 +339,7 @@ async fn redis_benchmark(slot: &RedisSlot, args: &RedisStageArgs) -> Result<f64>
             &item,
             "",
             "",
-            "",
             "1",
-            &PRODUCT.to_string(),
         ])
         .output()
         .await

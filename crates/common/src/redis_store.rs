@@ -72,17 +72,26 @@ pub const EPOCH_KEY: &str = "stockpipe:epoch";
 /// Counter that names pre-deductions: each token is `<generation>.<sequence>`.
 pub const SEQ_KEY: &str = "stockpipe:seq";
 
+/// A script's source from its parts (`lua/*.lua`), after `lua/prelude.lua`: the one way
+/// every script here is put together.
+pub(crate) fn lua_source(parts: &[&str]) -> String {
+    let mut source = String::from(include_str!("lua/prelude.lua"));
+    for part in parts {
+        source.push_str(part);
+    }
+    source
+}
+
 /// The reserve script's source (for benchmarks that drive it with other clients).
 pub static RESERVE_LUA: LazyLock<String> = LazyLock::new(|| {
-    [
+    lua_source(&[
         include_str!("lua/marker.lua"),
         include_str!("lua/token.lua"),
         include_str!("lua/integer.lua"),
         include_str!("lua/buyers.lua"),
         include_str!("lua/record.lua"),
         include_str!("lua/reserve.lua"),
-    ]
-    .concat()
+    ])
 });
 
 /// A script with its source, run by EVALSHA alone: a server that answers NOSCRIPT is
@@ -155,64 +164,47 @@ impl std::ops::Deref for Lua {
 static RESERVE: LazyLock<Lua> = LazyLock::new(|| Lua::new(RESERVE_LUA.clone()));
 /// Reads one order's record with its slot's loaded marker.
 static REC_GET: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("lua/record.lua"),
-            include_str!("lua/rec_get.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("lua/record.lua"),
+        include_str!("lua/rec_get.lua"),
+    ]))
 });
 /// Writes the records of a load.
 static REC_PUT: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("lua/record.lua"),
-            include_str!("lua/rec_put.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("lua/record.lua"),
+        include_str!("lua/rec_put.lua"),
+    ]))
 });
 static RESTORE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("lua/marker.lua"),
-            include_str!("lua/buyers.lua"),
-            include_str!("lua/record.lua"),
-            include_str!("lua/restore.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("lua/marker.lua"),
+        include_str!("lua/buyers.lua"),
+        include_str!("lua/record.lua"),
+        include_str!("lua/restore.lua"),
+    ]))
 });
 static NAME_IN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
-            include_str!("lua/marker.lua"),
-            include_str!("lua/name_in.lua"),
-        ]
-        .concat(),
-    )
+    Script::new(&lua_source(&[
+        include_str!("lua/marker.lua"),
+        include_str!("lua/name_in.lua"),
+    ]))
 });
 static ADJUST: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
-            include_str!("lua/marker.lua"),
-            include_str!("lua/adjust.lua"),
-        ]
-        .concat(),
-    )
+    Script::new(&lua_source(&[
+        include_str!("lua/marker.lua"),
+        include_str!("lua/adjust.lua"),
+    ]))
 });
 static LIMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        &[
-            include_str!("lua/marker.lua"),
-            include_str!("lua/limit.lua"),
-        ]
-        .concat(),
-    )
+    Script::new(&lua_source(&[
+        include_str!("lua/marker.lua"),
+        include_str!("lua/limit.lua"),
+    ]))
 });
 
-/// `stock:{42}` (contract).
+/// `stock:{42}` (contract). `lua/reserve.lua` reads a product's id back from it
+/// (`product_of`) to name it in a refusal.
 pub fn stock_key(product_id: i64) -> String {
     format!("stock:{{{product_id}}}")
 }
@@ -469,29 +461,26 @@ impl ReserveReply {
             Some("ok") => {}
             _ => return Err(bad()),
         }
+        // {'ok', epoch, k, one entry per order, k products at 0} (lua/reserve.lua)
         let epoch = call.get(1).ok_or_else(bad)?.clone();
         let k: usize = call.get(2).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-        let zeros = call
-            .get(3..3 + k)
-            .ok_or_else(bad)?
+        if call.len() != 3 + n + k {
+            return Err(bad());
+        }
+        let zeros = call[3 + n..]
             .iter()
             .map(|p| p.parse::<i64>().map_err(|_| bad()))
             .collect::<Result<Vec<_>, _>>()?;
-        let decided = call.get(3 + k..).ok_or_else(bad)?;
-        if decided.len() != 2 * n {
-            return Err(bad());
-        }
-        for pair in decided.chunks(2) {
-            let (kind, rec) = (&pair[0], &pair[1]);
-            self.outcomes.push(match kind.as_str() {
-                "corrupt" => ReserveOutcome::Corrupt(rec.clone()),
-                "new" | "seen" => OrderRecord::decode(rec)
-                    .map(|record| ReserveOutcome::Decided {
-                        record,
-                        fresh: kind == "new",
-                    })
+        for out in &call[3..3 + n] {
+            let (rec, fresh) = match out.strip_prefix('~') {
+                Some(seen) => (seen, false),
+                None => (out.as_str(), true),
+            };
+            self.outcomes.push(match out.strip_prefix('!') {
+                Some(key) => ReserveOutcome::Corrupt(key.to_owned()),
+                None => OrderRecord::decode(rec)
+                    .map(|record| ReserveOutcome::Decided { record, fresh })
                     .ok_or_else(|| StoreError::Protocol(format!("bad order record {rec:?}")))?,
-                other => return Err(StoreError::Protocol(format!("reserve said {other:?}"))),
             });
         }
         self.zeros.push((epoch, zeros));
@@ -1213,26 +1202,27 @@ impl RedisStore {
                 for it in &r.items {
                     inv.key(buyers_key(it.product_id));
                 }
-                let forced = r.forced.map_or(String::new(), |reason| {
-                    OrderRecord::Refused {
+                // The guard: a forced refusal, or "1" for an order the sold-out marker
+                // may refuse, or "".
+                let guard = match r.forced {
+                    Some(reason) => OrderRecord::Refused {
                         reason,
                         product_id: None,
                         claim: None,
                     }
-                    .encode()
-                });
-                let guarded = sold_out.get(c * self.orders_per_call + j) == Some(&true);
+                    .encode(),
+                    None if sold_out.get(c * self.orders_per_call + j) == Some(&true) => {
+                        "1".to_owned()
+                    }
+                    None => String::new(),
+                };
                 inv.arg(&record_field(&r.order_id)[..])
                     .arg(r.items.len())
                     .arg(encode_items(&r.items))
-                    .arg(forced)
-                    .arg(if guarded { "1" } else { "" })
+                    .arg(guard)
                     .arg(r.customer.as_deref().unwrap_or(""));
                 for it in &r.items {
                     inv.arg(it.quantity);
-                }
-                for it in &r.items {
-                    inv.arg(it.product_id);
                 }
             }
             pipe.invoke_script(&inv);
@@ -2169,17 +2159,23 @@ mod tests {
                     "ok",
                     "t1#3",
                     "1",
-                    "42",
-                    "new",
                     "R|1.1|42:1",
-                    "seen",
-                    "X|insufficient_stock|42",
+                    "~X|insufficient_stock|42",
+                    "!stock:{7}",
+                    "42",
                 ]),
-                2,
+                3,
             )
             .expect("reply");
         reply.absorb(strings(&["unloaded"]), 3).expect("unloaded");
-        assert_eq!(reply.outcomes.len(), 5);
+        assert_eq!(reply.outcomes.len(), 6);
+        assert!(matches!(
+            reply.outcomes[0],
+            ReserveOutcome::Decided {
+                record: OrderRecord::Held { .. },
+                fresh: true
+            }
+        ));
         assert_eq!(
             reply.outcomes[1],
             ReserveOutcome::Decided {
@@ -2191,11 +2187,19 @@ mod tests {
                 fresh: false
             }
         );
-        assert_eq!(reply.outcomes[4], ReserveOutcome::Unloaded);
+        assert_eq!(
+            reply.outcomes[2],
+            ReserveOutcome::Corrupt("stock:{7}".to_string())
+        );
+        assert_eq!(reply.outcomes[5], ReserveOutcome::Unloaded);
         assert_eq!(reply.zeros, vec![("t1#3".to_string(), vec![42])]);
         // A reply that does not decide every order is a protocol error, never a guess.
         assert!(ReserveReply::default()
-            .absorb(strings(&["ok", "t1#3", "0", "new", "R|1.1|42:1"]), 2)
+            .absorb(strings(&["ok", "t1#3", "0", "R|1.1|42:1"]), 2)
+            .is_err());
+        // Nor is one whose products at 0 do not add up.
+        assert!(ReserveReply::default()
+            .absorb(strings(&["ok", "t1#3", "2", "R|1.1|42:1", "42"]), 1)
             .is_err());
     }
 

@@ -13,7 +13,7 @@ local buyers_limit = {}
 -- instead of an EXISTS or HMGET per product; otherwise each is asked when first needed.
 local function buyers_prefetch(keys)
   for from = 1, #keys, 1000 do
-    if redis.call('EXISTS', unpack(keys, from, math.min(from + 999, #keys))) > 0 then
+    if call('EXISTS', unpack(keys, from, math.min(from + 999, #keys))) > 0 then
       return
     end
   end
@@ -30,7 +30,7 @@ local function any_limited(from, n)
     local key = KEYS[from + i]
     local e = buyers_exist[key]
     if e == nil then
-      e = redis.call('EXISTS', key) == 1
+      e = call('EXISTS', key) == 1
       buyers_exist[key] = e
     end
     if e then
@@ -50,12 +50,12 @@ local function limit_check(buyers, customer, q)
   local limit = buyers_limit[buyers]
   local held
   if limit == nil then
-    local lim = redis.call('HMGET', buyers, '#limit', customer)
+    local lim = call('HMGET', buyers, '#limit', customer)
     limit = tonumber(lim[1]) or false
     buyers_limit[buyers] = limit
     held = lim[2]
   elseif limit then
-    held = redis.call('HGET', buyers, customer)
+    held = call('HGET', buyers, customer)
   end
   if not limit then
     return nil
@@ -76,9 +76,9 @@ end
 -- Gives `customer` back `q` units of the product of hash `buyers`, if it still has a
 -- limit (a removed limit took every count with it); a count at 0 is deleted.
 local function give_back_units(buyers, customer, q)
-  if customer ~= '' and redis.call('HEXISTS', buyers, '#limit') == 1 then
-    if redis.call('HINCRBY', buyers, customer, -q) <= 0 then
-      redis.call('HDEL', buyers, customer)
+  if customer ~= '' and call('HEXISTS', buyers, '#limit') == 1 then
+    if call('HINCRBY', buyers, customer, -q) <= 0 then
+      call('HDEL', buyers, customer)
     end
   end
 end

@@ -33,7 +33,7 @@ for i = 3, #KEYS do
     out[#out + 1] = 'seen'
     out[#out + 1] = rec
   else
-    local claim = 'P|' .. new_token(named, KEYS[2], ARGV[2]) .. '|' .. items
+    local claim = token_record('P', named, KEYS[2], ARGV[2], items)
     if rec_at then
       rec_update(rec_at, id, claim)
     else

@@ -27,23 +27,23 @@ local REC_LOAD = 48
 local rec_clock = nil
 local function rec_now()
   if not rec_clock then
-    rec_clock = tonumber(redis.call('TIME')[1])
+    rec_clock = tonumber(call('TIME')[1])
   end
   return rec_clock
 end
 
 -- The bucket hash of a record's field: its first 32 bits.
 local function rec_hash(f)
-  local a, b, c, d = string.byte(f, 1, 4)
+  local a, b, c, d = byte(f, 1, 4)
   return ((a * 256 + b) * 256 + c) * 256 + d
 end
 
 -- The key of bucket b of a window (its names are kept: a call meets the same buckets
--- again, and a number turned into text costs a printf).
+-- again; '%d' is an integer conversion, where `..` of a number is a floating-point printf).
 local function rec_key(base, win, b)
   local k = win.keys[b]
   if not k then
-    k = win.prefix .. b
+    k = win.prefix .. format('%d', b)
     win.keys[b] = k
   end
   return k
@@ -71,7 +71,7 @@ local function rec_windows(base)
     return ix
   end
   ix = {list = {}, by = {}}
-  local raw = redis.call('HGETALL', base .. ':i')
+  local raw = call('HGETALL', base .. ':i')
   local now = rec_now()
   for j = 1, #raw, 2 do
     local W, w = string.match(raw[j], '^(%d+):(%d+)$')
@@ -80,7 +80,7 @@ local function rec_windows(base)
       local win = rec_window(base, raw[j], tonumber(W), tonumber(w), tonumber(L),
                              tonumber(s), tonumber(n))
       if win.exp <= now then
-        redis.call('HDEL', base .. ':i', raw[j])
+        call('HDEL', base .. ':i', raw[j])
       else
         ix.by[raw[j]] = win
         ix.list[#ix.list + 1] = win
@@ -97,7 +97,7 @@ end
 local function rec_find(base, id, h)
   for _, win in ipairs(rec_windows(base).list) do
     local key = rec_key(base, win, rec_bucket(win, h))
-    local v = redis.call('HGET', key, id)
+    local v = call('HGET', key, id)
     if v then
       return v, key
     end
@@ -107,7 +107,7 @@ end
 
 -- Changes a record found by rec_find.
 local function rec_update(key, id, value)
-  redis.call('HSET', key, id, value)
+  call('HSET', key, id, value)
 end
 
 -- Windows whose count changed since saved: window -> base.
@@ -117,12 +117,12 @@ local rec_unsaved = {}
 local function rec_save(base, win)
   rec_unsaved[win] = nil
   local idx = base .. ':i'
-  redis.call('HSET', idx, win.field, win.L .. ',' .. win.s .. ',' .. win.n)
+  call('HSET', idx, win.field, win.L .. ',' .. win.s .. ',' .. win.n)
   if win.new then
     win.new = nil
-    local t = redis.call('EXPIRETIME', idx)
+    local t = call('EXPIRETIME', idx)
     if t < win.exp then
-      redis.call('EXPIREAT', idx, win.exp)
+      call('EXPIREAT', idx, win.exp)
     end
   end
 end
@@ -133,7 +133,7 @@ local function rec_split(base, win)
   local m = win.m
   local from = rec_key(base, win, win.s)
   local to = rec_key(base, win, win.s + m)
-  local all = redis.call('HGETALL', from)
+  local all = call('HGETALL', from)
   local moved, fields = {}, {}
   for j = 1, #all, 2 do
     local f = all[j]
@@ -148,12 +148,12 @@ local function rec_split(base, win)
   if #fields == 0 then
     moved = {'', ''}
   elseif #fields * 2 == #all then
-    redis.call('HSET', from, '', '')
+    call('HSET', from, '', '')
   end
-  redis.call('HSET', to, unpack(moved))
-  redis.call('EXPIREAT', to, win.exp)
+  call('HSET', to, unpack(moved))
+  call('EXPIREAT', to, win.exp)
   if #fields > 0 then
-    redis.call('HDEL', from, unpack(fields))
+    call('HDEL', from, unpack(fields))
   end
   win.s = win.s + 1
   if win.s == m then
@@ -195,7 +195,7 @@ end
 local function rec_added(base, win, key)
   win.n = win.n + 1
   if win.new then
-    redis.call('EXPIREAT', key, win.exp)
+    call('EXPIREAT', key, win.exp)
     rec_save(base, win)
   end
   if win.n > REC_LOAD * (win.m + win.s) then
@@ -213,26 +213,38 @@ end
 local function rec_insert(base, id, h, value, memory)
   local win = rec_target_window(base, memory)
   local key = rec_key(base, win, rec_bucket(win, h))
-  redis.call('HSET', key, id, value)
+  call('HSET', key, id, value)
   rec_added(base, win, key)
 end
 
 -- rec_find and rec_insert in one: writes `value` as the first record of the order whose
 -- field is `id` and returns nil, or returns the record some window already has (nothing
 -- written). The window written to is looked up with the write itself (HSETNX).
+local rec_claim_at = {}
 local function rec_claim(base, id, h, value, memory)
-  local win = rec_target_window(base, memory)
-  for _, other in ipairs(rec_windows(base).list) do
+  -- The target window and the live windows of the last (base, memory), kept: a call's
+  -- orders usually share them.
+  local at = rec_claim_at
+  local win, list
+  if at.base == base and at.memory == memory then
+    win, list = at.win, at.list
+  else
+    win = rec_target_window(base, memory)
+    list = rec_windows(base).list
+    rec_claim_at = {base = base, memory = memory, win = win, list = list}
+  end
+  for j = 1, #list do
+    local other = list[j]
     if other ~= win then
-      local v = redis.call('HGET', rec_key(base, other, rec_bucket(other, h)), id)
+      local v = call('HGET', rec_key(base, other, rec_bucket(other, h)), id)
       if v then
         return v
       end
     end
   end
   local key = rec_key(base, win, rec_bucket(win, h))
-  if redis.call('HSETNX', key, id, value) == 0 then
-    return redis.call('HGET', key, id)
+  if call('HSETNX', key, id, value) == 0 then
+    return call('HGET', key, id)
   end
   rec_added(base, win, key)
   return nil

@@ -17,12 +17,13 @@
 --   id        the order's record field (lua/record.lua)
 --   n         number of items
 --   items     the order's items in canonical form "42:2,7:1"
---   forced    a decision taken without looking at stock ("X|invalid_order|"), or ""
---   sold_out  "1": the first item's product was at 0 in ARGV[2]'s epoch; if the epoch is
---             still that one, refuse for it without reading stock (otherwise the marker
---             went stale and stock decides); "" otherwise
+--   guard     a decision taken without looking at stock ("X|invalid_order|"); or "1": the
+--             first item's product was at 0 in ARGV[2]'s epoch, and if the epoch is still
+--             that one the order is refused for it without reading stock (otherwise the
+--             marker went stale and stock decides); or ""
 --   customer  the order's customer_id, or ""
---   n quantities, then n product ids
+--   n quantities
+-- (A product's id is read from its stock key, stock:{<id>}, where a result names it.)
 --
 -- The rule of a decision (DESIGN.md "Per-customer limits"; the consumer applies the same):
 -- an order without a customer that has an item of a limited product is invalid; then item
@@ -36,11 +37,11 @@
 -- at 0: no script here ever adds stock.
 --
 -- Returns {'unloaded'} (nothing done), or
--- {'ok', epoch, k, zero_1 .. zero_k, kind_1, rec_1, kind_2, rec_2, ...}: zero_i are
--- products seen at 0 stock by this call; per order kind is 'new' (decided now), 'seen'
--- (decided before; rec is the first decision, nothing changed) or 'corrupt' (rec names a
--- stock key, or the buyers hash whose count of the order's customer, that does not hold an
--- integer; nothing done for this order). Records:
+-- {'ok', epoch, k, out_1 .. out_n, zero_1 .. zero_k}: zero_i are products seen at 0 stock
+-- by this call; out_i is order i's record, decided now, or '~' and its record when it was
+-- decided before (the first decision; nothing changed), or '!' and the stock key, or the
+-- buyers hash whose count of the order's customer, that does not hold an integer (nothing
+-- done for this order). No record begins with '~' or '!'. Records:
 -- 'R|<token>|<items>[|<customer>]' stock held, 'C|<token>|<items>[|<customer>]' held then
 -- given back,
 -- 'X|<reason>|<product_id>' refused. A token '<generation>.<sequence>' names one
@@ -52,21 +53,37 @@
 --
 -- A stock value is an integer only as lua/integer.lua reads it; tokens: lua/token.lua;
 -- limits: lua/buyers.lua.
-local marker = redis.call('GET', KEYS[1])
+local marker = call('GET', KEYS[1])
 if not marker then
   return {'unloaded'}
 end
 local _, named = marker_gens(marker)
-local epoch = marker .. '#' .. (redis.call('GET', KEYS[2]) or '0')
+local epoch = marker .. '#' .. (call('GET', KEYS[2]) or '0')
 local ttl = ARGV[1]
 local marker_valid = ARGV[2] ~= '' and ARGV[2] == epoch
 local zeros = {}
 local zero_seen = {}
-local function zero(pid)
-  if not zero_seen[pid] then
-    zero_seen[pid] = true
-    zeros[#zeros + 1] = pid
+-- The product id of a stock key: 'stock:{42}' -> '42'.
+local function product_of(key)
+  return sub(key, 8, -2)
+end
+-- Notes the product of stock key `key` at 0.
+local function zero(key)
+  if not zero_seen[key] then
+    zero_seen[key] = true
+    zeros[#zeros + 1] = product_of(key)
   end
+end
+-- The refusal for too little stock of the product of `key`, made once per call (in a sale
+-- that ran out, most orders get it).
+local short = {}
+local function insufficient(key)
+  local d = short[key]
+  if not d then
+    d = 'X|insufficient_stock|' .. product_of(key)
+    short[key] = d
+  end
+  return d
 end
 -- Stock values this call has read or written: key -> units (its own DECRBY keeps them).
 local stock = {}
@@ -75,16 +92,17 @@ local stock = {}
 -- an EXISTS per product, the most frequent calls of the script. fetched[key] is the raw
 -- value, or false (no such key, or not a string).
 local fetched = {}
+local nargv = #ARGV
 -- The one home of an order's layout in KEYS and ARGV (the header): from an order's first
 -- key k and argument a, its item count and the next order's first key and argument.
 local function order_at(k, a)
-  local n = tonumber(ARGV[a + 1])
-  return n, k + 1 + 2 * n, a + 6 + 2 * n
+  local n = num(ARGV[a + 1])
+  return n, k + 1 + 2 * n, a + 5 + n
 end
 do
   local stock_keys, buyers_keys, seen = {}, {}, {}
   local k, a = 4, 4
-  while a <= #ARGV do
+  while a <= nargv do
     local n, next_k, next_a = order_at(k, a)
     for i = 1, n do
       local sk, bk = KEYS[k + i], KEYS[k + n + i]
@@ -101,38 +119,44 @@ do
   end
   for from = 1, #stock_keys, 1000 do
     local to = math.min(from + 999, #stock_keys)
-    local values = redis.call('MGET', unpack(stock_keys, from, to))
+    local values = call('MGET', unpack(stock_keys, from, to))
     for j = from, to do
       fetched[stock_keys[j]] = values[j - from + 1]
     end
   end
   buyers_prefetch(buyers_keys)
 end
-local out = {}
+-- The reply, one entry per order after the first three; the count of zeros is set last.
+local out = {'ok', epoch, ''}
+local o = 3
+-- Which items of the order being decided count against a limit (written for each item
+-- before it is read; one table for the whole call).
+local limited = {}
 local k = 4
 local a = 4
-while a <= #ARGV do
+while a <= nargv do
   local id = ARGV[a]
   local n, next_k, next_a = order_at(k, a)
   local items = ARGV[a + 2]
   local decision = ARGV[a + 3]
-  local guarded = ARGV[a + 4] == '1'
-  local customer = ARGV[a + 5]
-  local qty = a + 5
-  local pid = a + 5 + n
+  local guarded = decision == '1'
+  if guarded then
+    decision = ''
+  end
+  local customer = ARGV[a + 4]
+  local qty = a + 4
   local base = KEYS[k]
   local buyers = k + n
   local h = rec_hash(id)
   -- First the decision, reading only; then the record is claimed (HSETNX), and only an
   -- order claimed now takes stock: a decision made before stands as it is.
   local corrupt = nil
-  local limited = {}
   local take = false
   if decision == '' and customer == '' and any_limited(buyers, n) then
     decision = 'X|invalid_order|'
   end
   if decision == '' and guarded and marker_valid then
-    decision = 'X|insufficient_stock|' .. ARGV[pid + 1]
+    decision = insufficient(KEYS[k + 1])
   end
   if decision == '' then
     for i = 1, n do
@@ -143,10 +167,10 @@ while a <= #ARGV do
         if not raw then
           -- Absent, or not a string (MGET answers nil for both): GET tells them apart,
           -- and refuses a key of another type as it always did.
-          raw = redis.call('GET', key)
+          raw = call('GET', key)
         end
         if not raw then
-          decision = 'X|unknown_product|' .. ARGV[pid + i]
+          decision = 'X|unknown_product|' .. product_of(key)
           break
         end
         have = integer(raw)
@@ -156,73 +180,69 @@ while a <= #ARGV do
         end
         stock[key] = have
       end
-      local q = tonumber(ARGV[qty + i])
+      local q = num(ARGV[qty + i])
       if have < q then
         if have == 0 then
-          zero(ARGV[pid + i])
+          zero(key)
         end
-        decision = 'X|insufficient_stock|' .. ARGV[pid + i]
+        decision = insufficient(key)
         break
       end
-      local limit = limit_check(KEYS[buyers + i], customer, q)
+      -- (limit_check's answer without the call when the product has no limit: the usual
+      -- case, learnt by buyers_prefetch)
+      local bk = KEYS[buyers + i]
+      local limit = nil
+      if customer ~= '' and buyers_limit[bk] ~= false then
+        limit = limit_check(bk, customer, q)
+      end
       if limit == 'over' then
-        decision = 'X|limit_exceeded|' .. ARGV[pid + i]
+        decision = 'X|limit_exceeded|' .. product_of(key)
         break
       end
       if limit == 'corrupt' then
-        corrupt = KEYS[buyers + i]
+        corrupt = bk
         break
       end
       limited[i] = limit == 'counts'
     end
     if decision == '' and not corrupt then
       take = true
-      decision = 'R|' .. new_token(named, KEYS[3], ARGV[3]) .. '|' .. items
-      if customer ~= '' then
-        decision = decision .. '|' .. customer
-      end
+      decision = token_record('R', named, KEYS[3], ARGV[3], items, customer)
     end
   end
-  local kind = 'new'
   if corrupt then
     -- Nothing is done for this order, unless it was decided before.
     local rec = rec_find(base, id, h)
     if rec then
-      kind = 'seen'
-      decision = rec
+      decision = '~' .. rec
     else
-      kind = 'corrupt'
-      decision = corrupt
+      decision = '!' .. corrupt
     end
   else
     local rec = rec_claim(base, id, h, decision, ttl)
     if rec then
-      kind = 'seen'
-      decision = rec
+      decision = '~' .. rec
     elseif take then
       for i = 1, n do
         local key = KEYS[k + i]
-        local left = redis.call('DECRBY', key, ARGV[qty + i])
+        local left = call('DECRBY', key, ARGV[qty + i])
         stock[key] = left
         if left == 0 then
-          zero(ARGV[pid + i])
+          zero(key)
         end
         if limited[i] then
-          redis.call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
+          call('HINCRBY', KEYS[buyers + i], customer, ARGV[qty + i])
         end
       end
     end
   end
-  out[#out + 1] = kind
-  out[#out + 1] = decision
+  o = o + 1
+  out[o] = decision
   k, a = next_k, next_a
 end
 rec_flush()
-local reply = {'ok', epoch, tostring(#zeros)}
-for _, z in ipairs(zeros) do
-  reply[#reply + 1] = z
+out[3] = tostring(#zeros)
+for z = 1, #zeros do
+  out[o + z] = zeros[z]
 end
-for _, v in ipairs(out) do
-  reply[#reply + 1] = v
-end
-return reply
+return out

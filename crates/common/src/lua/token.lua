@@ -14,16 +14,27 @@ local function token_seq(seq, slot)
   return string.format('%d', seq * 16384 + tonumber(slot))
 end
 
--- Names one more pre-deduction of generation `marker` from the counter `seq_key`: one
--- INCRBY per 100 tokens of a call.
+-- The sequence part of one more token, from the counter `seq_key`: one INCRBY per 100
+-- tokens of a call.
 local next_seq = nil
 local last_seq = 0
-local function new_token(marker, seq_key, slot)
+local function new_seq(seq_key, slot)
   if not next_seq or next_seq > last_seq then
-    last_seq = redis.call('INCRBY', seq_key, 100)
+    last_seq = call('INCRBY', seq_key, 100)
     next_seq = last_seq - 99
   end
-  local t = marker .. '.' .. token_seq(next_seq, slot)
+  local t = token_seq(next_seq, slot)
   next_seq = next_seq + 1
   return t
+end
+
+-- A record naming one more pre-deduction of generation `marker`:
+-- '<kind>|<marker>.<seq>|<items>', then '|<customer>' unless customer is '' or nil. Built
+-- in one concatenation: a string less per order than the token and then the record.
+local function token_record(kind, marker, seq_key, slot, items, customer)
+  local seq = new_seq(seq_key, slot)
+  if not customer or customer == '' then
+    return kind .. '|' .. marker .. '.' .. seq .. '|' .. items
+  end
+  return kind .. '|' .. marker .. '.' .. seq .. '|' .. items .. '|' .. customer
 end

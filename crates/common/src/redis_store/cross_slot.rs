@@ -23,54 +23,42 @@
 //! already released and writes `C`.
 
 use super::{
-    buyers_key, encode_items, stock_key, Claim, Compensation, Item, Lua, OrderRecord, Reason,
-    RedisStore, ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard, StoreError,
-    PIPELINE_CHUNK,
+    buyers_key, encode_items, lua_source, stock_key, Claim, Compensation, Item, Lua, OrderRecord,
+    Reason, RedisStore, ReserveOutcome, ReserveReply, ReserveRequest, RestoreOutcome, Shard,
+    StoreError, PIPELINE_CHUNK,
 };
 use crate::events::Token;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
 static CLAIM: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("../lua/marker.lua"),
-            include_str!("../lua/token.lua"),
-            include_str!("../lua/record.lua"),
-            include_str!("../lua/claim.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("../lua/marker.lua"),
+        include_str!("../lua/token.lua"),
+        include_str!("../lua/record.lua"),
+        include_str!("../lua/claim.lua"),
+    ]))
 });
 static HOLD: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("../lua/marker.lua"),
-            include_str!("../lua/integer.lua"),
-            include_str!("../lua/buyers.lua"),
-            include_str!("../lua/hold.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("../lua/marker.lua"),
+        include_str!("../lua/integer.lua"),
+        include_str!("../lua/buyers.lua"),
+        include_str!("../lua/hold.lua"),
+    ]))
 });
 static RELEASE: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("../lua/marker.lua"),
-            include_str!("../lua/buyers.lua"),
-            include_str!("../lua/release.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("../lua/marker.lua"),
+        include_str!("../lua/buyers.lua"),
+        include_str!("../lua/release.lua"),
+    ]))
 });
 static SWAP: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        [
-            include_str!("../lua/record.lua"),
-            include_str!("../lua/swap.lua"),
-        ]
-        .concat(),
-    )
+    Lua::new(lua_source(&[
+        include_str!("../lua/record.lua"),
+        include_str!("../lua/swap.lua"),
+    ]))
 });
 
 /// The key of one pre-deduction's hold in slot `slot`.
