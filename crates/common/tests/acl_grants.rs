@@ -26,7 +26,8 @@ fn producer_grants() -> BTreeSet<String> {
         .collect()
 }
 
-/// The commands `redis.call('X', ...)` of every script, lower case.
+/// The commands `redis.call('X', ...)` of every script, lower case; also `call('X', ...)`,
+/// the local that `lua/prelude.lua` (first in every script) makes of `redis.call`.
 fn script_commands() -> BTreeSet<String> {
     let dir = repo().join("crates/common/src/lua");
     let mut found = BTreeSet::new();
@@ -36,7 +37,18 @@ fn script_commands() -> BTreeSet<String> {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("script");
-        for part in text.split("redis.call(").skip(1) {
+        let mut parts = text.split("call(");
+        let mut before = parts.next().unwrap_or_default();
+        for part in parts {
+            // `redis.call(` or `call(` alone, not the end of a longer name (`pcall(`).
+            let named = before
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            before = part;
+            if named {
+                continue;
+            }
             let Some(rest) = part.trim_start().strip_prefix('\'') else {
                 panic!("{}: redis.call without a literal command", path.display());
             };
