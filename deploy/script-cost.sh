@@ -5,7 +5,7 @@
 # when it ends). Prints one line per bench binary:
 #   <label> products=P orders=N instructions=I per_order=I/N
 # An instruction count does not swing with the machine as time does (the same build
-# repeats within 0.5%, where `INFO commandstats` of the script swung ±15% on the shared
+# repeats within about 1%, where `INFO commandstats` of the script swung ±15% on the shared
 # box), so it compares two versions of a script on any machine, in one run.
 #   bash deploy/script-cost.sh [--products P] [--orders N] [--keep DIR] LABEL=BENCH ...
 # e.g. with the bench of the main branch copied to /tmp/base/bench before a change:

@@ -220,19 +220,9 @@ end
 -- rec_find and rec_insert in one: writes `value` as the first record of the order whose
 -- field is `id` and returns nil, or returns the record some window already has (nothing
 -- written). The window written to is looked up with the write itself (HSETNX).
-local rec_claim_at = {}
 local function rec_claim(base, id, h, value, memory)
-  -- The target window and the live windows of the last (base, memory), kept: a call's
-  -- orders usually share them.
-  local at = rec_claim_at
-  local win, list
-  if at.base == base and at.memory == memory then
-    win, list = at.win, at.list
-  else
-    win = rec_target_window(base, memory)
-    list = rec_windows(base).list
-    rec_claim_at = {base = base, memory = memory, win = win, list = list}
-  end
+  local win = rec_target_window(base, memory)
+  local list = rec_windows(base).list
   for j = 1, #list do
     local other = list[j]
     if other ~= win then

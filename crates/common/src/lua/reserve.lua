@@ -188,13 +188,8 @@ while a <= nargv do
         decision = insufficient(key)
         break
       end
-      -- (limit_check's answer without the call when the product has no limit: the usual
-      -- case, learnt by buyers_prefetch)
       local bk = KEYS[buyers + i]
-      local limit = nil
-      if customer ~= '' and buyers_limit[bk] ~= false then
-        limit = limit_check(bk, customer, q)
-      end
+      local limit = limit_check(bk, customer, q)
       if limit == 'over' then
         decision = 'X|limit_exceeded|' .. product_of(key)
         break
