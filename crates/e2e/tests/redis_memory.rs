@@ -1,8 +1,8 @@
 //! Issue 12: a flood of unique order ids against the Redis memory budget. As Redis nears
 //! the budget the producer first gives new order records the shorter order memory (the
 //! sale goes on), then decides nothing (back-pressure: orders wait in Kafka, `/readyz`
-//! says why, the retries are counted); once memory is freed every waiting order is decided,
-//! each once. Alone in its test binary: it reads the Redis server's memory, which a test
+//! says why, the retries are counted) until memory falls to the resume threshold, not just
+//! under the shedding one; once memory is freed every waiting order is decided, each once. Alone in its test binary: it reads the Redis server's memory, which a test
 //! running beside it would move.
 
 use redis::AsyncCommands;
@@ -58,10 +58,18 @@ async fn a_flood_of_unique_ids_shortens_order_memory_then_waits_and_loses_nothin
         return; // the budget is per node; this test reads one Redis
     }
     env.load_stock(&[(1, 10_000_000)]).await;
+    // 128 KiB of the test's own, freed while the producer sheds: memory then falls under
+    // the shedding threshold (a round of the flood adds less) but not to the resume one.
+    let mut conn = env.store.connection();
+    let filler = "redis-memory-test-filler";
+    let _: () = conn
+        .set(filler, vec![b'x'; 128 * 1024])
+        .await
+        .expect("SET filler");
     let used = env.store.memory().await.expect("INFO memory")[0].used as f64;
     // A budget 2 MiB above what the server uses now: new records get the shorter memory
-    // from 300 KiB more, and nothing is decided from 900 KiB more (about 2,000 and 6,000
-    // records).
+    // from 300 KiB more, nothing is decided from 900 KiB more, and shedding ends 300 KiB
+    // under that (by default midway between the two).
     let budget = used + 2.0 * 1_048_576.0;
     let shorten_at = (used + 300.0 * 1024.0) / budget;
     let shed_at = (used + 900.0 * 1024.0) / budget;
@@ -121,6 +129,12 @@ async fn a_flood_of_unique_ids_shortens_order_memory_then_waits_and_loses_nothin
         shortened > 0,
         "records decided close to the budget get --order-memory-min"
     );
+    let _: () = conn.del(filler).await.expect("DEL filler");
+    let ratio = r#"stockpipe_redis_memory_ratio"#;
+    assert!(
+        wait_until(|| async { metric(port, ratio).await.is_some_and(|r| r < shed_at) }).await,
+        "freeing the filler brings memory under the shedding threshold"
+    );
 
     // While shedding: nothing is decided, the retries are counted, /readyz says why.
     let waiting = orders("waiting", CHUNK);
@@ -142,7 +156,6 @@ async fn a_flood_of_unique_ids_shortens_order_memory_then_waits_and_loses_nothin
 
     // Records expire (here: deleted, as their lifetime would): every waiting order is
     // decided, once, and selling goes on.
-    let mut conn = env.store.connection();
     let mut keys: Vec<String> = Vec::new();
     {
         let mut iter: redis::AsyncIter<String> =
