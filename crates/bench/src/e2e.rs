@@ -64,8 +64,8 @@ pub struct PipelineArgs {
     /// Partitions of every topic.
     #[arg(long, default_value_t = 4)]
     pub partitions: i32,
-    /// Batch size of both workers.
-    #[arg(long, default_value_t = 2000)]
+    /// Batch size of both workers (their default).
+    #[arg(long, default_value_t = stock_common::config::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Batch linger of both workers (their default).
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]

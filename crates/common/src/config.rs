@@ -643,11 +643,20 @@ impl DatabaseArgs {
     }
 }
 
+/// The workers' `--batch-size` by default, and `bench e2e`'s. A batch holds what has
+/// arrived (no linger), so the cap binds only with a backlog; there, the per-batch and
+/// per-product-per-batch costs (a transaction, a row lock and an update per product, a
+/// produce request per partition) weigh on more orders: 5,000 against 2,000 read 53,964
+/// against 45,695 orders/s and a pipeline of 27.3 against 32.6 µs/order (issue 12,
+/// `bench e2e --orders 300000 --mode stream --workers 2`, medians of 3 alternating,
+/// docs/perf/issue12-session21.txt).
+pub const DEFAULT_BATCH_SIZE: usize = 5000;
+
 /// How messages are gathered into batches.
 #[derive(Args, Clone, Debug)]
 pub struct BatchArgs {
     /// Most messages in one batch.
-    #[arg(long = "batch-size", env = "BATCH_SIZE", default_value_t = 2000)]
+    #[arg(long = "batch-size", env = "BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// How long to wait for a batch to fill once its first message is in. 0 (the default):
     /// no wait, a batch takes what has arrived; under load that is a full batch anyway
