@@ -225,6 +225,14 @@ proc_cmdline() {
 # pidfile_pid FILE -> prints pid (first line) or nothing
 pidfile_pid() { [[ -s "$1" ]] && head -n1 "$1" | tr -dc '0-9' || true; }
 
+# live_pidfile_pid FILE WHAT -> the pid in FILE if that process runs and its command line
+# holds WHAT, or nothing (a pid file left by a stopped service can name a reused pid)
+live_pidfile_pid() {
+  local pid
+  pid="$(pidfile_pid "$1")"
+  if [[ -n "$pid" ]] && pid_alive "$pid" "$2"; then echo "$pid"; fi
+}
+
 # port_open PORT [HOST] -- TCP connect succeeds
 port_open() {
   local port="$1" host="${2:-127.0.0.1}"

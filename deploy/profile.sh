@@ -65,13 +65,6 @@ while :; do
 done
 sleep 3
 pids() { pgrep -d, "$@" || true; }
-# live_pidfile_pid FILE WHAT -- the pid in FILE if that process runs and is WHAT (a pid file
-# left by a stopped service can name a pid reused by another process: perf would profile it)
-live_pidfile_pid() {
-  local pid
-  pid="$(pidfile_pid "$1")"
-  if [[ -n "$pid" ]] && pid_alive "$pid" "$2"; then echo "$pid"; fi
-}
 declare -A parts=(
   [producer]="$(tr '\n' , <<<"$prod" | sed 's/,$//')"
   [consumer]="$(tr '\n' , <<<"$cons" | sed 's/,$//')"

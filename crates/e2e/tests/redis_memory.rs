@@ -2,8 +2,9 @@
 //! the budget the producer first gives new order records the shorter order memory (the
 //! sale goes on), then decides nothing (back-pressure: orders wait in Kafka, `/readyz`
 //! says why, the retries are counted) until memory falls to the resume threshold, not just
-//! under the shedding one; once memory is freed every waiting order is decided, each once. Alone in its test binary: it reads the Redis server's memory, which a test
-//! running beside it would move.
+//! under the shedding one; once memory is freed every waiting order is decided, each once.
+//! Alone in its test binary: it reads the Redis server's memory, which a test running
+//! beside it would move.
 
 use redis::AsyncCommands;
 use std::time::Duration;
@@ -130,7 +131,7 @@ async fn a_flood_of_unique_ids_shortens_order_memory_then_waits_and_loses_nothin
         "records decided close to the budget get --order-memory-min"
     );
     let _: () = conn.del(filler).await.expect("DEL filler");
-    let ratio = r#"stockpipe_redis_memory_ratio"#;
+    let ratio = "stockpipe_redis_memory_ratio";
     assert!(
         wait_until(|| async { metric(port, ratio).await.is_some_and(|r| r < shed_at) }).await,
         "freeing the filler brings memory under the shedding threshold"

@@ -345,11 +345,8 @@ impl MemoryGuard {
             }
         };
         let full = fullest(self.args.budget, &nodes);
-        let was = {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.pressure.clone()
-        };
-        let now = pressure_of(&self.args, full.clone(), &was);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = pressure_of(&self.args, full.clone(), &st.pressure);
         let ttl = match now {
             Pressure::Normal => self.normal_ttl,
             _ => self.normal_ttl.min(self.args.order_memory_min.as_secs()),
@@ -359,7 +356,6 @@ impl MemoryGuard {
             .redis_memory_ratio
             .set(full.as_ref().map_or(0.0, Fullest::ratio));
         self.metrics.redis_memory_pressure.set(now.level());
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.pressure.level() != now.level() {
             match &now {
                 Pressure::Normal => tracing::info!(
