@@ -21,7 +21,7 @@
 #            read any group, idempotent write); controller 127.0.0.1:9193 (mutual TLS);
 #            admin tools: --command-config $STACK_DIR/secure/kafka/admin-client.properties
 #   - Redis  localhost:6380 TLS only (port 0), client certificate required; ACL users
-#            stockpipe-admin (all) and stockpipe-producer (deploy/redis-users.acl), default off
+#            stockpipe-admin (all) and stockpipe-producer (deploy/redis-users.acl), default off (nobody can be it)
 #   - PostgreSQL localhost:5433 TLS only (hostssl scram-sha-256; plain TCP rejected);
 #            roles stock_migrator (owns database stock, CREATEDB) and stock_consumer (LOGIN)
 #   - tls/: private CA ca.crt, server.crt (SAN localhost, 127.0.0.1), client.crt

@@ -11,9 +11,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs};
 use stock_common::events::{Item, Status};
-use stock_common::redis_store::RedisStore;
+use stock_common::redis_store::{Guards, OrderRecord, RedisStore, ReserveRequest};
 use stock_e2e::harness::created;
-use stock_e2e::{free_port, http_get, Stack, TestEnv, Worker, WorkerFlags, WorkerProcess};
+use stock_e2e::{
+    free_port, http_get, reserve_request, Stack, TestEnv, Worker, WorkerFlags, WorkerProcess,
+};
+use stockctl::admin;
 
 /// A worker must stop within this on a refused certificate or password: well before the
 /// patience it gives a service that is not reachable yet (`STARTUP_PATIENCE`, 60 s), which
@@ -255,6 +258,38 @@ async fn each_role_has_least_privilege() {
         );
     }
 
+    // A client that names no user is `default`, which is off: refused every command, and
+    // no password makes it `default` (which keeps every command for Redis's own AOF replay,
+    // deploy/redis-users.acl).
+    let mut url = url::Url::parse(env.redis.url.expose()).expect("a Redis URL");
+    url.set_path("/0"); // database 0: the client sends no SELECT as it connects
+    let anonymous = RedisArgs {
+        url: url.as_str().parse().expect("a Redis URL"),
+        username: None,
+        password_file: None,
+        ..env.redis.clone()
+    };
+    let mut conn = stock_common::redis_store::client(&anonymous)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a client with our certificate and no user connects");
+    let r: redis::RedisResult<Option<String>> = redis::cmd("GET")
+        .arg("stock:1")
+        .query_async(&mut conn)
+        .await;
+    let e = r.expect_err("no user, no command");
+    assert!(e.to_string().contains("NOAUTH"), "{e}");
+    for password in ["", "nopass", "default"] {
+        let r: redis::RedisResult<()> = redis::cmd("AUTH")
+            .arg("default")
+            .arg(password)
+            .query_async(&mut conn)
+            .await;
+        let e = r.expect_err("nobody authenticates as default");
+        assert!(e.to_string().contains("WRONGPASS"), "{e}");
+    }
+
     // PostgreSQL: the consumer's role manipulates data, and changes no schema.
     let pool = stock_common::db::pool(&env.db).expect("pool");
     sqlx::query("SELECT count(*) FROM stock")
@@ -371,5 +406,181 @@ async fn workers_over_tls_sell_and_leak_no_secret() {
         assert_no_secret(&text, &secrets, "--help");
     }
     collector.stop().await;
+    env.cleanup().await;
+}
+
+/// A Redis of the secure layout's own settings (its runtime configuration: TLS, the ACL
+/// users of `deploy/redis-users.acl`, the AOF fsynced before each reply) on a port and in
+/// a directory of its own, so that killing it disturbs no other test.
+struct PrivateRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let mut r = PrivateRedis {
+            port: free_port(),
+            dir: std::env::temp_dir().join(format!("stockpipe-redis-{}", uuid::Uuid::new_v4())),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let stack_dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
+        let conf = PathBuf::from(stack_dir).join("secure/redis/redis.runtime.conf");
+        assert!(conf.exists(), "{conf:?} (written by deploy/stack-up.sh)");
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir).expect("a directory for the private Redis");
+        let child = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .args(["--tls-port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--pidfile")
+            .arg(dir.join("redis.pid"))
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .args(["--daemonize", "no"])
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+    }
+
+    /// `kill -9`: what it acknowledged is in its AOF (`appendfsync always`), nothing else.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// `args` (the stack's settings for a user) pointed at this server's database 0.
+    fn args(&self, args: &RedisArgs) -> RedisArgs {
+        let mut url = url::Url::parse(args.url.expose()).expect("a Redis URL");
+        url.set_port(Some(self.port)).expect("a port");
+        url.set_path("/0");
+        RedisArgs {
+            url: url.as_str().parse().expect("a Redis URL"),
+            ..args.clone()
+        }
+    }
+
+    /// A store for `args` once this server answers (after loading its AOF).
+    async fn store(&self, args: &RedisArgs) -> RedisStore {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(store) = RedisStore::connect(&self.args(args)).await {
+                let pong: redis::RedisResult<String> = redis::cmd("PING")
+                    .query_async(&mut store.connection())
+                    .await;
+                if pong.is_ok() {
+                    return store;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the private Redis answers within 30 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a restart must keep: the stock level, every order's record and the key count.
+async fn redis_state(
+    store: &RedisStore,
+    product: i64,
+    ids: &[String],
+) -> (Option<i64>, Vec<Option<OrderRecord>>, i64) {
+    let level = store.stock_levels(&[product]).await.expect("stock")[0];
+    let mut records = Vec::new();
+    for id in ids {
+        records.push(store.order_record(id).await.expect("record"));
+    }
+    let keys: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut store.connection())
+        .await
+        .expect("DBSIZE");
+    (level, records, keys)
+}
+
+/// The secure layout's Redis, killed and started again, holds every decision it
+/// acknowledged. The producer's scripts reach the AOF as MULTI/EXEC blocks of their
+/// effects, and Redis (7.0.15 here) checks the ACL again at EXEC while it replays the AOF,
+/// as the `default` user (redis/redis#14541): with `default` refused every command, it
+/// dropped every script's effects since the last rewrite, so the stock came back as it was
+/// before those sales and would have been sold again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
+    let env = TestEnv::secure().await;
+    let mut server = PrivateRedis::start();
+    let admin = server.store(&env.stack.redis_admin).await;
+    admin::set_stock(&env.pool, &admin, 1, 100, false)
+        .await
+        .expect("set stock");
+    stockctl::rebuild::rebuild(&env.pool, &admin)
+        .await
+        .expect("rebuild");
+
+    // The producer's user decides 30 orders of 2 and 20 that find no stock.
+    let producer = server.store(&env.redis).await;
+    let ids: Vec<String> = (0..70).map(|i| format!("restart-{i}")).collect();
+    let reqs: Vec<ReserveRequest> = ids.iter().map(|id| reserve_request(id, 1, 2)).collect();
+    producer
+        .reserve_many(&reqs[..50], &Guards::default())
+        .await
+        .expect("reserve");
+    producer
+        .reserve_many(&reqs[50..], &Guards::default())
+        .await
+        .expect("reserve");
+    let before = redis_state(&admin, 1, &ids).await;
+    assert_eq!(before.0, Some(0), "70 orders of 2 against 100: 50 held");
+    assert!(
+        before.1.iter().all(Option::is_some),
+        "every order remembered"
+    );
+
+    server.kill();
+    server.spawn();
+    let admin = server.store(&env.stack.redis_admin).await;
+    let after = redis_state(&admin, 1, &ids).await;
+    let log = server.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("NOPERM")).collect();
+    let kept = before
+        .1
+        .iter()
+        .zip(&after.1)
+        .filter(|(b, a)| b == a)
+        .count();
+    assert!(
+        after == before,
+        "the restarted Redis lost acknowledged writes: stock {:?} (was {:?}), {kept} of {} \
+         order records kept, {} keys (were {}); {} commands refused in its AOF replay: {:?}",
+        after.0,
+        before.0,
+        ids.len(),
+        after.2,
+        before.2,
+        refused.len(),
+        refused.first()
+    );
+    assert!(!log.contains("NOPERM"), "no command refused in the replay");
     env.cleanup().await;
 }
