@@ -56,6 +56,7 @@ pub mod chart;
 pub mod cluster;
 pub mod collector;
 pub mod cpu;
+pub mod disk_probe;
 pub mod driver;
 pub mod e2e;
 pub mod env;

@@ -7,7 +7,9 @@
 //! `pg_stat_user_tables`, every table of the run's database), PostgreSQL checkpoints
 //! (`pg_stat_bgwriter`), Redis `used_memory` and the forks Redis made (`total_forks`: an
 //! RDB snapshot or an AOF rewrite, each a copy of the whole dataset), the usual suspects
-//! when a window's p99 rises.
+//! when a window's p99 rises; and the limit the p99 is held against, measured in the same
+//! window: the wait of the services' volume (`STACK_DIR`) for a 4 KiB write and
+//! `fdatasync` ([`crate::disk_probe`]), which Redis and PostgreSQL make before they answer.
 //! Whether the pipeline holds steady: the first and the last window compared (PostgreSQL
 //! CPU per order, p99, each worker's RSS), within ±25% ([`TOLERANCE`]).
 //!
@@ -32,6 +34,7 @@
 use crate::chart::{Panel, Series, TimeChart};
 use crate::collector;
 use crate::cpu::{self, CpuSample, CpuUse, PerOrder};
+use crate::disk_probe::DiskProbe;
 use crate::e2e;
 use crate::env::{PipelineEnv, Stack};
 use crate::load::{Order, HOT_PRODUCT};
@@ -103,6 +106,10 @@ pub struct SoakArgs {
     /// Run the workers as tasks of the bench process (their CPU counted with the bench's).
     #[arg(long)]
     pub in_process: bool,
+    /// How long the disk probe measures the services' volume with the stack idle, before
+    /// publishing (0s: not at all): the disk's own stalls, apart from the run's writes.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub disk_idle: Duration,
     /// Start even if the local stack's volume (`STACK_DIR`) has less free space than the
     /// run is expected to write (800 bytes per order: `DISK_PER_ORDER`).
     #[arg(long)]
@@ -501,6 +508,9 @@ pub struct Window {
     pub redis_used_mib: f64,
     /// Forks Redis made in the window (snapshots, AOF rewrites).
     pub redis_forks: u64,
+    /// The volume's own wait for a 4 KiB write and `fdatasync` ([`disk_probe`]), the
+    /// limit of the window's latency; `None` without `STACK_DIR`.
+    pub disk_sync_ms: Option<LatencyMs>,
 }
 
 /// A window's counters, before they are turned into [`Window`].
@@ -517,6 +527,8 @@ pub struct WindowInput {
     pub pg_after: PgStats,
     pub redis_before: RedisStats,
     pub redis_after: RedisStats,
+    /// The disk probe's waits in the window (µs); `None` without a probe.
+    pub disk_sync_us: Option<Vec<u32>>,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -561,6 +573,7 @@ impl Window {
             pg_checkpoints: w.pg_after.checkpoints - w.pg_before.checkpoints,
             redis_used_mib: w.redis_after.used as f64 / MIB,
             redis_forks: w.redis_after.forks.saturating_sub(w.redis_before.forks),
+            disk_sync_ms: w.disk_sync_us.filter(|v| !v.is_empty()).map(latency_of),
         }
     }
 }
@@ -659,6 +672,8 @@ pub struct Summary {
     pub idle: bool,
     /// After the last publish, until the last outcome.
     pub drain_s: f64,
+    /// The disk probe's waits with the stack idle, before publishing (`--disk-idle`).
+    pub disk_idle_sync_ms: Option<LatencyMs>,
     /// The bytes kept per order by the result tracker, at the end.
     pub tracker_bytes: usize,
     pub ok: bool,
@@ -805,13 +820,14 @@ async fn measure(
     if let Err(e) = reader.await {
         tracing::warn!(error = %e, "soak result reader failed");
     }
-    let (windows, complete, drain) = run?;
+    let (windows, complete, drain, disk_idle) = run?;
     stopped?;
     let idle = idle?;
-    let summary = check(
+    let mut summary = check(
         env, args, shape, &tracker, &sent, &all_stock, idle, complete, drain,
     )
     .await?;
+    summary.disk_idle_sync_ms = disk_idle;
     Ok((windows, summary))
 }
 
@@ -829,7 +845,7 @@ async fn drive(
     sent: &Arc<Sent>,
     workers: &mut Workers,
     batch: &BatchArgs,
-) -> Result<(Vec<Window>, bool, Duration)> {
+) -> Result<(Vec<Window>, bool, Duration, Option<LatencyMs>)> {
     let (n, w) = (args.workers, args.workers);
     workers.start_producers(env, batch, n).await?;
     workers.start_consumers(env, batch, w).await?;
@@ -850,6 +866,23 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    // The volume the services write to, probed beside them (nothing without STACK_DIR).
+    let disk = match std::env::var_os("STACK_DIR") {
+        Some(dir) => Some(DiskProbe::start(Path::new(&dir))?),
+        None => None,
+    };
+    // The volume on its own first: the workers idle, nothing published.
+    let mut disk_idle = None;
+    if let (Some(d), false) = (&disk, args.disk_idle.is_zero()) {
+        d.take_window();
+        tokio::time::sleep(args.disk_idle).await;
+        let idle = latency_of(d.take_window());
+        eprintln!(
+            "bench soak: the volume idle for {:?}: disk sync p50 / p99 / max {:.1} / {:.1} / {:.1} ms",
+            args.disk_idle, idle.p50, idle.p99, idle.max
+        );
+        disk_idle = Some(idle);
+    }
     let procs = workers.pids();
     let snapshot = || {
         let procs = &procs;
@@ -887,6 +920,9 @@ async fn drive(
     // Aborted when the measurement is dropped (an error, an interruption).
     let _abort = AbortOnDrop(publisher.abort_handle());
     lock(tracker).take_window();
+    if let Some(d) = &disk {
+        d.take_window();
+    }
     let count = args.duration.as_nanos().div_ceil(args.window.as_nanos()) as usize;
     let mut windows = Vec::with_capacity(count);
     for index in 1..=count {
@@ -925,14 +961,19 @@ async fn drive(
             pg_after: cur.pg.clone(),
             redis_before: prev.redis,
             redis_after: cur.redis,
+            disk_sync_us: disk.as_ref().map(DiskProbe::take_window),
         });
         eprintln!(
-            "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms, pipeline {} us/order",
+            "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms, pipeline {} us/order, \
+             disk sync p99 / max {}",
             thousands(win.rate),
             win.latency_ms.p99,
             win.cpu_us_per_order
                 .pipeline
-                .map_or_else(|| "-".into(), |p| format!("{p:.1}"))
+                .map_or_else(|| "-".into(), |p| format!("{p:.1}")),
+            win.disk_sync_ms
+                .as_ref()
+                .map_or_else(|| "-".into(), |d| format!("{:.1} / {:.1} ms", d.p99, d.max))
         );
         windows.push(win);
         prev = cur;
@@ -962,7 +1003,7 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let drain = published_at.elapsed();
-    Ok((windows, complete, drain))
+    Ok((windows, complete, drain, disk_idle))
 }
 
 /// Aborts a task when dropped.
@@ -1012,6 +1053,7 @@ async fn check(
             complete,
             idle,
             drain_s: drain.as_secs_f64(),
+            disk_idle_sync_ms: None,
             tracker_bytes: t.main.capacity()
                 + t.warm.capacity()
                 + t.ticks.capacity() * std::mem::size_of::<(usize, Instant)>(),
@@ -1087,6 +1129,8 @@ fn windows_table(windows: &[Window]) -> Table {
             "checkpoints",
             "Redis MiB",
             "Redis forks",
+            "disk sync p99 ms",
+            "disk sync max ms",
         ]
         .map(str::to_owned),
     );
@@ -1118,6 +1162,8 @@ fn windows_table(windows: &[Window]) -> Table {
             w.pg_checkpoints.to_string(),
             f1(w.redis_used_mib),
             w.redis_forks.to_string(),
+            opt(w.disk_sync_ms.as_ref().map(|d| d.p99)),
+            opt(w.disk_sync_ms.as_ref().map(|d| d.max)),
         ]);
         t.row(row);
     }
@@ -1160,6 +1206,12 @@ fn checks_table(s: &Summary) -> Table {
         "result tracker, bytes".to_owned(),
         thousands(s.tracker_bytes as f64),
     ]);
+    if let Some(d) = &s.disk_idle_sync_ms {
+        t.row([
+            "the volume idle before the run: disk sync p50 / p99 / max, ms".to_owned(),
+            format!("{:.1} / {:.1} / {:.1}", d.p50, d.p99, d.max),
+        ]);
+    }
     t.row(["CHECKS".to_owned(), yes_no(s.ok).to_owned()]);
     t
 }
@@ -1177,10 +1229,14 @@ fn chart(windows: &[Window], path: &Path) -> Result<()> {
         line("offered", &|w| Some(w.offered_rate)),
         line("achieved", &|w| Some(w.rate)),
     ];
-    let latency = [
+    let latency: Vec<Series> = [
         line("p50", &|w| Some(w.latency_ms.p50)),
         line("p99", &|w| Some(w.latency_ms.p99)),
-    ];
+        line("disk sync p99", &|w| w.disk_sync_ms.as_ref().map(|d| d.p99)),
+    ]
+    .into_iter()
+    .filter(|s| !s.points.is_empty())
+    .collect();
     let cpu: Vec<Series> = [
         line("pipeline", &|w| w.cpu_us_per_order.pipeline),
         line("postgres", &|w| Some(w.cpu_us_per_order.postgres)),
@@ -1314,6 +1370,7 @@ mod tests {
                 used: 1024 * 1024,
                 forks: 4,
             },
+            disk_sync_us: Some(vec![1000, 2000, 300_000]),
         }
     }
 
@@ -1348,6 +1405,16 @@ mod tests {
         assert_eq!(w.pg_mib.get("order_ledger"), Some(&2.0));
         assert_eq!(w.redis_used_mib, 1.0);
         assert_eq!((w.pg_checkpoints, w.redis_forks), (1, 2));
+        let disk = w.disk_sync_ms.expect("the probe's waits");
+        assert_eq!((disk.max, disk.p50), (300.0, 2.0));
+        let none = Window::of(WindowInput {
+            disk_sync_us: Some(Vec::new()),
+            ..input(2, 20.0, 30.0)
+        });
+        assert!(
+            none.disk_sync_ms.is_none(),
+            "no write in the window: no figure"
+        );
         let empty = latency_of(Vec::new());
         assert_eq!((empty.p50, empty.p99), (0.0, 0.0));
     }
