@@ -659,6 +659,41 @@ pub enum StoreError {
     Config(#[from] ConfigError),
 }
 
+/// A setting of Redis that would lose decisions on a restart ([`RedisStore::persistence_risks`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "level", content = "what", rename_all = "snake_case")]
+pub enum Risk {
+    /// A restart would lose decisions: the operators' check fails.
+    Danger(String),
+    /// A trade-off the operators chose (reported, not failed).
+    Note(String),
+    /// Redis would not show the setting.
+    Unknown(String),
+}
+
+/// The commands, keys and channels of an `ACL GETUSER` reply (RESP2: name, value pairs).
+fn acl_grants(v: redis::Value) -> Vec<String> {
+    let redis::Value::Array(items) = v else {
+        return Vec::new();
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    let mut grants = Vec::new();
+    for want in ["commands", "keys", "channels"] {
+        let value = items
+            .chunks(2)
+            .find(|kv| text(&kv[0]) == want)
+            .and_then(|kv| kv.get(1))
+            .map(text)
+            .unwrap_or_default();
+        grants.push(value);
+    }
+    grants
+}
+
 /// A reply read as `T`; a reply of another shape is a protocol error.
 fn parse_value<T: redis::FromRedisValue>(v: redis::Value) -> Result<T, StoreError> {
     redis::from_redis_value(v).map_err(|e| StoreError::Protocol(e.to_string()))
@@ -2012,6 +2047,82 @@ impl RedisStore {
             .filter(|(_, v)| v.as_deref().is_some_and(|v| !is_stock_integer(v)))
             .map(|(k, _)| k.clone())
             .collect())
+    }
+
+    /// What a restart of this Redis would lose, from its settings (`CONFIG GET`,
+    /// `ACL GETUSER default`), for the operators' check. A Redis that refuses to show them
+    /// (a managed service, a user without the right) gives one [`Risk::Unknown`].
+    /// Not on a cluster yet (one [`Risk::Unknown`]): its nodes are to be read one by one.
+    pub async fn persistence_risks(&self) -> Result<Vec<Risk>, StoreError> {
+        if self.cluster {
+            return Ok(vec![Risk::Unknown(
+                "a cluster: check each node's appendonly, appendfsync and ACL user default".into(),
+            )]);
+        }
+        let mut conn = self.conn();
+        let config: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendonly")
+            .arg("appendfsync")
+            .query_async(&mut conn)
+            .await;
+        let config = match config {
+            Ok(c) => c,
+            // The server answered with an error: NOPERM, a renamed or unknown command.
+            Err(e) if e.code().is_some() => {
+                return Ok(vec![Risk::Unknown(format!("CONFIG GET refused: {e}"))]);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let setting = |name: &str| {
+            config
+                .chunks(2)
+                .find(|kv| kv[0] == name)
+                .and_then(|kv| kv.get(1).cloned())
+                .unwrap_or_default()
+        };
+        let mut risks = Vec::new();
+        if setting("appendonly") != "yes" {
+            risks.push(Risk::Danger(
+                "appendonly is not yes: a restart brings back the last snapshot (or nothing), \
+                 without the decisions since; set appendonly yes"
+                    .into(),
+            ));
+            return Ok(risks);
+        }
+        if setting("appendfsync") != "always" {
+            risks.push(Risk::Note(format!(
+                "appendfsync is {}: a crash of the machine loses the last second or so of \
+                 decisions (Redis above PostgreSQL until `stockctl check --repair`)",
+                setting("appendfsync")
+            )));
+        }
+        let user: redis::RedisResult<redis::Value> = redis::cmd("ACL")
+            .arg("GETUSER")
+            .arg("default")
+            .query_async(&mut conn)
+            .await;
+        match user {
+            Ok(v) => {
+                let grants = acl_grants(v);
+                if grants != ["+@all", "~*", "&*"] {
+                    risks.push(Risk::Danger(format!(
+                        "the ACL user default has `{}`: Redis replays its AOF as default and \
+                         checks the ACL again at each EXEC (redis/redis#14541), so a restart \
+                         drops every script's effects since the last AOF rewrite; keep \
+                         default off and give it every command, key and channel: \
+                         `user default off resetpass ~* &* +@all`",
+                        grants.join(" ")
+                    )));
+                }
+            }
+            // The server answered with an error: NOPERM, a renamed or unknown command.
+            Err(e) if e.code().is_some() => {
+                risks.push(Risk::Unknown(format!("ACL GETUSER refused: {e}")));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(risks)
     }
 
     /// `stock:{p}` of each product as stored (None where the key is missing), for the

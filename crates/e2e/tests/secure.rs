@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs};
 use stock_common::events::{Item, Status};
-use stock_common::redis_store::{Guards, OrderRecord, RedisStore, ReserveRequest};
+use stock_common::redis_store::{Guards, OrderRecord, RedisStore, ReserveRequest, Risk};
 use stock_e2e::harness::created;
 use stock_e2e::{
     free_port, http_get, reserve_request, Stack, TestEnv, Worker, WorkerFlags, WorkerProcess,
@@ -415,14 +415,17 @@ async fn workers_over_tls_sell_and_leak_no_secret() {
 struct PrivateRedis {
     port: u16,
     dir: PathBuf,
+    /// Settings over the layout's (`--name value` pairs).
+    settings: Vec<String>,
     child: Option<std::process::Child>,
 }
 
 impl PrivateRedis {
-    fn start() -> PrivateRedis {
+    fn start(settings: &[&str]) -> PrivateRedis {
         let mut r = PrivateRedis {
             port: free_port(),
             dir: std::env::temp_dir().join(format!("stockpipe-redis-{}", uuid::Uuid::new_v4())),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         r.spawn();
@@ -445,6 +448,7 @@ impl PrivateRedis {
             .arg("--logfile")
             .arg(dir.join("redis.log"))
             .args(["--daemonize", "no"])
+            .args(&self.settings)
             .spawn()
             .expect("redis-server");
         self.child = Some(child);
@@ -529,7 +533,7 @@ async fn redis_state(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
     let env = TestEnv::secure().await;
-    let mut server = PrivateRedis::start();
+    let mut server = PrivateRedis::start(&[]);
     let admin = server.store(&env.stack.redis_admin).await;
     admin::set_stock(&env.pool, &admin, 1, 100, false)
         .await
@@ -582,5 +586,69 @@ async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
         refused.first()
     );
     assert!(!log.contains("NOPERM"), "no command refused in the replay");
+    env.cleanup().await;
+}
+
+/// `stockctl check` names the Redis settings under which a restart loses decisions, and
+/// fails: an ACL user `default` that may not run every command (the secure layout's until
+/// session 22) and no AOF. The layout's own settings pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_names_redis_settings_that_lose_decisions_on_a_restart() {
+    let env = TestEnv::secure().await;
+    let stack_dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
+    let users = std::fs::read_to_string(PathBuf::from(stack_dir).join("secure/redis/users.acl"))
+        .expect("the layout's ACL file (deploy/stack-up.sh)");
+    let refusing = std::env::temp_dir().join(format!("stockpipe-acl-{}", uuid::Uuid::new_v4()));
+    let old_default = "user default off resetpass resetkeys resetchannels -@all";
+    std::fs::write(
+        &refusing,
+        users
+            .lines()
+            .map(|l| {
+                if l.starts_with("user default ") {
+                    old_default
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .expect("an ACL file");
+    let refusing = refusing.to_string_lossy().into_owned();
+    let cases: [(&[&str], Option<&str>); 3] = [
+        (&[], None),
+        (&["--aclfile", &refusing], Some("redis/redis#14541")),
+        (&["--appendonly", "no"], Some("appendonly is not yes")),
+    ];
+    for (settings, danger) in cases {
+        let server = PrivateRedis::start(settings);
+        let admin = server.store(&env.stack.redis_admin).await;
+        admin::set_stock(&env.pool, &admin, 1, 10, false)
+            .await
+            .expect("set stock");
+        stockctl::rebuild::rebuild(&env.pool, &admin)
+            .await
+            .expect("rebuild");
+        let r = admin::check_drift(&env.pool, &admin, false)
+            .await
+            .expect("check");
+        assert!(r.drift.is_empty(), "{settings:?}: {r:?}");
+        match danger {
+            None => {
+                assert_eq!(r.redis_risks, vec![], "the layout's settings");
+                assert!(r.clean(), "{r:?}");
+            }
+            Some(what) => {
+                assert!(
+                    matches!(&r.redis_risks[..], [Risk::Danger(d)] if d.contains(what)),
+                    "{settings:?}: {:?}",
+                    r.redis_risks
+                );
+                assert!(!r.clean(), "a danger fails the check");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&refusing);
     env.cleanup().await;
 }

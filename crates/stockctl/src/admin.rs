@@ -38,7 +38,7 @@ use sqlx::{PgPool, Row};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use stock_common::pg_store::{self, find_request, FoundRequest, PgStoreError, StockRequest};
-use stock_common::redis_store::{AdjustOutcome, RedisStore, StoreError};
+use stock_common::redis_store::{AdjustOutcome, RedisStore, Risk, StoreError};
 
 pub use stock_common::pg_store::StockRow;
 
@@ -1063,15 +1063,23 @@ pub struct DriftReport {
     pub limits: Vec<crate::limits::LimitDrift>,
     /// Whether the limit differences were repaired (by a rebuild).
     pub limits_repaired: bool,
+    /// Redis settings under which a restart loses decisions
+    /// ([`RedisStore::persistence_risks`]); a danger fails the check, never repaired here.
+    pub redis_risks: Vec<Risk>,
 }
 
 impl DriftReport {
-    /// Nothing left to fix: loaded, every difference repaired, no violation.
+    /// Nothing left to fix: loaded, every difference repaired, no violation, no Redis
+    /// setting that loses decisions on a restart.
     pub fn clean(&self) -> bool {
         self.redis_loaded
             && self.drift.len() == self.repaired.len()
             && self.violations.is_empty()
             && (self.limits.is_empty() || self.limits_repaired)
+            && !self
+                .redis_risks
+                .iter()
+                .any(|r| matches!(r, Risk::Danger(_)))
     }
 }
 
@@ -1121,5 +1129,6 @@ pub async fn check_drift(
         violations,
         limits,
         limits_repaired,
+        redis_risks: store.persistence_risks().await?,
     })
 }

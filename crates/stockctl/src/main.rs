@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use stock_common::config::{DatabaseArgs, KafkaArgs, LogArgs, RedisArgs, Topics};
-use stock_common::redis_store::RedisStore;
+use stock_common::redis_store::{RedisStore, Risk};
 use stockctl::admin;
 
 /// Operators' tool for the stock pipeline.
@@ -134,8 +134,9 @@ enum Cmd {
         master: Option<(String, u16)>,
     },
     /// Drift check (pipeline idle): every `stock:{p}` against `available`, every limit and
-    /// customer's count against PostgreSQL's, and conservation. Exit 1 when a difference is
-    /// left unrepaired.
+    /// customer's count against PostgreSQL's, and conservation; and Redis's settings that
+    /// would lose decisions on a restart (no AOF; an ACL user `default` that may not run
+    /// every command). Exit 1 when a difference is left unrepaired or such a setting found.
     Check {
         /// On any difference, rebuild Redis from PostgreSQL (the truth).
         #[arg(long)]
@@ -529,6 +530,13 @@ fn print_check(r: &admin::DriftReport, repair: bool, json: bool) -> anyhow::Resu
             ""
         };
         println!("product {}: {}{fixed}", d.product_id, d.what);
+    }
+    for risk in &r.redis_risks {
+        match risk {
+            Risk::Danger(what) => println!("redis setting: {what}"),
+            Risk::Note(what) => println!("redis setting (note): {what}"),
+            Risk::Unknown(what) => println!("redis settings not checked: {what}"),
+        }
     }
     if !r.redis_loaded {
         println!("redis not loaded: run `stockctl rebuild` (nothing repaired)");
