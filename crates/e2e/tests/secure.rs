@@ -497,6 +497,19 @@ impl PrivateRedis {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// The administrator's store on this server once product 1 has `units` in the test's
+    /// database and this Redis is loaded from it (`stockctl rebuild`).
+    async fn loaded(&self, env: &TestEnv, units: i64) -> RedisStore {
+        let admin = self.store(&env.stack.redis_admin).await;
+        admin::set_stock(&env.pool, &admin, 1, units, false)
+            .await
+            .expect("set stock");
+        stockctl::rebuild::rebuild(&env.pool, &admin)
+            .await
+            .expect("rebuild");
+        admin
+    }
 }
 
 impl Drop for PrivateRedis {
@@ -534,15 +547,9 @@ async fn redis_state(
 async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
     let env = TestEnv::secure().await;
     let mut server = PrivateRedis::start(&[]);
-    let admin = server.store(&env.stack.redis_admin).await;
-    admin::set_stock(&env.pool, &admin, 1, 100, false)
-        .await
-        .expect("set stock");
-    stockctl::rebuild::rebuild(&env.pool, &admin)
-        .await
-        .expect("rebuild");
+    let admin = server.loaded(&env, 100).await;
 
-    // The producer's user decides 30 orders of 2 and 20 that find no stock.
+    // The producer's user decides 70 orders of 2: 50 find stock, 20 do not.
     let producer = server.store(&env.redis).await;
     let ids: Vec<String> = (0..70).map(|i| format!("restart-{i}")).collect();
     let reqs: Vec<ReserveRequest> = ids.iter().map(|id| reserve_request(id, 1, 2)).collect();
@@ -623,13 +630,7 @@ async fn the_check_names_redis_settings_that_lose_decisions_on_a_restart() {
     ];
     for (settings, danger) in cases {
         let server = PrivateRedis::start(settings);
-        let admin = server.store(&env.stack.redis_admin).await;
-        admin::set_stock(&env.pool, &admin, 1, 10, false)
-            .await
-            .expect("set stock");
-        stockctl::rebuild::rebuild(&env.pool, &admin)
-            .await
-            .expect("rebuild");
+        let admin = server.loaded(&env, 10).await;
         let r = admin::check_drift(&env.pool, &admin, false)
             .await
             .expect("check");
