@@ -671,27 +671,31 @@ pub enum Risk {
     Unknown(String),
 }
 
-/// The commands, keys and channels of an `ACL GETUSER` reply (RESP2: name, value pairs).
-fn acl_grants(v: redis::Value) -> Vec<String> {
-    let redis::Value::Array(items) = v else {
-        return Vec::new();
-    };
+/// The commands, keys and channels of an `ACL GETUSER` reply (RESP2: name, value pairs;
+/// RESP3: a map); None for a reply without them.
+fn acl_grants(v: redis::Value) -> Option<Vec<String>> {
     let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        redis::Value::SimpleString(s) => s.clone(),
-        _ => String::new(),
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
     };
-    let mut grants = Vec::new();
-    for want in ["commands", "keys", "channels"] {
-        let value = items
+    let pairs: Vec<(redis::Value, redis::Value)> = match v {
+        redis::Value::Array(items) => items
             .chunks(2)
-            .find(|kv| text(&kv[0]) == want)
-            .and_then(|kv| kv.get(1))
-            .map(text)
-            .unwrap_or_default();
-        grants.push(value);
-    }
-    grants
+            .filter_map(|kv| Some((kv[0].clone(), kv.get(1)?.clone())))
+            .collect(),
+        redis::Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    ["commands", "keys", "channels"]
+        .iter()
+        .map(|want| {
+            pairs
+                .iter()
+                .find(|(k, _)| text(k).as_deref() == Some(*want))
+                .and_then(|(_, v)| text(v))
+        })
+        .collect()
 }
 
 /// A reply read as `T`; a reply of another shape is a protocol error.
@@ -2102,9 +2106,11 @@ impl RedisStore {
             .arg("default")
             .query_async(&mut conn)
             .await;
-        match user {
-            Ok(v) => {
-                let grants = acl_grants(v);
+        match user.map(acl_grants) {
+            Ok(None) => risks.push(Risk::Unknown(
+                "ACL GETUSER default: a reply without commands, keys and channels".into(),
+            )),
+            Ok(Some(grants)) => {
                 if grants != ["+@all", "~*", "&*"] {
                     risks.push(Risk::Danger(format!(
                         "the ACL user default has `{}`: Redis replays its AOF as default and \
@@ -2243,6 +2249,31 @@ mod tests {
 
     fn strings(xs: &[&str]) -> Vec<String> {
         xs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn acl_grants_read_both_protocols_and_refuse_other_shapes() {
+        let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        let resp2 = redis::Value::Array(vec![
+            bulk("flags"),
+            redis::Value::Array(vec![bulk("off")]),
+            bulk("commands"),
+            bulk("-@all"),
+            bulk("keys"),
+            bulk(""),
+            bulk("channels"),
+            bulk(""),
+        ]);
+        assert_eq!(acl_grants(resp2), Some(strings(&["-@all", "", ""])));
+        let resp3 = redis::Value::Map(vec![
+            (bulk("commands"), bulk("+@all")),
+            (bulk("keys"), bulk("~*")),
+            (bulk("channels"), bulk("&*")),
+        ]);
+        assert_eq!(acl_grants(resp3), Some(strings(&["+@all", "~*", "&*"])));
+        let partial = redis::Value::Array(vec![bulk("commands"), bulk("+@all")]);
+        assert_eq!(acl_grants(partial), None, "no keys or channels: unknown");
+        assert_eq!(acl_grants(redis::Value::Nil), None);
     }
 
     fn req(id: &str, products: &[i64], forced: Option<Reason>) -> ReserveRequest {
