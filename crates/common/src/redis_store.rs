@@ -671,6 +671,16 @@ pub enum Risk {
     Unknown(String),
 }
 
+/// A command of the settings check that failed: [`Risk::Unknown`] when the server answered
+/// with an error (NOPERM, a renamed or unknown command: a managed service), else the error.
+fn refused(e: redis::RedisError, command: &str) -> Result<Risk, StoreError> {
+    if e.code().is_some() {
+        Ok(Risk::Unknown(format!("{command} refused: {e}")))
+    } else {
+        Err(e.into())
+    }
+}
+
 /// The commands, keys and channels of an `ACL GETUSER` reply (RESP2: name, value pairs;
 /// RESP3: a map); None for a reply without them.
 fn acl_grants(v: redis::Value) -> Option<Vec<String>> {
@@ -2072,11 +2082,7 @@ impl RedisStore {
             .await;
         let config = match config {
             Ok(c) => c,
-            // The server answered with an error: NOPERM, a renamed or unknown command.
-            Err(e) if e.code().is_some() => {
-                return Ok(vec![Risk::Unknown(format!("CONFIG GET refused: {e}"))]);
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Ok(vec![refused(e, "CONFIG GET")?]),
         };
         let setting = |name: &str| {
             config
@@ -2122,11 +2128,7 @@ impl RedisStore {
                     )));
                 }
             }
-            // The server answered with an error: NOPERM, a renamed or unknown command.
-            Err(e) if e.code().is_some() => {
-                risks.push(Risk::Unknown(format!("ACL GETUSER refused: {e}")));
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => risks.push(refused(e, "ACL GETUSER")?),
         }
         Ok(risks)
     }

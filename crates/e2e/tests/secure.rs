@@ -57,11 +57,16 @@ fn secrets(stack: &Stack) -> Vec<String> {
     found
 }
 
-fn other_ca() -> PathBuf {
+/// A file `deploy/stack-up.sh` wrote for the secure layout: `$STACK_DIR/secure/<path>`.
+fn secure_file(path: &str) -> PathBuf {
     let dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
-    let p = PathBuf::from(dir).join("secure/tls/other-ca.crt");
+    let p = PathBuf::from(dir).join("secure").join(path);
     assert!(p.exists(), "{p:?} (made by deploy/stack-up.sh)");
     p
+}
+
+fn other_ca() -> PathBuf {
+    secure_file("tls/other-ca.crt")
 }
 
 /// A password file holding a wrong password.
@@ -261,13 +266,11 @@ async fn each_role_has_least_privilege() {
     // A client that names no user is `default`, which is off: refused every command, and
     // no password makes it `default` (which keeps every command for Redis's own AOF replay,
     // deploy/redis-users.acl).
-    let mut url = url::Url::parse(env.redis.url.expose()).expect("a Redis URL");
-    url.set_path("/0"); // database 0: the client sends no SELECT as it connects
+    // Database 0: the client sends no SELECT as it connects.
     let anonymous = RedisArgs {
-        url: url.as_str().parse().expect("a Redis URL"),
         username: None,
         password_file: None,
-        ..env.redis.clone()
+        ..stock_devkit::stack::with_redis_db(&env.redis, 0).expect("a Redis URL")
     };
     let mut conn = stock_common::redis_store::client(&anonymous)
         .expect("client")
@@ -433,9 +436,7 @@ impl PrivateRedis {
     }
 
     fn spawn(&mut self) {
-        let stack_dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
-        let conf = PathBuf::from(stack_dir).join("secure/redis/redis.runtime.conf");
-        assert!(conf.exists(), "{conf:?} (written by deploy/stack-up.sh)");
+        let conf = secure_file("redis/redis.runtime.conf");
         let dir = &self.dir;
         std::fs::create_dir_all(dir).expect("a directory for the private Redis");
         let child = std::process::Command::new("redis-server")
@@ -598,13 +599,13 @@ async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
 
 /// `stockctl check` names the Redis settings under which a restart loses decisions, and
 /// fails: an ACL user `default` that may not run every command (the secure layout's until
-/// session 22) and no AOF. The layout's own settings pass.
+/// session 22) and no AOF. The layout's own settings pass, and a Redis that will not show
+/// its settings is named without failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_check_names_redis_settings_that_lose_decisions_on_a_restart() {
     let env = TestEnv::secure().await;
-    let stack_dir = std::env::var("STACK_DIR").unwrap_or_else(|_| "/var/tmp/stockpipe".into());
-    let users = std::fs::read_to_string(PathBuf::from(stack_dir).join("secure/redis/users.acl"))
-        .expect("the layout's ACL file (deploy/stack-up.sh)");
+    let users =
+        std::fs::read_to_string(secure_file("redis/users.acl")).expect("the layout's ACL file");
     let refusing = std::env::temp_dir().join(format!("stockpipe-acl-{}", uuid::Uuid::new_v4()));
     let old_default = "user default off resetpass resetkeys resetchannels -@all";
     std::fs::write(
@@ -650,6 +651,19 @@ async fn the_check_names_redis_settings_that_lose_decisions_on_a_restart() {
             }
         }
     }
+    // A Redis that will not show its settings (a managed service renames or refuses
+    // CONFIG) is named, and does not fail the check.
+    let server = PrivateRedis::start(&["--rename-command", "CONFIG", ""]);
+    let admin = server.loaded(&env, 10).await;
+    let r = admin::check_drift(&env.pool, &admin, false)
+        .await
+        .expect("check");
+    assert!(
+        matches!(&r.redis_risks[..], [Risk::Unknown(u)] if u.contains("CONFIG GET refused")),
+        "{:?}",
+        r.redis_risks
+    );
+    assert!(r.clean(), "{r:?}");
     let _ = std::fs::remove_file(&refusing);
     env.cleanup().await;
 }
