@@ -163,7 +163,7 @@ impl E2eArgs {
     }
 }
 
-fn parse_share(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_share(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (0.0..=1.0).contains(&v) {
         Ok(v)
@@ -299,6 +299,13 @@ impl Breakdown {
 }
 
 pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
+    let figures = run_modes(stack, args).await?;
+    print_report(&figures)?;
+    Ok(figures.iter().all(|f| f.ok))
+}
+
+/// Runs every mode of `args`, each in a fresh environment; the figures of each.
+pub async fn run_modes(stack: &Stack, args: &E2eArgs) -> Result<Vec<E2eFigures>> {
     ensure!(args.orders > 0, "--orders must be at least 1");
     ensure!(args.products > 0, "--products must be at least 1");
     args.pipeline.check()?;
@@ -413,8 +420,7 @@ pub async fn run(stack: &Stack, args: &E2eArgs) -> Result<bool> {
         );
         figures.push(f);
     }
-    print_report(&figures)?;
-    Ok(figures.iter().all(|f| f.ok))
+    Ok(figures)
 }
 
 /// Warm-up orders of the stream mode: enough distinct keys to reach every partition.

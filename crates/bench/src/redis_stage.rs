@@ -38,6 +38,10 @@ pub struct RedisStageArgs {
     /// producer).
     #[arg(long, value_delimiter = ',', default_value = "1,10,100,500")]
     pub orders_per_call: Vec<u16>,
+    /// Connections the producer spreads a batch over to measure, comma separated
+    /// (`--redis-connections` of the producer), each with every `--orders-per-call`.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub connections: Vec<u8>,
     /// Also measure a sold-out product, without and with the sold-out marker.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sold_out: bool,
@@ -161,34 +165,40 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
         bytes_per_order: Some(grown as f64 / args.orders as f64),
         redis_cpu_us_per_order: None,
     });
-    for &opc in &args.orders_per_call {
-        eprintln!("bench redis: reserve_many, {opc} order(s) per call ...");
-        let mut a = slot.args.clone();
-        a.orders_per_call = opc;
-        let store = RedisStore::connect(&a).await?;
-        let before = used_memory(&mut conn).await?;
-        let cpu = redis_cpu(&mut conn).await?;
-        let r = drive(
-            &store,
-            args,
-            &format!("{id}-{opc}"),
-            false,
-            true,
-            args.products,
-        )
-        .await?;
-        let cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
-        let grown = used_memory(&mut conn).await?.saturating_sub(before);
-        push(
-            &mut figures,
-            format!(
-                "producer reserve_many, {opc} order(s)/call, batches of {}",
-                args.batch_size
-            ),
-            r,
-            Some(grown as f64 / args.orders as f64),
-            cpu,
-        );
+    for &lanes in &args.connections {
+        for &opc in &args.orders_per_call {
+            eprintln!(
+                "bench redis: reserve_many, {opc} order(s) per call, {lanes} connection(s) ..."
+            );
+            let mut a = slot.args.clone();
+            a.orders_per_call = opc;
+            a.connections = lanes;
+            let store = RedisStore::connect(&a).await?;
+            let before = used_memory(&mut conn).await?;
+            let cpu = redis_cpu(&mut conn).await?;
+            let r = drive(
+                &store,
+                args,
+                &format!("{id}-{opc}-{lanes}"),
+                false,
+                true,
+                args.products,
+            )
+            .await?;
+            let cpu = per_order(redis_cpu(&mut conn).await? - cpu, args.orders);
+            let grown = used_memory(&mut conn).await?.saturating_sub(before);
+            push(
+                &mut figures,
+                format!(
+                    "producer reserve_many, {opc} order(s)/call, {lanes} connection(s), \
+                     batches of {}",
+                    args.batch_size
+                ),
+                r,
+                Some(grown as f64 / args.orders as f64),
+                cpu,
+            );
+        }
     }
     if args.sold_out {
         let _: () = redis::pipe()

@@ -68,6 +68,15 @@ pub struct SoakArgs {
     /// Orders per second, published open loop in 10 ms ticks.
     #[arg(long, default_value_t = 5000)]
     pub rate: u64,
+    /// Instead of `--rate`: this share of the maximum rate, measured first in the same run
+    /// by `bench e2e --mode stream` (`--max-orders` orders published at once, the same
+    /// workers, partitions, batching, products and stock share). 0.5 is issue 12's goal 4,
+    /// half the maximum rate, which holds on a box whose speed swings 2-3x.
+    #[arg(long, value_parser = e2e::parse_share, conflicts_with = "rate")]
+    pub of_max: Option<f64>,
+    /// Orders of the maximum-rate measurement of `--of-max`.
+    #[arg(long, default_value_t = 300_000)]
+    pub max_orders: usize,
     /// Length of each reported window (the last one may be shorter), e.g. 10m; 1m for a
     /// short run (`--duration 3m --window 1m`).
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -670,6 +679,9 @@ pub struct Summary {
     pub reserved_units_match: bool,
     pub complete: bool,
     pub idle: bool,
+    /// With `--of-max`: the maximum rate measured first (orders/s), of which `rate` is
+    /// the share asked for.
+    pub max_rate: Option<f64>,
     /// After the last publish, until the last outcome.
     pub drain_s: f64,
     /// The disk probe's waits with the stack idle, before publishing (`--disk-idle`).
@@ -680,6 +692,28 @@ pub struct Summary {
 }
 
 pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
+    let (args, max_rate) = match args.of_max {
+        Some(share) => {
+            let max = max_rate(stack, args).await?;
+            let rate = (max * share).round() as u64;
+            println!(
+                "soak: the maximum, {} orders/s end to end (bench e2e --mode stream, {} orders); \
+                 {share} of it: {} orders/s",
+                thousands(max),
+                thousands(args.max_orders as f64),
+                thousands(rate as f64)
+            );
+            (
+                SoakArgs {
+                    rate,
+                    ..args.clone()
+                },
+                Some(max),
+            )
+        }
+        None => (args.clone(), None),
+    };
+    let args = &args;
     ensure!(args.rate > 0, "--rate must be at least 1");
     ensure!(
         args.duration >= Duration::from_secs(1),
@@ -762,9 +796,44 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         e = workers::interrupted() => e,
     };
     env.cleanup().await;
-    let (windows, summary) = measured?;
+    let (windows, mut summary) = measured?;
+    summary.max_rate = max_rate;
     report(args, &out, &windows, &summary)?;
     Ok(summary.ok)
+}
+
+/// The maximum end-to-end rate of the soak's pipeline: `bench e2e --mode stream` with
+/// `--max-orders` orders and the soak's workers, partitions, batching, products and stock
+/// share. Fails if that run's checks fail.
+async fn max_rate(stack: &Stack, args: &SoakArgs) -> Result<f64> {
+    ensure!(args.max_orders > 0, "--max-orders must be at least 1");
+    let e = e2e::E2eArgs {
+        orders: args.max_orders,
+        products: args.products,
+        hot_share: args.hot_share,
+        stock: args.stock,
+        fill: args.fill,
+        pipeline: args.pipeline.clone(),
+        mode: vec![e2e::Mode::Stream],
+        preload: false,
+        workers: args.workers,
+        producers: None,
+        consumers: None,
+        timeout: args.timeout,
+        seed: args.seed,
+        rate: 0,
+        in_process: args.in_process,
+        customers: 0,
+        hot_limit: None,
+    };
+    let figures = e2e::run_modes(stack, &e).await?;
+    let Some(f) = figures.first() else {
+        bail!("the maximum-rate run gave no figures");
+    };
+    ensure!(f.ok, "the maximum-rate run's checks failed: {f:?}");
+    ensure!(f.e2e_rate > 0.0, "the maximum-rate run measured no rate");
+    json_line(f)?;
+    Ok(f.e2e_rate)
 }
 
 async fn measure(
@@ -1052,6 +1121,7 @@ async fn check(
             reserved_units_match: false,
             complete,
             idle,
+            max_rate: None,
             drain_s: drain.as_secs_f64(),
             disk_idle_sync_ms: None,
             tracker_bytes: t.main.capacity()
@@ -1206,6 +1276,12 @@ fn checks_table(s: &Summary) -> Table {
         "result tracker, bytes".to_owned(),
         thousands(s.tracker_bytes as f64),
     ]);
+    if let Some(max) = s.max_rate {
+        t.row([
+            "the maximum measured first / the rate run, orders/s".to_owned(),
+            format!("{} / {}", thousands(max), thousands(s.rate as f64)),
+        ]);
+    }
     if let Some(d) = &s.disk_idle_sync_ms {
         t.row([
             "the volume idle before the run: disk sync p50 / p99 / max, ms".to_owned(),
@@ -1301,10 +1377,19 @@ fn report(args: &SoakArgs, out: &Path, windows: &[Window], summary: &Summary) ->
     let svg = out.join("soak.svg");
     chart(windows, &svg)?;
     let text = format!(
-        "# bench soak\n\n{} orders/s for {:?}, windows of {:?}, {} worker(s) of each kind ({}), \
+        "# bench soak\n\n{} orders/s{} for {:?}, windows of {:?}, {} worker(s) of each kind ({}), \
          batch {} / linger {:?}, {} partitions, {} products (hot share {:.2})\n\n{}\n\n{}\n\n\
          ![per window](soak.svg)\n\n## Checks\n\n{}\n",
         args.rate,
+        match (args.of_max, summary.max_rate) {
+            (Some(share), Some(max)) => format!(
+                " ({share} of the maximum, {} orders/s, measured first by bench e2e --mode stream \
+                 with {} orders)",
+                thousands(max),
+                thousands(args.max_orders as f64)
+            ),
+            _ => String::new(),
+        },
         args.duration,
         args.window,
         args.workers,

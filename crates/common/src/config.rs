@@ -531,6 +531,17 @@ pub struct RedisArgs {
     #[arg(long = "orders-per-call", env = "REDIS_ORDERS_PER_CALL", default_value_t = 100,
           value_parser = clap::value_parser!(u16).range(1..=500))]
     pub orders_per_call: u16,
+    /// Connections to one Redis that the producer spreads each batch's reserve calls over
+    /// (1 to 32; a cluster is reached through its own connections). Redis reads at most
+    /// 16 KB from a connection per turn of its event loop, and with `appendfsync always`
+    /// each turn that wrote ends with one fsync before anyone is answered: on one
+    /// connection a batch of 5,000 orders (about 700 KB of script calls) waited for about
+    /// 50 fsyncs, on 8 for about 6 (docs/perf/issue12-session23.txt). Calls on different
+    /// connections may run interleaved: orders of one batch are then decided in no set
+    /// order, as orders of different partitions already are; each order still once.
+    #[arg(long = "redis-connections", env = "REDIS_CONNECTIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub connections: u8,
     /// ACL user name (`AUTH user password`).
     #[arg(id = "redis_username", long = "redis-username", env = "REDIS_USERNAME")]
     pub username: Option<String>,
@@ -566,6 +577,7 @@ impl RedisArgs {
             cluster_nodes: Vec::new(),
             order_memory: Duration::from_secs(8 * 86_400),
             orders_per_call: 100,
+            connections: 8,
             username: None,
             password_file: None,
             ca_file: None,

@@ -61,6 +61,15 @@ pub const REPLICA_WAIT: std::time::Duration = std::time::Duration::from_millis(5
 /// Most scripts sent in one pipelined round trip.
 pub const PIPELINE_CHUNK: usize = 500;
 
+/// Orders per reserve round trip for a batch of `orders` over `lanes` connections: the
+/// batch spread evenly over the lanes, in whole script calls of `per_call`, at most
+/// [`PIPELINE_CHUNK`].
+pub fn reserve_trip_size(orders: usize, lanes: usize, per_call: usize) -> usize {
+    let per_call = per_call.max(1);
+    let even = orders.div_ceil(lanes.max(1)).div_ceil(per_call) * per_call;
+    even.clamp(1, PIPELINE_CHUNK.max(per_call))
+}
+
 /// Marker key whose absence means "Redis is not loaded".
 pub const LOADED_KEY: &str = "stockpipe:loaded";
 
@@ -1072,6 +1081,9 @@ impl NodeMemory {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: RedisConn,
+    /// The connections a batch's reserve round trips are spread over
+    /// (`--redis-connections`; the first is `conn`); only `conn` on a cluster.
+    lanes: std::sync::Arc<[RedisConn]>,
     /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
     cluster: bool,
     /// The lifetime given to new order records, in seconds: `--order-memory`, shortened
@@ -1090,9 +1102,17 @@ impl RedisStore {
             let handle = ClusterHandle::connect(cluster_client(args)?).await?;
             RedisConn::Cluster(std::sync::Arc::new(handle))
         };
+        let mut lanes = vec![conn.clone()];
+        if matches!(conn, RedisConn::Single(_)) {
+            let more = (1..args.connections).map(|_| Self::connect_single(args));
+            for c in futures::future::try_join_all(more).await? {
+                lanes.push(RedisConn::Single(c));
+            }
+        }
         Ok(RedisStore {
             cluster: matches!(conn, RedisConn::Cluster(_)),
             conn,
+            lanes: lanes.into(),
             record_ttl_secs: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
                 args.order_memory.as_secs().max(1),
             )),
@@ -1206,12 +1226,17 @@ impl RedisStore {
                 zeros: reply.zeros,
             });
         }
-        // Every round trip is sent at once on the multiplexed connection: Redis runs one
-        // while the next is being encoded. Redis still runs them in this order.
-        let trips = reqs.chunks(PIPELINE_CHUNK).enumerate().map(|(i, chunk)| {
-            let at = i * PIPELINE_CHUNK;
+        // Every round trip is sent at once, spread over the lanes (one round trip each,
+        // while they last): Redis reads 16 KB of one connection per turn of its event
+        // loop and ends each turn that wrote with an fsync (`appendfsync always`), so a
+        // batch on one connection waits for an fsync per 16 KB; on n lanes, for one per
+        // n × 16 KB. Each lane runs its round trips in order; the lanes interleave.
+        let size = reserve_trip_size(reqs.len(), self.lanes.len(), self.orders_per_call);
+        let trips = reqs.chunks(size).enumerate().map(|(i, chunk)| {
+            let at = i * size;
             let sold_out = guards.sold_out.get(at..at + chunk.len()).unwrap_or(&[]);
-            self.reserve_chunk(Shard::Whole, chunk, &guards.epoch, sold_out)
+            let lane = self.lanes[i % self.lanes.len()].clone();
+            self.reserve_chunk(lane, Shard::Whole, chunk, &guards.epoch, sold_out)
         });
         let mut reply = ReserveReply::default();
         for (calls, sizes) in futures::future::try_join_all(trips).await? {
@@ -1226,6 +1251,7 @@ impl RedisStore {
     /// decided.
     async fn reserve_chunk(
         &self,
+        conn: RedisConn,
         shard: Shard,
         reqs: &[ReserveRequest],
         epoch: &str,
@@ -1277,7 +1303,7 @@ impl RedisStore {
             pipe.invoke_script(&inv);
             sizes.push(call.len());
         }
-        let calls: Vec<Vec<String>> = RESERVE.query(self.conn(), &pipe).await?;
+        let calls: Vec<Vec<String>> = RESERVE.query(conn, &pipe).await?;
         crate::failpoint!("producer.mid_redis");
         if calls.len() != sizes.len() {
             return Err(StoreError::Protocol("reserve: too few replies".into()));
@@ -2292,6 +2318,21 @@ mod tests {
             customer: None,
             replaces: None,
         }
+    }
+
+    #[test]
+    fn a_batch_is_spread_over_the_lanes_in_whole_calls() {
+        // 5,000 orders on 8 lanes: 625 each, in whole calls 700, at most PIPELINE_CHUNK.
+        assert_eq!(reserve_trip_size(5000, 8, 100), 500);
+        // At half rate a batch is a few hundred orders: one call per lane.
+        assert_eq!(reserve_trip_size(300, 8, 100), 100);
+        assert_eq!(reserve_trip_size(40, 8, 100), 100);
+        // One lane: the round trips of before.
+        assert_eq!(reserve_trip_size(5000, 1, 100), 500);
+        assert_eq!(reserve_trip_size(300, 8, 7), 42);
+        assert_eq!(reserve_trip_size(0, 8, 100), 1);
+        // A call larger than a round trip's cap still goes whole.
+        assert_eq!(reserve_trip_size(5000, 1, 800), 800);
     }
 
     #[test]

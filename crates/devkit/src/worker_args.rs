@@ -128,6 +128,7 @@ impl WorkerFlags {
                 f.set("--redis-url", r.url.expose())
                     .set("--order-memory", duration(r.order_memory))
                     .set("--orders-per-call", r.orders_per_call)
+                    .set("--redis-connections", r.connections)
                     .set_some(
                         "--redis-cluster-nodes",
                         (!r.cluster_nodes.is_empty()).then(|| r.cluster_nodes.join(",")),
@@ -273,6 +274,7 @@ mod tests {
             RedisArgs {
                 order_memory: Duration::from_secs(60),
                 orders_per_call: 7,
+                connections: 3,
                 ..RedisArgs::at(SecretUrl::from_str("redis://r:1/3").unwrap())
             },
             DatabaseArgs {
@@ -308,6 +310,7 @@ mod tests {
         assert_eq!(p.redis.url.expose(), "redis://r:1/3");
         assert_eq!(p.redis.order_memory, Duration::from_secs(60));
         assert_eq!(p.redis.orders_per_call, 7);
+        assert_eq!(p.redis.connections, 3);
         assert_eq!(p.group, "g1");
         assert_eq!(p.metrics.addr.as_deref(), Some("off"));
         assert_eq!(p.batch.batch_size, 500);

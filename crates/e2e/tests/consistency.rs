@@ -498,6 +498,69 @@ async fn a_call_takes_each_products_stock_exactly() {
     env.cleanup().await;
 }
 
+/// A batch spread over the producer's connections (`--redis-connections`, whose calls Redis
+/// may run interleaved) is answered order by order in the batch's order, and decides each
+/// order once: 3,000 orders in eight round trips on eight connections, even ones for a
+/// product with stock, odd ones for a product without, and one order twice, in the first
+/// and the last round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_several_connections_is_decided_once_in_its_order() {
+    let env = TestEnv::new().await;
+    env.load_stock(&[(31, 10_000), (32, 0)]).await;
+    let args = stock_common::config::RedisArgs {
+        connections: 8,
+        ..env.redis.clone()
+    };
+    let store = stock_common::redis_store::RedisStore::connect(&args)
+        .await
+        .expect("redis");
+    let mut reqs: Vec<ReserveRequest> = (0..3000)
+        .map(|i| reserve_request(&format!("lane-{i}"), 31 + i64::from(i % 2 == 1), 1))
+        .collect();
+    reqs[2990] = reqs[10].clone();
+    let reply = store
+        .reserve_many(&reqs, &Guards::default())
+        .await
+        .expect("reserve");
+    assert_eq!(reply.outcomes.len(), reqs.len());
+    let mut tokens = HashSet::new();
+    for (i, o) in reply.outcomes.iter().enumerate() {
+        match o {
+            ReserveOutcome::Decided {
+                record: OrderRecord::Held { token, .. },
+                ..
+            } => {
+                assert_eq!(reqs[i].items[0].product_id, 31, "order {i} held: {o:?}");
+                if i != 2990 {
+                    assert!(tokens.insert(token.clone()), "token {token} given twice");
+                }
+            }
+            ReserveOutcome::Decided {
+                record:
+                    OrderRecord::Refused {
+                        reason: Reason::InsufficientStock,
+                        product_id: Some(32),
+                        ..
+                    },
+                fresh: true,
+            } => assert_eq!(reqs[i].items[0].product_id, 32, "order {i} refused"),
+            other => panic!("order {i}: {other:?}"),
+        }
+    }
+    // The order sent twice: decided once, the other copy answered with that decision.
+    let (a, b) = (
+        held_token(&reply.outcomes[10]),
+        held_token(&reply.outcomes[2990]),
+    );
+    assert_eq!(a.0, b.0, "one token for the order sent twice");
+    assert!(a.1 != b.1, "exactly one copy decided it: {a:?} {b:?}");
+    // 1,500 even orders, one of them the second copy of order 10.
+    assert_eq!(tokens.len(), 1499);
+    assert_eq!(env.redis_stock(31).await, Some(10_000 - 1499));
+    assert_eq!(env.redis_stock(32).await, Some(0));
+    env.cleanup().await;
+}
+
 /// The consumer decides a batch of decisions without reading the ledger first, and falls
 /// back to reading it when the insert shows an order it already holds (issue 12): a
 /// redelivered batch, a batch half old and half new, and a pre-deduction of a replaced

@@ -34,7 +34,9 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 use stock_common::events::{Compensation, CompensationCause, Item, Reason, Status, StockResult};
-use stock_common::redis_store::{record_field, stock_key, EPOCH_KEY, LOADED_KEY, PIPELINE_CHUNK};
+use stock_common::redis_store::{
+    record_field, reserve_trip_size, stock_key, EPOCH_KEY, LOADED_KEY,
+};
 use stock_e2e::harness::{
     cancelled, conflicting, created, created_outcomes, paid, Outcomes, ResultCollector,
 };
@@ -208,8 +210,8 @@ enum AtCrash {
     Abort,
     /// Redis got none of the waiting compensations (`Load::Compensations`).
     NothingRestored,
-    /// The first round trip of the batch was answered: at least [`PIPELINE_CHUNK`] orders
-    /// decided; the batch had more.
+    /// The first round trip of the batch was answered: at least a round trip's orders
+    /// ([`reserve_trip_size`]) decided; the batch had more.
     FirstTripAnswered,
     /// The crashed batch recorded sold-out refusals through the guard (its epoch was
     /// still the one the marker was learnt in, and product 1's stock could not be read),
@@ -456,9 +458,12 @@ async fn crash(case: Case) {
         }
         AtCrash::FirstTripAnswered => {
             let decided = order_records(&env).await.len();
+            let r = &env.redis;
+            let trip =
+                reserve_trip_size(case.orders, r.connections.into(), r.orders_per_call.into());
             assert!(
-                decided >= PIPELINE_CHUNK && case.orders > PIPELINE_CHUNK,
-                "the crashed batch's first round trip ({PIPELINE_CHUNK} orders) was answered: \
+                decided >= trip && case.orders > trip,
+                "the crashed batch's first round trip ({trip} orders) was answered: \
                  {decided} records of {} orders",
                 case.orders
             );
@@ -806,8 +811,9 @@ async fn producer_before_step() {
     crash_at("producer", "producer.before_step", Load::PayAndCancel).await;
 }
 
-/// The first batch holds every order (1,200: three round trips of reserve scripts), and the
-/// producer dies when the first round trip's answer is in.
+/// The first batch holds every order (1,200: on the default 8 connections, six round trips
+/// of reserve scripts, all sent at once), and the producer dies when the first round
+/// trip's answer is in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_mid_redis() {
     crash(Case {

@@ -232,7 +232,7 @@ impl RedisStore {
                 let group: Vec<ReserveRequest> = chunk.iter().map(|&i| reqs[i].clone()).collect();
                 async move {
                     let (calls, sizes) = self
-                        .reserve_chunk(Shard::Slot(*slot), &group, "", &[])
+                        .reserve_chunk(self.conn(), Shard::Slot(*slot), &group, "", &[])
                         .await?;
                     let mut reply = ReserveReply::default();
                     for (call, n) in calls.into_iter().zip(sizes) {
