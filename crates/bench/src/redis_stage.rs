@@ -173,7 +173,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
             let mut a = slot.args.clone();
             a.orders_per_call = opc;
             a.connections = lanes;
-            let store = RedisStore::connect(&a).await?;
+            let store = RedisStore::connect_producer(&a).await?;
             let before = used_memory(&mut conn).await?;
             let cpu = redis_cpu(&mut conn).await?;
             let r = drive(
@@ -209,7 +209,7 @@ async fn measure(slot: &RedisSlot, args: &RedisStageArgs, id: &str) -> Result<Ve
             .ignore()
             .query_async(&mut conn)
             .await?;
-        let store = RedisStore::connect(&slot.args).await?;
+        let store = RedisStore::connect_producer(&slot.args).await?;
         for marker in [false, true] {
             eprintln!("bench redis: sold out, marker {marker} ...");
             let cpu = redis_cpu(&mut conn).await?;

@@ -692,26 +692,21 @@ pub struct Summary {
 }
 
 pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
-    let (args, max_rate) = match args.of_max {
+    let mut args = args.clone();
+    let max_rate = match args.of_max {
         Some(share) => {
-            let max = max_rate(stack, args).await?;
-            let rate = (max * share).round() as u64;
+            let max = max_rate(stack, &args).await?;
+            args.rate = (max * share).round() as u64;
             println!(
                 "soak: the maximum, {} orders/s end to end (bench e2e --mode stream, {} orders); \
                  {share} of it: {} orders/s",
                 thousands(max),
                 thousands(args.max_orders as f64),
-                thousands(rate as f64)
+                thousands(args.rate as f64)
             );
-            (
-                SoakArgs {
-                    rate,
-                    ..args.clone()
-                },
-                Some(max),
-            )
+            Some(max)
         }
-        None => (args.clone(), None),
+        None => None,
     };
     let args = &args;
     ensure!(args.rate > 0, "--rate must be at least 1");

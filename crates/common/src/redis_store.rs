@@ -1080,9 +1080,9 @@ impl NodeMemory {
 /// The one writer of Redis: its scripts, loads and operators' changes.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: RedisConn,
-    /// The connections a batch's reserve round trips are spread over
-    /// (`--redis-connections`; the first is `conn`); only `conn` on a cluster.
+    /// The connections, at least one: the first for everything, and all of them for the
+    /// round trips of a batch's reserve calls ([`RedisStore::connect_producer`]). One on
+    /// a cluster, which keeps its own connection per node.
     lanes: std::sync::Arc<[RedisConn]>,
     /// Whether Redis is a cluster: per-slot state and the cross-slot protocol.
     cluster: bool,
@@ -1095,24 +1095,35 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// One connection (one per node on a cluster): `stockctl`, loads, checks.
     pub async fn connect(args: &RedisArgs) -> Result<Self, StoreError> {
+        Self::connect_lanes(args, 1).await
+    }
+
+    /// The producer's store: a batch's reserve calls spread over `--redis-connections`
+    /// connections to one Redis ([`reserve_trip_size`]; a cluster is unchanged).
+    pub async fn connect_producer(args: &RedisArgs) -> Result<Self, StoreError> {
+        Self::connect_lanes(args, args.connections).await
+    }
+
+    async fn connect_lanes(args: &RedisArgs, lanes: u8) -> Result<Self, StoreError> {
         let conn = if args.cluster_nodes.is_empty() {
             RedisConn::Single(Self::connect_single(args).await?)
         } else {
             let handle = ClusterHandle::connect(cluster_client(args)?).await?;
             RedisConn::Cluster(std::sync::Arc::new(handle))
         };
-        let mut lanes = vec![conn.clone()];
-        if matches!(conn, RedisConn::Single(_)) {
-            let more = (1..args.connections).map(|_| Self::connect_single(args));
+        let cluster = matches!(conn, RedisConn::Cluster(_));
+        let mut all = vec![conn];
+        if !cluster {
+            let more = (1..lanes).map(|_| Self::connect_single(args));
             for c in futures::future::try_join_all(more).await? {
-                lanes.push(RedisConn::Single(c));
+                all.push(RedisConn::Single(c));
             }
         }
         Ok(RedisStore {
-            cluster: matches!(conn, RedisConn::Cluster(_)),
-            conn,
-            lanes: lanes.into(),
+            cluster,
+            lanes: all.into(),
             record_ttl_secs: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
                 args.order_memory.as_secs().max(1),
             )),
@@ -1145,7 +1156,7 @@ impl RedisStore {
 
     /// The connection (cheap: a multiplexed handle).
     fn conn(&self) -> RedisConn {
-        self.conn.clone()
+        self.lanes[0].clone()
     }
 
     /// Whether Redis is a cluster.
@@ -1557,7 +1568,7 @@ impl RedisStore {
         }
         let mut wait = redis::cmd("WAIT");
         wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
-        let RedisConn::Cluster(h) = &self.conn else {
+        let RedisConn::Cluster(h) = &self.lanes[0] else {
             return Ok(true);
         };
         let up = {
@@ -1591,7 +1602,7 @@ impl RedisStore {
     /// while every master answers (no request sent). While some do not, they are probed
     /// again at most every [`DOWN_RECHECK`]: back, or replaced by a promoted replica.
     pub async fn down_slots(&self) -> Result<BTreeSet<u16>, StoreError> {
-        let RedisConn::Cluster(h) = &self.conn else {
+        let RedisConn::Cluster(h) = &self.lanes[0] else {
             return Ok(BTreeSet::new());
         };
         let due = {
@@ -1626,7 +1637,7 @@ impl RedisStore {
     /// address within [`PROBE_TIMEOUT`], and records those that do not answer with their
     /// slots.
     pub async fn probe_masters(&self) -> Result<(), StoreError> {
-        let RedisConn::Cluster(h) = &self.conn else {
+        let RedisConn::Cluster(h) = &self.lanes[0] else {
             return Ok(());
         };
         let ranges = self.slot_ranges().await?;

@@ -511,7 +511,7 @@ async fn a_batch_over_several_connections_is_decided_once_in_its_order() {
         connections: 8,
         ..env.redis.clone()
     };
-    let store = stock_common::redis_store::RedisStore::connect(&args)
+    let store = stock_common::redis_store::RedisStore::connect_producer(&args)
         .await
         .expect("redis");
     let mut reqs: Vec<ReserveRequest> = (0..3000)

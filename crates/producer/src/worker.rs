@@ -99,7 +99,7 @@ impl Worker {
     pub async fn new(args: &ProducerArgs) -> anyhow::Result<Self> {
         use anyhow::Context;
         kafka::check(&args.kafka, stock_common::config::STARTUP_PATIENCE).await?;
-        let redis = RedisStore::connect(&args.redis)
+        let redis = RedisStore::connect_producer(&args.redis)
             .await
             .with_context(|| format!("redis: cannot connect to {}", args.redis.url))?;
         let consumer = kafka::consumer(
