@@ -270,8 +270,7 @@ impl ClusterProbe {
             ..self.args.clone()
         };
         let client = redis_store::client(&args).with_context(|| format!("client for {url}"))?;
-        client
-            .get_multiplexed_async_connection()
+        redis_store::raw_connection(&client)
             .await
             .with_context(|| format!("connecting to {url}"))
     }

@@ -256,8 +256,7 @@ impl RedisSlot {
             bail!("this bench runs on one Redis, not on a Redis Cluster: unset REDIS_CLUSTER_NODES (the plain layout: . deploy/env.sh)");
         }
         let client = stock_common::redis_store::client(base).context("Redis settings")?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
+        let mut conn = stock_common::redis_store::raw_connection(&client)
             .await
             .with_context(|| {
                 format!(

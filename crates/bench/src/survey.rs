@@ -455,9 +455,8 @@ async fn measure(ctx: &Ctx<'_>, strategy: Strategy, concurrency: usize) -> Resul
             slot.flush()
                 .await
                 .context("flushing the survey's Redis database")?;
-            let mut conn = stock_common::redis_store::client(&slot.args)
-                .context("Redis URL")?
-                .get_multiplexed_async_connection()
+            let client = stock_common::redis_store::client(&slot.args).context("Redis URL")?;
+            let mut conn = stock_common::redis_store::raw_connection(&client)
                 .await
                 .context("connecting to the survey's Redis database")?;
             kv::load(&mut conn, kind, &work.stock).await?;

@@ -770,6 +770,28 @@ pub fn client(args: &RedisArgs) -> Result<redis::Client, StoreError> {
     Ok(redis::Client::build_with_tls(info, certificates(&tls)?)?)
 }
 
+/// How long a request to one Redis may wait for its reply, and a connection for its
+/// handshake. redis-rs defaults to 500 ms and 1 s: a Redis with `appendfsync always`
+/// answers only after its AOF's `fdatasync`, which a stalling volume holds for seconds
+/// (up to 2.4 s measured, docs/perf/issue12-session23.txt), and a TLS handshake on a busy
+/// box can take over a second. Waiting is right; a timeout only makes the caller retry.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// One multiplexed connection from `client` with [`REPLY_TIMEOUT`] and
+/// [`CONNECT_TIMEOUT`]: for the tools, tests and benchmarks that talk to Redis around this
+/// module (the workers use [`RedisStore`]).
+pub async fn raw_connection(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(REPLY_TIMEOUT))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
 /// The CA and client certificate of the TLS settings, read from their files.
 fn certificates(tls: &TlsFiles) -> Result<redis::TlsCertificates, StoreError> {
     let client_tls = match tls.client_pair("redis")? {
@@ -1135,16 +1157,16 @@ impl RedisStore {
         let client = client(args)?;
         // One plain attempt first: a refused certificate or password stops the caller at
         // once with the cause (the manager below would retry it for about 10 s).
-        if let Err(e) = client.get_multiplexed_async_connection().await {
+        if let Err(e) = raw_connection(&client).await {
             if is_refusal(&e) {
                 return Err(e.into());
             }
         }
         // A pipeline of scripts on a busy server can take far longer than the client's
-        // default reply timeout of 500 ms; waiting is right, a timeout only causes a retry.
+        // default reply timeout of 500 ms (see REPLY_TIMEOUT).
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(Some(std::time::Duration::from_secs(10)))
-            .set_connection_timeout(Some(std::time::Duration::from_secs(5)));
+            .set_response_timeout(Some(REPLY_TIMEOUT))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
         Ok(client.get_connection_manager_with_config(config).await?)
     }
 

@@ -38,8 +38,7 @@ pub mod nemesis;
 /// the administrator's store, emptied.
 async fn redis_database(stack: &Stack) -> (RedisArgs, RedisStore) {
     let base = stock_common::redis_store::client(&stack.redis_admin).expect("REDIS_URL");
-    let mut conn = base
-        .get_multiplexed_async_connection()
+    let mut conn = stock_common::redis_store::raw_connection(&base)
         .await
         .expect("connect to Redis");
     let n: i64 = conn

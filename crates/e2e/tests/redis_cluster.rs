@@ -100,8 +100,7 @@ async fn keys_like(store: &RedisStore, pattern: &str) -> HashMap<String, String>
         let host: String = redis::from_redis_value(node[0].clone()).expect("host");
         let port: u16 = redis::from_redis_value(node[1].clone()).expect("port");
         let client = redis::Client::open(format!("redis://{host}:{port}")).expect("client");
-        let mut node_conn = client
-            .get_multiplexed_async_connection()
+        let mut node_conn = stock_common::redis_store::raw_connection(&client)
             .await
             .expect("master");
         let keys: Vec<String> = redis::cmd("KEYS")

@@ -235,8 +235,7 @@ async fn each_role_has_least_privilege() {
 
     // Redis: the producer's user reaches the project's keys and scripts only.
     let producer = stock_common::redis_store::client(&env.redis).expect("client");
-    let mut conn = producer
-        .get_multiplexed_async_connection()
+    let mut conn = stock_common::redis_store::raw_connection(&producer)
         .await
         .expect("the producer's user connects");
     let ok: redis::RedisResult<()> = redis::cmd("SET")
@@ -272,9 +271,8 @@ async fn each_role_has_least_privilege() {
         password_file: None,
         ..stock_devkit::stack::with_redis_db(&env.redis, 0).expect("a Redis URL")
     };
-    let mut conn = stock_common::redis_store::client(&anonymous)
-        .expect("client")
-        .get_multiplexed_async_connection()
+    let anonymous = stock_common::redis_store::client(&anonymous).expect("client");
+    let mut conn = stock_common::redis_store::raw_connection(&anonymous)
         .await
         .expect("a client with our certificate and no user connects");
     let r: redis::RedisResult<Option<String>> = redis::cmd("GET")
@@ -595,6 +593,67 @@ async fn a_restarted_redis_keeps_every_decision_it_acknowledged() {
     );
     assert!(!log.contains("NOPERM"), "no command refused in the replay");
     env.cleanup().await;
+}
+
+/// A Redis that stalls is waited for, by the workers' store and by the connections that
+/// tools, tests and benchmarks open (`redis_store::raw_connection`). With `appendfsync
+/// always` Redis answers only after its AOF's `fdatasync`, which this box's volume has held
+/// for up to 2.4 s; redis-rs' own limits (1 s to connect, 500 ms for a reply) failed three
+/// secure tests and the survey in session 23's CI run, each at a connection or a reply.
+/// `CLIENT PAUSE ... ALL` holds every other client's commands as such a stall does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_is_waited_for() {
+    let stack = secure_stack();
+    let server = PrivateRedis::start(&[]);
+    let admin = server.store(&stack.redis_admin).await;
+    let stall = Duration::from_millis(2_000);
+    let pause = || async {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(stall.as_millis() as u64)
+            .arg("ALL")
+            .query_async(&mut admin.connection())
+            .await
+            .expect("CLIENT PAUSE");
+        Instant::now()
+    };
+    let client = stock_common::redis_store::client(&server.args(&stack.redis)).expect("client");
+
+    // A connection opened during the stall (its handshake's HELLO waits).
+    let paused = pause().await;
+    let mut conn = stock_common::redis_store::raw_connection(&client)
+        .await
+        .expect("a connection opened during a stall");
+    let _: () = redis::cmd("SET")
+        .arg("stock:1")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .expect("a write during a stall");
+    assert!(paused.elapsed() >= stall / 2, "the stall held the client");
+
+    // A reply on an open connection during the stall.
+    let paused = pause().await;
+    let level: i64 = redis::cmd("GET")
+        .arg("stock:1")
+        .query_async(&mut conn)
+        .await
+        .expect("a reply during a stall");
+    assert_eq!(level, 5);
+    assert!(paused.elapsed() >= stall / 2, "the stall held the reply");
+
+    // The producer's store, connecting and reading during the stall.
+    let paused = pause().await;
+    let store = RedisStore::connect_producer(&server.args(&stack.redis))
+        .await
+        .expect("the producer's store connects during a stall");
+    let level: i64 = redis::cmd("GET")
+        .arg("stock:1")
+        .query_async(&mut store.connection())
+        .await
+        .expect("a read during a stall");
+    assert_eq!(level, 5);
+    assert!(paused.elapsed() >= stall / 2, "the stall held the store");
 }
 
 /// `stockctl check` names the Redis settings under which a restart loses decisions, and

@@ -150,8 +150,7 @@ impl KvClient {
         let client = redis::Client::open(url).context("Redis URL")?;
         let mut clients = Vec::with_capacity(n);
         for _ in 0..n {
-            let conn = client
-                .get_multiplexed_async_connection()
+            let conn = stock_common::redis_store::raw_connection(&client)
                 .await
                 .context("connecting to the survey's Redis database")?;
             clients.push(KvClient { conn, kind });

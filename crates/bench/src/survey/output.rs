@@ -101,9 +101,8 @@ impl Machine {
         .await
         .unwrap_or_else(|e| format!("unknown ({e})"));
         let redis = async {
-            let mut conn = stock_common::redis_store::client(&stack.redis)?
-                .get_multiplexed_async_connection()
-                .await?;
+            let client = stock_common::redis_store::client(&stack.redis)?;
+            let mut conn = stock_common::redis_store::raw_connection(&client).await?;
             let info: String = redis::cmd("INFO")
                 .arg("server")
                 .query_async(&mut conn)
