@@ -161,13 +161,14 @@ impl Collector {
 }
 
 /// Reads `consumer` until `stop`, handing `on_result` each message's payload parsed as a
-/// [`StockResult`] (`None`: no payload) and when it was received. A receive error is logged
-/// as `what` and the read retried 100 ms later.
+/// [`StockResult`] (`None`: no payload), when it was received and its Kafka timestamp
+/// (milliseconds since 1970, when it has one). A receive error is logged as `what` and the
+/// read retried 100 ms later.
 pub(crate) async fn receive_results(
     consumer: &StreamConsumer,
     stop: &CancellationToken,
     what: &str,
-    mut on_result: impl FnMut(Option<serde_json::Result<StockResult>>, Instant),
+    mut on_result: impl FnMut(Option<serde_json::Result<StockResult>>, Instant, Option<i64>),
 ) {
     loop {
         let m = tokio::select! {
@@ -183,12 +184,16 @@ pub(crate) async fn receive_results(
                 continue;
             }
         };
-        on_result(m.payload().map(serde_json::from_slice::<StockResult>), now);
+        on_result(
+            m.payload().map(serde_json::from_slice::<StockResult>),
+            now,
+            m.timestamp().to_millis(),
+        );
     }
 }
 
 async fn read(consumer: StreamConsumer, shared: Arc<Shared>, stop: CancellationToken) {
-    receive_results(&consumer, &stop, "result collector", |parsed, now| {
+    receive_results(&consumer, &stop, "result collector", |parsed, now, _| {
         let mut s = shared.lock();
         s.arrivals.push(now);
         let Some(Ok(r)) = parsed else {

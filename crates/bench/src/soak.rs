@@ -255,6 +255,9 @@ struct Tracker {
     firsts: usize,
     /// Latencies (µs) of the first outcomes read since the last [`Tracker::take_window`].
     window_us: Vec<u32>,
+    /// The same outcomes' time from the send to their publication by the consumer worker
+    /// (the result's Kafka timestamp, set as the worker hands it to its Kafka client).
+    window_published_us: Vec<u32>,
     unparsed: usize,
     unexpected: usize,
 }
@@ -266,7 +269,9 @@ impl Tracker {
         Some(self.ticks.get(i.checked_sub(1)?)?.1)
     }
 
-    fn record(&mut self, r: &StockResult, now: Instant) {
+    /// `r` read at `now`; `published`: when the consumer worker published it (its Kafka
+    /// timestamp), when known.
+    fn record(&mut self, r: &StockResult, now: Instant, published: Option<Instant>) {
         let (slot, main) = if let Some(n) = r.order_id.strip_prefix("s-") {
             (n.parse::<usize>().ok(), true)
         } else if let Some(n) = r.order_id.strip_prefix("warmup-") {
@@ -291,8 +296,14 @@ impl Tracker {
                 self.firsts += 1;
                 let sent = slot.and_then(|n| self.sent_at(n));
                 if let Some(sent) = sent {
-                    let us = now.saturating_duration_since(sent).as_micros();
-                    self.window_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                    let us = |t: Instant| {
+                        u32::try_from(t.saturating_duration_since(sent).as_micros())
+                            .unwrap_or(u32::MAX)
+                    };
+                    self.window_us.push(us(now));
+                    if let Some(p) = published {
+                        self.window_published_us.push(us(p));
+                    }
                 }
             }
         } else if r.status == Status::Released && first == bits::RESERVED {
@@ -304,9 +315,13 @@ impl Tracker {
         }
     }
 
-    /// The latencies of the window that ends now.
-    fn take_window(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.window_us)
+    /// The latencies of the window that ends now: to the outcome read, and to its
+    /// publication.
+    fn take_window(&mut self) -> (Vec<u32>, Vec<u32>) {
+        (
+            std::mem::take(&mut self.window_us),
+            std::mem::take(&mut self.window_published_us),
+        )
     }
 }
 
@@ -322,14 +337,46 @@ async fn read_results(
     tracker: Shared,
     stop: CancellationToken,
 ) {
-    collector::receive_results(&consumer, &stop, "soak result reader", |parsed, now| {
+    // Kafka timestamps are wall-clock milliseconds: mapped onto this reader's clock.
+    let clock = WallClock::now();
+    collector::receive_results(&consumer, &stop, "soak result reader", |parsed, now, ts| {
         let mut t = lock(&tracker);
         match parsed {
-            Some(Ok(r)) => t.record(&r, now),
+            Some(Ok(r)) => t.record(&r, now, ts.and_then(|ms| clock.instant(ms))),
             _ => t.unparsed += 1,
         }
     })
     .await;
+}
+
+/// A wall-clock reading and the [`Instant`] it was taken at, to place wall-clock
+/// milliseconds (Kafka timestamps) on the monotonic clock.
+struct WallClock {
+    at: Instant,
+    unix_ms: i64,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        WallClock {
+            at: Instant::now(),
+            unix_ms,
+        }
+    }
+
+    /// `unix_ms` on the monotonic clock (`None` for a time before 1970).
+    fn instant(&self, unix_ms: i64) -> Option<Instant> {
+        let d = unix_ms.checked_sub(self.unix_ms)?;
+        let magnitude = Duration::from_millis(d.unsigned_abs());
+        if d >= 0 {
+            self.at.checked_add(magnitude)
+        } else {
+            self.at.checked_sub(magnitude)
+        }
+    }
 }
 
 /// Publishing's counters, shared with the delivery-report tasks.
@@ -506,6 +553,10 @@ pub struct Window {
     pub rate: f64,
     /// Publish to first outcome of the outcomes read in the window.
     pub latency_ms: LatencyMs,
+    /// The same outcomes, publish to the consumer worker publishing the outcome (its Kafka
+    /// timestamp): the pipeline's share of `latency_ms`, without the results topic's
+    /// delivery to the reader. `None` when no result carried a timestamp.
+    pub published_ms: Option<LatencyMs>,
     pub cpu_us_per_order: PerOrder,
     /// VmRSS at the window's end of each worker process and of the bench, MiB.
     pub rss_mib: BTreeMap<String, f64>,
@@ -530,6 +581,8 @@ pub struct WindowInput {
     pub published: usize,
     pub outcomes: usize,
     pub latencies_us: Vec<u32>,
+    /// The same outcomes' publish to publication of the outcome (µs).
+    pub published_us: Vec<u32>,
     pub cpu: CpuUse,
     pub rss: BTreeMap<String, u64>,
     pub pg_before: PgStats,
@@ -565,6 +618,7 @@ impl Window {
             offered_rate: w.published as f64 / secs,
             rate: w.outcomes as f64 / secs,
             latency_ms: latency_of(w.latencies_us),
+            published_ms: (!w.published_us.is_empty()).then(|| latency_of(w.published_us)),
             cpu_us_per_order: w.cpu.per_order(w.outcomes),
             rss_mib: w
                 .rss
@@ -1003,7 +1057,7 @@ async fn drive(
                 break;
             }
         }
-        let latencies_us = lock(tracker).take_window();
+        let (latencies_us, published_us) = lock(tracker).take_window();
         let cur = snapshot().await?;
         let mut rss: BTreeMap<String, u64> = procs
             .iter()
@@ -1019,6 +1073,7 @@ async fn drive(
             published: cur.published - prev.published,
             outcomes: cur.firsts - prev.firsts,
             latencies_us,
+            published_us,
             cpu: cpu::between(&prev.cpu, &cur.cpu),
             rss,
             pg_before: prev.pg.clone(),
@@ -1028,10 +1083,13 @@ async fn drive(
             disk_sync_us: disk.as_ref().map(DiskProbe::take_window),
         });
         eprintln!(
-            "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms, pipeline {} us/order, \
-             disk sync p99 / max {}",
+            "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms (outcome published: {}), \
+             pipeline {} us/order, disk sync p99 / max {}",
             thousands(win.rate),
             win.latency_ms.p99,
+            win.published_ms
+                .as_ref()
+                .map_or_else(|| "-".into(), |p| format!("{:.1} ms", p.p99)),
             win.cpu_us_per_order
                 .pipeline
                 .map_or_else(|| "-".into(), |p| format!("{p:.1}")),
@@ -1174,6 +1232,7 @@ fn windows_table(windows: &[Window]) -> Table {
         "orders/s",
         "p50 ms",
         "p99 ms",
+        "p99 to published ms",
         "CPU us/order prod",
         "cons",
         "bench",
@@ -1210,6 +1269,7 @@ fn windows_table(windows: &[Window]) -> Table {
             thousands(w.rate),
             f1(w.latency_ms.p50),
             f1(w.latency_ms.p99),
+            opt(w.published_ms.as_ref().map(|p| p.p99)),
             opt(c.producers),
             opt(c.consumers),
             f1(c.bench),
@@ -1415,6 +1475,7 @@ mod tests {
             published: 6000,
             outcomes: 5000,
             latencies_us: (1..=100).map(|ms| ms * 1000).collect(),
+            published_us: (1..=100).map(|ms| ms * 600).collect(),
             cpu: CpuUse {
                 span_secs: to - from,
                 cores: 2,
@@ -1487,14 +1548,18 @@ mod tests {
         assert_eq!((w.pg_checkpoints, w.redis_forks), (1, 2));
         let disk = w.disk_sync_ms.expect("the probe's waits");
         assert_eq!((disk.max, disk.p50), (300.0, 2.0));
+        let published = w.published_ms.expect("the outcomes' publication");
+        assert_eq!((published.p99, published.max), (59.4, 60.0));
         let none = Window::of(WindowInput {
             disk_sync_us: Some(Vec::new()),
+            published_us: Vec::new(),
             ..input(2, 20.0, 30.0)
         });
         assert!(
             none.disk_sync_ms.is_none(),
             "no write in the window: no figure"
         );
+        assert!(none.published_ms.is_none(), "no timestamp: no figure");
         let empty = latency_of(Vec::new());
         assert_eq!((empty.p50, empty.p99), (0.0, 0.0));
     }
@@ -1530,22 +1595,39 @@ mod tests {
         };
         let at = |ms| t0 + Duration::from_millis(ms);
         let rejected = StockResult::rejected("s-1", Reason::InsufficientStock, Some(1));
-        t.record(&StockResult::reserved("s-0"), at(5));
-        t.record(&StockResult::reserved("s-0"), at(6));
-        t.record(&rejected, at(7));
-        t.record(&StockResult::reserved("s-1"), at(8));
-        t.record(&StockResult::reserved("s-3"), at(30));
-        t.record(&StockResult::reserved("warmup-0"), at(1));
-        t.record(&StockResult::reserved("s-9"), at(1));
-        t.record(&StockResult::reserved("other"), at(1));
+        t.record(&StockResult::reserved("s-0"), at(5), Some(at(3)));
+        t.record(&StockResult::reserved("s-0"), at(6), Some(at(4)));
+        t.record(&rejected, at(7), None);
+        t.record(&StockResult::reserved("s-1"), at(8), Some(at(6)));
+        t.record(&StockResult::reserved("s-3"), at(30), Some(at(29)));
+        t.record(&StockResult::reserved("warmup-0"), at(1), None);
+        t.record(&StockResult::reserved("s-9"), at(1), None);
+        t.record(&StockResult::reserved("other"), at(1), None);
         assert_eq!(t.main[0], bits::RESERVED | bits::DUPLICATE);
         assert_eq!(t.main[1], bits::REJECTED | bits::CONFLICT);
         assert_eq!(t.main[2], bits::NONE);
         assert_eq!(t.warm[0], bits::RESERVED);
         assert_eq!((t.firsts, t.unexpected), (3, 2));
-        // Order 3 was sent in the tick at 10 ms: 20 ms.
-        assert_eq!(t.take_window(), vec![5000, 7000, 20000]);
-        assert!(t.take_window().is_empty());
+        // Order 3 was sent in the tick at 10 ms: 20 ms, and published at 19 ms. A first
+        // outcome without a timestamp counts in the first list only.
+        assert_eq!(
+            t.take_window(),
+            (vec![5000, 7000, 20000], vec![3000, 19000])
+        );
+        assert_eq!(t.take_window(), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn wall_clock_milliseconds_land_on_the_monotonic_clock() {
+        let c = WallClock::now();
+        assert_eq!(
+            c.instant(c.unix_ms + 250),
+            Some(c.at + Duration::from_millis(250))
+        );
+        assert_eq!(
+            c.instant(c.unix_ms - 40),
+            c.at.checked_sub(Duration::from_millis(40))
+        );
     }
 
     #[test]
