@@ -690,6 +690,88 @@ fn refused(e: redis::RedisError, command: &str) -> Result<Risk, StoreError> {
     }
 }
 
+impl Risk {
+    /// The same risk, naming the node it was found on.
+    fn at(self, host: &str, port: u16) -> Risk {
+        match self {
+            Risk::Danger(w) => Risk::Danger(format!("{host}:{port}: {w}")),
+            Risk::Note(w) => Risk::Note(format!("{host}:{port}: {w}")),
+            Risk::Unknown(w) => Risk::Unknown(format!("{host}:{port}: {w}")),
+        }
+    }
+}
+
+/// What a restart of one Redis would lose, from its settings, asking it with `ask` (a
+/// connection to that one server): see [`RedisStore::persistence_risks`].
+async fn node_persistence_risks<F, Fut>(ask: F) -> Result<Vec<Risk>, StoreError>
+where
+    F: Fn(redis::Cmd) -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<redis::Value>>,
+{
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg("appendonly").arg("appendfsync");
+    let config: Vec<String> = match ask(get).await {
+        Ok(v) => config_pairs(v)?,
+        Err(e) => return Ok(vec![refused(e, "CONFIG GET")?]),
+    };
+    let setting = |name: &str| {
+        config
+            .chunks(2)
+            .find(|kv| kv[0] == name)
+            .and_then(|kv| kv.get(1).cloned())
+            .unwrap_or_default()
+    };
+    let mut risks = Vec::new();
+    if setting("appendonly") != "yes" {
+        risks.push(Risk::Danger(
+            "appendonly is not yes: a restart brings back the last snapshot (or nothing), \
+             without the decisions since; set appendonly yes"
+                .into(),
+        ));
+        return Ok(risks);
+    }
+    if setting("appendfsync") != "always" {
+        risks.push(Risk::Note(format!(
+            "appendfsync is {}: a crash of the machine loses the last second or so of \
+             decisions (Redis above PostgreSQL until `stockctl check --repair`)",
+            setting("appendfsync")
+        )));
+    }
+    let mut user = redis::cmd("ACL");
+    user.arg("GETUSER").arg("default");
+    match ask(user).await.map(acl_grants) {
+        Ok(None) => risks.push(Risk::Unknown(
+            "ACL GETUSER default: a reply without commands, keys and channels".into(),
+        )),
+        Ok(Some(grants)) => {
+            if grants != ["+@all", "~*", "&*"] {
+                risks.push(Risk::Danger(format!(
+                    "the ACL user default has `{}`: Redis replays its AOF as default and \
+                     checks the ACL again at each EXEC (redis/redis#14541), so a restart \
+                     drops every script's effects since the last AOF rewrite; keep \
+                     default off and give it every command, key and channel: \
+                     `user default off resetpass ~* &* +@all`",
+                    grants.join(" ")
+                )));
+            }
+        }
+        Err(e) => risks.push(refused(e, "ACL GETUSER")?),
+    }
+    Ok(risks)
+}
+
+/// A `CONFIG GET` reply as name, value, name, value... (RESP2: a flat array; RESP3: a map).
+fn config_pairs(v: redis::Value) -> Result<Vec<String>, StoreError> {
+    match v {
+        redis::Value::Map(pairs) => pairs
+            .into_iter()
+            .flat_map(|(k, v)| [k, v])
+            .map(parse_value)
+            .collect(),
+        other => parse_value(other),
+    }
+}
+
 /// The commands, keys and channels of an `ACL GETUSER` reply (RESP2: name, value pairs;
 /// RESP3: a map); None for a reply without them.
 fn acl_grants(v: redis::Value) -> Option<Vec<String>> {
@@ -983,6 +1065,15 @@ impl redis::aio::ConnectionLike for RedisConn {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster(_) => 0,
         }
+    }
+}
+
+/// The address of a node in a `CLUSTER SLOTS` reply (`[host, port, id, ...]`).
+fn node_address(node: redis::Value) -> Result<(String, u16), StoreError> {
+    let node: Vec<redis::Value> = parse_value(node)?;
+    match node.as_slice() {
+        [h, p, ..] => Ok((parse_value(h.clone())?, parse_value(p.clone())?)),
+        _ => Err(StoreError::Protocol("CLUSTER SLOTS: bad node".into())),
     }
 }
 
@@ -1868,6 +1959,39 @@ impl RedisStore {
     /// Each slot range of the cluster (first, last) with its master's address (`CLUSTER
     /// SLOTS`).
     async fn slot_ranges(&self) -> Result<Vec<(u16, u16, String, u16)>, StoreError> {
+        let mut out = Vec::new();
+        for parts in self.cluster_slots().await? {
+            let (lo, hi): (u16, u16) = match parts.as_slice() {
+                [lo, hi, ..] => (parse_value(lo.clone())?, parse_value(hi.clone())?),
+                _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad range".into())),
+            };
+            let master = parts
+                .get(2)
+                .cloned()
+                .ok_or_else(|| StoreError::Protocol("CLUSTER SLOTS: no master".into()))?;
+            let (host, port) = node_address(master)?;
+            out.push((lo, hi, host, port));
+        }
+        Ok(out)
+    }
+
+    /// Every node of the cluster that serves slots, masters and their replicas (`CLUSTER
+    /// SLOTS`), each once.
+    async fn nodes(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        for parts in self.cluster_slots().await? {
+            for node in parts.into_iter().skip(2) {
+                let addr = node_address(node)?;
+                if !out.contains(&addr) {
+                    out.push(addr);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `CLUSTER SLOTS`, each range as `[start, end, [host, port, id, ...], replicas...]`.
+    async fn cluster_slots(&self) -> Result<Vec<Vec<redis::Value>>, StoreError> {
         // Asked of any node: one that does not answer is skipped on the next try.
         let mut tries = 0;
         let ranges: Vec<redis::Value> = loop {
@@ -1884,26 +2008,7 @@ impl RedisStore {
                 Err(e) => return Err(e.into()),
             }
         };
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            // [start, end, [host, port, id, ...], replicas...]
-            let parts: Vec<redis::Value> = parse_value(r)?;
-            let (lo, hi): (u16, u16) = match parts.as_slice() {
-                [lo, hi, ..] => (parse_value(lo.clone())?, parse_value(hi.clone())?),
-                _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad range".into())),
-            };
-            let master = parts
-                .get(2)
-                .cloned()
-                .ok_or_else(|| StoreError::Protocol("CLUSTER SLOTS: no master".into()))?;
-            let node: Vec<redis::Value> = parse_value(master)?;
-            let (host, port): (String, u16) = match node.as_slice() {
-                [h, p, ..] => (parse_value(h.clone())?, parse_value(p.clone())?),
-                _ => return Err(StoreError::Protocol("CLUSTER SLOTS: bad node".into())),
-            };
-            out.push((lo, hi, host, port));
-        }
-        Ok(out)
+        ranges.into_iter().map(parse_value).collect()
     }
 
     /// Step 2 of a load, with selling stopped: forgets every order record, hold and request
@@ -2124,70 +2229,35 @@ impl RedisStore {
 
     /// What a restart of this Redis would lose, from its settings (`CONFIG GET`,
     /// `ACL GETUSER default`), for the operators' check. A Redis that refuses to show them
-    /// (a managed service, a user without the right) gives one [`Risk::Unknown`].
-    /// Not on a cluster yet (one [`Risk::Unknown`]): its nodes are to be read one by one.
+    /// (a managed service, a user without the right) gives one [`Risk::Unknown`]. On a
+    /// cluster every node of `CLUSTER SLOTS` is read, masters and replicas (a replica is
+    /// promoted with its own settings), and each risk names its node (`host:port: ...`).
     pub async fn persistence_risks(&self) -> Result<Vec<Risk>, StoreError> {
-        if self.cluster {
-            return Ok(vec![Risk::Unknown(
-                "a cluster: check each node's appendonly, appendfsync and ACL user default".into(),
-            )]);
-        }
-        let mut conn = self.conn();
-        let config: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendonly")
-            .arg("appendfsync")
-            .query_async(&mut conn)
+        let RedisConn::Cluster(h) = &self.lanes[0] else {
+            let conn = self.conn();
+            return node_persistence_risks(|cmd| {
+                let mut conn = conn.clone();
+                async move { cmd.query_async::<redis::Value>(&mut conn).await }
+            })
             .await;
-        let config = match config {
-            Ok(c) => c,
-            Err(e) => return Ok(vec![refused(e, "CONFIG GET")?]),
         };
-        let setting = |name: &str| {
-            config
-                .chunks(2)
-                .find(|kv| kv[0] == name)
-                .and_then(|kv| kv.get(1).cloned())
-                .unwrap_or_default()
-        };
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let mut risks = Vec::new();
-        if setting("appendonly") != "yes" {
-            risks.push(Risk::Danger(
-                "appendonly is not yes: a restart brings back the last snapshot (or nothing), \
-                 without the decisions since; set appendonly yes"
-                    .into(),
-            ));
-            return Ok(risks);
-        }
-        if setting("appendfsync") != "always" {
-            risks.push(Risk::Note(format!(
-                "appendfsync is {}: a crash of the machine loses the last second or so of \
-                 decisions (Redis above PostgreSQL until `stockctl check --repair`)",
-                setting("appendfsync")
-            )));
-        }
-        let user: redis::RedisResult<redis::Value> = redis::cmd("ACL")
-            .arg("GETUSER")
-            .arg("default")
-            .query_async(&mut conn)
+        for (host, port) in self.nodes().await? {
+            let route = |host: String| {
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })
+            };
+            let of_node = node_persistence_risks(|cmd| {
+                let route = route(host.clone());
+                async move { h.route_command(cmd, route).await }
+            })
             .await;
-        match user.map(acl_grants) {
-            Ok(None) => risks.push(Risk::Unknown(
-                "ACL GETUSER default: a reply without commands, keys and channels".into(),
-            )),
-            Ok(Some(grants)) => {
-                if grants != ["+@all", "~*", "&*"] {
-                    risks.push(Risk::Danger(format!(
-                        "the ACL user default has `{}`: Redis replays its AOF as default and \
-                         checks the ACL again at each EXEC (redis/redis#14541), so a restart \
-                         drops every script's effects since the last AOF rewrite; keep \
-                         default off and give it every command, key and channel: \
-                         `user default off resetpass ~* &* +@all`",
-                        grants.join(" ")
-                    )));
-                }
-            }
-            Err(e) => risks.push(refused(e, "ACL GETUSER")?),
+            let of_node = match of_node {
+                Ok(r) => r,
+                // A node that does not answer is named; the others are still read.
+                Err(e) => vec![Risk::Unknown(format!("did not answer: {e}"))],
+            };
+            risks.extend(of_node.into_iter().map(|r| r.at(&host, port)));
         }
         Ok(risks)
     }

@@ -1222,3 +1222,67 @@ async fn limits_hold_across_slots() {
     collector.stop().await;
     env.cleanup().await;
 }
+
+/// `stockctl check` reads the settings of every node of the cluster, masters and replicas
+/// (a replica is promoted with its own): the layout's pass on all six, and one replica set
+/// to `appendfsync everysec` is named by its address, as a note, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_reads_every_node_of_the_cluster() {
+    let _turn = CLUSTER_LOCK.lock().await;
+    let env = cluster_env().await;
+    let risks = env.store.persistence_risks().await.expect("risks");
+    assert!(risks.is_empty(), "the layout's settings: {risks:?}");
+
+    // A replica: the fourth entry of a CLUSTER SLOTS range.
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut env.store.connection())
+        .await
+        .expect("cluster slots");
+    let parts: Vec<redis::Value> = redis::from_redis_value(ranges[0].clone()).expect("range");
+    let replica: Vec<redis::Value> = redis::from_redis_value(
+        parts
+            .get(3)
+            .cloned()
+            .expect("the layout gives each master a replica"),
+    )
+    .expect("node");
+    let host: String = redis::from_redis_value(replica[0].clone()).expect("host");
+    let port: u16 = redis::from_redis_value(replica[1].clone()).expect("port");
+    let client = redis::Client::open(format!("redis://{host}:{port}")).expect("client");
+    let mut node = stock_common::redis_store::raw_connection(&client)
+        .await
+        .expect("the replica");
+    let set = |value: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("appendfsync").arg(value);
+        cmd
+    };
+    let _: () = set("everysec")
+        .query_async(&mut node)
+        .await
+        .expect("CONFIG SET");
+    let risks = env.store.persistence_risks().await;
+    let _: () = set("always")
+        .query_async(&mut node)
+        .await
+        .expect("CONFIG SET back");
+    let risks = risks.expect("risks");
+    assert_eq!(risks.len(), 1, "{risks:?}");
+    match &risks[0] {
+        stock_common::redis_store::Risk::Note(what) => assert!(
+            what.starts_with(&format!("{host}:{port}: appendfsync is everysec")),
+            "{what}"
+        ),
+        other => panic!("a note naming the replica: {other:?}"),
+    }
+    let report = admin::check_drift(&env.pool, &env.store, false)
+        .await
+        .expect("check");
+    assert!(
+        report.redis_risks.is_empty(),
+        "the check reads the nodes: {:?}",
+        report.redis_risks
+    );
+    env.cleanup().await;
+}
