@@ -85,6 +85,16 @@ fn load(products: [i64; 3], n: usize, singles: usize) -> Vec<(String, Vec<u8>)> 
     msgs
 }
 
+/// The address of the node at `index` of a `CLUSTER SLOTS` range (2: its master, 3: its
+/// first replica), if the range has one.
+fn node_at(range: &redis::Value, index: usize) -> Option<(String, u16)> {
+    let parts: Vec<redis::Value> = redis::from_redis_value(range.clone()).expect("range");
+    let node: Vec<redis::Value> = redis::from_redis_value(parts.get(index)?.clone()).expect("node");
+    let host: String = redis::from_redis_value(node[0].clone()).expect("host");
+    let port: u16 = redis::from_redis_value(node[1].clone()).expect("port");
+    Some((host, port))
+}
+
 /// Every key of `pattern` on the cluster, with its value.
 async fn keys_like(store: &RedisStore, pattern: &str) -> HashMap<String, String> {
     let masters: Vec<redis::Value> = redis::cmd("CLUSTER")
@@ -94,11 +104,8 @@ async fn keys_like(store: &RedisStore, pattern: &str) -> HashMap<String, String>
         .expect("cluster slots");
     let mut conn = store.connection();
     let mut out = HashMap::new();
-    for r in masters {
-        let parts: Vec<redis::Value> = redis::from_redis_value(r).expect("range");
-        let node: Vec<redis::Value> = redis::from_redis_value(parts[2].clone()).expect("node");
-        let host: String = redis::from_redis_value(node[0].clone()).expect("host");
-        let port: u16 = redis::from_redis_value(node[1].clone()).expect("port");
+    for r in &masters {
+        let (host, port) = node_at(r, 2).expect("a master");
         let client = redis::Client::open(format!("redis://{host}:{port}")).expect("client");
         let mut node_conn = stock_common::redis_store::raw_connection(&client)
             .await
@@ -1239,16 +1246,7 @@ async fn the_check_reads_every_node_of_the_cluster() {
         .query_async(&mut env.store.connection())
         .await
         .expect("cluster slots");
-    let parts: Vec<redis::Value> = redis::from_redis_value(ranges[0].clone()).expect("range");
-    let replica: Vec<redis::Value> = redis::from_redis_value(
-        parts
-            .get(3)
-            .cloned()
-            .expect("the layout gives each master a replica"),
-    )
-    .expect("node");
-    let host: String = redis::from_redis_value(replica[0].clone()).expect("host");
-    let port: u16 = redis::from_redis_value(replica[1].clone()).expect("port");
+    let (host, port) = node_at(&ranges[0], 3).expect("the layout gives each master a replica");
     let client = redis::Client::open(format!("redis://{host}:{port}")).expect("client");
     let mut node = stock_common::redis_store::raw_connection(&client)
         .await
