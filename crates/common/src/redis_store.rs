@@ -2244,11 +2244,11 @@ impl RedisStore {
         use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
         let mut risks = Vec::new();
         for (host, port) in self.nodes().await? {
-            let route = |host: String| {
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port })
-            };
             let of_node = node_persistence_risks(|cmd| {
-                let route = route(host.clone());
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
                 async move { h.route_command(cmd, route).await }
             })
             .await;
