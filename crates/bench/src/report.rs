@@ -314,7 +314,10 @@ mod tests {
             h.record(x);
         }
         xs.sort_unstable();
-        let sorted: Vec<Duration> = xs.iter().map(|&u| Duration::from_micros(u.into())).collect();
+        let sorted: Vec<Duration> = xs
+            .iter()
+            .map(|&u| Duration::from_micros(u.into()))
+            .collect();
         let got = h.ms().expect("recorded");
         for (p, read) in [(50.0, got.p50), (99.0, got.p99)] {
             let exact = percentile(&sorted, p).as_secs_f64() * 1000.0;

@@ -1648,7 +1648,10 @@ mod tests {
         assert!(near(run.p50, 7.0) && near(run.p99, 100.0), "{run:?}");
         assert_eq!(run.max, 100.0);
         let published = t.run_published_us.ms().expect("timestamps");
-        assert!(near(published.p50, 3.0) && near(published.p99, 19.0), "{published:?}");
+        assert!(
+            near(published.p50, 3.0) && near(published.p99, 19.0),
+            "{published:?}"
+        );
         assert_eq!(published.max, 19.0);
     }
 
