@@ -224,7 +224,9 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
-    const EXACT: u32 = 1 << 10;
+    /// Values below `1 << EXACT_BITS` µs have a bucket each.
+    const EXACT_BITS: u32 = 10;
+    const EXACT: u32 = 1 << Self::EXACT_BITS;
     const SUB_BITS: u32 = 9;
 
     fn bucket(us: u32) -> usize {
@@ -233,7 +235,7 @@ impl LatencyHistogram {
         }
         let e = 31 - us.leading_zeros();
         let sub = (us >> (e - Self::SUB_BITS)) & ((1 << Self::SUB_BITS) - 1);
-        (Self::EXACT + ((e - 10) << Self::SUB_BITS) + sub) as usize
+        (Self::EXACT + ((e - Self::EXACT_BITS) << Self::SUB_BITS) + sub) as usize
     }
 
     /// The largest value of bucket `i` (a percentile is read as its bucket's top: never
@@ -244,7 +246,7 @@ impl LatencyHistogram {
             return i;
         }
         let j = i - Self::EXACT;
-        let e = (j >> Self::SUB_BITS) + 10;
+        let e = (j >> Self::SUB_BITS) + Self::EXACT_BITS;
         let sub = j & ((1 << Self::SUB_BITS) - 1);
         let width = 1u64 << (e - Self::SUB_BITS);
         let low = (1u64 << e) + u64::from(sub) * width;
