@@ -397,7 +397,7 @@ pub async fn run_modes(stack: &Stack, args: &E2eArgs) -> Result<Vec<E2eFigures>>
     let mut figures = Vec::new();
     for mode in modes {
         eprintln!("bench e2e: running mode {mode:?}");
-        let env = PipelineEnv::create(stack, args.pipeline.partitions).await?;
+        let env = PipelineEnv::create(stack, args.pipeline.partitions, None).await?;
         if env.redis.is_cluster() {
             eprintln!("bench e2e: {}", env.redis.describe());
         }

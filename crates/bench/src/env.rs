@@ -11,6 +11,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use sqlx::{ConnectOptions, Connection, PgPool};
+use std::time::Duration;
 use stock_common::config::{DatabaseArgs, KafkaArgs, RedisArgs, Topics};
 use stock_common::redis_store::RedisStore;
 use stock_devkit::stack::{with_database, with_redis_db};
@@ -149,7 +150,7 @@ impl BenchDb {
                 if result.is_ok() {
                     break;
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 result = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", self.name))
                     .execute(&mut conn)
                     .await
@@ -347,10 +348,35 @@ pub struct BenchTopics {
     kafka: KafkaArgs,
 }
 
+/// The topic settings that keep about `retention` of a topic's messages on the broker:
+/// `retention.ms`, and segments rolled every half of it (`segment.ms`), since the broker
+/// deletes whole closed segments only. A topic then holds at most about 1.5 x
+/// `retention` plus the broker's check interval (`log.retention.check.interval.ms`).
+pub fn retention_config(retention: Duration) -> [(&'static str, String); 2] {
+    let ms = retention.as_millis().max(1);
+    [
+        ("retention.ms", ms.to_string()),
+        ("segment.ms", (ms / 2).max(1).to_string()),
+    ]
+}
+
 impl BenchTopics {
-    pub async fn create(kafka: &KafkaArgs, id: &str, partitions: i32) -> Result<Self> {
+    /// Creates the run's topics; with `retention`, they keep only about that long of
+    /// messages ([`retention_config`]) instead of the broker's default (a week).
+    pub async fn create(
+        kafka: &KafkaArgs,
+        id: &str,
+        partitions: i32,
+        retention: Option<Duration>,
+    ) -> Result<Self> {
         let topics = Topics::prefixed(&format!("bench-{id}."));
-        stock_common::kafka::create_topics(kafka, &topics.all(), partitions)
+        let config = retention.map(retention_config);
+        let config: Vec<(&str, &str)> = config
+            .iter()
+            .flatten()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        stock_common::kafka::create_topics_with(kafka, &topics.all(), partitions, &config)
             .await
             .with_context(|| {
                 format!(
@@ -382,10 +408,16 @@ pub struct PipelineEnv {
 }
 
 impl PipelineEnv {
-    pub async fn create(stack: &Stack, partitions: i32) -> Result<Self> {
+    /// A run's topics, database and Redis database; `retention` bounds the topics' messages
+    /// kept ([`BenchTopics::create`]).
+    pub async fn create(
+        stack: &Stack,
+        partitions: i32,
+        retention: Option<Duration>,
+    ) -> Result<Self> {
         let id = run_id();
         let admin = stack.admin()?;
-        let topics = BenchTopics::create(&admin.kafka, &id, partitions).await?;
+        let topics = BenchTopics::create(&admin.kafka, &id, partitions, retention).await?;
         let db = match BenchDb::create(&stack.db, &admin.db, &id, stack.db.max_connections).await {
             Ok(db) => db,
             Err(e) => {

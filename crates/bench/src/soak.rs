@@ -120,25 +120,51 @@ pub struct SoakArgs {
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub disk_idle: Duration,
     /// Start even if the local stack's volume (`STACK_DIR`) has less free space than the
-    /// run is expected to write (800 bytes per order: `DISK_PER_ORDER`).
+    /// run is expected to keep (`disk_need`).
     #[arg(long)]
     pub skip_disk_check: bool,
+    /// How long the run's topics keep their messages (`retention.ms`, segments rolled
+    /// every half of it); 0s: the broker's default (a week). The checks read the tracker
+    /// and the tables, never the topics again; a worker that falls further behind than
+    /// this loses orders, which the checks then count as missing.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub topic_retention: Duration,
 }
 
-/// Disk one soak order takes on the local stack, rounded up: its three messages in Kafka's
-/// topics (kept for the topics' retention, longer than any run), its ledger row, index
-/// entries, history share and WAL in PostgreSQL, and its record in Redis's AOF. Measured
-/// at 12,000 orders/s (issue 12): PostgreSQL 1.3 GB, Kafka 1.1 GB and Redis 0.2 GB every
-/// 5 minutes, 720 bytes an order (31 GB an hour); a soak of session 14 ran out of disk at
-/// minute 52.
-pub const DISK_PER_ORDER: u64 = 800;
+/// Disk one soak order takes in PostgreSQL and Redis on the local stack, rounded up: its
+/// ledger row, index entries, history share and WAL, and its record in Redis's AOF.
+/// Measured at 12,000 orders/s (issue 12): PostgreSQL 1.3 GB and Redis 0.2 GB every
+/// 5 minutes (420 bytes an order); at 22,000/s PostgreSQL wrote 29 GB an hour (370).
+pub const STORE_DISK_PER_ORDER: u64 = 480;
+/// Disk one soak order takes in Kafka while its topics keep it: its three messages.
+/// Measured at 12,000 orders/s: 1.1 GB every 5 minutes (305 bytes an order); a soak of
+/// session 14, with the broker's week-long retention, ran out of disk at minute 52.
+pub const KAFKA_DISK_PER_ORDER: u64 = 320;
+/// The broker's `log.retention.check.interval.ms` (deploy/kafka/server.properties): how
+/// long past its retention a closed segment may wait for deletion.
+const RETENTION_CHECK: Duration = Duration::from_secs(300);
+
+/// The bytes a run of `orders` at `rate` orders/s keeps on the stack's volume at most:
+/// every order in PostgreSQL and Redis, and in Kafka the orders of the topics' retention
+/// (1.5 x `retention` plus the broker's check interval, [`crate::env::retention_config`]), or
+/// all of them when `retention` is zero (the broker's default, longer than any run).
+fn disk_need(orders: usize, rate: u64, retention: Duration) -> u64 {
+    let orders = orders as u64;
+    let in_kafka = if retention.is_zero() {
+        orders
+    } else {
+        let kept = retention.mul_f64(1.5) + RETENTION_CHECK;
+        orders.min((rate as f64 * kept.as_secs_f64()).ceil() as u64)
+    };
+    orders * STORE_DISK_PER_ORDER + in_kafka * KAFKA_DISK_PER_ORDER
+}
 
 /// Refuses a run the local stack's volume cannot hold: when the services write under
-/// `STACK_DIR` (deploy/env.sh) on this machine, its free space must cover `orders` at
-/// [`DISK_PER_ORDER`]. A full volume stops the broker ("No space left on device") and
+/// `STACK_DIR` (deploy/env.sh) on this machine, its free space must cover `need` bytes
+/// ([`disk_need`]). A full volume stops the broker ("No space left on device") and
 /// Redis (`appendfsync always` exits on a failed AOF write) midway, and the run's figures
 /// are lost. Without `STACK_DIR` (services elsewhere) nothing is checked.
-fn check_disk(stack_dir: Option<PathBuf>, orders: usize) -> Result<()> {
+fn check_disk(stack_dir: Option<PathBuf>, orders: usize, need: u64) -> Result<()> {
     let Some(dir) = stack_dir else {
         println!("soak: STACK_DIR not set; the services' free disk is not checked");
         return Ok(());
@@ -149,13 +175,12 @@ fn check_disk(stack_dir: Option<PathBuf>, orders: usize) -> Result<()> {
             dir.display()
         )
     })?;
-    let need = orders as u64 * DISK_PER_ORDER;
     let gb = |b: u64| b as f64 / 1e9;
     ensure!(
         free >= need,
-        "this run writes about {:.1} GB ({} orders at {DISK_PER_ORDER} bytes in Kafka, \
-         PostgreSQL and Redis) but the volume of {} has {:.1} GB free: lower --rate or --duration, free \
-         space, or pass --skip-disk-check",
+        "this run keeps about {:.1} GB ({} orders in PostgreSQL and Redis, and Kafka's for \
+         --topic-retention) but the volume of {} has {:.1} GB free: lower --rate, --duration or \
+         --topic-retention, free space, or pass --skip-disk-check",
         gb(need),
         thousands(orders as f64),
         dir.display(),
@@ -802,7 +827,11 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
     };
     let total = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
     if !args.skip_disk_check {
-        check_disk(std::env::var_os("STACK_DIR").map(PathBuf::from), total)?;
+        check_disk(
+            std::env::var_os("STACK_DIR").map(PathBuf::from),
+            total,
+            disk_need(total, args.rate, args.topic_retention),
+        )?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let logs = out.join("logs");
@@ -853,7 +882,8 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         "--reservation-ttl",
         worker_args::duration(ttl),
     );
-    let env = PipelineEnv::create(stack, args.pipeline.partitions).await?;
+    let retention = Some(args.topic_retention).filter(|r| !r.is_zero());
+    let env = PipelineEnv::create(stack, args.pipeline.partitions, retention).await?;
     let measured = tokio::select! {
         r = measure(&env, args, shape, total, &stock, workers) => r,
         e = workers::interrupted() => e,
@@ -1544,15 +1574,32 @@ mod tests {
         let dir = std::env::temp_dir();
         let free = free_bytes(&dir).expect("statvfs");
         assert!(free > 0);
-        let fits = (free / DISK_PER_ORDER / 2) as usize;
-        check_disk(Some(dir.clone()), fits).expect("half the free space fits");
-        let too_many = (free / DISK_PER_ORDER + 1_000_000) as usize;
-        let err = check_disk(Some(dir.clone()), too_many)
+        check_disk(Some(dir.clone()), 1, free / 2).expect("half the free space fits");
+        let err = check_disk(Some(dir.clone()), 1, free + 1_000_000_000)
             .expect_err("more than the free space")
             .to_string();
         assert!(err.contains("--skip-disk-check"), "{err}");
-        assert!(check_disk(Some(dir.join("no-such-dir")), 1).is_err());
-        check_disk(None, too_many).expect("no local stack: nothing to check");
+        assert!(check_disk(Some(dir.join("no-such-dir")), 1, 1).is_err());
+        check_disk(None, 1, u64::MAX).expect("no local stack: nothing to check");
+    }
+
+    #[test]
+    fn the_topics_retention_bounds_kafkas_share_of_the_disk() {
+        let per_order = STORE_DISK_PER_ORDER + KAFKA_DISK_PER_ORDER;
+        // The broker's default retention: every order in Kafka too.
+        assert_eq!(disk_need(1000, 10, Duration::ZERO), 1000 * per_order);
+        // An hour at 20,000/s, topics keeping 10 minutes: Kafka holds 20 minutes' orders
+        // (1.5 x 10 minutes and the 5-minute check), PostgreSQL and Redis all of them.
+        let hour = 72_000_000;
+        assert_eq!(
+            disk_need(hour, 20_000, Duration::from_secs(600)),
+            hour as u64 * STORE_DISK_PER_ORDER + 24_000_000 * KAFKA_DISK_PER_ORDER
+        );
+        // A run shorter than the retention keeps all its orders in Kafka.
+        assert_eq!(
+            disk_need(1000, 10, Duration::from_secs(600)),
+            1000 * per_order
+        );
     }
 
     #[test]

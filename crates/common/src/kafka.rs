@@ -565,10 +565,26 @@ pub async fn create_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), KafkaError> {
+    create_topics_with(args, topics, partitions, &[]).await
+}
+
+/// [`create_topics`] with topic-level settings (`retention.ms`, `segment.ms`, ...) given
+/// to each new topic; a topic that exists already keeps its own.
+pub async fn create_topics_with(
+    args: &KafkaArgs,
+    topics: &[&str],
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(args)?.create()?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .map(|t| {
+            config.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(-1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let results = admin.create_topics(&new, &AdminOptions::new()).await?;
     for r in results {

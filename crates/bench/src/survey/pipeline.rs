@@ -67,7 +67,7 @@ pub async fn measure(
     concurrency: usize,
     progress: &ProgressBar,
 ) -> Result<CellRun> {
-    let env = PipelineEnv::create(stack, partitions).await?;
+    let env = PipelineEnv::create(stack, partitions, None).await?;
     let measured = measure_in(&env, orders, stock, concurrency, progress).await;
     env.cleanup().await;
     measured
