@@ -545,7 +545,7 @@ pub fn binary(name: &str) -> PathBuf {
 
 impl WorkerProcess {
     /// The worker binary of `flags` with those flags (and no environment variable its
-    /// settings read), `RUST_LOG=info`, and `env` (e.g. `FAILPOINTS`).
+    /// settings read), `RUST_LOG=info`, `RUST_LIB_BACKTRACE=0`, and `env` (e.g. `FAILPOINTS`).
     pub fn spawn(flags: &WorkerFlags, env: &[(&str, &str)]) -> WorkerProcess {
         let name = flags.worker().binary();
         let log = std::env::temp_dir().join(format!(
@@ -558,6 +558,12 @@ impl WorkerProcess {
             .command(&binary(name))
             .expect("worker flags")
             .env("RUST_LOG", "info")
+            // No backtrace in a worker's error (anyhow captures one when RUST_BACKTRACE is
+            // set, as on the CI machine): printing it symbolizes the debug binary, which
+            // took over 20 s on a loaded box after the refused worker had named its error
+            // (a_wrong_ca_stops_each_worker_at_once_naming_the_service, session 27's CI).
+            // A panic keeps its backtrace (RUST_BACKTRACE).
+            .env("RUST_LIB_BACKTRACE", "0")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
