@@ -147,14 +147,15 @@ const RETENTION_CHECK: Duration = Duration::from_secs(300);
 /// The bytes a run of `orders` at `rate` orders/s keeps on the stack's volume at most:
 /// every order in PostgreSQL and Redis, and in Kafka the orders of the topics' retention
 /// (1.5 x `retention` plus the broker's check interval, [`crate::env::retention_config`]), or
-/// all of them when `retention` is zero (the broker's default, longer than any run).
-fn disk_need(orders: usize, rate: u64, retention: Duration) -> u64 {
+/// all of them without one (the broker's default, longer than any run).
+fn disk_need(orders: usize, rate: u64, retention: Option<Duration>) -> u64 {
     let orders = orders as u64;
-    let in_kafka = if retention.is_zero() {
-        orders
-    } else {
-        let kept = retention.mul_f64(1.5) + RETENTION_CHECK;
-        orders.min((rate as f64 * kept.as_secs_f64()).ceil() as u64)
+    let in_kafka = match retention {
+        None => orders,
+        Some(retention) => {
+            let kept = retention.mul_f64(1.5) + RETENTION_CHECK;
+            orders.min((rate as f64 * kept.as_secs_f64()).ceil() as u64)
+        }
     };
     orders * STORE_DISK_PER_ORDER + in_kafka * KAFKA_DISK_PER_ORDER
 }
@@ -826,11 +827,13 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         )),
     };
     let total = (args.rate as f64 * args.duration.as_secs_f64()).round() as usize;
+    // 0s: the broker's default retention.
+    let retention = Some(args.topic_retention).filter(|r| !r.is_zero());
     if !args.skip_disk_check {
         check_disk(
             std::env::var_os("STACK_DIR").map(PathBuf::from),
             total,
-            disk_need(total, args.rate, args.topic_retention),
+            disk_need(total, args.rate, retention),
         )?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -882,7 +885,6 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         "--reservation-ttl",
         worker_args::duration(ttl),
     );
-    let retention = Some(args.topic_retention).filter(|r| !r.is_zero());
     let env = PipelineEnv::create(stack, args.pipeline.partitions, retention).await?;
     let measured = tokio::select! {
         r = measure(&env, args, shape, total, &stock, workers) => r,
@@ -1587,17 +1589,17 @@ mod tests {
     fn the_topics_retention_bounds_kafkas_share_of_the_disk() {
         let per_order = STORE_DISK_PER_ORDER + KAFKA_DISK_PER_ORDER;
         // The broker's default retention: every order in Kafka too.
-        assert_eq!(disk_need(1000, 10, Duration::ZERO), 1000 * per_order);
+        assert_eq!(disk_need(1000, 10, None), 1000 * per_order);
         // An hour at 20,000/s, topics keeping 10 minutes: Kafka holds 20 minutes' orders
         // (1.5 x 10 minutes and the 5-minute check), PostgreSQL and Redis all of them.
         let hour = 72_000_000;
         assert_eq!(
-            disk_need(hour, 20_000, Duration::from_secs(600)),
+            disk_need(hour, 20_000, Some(Duration::from_secs(600))),
             hour as u64 * STORE_DISK_PER_ORDER + 24_000_000 * KAFKA_DISK_PER_ORDER
         );
         // A run shorter than the retention keeps all its orders in Kafka.
         assert_eq!(
-            disk_need(1000, 10, Duration::from_secs(600)),
+            disk_need(1000, 10, Some(Duration::from_secs(600))),
             1000 * per_order
         );
     }
