@@ -2,16 +2,20 @@
 //! e.g. 60m, at `--rate` orders/s, open loop in 10 ms ticks), with figures per window
 //! (`--window`, default 10m): orders/s offered and achieved, p50/p99 publish-to-outcome
 //! latency, CPU µs per order of each process ([`cpu::PerOrder`]), each worker's and the
-//! bench's resident memory (VmRSS), PostgreSQL's `order_ledger` and `stock_movement` sizes
+//! bench's resident memory (VmRSS, the mean and the peak of one sample a second),
+//! PostgreSQL's `order_ledger` and `stock_movement` sizes
 //! (`pg_total_relation_size`), autovacuum and autoanalyze runs (deltas of
 //! `pg_stat_user_tables`, every table of the run's database), PostgreSQL checkpoints
 //! (`pg_stat_bgwriter`), Redis `used_memory` and the forks Redis made (`total_forks`: an
 //! RDB snapshot or an AOF rewrite, each a copy of the whole dataset), the usual suspects
 //! when a window's p99 rises; and the limit the p99 is held against, measured in the same
 //! window: the wait of the services' volume (`STACK_DIR`) for a 4 KiB write and
-//! `fdatasync` ([`crate::disk_probe`]), which Redis and PostgreSQL make before they answer.
-//! Whether the pipeline holds steady: the first and the last window compared (PostgreSQL
-//! CPU per order, p99, each worker's RSS), within ±25% ([`TOLERANCE`]).
+//! `fdatasync` ([`crate::disk_probe`]), which Redis and PostgreSQL make before they answer,
+//! and the kernel's pressure stall figures ([`Pressure`]: the share of the window in which
+//! tasks waited for the disk or for memory). Whether the pipeline holds steady: the first
+//! and the last window compared (PostgreSQL CPU per order, p99, each worker's mean RSS),
+//! within ±25% ([`TOLERANCE`]). `--pause` stops publishing for a while and then sends the
+//! backlog at once, to see each worker's memory come back down after a burst.
 //!
 //! The workers run as processes (as in `bench e2e`; `--in-process` for tasks), their logs
 //! in `<out>/logs`. Output: the windows as a Markdown table and JSON lines on stdout, and
@@ -129,6 +133,35 @@ pub struct SoakArgs {
     /// this loses orders, which the checks then count as missing.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub topic_retention: Duration,
+    /// Stop publishing for a while and then send what fell due at once, e.g. `100s+5s`
+    /// (from 100 s into the run, for 5 s): the burst a stalled client or a flash sale's
+    /// opening sends, after which each worker's memory should come back down.
+    #[arg(long, value_parser = parse_pause)]
+    pub pause: Option<Pause>,
+}
+
+/// `--pause`: publishing stops `at` into the run for `len`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pause {
+    pub at: Duration,
+    pub len: Duration,
+}
+
+impl Pause {
+    fn holds(&self, elapsed: Duration) -> bool {
+        elapsed >= self.at && elapsed < self.at + self.len
+    }
+}
+
+/// Parses `AT+LEN`, two durations (`100s+5s`).
+fn parse_pause(s: &str) -> Result<Pause, String> {
+    let (at, len) = s
+        .split_once('+')
+        .ok_or_else(|| format!("{s:?}: expected AT+LEN, e.g. 100s+5s"))?;
+    Ok(Pause {
+        at: parse_duration(at)?,
+        len: parse_duration(len)?,
+    })
 }
 
 /// Disk one soak order takes in PostgreSQL and Redis on the local stack, rounded up: its
@@ -421,13 +454,21 @@ struct Sent {
     failed: AtomicUsize,
 }
 
-/// Publishes `total` orders at `rate` orders/s from `start`, in 10 ms ticks, each tick's
-/// send time in the tracker; delivery reports are checked by a task per tick.
+/// How the publisher paces: `rate` orders/s, and nothing sent during `pause`.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    rate: u64,
+    pause: Option<Pause>,
+}
+
+/// Publishes `total` orders at `pace.rate` orders/s from `start`, in 10 ms ticks, each
+/// tick's send time in the tracker; delivery reports are checked by a task per tick. During
+/// `pace.pause` nothing is sent; the first tick after it sends everything that fell due.
 async fn publish(
     producer: FutureProducer,
     topic: String,
     shape: Shape,
-    rate: u64,
+    pace: Pace,
     total: usize,
     tracker: Shared,
     sent: Arc<Sent>,
@@ -440,7 +481,10 @@ async fn publish(
     while next < total {
         tick.tick().await;
         let now = Instant::now();
-        let due = ((now - start).as_secs_f64() * rate as f64) as usize;
+        if pace.pause.is_some_and(|p| p.holds(now - start)) {
+            continue;
+        }
+        let due = ((now - start).as_secs_f64() * pace.rate as f64) as usize;
         let end = due.min(total);
         if end <= next {
             continue;
@@ -563,6 +607,63 @@ async fn redis_stats(env: &PipelineEnv) -> Result<RedisStats> {
     })
 }
 
+/// The kernel's pressure stall counters (`/proc/pressure/io` and `/memory`, PSI): µs
+/// in which some task, or every non-idle task at once ("full"), waited for the disk or for
+/// memory. A window's p99 that follows its disk waits can be told apart from one that
+/// follows memory reclaim.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pressure {
+    pub io_some: u64,
+    pub io_full: u64,
+    pub memory_some: u64,
+    pub memory_full: u64,
+}
+
+impl Pressure {
+    /// `None` where the kernel has no PSI (before 4.20, or `psi=0`).
+    fn read() -> Option<Pressure> {
+        let io = std::fs::read_to_string("/proc/pressure/io").ok()?;
+        let memory = std::fs::read_to_string("/proc/pressure/memory").ok()?;
+        Some(Pressure {
+            io_some: psi_total(&io, "some")?,
+            io_full: psi_total(&io, "full")?,
+            memory_some: psi_total(&memory, "some")?,
+            memory_full: psi_total(&memory, "full")?,
+        })
+    }
+}
+
+/// The `total=` (µs) of a PSI file's `some` or `full` line.
+fn psi_total(text: &str, kind: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(kind))?
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// A window's share of time (%) under pressure, from two [`Pressure`] readings.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct PressurePct {
+    pub io_some: f64,
+    pub io_full: f64,
+    pub memory_some: f64,
+    pub memory_full: f64,
+}
+
+impl PressurePct {
+    fn between(before: &Pressure, after: &Pressure, secs: f64) -> PressurePct {
+        let pct = |a: u64, b: u64| a.saturating_sub(b) as f64 / (secs * 1e6) * 100.0;
+        PressurePct {
+            io_some: pct(after.io_some, before.io_some),
+            io_full: pct(after.io_full, before.io_full),
+            memory_some: pct(after.memory_some, before.memory_some),
+            memory_full: pct(after.memory_full, before.memory_full),
+        }
+    }
+}
+
 /// Everything read at a window's boundary.
 struct Snapshot {
     at: Instant,
@@ -571,6 +672,7 @@ struct Snapshot {
     firsts: usize,
     pg: PgStats,
     redis: RedisStats,
+    pressure: Option<Pressure>,
 }
 
 /// The figures of one window (one JSON line).
@@ -593,8 +695,13 @@ pub struct Window {
     /// delivery to the reader. `None` when no result carried a timestamp.
     pub published_ms: Option<LatencyMs>,
     pub cpu_us_per_order: PerOrder,
-    /// VmRSS at the window's end of each worker process and of the bench, MiB.
+    /// VmRSS of each worker process and of the bench, MiB: the mean of the window's
+    /// samples (one a second). A worker's RSS swings by a fifth within seconds (batch
+    /// buffers, the allocator returning pages), so one reading at the window's end would
+    /// judge that swing rather than the window.
     pub rss_mib: BTreeMap<String, f64>,
+    /// The largest of those samples, MiB.
+    pub rss_max_mib: BTreeMap<String, f64>,
     /// `order_ledger` and `stock_movement` at the window's end, MiB.
     pub pg_mib: BTreeMap<String, f64>,
     pub autovacuum: i64,
@@ -606,6 +713,9 @@ pub struct Window {
     /// The volume's own wait for a 4 KiB write and `fdatasync` ([`disk_probe`]), the
     /// limit of the window's latency; `None` without `STACK_DIR`.
     pub disk_sync_ms: Option<LatencyMs>,
+    /// The share of the window in which tasks waited for the disk or for memory (PSI);
+    /// `None` without `/proc/pressure`.
+    pub pressure_pct: Option<PressurePct>,
 }
 
 /// A window's counters, before they are turned into [`Window`].
@@ -619,13 +729,16 @@ pub struct WindowInput {
     /// The same outcomes' publish to publication of the outcome (µs).
     pub published_us: Vec<u32>,
     pub cpu: CpuUse,
-    pub rss: BTreeMap<String, u64>,
+    /// VmRSS samples (bytes) of each process in the window.
+    pub rss: BTreeMap<String, Vec<u64>>,
     pub pg_before: PgStats,
     pub pg_after: PgStats,
     pub redis_before: RedisStats,
     pub redis_after: RedisStats,
     /// The disk probe's waits in the window (µs); `None` without a probe.
     pub disk_sync_us: Option<Vec<u32>>,
+    pub pressure_before: Option<Pressure>,
+    pub pressure_after: Option<Pressure>,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -658,7 +771,16 @@ impl Window {
             rss_mib: w
                 .rss
                 .iter()
-                .map(|(k, b)| (k.clone(), *b as f64 / MIB))
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| {
+                    let mean = v.iter().map(|&b| b as f64).sum::<f64>() / v.len() as f64;
+                    (k.clone(), mean / MIB)
+                })
+                .collect(),
+            rss_max_mib: w
+                .rss
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), *v.iter().max()? as f64 / MIB)))
                 .collect(),
             pg_mib: w
                 .pg_after
@@ -672,6 +794,10 @@ impl Window {
             redis_used_mib: w.redis_after.used as f64 / MIB,
             redis_forks: w.redis_after.forks.saturating_sub(w.redis_before.forks),
             disk_sync_ms: w.disk_sync_us.filter(|v| !v.is_empty()).map(latency_of),
+            pressure_pct: w
+                .pressure_before
+                .zip(w.pressure_after)
+                .map(|(b, a)| PressurePct::between(&b, &a, secs)),
         }
     }
 }
@@ -869,6 +995,12 @@ pub async fn run(stack: &Stack, args: &SoakArgs) -> Result<bool> {
         args.workers,
         ttl,
     );
+    if let Some(p) = args.pause {
+        println!(
+            "soak: publishing pauses {:?} into the run for {:?}, then sends what fell due at once",
+            p.at, p.len
+        );
+    }
     let workers = if args.in_process {
         println!("soak: workers in the bench process (--in-process)");
         Workers::default()
@@ -1067,6 +1199,7 @@ async fn drive(
                 firsts,
                 pg,
                 redis,
+                pressure: Pressure::read(),
             })
         }
     };
@@ -1076,7 +1209,10 @@ async fn drive(
         producer,
         topic,
         shape,
-        args.rate,
+        Pace {
+            rate: args.rate,
+            pause: args.pause,
+        },
         total,
         tracker.clone(),
         sent.clone(),
@@ -1089,10 +1225,21 @@ async fn drive(
     }
     let count = args.duration.as_nanos().div_ceil(args.window.as_nanos()) as usize;
     let mut windows = Vec::with_capacity(count);
+    let mut rss: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let sample_rss = |rss: &mut BTreeMap<String, Vec<u64>>| {
+        let bench = cpu::rss_bytes(std::process::id()).map(|b| ("bench".to_owned(), b));
+        let workers = procs
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), cpu::rss_bytes(p.pid)?)));
+        for (name, b) in workers.chain(bench) {
+            rss.entry(name).or_default().push(b);
+        }
+    };
     for index in 1..=count {
         let boundary = start + (args.window * index as u32).min(args.duration);
         while Instant::now() < boundary {
             tokio::time::sleep_until(boundary.min(Instant::now() + Duration::from_secs(1))).await;
+            sample_rss(&mut rss);
             ensure!(
                 !workers.any_finished(),
                 "a worker stopped early: {}",
@@ -1105,13 +1252,6 @@ async fn drive(
         }
         let (latencies_us, published_us) = lock(tracker).take_window();
         let cur = snapshot().await?;
-        let mut rss: BTreeMap<String, u64> = procs
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), cpu::rss_bytes(p.pid)?)))
-            .collect();
-        if let Some(b) = cpu::rss_bytes(std::process::id()) {
-            rss.insert("bench".into(), b);
-        }
         let win = Window::of(WindowInput {
             index,
             from_s: (prev.at - start).as_secs_f64(),
@@ -1121,12 +1261,14 @@ async fn drive(
             latencies_us,
             published_us,
             cpu: cpu::between(&prev.cpu, &cur.cpu),
-            rss,
+            rss: std::mem::take(&mut rss),
             pg_before: prev.pg.clone(),
             pg_after: cur.pg.clone(),
             redis_before: prev.redis,
             redis_after: cur.redis,
             disk_sync_us: disk.as_ref().map(DiskProbe::take_window),
+            pressure_before: prev.pressure,
+            pressure_after: cur.pressure,
         });
         eprintln!(
             "bench soak: window {index}/{count}: {} orders/s, p99 {:.1} ms (outcome published: {}), \
@@ -1291,7 +1433,7 @@ fn windows_table(windows: &[Window]) -> Table {
     ]
     .map(str::to_owned)
     .into();
-    headers.extend(rss_keys.iter().map(|k| format!("RSS MiB {k}")));
+    headers.extend(rss_keys.iter().map(|k| format!("RSS MiB {k} mean / max")));
     headers.extend(
         [
             "order_ledger MiB",
@@ -1303,6 +1445,8 @@ fn windows_table(windows: &[Window]) -> Table {
             "Redis forks",
             "disk sync p99 ms",
             "disk sync max ms",
+            "IO pressure % some / full",
+            "memory pressure % some / full",
         ]
         .map(str::to_owned),
     );
@@ -1326,7 +1470,13 @@ fn windows_table(windows: &[Window]) -> Table {
             f1(c.kafka),
             opt(c.pipeline),
         ];
-        row.extend(rss_keys.iter().map(|k| opt(w.rss_mib.get(k).copied())));
+        row.extend(rss_keys.iter().map(|k| {
+            format!(
+                "{} / {}",
+                opt(w.rss_mib.get(k).copied()),
+                opt(w.rss_max_mib.get(k).copied())
+            )
+        }));
         row.extend([
             opt(w.pg_mib.get("order_ledger").copied()),
             opt(w.pg_mib.get("stock_movement").copied()),
@@ -1337,6 +1487,14 @@ fn windows_table(windows: &[Window]) -> Table {
             w.redis_forks.to_string(),
             opt(w.disk_sync_ms.as_ref().map(|d| d.p99)),
             opt(w.disk_sync_ms.as_ref().map(|d| d.max)),
+            w.pressure_pct.map_or_else(
+                || "-".into(),
+                |p| format!("{:.1} / {:.1}", p.io_some, p.io_full),
+            ),
+            w.pressure_pct.map_or_else(
+                || "-".into(),
+                |p| format!("{:.1} / {:.1}", p.memory_some, p.memory_full),
+            ),
         ]);
         t.row(row);
     }
@@ -1500,7 +1658,9 @@ fn report(args: &SoakArgs, out: &Path, windows: &[Window], summary: &Summary) ->
                 thousands(args.max_orders as f64)
             ),
             _ => String::new(),
-        },
+        } + &args.pause.map_or(String::new(), |p| {
+            format!(" (publishing paused at {:?} for {:?})", p.at, p.len)
+        }),
         args.duration,
         args.window,
         args.workers,
@@ -1546,8 +1706,11 @@ mod tests {
                 procs: BTreeMap::new(),
             },
             rss: [
-                ("producer-1".to_owned(), 100 * 1024 * 1024),
-                ("bench".to_owned(), 100 * 1024 * 1024),
+                (
+                    "producer-1".to_owned(),
+                    vec![90 * 1024 * 1024, 110 * 1024 * 1024],
+                ),
+                ("bench".to_owned(), vec![100 * 1024 * 1024]),
             ]
             .into(),
             pg_before: PgStats {
@@ -1568,6 +1731,18 @@ mod tests {
                 forks: 4,
             },
             disk_sync_us: Some(vec![1000, 2000, 300_000]),
+            pressure_before: Some(Pressure {
+                io_some: 1_000_000,
+                io_full: 500_000,
+                memory_some: 0,
+                memory_full: 0,
+            }),
+            pressure_after: Some(Pressure {
+                io_some: 3_000_000,
+                io_full: 1_500_000,
+                memory_some: 100_000,
+                memory_full: 0,
+            }),
         }
     }
 
@@ -1605,6 +1780,36 @@ mod tests {
     }
 
     #[test]
+    fn pressure_totals_from_the_kernels_format() {
+        let io = "some avg10=10.69 avg60=10.32 avg300=11.22 total=1194462678\n\
+                  full avg10=7.28 avg60=7.28 avg300=8.42 total=800833811\n";
+        assert_eq!(psi_total(io, "some"), Some(1_194_462_678));
+        assert_eq!(psi_total(io, "full"), Some(800_833_811));
+        assert_eq!(psi_total("some avg10=0.00\n", "some"), None);
+        if std::path::Path::new("/proc/pressure/io").exists() {
+            assert!(Pressure::read().is_some(), "this kernel has PSI");
+        }
+    }
+
+    #[test]
+    fn a_pause_is_a_start_and_a_length() {
+        let p = parse_pause("100s+5s").expect("AT+LEN");
+        assert_eq!(
+            p,
+            Pause {
+                at: Duration::from_secs(100),
+                len: Duration::from_secs(5)
+            }
+        );
+        assert!(!p.holds(Duration::from_millis(99_990)));
+        assert!(p.holds(Duration::from_secs(100)));
+        assert!(p.holds(Duration::from_millis(104_990)));
+        assert!(!p.holds(Duration::from_secs(105)));
+        assert!(parse_pause("100s").is_err());
+        assert!(parse_pause("100s+x").is_err());
+    }
+
+    #[test]
     fn a_window_from_its_counters() {
         let w = Window::of(input(1, 10.0, 20.0));
         assert_eq!((w.offered_rate, w.rate), (600.0, 500.0));
@@ -1615,7 +1820,8 @@ mod tests {
         assert_eq!(w.cpu_us_per_order.postgres, 100.0);
         assert_eq!(w.cpu_us_per_order.pipeline, Some(180.0));
         assert_eq!((w.autovacuum, w.autoanalyze), (2, 3));
-        assert_eq!(w.rss_mib.get("producer-1"), Some(&100.0));
+        assert_eq!(w.rss_mib.get("producer-1"), Some(&100.0), "the mean");
+        assert_eq!(w.rss_max_mib.get("producer-1"), Some(&110.0));
         assert_eq!(w.pg_mib.get("order_ledger"), Some(&2.0));
         assert_eq!(w.redis_used_mib, 1.0);
         assert_eq!((w.pg_checkpoints, w.redis_forks), (1, 2));
@@ -1623,6 +1829,12 @@ mod tests {
         assert_eq!((disk.max, disk.p50), (300.0, 2.0));
         let published = w.published_ms.expect("the outcomes' publication");
         assert_eq!((published.p99, published.max), (59.4, 60.0));
+        let pressure = w.pressure_pct.expect("both PSI readings");
+        assert_eq!(
+            (pressure.io_some, pressure.io_full, pressure.memory_some),
+            (20.0, 10.0, 1.0),
+            "2 s, 1 s and 0.1 s of a 10-s window"
+        );
         let none = Window::of(WindowInput {
             disk_sync_us: Some(Vec::new()),
             published_us: Vec::new(),
@@ -1642,8 +1854,10 @@ mod tests {
         let first = Window::of(input(1, 0.0, 60.0));
         let mut last_in = input(3, 120.0, 180.0);
         last_in.cpu.secs.insert("postgres", 0.6); // +20%
-        last_in.rss.insert("producer-1".into(), 120 * 1024 * 1024); // +20%
-        last_in.rss.insert("bench".into(), 1); // not judged
+        last_in
+            .rss
+            .insert("producer-1".into(), vec![120 * 1024 * 1024]); // +20%
+        last_in.rss.insert("bench".into(), vec![1]); // not judged
         let last = Window::of(last_in);
         let c = Comparison::of(&first, &last);
         assert!((c.pg_cpu_per_order.unwrap() - 1.2).abs() < 1e-9);
