@@ -1250,6 +1250,11 @@ async fn drive(
                 break;
             }
         }
+        if rss.is_empty() {
+            // A window that closed before its first second (the snapshot ran late) still
+            // gets the one reading at its end the figures were made of before.
+            sample_rss(&mut rss);
+        }
         let (latencies_us, published_us) = lock(tracker).take_window();
         let cur = snapshot().await?;
         let win = Window::of(WindowInput {
